@@ -1,0 +1,11 @@
+"""cutce: the language-model head's loss (linear classifier + cross-entropy) without the logits.
+
+Cut Cross-Entropy (Wijmans et al., 2024): the log-sum-exp over the vocabulary is computed block by
+block and only the target logit is indexed, so the N x V logit matrix is never held in memory.
+"""
+
+from .api import LinearCrossEntropyLoss, linear_cross_entropy
+from .options import Options
+
+__version__ = "0.1.0"
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "Options", "__version__"]

@@ -1,0 +1,273 @@
+"""Public functions: the only place that validates user input.
+
+A call validates, applies autocast, shifts and flattens to (N, D), builds :class:`Options`,
+dispatches to a backend that returns the O(N) parts of the backend contract (see
+:mod:`cutce.torch_impl`), then forms the loss from them with ordinary differentiable torch code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from . import torch_impl
+from .options import AUTO_FILTER_EPS, IMPLS, REDUCTIONS, Options
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fail(what, expected, got):
+    raise ValueError(f"{what}: expected {expected}, got {got}")
+
+
+def _check_real(name, value, lo=None, lo_open=False, hi=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, "a finite number", repr(value))
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        _fail(name, f"a number {'>' if lo_open else '>='} {lo}", repr(value))
+    if hi is not None and value > hi:
+        _fail(name, f"a number <= {hi}", repr(value))
+    return float(value)
+
+
+def _filter_eps(filter_eps, dtype):
+    if filter_eps is None:
+        return None
+    if filter_eps == "auto":
+        return AUTO_FILTER_EPS[str(dtype).removeprefix("torch.")]
+    return _check_real("filter_eps", filter_eps, lo=0.0, lo_open=True, hi=1.0)
+
+
+def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                 softcap=None, logit_scale=1.0, temperature=1.0, filter_eps=None,
+                 deterministic=True, need_entropy=False, chunk_bytes=None) -> Options:
+    """Validate scalar options and bundle them (``dtype`` resolves ``filter_eps="auto"``)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        _fail("ignore_index", "an int", repr(ignore_index))
+    if reduction not in REDUCTIONS:
+        _fail("reduction", f"one of {REDUCTIONS}", repr(reduction))
+    if softcap is not None:
+        softcap = _check_real("softcap", softcap, lo=0.0, lo_open=True)
+    if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or chunk_bytes < 1):
+        _fail("chunk_bytes", "None or a positive int", repr(chunk_bytes))
+    return Options(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=_check_real("label_smoothing", label_smoothing, lo=0.0, hi=1.0),
+        z_loss=_check_real("z_loss", z_loss, lo=0.0),
+        softcap=softcap,
+        logit_scale=_check_real("logit_scale", logit_scale, lo=0.0, lo_open=True),
+        temperature=_check_real("temperature", temperature, lo=0.0, lo_open=True),
+        filter_eps=_filter_eps(filter_eps, dtype),
+        deterministic=bool(deterministic),
+        need_entropy=bool(need_entropy),
+        chunk_bytes=chunk_bytes,
+    )
+
+
+def _autocast(hidden, weight, bias):
+    """Cast as F.linear would under torch.autocast; outside it, demand one dtype."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    elif weight.dtype != hidden.dtype:
+        _fail("weight dtype", f"hidden's dtype {hidden.dtype} (or use torch.autocast)", weight.dtype)
+    elif bias is not None and bias.dtype != hidden.dtype:
+        _fail("bias dtype", f"hidden's dtype {hidden.dtype}", bias.dtype)
+    return hidden, weight, bias
+
+
+def _check_tensors(hidden, weight, targets, bias, token_weights, shift):
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            _fail(name, "a torch.Tensor", type(t).__name__)
+    if hidden.dtype not in _FLOAT_DTYPES:
+        _fail("hidden dtype", "float16, bfloat16, float32 or float64", hidden.dtype)
+    if hidden.dim() < (2 if shift else 1):
+        _fail("hidden", "shape (*, T, D) with shift=True" if shift else "shape (*, D)", tuple(hidden.shape))
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        _fail("weight", f"shape (V, {hidden.shape[-1]}) with V >= 1", tuple(weight.shape))
+    if targets.dtype not in (torch.int64, torch.int32):
+        _fail("targets dtype", "torch.int64 or torch.int32", targets.dtype)
+    if targets.shape != hidden.shape[:-1]:
+        _fail("targets", f"shape {tuple(hidden.shape[:-1])} (hidden's without D)", tuple(targets.shape))
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
+        _fail("bias", f"None or a tensor of shape ({weight.shape[0]},)",
+              tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__)
+    if token_weights is not None:
+        if not isinstance(token_weights, torch.Tensor) or not token_weights.is_floating_point():
+            _fail("token_weights", "None or a float tensor", getattr(token_weights, "dtype", type(token_weights)))
+        if token_weights.shape != targets.shape:
+            _fail("token_weights", f"targets' shape {tuple(targets.shape)}", tuple(token_weights.shape))
+    for name, t in (("weight", weight), ("targets", targets), ("bias", bias), ("token_weights", token_weights)):
+        if t is not None and t.device != hidden.device:
+            _fail(f"{name} device", f"hidden's device {hidden.device}", t.device)
+
+
+def _check_targets(targets, vocab, ignore_index):
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), "cutce: targets outside [0, V) that are not ignore_index")
+    elif targets.numel() and bool(bad.any()):
+        first = targets[bad][0].item()
+        _fail("targets", f"class indices in [0, {vocab}) or ignore_index={ignore_index}", f"{first}")
+
+
+def _triton_unavailable_reason(hidden) -> str | None:
+    if hidden.dtype == torch.float64:
+        return "the Triton kernels support float16, bfloat16 and float32, not float64 (use impl='torch')"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not hidden.is_cuda and not (interpret and hidden.device.type == "cpu"):
+        return (f"the Triton kernels need CUDA tensors, got device {hidden.device} "
+                "(set TRITON_INTERPRET=1 to run them on CPU tensors through Triton's interpreter)")
+    try:
+        from . import ops  # noqa: F401
+    except ImportError as e:
+        return f"Triton could not be imported ({e})"
+    return None
+
+
+def _backend(impl, hidden):
+    if impl not in IMPLS:
+        _fail("impl", f"one of {IMPLS}", repr(impl))
+    if impl == "torch":
+        return torch_impl.linear_lse_parts
+    reason = _triton_unavailable_reason(hidden)
+    if impl == "triton" and reason is not None:
+        raise RuntimeError(f"impl='triton' cannot run: {reason}")
+    if impl == "auto" and (reason is not None or not hidden.is_cuda):
+        return torch_impl.linear_lse_parts
+    from . import ops
+
+    return ops.linear_lse_parts
+
+
+def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index):
+    """Validate tensors, apply autocast and shift, flatten to (N, D). Returns the flat tensors and
+    the output shape (targets' shape after shift)."""
+    _check_tensors(hidden, weight, targets, bias, token_weights, shift)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    if shift:
+        hidden, targets = hidden[..., :-1, :], targets[..., 1:]
+        token_weights = None if token_weights is None else token_weights[..., 1:]
+    out_shape = targets.shape
+    _check_targets(targets, weight.shape[0], ignore_index)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t1 = targets.reshape(-1).long()
+    w1 = None if token_weights is None else token_weights.reshape(-1)
+    return h2, weight, bias, t1, w1, out_shape
+
+
+def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
+                         token_weights=None, shift=False, return_lse=False, filter_eps=None,
+                         impl="auto", deterministic=True, chunk_bytes=None):
+    """Cross-entropy of a linear classifier's logits, without materializing the logits.
+
+    Args:
+        hidden: (*, D) float16/bfloat16/float32 (float64 on the torch path) last hidden states.
+        weight: (V, D) classifier weight, hidden's dtype (outside torch.autocast).
+        targets: (*) int64 or int32 class indices in [0, V) or ``ignore_index``.
+        bias: (V,) or None.
+        ignore_index: targets equal to it add no loss and are not counted by "mean".
+        reduction: "mean" | "sum" | "none".
+        label_smoothing: ls in [0, 1]. z_loss: coefficient of lse**2, >= 0.
+        softcap: None or > 0 (Gemma 2/3). logit_scale: > 0, applied before softcap.
+        token_weights: (*) float per-token weights w_i, or None.
+        shift: next-token prediction: ``hidden[..., :-1, :]`` predicts ``targets[..., 1:]``.
+        return_lse: also return the per-token log-sum-exp (float32, differentiable).
+        filter_eps: None (default) gives exact gradients. A float in (0, 1] or "auto" (2^-12 for
+            bf16, 2^-15 for fp16, 2^-24 for fp32) lets the Triton backward skip vocabulary tiles
+            whose |softmax - onehot| entries are all below it. This is an approximation: the
+            skipped softmax tail adds up, and on realistic data (many small probabilities) the
+            gradient error can be orders of magnitude above the bf16 rounding error; ``cutce
+            bench`` reports it. Ignored by the torch path, which is always exact.
+        impl: "auto" (Triton for CUDA tensors when it can run, else torch), "torch" or "triton".
+            An explicit "triton" that cannot run raises and says why.
+        deterministic: bitwise-reproducible gradients on the Triton path.
+        chunk_bytes: memory budget of one chunk of logits on the torch path (default 256 MiB).
+
+    Returns:
+        loss, or (loss, lse) with ``return_lse``. It equals, up to rounding, in float32 (float64
+        for float64 inputs)::
+
+            if shift: hidden = hidden[..., :-1, :]; targets = targets[..., 1:]; w = w[..., 1:]
+            z      = logit_scale * (hidden @ weight.T + bias)
+            z      = softcap * tanh(z / softcap)    if softcap
+            lse    = logsumexp(z, -1)
+            loss_i = (1 - ls) * (lse - z[target]) + ls * (lse - z.mean(-1)) + z_loss * lse**2
+            loss_i = w_i * loss_i on valid tokens (target != ignore_index), 0 on ignored ones
+            "none" -> loss_i with targets' shape (after shift); "sum" -> sum_i loss_i
+            "mean" -> sum_i loss_i / sum_valid w_i, and 0.0 (zero gradients) when nothing is valid
+
+        lse has targets' shape (after shift), float32 (float64 for float64 inputs).
+    """
+    opts = make_options(getattr(hidden, "dtype", torch.float32),
+                        ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                        logit_scale=logit_scale, filter_eps=filter_eps,
+                        deterministic=deterministic, chunk_bytes=chunk_bytes)
+    if not isinstance(return_lse, bool):
+        _fail("return_lse", "a bool", repr(return_lse))
+    h2, weight, bias, t1, w1, out_shape = prepare(
+        hidden, weight, targets, bias, token_weights, shift, ignore_index)
+    parts = _backend(impl, h2)(h2, weight, bias, t1, opts)
+    loss = _loss_from_parts(parts, t1, w1, opts, weight.shape[0])
+    loss = loss.reshape(out_shape) if opts.reduction == "none" else loss
+    return (loss, parts[0].reshape(out_shape)) if return_lse else loss
+
+
+def _loss_from_parts(parts, targets, token_weights, opts: Options, vocab):
+    lse, zt, zsum, _ = parts
+    ls = opts.label_smoothing
+    loss = lse - zt if ls == 0.0 else (1.0 - ls) * (lse - zt) + ls * (lse - zsum / vocab)
+    if opts.z_loss:
+        loss = loss + opts.z_loss * lse.square()
+    valid = targets != opts.ignore_index
+    w = valid.to(loss.dtype) if token_weights is None else torch.where(valid, token_weights.to(loss.dtype), 0.0)
+    # where, not a product: an ignored row whose hidden state is NaN/inf must still give 0.
+    loss = torch.where(valid, loss * w, 0.0)
+    if opts.reduction == "none":
+        return loss
+    total = loss.sum()
+    if opts.reduction == "sum":
+        return total
+    denom = w.sum()
+    return total / torch.where(denom == 0, 1.0, denom)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Module form of :func:`linear_cross_entropy`: the keyword options go to ``__init__``.
+
+    ``forward(hidden, weight, targets, bias=None, token_weights=None)`` returns what
+    ``linear_cross_entropy(hidden, weight, targets, bias, token_weights=token_weights, **options)``
+    returns.
+    """
+
+    def __init__(self, **options):
+        super().__init__()
+        if "token_weights" in options:
+            raise TypeError("token_weights is a forward() argument, not an option")
+        unknown = set(options) - _OPTION_KEYS - {"shift", "return_lse", "impl"}
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}")
+        # Validate now so that a bad option fails at construction, not at the first step
+        # (the dtype only resolves filter_eps="auto", which is redone per call).
+        make_options(torch.float32, **{k: v for k, v in options.items() if k in _OPTION_KEYS})
+        self.options = dict(options)
+
+    def forward(self, hidden, weight, targets, bias=None, token_weights=None):
+        return linear_cross_entropy(hidden, weight, targets, bias, token_weights=token_weights,
+                                    **self.options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+_OPTION_KEYS = {"ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale",
+                "filter_eps", "deterministic", "chunk_bytes"}

@@ -1,0 +1,60 @@
+"""The one bundle of loss options that every backend receives.
+
+`api.py` validates user input and builds an :class:`Options`; backends (the torch path, the Triton
+ops, the vocabulary-parallel layer) read it and never re-validate. It is frozen so that it can be
+hashed, cached and passed through ``torch.compile`` as a constant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "torch", "triton")
+
+# The CCE paper's threshold, per gradient dtype: entries of |softmax - onehot| below it are
+# treated as zero when filtering is asked for (roughly the dtype's rounding unit).
+AUTO_FILTER_EPS = {"bfloat16": 2.0**-12, "float16": 2.0**-15, "float32": 2.0**-24, "float64": 2.0**-24}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Loss options after validation.
+
+    The logit transform every backend applies, per token i and class j::
+
+        y_ij = logit_scale * (hidden_i . weight_j + bias_j)        # float32 (float64 for float64)
+        z_ij = softcap * tanh(y_ij / softcap) if softcap else y_ij
+        z_ij = z_ij / temperature
+
+    Attributes:
+        ignore_index: targets equal to it contribute nothing (no loss, not counted by "mean").
+        reduction: "mean" | "sum" | "none".
+        label_smoothing: weight ls of the uniform target distribution, in [0, 1].
+        z_loss: coefficient of lse**2, >= 0.
+        softcap: None or > 0.
+        logit_scale: > 0, multiplies the logits before softcap.
+        temperature: > 0, divides the logits after softcap (linear_log_probs; 1 for the loss).
+        filter_eps: None for exact gradients, else the threshold under which backward tiles of
+            |softmax - onehot| are skipped (resolved from "auto" by the api).
+        deterministic: bitwise-reproducible gradients (no order-dependent float atomics).
+        need_entropy: the backend must also produce sum_j p_ij z_ij.
+        chunk_bytes: memory budget of one chunk of logits on the torch path (None = default).
+    """
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    temperature: float = 1.0
+    filter_eps: float | None = None
+    deterministic: bool = True
+    need_entropy: bool = False
+    chunk_bytes: int | None = None
+
+    @property
+    def need_zsum(self) -> bool:
+        """Whether sum_j z_ij is needed (label smoothing)."""
+        return self.label_smoothing > 0.0
