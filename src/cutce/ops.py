@@ -1,0 +1,117 @@
+"""The Triton path as torch.library custom ops (opaque to torch.compile) with fake impls and autograd.
+
+``cutce::lse_parts`` computes the backend contract (see :mod:`cutce.torch_impl`) and
+``cutce::lse_parts_backward`` its gradients. Both are opaque to torch.compile, so a compiled
+function that calls cutce has no graph break and no host sync around them; the exact backward is
+sync-free (CUDA-graph safe), the filtered one syncs once to count the classes it keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .options import Options
+from .triton import backward as _bw
+from .triton import forward as _fw
+
+_CHUNK_ROWS = 8192
+
+
+def _target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp):
+    """float32 z at each row's target (+inf where the target is not a class): a lower bound of
+    the row's lse that lets the forward bound every class's log-probability tightly."""
+    v = weight.shape[0]
+    valid = (targets >= 0) & (targets < v)
+    idx = targets.clamp(0, v - 1)
+    out = torch.empty(targets.shape, device=hidden.device, dtype=torch.float32)
+    for s in range(0, targets.numel(), _CHUNK_ROWS):
+        sl = slice(s, s + _CHUNK_ROWS)
+        y = (hidden[sl].float() * weight[idx[sl]].float()).sum(-1)
+        if bias is not None:
+            y += bias[idx[sl]].float()
+        y *= scale
+        if softcap > 0:
+            y = softcap * torch.tanh(y / softcap)
+        out[sl] = y * inv_temp
+    return torch.where(valid, out, float("inf"))
+
+
+@torch.library.custom_op("cutce::lse_parts", mutates_args=())
+def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                 scale: float, softcap: float, inv_temp: float, need_zsum: bool,
+                 need_entropy: bool, filter_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty)."""
+    bound = filter_eps > 0
+    floor = _target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp) if bound else None
+    return _fw.forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum,
+                       need_entropy, bound_floor=floor)
+
+
+@lse_parts_op.register_fake
+def _(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_entropy, filter_eps):
+    bound = filter_eps > 0
+    n, v = hidden.shape[0], weight.shape[0]
+    f = hidden.new_empty(n, dtype=torch.float32)
+    return f, f.clone(), f.clone(), f.clone(), hidden.new_empty(v if bound else 0, dtype=torch.float32)
+
+
+@torch.library.custom_op("cutce::lse_parts_backward", mutates_args=())
+def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                          lse: Tensor, pz: Tensor, ub: Tensor, g_lse: Tensor, g_zt: Tensor,
+                          g_zsum: Tensor, g_pz: Tensor, scale: float, softcap: float,
+                          inv_temp: float, need_zsum: bool, need_entropy: bool, filter_eps: float,
+                          need_h: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _bw.backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
+                        scale, softcap, inv_temp, need_zsum, need_entropy,
+                        filter_eps if ub.numel() else None, need_h, need_w, need_b)
+
+
+@lse_parts_backward_op.register_fake
+def _(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz, scale, softcap,
+      inv_temp, need_zsum, need_entropy, filter_eps, need_h, need_w, need_b):
+    e = hidden.new_empty(0)
+    return (torch.empty_like(hidden) if need_h else e, torch.empty_like(weight) if need_w else e,
+            torch.empty_like(bias) if (need_b and bias is not None) else e)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_entropy, eps = inputs
+    lse, _, _, pz, ub = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, pz, ub)
+    ctx.scalars = (scale, softcap, inv_temp, need_zsum, need_entropy, eps)
+
+
+def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub):
+    hidden, weight, bias, targets, lse, pz, ub = ctx.saved_tensors
+    scale, softcap, inv_temp, need_zsum, need_entropy, eps = ctx.scalars
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    z = torch.zeros_like(lse)
+    grads = [z if g is None else g.contiguous() for g in (g_lse, g_zt, g_zsum, g_pz)]
+    dh, dw, db = lse_parts_backward_op(
+        hidden, weight, bias, targets, lse, pz, ub, *grads, scale, softcap, inv_temp,
+        need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b and bias is not None)
+    return (dh if need_h else None, dw if need_w else None, db if need_b else None,
+            None, None, None, None, None, None, None)
+
+
+lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_lse_parts(hidden, weight, bias, targets, opts: Options):
+    """The backend contract on the Triton path (same signature and result as
+    :func:`cutce.torch_impl.linear_lse_parts`; float32 outputs)."""
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    # Filtering skips classes by their bound; label smoothing's gradient touches every class, so
+    # with it the backward stays exact (documented on filter_eps).
+    filt = opts.filter_eps is not None and wants_grad and not opts.need_zsum
+    return lse_parts_op(
+        hidden, weight, bias, targets.contiguous(), opts.logit_scale, opts.softcap or 0.0,
+        1.0 / opts.temperature, opts.need_zsum, opts.need_entropy,
+        opts.filter_eps if filt else 0.0)[:4]

@@ -1,0 +1,47 @@
+"""The logit tile every kernel recomputes, so that forward and backward see bitwise-equal logits."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # libdevice is unavailable in Triton's interpreter; this form saturates correctly at +-inf.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def logit_tile(h_ptr, w_ptr, b_ptr, rows, w_rows, rmask, cmask, D, stride_h, stride_w,
+               scale, softcap, inv_temp,
+               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
+    """z[i, j] for hidden rows ``rows`` and weight rows ``w_rows``, float32 (BLOCK_N, BLOCK_V).
+
+    Returns (z, t) where t = tanh(y / softcap) (the softcap derivative needs it; z itself when
+    SOFTCAP is off). Offsets are 64-bit: N*D and V*D may exceed 2**31.
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_base = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_base = w_ptr + w_rows.to(tl.int64)[:, None] * stride_w
+    for k in range(0, D, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            a = tl.load(h_base + ks[None, :], mask=rmask[:, None], other=0.0)
+            b = tl.load(w_base + ks[None, :], mask=cmask[:, None], other=0.0)
+        else:
+            kmask = ks < D
+            a = tl.load(h_base + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w_base + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        if UPCAST:  # the interpreter computes bf16 arithmetic wrongly: do it in float32 there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + w_rows, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
+    t = acc
+    if SOFTCAP:
+        t = _tanh(acc / softcap)
+        acc = t * softcap
+    return acc * inv_temp, t

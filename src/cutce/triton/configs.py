@@ -1,0 +1,89 @@
+"""Block sizes per device and dtype, and the knobs the launchers share.
+
+The interpreter (TRITON_INTERPRET=1) runs one program after another on the CPU, ~20-30 ms per
+loop iteration whatever the block size, and cannot autotune: small fixed blocks keep the CPU tests
+to seconds. On the GPU the tiles feed Hopper's tensor cores (128-wide, BLOCK_K 64).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    block_n: int
+    block_v: int
+    block_k: int
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+INTERPRETER_TILE = TileConfig(16, 32, 16, num_warps=1, num_stages=1)
+
+
+def _env_tile(name):
+    """A tile from e.g. CUTCE_FWD_TILE="128,256,64,8,3" (for tuning runs only)."""
+    spec = os.environ.get(name)
+    return TileConfig(*map(int, spec.split(","))) if spec else None
+
+
+def forward_tile(dtype: torch.dtype) -> TileConfig:
+    if interpreting():
+        return INTERPRETER_TILE
+    if _env_tile("CUTCE_FWD_TILE"):
+        return _env_tile("CUTCE_FWD_TILE")
+    if dtype == torch.float32:
+        return TileConfig(128, 64, 32, num_warps=8, num_stages=3)
+    # Measured on the H200 at the Gemma shape (docs/perf-notes.md): 128x256x64 beat 128x128.
+    return TileConfig(128, 256, 64, num_warps=8, num_stages=3)
+
+
+def backward_tile(dtype: torch.dtype) -> TileConfig:
+    if not interpreting() and _env_tile("CUTCE_BWD_TILE"):
+        return _env_tile("CUTCE_BWD_TILE")
+    return forward_tile(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def vocab_splits(n_row_blocks: int, n_tiles: int, device: torch.device) -> int:
+    """How many vocabulary splits the forward launches per token block.
+
+    One program runs per SM (the tiles take most of its shared memory), so the time goes as
+    waves x tiles per program = ceil(blocks * s / SMs) * ceil(tiles / s): pick the s that
+    minimizes it (the wave quantization of a naive choice cost ~20% at the Gemma shape).
+    """
+    if device.type != "cuda":
+        return 1 if n_row_blocks > 1 else min(2, n_tiles)  # exercise both paths on CPU
+    sms = num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    best, best_cost = 1, None
+    for s in range(1, min(n_tiles, 4 * sms) + 1):
+        cost = -(-n_row_blocks * s // sms) * -(-n_tiles // s)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs follow torch's matmul setting (tf32 only if torch allows it)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+# Extra memory the backward may use beyond the gradients themselves, as a fraction of them.
+BACKWARD_MEMORY_FRACTION = 0.09
+# Never use vocabulary chunks narrower than this (GEMM efficiency), whatever the budget says.
+MIN_CHUNK_V = 1024

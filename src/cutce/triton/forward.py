@@ -1,0 +1,127 @@
+"""Forward: per-token log-sum-exp, target logit, sum of logits and E_p[z] in one pass.
+
+Each program owns BLOCK_N tokens and one contiguous split of the vocabulary; it streams the
+weight tile by tile through an online max/sum-exp, so global memory receives O(N * splits) floats.
+The vocabulary is split only as much as needed to fill the GPU (splits * token blocks ~ 2x SMs);
+token blocks vary fastest in the launch order so that the programs running together read the
+same weight tiles and L2 serves them. The splits are combined by a few O(N) torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .common import logit_tile
+
+
+@triton.jit
+def _forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, floor_ptr, part_ptr, ub_ptr,
+                    N, V, D, stride_h, stride_w, scale, softcap, inv_temp,
+                    tiles_per_split, n_row_blocks,
+                    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
+                    NEED_ENT: tl.constexpr, BOUND: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rb = pid % n_row_blocks
+    split = pid // n_row_blocks
+    n_splits = tl.num_programs(0) // n_row_blocks
+    rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    zs = tl.zeros((BLOCK_N,), tl.float32)
+    a = tl.zeros((BLOCK_N,), tl.float32)
+    if BOUND:
+        # A lower bound of each row's lse (its target logit; +inf for rows that take no part).
+        floor = tl.load(floor_ptr + rows, mask=rmask, other=float("inf"))
+    n_tiles = tl.cdiv(V, BLOCK_V)
+    t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+    for tile in range(t_lo, t_hi):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        cmask = cols < V
+        z, _ = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_h, stride_w,
+                          scale, softcap, inv_temp, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K,
+                          UPCAST, PRECISION, EVEN_K)
+        zm = tl.where(cmask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zm, 1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(zm - m_new[:, None])
+        s = s * alpha + tl.sum(e, 1)
+        z0 = tl.where(cmask[None, :], z, 0.0)
+        if NEED_ENT:
+            a = a * alpha + tl.sum(e * z0, 1)
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+        if NEED_ZSUM:
+            zs += tl.sum(z0, 1)
+        if BOUND:
+            # log p_ij = z_ij - lse_i <= z_ij - max(m_i so far, target logit): a per-class upper
+            # bound of log-probability over this block's rows, merged by atomic max (order-free).
+            lb = tl.maximum(m_new, floor)
+            bound = tl.max(tl.where(rmask[:, None], zm - lb[:, None], float("-inf")), 0)
+            tl.atomic_max(ub_ptr + cols, bound, mask=cmask)
+        m = m_new
+    base = part_ptr + split * N + rows
+    stride_q = n_splits * N
+    tl.store(base, m, mask=rmask)
+    tl.store(base + stride_q, s, mask=rmask)
+    tl.store(base + 2 * stride_q, zt, mask=rmask)
+    tl.store(base + 3 * stride_q, zs, mask=rmask)
+    tl.store(base + 4 * stride_q, a, mask=rmask)
+
+
+def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_entropy,
+            bound_floor=None, n_splits=None):
+    """Launch the forward kernel.
+
+    Args:
+        hidden (N, D), weight (V, D), bias (V,) or None: float16/bfloat16/float32, contiguous rows.
+        targets (N,) int64. scale, softcap (0 = off), inv_temp: the logit transform.
+        bound_floor: (N,) float32 or None. If given, also return ub (V,) float32, an upper bound
+            of max_i log softmax(z)_ij over rows whose floor is finite (filtering uses it).
+        n_splits: vocabulary splits (None: enough to fill the device).
+
+    Returns:
+        lse, zt, zsum, pz: (N,) float32; ub: (V,) float32 or an empty tensor.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    cfg = configs.forward_tile(hidden.dtype)
+    n_row_blocks = triton.cdiv(n, cfg.block_n)
+    n_tiles = triton.cdiv(v, cfg.block_v)
+    if n_splits is None:
+        n_splits = configs.vocab_splits(n_row_blocks, n_tiles, hidden.device)
+    tiles_per_split = triton.cdiv(n_tiles, n_splits)
+    n_splits = triton.cdiv(n_tiles, tiles_per_split)
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    part = torch.empty((5, n_splits, n), **f32)
+    bound = bound_floor is not None
+    ub = torch.full((v,), float("-inf"), **f32) if bound else torch.empty(0, **f32)
+    if n > 0:
+        _forward_kernel[(n_row_blocks * n_splits,)](
+            hidden, weight, bias if bias is not None else hidden, targets,
+            bound_floor if bound else hidden, part, ub,
+            n, v, d, hidden.stride(0), weight.stride(0), scale, softcap, inv_temp,
+            tiles_per_split, n_row_blocks,
+            HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum,
+            NEED_ENT=need_entropy, BOUND=bound, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+            BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
+            PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    m, s, zt, zs, a = part.unbind(0)
+    if n_splits == 1:
+        lse = m[0] + torch.log(s[0])
+        pz = a[0] / s[0]
+    else:
+        mx = m.amax(0)
+        w = torch.exp(m - mx)
+        tot = (s * w).sum(0)
+        lse = mx + torch.log(tot)
+        pz = (a * w).sum(0) / tot
+    return lse, zt.sum(0), zs.sum(0), pz, ub
