@@ -142,6 +142,8 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     # does: let it write float32 and round with torch, so CPU tests see the GPU's rounding.
     ws = torch.empty((chunk_n, chunk_v), device=dev,
                      dtype=torch.float32 if configs.interpreting() else dt)
+    if configs.POISON:
+        ws.fill_(float("nan"))
     for n0 in range(0, n, chunk_n):
         n1 = min(n0 + chunk_n, n)
         acc = dh[n0:n1] if dh32 is None else dh32[: n1 - n0].zero_()

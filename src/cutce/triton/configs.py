@@ -83,6 +83,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+# Tests set this to fill every launcher allocation with NaN, so unwritten memory shows up.
+POISON = False
+
 # Extra memory the backward may use beyond the gradients themselves, as a fraction of them.
 BACKWARD_MEMORY_FRACTION = 0.09
 # Never use vocabulary chunks narrower than this (GEMM efficiency), whatever the budget says.

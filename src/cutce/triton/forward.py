@@ -101,6 +101,8 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
     n_splits = triton.cdiv(n_tiles, tiles_per_split)
     f32 = dict(device=hidden.device, dtype=torch.float32)
     part = torch.empty((5, n_splits, n), **f32)
+    if configs.POISON:
+        part.fill_(float("nan"))
     bound = bound_floor is not None
     ub = torch.full((v,), float("-inf"), **f32) if bound else torch.empty(0, **f32)
     if n > 0:

@@ -1,0 +1,265 @@
+"""The Triton path against the float64 oracle.
+
+Without a GPU the real kernels run through Triton's interpreter (TRITON_INTERPRET=1, CPU
+tensors) at small ragged shapes; on a GPU the same tests run on CUDA tensors, and the tests
+marked ``gpu`` add real sizes, determinism, N*V > 2**31 and torch.compile (scripts/gpu_check.sh).
+Errors are measured against float64 and compared with PyTorch's own low-precision path's error.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import cutce  # noqa: E402
+from cutce import ops, torch_impl  # noqa: E402
+from cutce.options import Options  # noqa: E402
+from cutce.triton import configs  # noqa: E402
+from cutce.triton import forward as tfwd  # noqa: E402
+
+from reference import lowp_torch, make_inputs, oracle, rel_err  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(configs, "POISON", True)
+
+
+def _to(dev, *ts):
+    return [None if t is None else (t.detach().to(dev).requires_grad_(t.requires_grad)
+                                    if t.is_floating_point() else t.to(dev)) for t in ts]
+
+
+def _run(fn, h, w, b, with_lse):
+    loss, lse = fn(h, w, b)
+    g_out = torch.randn_like(loss) if loss.dim() else torch.ones_like(loss)
+    total = (loss * g_out).sum() + (0.3 * lse.sum() if with_lse else 0.0)
+    params = [t for t in (h, w, b) if t is not None]
+    return [loss, lse, *torch.autograd.grad(total, params)], g_out
+
+
+def _compare(h, w, t, b, tw, opts, with_lse=False, factor=1.5, floor=None):
+    """cutce(impl='triton') vs oracle, against lowp_torch vs oracle, same upstream gradients."""
+    dt = h.dtype
+    floor = floor if floor is not None else {torch.float32: 2e-5, torch.float16: 2e-3,
+                                             torch.bfloat16: 1e-2}[dt]
+    torch.manual_seed(0)
+    got, g = _run(lambda a, c, d: cutce.linear_cross_entropy(
+        a, c, t, d, token_weights=tw, return_lse=True, impl="triton", **opts), h, w, b, with_lse)
+    h64, w64, b64 = [None if x is None else x.detach().double().requires_grad_() for x in (h, w, b)]
+
+    def ref_fn(fn, a, c, d):
+        return fn(a, c, t, d, token_weights=tw, **opts)
+
+    def grads_with(fn, a, c, d):
+        loss, lse = ref_fn(fn, a, c, d)
+        total = (loss * g.to(loss.dtype)).sum() + (0.3 * lse.sum() if with_lse else 0.0)
+        return [loss, lse, *torch.autograd.grad(total, [x for x in (a, c, d) if x is not None])]
+
+    want = grads_with(oracle, h64, w64, b64)
+    hl, wl, bl = [None if x is None else x.detach().clone().requires_grad_() for x in (h, w, b)]
+    lowp = grads_with(lowp_torch, hl, wl, bl)
+    names = ["loss", "lse", "dE", "dC", "dbias"]
+    for name, a, lp, ref in zip(names, got, lowp, want):
+        assert torch.isfinite(a).all(), f"{name} has non-finite entries"
+        err, base = rel_err(a, ref), rel_err(lp, ref)
+        assert err <= factor * base + floor, f"{name}: error {err:.3g} vs torch {dt} {base:.3g}"
+
+
+OPTION_SETS = {
+    "plain": dict(),
+    "bias_scale_softcap": dict(logit_scale=0.8, softcap=3.0),
+    "smoothing_zloss": dict(label_smoothing=0.1, z_loss=1e-3),
+    "sum_ignore": dict(reduction="sum", ignore_index=-1),
+    "none_all": dict(reduction="none", label_smoothing=0.2, z_loss=1e-2, softcap=5.0, logit_scale=1.3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(OPTION_SETS))
+def test_options_match_oracle(gen, dtype, name):
+    opts = dict(OPTION_SETS[name])
+    ignore = opts.get("ignore_index", -100)
+    h, w, t, b, tw = make_inputs(gen, 37, 29, 101, dtype, bias=name != "plain",
+                                 token_weights=name in ("sum_ignore", "none_all"),
+                                 ignore_frac=0.2, ignore_index=ignore)
+    h, w, t, b, tw = _to(DEV, h, w, t, b, tw)
+    _compare(h, w, t, b, tw, opts, with_lse=name in ("plain", "none_all"))
+
+
+def test_shift_batched_ragged(gen):
+    h, w, t, b, tw = make_inputs(gen, (3, 17), 64, 257, torch.bfloat16, bias=True, token_weights=True,
+                                 ignore_frac=0.1)
+    h, w, t, b, tw = _to(DEV, h, w, t, b, tw)
+    _compare(h, w, t, b, tw, dict(shift=True, softcap=4.0), with_lse=True)
+
+
+def test_vocab_splits_agree(gen):
+    """The forward's split-and-combine gives the same values for any split count."""
+    h, w, t, b, _ = make_inputs(gen, 45, 40, 300, torch.float32, bias=True, requires_grad=False)
+    h, w, t, b = _to(DEV, h, w, t, b)
+    one = tfwd.forward(h, w, b, t, 1.0, 2.0, 1.0, True, True, n_splits=1)
+    for s in (3, 7):
+        many = tfwd.forward(h, w, b, t, 1.0, 2.0, 1.0, True, True, n_splits=s)
+        for a, c in zip(one[:4], many[:4]):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+def test_entropy_part_matches_torch(gen):
+    """pz = sum_j p_j z_j and its gradient (used by linear_log_probs) agree with the torch path."""
+    h, w, t, b, _ = make_inputs(gen, 33, 24, 90, torch.float32, bias=True)
+    h, w, t, b = _to(DEV, h, w, t, b)
+    opts = Options(need_entropy=True, softcap=4.0, temperature=0.7, logit_scale=1.2)
+    res = []
+    for impl in (ops, torch_impl):
+        hh, ww, bb = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+        lse, zt, _, pz = impl.linear_lse_parts(hh, ww, bb, t, opts)
+        gs = torch.randn(3, lse.numel(), generator=torch.Generator().manual_seed(1)).to(DEV)
+        total = (lse * gs[0] + zt * gs[1] + pz * gs[2]).sum()
+        res.append([lse, zt, pz, *torch.autograd.grad(total, (hh, ww, bb))])
+    for a, c in zip(*res):
+        assert rel_err(a, c) < 1e-5
+
+
+def test_filter_tiny_eps_is_exact(gen):
+    h, w, t, b, _ = make_inputs(gen, 40, 32, 150, torch.float32, bias=True)
+    h, w, t, b = _to(DEV, h, w, t, b)
+    out = []
+    for eps in (None, 1e-30):
+        hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss = cutce.linear_cross_entropy(hh, ww, t, b, impl="triton", filter_eps=eps)
+        out.append(torch.autograd.grad(loss, (hh, ww)))
+    for a, c in zip(*out):
+        assert rel_err(a, c) < 1e-6
+
+
+def test_filter_drops_only_negligible_classes(gen):
+    """Filtering keeps every class with a non-negligible probability (exact dC rows) and drops
+    the others whole (zero dC rows) -- the dropped rows' exact values are tiny."""
+    h, w, t, _, _ = make_inputs(gen, 48, 32, 400, torch.float32, logit_std=6.0)
+    h, w, t = _to(DEV, h, w, t)
+    eps = 1e-3
+    grads = []
+    for f in (None, eps):
+        ww = w.detach().clone().requires_grad_()
+        loss = cutce.linear_cross_entropy(h, ww, t, impl="triton", filter_eps=f, reduction="sum")
+        grads.append(torch.autograd.grad(loss, ww)[0])
+    exact, filt = grads
+    dropped = (filt == 0).all(dim=1)
+    assert 0 < int(dropped.sum()) < w.shape[0], "the test data should make filtering drop some classes"
+    torch.testing.assert_close(filt[~dropped], exact[~dropped], rtol=1e-5, atol=1e-6)
+    p_max = torch.softmax(h.double() @ w.double().T, -1).amax(0)
+    assert (p_max[dropped.to(p_max.device)] < eps).all()
+    assert not dropped[t].any(), "a row's target class is never dropped"
+
+
+def test_empty_and_ignored(gen):
+    h, w, t, b, _ = make_inputs(gen, 0, 16, 50, torch.float32, bias=True)
+    h, w, t, b = _to(DEV, h, w, t, b)
+    loss = cutce.linear_cross_entropy(h, w, t, b, impl="triton")
+    assert loss.item() == 0.0
+    loss.backward()
+    h, w, t, b, _ = make_inputs(gen, 20, 16, 50, torch.float32, bias=True)
+    h, w, t, b = _to(DEV, h, w, t, b)
+    loss = cutce.linear_cross_entropy(h, w, torch.full_like(t, -100), b, impl="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and w.grad.abs().max().item() == 0.0
+
+
+# ---- GPU only: real sizes, determinism, 64-bit offsets, torch.compile ----------------------
+
+def _zipf(n, d, v, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rank = torch.randperm(v, device="cuda", generator=g).float() + 1
+    w = torch.randn(v, d, device="cuda", generator=g) / d**0.5
+    w[:, 0] = -rank.log()
+    t = torch.multinomial(torch.softmax(-rank.log(), 0), n, replacement=True, generator=g)
+    h = 12 * w[t] + 1.5 * torch.randn(n, d, device="cuda", generator=g) / d**0.5
+    h[:, 0] = 1
+    return h.to(dtype), w.to(dtype), t
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8192, 2304, 256000), (8192, 4096, 128256), (4096, 5120, 151936),
+                                   (3001, 8192, 131071)])
+def test_gpu_real_shapes_bf16(shape):
+    n, d, v = shape
+    h, w, t = _zipf(n, d, v, torch.bfloat16)
+
+    def grads(fn, a, c):
+        a, c = a.detach().requires_grad_(), c.detach().requires_grad_()
+        return torch.autograd.grad(fn(a, c), (a, c))
+
+    ref = grads(lambda a, c: cutce.linear_cross_entropy(a.float(), c.float(), t, impl="torch"), h, w)
+    got = grads(lambda a, c: cutce.linear_cross_entropy(a, c, t, impl="triton"), h, w)
+    eager = grads(lambda a, c: torch.nn.functional.cross_entropy((a @ c.T).float(), t), h, w)
+    for name, x, e, r in zip(("dE", "dC"), got, eager, ref):
+        assert rel_err(x, r) <= 1.5 * rel_err(e, r), name
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_dtypes_options(dtype, gen):
+    h, w, t, b, tw = make_inputs(gen, (4, 509), 2304, 32003, dtype, bias=True, token_weights=True,
+                                 ignore_frac=0.1, logit_std=4.0)
+    h, w, t, b, tw = _to("cuda", h, w, t, b, tw)
+    _compare(h, w, t, b, tw, dict(shift=True, softcap=30.0, label_smoothing=0.1, z_loss=1e-4),
+             with_lse=True, floor={torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype])
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    h, w, t = _zipf(4096, 2304, 65536, torch.bfloat16, seed=5)
+    runs = []
+    for _ in range(2):
+        a, c = h.detach().requires_grad_(), w.detach().requires_grad_()
+        loss = cutce.linear_cross_entropy(a, c, t, impl="triton")
+        runs.append((loss, *torch.autograd.grad(loss, (a, c))))
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """N*V > 2**31 logits (never materialized) and N*D, V*D offsets computed in 64 bits."""
+    n, d, v = 16384, 128, 140000
+    h, w, t = _zipf(n, d, v, torch.bfloat16, seed=7)
+    t[-5:] = torch.arange(v - 5, v, device="cuda")  # targets in the last vocabulary tile
+    a, c = h.detach().requires_grad_(), w.detach().requires_grad_()
+    loss = cutce.linear_cross_entropy(a, c, t, impl="triton", reduction="none")
+    ref = cutce.linear_cross_entropy(h.float(), w.float(), t, impl="torch", reduction="none")
+    assert rel_err(loss, ref) < 1e-3
+    loss.sum().backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(c.grad).all()
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph():
+    h, w, t = _zipf(2048, 2304, 50000, torch.bfloat16, seed=9)
+
+    def f(a, c):
+        return cutce.linear_cross_entropy(a, c, t, impl="triton", softcap=30.0, shift=False)
+
+    cf = torch.compile(f, fullgraph=True)
+    outs = []
+    for fn in (f, cf):
+        a, c = h.detach().requires_grad_(), w.detach().requires_grad_()
+        loss = fn(a, c)
+        outs.append((loss, *torch.autograd.grad(loss, (a, c))))
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)
