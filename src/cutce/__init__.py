@@ -5,7 +5,8 @@ block and only the target logit is indexed, so the N x V logit matrix is never h
 """
 
 from .api import LinearCrossEntropyLoss, linear_cross_entropy
+from .log_probs import linear_log_probs
 from .options import Options
 
 __version__ = "0.1.0"
-__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "Options", "__version__"]
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "linear_log_probs", "Options", "__version__"]

@@ -1,0 +1,54 @@
+"""Per-token log-probabilities and entropy (RL fine-tuning) on the same backends as the loss.
+
+Validation and dispatch are api.py's; this module only turns the backend contract's parts into
+log p(token) = zt - lse and H = lse - sum_j p_j z_j.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import api
+
+
+def linear_log_probs(hidden, weight, tokens, bias=None, *, temperature=1.0, softcap=None,
+                     logit_scale=1.0, shift=False, ignore_index=-100, return_entropy=False,
+                     impl="auto"):
+    """Log-probability of given tokens (and the entropy) under a linear head, without logits.
+
+    Args:
+        hidden: (*, D) float16/bfloat16/float32 (float64 on the torch path) hidden states.
+        weight: (V, D) classifier weight; bias: (V,) or None.
+        tokens: (*) int64/int32 token ids in [0, V) or ``ignore_index``.
+        temperature: > 0, divides the logits after softcap (as samplers do).
+        softcap: None or > 0. logit_scale: > 0, multiplies the logits before softcap.
+        shift: ``hidden[..., :-1, :]`` scores ``tokens[..., 1:]``.
+        return_entropy: also return the per-token entropy.
+        impl: "auto" | "torch" | "triton" (as in :func:`cutce.linear_cross_entropy`).
+
+    Returns:
+        logp, or (logp, entropy): float32 (float64 for float64 inputs) with tokens' shape after
+        shift, 0 at ignored positions, differentiable w.r.t. hidden, weight and bias from any
+        upstream gradient of either. Equal, up to rounding, to::
+
+            z = logit_scale * (hidden @ weight.T + bias)           # float32
+            z = softcap * tanh(z / softcap) if softcap
+            z = z / temperature
+            logp = torch.log_softmax(z, -1).gather(-1, tokens[..., None])[..., 0]
+            entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+
+        No N x V tensor is created in the forward or the backward.
+    """
+    opts = api.make_options(getattr(hidden, "dtype", torch.float32), ignore_index=ignore_index,
+                            reduction="none", softcap=softcap, logit_scale=logit_scale,
+                            temperature=temperature, need_entropy=bool(return_entropy))
+    if not isinstance(return_entropy, bool):
+        api._fail("return_entropy", "a bool", repr(return_entropy))
+    h2, weight, bias, t1, _, out_shape = api.prepare(hidden, weight, tokens, bias, None, shift,
+                                                     ignore_index)
+    lse, zt, _, pz = api._backend(impl, h2)(h2, weight, bias, t1, opts)
+    valid = t1 != ignore_index
+    logp = torch.where(valid, zt - lse, 0.0).reshape(out_shape)
+    if not return_entropy:
+        return logp
+    return logp, torch.where(valid, lse - pz, 0.0).reshape(out_shape)
