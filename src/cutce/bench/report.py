@@ -1,0 +1,173 @@
+"""Run metadata, the CSV format (write and read back), and the printed table.
+
+Every CSV row carries the run's metadata (device, versions, date, shape, data kind, dtype), so that
+one row, or a file concatenated from several runs, is self-describing, and the plots can be made
+from the CSV alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import subprocess
+
+import torch
+
+import cutce
+
+COLUMNS = [
+    "date", "device", "device_name", "torch", "triton", "cutce", "commit", "cuda", "peers",
+    "shape", "n", "d", "v", "data", "dtype", "max_prob", "entropy", "reference",
+    "warmup", "repeats", "matmul_dtype", "matmul_ms",
+    "provider", "exact", "status",
+    "fwd_ms", "fwd_ratio", "fwd_mb", "fwdbwd_ms", "fwdbwd_ratio", "peak_mb",
+    "loss_err", "de_err", "dc_err", "error",
+]
+FLOAT_COLUMNS = {"max_prob", "entropy", "matmul_ms", "fwd_ms", "fwd_ratio", "fwd_mb", "fwdbwd_ms",
+                 "fwdbwd_ratio", "peak_mb", "loss_err", "de_err", "dc_err"}
+INT_COLUMNS = {"n", "d", "v", "warmup", "repeats"}
+NA = "n/a"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return NA
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    """Short commit of the cutce checkout (``+dirty`` with local changes), so that numbers of
+    successive kernel versions can be told apart; n/a outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(cutce.__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return NA
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return NA
+
+
+def run_metadata(device) -> dict:
+    """Device, versions and date: the columns that make a number comparable to another."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+    peers = [f"{d}={_version(d)}" for d in ("cut-cross-entropy", "liger-kernel") if _version(d) != NA]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": name,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cutce": cutce.__version__,
+        "commit": _git_commit(),
+        "cuda": torch.version.cuda or NA,
+        "peers": " ".join(peers) or "none",
+    }
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NA
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def write_csv(path, rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(row.get(k)) for k in COLUMNS})
+
+
+def read_csv(path) -> list[dict]:
+    """Rows of a bench CSV with numbers parsed back (``n/a`` and empty cells become None)."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = dict(raw)
+            for k in FLOAT_COLUMNS | INT_COLUMNS:
+                v = row.get(k)
+                if v in (None, "", NA):
+                    row[k] = None
+                else:
+                    row[k] = int(v) if k in INT_COLUMNS else float(v)
+            rows.append(row)
+    return rows
+
+
+def fmt_ms(x) -> str:
+    """Milliseconds with 3 significant digits, whole numbers from 100 on (no 1.27e+03)."""
+    return NA if x is None else (f"{x:.3g}" if x < 100 else f"{x:.0f}")
+
+
+_ms = fmt_ms
+
+
+def gradients_mb(n, d, v, dtype_name) -> float:
+    """MiB of dE and dC in the run's dtype: the least that forward+backward must allocate."""
+    itemsize = 4 if dtype_name == "fp32" else 2
+    return (n + v) * d * itemsize / 2**20
+
+
+def _ratio(x):
+    return NA if x is None else f"{x:.2f}x"
+
+
+def _mb(x):
+    return NA if x is None else f"{x:.1f}"
+
+
+def _err(x):
+    return NA if x is None or math.isnan(x) else f"{x:.2e}"
+
+
+TABLE_HEADER = ["provider", "fwd ms", "fwd ratio", "fwd+bwd ms", "ratio", "fwd MB", "peak MB",
+                "loss err", "dE err", "dC err"]
+
+
+def table_lines(rows) -> list[str]:
+    """A Markdown table of measured rows (ready to paste into docs/benchmarks.md), followed by
+    one line per error. Ratios are to the matmul of the same run; MB are MiB above the inputs."""
+    cells = [TABLE_HEADER]
+    notes = []
+    for r in rows:
+        if r["status"] == "skipped":
+            continue
+        cells.append([r["provider"], _ms(r["fwd_ms"]), _ratio(r["fwd_ratio"]), _ms(r["fwdbwd_ms"]),
+                      _ratio(r["fwdbwd_ratio"]), _mb(r["fwd_mb"]), _mb(r["peak_mb"]),
+                      _err(r["loss_err"]), _err(r["de_err"]), _err(r["dc_err"])])
+        if r.get("error"):
+            notes.append(f"  {r['provider']}: {r['error']}")
+    widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_HEADER))]
+
+    def line(c):
+        return "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w)
+                                 for i, (x, w) in enumerate(zip(c, widths))) + " |"
+
+    sep = "|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)) + "|"
+    return [line(cells[0]), sep] + [line(c) for c in cells[1:]] + notes

@@ -1,0 +1,116 @@
+"""Smoke tests of `cutce bench` at tiny shapes: the run, the CSV, the PNG, error rows, the CLI.
+
+Timings are never asserted (they decide nothing here); only that the numbers exist, the errors
+against the float64 reference are at float32 rounding, and the files are well formed.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from cutce.bench import data, providers, report
+from cutce.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--device", "cpu", "--shape", "48,32,300", "--repeats", "1", "--warmup", "1"]
+
+
+def _csv(out_dir):
+    files = sorted(out_dir.glob("*.csv"))
+    assert len(files) == 1, files
+    return files[0], {r["provider"]: r for r in report.read_csv(files[0])}
+
+
+def test_bench_writes_table_csv_and_png(tmp_path, capsys):
+    assert main(["bench", *TINY, "--data", "flat", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| provider" in printed and "cutce-torch" in printed
+    path, rows = _csv(tmp_path)
+    for name in ("cutce-torch", "torch"):
+        r = rows[name]
+        assert r["status"] == "ok", r["error"]
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
+        assert math.isclose(r["fwd_ratio"], r["fwd_ms"] / r["matmul_ms"], rel_tol=1e-4)
+        assert r["peak_mb"] is None  # no allocator statistics on CPU
+        for k in ("loss_err", "de_err", "dc_err"):
+            assert 0 <= r[k] < 1e-4, (name, k, r[k])
+        assert (r["n"], r["d"], r["v"], r["data"], r["dtype"]) == (48, 32, 300, "flat", "fp32")
+        assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["date"]
+    # Providers that cannot run here are in the CSV with the reason, not silently absent.
+    assert rows["cutce-triton"]["status"] == "skipped" and "CUDA" in rows["cutce-triton"]["error"]
+    assert rows["torch-compile"]["status"] == "skipped"
+    png = path.with_suffix(".png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sweep_then_plot_only(tmp_path):
+    args = ["bench", *TINY, "--sweep-n", "16,32", "--providers", "cutce-torch", "--mode", "fwd",
+            "--no-plot", "--out", str(tmp_path)]
+    assert main(args) == 0
+    path, _ = _csv(tmp_path)
+    rows = [r for r in report.read_csv(path) if r["status"] == "ok"]
+    assert sorted(r["n"] for r in rows) == [16, 32]
+    assert all(r["fwdbwd_ms"] is None and r["fwd_ms"] > 0 for r in rows)
+    assert not path.with_suffix(".png").exists()
+    assert main(["bench", "--plot-only", str(path)]) == 0
+    assert path.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_failing_provider_gets_an_error_row_and_the_run_goes_on(tmp_path, monkeypatch):
+    def build(device):
+        def fn(h, w, t):
+            raise RuntimeError("boom: out of memory")
+
+        return fn
+
+    monkeypatch.setitem(providers.PROVIDERS, "broken", providers.Provider("broken", True, build))
+    args = ["bench", *TINY, "--providers", "broken,torch", "--no-plot", "--out", str(tmp_path)]
+    assert main(args) == 0
+    _, rows = _csv(tmp_path)
+    assert rows["broken"]["status"] == "error" and "boom" in rows["broken"]["error"]
+    assert rows["broken"]["fwd_ms"] is None
+    assert rows["torch"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("kind", data.DATA_KINDS)
+def test_data_kinds_are_deterministic(kind):
+    shape = data.parse_shape("40,24,500")
+    a = data.make_inputs(shape, kind, torch.bfloat16, "cpu", seed=3)
+    b = data.make_inputs(shape, kind, torch.bfloat16, "cpu", seed=3)
+    c = data.make_inputs(shape, kind, torch.bfloat16, "cpu", seed=4)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(a[0], c[0])
+    hidden, weight, targets = a
+    assert hidden.shape == (40, 24) and weight.shape == (500, 24) and hidden.dtype == torch.bfloat16
+    assert targets.dtype == torch.int64 and 0 <= targets.min() and targets.max() < 500
+    if kind == "zipf":
+        assert torch.all(hidden[:, 0] == 1)
+        # column 0 of the weight is the log-prior -log(rank), a permutation of -log(1..V)
+        ranks = torch.exp(-weight[:, 0].float())
+        assert ranks.min() == 1.0 and ranks.max() == pytest.approx(500, rel=1e-2)
+
+
+def test_shape_parsing_and_bad_arguments(capsys):
+    assert data.parse_shape("gemma2-2b") == data.Shape("gemma2-2b", 8192, 2304, 256000)
+    assert data.parse_shape("llama3-8b").v == 128256
+    assert (data.parse_shape("7,8,9").n, data.parse_shape("7,8,9").v) == (7, 9)
+    assert main(["bench", "--device", "cpu", "--shape", "1,2"]) == 2
+    assert "N,D,V" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--providers"):
+        providers.parse_provider_names(["cutce-torch,nope"])
+    assert providers.parse_provider_names(["all"]) == list(providers.PROVIDERS)
+
+
+def test_demo_is_dispatched_lazily(monkeypatch):
+    seen = []
+    fake = types.ModuleType("cutce.demo")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "cutce.demo", fake)
+    assert main(["demo", "--steps", "2"]) == 0
+    assert seen == [["--steps", "2"]]
