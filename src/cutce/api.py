@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from . import torch_impl
+from . import distributed, torch_impl
 from .options import AUTO_FILTER_EPS, IMPLS, REDUCTIONS, Options
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -24,7 +24,8 @@ def _fail(what, expected, got):
 
 
 def _check_real(name, value, lo=None, lo_open=False, hi=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) floats may be symbolic.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < math.inf:
         _fail(name, "a finite number", repr(value))
     if lo is not None and (value <= lo if lo_open else value < lo):
         _fail(name, f"a number {'>' if lo_open else '>='} {lo}", repr(value))
@@ -51,7 +52,8 @@ def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=
         _fail("reduction", f"one of {REDUCTIONS}", repr(reduction))
     if softcap is not None:
         softcap = _check_real("softcap", softcap, lo=0.0, lo_open=True)
-    if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or chunk_bytes < 1):
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                    or chunk_bytes < 1):
         _fail("chunk_bytes", "None or a positive int", repr(chunk_bytes))
     return Options(
         ignore_index=ignore_index,
@@ -68,14 +70,20 @@ def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=
     )
 
 
+def _autocast_dtype(t):
+    """The dtype F.linear would compute ``t`` in: the autocast dtype if autocast is on for t's
+    device and t is a floating tensor other than float64 (autocast leaves float64 alone)."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return None if t is None else t.dtype
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+
+
 def _autocast(hidden, weight, bias):
-    """Cast as F.linear would under torch.autocast; outside it, demand one dtype."""
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
-    elif weight.dtype != hidden.dtype:
+    """Cast as F.linear would under torch.autocast; then (as F.linear) demand one dtype."""
+    hidden, weight = hidden.to(_autocast_dtype(hidden)), weight.to(_autocast_dtype(weight))
+    bias = None if bias is None else bias.to(_autocast_dtype(bias))
+    if weight.dtype != hidden.dtype:
         _fail("weight dtype", f"hidden's dtype {hidden.dtype} (or use torch.autocast)", weight.dtype)
     elif bias is not None and bias.dtype != hidden.dtype:
         _fail("bias dtype", f"hidden's dtype {hidden.dtype}", bias.dtype)
@@ -147,16 +155,17 @@ def _backend(impl, hidden):
     return ops.linear_lse_parts
 
 
-def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index):
+def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, vocab=None):
     """Validate tensors, apply autocast and shift, flatten to (N, D). Returns the flat tensors and
-    the output shape (targets' shape after shift)."""
+    the output shape (targets' shape after shift). ``vocab``: the global V that targets are checked
+    against when ``weight`` is one rank's vocabulary slice (default: weight's rows)."""
     _check_tensors(hidden, weight, targets, bias, token_weights, shift)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     if shift:
         hidden, targets = hidden[..., :-1, :], targets[..., 1:]
         token_weights = None if token_weights is None else token_weights[..., 1:]
     out_shape = targets.shape
-    _check_targets(targets, weight.shape[0], ignore_index)
+    _check_targets(targets, weight.shape[0] if vocab is None else vocab, ignore_index)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1).long()
     w1 = None if token_weights is None else token_weights.reshape(-1)
@@ -166,7 +175,8 @@ def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index):
 def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
                          token_weights=None, shift=False, return_lse=False, filter_eps=None,
-                         impl="auto", deterministic=True, chunk_bytes=None):
+                         impl="auto", deterministic=True, chunk_bytes=None, vocab_group=None,
+                         vocab_start=None, reduce_hidden_grad=True):
     """Cross-entropy of a linear classifier's logits, without materializing the logits.
 
     Args:
@@ -191,6 +201,16 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
             An explicit "triton" that cannot run raises and says why.
         deterministic: bitwise-reproducible gradients on the Triton path.
         chunk_bytes: memory budget of one chunk of logits on the torch path (default 256 MiB).
+        vocab_group: a torch.distributed ProcessGroup over which the classifier is split by
+            vocabulary (see :mod:`cutce.distributed` and docs/distributed.md): ``weight``/``bias``
+            hold this rank's contiguous slice, slices in group-rank order tile [0, V); hidden,
+            targets (global ids) and token_weights are the same on every rank; the result is the
+            unsplit one on every rank. A weight that is a DTensor with Shard(0) is split over
+            its mesh without this keyword; a replicated DTensor acts as a plain tensor.
+        vocab_start: this rank's first class id, when slices are not in group-rank order.
+        reduce_hidden_grad: with a vocabulary split, sum hidden's gradient over the group in
+            backward (default). False leaves each rank its slice's share of it, for layouts
+            whose own collective (e.g. a sequence-parallel all-gather's backward) sums it.
 
     Returns:
         loss, or (loss, lse) with ``return_lse``. It equals, up to rounding, in float32 (float64
@@ -207,17 +227,26 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
 
         lse has targets' shape (after shift), float32 (float64 for float64 inputs).
     """
-    opts = make_options(getattr(hidden, "dtype", torch.float32),
+    opts = make_options(_autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else torch.float32,
                         ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                         logit_scale=logit_scale, filter_eps=filter_eps,
                         deterministic=deterministic, chunk_bytes=chunk_bytes)
     if not isinstance(return_lse, bool):
         _fail("return_lse", "a bool", repr(return_lse))
+    # Vocabulary parallelism (vocab_group, DTensor weight): vs locates this rank's slice (None if
+    # not split). Collective with a plain vocab_group, so every rank must make this call.
+    hidden, weight, bias, targets, token_weights, vs = distributed.resolve_vocab_parallel(
+        hidden, weight, bias, targets, token_weights, vocab_group, vocab_start, reduce_hidden_grad)
     h2, weight, bias, t1, w1, out_shape = prepare(
-        hidden, weight, targets, bias, token_weights, shift, ignore_index)
-    parts = _backend(impl, h2)(h2, weight, bias, t1, opts)
-    loss = _loss_from_parts(parts, t1, w1, opts, weight.shape[0])
+        hidden, weight, targets, bias, token_weights, shift, ignore_index,
+        vocab=None if vs is None else vs.vocab)
+    backend = _backend(impl, h2)
+    if vs is None:
+        parts = backend(h2, weight, bias, t1, opts)
+    else:
+        parts = distributed.vocab_parallel_parts(backend, h2, weight, bias, t1, opts, vs)
+    loss = _loss_from_parts(parts, t1, w1, opts, weight.shape[0] if vs is None else vs.vocab)
     loss = loss.reshape(out_shape) if opts.reduction == "none" else loss
     return (loss, parts[0].reshape(out_shape)) if return_lse else loss
 
@@ -253,7 +282,8 @@ class LinearCrossEntropyLoss(nn.Module):
         super().__init__()
         if "token_weights" in options:
             raise TypeError("token_weights is a forward() argument, not an option")
-        unknown = set(options) - _OPTION_KEYS - {"shift", "return_lse", "impl"}
+        unknown = set(options) - _OPTION_KEYS - {"shift", "return_lse", "impl", "vocab_group",
+                                                 "vocab_start", "reduce_hidden_grad"}
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}")
         # Validate now so that a bad option fails at construction, not at the first step

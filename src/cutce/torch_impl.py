@@ -14,9 +14,15 @@ with z the transformed logits of :class:`cutce.options.Options`. Here they are c
 backward recomputes each chunk's logits. No tensor of N x V elements exists at any time; the peak
 extra memory is a chunk of logits (sized from ``opts.chunk_bytes``) plus, when the weight is not
 already in the compute dtype, one float32 copy of it and of its gradient accumulator.
+
+The forward and backward chunk loops are ``torch.library`` custom ops (``cutce::torch_lse_parts``
+and its backward) with fake implementations, so ``torch.compile`` sees one opaque node: no graph
+break, no unrolled loop, and no specialization on the number of tokens.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -40,7 +46,7 @@ def chunk_rows(n_tokens: int, vocab: int, dtype: torch.dtype, chunk_bytes: int |
     return max(1, min(max(n_tokens, 1), budget // per_row))
 
 
-def _logits(h, w, b, opts: Options):
+def _logits(h, w, b, opts):
     """(z, capped) for one chunk: z as in Options; capped = tanh(y / softcap) (None without softcap)."""
     y = h @ w.T
     if b is not None:
@@ -61,80 +67,146 @@ def _valid_targets(t, vocab):
     return t.clamp(0, vocab - 1).unsqueeze(1), valid
 
 
-class _LinearLSEParts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: Options):
-        cdt = compute_dtype(hidden.dtype)
-        n, vocab = hidden.shape[0], weight.shape[0]
-        w = weight.to(cdt)
-        b = None if bias is None else bias.to(cdt)
-        lse = hidden.new_empty(n, dtype=cdt)
-        zt = torch.zeros_like(lse)
-        zsum = torch.zeros_like(lse)
-        pz = torch.zeros_like(lse)
-        rows = chunk_rows(n, vocab, cdt, opts.chunk_bytes)
-        for s in range(0, n, rows):
-            e = min(s + rows, n)
-            z, _ = _logits(hidden[s:e].to(cdt), w, b, opts)
-            lse[s:e] = torch.logsumexp(z, dim=1)
-            idx, valid = _valid_targets(targets[s:e], vocab)
-            zt[s:e] = torch.where(valid, z.gather(1, idx).squeeze(1), 0.0)
-            if opts.need_zsum:
-                zsum[s:e] = z.sum(dim=1)
-            if opts.need_entropy:
-                z.sub_(lse[s:e, None]).exp_()  # z now holds p; (p * z).sum = (p * (log p + lse)).sum
-                pz[s:e] = torch.xlogy(z, z).sum(dim=1) + lse[s:e]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, pz)
-        ctx.opts = opts
-        ctx.mark_non_differentiable(targets)
-        return lse, zt, zsum, pz
+class _Cfg(NamedTuple):
+    """The options the torch path reads, in the order of the custom ops' arguments."""
 
-    @staticmethod
-    def backward(ctx, g_lse, g_zt, g_zsum, g_pz):
-        hidden, weight, bias, targets, lse, pz = ctx.saved_tensors
-        opts: Options = ctx.opts
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        cdt = lse.dtype
-        n, vocab = hidden.shape[0], weight.shape[0]
-        w = weight.to(cdt)
-        b = None if bias is None else bias.to(cdt)
-        zeros = torch.zeros_like(lse)
-        g_lse = zeros if g_lse is None else g_lse
-        g_zt = zeros if g_zt is None else g_zt
-        dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros_like(w) if need_w else None
-        db = lse.new_zeros(vocab) if need_b else None
-        rows = chunk_rows(n, vocab, cdt, opts.chunk_bytes)
-        for s in range(0, n, rows):
-            e = min(s + rows, n)
-            h = hidden[s:e].to(cdt)
-            z, capped = _logits(h, w, b, opts)
-            p = torch.exp(z - lse[s:e, None])
-            if g_pz is not None and opts.need_entropy:
-                # d(sum_j p_j z_j)/dz_k = p_k * (1 + z_k - sum_j p_j z_j)
-                z.sub_(pz[s:e, None]).add_(1.0).mul_(g_pz[s:e, None]).add_(g_lse[s:e, None])
-                dz = p.mul_(z)
-            else:
-                dz = p.mul_(g_lse[s:e, None])
-            del z
-            idx, valid = _valid_targets(targets[s:e], vocab)
-            dz.scatter_add_(1, idx, torch.where(valid, g_zt[s:e], 0.0).unsqueeze(1))
-            if g_zsum is not None and opts.need_zsum:
-                dz += g_zsum[s:e, None]
-            scale = opts.logit_scale / opts.temperature
-            if capped is not None:
-                dz *= 1.0 - capped.square_()
-            if scale != 1.0:
-                dz *= scale
-            if need_h:
-                dh[s:e] = (dz @ w).to(hidden.dtype)
-            if need_w:
-                dw.addmm_(dz.T, h)
-            if need_b:
-                db += dz.sum(dim=0)
-        dw = None if dw is None else dw.to(weight.dtype)
-        db = None if db is None else db.to(bias.dtype)
-        return dh, dw, db, None, None
+    logit_scale: float
+    softcap: float | None
+    temperature: float
+    need_zsum: bool
+    need_entropy: bool
+    chunk_bytes: int | None
+
+
+_CFG_SCHEMA = ("float logit_scale, float? softcap, float temperature, bool need_zsum, "
+               "bool need_entropy, int? chunk_bytes")
+
+
+def _forward(hidden, weight, bias, targets, opts: _Cfg):
+    cdt = compute_dtype(hidden.dtype)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    w = weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    lse = hidden.new_empty(n, dtype=cdt)
+    zt = torch.zeros_like(lse)
+    zsum = torch.zeros_like(lse)
+    pz = torch.zeros_like(lse)
+    rows = chunk_rows(n, vocab, cdt, opts.chunk_bytes)
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        z, _ = _logits(hidden[s:e].to(cdt), w, b, opts)
+        lse[s:e] = torch.logsumexp(z, dim=1)
+        idx, valid = _valid_targets(targets[s:e], vocab)
+        zt[s:e] = torch.where(valid, z.gather(1, idx).squeeze(1), 0.0)
+        if opts.need_zsum:
+            zsum[s:e] = z.sum(dim=1)
+        if opts.need_entropy:
+            z.sub_(lse[s:e, None]).exp_()  # z now holds p; (p * z).sum = (p * (log p + lse)).sum
+            pz[s:e] = torch.xlogy(z, z).sum(dim=1) + lse[s:e]
+    return lse, zt, zsum, pz
+
+
+def _backward(hidden, weight, bias, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
+              need_h, need_w, need_b, opts: _Cfg):
+    cdt = lse.dtype
+    n, vocab = hidden.shape[0], weight.shape[0]
+    w = weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    zeros = torch.zeros_like(lse)
+    g_lse = zeros if g_lse is None else g_lse
+    g_zt = zeros if g_zt is None else g_zt
+    dh = torch.empty_like(hidden) if need_h else None
+    dw = torch.zeros_like(w) if need_w else None
+    db = lse.new_zeros(vocab) if need_b else None
+    rows = chunk_rows(n, vocab, cdt, opts.chunk_bytes)
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        h = hidden[s:e].to(cdt)
+        z, capped = _logits(h, w, b, opts)
+        p = torch.exp(z - lse[s:e, None])
+        if g_pz is not None and opts.need_entropy:
+            # d(sum_j p_j z_j)/dz_k = p_k * (1 + z_k - sum_j p_j z_j)
+            z.sub_(pz[s:e, None]).add_(1.0).mul_(g_pz[s:e, None]).add_(g_lse[s:e, None])
+            dz = p.mul_(z)
+        else:
+            dz = p.mul_(g_lse[s:e, None])
+        del z
+        idx, valid = _valid_targets(targets[s:e], vocab)
+        dz.scatter_add_(1, idx, torch.where(valid, g_zt[s:e], 0.0).unsqueeze(1))
+        if g_zsum is not None and opts.need_zsum:
+            dz += g_zsum[s:e, None]
+        scale = opts.logit_scale / opts.temperature
+        if capped is not None:
+            dz *= 1.0 - capped.square_()
+        if scale != 1.0:
+            dz *= scale
+        if need_h:
+            dh[s:e] = (dz @ w).to(hidden.dtype)
+        if need_w:
+            dw.addmm_(dz.T, h)
+        if need_b:
+            db += dz.sum(dim=0)
+    # custom ops return distinct tensors, never None
+    dh = hidden.new_empty(0) if dh is None else dh
+    dw = hidden.new_empty(0) if dw is None else dw.to(weight.dtype)
+    db = hidden.new_empty(0) if db is None else db.to(bias.dtype)
+    return dh, dw, db
+
+
+# The chunk loops run inside opaque custom ops: torch.compile sees one node with a fake (shape)
+# implementation, so it neither unrolls the loop nor specializes on N (dynamic shapes work).
+# Autocast is off inside: it would otherwise run the float32 chunk matmuls in its low precision
+# dtype (the api already applied autocast's casting to the inputs).
+@torch.library.custom_op(
+    "cutce::torch_lse_parts", mutates_args=(),
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, {_CFG_SCHEMA})"
+           " -> (Tensor, Tensor, Tensor, Tensor)")
+def _parts_op(hidden, weight, bias, targets, *cfg):
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _forward(hidden, weight, bias, targets, _Cfg(*cfg))
+
+
+@_parts_op.register_fake
+def _(hidden, weight, bias, targets, *cfg):
+    lse = hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype))
+    return lse, torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
+
+
+@torch.library.custom_op(
+    "cutce::torch_lse_parts_backward", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor pz, "
+           "Tensor? g_lse, Tensor? g_zt, Tensor? g_zsum, Tensor? g_pz, bool need_h, bool need_w, "
+           f"bool need_b, {_CFG_SCHEMA}) -> (Tensor, Tensor, Tensor)")
+def _parts_backward_op(hidden, weight, bias, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
+                       need_h, need_w, need_b, *cfg):
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _backward(hidden, weight, bias, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
+                         need_h, need_w, need_b, _Cfg(*cfg))
+
+
+@_parts_backward_op.register_fake
+def _(hidden, weight, bias, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz, need_h, need_w, need_b, *cfg):
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else hidden.new_empty(0),
+            torch.empty_like(bias) if need_b else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, *cfg = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[0], output[3])
+    ctx.cfg = cfg
+
+
+def _parts_op_backward(ctx, g_lse, g_zt, g_zsum, g_pz):
+    hidden, weight, bias, targets, lse, pz = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    dh, dw, db = _parts_backward_op(hidden, weight, bias, targets, lse, pz, g_lse, g_zt, g_zsum,
+                                    g_pz, need_h, need_w, need_b and bias is not None, *ctx.cfg)
+    return (dh if need_h else None, dw if need_w else None,
+            db if need_b and bias is not None else None) + (None,) * (1 + len(ctx.cfg))
+
+
+_parts_op.register_autograd(_parts_op_backward, setup_context=_setup_context)
 
 
 def linear_lse_parts(hidden, weight, bias, targets, opts: Options):
@@ -154,4 +226,6 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options):
             lse = torch.logsumexp(z, -1); zt = z.gather(1, targets[:, None])[:, 0]
             zsum = z.sum(-1); pz = (z.softmax(-1) * z).sum(-1)
     """
-    return _LinearLSEParts.apply(hidden, weight, bias, targets, opts)
+    cfg = _Cfg(float(opts.logit_scale), opts.softcap, float(opts.temperature), opts.need_zsum,
+               opts.need_entropy, opts.chunk_bytes)
+    return _parts_op(hidden, weight, bias, targets, *cfg)
