@@ -234,21 +234,33 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
                         deterministic=deterministic, chunk_bytes=chunk_bytes)
     if not isinstance(return_lse, bool):
         _fail("return_lse", "a bool", repr(return_lse))
+    parts, t1, w1, out_shape, vocab = compute_parts(
+        hidden, weight, targets, bias, token_weights, shift, impl, opts,
+        vocab_group, vocab_start, reduce_hidden_grad)
+    loss = _loss_from_parts(parts, t1, w1, opts, vocab)
+    loss = loss.reshape(out_shape) if opts.reduction == "none" else loss
+    return (loss, parts[0].reshape(out_shape)) if return_lse else loss
+
+
+def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opts: Options,
+                  vocab_group=None, vocab_start=None, reduce_hidden_grad=True):
+    """Validate, flatten and dispatch: the backend contract's parts for a public function.
+
+    Returns (parts, flat targets, flat token_weights, output shape, global V).
+    """
     # Vocabulary parallelism (vocab_group, DTensor weight): vs locates this rank's slice (None if
     # not split). Collective with a plain vocab_group, so every rank must make this call.
     hidden, weight, bias, targets, token_weights, vs = distributed.resolve_vocab_parallel(
         hidden, weight, bias, targets, token_weights, vocab_group, vocab_start, reduce_hidden_grad)
     h2, weight, bias, t1, w1, out_shape = prepare(
-        hidden, weight, targets, bias, token_weights, shift, ignore_index,
+        hidden, weight, targets, bias, token_weights, shift, opts.ignore_index,
         vocab=None if vs is None else vs.vocab)
     backend = _backend(impl, h2)
     if vs is None:
         parts = backend(h2, weight, bias, t1, opts)
     else:
         parts = distributed.vocab_parallel_parts(backend, h2, weight, bias, t1, opts, vs)
-    loss = _loss_from_parts(parts, t1, w1, opts, weight.shape[0] if vs is None else vs.vocab)
-    loss = loss.reshape(out_shape) if opts.reduction == "none" else loss
-    return (loss, parts[0].reshape(out_shape)) if return_lse else loss
+    return parts, t1, w1, out_shape, weight.shape[0] if vs is None else vs.vocab
 
 
 def _loss_from_parts(parts, targets, token_weights, opts: Options, vocab):

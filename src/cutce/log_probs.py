@@ -13,7 +13,7 @@ from . import api
 
 def linear_log_probs(hidden, weight, tokens, bias=None, *, temperature=1.0, softcap=None,
                      logit_scale=1.0, shift=False, ignore_index=-100, return_entropy=False,
-                     impl="auto"):
+                     impl="auto", vocab_group=None, vocab_start=None, reduce_hidden_grad=True):
     """Log-probability of given tokens (and the entropy) under a linear head, without logits.
 
     Args:
@@ -25,6 +25,8 @@ def linear_log_probs(hidden, weight, tokens, bias=None, *, temperature=1.0, soft
         shift: ``hidden[..., :-1, :]`` scores ``tokens[..., 1:]``.
         return_entropy: also return the per-token entropy.
         impl: "auto" | "torch" | "triton" (as in :func:`cutce.linear_cross_entropy`).
+        vocab_group, vocab_start, reduce_hidden_grad: vocabulary parallelism, as in
+            :func:`cutce.linear_cross_entropy` (tokens are global ids).
 
     Returns:
         logp, or (logp, entropy): float32 (float64 for float64 inputs) with tokens' shape after
@@ -39,14 +41,15 @@ def linear_log_probs(hidden, weight, tokens, bias=None, *, temperature=1.0, soft
 
         No N x V tensor is created in the forward or the backward.
     """
-    opts = api.make_options(getattr(hidden, "dtype", torch.float32), ignore_index=ignore_index,
+    dtype = api._autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else torch.float32
+    opts = api.make_options(dtype, ignore_index=ignore_index,
                             reduction="none", softcap=softcap, logit_scale=logit_scale,
                             temperature=temperature, need_entropy=bool(return_entropy))
     if not isinstance(return_entropy, bool):
         api._fail("return_entropy", "a bool", repr(return_entropy))
-    h2, weight, bias, t1, _, out_shape = api.prepare(hidden, weight, tokens, bias, None, shift,
-                                                     ignore_index)
-    lse, zt, _, pz = api._backend(impl, h2)(h2, weight, bias, t1, opts)
+    (lse, zt, _, pz), t1, _, out_shape, _ = api.compute_parts(
+        hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group, vocab_start,
+        reduce_hidden_grad)
     valid = t1 != ignore_index
     logp = torch.where(valid, zt - lse, 0.0).reshape(out_shape)
     if not return_entropy:
