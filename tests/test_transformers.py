@@ -1,0 +1,240 @@
+"""cutce.transformers: the patched loss and gradients equal the original for every family (float32).
+
+Tiny random-initialised models built from configs (nothing is downloaded). A family that the
+installed transformers lacks is skipped. Run against another transformers release with
+``PYTHONPATH=<dir holding it> pytest tests/test_transformers.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from cutce import transformers as ct  # noqa: E402
+
+VOCAB, T = 320, 12
+COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, max_position_embeddings=64,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              # Large enough init that the logits are O(1): softcap and scale then matter.
+              initializer_range=0.2)
+MOE = dict(output_router_logits=True, router_aux_loss_coef=0.1, num_experts_per_tok=2)
+QWEN_MOE = dict(MOE, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                decoder_sparse_step=1, mlp_only_layers=[])
+# family -> (model class, config class, config overrides that make its logit handling visible)
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+    "mistral": ("MistralForCausalLM", "MistralConfig", {}),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {}),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {"final_logit_softcapping": 1.5}),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", {"final_logit_softcapping": 1.5}),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
+    "cohere": ("CohereForCausalLM", "CohereConfig", {"logit_scale": 2.5}),
+    "granite": ("GraniteForCausalLM", "GraniteConfig", {"logits_scaling": 4.0}),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(MOE, num_local_experts=4)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", QWEN_MOE),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", QWEN_MOE),
+}
+
+
+def make_model(family, seed=0, **extra):
+    model_name, config_name, overrides = FAMILIES[family]
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
+    config = getattr(transformers, config_name)(**{**COMMON, **overrides, **extra})
+    for key, value in list(config.to_dict().items()):
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)  # gradients must be comparable between two calls
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).float().train()
+
+
+def batch(seed=0, b=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (b, T), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100   # a masked prompt
+    labels[1, -3:] = -100  # right padding
+    return ids, labels
+
+
+def loss_and_grads(model, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_same(out_a, grads_a, out_b, grads_b):
+    torch.testing.assert_close(out_b.loss, out_a.loss, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name, ga in grads_a.items():
+        scale = ga.abs().max().item()
+        torch.testing.assert_close(grads_b[name], ga, rtol=1e-5, atol=1e-5 * scale + 1e-9, msg=name)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_original(family):
+    model = make_model(family)
+    ids, labels = batch()
+    n_items = (labels[:, 1:] != -100).sum() + 3  # as a Trainer would pass it, over a larger batch
+    original_forward = type(model).forward
+    variants = [dict(), dict(num_items_in_batch=n_items)]
+    reference = [loss_and_grads(model, input_ids=ids, labels=labels, **v) for v in variants]
+    logits = model(input_ids=ids).logits
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        assert reference[0][0].aux_loss is not None  # the router loss is part of what is compared
+
+    calls = []
+    ct.patch(model)
+    assert ct.is_patched(model) and not ct.is_patched(type(model))
+    for v, (out_a, grads_a) in zip(variants, reference):
+        out_b, grads_b = loss_and_grads(model, input_ids=ids, labels=labels, **v)
+        assert type(out_b) is type(out_a) and out_b.logits is None
+        assert_same(out_a, grads_a, out_b, grads_b)
+        calls.append(out_b.loss)
+    assert torch.equal(model(input_ids=ids).logits, logits)  # no labels: the original forward
+    as_tuple = model(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], calls[0])
+
+    ct.unpatch(model)
+    assert "forward" not in model.__dict__ and type(model).forward is original_forward
+    again, _ = loss_and_grads(model, input_ids=ids, labels=labels)
+    assert again.logits is not None and torch.equal(again.loss, reference[0][0].loss)
+
+
+def test_logits_to_keep_shift_labels_and_positional_labels():
+    model = make_model("llama")
+    ids, labels = batch(1)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    shifted[0, 5] = 7
+    cases = [dict(input_ids=ids, labels=labels[:, -5:], logits_to_keep=5),
+             dict(input_ids=ids, labels=labels, shift_labels=shifted),
+             dict(input_ids=ids, labels=labels.masked_fill(labels == -100, 7), ignore_index=7)]
+    reference = [loss_and_grads(model, **c) for c in cases]
+    ref_positional = model(ids, None, None, None, None, labels).loss
+    ct.patch(model, impl="torch")
+    for c, (out_a, grads_a) in zip(cases, reference):
+        assert_same(out_a, grads_a, *loss_and_grads(model, **c))
+    torch.testing.assert_close(model(ids, None, None, None, None, labels).loss, ref_positional)
+
+
+def test_patch_class_and_subclass_then_unpatch_exactly():
+    cls = transformers.LlamaForCausalLM
+    before = cls.__dict__["forward"]
+    sub = type("TinyLlama", (cls,), {})
+    ids, labels = batch()
+    ref = make_model("llama")(input_ids=ids, labels=labels).loss
+    ct.patch(cls)
+    try:
+        assert ct.is_patched(make_model("llama"))
+        with pytest.raises(ValueError, match="already patched"):
+            ct.patch(make_model("llama"))
+        out = make_model("llama")(input_ids=ids, labels=labels)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    finally:
+        ct.unpatch(cls)
+    assert cls.__dict__["forward"] is before
+    ct.patch(sub)
+    assert "forward" in sub.__dict__
+    ct.unpatch(sub)
+    assert "forward" not in sub.__dict__ and sub.forward is before
+    with pytest.raises(ValueError, match="not patched"):
+        ct.unpatch(sub)
+
+
+def test_deepcopy_of_patched_instance_uses_its_own_weights():
+    model = ct.patch(make_model("llama"))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(2.0)
+    ids, labels = batch()
+    assert twin(input_ids=ids, labels=labels).loss != model(input_ids=ids, labels=labels).loss
+    assert twin.forward.__self__ is twin
+
+
+def test_refuses_what_it_cannot_reproduce():
+    ids, labels = batch()
+    # Llama's forward ignores final_logit_softcapping: the probe sees no softcap and refuses.
+    model = ct.patch(make_model("llama", final_logit_softcapping=3.0))
+    with pytest.raises(ct.UnsupportedModelError, match="LlamaForCausalLM.*transforms the logits"):
+        model(input_ids=ids, labels=labels)
+    model = ct.patch(make_model("llama"))
+    model.loss_function = lambda *a, **k: 0.0
+    with pytest.raises(ct.UnsupportedModelError, match="loss_function"):
+        model(input_ids=ids, labels=labels)
+    model = ct.patch(make_model("llama"))
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    with pytest.raises(ct.UnsupportedModelError, match="not a plain torch.nn.Linear"):
+        model(input_ids=ids, labels=labels)
+    with pytest.raises(ct.UnsupportedModelError, match="takes no labels"):
+        ct.patch(transformers.LlamaModel)
+    if hasattr(transformers, "BartForCausalLM"):  # computes its own CrossEntropyLoss inline
+        with pytest.raises(ct.UnsupportedModelError, match="self.loss_function"):
+            ct.patch(transformers.BartForCausalLM)
+    with pytest.raises(TypeError, match="softcap"):
+        ct.patch(make_model("llama"), softcap=3.0)
+    with pytest.raises(TypeError):
+        ct.patch(make_model("llama"), no_such_option=1)
+
+
+def test_import_cutce_does_not_import_transformers():
+    code = "import sys, cutce, cutce.api; assert 'transformers' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _Sequences(torch.utils.data.Dataset):
+    """Counting sequences with a random start: learnable within a few steps."""
+
+    def __init__(self, n=64):
+        starts = torch.randint(3, VOCAB, (n, 1), generator=torch.Generator().manual_seed(0))
+        self.ids = (starts + torch.arange(T)) % (VOCAB - 3) + 3
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_trainer_steps_lower_the_loss(tmp_path, monkeypatch):
+    pytest.importorskip("accelerate")
+    seen = []
+    real = ct.linear_cross_entropy
+    monkeypatch.setattr(ct, "linear_cross_entropy", lambda *a, **k: seen.append(1) or real(*a, **k))
+    model = ct.patch(make_model("llama"))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8,
+        gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=1, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Sequences())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(seen) == 20 and len(losses) == 10
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
+
+
+def test_demo_pieces_run(tmp_path):
+    """The demo's tokenizer, training loop and plot on a tiny setting (the full run is `cutce demo`)."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("matplotlib")
+    from cutce import demo
+
+    ids, learned = demo.tokenize(demo.read_corpus(0.2), 600)
+    assert learned == 600 and ids.max() < 600
+    spec = dict(device="cpu", vocab=600, hidden=32, layers=1, heads=2, seq_len=32, batch=2, steps=4,
+                lr=1e-2, seed=0, data_seed=0, impl="torch")
+    runs = [dict(demo.train(dict(spec, patched=p), ids), label=name, seed=0)
+            for p, name in ((False, "original"), (True, "cutce"))]
+    assert demo.mean_abs_diff(runs[0]["losses"], runs[1]["losses"], 2) < 1e-4
+    summary = dict(runs=runs, last_k=2, device="cpu", config=spec)
+    demo.plot(summary, tmp_path / "demo.png")
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
