@@ -43,6 +43,15 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast, and does not spin against other jobs on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_model(family, seed=0, **extra):
     model_name, config_name, overrides = FAMILIES[family]
     if not hasattr(transformers, model_name):

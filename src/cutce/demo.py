@@ -289,7 +289,8 @@ def plot(summary, path):
                      f"{r['ms_per_step']:.0f} ms/step", (bar.get_x() + 0.4, bar.get_height()),
                      ha="center", va="bottom", fontsize=8)
     ax3.set_xticks(range(len(runs)), [n.replace(" (", "\n(") for n in names], fontsize=8)
-    ax3.set(ylabel=f"MB (peak {runs[0]['memory_kind']})", title="peak memory per run\n(hatched: held before the first step)")
+    ax3.set(ylabel=f"MB (peak {runs[0]['memory_kind']})",
+            title="peak memory per run\n(hatched: held before the first step)")
     ax3.set_ylim(0, max(peaks) * 1.25 if all(map(math.isfinite, peaks)) else 1)
     fig.suptitle(f"cutce demo on {summary['device']}: Llama {cfg['layers']}x{cfg['hidden']}, "
                  f"V={cfg['vocab']} (BPE on the Python stdlib), {cfg['batch']}x{cfg['seq_len']} tokens "
