@@ -18,24 +18,14 @@ import torch
 import torch.nn.functional as F
 
 import cutce
+from cutce.bench import data as bench_data
 
 SHAPES = {"gemma2-2b": (8192, 2304, 256000), "llama3-8b": (8192, 4096, 128256)}
 
 
 def make_data(kind, n, d, v, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    if kind == "flat":
-        h = torch.randn(n, d, device="cuda", generator=g) / d**0.25
-        w = torch.randn(v, d, device="cuda", generator=g) / d**0.25
-        t = torch.randint(0, v, (n,), device="cuda", generator=g)
-    else:
-        rank = torch.randperm(v, device="cuda", generator=g).float() + 1
-        w = torch.randn(v, d, device="cuda", generator=g) / d**0.5
-        w[:, 0] = -rank.log()
-        t = torch.multinomial(torch.softmax(-rank.log(), 0), n, replacement=True, generator=g)
-        h = 12 * w[t] + 1.5 * torch.randn(n, d, device="cuda", generator=g) / d**0.5
-        h[:, 0] = 1
-    return h.to(dtype), w.to(dtype), t
+    """The bench's data kinds (cutce.bench.data), on the GPU."""
+    return bench_data.make_inputs(bench_data.Shape("check", n, d, v), kind, dtype, "cuda", seed)
 
 
 def timeit(fn, reps=10, warm=3):

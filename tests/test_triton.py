@@ -22,6 +22,7 @@ triton = pytest.importorskip("triton")
 import cutce  # noqa: E402
 from cutce import ops, torch_impl  # noqa: E402
 from cutce.options import Options  # noqa: E402
+from cutce.bench import data as bench_data  # noqa: E402
 from cutce.triton import configs  # noqa: E402
 from cutce.triton import forward as tfwd  # noqa: E402
 
@@ -183,14 +184,7 @@ def test_empty_and_ignored(gen):
 # ---- GPU only: real sizes, determinism, 64-bit offsets, torch.compile ----------------------
 
 def _zipf(n, d, v, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    rank = torch.randperm(v, device="cuda", generator=g).float() + 1
-    w = torch.randn(v, d, device="cuda", generator=g) / d**0.5
-    w[:, 0] = -rank.log()
-    t = torch.multinomial(torch.softmax(-rank.log(), 0), n, replacement=True, generator=g)
-    h = 12 * w[t] + 1.5 * torch.randn(n, d, device="cuda", generator=g) / d**0.5
-    h[:, 0] = 1
-    return h.to(dtype), w.to(dtype), t
+    return bench_data.make_inputs(bench_data.Shape("test", n, d, v), "zipf", dtype, "cuda", seed)
 
 
 @gpu
