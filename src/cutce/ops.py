@@ -66,7 +66,7 @@ def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
                           need_h: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _bw.backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
                         scale, softcap, inv_temp, need_zsum, need_entropy,
-                        filter_eps if ub.numel() else None, need_h, need_w, need_b)
+                        filter_eps, need_h, need_w, need_b)
 
 
 @lse_parts_backward_op.register_fake
@@ -92,7 +92,7 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub):
     grads = [z if g is None else g.contiguous() for g in (g_lse, g_zt, g_zsum, g_pz)]
     dh, dw, db = lse_parts_backward_op(
         hidden, weight, bias, targets, lse, pz, ub, *grads, scale, softcap, inv_temp,
-        need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b and bias is not None)
+        need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b)
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
             None, None, None, None, None, None, None)
 

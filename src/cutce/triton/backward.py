@@ -131,7 +131,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     db32 = torch.zeros(v, device=dev, dtype=torch.float32) if need_b else empty
     cls = None
     n_cls = v
-    if filter_eps is not None and filter_eps > 0 and not need_zsum:
+    if ub.numel():  # the forward computed class bounds: filtering was asked for
         cls = _kept_classes(ub, targets, filter_eps)
         n_cls = cls.numel()
     if n == 0 or n_cls == 0 or not (need_h or need_w or need_b):
