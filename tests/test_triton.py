@@ -117,6 +117,20 @@ def test_vocab_splits_agree(gen):
             torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
+def test_target_logit_kernel_matches_tiles(gen, monkeypatch):
+    """zt from the separate gather kernel equals the tiles' target logit (summation order
+    aside); 0 for ignored and out-of-range targets."""
+    h, w, t, b, _ = make_inputs(gen, 53, 40, 211, torch.bfloat16, bias=True)
+    t[:5] = torch.tensor([-100, 211, 500, 0, 210])
+    h, w, t, b = _to(DEV, h, w, t, b)
+    out = []
+    for flag in (True, False):
+        monkeypatch.setattr(configs, "ZT_IN_KERNEL", flag)
+        out.append(tfwd.forward(h, w, b, t, 0.9, 3.0, 1.1, False, False)[1])
+    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
+    assert (out[1][:3] == 0).all()
+
+
 def test_entropy_part_matches_torch(gen):
     """pz = sum_j p_j z_j and its gradient (used by linear_log_probs) agree with the torch path."""
     h, w, t, b, _ = make_inputs(gen, 33, 24, 90, torch.float32, bias=True)
@@ -131,6 +145,56 @@ def test_entropy_part_matches_torch(gen):
         res.append([lse, zt, pz, *torch.autograd.grad(total, (hh, ww, bb))])
     for a, c in zip(*res):
         assert rel_err(a, c) < 1e-5
+
+
+def _loss_and_grads(h, w, t, b, **opts):
+    hh, ww, bb = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+    loss = cutce.linear_cross_entropy(hh, ww, t, bb, impl="triton", **opts)
+    return [loss, *torch.autograd.grad(loss, (hh, ww, bb))]
+
+
+def test_tma_and_pointer_loads_agree(gen, monkeypatch):
+    """Descriptor (bulk-copy) loads and pointer loads feed the same tiles: same results."""
+    h, w, t, b, _ = make_inputs(gen, 45, 64, 300, torch.bfloat16, bias=True)
+    h, w, t, b = _to(DEV, h, w, t, b)
+    assert configs.use_tma(h, w) or DEV == "cuda" and torch.cuda.get_device_capability()[0] < 9
+    out = []
+    for tma in (True, False):
+        monkeypatch.setattr(configs, "TMA", tma)
+        out.append(_loss_and_grads(h, w, t, b, softcap=5.0, label_smoothing=0.1))
+    for a, c in zip(*out):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7)
+    monkeypatch.setattr(configs, "TMA", True)
+    _compare(h, w, t, b, None, dict(softcap=5.0), with_lse=True)
+
+
+def test_dz_in_unwritten_weight_grad_rows(gen, monkeypatch):
+    """Wide chunks keep their dz in the rows of dC not written yet; the last chunks use the
+    separate workspace. Both kinds of chunk, and the hand-over, give the oracle's gradients."""
+    from cutce.triton import workspace
+    carved = []
+    real = workspace._carve
+    monkeypatch.setattr(workspace, "_carve", lambda *a: carved.append(a[2:4]) or real(*a))
+    bv = configs.backward_tile(torch.bfloat16).block_v
+    monkeypatch.setattr(configs, "MAX_CHUNK_V", 3 * bv)
+    monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: (n, bv))
+    v = 9 * bv + 17
+    h, w, t, b, _ = make_inputs(gen, 41, 64, v, torch.bfloat16, bias=True)
+    h, w, t, b = _to(DEV, h, w, t, b)
+    _compare(h, w, t, b, None, dict(z_loss=1e-3), with_lse=True)
+    assert carved and len(carved) < triton.cdiv(v, bv), carved
+
+
+@pytest.mark.parametrize("chunk_n", [16, 29])
+def test_token_chunks_split_accumulator(gen, monkeypatch, chunk_n):
+    """Token chunks: half of dE's float32 accumulator lives in dE's own rows, dC is accumulated
+    over the chunks; ragged last chunk."""
+    from cutce.triton import workspace
+    bv = configs.backward_tile(torch.bfloat16).block_v
+    monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: (min(chunk_n, n), 2 * bv))
+    h, w, t, b, _ = make_inputs(gen, 70, 48, 5 * bv + 3, torch.bfloat16, bias=True)
+    h, w, t, b = _to(DEV, h, w, t, b)
+    _compare(h, w, t, b, None, dict(label_smoothing=0.1), with_lse=True)
 
 
 def test_filter_tiny_eps_is_exact(gen):

@@ -17,26 +17,12 @@ from .options import Options
 from .triton import backward as _bw
 from .triton import forward as _fw
 
-_CHUNK_ROWS = 8192
-
-
-def _target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp):
+def _target_floor(hidden, weight, bias, targets, scale, softcap, inv_temp):
     """float32 z at each row's target (+inf where the target is not a class): a lower bound of
     the row's lse that lets the forward bound every class's log-probability tightly."""
     v = weight.shape[0]
-    valid = (targets >= 0) & (targets < v)
-    idx = targets.clamp(0, v - 1)
-    out = torch.empty(targets.shape, device=hidden.device, dtype=torch.float32)
-    for s in range(0, targets.numel(), _CHUNK_ROWS):
-        sl = slice(s, s + _CHUNK_ROWS)
-        y = (hidden[sl].float() * weight[idx[sl]].float()).sum(-1)
-        if bias is not None:
-            y += bias[idx[sl]].float()
-        y *= scale
-        if softcap > 0:
-            y = softcap * torch.tanh(y / softcap)
-        out[sl] = y * inv_temp
-    return torch.where(valid, out, float("inf"))
+    zt = _fw.target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp)
+    return torch.where((targets >= 0) & (targets < v), zt, float("inf"))
 
 
 @torch.library.custom_op("cutce::lse_parts", mutates_args=())
@@ -45,7 +31,7 @@ def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
                  need_entropy: bool, filter_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty)."""
     bound = filter_eps > 0
-    floor = _target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp) if bound else None
+    floor = _target_floor(hidden, weight, bias, targets, scale, softcap, inv_temp) if bound else None
     return _fw.forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum,
                        need_entropy, bound_floor=floor)
 

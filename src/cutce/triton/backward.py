@@ -22,53 +22,66 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import logit_tile
+from . import workspace
+from .common import logit_tile, logit_tile_desc, tma_descriptor
 
 
 @triton.jit
-def _dz_kernel(h_ptr, w_ptr, b_ptr, cls_ptr, t_ptr, lse_ptr, pz_ptr, glse_ptr, gzt_ptr, gzs_ptr,
-               gpz_ptr, dz_ptr, n0, n1, c0, c1, D, stride_h, stride_w, stride_dz,
-               scale, softcap, inv_temp,
+def _dz_kernel(h_ptr, w_ptr, h_desc, w_desc, dz_desc, b_ptr, cls_ptr, t_ptr, lse_ptr, pz_ptr,
+               glse_ptr, gzt_ptr, gzs_ptr, gpz_ptr, dz_ptr, n0, n1, c0, c1, D, stride_h,
+               stride_w, stride_dz, scale, softcap, inv_temp,
                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
                NEED_ENT: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
-    # Row blocks vary fastest: programs running together share the chunk's weight tiles in L2.
+               PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+               TMA_STORE: tl.constexpr, FLATTEN: tl.constexpr):
+    # Persistent: each program walks tiles pid, pid + programs, ...; row blocks vary fastest, so
+    # the programs running together share the chunk's weight tiles in L2.
     n_row_blocks = tl.cdiv(n1 - n0, BLOCK_N)
-    pid = tl.program_id(0)
-    rb = pid % n_row_blocks
-    cb = pid // n_row_blocks
-    rows = n0 + rb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < n1
-    jj = cb * BLOCK_V + tl.arange(0, BLOCK_V)
-    cmask = jj < c1 - c0
-    if GATHER:
-        cls = tl.load(cls_ptr + c0 + jj, mask=cmask, other=0)
-    else:
-        cls = c0 + jj
-    z, t = logit_tile(h_ptr, w_ptr, b_ptr, rows, cls, rmask, cmask, D, stride_h, stride_w,
-                      scale, softcap, inv_temp, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K,
-                      UPCAST, PRECISION, EVEN_K)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    g = tl.load(glse_ptr + rows, mask=rmask, other=0.0)
-    p = tl.exp(z - lse[:, None])
-    if NEED_ENT:
-        pz = tl.load(pz_ptr + rows, mask=rmask, other=0.0)
-        gp = tl.load(gpz_ptr + rows, mask=rmask, other=0.0)
-        # d(sum_j p_j z_j)/dz_k = p_k (1 + z_k - sum_j p_j z_j)
-        dz = p * (g[:, None] + gp[:, None] * (1.0 + z - pz[:, None]))
-    else:
-        dz = p * g[:, None]
-    tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
-    gt = tl.load(gzt_ptr + rows, mask=rmask, other=0.0)
-    dz += tl.where(cls[None, :] == tgt[:, None], gt[:, None], 0.0)
-    if NEED_ZSUM:
-        dz += tl.load(gzs_ptr + rows, mask=rmask, other=0.0)[:, None]
-    if SOFTCAP:
-        dz = dz * (1.0 - t * t)
-    dz = dz * (scale * inv_temp)
-    out = dz_ptr + (rows - n0).to(tl.int64)[:, None] * stride_dz + jj[None, :]
-    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    n_tiles = n_row_blocks * tl.cdiv(c1 - c0, BLOCK_V)
+    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=FLATTEN):
+        rb = tile % n_row_blocks
+        cb = tile // n_row_blocks
+        rows = n0 + rb * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < n1
+        jj = cb * BLOCK_V + tl.arange(0, BLOCK_V)
+        cmask = jj < c1 - c0
+        if GATHER:
+            cls = tl.load(cls_ptr + c0 + jj, mask=cmask, other=0)
+        else:
+            cls = c0 + jj
+        if USE_TMA:  # never with GATHER: the classes are contiguous
+            z, t = logit_tile_desc(h_desc, w_desc, b_ptr, n0 + rb * BLOCK_N, c0 + cb * BLOCK_V,
+                                   cls, cmask, D, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP,
+                                   BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION)
+        else:
+            z, t = logit_tile(h_ptr, w_ptr, b_ptr, rows, cls, rmask, cmask, D, stride_h,
+                              stride_w, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP, BLOCK_N,
+                              BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K)
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        g = tl.load(glse_ptr + rows, mask=rmask, other=0.0)
+        p = tl.exp(z - lse[:, None])
+        if NEED_ENT:
+            pz = tl.load(pz_ptr + rows, mask=rmask, other=0.0)
+            gp = tl.load(gpz_ptr + rows, mask=rmask, other=0.0)
+            # d(sum_j p_j z_j)/dz_k = p_k (1 + z_k - sum_j p_j z_j)
+            dz = p * (g[:, None] + gp[:, None] * (1.0 + z - pz[:, None]))
+        else:
+            dz = p * g[:, None]
+        tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+        gt = tl.load(gzt_ptr + rows, mask=rmask, other=0.0)
+        dz += tl.where(cls[None, :] == tgt[:, None], gt[:, None], 0.0)
+        if NEED_ZSUM:
+            dz += tl.load(gzs_ptr + rows, mask=rmask, other=0.0)[:, None]
+        if SOFTCAP:
+            dz = dz * (1.0 - t * t)
+        dz = dz * (scale * inv_temp)
+        if TMA_STORE:  # the bulk store clips rows and columns outside the workspace view
+            dz_desc.store([rb * BLOCK_N, cb * BLOCK_V], dz.to(dz_desc.dtype))
+        else:
+            out = dz_ptr + (rows - n0).to(tl.int64)[:, None] * stride_dz + jj[None, :]
+            tl.store(out, dz.to(dz_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & cmask[None, :])
 
 
 def _accumulate_f32(acc, a, b):
@@ -79,25 +92,6 @@ def _accumulate_f32(acc, a, b):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:  # the interpreter path: CPU has no mixed-dtype addmm
         acc.addmm_(a.float(), b.float())
-
-
-def _chunk_sizes(n, v, d, dtype, need_h, block_v):
-    """(chunk_n, chunk_v) so that the workspace and the float32 dE accumulator fit the budget."""
-    elt = torch.finfo(dtype).bits // 8
-    grads = (n + v) * d * elt
-    budget = max(configs.BACKWARD_MEMORY_FRACTION * grads, 16 * 2**20)
-    acc_per_row = d * 4 if (need_h and dtype != torch.float32) else 0
-    if configs.interpreting():
-        return n, 2 * block_v  # several chunks even at test sizes
-    chunk_v = configs.MIN_CHUNK_V
-    chunk_n = n
-    if n * (acc_per_row + chunk_v * elt) > budget:
-        chunk_n = max(configs.forward_tile(dtype).block_n,
-                      int(budget // (acc_per_row + chunk_v * elt)))
-    else:
-        chunk_v = int((budget - n * acc_per_row) // (n * elt))
-    chunk_v = max(configs.MIN_CHUNK_V, chunk_v // block_v * block_v)
-    return min(chunk_n, n), min(chunk_v, triton.cdiv(v, block_v) * block_v)
 
 
 def _kept_classes(ub, targets, eps):
@@ -126,33 +120,53 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     dev = hidden.device
     cfg = configs.backward_tile(dt)
     empty = hidden.new_empty(0)
-    dh = torch.zeros_like(hidden) if need_h else empty
-    dw = torch.zeros_like(weight) if need_w else empty
-    db32 = torch.zeros(v, device=dev, dtype=torch.float32) if need_b else empty
     cls = None
     n_cls = v
     if ub.numel():  # the forward computed class bounds: filtering was asked for
         cls = _kept_classes(ub, targets, filter_eps)
         n_cls = cls.numel()
+    # Exact: every row of dC is written by its chunk's GEMM (no zero fill needed); filtered: the
+    # skipped classes' rows stay zero.
+    f32 = dt == torch.float32
+    dh = (torch.zeros_like(hidden) if f32 else torch.empty_like(hidden)) if need_h else empty
+    dw = (torch.empty_like(weight) if cls is None and n > 0 else torch.zeros_like(weight)) \
+        if need_w else empty
+    db32 = torch.zeros(v, device=dev, dtype=torch.float32) if need_b else empty
+    if configs.POISON:  # what the backward leaves unwritten shows up as NaN
+        if need_h and not f32:
+            dh.fill_(float("nan"))
+        if need_w and cls is None and n > 0:
+            dw.fill_(float("nan"))
     if n == 0 or n_cls == 0 or not (need_h or need_w or need_b):
+        if need_h and not f32:
+            dh.zero_()
         return dh, dw, (db32.to(bias.dtype) if need_b else empty)
-    chunk_n, chunk_v = _chunk_sizes(n, n_cls, d, dt, need_h, cfg.block_v)
-    dh32 = torch.zeros((chunk_n, d), device=dev, dtype=torch.float32) if need_h and dt != torch.float32 else None
+    split = workspace.splits_hidden_acc(dh, need_h)
+    tail = need_w and cls is None and dw.is_contiguous()  # dC rows written once, in order
+    chunk_n, chunk_v = workspace.chunk_sizes(n, n_cls, d, dt, need_h, need_w, split, tail, cfg.block_v)
+    acc = workspace.HiddenGradAccumulator(dh, chunk_n, split) if need_h and not f32 else None
     # The interpreter truncates float32 -> bfloat16 instead of rounding to nearest as the GPU
     # does: let it write float32 and round with torch, so CPU tests see the GPU's rounding.
-    ws = torch.empty((chunk_n, chunk_v), device=dev,
-                     dtype=torch.float32 if configs.interpreting() else dt)
-    if configs.POISON:
-        ws.fill_(float("nan"))
+    ws_dtype = torch.float32 if configs.interpreting() else dt
+    space = workspace.DzWorkspace(chunk_n, chunk_v, ws_dtype, dev, dw if tail and chunk_n == n else None,
+                        cfg.block_v)
+    tma = cls is None and configs.use_tma(hidden, weight)
+    flat = configs.flatten()
     for n0 in range(0, n, chunk_n):
         n1 = min(n0 + chunk_n, n)
-        acc = dh[n0:n1] if dh32 is None else dh32[: n1 - n0].zero_()
-        for c0 in range(0, n_cls, chunk_v):
-            c1 = min(c0 + chunk_v, n_cls)
-            dz = ws[: n1 - n0, : c1 - c0]
-            grid = (triton.cdiv(n1 - n0, cfg.block_n) * triton.cdiv(c1 - c0, cfg.block_v),)
-            _dz_kernel[grid](
-                hidden, weight, bias if bias is not None else hidden,
+        parts = acc.parts(n0, n1) if acc is not None else [(dh[n0:n1], 0, d)]
+        c0 = 0
+        while c0 < n_cls:
+            dz, width = space.next(c0, n_cls, n1 - n0)
+            c1 = c0 + width
+            tiles = triton.cdiv(n1 - n0, cfg.block_n) * triton.cdiv(width, cfg.block_v)
+            dz_tma = tma and configs.TMA_STORE and configs.use_tma(dz)
+            _dz_kernel[(configs.persistent_programs(tiles, dev),)](
+                hidden, weight,
+                tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden,
+                tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight,
+                tma_descriptor(dz, cfg.block_n, cfg.block_v) if dz_tma else dz,
+                bias if bias is not None else hidden,
                 cls if cls is not None else targets, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
                 dz, n0, n1, c0, c1, d, hidden.stride(0), weight.stride(0), dz.stride(0),
                 scale, softcap, inv_temp,
@@ -160,12 +174,14 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
                 NEED_ENT=need_entropy, GATHER=cls is not None, BLOCK_N=cfg.block_n,
                 BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
                 PRECISION=configs.dot_precision(dt), EVEN_K=d % cfg.block_k == 0,
+                USE_TMA=tma, TMA_STORE=dz_tma, FLATTEN=flat,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             dz = dz.to(dt)
             w_chunk = weight[c0:c1] if cls is None else weight.index_select(0, cls[c0:c1])
             h_chunk = hidden[n0:n1]
             if need_h:
-                _accumulate_f32(acc, dz, w_chunk)
+                for out, k0, k1 in parts:
+                    _accumulate_f32(out, dz, w_chunk[:, k0:k1])
             if need_w:
                 _accumulate_dw(dw, cls, c0, c1, dz, h_chunk, first=(n0 == 0))
             if need_b:
@@ -174,8 +190,9 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
                     db32[c0:c1] += part
                 else:
                     db32.index_add_(0, cls[c0:c1], part)  # unique indices: order-free
-        if dh32 is not None:
-            dh[n0:n1] = acc
+            c0 = c1
+        if acc is not None:
+            acc.finish(n0, n1)
     return dh, dw, (db32.to(bias.dtype) if need_b else empty)
 
 

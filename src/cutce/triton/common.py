@@ -2,6 +2,7 @@
 
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @triton.jit
@@ -45,3 +46,34 @@ def logit_tile(h_ptr, w_ptr, b_ptr, rows, w_rows, rmask, cmask, D, stride_h, str
         t = _tanh(acc / softcap)
         acc = t * softcap
     return acc * inv_temp, t
+
+
+@triton.jit
+def logit_tile_desc(h_desc, w_desc, b_ptr, row0, col0, cols, cmask, D, scale, softcap, inv_temp,
+                    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """:func:`logit_tile` for contiguous rows row0.. and classes col0.., loaded by the tensor
+    memory accelerator (Hopper's bulk copies: no address arithmetic or masks in the loop, and
+    out-of-range rows and the ragged end of D arrive as zeros). Same arithmetic, same result."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        a = h_desc.load([row0, k])
+        b = w_desc.load([col0, k])
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
+    t = acc
+    if SOFTCAP:
+        t = _tanh(acc / softcap)
+        acc = t * softcap
+    return acc * inv_temp, t
+
+
+def tma_descriptor(t, block_rows, block_cols):
+    """Host-side tensor descriptor of a 2-D tensor for (block_rows, block_cols) tiles."""
+    return TensorDescriptor.from_tensor(t, [block_rows, block_cols])

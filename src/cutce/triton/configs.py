@@ -86,7 +86,65 @@ def dot_precision(dtype: torch.dtype) -> str:
 # Tests set this to fill every launcher allocation with NaN, so unwritten memory shows up.
 POISON = False
 
+# Tensor-memory-accelerator loads: None = wherever they can run (see use_tma); tests and tuning
+# force True/False (env CUTCE_TMA=0/1 for tuning runs).
+TMA = None
+# Let the compiler flatten the tile loop with its K loop into one software pipeline, so the next
+# tile's loads are in flight during a tile's softmax epilogue (env CUTCE_FLATTEN=0/1 for tuning).
+FLATTEN = True
+# The dz kernel writes its tiles with bulk stores too (when the loads are bulk).
+TMA_STORE = os.environ.get("CUTCE_TMA_STORE", "0") == "1"
+# Compute each row's target logit inside the forward's epilogue (True) or by a separate small
+# gather kernel (False: one compare-select-reduce less per tile element).
+ZT_IN_KERNEL = False
+
+
+def zt_in_kernel() -> bool:
+    env = os.environ.get("CUTCE_ZT_IN_KERNEL")
+    return env == "1" if env else ZT_IN_KERNEL
+
+
+def use_tma(*tensors) -> bool:
+    """Whether the kernels may load these 2-D tensors through tensor descriptors: Hopper or newer
+    (or the interpreter), unit inner stride, 16-byte aligned base and row stride."""
+    forced = TMA
+    if forced is None and os.environ.get("CUTCE_TMA"):
+        forced = os.environ["CUTCE_TMA"] == "1"
+    if forced is False:
+        return False
+    for t in tensors:
+        if t.dim() != 2 or t.stride(-1) != 1 or t.data_ptr() % 16 \
+                or (t.stride(0) * t.element_size()) % 16:
+            return False
+    if forced or interpreting():
+        return True
+    t = tensors[0]
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def flatten() -> bool:
+    env = os.environ.get("CUTCE_FLATTEN")
+    return env == "1" if env else FLATTEN
+
+
+def persistent_programs(n_tiles: int, device: torch.device) -> int:
+    """Programs of the dz kernel's persistent launch: PROGRAMS_PER_SM per SM (0: one program
+    per tile, no persistence); on the CPU a few, so that the tests walk the tile loop."""
+    if device.type != "cuda":
+        return max(1, min(n_tiles, 3))
+    per_sm = int(os.environ.get("CUTCE_DZ_PROGRAMS_PER_SM", PROGRAMS_PER_SM))
+    if per_sm <= 0:
+        return n_tiles
+    sms = num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(n_tiles, per_sm * sms))
+
+
+PROGRAMS_PER_SM = 1
+
 # Extra memory the backward may use beyond the gradients themselves, as a fraction of them.
 BACKWARD_MEMORY_FRACTION = 0.09
 # Never use vocabulary chunks narrower than this (GEMM efficiency), whatever the budget says.
 MIN_CHUNK_V = 1024
+# Widest vocabulary chunk when the chunk's dz can live in the not-yet-written rows of dC (wider
+# chunks mean fewer passes over the float32 dE accumulator).
+MAX_CHUNK_V = int(os.environ.get("CUTCE_MAX_CHUNK_V", "8192"))

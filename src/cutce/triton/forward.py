@@ -14,17 +14,18 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import logit_tile
+from .common import _tanh, logit_tile, logit_tile_desc, tma_descriptor
 
 
 @triton.jit
-def _forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, floor_ptr, part_ptr, ub_ptr,
+def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_ptr, ub_ptr,
                     N, V, D, stride_h, stride_w, scale, softcap, inv_temp,
                     tiles_per_split, n_row_blocks,
                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
                     NEED_ENT: tl.constexpr, BOUND: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                    PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
+                    PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+                    FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, NEED_ZT: tl.constexpr):
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
     split = pid // n_row_blocks
@@ -43,23 +44,33 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, floor_ptr, part_ptr, ub_ptr,
     n_tiles = tl.cdiv(V, BLOCK_V)
     t_lo = split * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
-    for tile in range(t_lo, t_hi):
+    for tile in tl.range(t_lo, t_hi, flatten=FLATTEN):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        z, _ = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_h, stride_w,
-                          scale, softcap, inv_temp, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K,
-                          UPCAST, PRECISION, EVEN_K)
-        zm = tl.where(cmask[None, :], z, float("-inf"))
+        if USE_TMA:
+            z, _ = logit_tile_desc(h_desc, w_desc, b_ptr, rb * BLOCK_N, tile * BLOCK_V, cols,
+                                   cmask, D, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP,
+                                   BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION)
+        else:
+            z, _ = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_h,
+                              stride_w, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP, BLOCK_N,
+                              BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K)
+        if EVEN_V:  # no class past V in any tile: no masking in the epilogue
+            zm = z
+        else:
+            zm = tl.where(cmask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(zm, 1))
         alpha = tl.exp(m - m_new)
         e = tl.exp(zm - m_new[:, None])
         s = s * alpha + tl.sum(e, 1)
-        z0 = tl.where(cmask[None, :], z, 0.0)
-        if NEED_ENT:
-            a = a * alpha + tl.sum(e * z0, 1)
-        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
-        if NEED_ZSUM:
-            zs += tl.sum(z0, 1)
+        if NEED_ENT or NEED_ZSUM:
+            z0 = tl.where(cmask[None, :], z, 0.0)
+            if NEED_ENT:
+                a = a * alpha + tl.sum(e * z0, 1)
+            if NEED_ZSUM:
+                zs += tl.sum(z0, 1)
+        if NEED_ZT:
+            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
         if BOUND:
             # log p_ij = z_ij - lse_i <= z_ij - max(m_i so far, target logit): a per-class upper
             # bound of log-probability over this block's rows, merged by atomic max (order-free).
@@ -106,8 +117,11 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
     bound = bound_floor is not None
     ub = torch.full((v,), float("-inf"), **f32) if bound else torch.empty(0, **f32)
     if n > 0:
+        tma = configs.use_tma(hidden, weight)
+        h_desc = tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden
+        w_desc = tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight
         _forward_kernel[(n_row_blocks * n_splits,)](
-            hidden, weight, bias if bias is not None else hidden, targets,
+            hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets,
             bound_floor if bound else hidden, part, ub,
             n, v, d, hidden.stride(0), weight.stride(0), scale, softcap, inv_temp,
             tiles_per_split, n_row_blocks,
@@ -115,7 +129,8 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
             NEED_ENT=need_entropy, BOUND=bound, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
             BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
             PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_TMA=tma, FLATTEN=configs.flatten(), EVEN_V=v % cfg.block_v == 0,
+            NEED_ZT=configs.zt_in_kernel(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     m, s, zt, zs, a = part.unbind(0)
     if n_splits == 1:
         lse = m[0] + torch.log(s[0])
@@ -126,4 +141,44 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
         tot = (s * w).sum(0)
         lse = mx + torch.log(tot)
         pz = (a * w).sum(0) / tot
-    return lse, zt.sum(0), zs.sum(0), pz, ub
+    zt = zt.sum(0) if configs.zt_in_kernel() else target_logits(
+        hidden, weight, bias, targets, scale, softcap, inv_temp)
+    return lse, zt, zs.sum(0), pz, ub
+
+
+@triton.jit
+def _target_kernel(h_ptr, w_ptr, b_ptr, t_ptr, out_ptr, N, V, D, stride_h, stride_w,
+                   scale, softcap, inv_temp, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tgt = tl.load(t_ptr + rows, mask=rows < N, other=-1)
+    valid = (rows < N) & (tgt >= 0) & (tgt < V)
+    idx = tl.where(valid, tgt, 0).to(tl.int64)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for k in range(0, D, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        m = valid[:, None] & (ks < D)[None, :]
+        a = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + ks[None, :], mask=m, other=0.0)
+        b = tl.load(w_ptr + idx[:, None] * stride_w + ks[None, :], mask=m, other=0.0)
+        acc += tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+    acc = acc * scale
+    if SOFTCAP:
+        acc = _tanh(acc / softcap) * softcap
+    tl.store(out_ptr + rows, tl.where(valid, acc * inv_temp, 0.0), mask=rows < N)
+
+
+def target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp):
+    """z[i, targets[i]] as float32 (N,), 0 where the target is not a class in [0, V): the
+    float32 dot of the two rows, the same logit as the tiles' up to summation order."""
+    n, d = hidden.shape
+    out = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    if n:
+        block_n, block_k = (16, 16) if configs.interpreting() else (32, 128)
+        _target_kernel[(triton.cdiv(n, block_n),)](
+            hidden, weight, bias if bias is not None else hidden, targets, out, n,
+            weight.shape[0], d, hidden.stride(0), weight.stride(0), scale, softcap, inv_temp,
+            HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=1 if configs.interpreting() else 4)
+    return out

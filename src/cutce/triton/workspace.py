@@ -1,0 +1,132 @@
+"""Memory plan of the backward: chunk sizes, where each chunk's dz lives, the float32 dE.
+
+The backward may use BACKWARD_MEMORY_FRACTION of the gradients' size beyond the gradients. Two
+outputs are free memory until their rows are written, and the plan uses both:
+
+- rows of dC not written yet (the weight's size): a vocabulary chunk's dz can live there, behind
+  the chunk's own rows, so chunks can be MAX_CHUNK_V wide at no memory cost (fewer passes over
+  the dE accumulator); the last chunks use a separate, budgeted buffer;
+- rows of dE not written yet: the float32 accumulator of a token chunk has twice the bytes of
+  its 16-bit dE rows, so its first d/2 columns live in those rows and only the other half takes
+  budget; the rows are rounded into place when the token chunk is done.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from . import configs
+
+
+def _elt(dtype):
+    return torch.finfo(dtype).bits // 8
+
+
+def _carve(buf, end_byte, rows, cols, dtype):
+    """A (rows, cols) dtype view of buf's bytes ending at end_byte (start 16-byte aligned)."""
+    nbytes = rows * cols * _elt(dtype)
+    start = (end_byte - nbytes) // 16 * 16
+    flat = buf.view(-1).view(torch.uint8)
+    return flat[start:start + nbytes].view(dtype).view(rows, cols), start
+
+
+def splits_hidden_acc(dh, need_h):
+    """Whether dE's float32 accumulator can keep half its columns in dE's own rows."""
+    return (need_h and dh.dtype != torch.float32 and _elt(dh.dtype) == 2
+            and dh.shape[1] % 2 == 0 and dh.is_contiguous())
+
+
+def chunk_sizes(n, n_cls, d, dtype, need_h, need_w, split_acc, tail, block_v):
+    """(chunk_n, chunk_v): token and vocabulary chunk sizes within the budget.
+
+    Cost model (bytes of extra traffic; launches priced as bytes): the float32 dE accumulator is
+    read and written once per vocabulary chunk (n*d*8 bytes each, whatever chunk_n), dC rows
+    once more per extra token chunk, ~20 us per chunk. With one token chunk and ``tail`` (dz may
+    live in dC's unwritten rows) most chunks are MAX_CHUNK_V wide.
+    """
+    if configs.interpreting():
+        return n, 2 * block_v  # several chunks even at test sizes
+    elt = _elt(dtype)
+    budget = max(configs.BACKWARD_MEMORY_FRACTION * (n + n_cls) * d * elt, 16 * 2**20)
+    acc_row = 0 if not need_h or dtype == torch.float32 else (d // 2 if split_acc else d) * 4
+    v_pad = triton.cdiv(n_cls, block_v) * block_v
+    best = None
+    for parts in range(1, min(n, 256) + 1):
+        cn = triton.cdiv(n, parts)
+        cv = int((budget / cn - acc_row) // elt) // block_v * block_v
+        if cv < configs.MIN_CHUNK_V and parts < min(n, 256) and cn > 128:
+            continue
+        cv = min(max(cv, configs.MIN_CHUNK_V), v_pad)
+        wide = max(cv, configs.MAX_CHUNK_V) if (tail and parts == 1) else cv
+        passes = math.ceil(n_cls / wide)
+        cost = (need_h * n * d * 8 * passes + need_w * (parts - 1) * n_cls * d * elt * 2
+                + parts * passes * 80e6)
+        if best is None or cost < best[0]:
+            best = (cost, cn, cv)
+        if cv >= v_pad:
+            break
+    return best[1], best[2]
+
+
+class DzWorkspace:
+    """Where each vocabulary chunk's dz goes (see the module docstring)."""
+
+    def __init__(self, chunk_n, chunk_v, dtype, device, dw, block_v):
+        self.chunk_n, self.chunk_v, self.dtype, self.device = chunk_n, chunk_v, dtype, device
+        self.dw = dw  # None: no tail to use
+        self.block_v = block_v
+        self.own = None
+
+    def next(self, c0, n_cls, rows):
+        """(dz view (rows, width), width) for the chunk starting at class c0."""
+        left = n_cls - c0
+        if self.dw is not None:
+            row_bytes = self.dw.stride(0) * self.dw.element_size()
+            total = self.dw.numel() * self.dw.element_size()
+            # rows * w * elt + 16 <= (V - c0 - w) * row_bytes: dz stays behind the chunk's rows
+            w = (left * row_bytes - 16) // (rows * _elt(self.dtype) + row_bytes)
+            w = min(w // self.block_v * self.block_v, configs.MAX_CHUNK_V, left)
+            if w >= min(self.chunk_v, left) and w > 0:
+                view, start = _carve(self.dw, total, rows, w, self.dtype)
+                assert start >= (c0 + w) * row_bytes
+                return view, w
+        if self.own is None:
+            self.own = torch.empty((self.chunk_n, self.chunk_v), device=self.device,
+                                   dtype=self.dtype)
+            if configs.POISON:
+                self.own.fill_(float("nan"))
+        w = min(self.chunk_v, left)
+        return self.own[:rows, :w], w
+
+
+class HiddenGradAccumulator:
+    """float32 dE of one token chunk at a time; ``finish`` rounds it into dh's rows."""
+
+    def __init__(self, dh, chunk_n, split):
+        n, d = dh.shape
+        self.dh, self.split = dh, split
+        self.lo = d // 2 if split else 0
+        self.hi = torch.empty((chunk_n, d - self.lo), device=dh.device, dtype=torch.float32)
+
+    def parts(self, n0, n1):
+        """[(accumulator view, first column, last column)] for rows n0:n1, zeroed."""
+        out = []
+        if self.split:
+            lo = self.dh[n0:n1].view(-1).view(torch.float32).view(n1 - n0, self.lo)
+            out.append((lo.zero_(), 0, self.lo))
+        out.append((self.hi[: n1 - n0].zero_(), self.lo, self.dh.shape[1]))
+        return out
+
+    def finish(self, n0, n1, block=1024):
+        """dh[n0:n1] = accumulator, block of rows by block: row i of the float32 half shares
+        its bytes with row i of dh, so each block is read whole before its rows are written."""
+        for r0 in range(n0, n1, block):
+            r1 = min(r0 + block, n1)
+            pieces = [self.hi[r0 - n0:r1 - n0]]
+            if self.split:
+                lo = self.dh[n0:n1].view(-1).view(torch.float32).view(n1 - n0, self.lo)
+                pieces.insert(0, lo[r0 - n0:r1 - n0])
+            self.dh[r0:r1] = torch.cat(pieces, 1).to(self.dh.dtype)
