@@ -10,11 +10,13 @@ For tuning only; results go to docs/perf-notes.md by hand.
 import argparse
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import cutce  # noqa: E402
+from cutce.triton import backward as tbwd  # noqa: E402
 from cutce.triton import configs  # noqa: E402
 from gpu_check import SHAPES, make_data, rel, timeit  # noqa: E402
 
@@ -31,6 +33,7 @@ VARIANTS = {
     "tma-store": dict(TMA_STORE=True),
     "no-flatten": dict(CUTCE_FLATTEN="0"),
     "256x128": dict(CUTCE_FWD_TILE="256,128,64,8,3"),
+    "group-all": dict(CUTCE_GROUP_ROWS="0"),
 }
 
 
@@ -50,6 +53,7 @@ def main():
     ap.add_argument("--data", default="zipf")
     ap.add_argument("--variants", default="v1,new,zt-kernel,chunk4k,chunk16k,dz-per-tile,tma-store")
     ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--filtered", action="store_true", help="also time filter_eps='auto'")
     args = ap.parse_args()
     n, d, v = SHAPES.get(args.shape) or tuple(map(int, args.shape.split(",")))
     h, w, t = make_data(args.data, n, d, v, torch.bfloat16)
@@ -70,6 +74,11 @@ def main():
                     cutce.linear_cross_entropy(hg, wg, t, impl="triton").backward()
                 fb = timeit(step, reps=5, warm=2)
                 torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step()
+                host = (time.perf_counter() - t0) * 1e3  # enqueue time: > GPU time = CPU-bound
+                torch.cuda.synchronize()
+                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 step()
@@ -79,8 +88,23 @@ def main():
                 if first is None:
                     first = got
                 diff = f"dE {rel(got[0], first[0]):.1e} dC {rel(got[1], first[1]):.1e}"
-                line += f" | fwd+bwd {fb:6.2f} ms {fb / mm:5.3f}x peak {peak:6.0f} MiB | vs first {diff}"
+                line += (f" | fwd+bwd {fb:6.2f} ms {fb / mm:5.3f}x (host {host:5.1f} ms) peak "
+                         f"{peak:6.0f} MiB | vs first {diff}")
                 hg.grad = wg.grad = None
+                if args.filtered:
+                    kept = []
+                    real = tbwd._kept_classes
+                    tbwd._kept_classes = lambda *a: kept.append(real(*a)) or kept[-1]
+
+                    def fstep():
+                        hg.grad = wg.grad = None
+                        cutce.linear_cross_entropy(hg, wg, t, impl="triton",
+                                                   filter_eps="auto").backward()
+                    ff = timeit(fstep, reps=5, warm=2)
+                    tbwd._kept_classes = real
+                    line += (f" | filtered {ff:6.2f} ms {ff / mm:5.3f}x kept "
+                             f"{kept[-1].numel() / v:.1%} dE {rel(hg.grad, got[0]):.2e}")
+                    hg.grad = wg.grad = None
             print(line, flush=True)
         except Exception as e:
             print(f"{name:>22}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)

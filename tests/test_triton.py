@@ -209,9 +209,10 @@ def test_filter_tiny_eps_is_exact(gen):
         assert rel_err(a, c) < 1e-6
 
 
-def test_filter_drops_only_negligible_classes(gen):
+def test_filter_drops_only_negligible_classes(gen, monkeypatch):
     """Filtering keeps every class with a non-negligible probability (exact dC rows) and drops
     the others whole (zero dC rows) -- the dropped rows' exact values are tiny."""
+    monkeypatch.setattr(configs, "FILTER_DENSE_FRACTION", 1.0)  # gather even if most are kept
     h, w, t, _, _ = make_inputs(gen, 48, 32, 400, torch.float32, logit_std=6.0)
     # Peaked rows whose target is their top class (as in a trained model): the forward's bound
     # is then tight whatever the vocabulary split, so the test doesn't depend on the device.
@@ -230,6 +231,19 @@ def test_filter_drops_only_negligible_classes(gen):
     p_max = torch.softmax(h.double() @ w.double().T, -1).amax(0)
     assert (p_max[dropped.to(p_max.device)] < eps).all()
     assert not dropped[t].any(), "a row's target class is never dropped"
+
+
+def test_filter_keeping_most_classes_runs_dense_and_exact(gen, monkeypatch):
+    from cutce.triton import backward as tbwd
+    seen = []
+    real = tbwd._kept_classes
+    monkeypatch.setattr(tbwd, "_kept_classes", lambda *a: seen.append(real(*a)) or seen[-1])
+    h, w, t, b, _ = make_inputs(gen, 40, 32, 150, torch.float32, bias=True, logit_std=0.5)
+    h, w, t, b = _to(DEV, h, w, t, b)
+    exact, filt = (_loss_and_grads(h, w, t, b, filter_eps=eps) for eps in (None, 1e-3))
+    assert seen == [None]
+    for a, c in zip(exact, filt):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
 def test_empty_and_ignored(gen):

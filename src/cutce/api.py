@@ -192,8 +192,9 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
         shift: next-token prediction: ``hidden[..., :-1, :]`` predicts ``targets[..., 1:]``.
         return_lse: also return the per-token log-sum-exp (float32, differentiable).
         filter_eps: None (default) gives exact gradients. A float in (0, 1] or "auto" (2^-12 for
-            bf16, 2^-15 for fp16, 2^-24 for fp32) lets the Triton backward skip vocabulary tiles
-            whose |softmax - onehot| entries are all below it. This is an approximation: the
+            bf16, 2^-15 for fp16, 2^-24 for fp32) lets the Triton backward skip the classes whose
+            probability is below it for every row (and that are no row's target; when more than
+            half the classes are kept, it visits all, exactly). This is an approximation: the
             skipped softmax tail adds up, and on realistic data (many small probabilities) the
             gradient error can be orders of magnitude above the bf16 rounding error; ``cutce
             bench`` reports it. Ignored by the torch path, which is always exact.

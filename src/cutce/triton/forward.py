@@ -20,16 +20,23 @@ from .common import _tanh, logit_tile, logit_tile_desc, tma_descriptor
 @triton.jit
 def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_ptr, ub_ptr,
                     N, V, D, stride_h, stride_w, scale, softcap, inv_temp,
-                    tiles_per_split, n_row_blocks,
+                    tiles_per_split, n_row_blocks, group_rows,
                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
                     NEED_ENT: tl.constexpr, BOUND: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
                     FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, NEED_ZT: tl.constexpr):
+    # Programs go in groups of group_rows token blocks x all splits, token blocks fastest: the
+    # programs running together read few hidden blocks (they stay in L2 while every weight
+    # tile streams past them) and few weight tiles (each read once for the whole group).
     pid = tl.program_id(0)
-    rb = pid % n_row_blocks
-    split = pid // n_row_blocks
     n_splits = tl.num_programs(0) // n_row_blocks
+    g = pid // (group_rows * n_splits)
+    first = g * group_rows
+    rows_in_group = tl.minimum(group_rows, n_row_blocks - first)
+    within = pid - first * n_splits
+    rb = first + within % rows_in_group
+    split = within // rows_in_group
     rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
@@ -106,8 +113,10 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
     cfg = configs.forward_tile(hidden.dtype)
     n_row_blocks = triton.cdiv(n, cfg.block_n)
     n_tiles = triton.cdiv(v, cfg.block_v)
+    group_rows = configs.group_rows(cfg.block_n * d * hidden.element_size(), hidden.device)
     if n_splits is None:
-        n_splits = configs.vocab_splits(n_row_blocks, n_tiles, hidden.device)
+        n_splits = configs.vocab_splits(n_row_blocks, n_tiles, hidden.device,
+                                        min(n_row_blocks, group_rows))
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)
     f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -124,12 +133,12 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
             hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets,
             bound_floor if bound else hidden, part, ub,
             n, v, d, hidden.stride(0), weight.stride(0), scale, softcap, inv_temp,
-            tiles_per_split, n_row_blocks,
+            tiles_per_split, n_row_blocks, group_rows,
             HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum,
             NEED_ENT=need_entropy, BOUND=bound, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
             BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
             PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
-            USE_TMA=tma, FLATTEN=configs.flatten(), EVEN_V=v % cfg.block_v == 0,
+            USE_TMA=tma, FLATTEN=tma and configs.flatten(), EVEN_V=v % cfg.block_v == 0,
             NEED_ZT=configs.zt_in_kernel(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     m, s, zt, zs, a = part.unbind(0)
     if n_splits == 1:

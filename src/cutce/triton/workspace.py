@@ -39,8 +39,9 @@ def splits_hidden_acc(dh, need_h):
             and dh.shape[1] % 2 == 0 and dh.is_contiguous())
 
 
-def chunk_sizes(n, n_cls, d, dtype, need_h, need_w, split_acc, tail, block_v):
-    """(chunk_n, chunk_v): token and vocabulary chunk sizes within the budget.
+def chunk_sizes(n, n_cls, v, d, dtype, need_h, need_w, split_acc, tail, block_v):
+    """(chunk_n, chunk_v): token and vocabulary chunk sizes within the budget, for n tokens and
+    the n_cls classes visited of v (the gradients are (n + v) x d whatever is visited).
 
     Cost model (bytes of extra traffic; launches priced as bytes): the float32 dE accumulator is
     read and written once per vocabulary chunk (n*d*8 bytes each, whatever chunk_n), dC rows
@@ -50,7 +51,7 @@ def chunk_sizes(n, n_cls, d, dtype, need_h, need_w, split_acc, tail, block_v):
     if configs.interpreting():
         return n, 2 * block_v  # several chunks even at test sizes
     elt = _elt(dtype)
-    budget = max(configs.BACKWARD_MEMORY_FRACTION * (n + n_cls) * d * elt, 16 * 2**20)
+    budget = max(configs.BACKWARD_MEMORY_FRACTION * (n + v) * d * elt, 16 * 2**20)
     acc_row = 0 if not need_h or dtype == torch.float32 else (d // 2 if split_acc else d) * 4
     v_pad = triton.cdiv(n_cls, block_v) * block_v
     best = None
@@ -122,11 +123,13 @@ class HiddenGradAccumulator:
 
     def finish(self, n0, n1, block=1024):
         """dh[n0:n1] = accumulator, block of rows by block: row i of the float32 half shares
-        its bytes with row i of dh, so each block is read whole before its rows are written."""
+        its bytes with row i of dh, so that half is rounded into a small temporary first."""
         for r0 in range(n0, n1, block):
             r1 = min(r0 + block, n1)
-            pieces = [self.hi[r0 - n0:r1 - n0]]
+            lo = None
             if self.split:
                 lo = self.dh[n0:n1].view(-1).view(torch.float32).view(n1 - n0, self.lo)
-                pieces.insert(0, lo[r0 - n0:r1 - n0])
-            self.dh[r0:r1] = torch.cat(pieces, 1).to(self.dh.dtype)
+                lo = lo[r0 - n0:r1 - n0].to(self.dh.dtype)
+            self.dh[r0:r1, self.lo:] = self.hi[r0 - n0:r1 - n0]
+            if lo is not None:
+                self.dh[r0:r1, :self.lo] = lo
