@@ -144,7 +144,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     split = workspace.splits_hidden_acc(dh, need_h)
     tail = need_w and cls is None and dw.is_contiguous()  # dC rows written once, in order
     chunk_n, chunk_v = workspace.chunk_sizes(n, n_cls, v, d, dt, need_h, need_w, split, tail,
-                                             cfg.block_v)
+                                             cls is not None, cfg.block_v)
     acc = workspace.HiddenGradAccumulator(dh, chunk_n, split) if need_h and not f32 else None
     # The interpreter truncates float32 -> bfloat16 instead of rounding to nearest as the GPU
     # does: let it write float32 and round with torch, so CPU tests see the GPU's rounding.
@@ -210,6 +210,7 @@ def _accumulate_dw(dw, cls, c0, c1, dz, h_chunk, first):
         return
     idx = cls[c0:c1]
     part = torch.mm(dz.T, h_chunk)
-    if not first:
-        part += dw.index_select(0, idx)
-    dw.index_copy_(0, idx, part)
+    if first:
+        dw.index_copy_(0, idx, part)
+    else:  # unique indices: each row is added once, so the order cannot change the result
+        dw.index_add_(0, idx, part)

@@ -39,9 +39,11 @@ def splits_hidden_acc(dh, need_h):
             and dh.shape[1] % 2 == 0 and dh.is_contiguous())
 
 
-def chunk_sizes(n, n_cls, v, d, dtype, need_h, need_w, split_acc, tail, block_v):
+def chunk_sizes(n, n_cls, v, d, dtype, need_h, need_w, split_acc, tail, gather, block_v):
     """(chunk_n, chunk_v): token and vocabulary chunk sizes within the budget, for n tokens and
-    the n_cls classes visited of v (the gradients are (n + v) x d whatever is visited).
+    the n_cls classes visited of v (the gradients are (n + v) x d whatever is visited). With
+    ``gather`` (filtered classes) each chunk also holds its gathered weight rows and its dC rows
+    before they are scattered: 2 * d values per class.
 
     Cost model (bytes of extra traffic; launches priced as bytes): the float32 dE accumulator is
     read and written once per vocabulary chunk (n*d*8 bytes each, whatever chunk_n), dC rows
@@ -57,7 +59,7 @@ def chunk_sizes(n, n_cls, v, d, dtype, need_h, need_w, split_acc, tail, block_v)
     best = None
     for parts in range(1, min(n, 256) + 1):
         cn = triton.cdiv(n, parts)
-        cv = int((budget / cn - acc_row) // elt) // block_v * block_v
+        cv = int((budget - cn * acc_row) // ((cn + 2 * d * gather) * elt)) // block_v * block_v
         if cv < configs.MIN_CHUNK_V and parts < min(n, 256) and cn > 128:
             continue
         cv = min(max(cv, configs.MIN_CHUNK_V), v_pad)
