@@ -336,5 +336,8 @@ def test_gpu_compile_fullgraph():
         a, c = h.detach().requires_grad_(), w.detach().requires_grad_()
         loss = fn(a, c)
         outs.append((loss, *torch.autograd.grad(loss, (a, c))))
-    for x, y in zip(*outs):
-        assert torch.equal(x, y)
+    # The loss's O(N) arithmetic around the kernels is fused by inductor (one float32 rounding
+    # apart, seen 6.7e-8 on the H200); the kernels' outputs, the gradients, must be equal.
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-6, atol=0)
+    for name, x, y in zip(("dE", "dC"), outs[0][1:], outs[1][1:]):
+        assert torch.equal(x, y), f"{name}: compiled differs from eager by {rel_err(y, x):.3g}"
