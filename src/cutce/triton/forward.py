@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import logit_tile, logit_tile_desc, tma_descriptor
+from .common import _tanh, logit_tile, logit_tile_desc, tma_descriptor
 
 
 @triton.jit
@@ -158,38 +158,36 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
 @triton.jit
 def _target_kernel(h_ptr, w_ptr, b_ptr, t_ptr, out_ptr, N, V, D, stride_h, stride_w,
                    scale, softcap, inv_temp, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
-    # The (BLOCK_N x BLOCK_N) logits of these rows against their own targets' weight rows, by
-    # the tiles' own dot and K loop; the diagonal is each row's target logit. Same arithmetic as
-    # the forward's tiles, so lse - zt keeps their rounding errors correlated (a float32 dot
-    # instead left the loss 3x less accurate on the H200: Hopper's tensor cores do not round
-    # their float32 accumulation like a CUDA-core dot does).
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     tgt = tl.load(t_ptr + rows, mask=rows < N, other=-1)
     valid = (rows < N) & (tgt >= 0) & (tgt < V)
-    idx = tl.where(valid, tgt, 0)
-    z, _ = logit_tile(h_ptr, w_ptr, b_ptr, rows, idx, valid, valid, D, stride_h, stride_w, scale,
-                      softcap, inv_temp, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_N, BLOCK_K, UPCAST,
-                      PRECISION, EVEN_K)
-    diag = tl.arange(0, BLOCK_N)[:, None] == tl.arange(0, BLOCK_N)[None, :]
-    zt = tl.sum(tl.where(diag, z, 0.0), 1)
-    tl.store(out_ptr + rows, tl.where(valid, zt, 0.0), mask=rows < N)
+    idx = tl.where(valid, tgt, 0).to(tl.int64)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for k in range(0, D, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        m = valid[:, None] & (ks < D)[None, :]
+        a = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + ks[None, :], mask=m, other=0.0)
+        b = tl.load(w_ptr + idx[:, None] * stride_w + ks[None, :], mask=m, other=0.0)
+        acc += tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+    acc = acc * scale
+    if SOFTCAP:
+        acc = _tanh(acc / softcap) * softcap
+    tl.store(out_ptr + rows, tl.where(valid, acc * inv_temp, 0.0), mask=rows < N)
 
 
 def target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp):
-    """z[i, targets[i]] as float32 (N,), 0 where the target is not a class in [0, V), computed
-    like the forward's tiles (same dot, K blocks and transform)."""
+    """z[i, targets[i]] as float32 (N,), 0 where the target is not a class in [0, V): the
+    float32 dot of the two rows, the same logit as the tiles' up to summation order."""
     n, d = hidden.shape
     out = torch.empty(n, device=hidden.device, dtype=torch.float32)
     if n:
-        cfg = configs.forward_tile(hidden.dtype)
-        block_n = 16 if configs.interpreting() else 64
+        block_n, block_k = (16, 16) if configs.interpreting() else (32, 128)
         _target_kernel[(triton.cdiv(n, block_n),)](
             hidden, weight, bias if bias is not None else hidden, targets, out, n,
             weight.shape[0], d, hidden.stride(0), weight.stride(0), scale, softcap, inv_temp,
-            HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_N=block_n,
-            BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
-            PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
-            num_warps=1 if configs.interpreting() else 4, num_stages=2)
+            HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=1 if configs.interpreting() else 4)
     return out
