@@ -35,8 +35,9 @@ class Options:
         softcap: None or > 0.
         logit_scale: > 0, multiplies the logits before softcap.
         temperature: > 0, divides the logits after softcap (linear_log_probs; 1 for the loss).
-        filter_eps: None for exact gradients, else the threshold under which backward tiles of
-            |softmax - onehot| are skipped (resolved from "auto" by the api).
+        filter_eps: None for exact gradients, else the probability under which a class that is
+            no row's target is skipped by the backward when it is below it for every row
+            (resolved from "auto" by the api).
         deterministic: bitwise-reproducible gradients (no order-dependent float atomics).
         need_entropy: the backend must also produce sum_j p_ij z_ij.
         chunk_bytes: memory budget of one chunk of logits on the torch path (None = default).

@@ -1,16 +1,17 @@
 """Backward: dE, dC, dbias from recomputed logits, exact and deterministic by default.
 
-Per token chunk x vocabulary chunk, a Triton kernel recomputes the logit tiles and writes the
-logit gradient dz into a bounded workspace (chunk_n x chunk_v, the gradient's dtype); then two
+Per token chunk x vocabulary chunk, a persistent Triton kernel recomputes the logit tiles and
+writes the logit gradient dz into a workspace (chunk_n x chunk_v, the gradient's dtype); then
 full-K cuBLAS GEMMs use it: dE[chunk] += dz @ C[chunk] accumulated in float32, and
 dC[chunk] = dz^T @ E written once. Work: three N x D x V matmuls. No atomics, so bitwise
-reproducible. Memory: the workspace plus a float32 dE accumulator, sized together from a budget
-(a fraction of the gradients' own size); when the float32 dE alone exceeds it, tokens are chunked
-too and dC is accumulated over token chunks in its own dtype (one rounding per token chunk).
+reproducible. Memory (workspace.py): the workspace lives in dC's unwritten rows while it fits,
+half of the float32 dE accumulator in dE's own rows; the rest comes from a budget (a fraction of
+the gradients' size). When the accumulator outgrows it, tokens are chunked too and dC is
+accumulated over token chunks in its own dtype (one rounding per token chunk).
 
 Filtering (opt-in): the forward bounds every class's largest log-probability over the valid
 rows; classes whose bound is below log(eps) (and that are no row's target) are skipped entirely,
-the rest are processed exactly, in decreasing order of the bound.
+the rest are processed exactly; when most classes are kept, all are, densely.
 """
 
 from __future__ import annotations
