@@ -21,7 +21,7 @@ from cutce.triton import configs  # noqa: E402
 from gpu_check import SHAPES, make_data, rel, timeit  # noqa: E402
 
 NEW = dict(CUTCE_FWD_TILE="128,256,64,8,3", CUTCE_TMA="1", CUTCE_FLATTEN="1",
-           CUTCE_DZ_PROGRAMS_PER_SM="1", CUTCE_ZT_IN_KERNEL="0", MAX_CHUNK_V=8192, TMA_STORE=False)
+           CUTCE_DZ_PROGRAMS_PER_SM="1", CUTCE_ZT_IN_KERNEL="0", MAX_CHUNK_V=8192)
 # name: knobs changed from NEW (CUTCE_* are environment variables, the rest configs attributes)
 VARIANTS = {
     "v1": dict(CUTCE_TMA="0", CUTCE_FLATTEN="0", CUTCE_DZ_PROGRAMS_PER_SM="0", MAX_CHUNK_V=0),
@@ -30,7 +30,6 @@ VARIANTS = {
     "chunk4k": dict(MAX_CHUNK_V=4096),
     "chunk16k": dict(MAX_CHUNK_V=16384),
     "dz-per-tile": dict(CUTCE_DZ_PROGRAMS_PER_SM="0"),
-    "tma-store": dict(TMA_STORE=True),
     "no-flatten": dict(CUTCE_FLATTEN="0"),
     "256x128": dict(CUTCE_FWD_TILE="256,128,64,8,3"),
     "group-all": dict(CUTCE_GROUP_ROWS="0"),
@@ -51,7 +50,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="gemma2-2b")
     ap.add_argument("--data", default="zipf")
-    ap.add_argument("--variants", default="v1,new,zt-kernel,chunk4k,chunk16k,dz-per-tile,tma-store")
+    ap.add_argument("--variants", default="v1,new,zt-kernel,chunk4k,chunk16k,dz-per-tile")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--filtered", action="store_true", help="also time filter_eps='auto'")
     args = ap.parse_args()

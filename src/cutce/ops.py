@@ -17,23 +17,14 @@ from .options import Options
 from .triton import backward as _bw
 from .triton import forward as _fw
 
-def _target_floor(hidden, weight, bias, targets, scale, softcap, inv_temp):
-    """float32 z at each row's target (+inf where the target is not a class): a lower bound of
-    the row's lse that lets the forward bound every class's log-probability tightly."""
-    v = weight.shape[0]
-    zt = _fw.target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp)
-    return torch.where((targets >= 0) & (targets < v), zt, float("inf"))
-
 
 @torch.library.custom_op("cutce::lse_parts", mutates_args=())
 def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                  scale: float, softcap: float, inv_temp: float, need_zsum: bool,
                  need_entropy: bool, filter_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty)."""
-    bound = filter_eps > 0
-    floor = _target_floor(hidden, weight, bias, targets, scale, softcap, inv_temp) if bound else None
     return _fw.forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum,
-                       need_entropy, bound_floor=floor)
+                       need_entropy, bound=filter_eps > 0)
 
 
 @lse_parts_op.register_fake

@@ -12,6 +12,20 @@ def _tanh(x):
 
 
 @triton.jit
+def _transform(acc, b_ptr, cols, cmask, scale, softcap, inv_temp, HAS_BIAS: tl.constexpr,
+               SOFTCAP: tl.constexpr):
+    """(z, t) from the raw dot products of a tile: + bias, * scale, softcap, / temperature."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
+    t = acc
+    if SOFTCAP:
+        t = _tanh(acc / softcap)
+        acc = t * softcap
+    return acc * inv_temp, t
+
+
+@triton.jit
 def logit_tile(h_ptr, w_ptr, b_ptr, rows, w_rows, rmask, cmask, D, stride_h, stride_w,
                scale, softcap, inv_temp,
                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -38,14 +52,7 @@ def logit_tile(h_ptr, w_ptr, b_ptr, rows, w_rows, rmask, cmask, D, stride_h, str
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + w_rows, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    acc = acc * scale
-    t = acc
-    if SOFTCAP:
-        t = _tanh(acc / softcap)
-        acc = t * softcap
-    return acc * inv_temp, t
+    return _transform(acc, b_ptr, w_rows, cmask, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP)
 
 
 @triton.jit
@@ -64,14 +71,7 @@ def logit_tile_desc(h_desc, w_desc, b_ptr, row0, col0, cols, cmask, D, scale, so
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    acc = acc * scale
-    t = acc
-    if SOFTCAP:
-        t = _tanh(acc / softcap)
-        acc = t * softcap
-    return acc * inv_temp, t
+    return _transform(acc, b_ptr, cols, cmask, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP)
 
 
 def tma_descriptor(t, block_rows, block_cols):

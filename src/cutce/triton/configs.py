@@ -106,8 +106,6 @@ TMA = None
 # Let the compiler flatten the tile loop with its K loop into one software pipeline, so the next
 # tile's loads are in flight during a tile's softmax epilogue (env CUTCE_FLATTEN=0/1 for tuning).
 FLATTEN = True
-# The dz kernel writes its tiles with bulk stores too (when the loads are bulk).
-TMA_STORE = os.environ.get("CUTCE_TMA_STORE", "0") == "1"
 # Compute each row's target logit inside the forward's epilogue (True) or by a separate small
 # gather kernel (False: one compare-select-reduce less per tile element).
 ZT_IN_KERNEL = False

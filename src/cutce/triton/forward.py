@@ -95,14 +95,14 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_
 
 
 def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_entropy,
-            bound_floor=None, n_splits=None):
+            bound=False, n_splits=None):
     """Launch the forward kernel.
 
     Args:
         hidden (N, D), weight (V, D), bias (V,) or None: float16/bfloat16/float32, contiguous rows.
         targets (N,) int64. scale, softcap (0 = off), inv_temp: the logit transform.
-        bound_floor: (N,) float32 or None. If given, also return ub (V,) float32, an upper bound
-            of max_i log softmax(z)_ij over rows whose floor is finite (filtering uses it).
+        bound: also return ub (V,) float32, an upper bound of max_i log softmax(z)_ij over the
+            rows whose target is a class (filtering uses it).
         n_splits: vocabulary splits (None: enough to fill the device).
 
     Returns:
@@ -123,7 +123,13 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
     part = torch.empty((5, n_splits, n), **f32)
     if configs.POISON:
         part.fill_(float("nan"))
-    bound = bound_floor is not None
+    need_zt = configs.zt_in_kernel()
+    # Each row's target logit, once: the row's lse is at least that (the bound's floor; +inf
+    # keeps rows without a target out of it), and unless the epilogue sums it, it is zt.
+    zt_rows = None
+    if bound or not need_zt:
+        zt_rows = target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp)
+    floor = torch.where((targets >= 0) & (targets < v), zt_rows, float("inf")) if bound else None
     ub = torch.full((v,), float("-inf"), **f32) if bound else torch.empty(0, **f32)
     if n > 0:
         tma = configs.use_tma(hidden, weight)
@@ -131,7 +137,7 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
         w_desc = tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight
         _forward_kernel[(n_row_blocks * n_splits,)](
             hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets,
-            bound_floor if bound else hidden, part, ub,
+            floor if bound else hidden, part, ub,
             n, v, d, hidden.stride(0), weight.stride(0), scale, softcap, inv_temp,
             tiles_per_split, n_row_blocks, group_rows,
             HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum,
@@ -139,7 +145,7 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
             BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
             PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
             USE_TMA=tma, FLATTEN=tma and configs.flatten(), EVEN_V=v % cfg.block_v == 0,
-            NEED_ZT=configs.zt_in_kernel(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            NEED_ZT=need_zt, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     m, s, zt, zs, a = part.unbind(0)
     if n_splits == 1:
         lse = m[0] + torch.log(s[0])
@@ -150,9 +156,7 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
         tot = (s * w).sum(0)
         lse = mx + torch.log(tot)
         pz = (a * w).sum(0) / tot
-    zt = zt.sum(0) if configs.zt_in_kernel() else target_logits(
-        hidden, weight, bias, targets, scale, softcap, inv_temp)
-    return lse, zt, zs.sum(0), pz, ub
+    return lse, zt.sum(0) if need_zt else zt_rows, zs.sum(0), pz, ub
 
 
 @triton.jit

@@ -114,12 +114,15 @@ class HiddenGradAccumulator:
         self.lo = d // 2 if split else 0
         self.hi = torch.empty((chunk_n, d - self.lo), device=dh.device, dtype=torch.float32)
 
+    def _lo(self, n0, n1):
+        """The float32 first columns of rows n0:n1, in dh's own bytes for those rows."""
+        return self.dh[n0:n1].view(-1).view(torch.float32).view(n1 - n0, self.lo)
+
     def parts(self, n0, n1):
         """[(accumulator view, first column, last column)] for rows n0:n1, zeroed."""
         out = []
         if self.split:
-            lo = self.dh[n0:n1].view(-1).view(torch.float32).view(n1 - n0, self.lo)
-            out.append((lo.zero_(), 0, self.lo))
+            out.append((self._lo(n0, n1).zero_(), 0, self.lo))
         out.append((self.hi[: n1 - n0].zero_(), self.lo, self.dh.shape[1]))
         return out
 
@@ -128,10 +131,7 @@ class HiddenGradAccumulator:
         its bytes with row i of dh, so that half is rounded into a small temporary first."""
         for r0 in range(n0, n1, block):
             r1 = min(r0 + block, n1)
-            lo = None
-            if self.split:
-                lo = self.dh[n0:n1].view(-1).view(torch.float32).view(n1 - n0, self.lo)
-                lo = lo[r0 - n0:r1 - n0].to(self.dh.dtype)
+            lo = self._lo(r0, r1).to(self.dh.dtype) if self.split else None
             self.dh[r0:r1, self.lo:] = self.hi[r0 - n0:r1 - n0]
             if lo is not None:
                 self.dh[r0:r1, :self.lo] = lo
