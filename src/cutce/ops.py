@@ -49,9 +49,10 @@ def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
 @lse_parts_backward_op.register_fake
 def _(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz, scale, softcap,
       inv_temp, need_zsum, need_entropy, filter_eps, need_h, need_w, need_b):
-    e = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_h else e, torch.empty_like(weight) if need_w else e,
-            torch.empty_like(bias) if (need_b and bias is not None) else e)
+    # distinct empties: a custom op's outputs may not alias each other
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else hidden.new_empty(0),
+            torch.empty_like(bias) if (need_b and bias is not None) else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

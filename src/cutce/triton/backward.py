@@ -111,14 +111,18 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
              need_h, need_w, need_b):
     """Gradients of (lse, zt, zsum, pz) w.r.t. hidden, weight, bias given their upstream grads.
 
-    Returns (dh, dw, db) in the inputs' dtypes; a gradient that is not needed is an empty tensor.
+    Returns (dh, dw, db) in the inputs' dtypes; a gradient that is not needed is an empty tensor
+    of its own (a custom op's outputs may not alias each other).
     """
     n, d = hidden.shape
     v = weight.shape[0]
     dt = hidden.dtype
     dev = hidden.device
     cfg = configs.backward_tile(dt)
-    empty = hidden.new_empty(0)
+
+    def empty():
+        return hidden.new_empty(0)
+
     cls = None
     n_cls = v
     if ub.numel():  # the forward computed class bounds: filtering was asked for
@@ -127,10 +131,10 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     # Exact: every row of dC is written by its chunk's GEMM (no zero fill needed); filtered: the
     # skipped classes' rows stay zero.
     f32 = dt == torch.float32
-    dh = (torch.zeros_like(hidden) if f32 else torch.empty_like(hidden)) if need_h else empty
+    dh = (torch.zeros_like(hidden) if f32 else torch.empty_like(hidden)) if need_h else empty()
     dw = (torch.empty_like(weight) if cls is None and n > 0 else torch.zeros_like(weight)) \
-        if need_w else empty
-    db32 = torch.zeros(v, device=dev, dtype=torch.float32) if need_b else empty
+        if need_w else empty()
+    db32 = torch.zeros(v, device=dev, dtype=torch.float32) if need_b else empty()
     if configs.POISON:  # what the backward leaves unwritten shows up as NaN
         if need_h and not f32:
             dh.fill_(float("nan"))
@@ -139,7 +143,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     if n == 0 or n_cls == 0 or not (need_h or need_w or need_b):
         if need_h and not f32:
             dh.zero_()
-        return dh, dw, (db32.to(bias.dtype) if need_b else empty)
+        return dh, dw, (db32.to(bias.dtype) if need_b else empty())
     split = workspace.splits_hidden_acc(dh, need_h)
     tail = need_w and cls is None and dw.is_contiguous()  # dC rows written once, in order
     chunk_n, chunk_v = workspace.chunk_sizes(n, n_cls, v, d, dt, need_h, need_w, split, tail,
@@ -192,7 +196,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
             c0 = c1
         if acc is not None:
             acc.finish(n0, n1)
-    return dh, dw, (db32.to(bias.dtype) if need_b else empty)
+    return dh, dw, (db32.to(bias.dtype) if need_b else empty())
 
 
 def _accumulate_dw(dw, cls, c0, c1, dz, h_chunk, first):
