@@ -197,7 +197,14 @@ def test_token_chunks_split_accumulator(gen, monkeypatch, chunk_n):
     _compare(h, w, t, b, None, dict(label_smoothing=0.1), with_lse=True)
 
 
-def test_filter_tiny_eps_is_exact(gen):
+def test_filter_tiny_eps_is_exact(gen, monkeypatch):
+    """A tiny eps keeps every class, through the filtered (gathered-classes) path itself: same
+    gradients as the dense exact backward."""
+    from cutce.triton import backward as tbwd
+    monkeypatch.setattr(configs, "FILTER_DENSE_FRACTION", 1.0)  # gather even if all are kept
+    seen = []
+    real = tbwd._kept_classes
+    monkeypatch.setattr(tbwd, "_kept_classes", lambda *a: seen.append(real(*a)) or seen[-1])
     h, w, t, b, _ = make_inputs(gen, 40, 32, 150, torch.float32, bias=True)
     h, w, t, b = _to(DEV, h, w, t, b)
     out = []
@@ -205,8 +212,25 @@ def test_filter_tiny_eps_is_exact(gen):
         hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
         loss = cutce.linear_cross_entropy(hh, ww, t, b, impl="triton", filter_eps=eps)
         out.append(torch.autograd.grad(loss, (hh, ww)))
+    assert len(seen) == 1 and seen[0] is not None and seen[0].numel() == w.shape[0], \
+        "the filtered run must take the gathered path and keep every class"
     for a, c in zip(*out):
         assert rel_err(a, c) < 1e-6
+
+
+def test_fp32_matmul_precision_follows_torch():
+    """float32 dots are IEEE unless the user made PyTorch's float32 matmuls TF32, whichever
+    API set it (each case in a fresh process: mixing the APIs is itself an error in torch)."""
+    import subprocess
+    import sys
+    code = ("import torch; from cutce.triton import configs as c; p = c.dot_precision; "
+            "r = [p(torch.float32), p(torch.bfloat16)]; {}; r.append(p(torch.float32)); print(r)")
+    cases = {"torch.backends.cuda.matmul.fp32_precision = 'tf32'": "['ieee', 'tf32', 'tf32']",
+             "torch.set_float32_matmul_precision('high')": "['ieee', 'tf32', 'tf32']"}
+    for setter, want in cases.items():
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", code.format(setter)],
+                             capture_output=True, text=True, timeout=300)
+        assert out.stdout.strip() == want, (setter, out.stdout, out.stderr[-2000:])
 
 
 def test_filter_drops_only_negligible_classes(gen, monkeypatch):
@@ -291,8 +315,25 @@ def test_gpu_dtypes_options(dtype, gen):
     h, w, t, b, tw = make_inputs(gen, (4, 509), 2304, 32003, dtype, bias=True, token_weights=True,
                                  ignore_frac=0.1, logit_std=4.0)
     h, w, t, b, tw = _to("cuda", h, w, t, b, tw)
+    # float32 is IEEE by default (TF32 only if the user enables it for torch): a float32 floor
+    # of 2e-5 tells the two apart (TF32's error here is ~1e-3).
     _compare(h, w, t, b, tw, dict(shift=True, softcap=30.0, label_smoothing=0.1, z_loss=1e-4),
-             with_lse=True, floor={torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype])
+             with_lse=True, floor={torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype])
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_fp32_tf32_is_the_users_choice(gen, monkeypatch):
+    """With torch's float32 matmuls set to TF32 the kernels use TF32 too (larger error), and
+    IEEE otherwise: the choice is PyTorch's documented flag, never ours."""
+    h, w, t, _, _ = make_inputs(gen, 1024, 2304, 8192, torch.float32, logit_std=4.0)
+    h, w, t = _to("cuda", h, w, t)
+    ref = oracle(h.detach().double().cpu(), w.detach().double().cpu(), t.cpu())[0]
+    errs = {}
+    for tf32 in (False, True):
+        monkeypatch.setattr(configs, "fp32_matmul_uses_tf32", lambda tf32=tf32: tf32)
+        errs[tf32] = rel_err(cutce.linear_cross_entropy(h, w, t, impl="triton").cpu(), ref)
+    assert errs[False] < 1e-6 < errs[True], errs
 
 
 @gpu
@@ -320,6 +361,31 @@ def test_gpu_int64_offsets():
     assert rel_err(loss, ref) < 1e-3
     loss.sum().backward()
     assert torch.isfinite(a.grad).all() and torch.isfinite(c.grad).all()
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_int64_weight_offsets():
+    """V*D > 2**31 (D=8192, V=270000): rows of dC and of the weight past element 2**31 are
+    addressed in 64 bits. Rows past the boundary, targeted by many tokens, equal the torch path."""
+    n, d, v = 512, 8192, 270000
+    first = 2**31 // d + 1  # first weight row entirely past element 2**31
+    g = torch.Generator(device="cuda").manual_seed(11)
+    w = (torch.randn(v, d, device="cuda", generator=g) * d**-0.5).to(torch.bfloat16)
+    h = torch.randn(n, d, device="cuda", generator=g).to(torch.bfloat16)
+    t = torch.randint(first, v, (n,), device="cuda", generator=g)
+    t[: n // 2] = torch.randint(0, 64, (n // 2,), device="cuda", generator=g)
+    out = {}
+    for impl in ("triton", "torch"):
+        a, c = h.detach().requires_grad_(), w.detach().requires_grad_()
+        loss = cutce.linear_cross_entropy(a, c, t, impl=impl)
+        out[impl] = (loss, *torch.autograd.grad(loss, (a, c)))
+        del a, c
+    (lt, dht, dwt), (lr, dhr, dwr) = out["triton"], out["torch"]
+    assert rel_err(lt, lr) < 1e-5 and rel_err(dht, dhr) < 2e-2
+    rows = torch.unique(t[t >= first])
+    assert rel_err(dwt[rows], dwr[rows]) < 2e-2 and rel_err(dwt[first:], dwr[first:]) < 2e-2
+    assert torch.isfinite(dwt).all()
 
 
 @gpu

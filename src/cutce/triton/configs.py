@@ -90,9 +90,25 @@ def group_rows(block_bytes: int, device: torch.device) -> int:
     return max(1, l2 // 3 // block_bytes)
 
 
+def fp32_matmul_uses_tf32() -> bool:
+    """Whether PyTorch's own CUDA float32 matmuls may use TF32: the new per-backend setting
+    (``torch.backends.cuda.matmul.fp32_precision``), else the global one, else the legacy
+    ``allow_tf32`` (``set_float32_matmul_precision("high")`` sets it). Reading the legacy flag
+    raises once the new API was used, so it is read last and only when needed."""
+    matmul = torch.backends.cuda.matmul
+    for prec in (getattr(matmul, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None)):
+        if prec in ("tf32", "ieee"):
+            return prec == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs follow torch's matmul setting (tf32 only if torch allows it)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """float32 inputs get IEEE float32 dots unless the user made PyTorch's float32 matmuls TF32
+    (then TF32, as F.linear would); 16-bit inputs ignore it."""
+    if dtype == torch.float32 and not fp32_matmul_uses_tf32():
         return "ieee"
     return "tf32"
 
