@@ -16,6 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from cutce import transformers as ct  # noqa: E402
+from cutce.transformers import patching  # noqa: E402
 
 VOCAB, T = 320, 12
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -195,6 +196,32 @@ def test_refuses_what_it_cannot_reproduce():
         ct.patch(make_model("llama"), no_such_option=1)
 
 
+# peft 0.21 calls a transformers 5.x API that warns of its own deprecation.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_peft_lora_with_frozen_head_matches_unpatched_peft_model():
+    peft = pytest.importorskip("peft")
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                init_lora_weights=False)  # nonzero B: every adapter weight gets a gradient
+    model = peft.get_peft_model(make_model("llama"), peft.LoraConfig(target_modules=["q_proj", "v_proj"], **lora))
+    assert not model.get_base_model().lm_head.weight.requires_grad
+    ids, labels = batch()
+    out_a, grads_a = loss_and_grads(model, input_ids=ids, labels=labels)
+    assert len(grads_a) == 8 and all("lora_" in n for n in grads_a)  # 2 layers x (q, v) x (A, B)
+    assert ct.patch(model, impl="torch") is model
+    assert ct.is_patched(model) and ct.is_patched(model.get_base_model())
+    out_b, grads_b = loss_and_grads(model, input_ids=ids, labels=labels)
+    assert out_b.logits is None
+    assert_same(out_a, grads_a, out_b, grads_b)
+    ct.unpatch(model)
+    assert not ct.is_patched(model) and "forward" not in model.get_base_model().__dict__
+    # LoRA on the head itself: refused, not a loss without the adapter's share of the logits.
+    model = ct.patch(peft.get_peft_model(make_model("llama"), peft.LoraConfig(target_modules=["lm_head"], **lora)))
+    with pytest.raises(ct.UnsupportedModelError, match="not a plain torch.nn.Linear"):
+        model(input_ids=ids, labels=labels)
+    with pytest.raises(ct.UnsupportedModelError, match="PEFT class"):
+        ct.patch(type(model))
+
+
 def test_import_cutce_does_not_import_transformers():
     code = "import sys, cutce, cutce.api; assert 'transformers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -217,8 +244,8 @@ class _Sequences(torch.utils.data.Dataset):
 def test_trainer_steps_lower_the_loss(tmp_path, monkeypatch):
     pytest.importorskip("accelerate")
     seen = []
-    real = ct.linear_cross_entropy
-    monkeypatch.setattr(ct, "linear_cross_entropy", lambda *a, **k: seen.append(1) or real(*a, **k))
+    real = patching.linear_cross_entropy
+    monkeypatch.setattr(patching, "linear_cross_entropy", lambda *a, **k: seen.append(1) or real(*a, **k))
     model = ct.patch(make_model("llama"))
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8,

@@ -1,52 +1,42 @@
-"""Hugging Face transformers: train any ``*ForCausalLM`` with cutce's loss, by one generic patch.
+"""The loss patch: ``patch(model_or_class, **loss_options)`` wraps the model's ``forward``.
 
-``patch(model_or_class, **loss_options)`` wraps the model's ``forward``. Called without
-``labels`` it is the original forward, untouched. Called with ``labels`` it runs the original
-forward with ``labels=None`` while the output embedding (``get_output_embeddings()``, the
-``lm_head``) is swapped, for that one call, for a stand-in that records the hidden states it
-receives and returns a tiny *probe* instead of the N x V logits. Everything the model does
-around the head therefore still happens exactly as written in its own code: the decoder call with
-all its arguments, ``logits_to_keep``, router logits and their auxiliary loss, the output class.
-The loss is then ``linear_cross_entropy`` of the recorded hidden states and the head's weight and
-bias, with the label handling of transformers' ``ForCausalLMLoss`` (labels padded with the ignore
-index and shifted by one, ``shift_labels``, ``ignore_index``, mean or sum / ``num_items_in_batch``)
-and the logit transform named by the config (``final_logit_softcapping``, ``logit_scale``,
-``logits_scaling``). The probe is how an unknown transform is caught: whatever the forward did to
-it must equal what cutce will apply, or the call raises :class:`UnsupportedModelError` naming the
-class -- never a silently different loss. A MoE model's router auxiliary loss, which the original
-forward computes itself, is added with the model's own ``router_aux_loss_coef``.
+Called without ``labels`` the patched forward is the original one, untouched. Called with
+``labels`` it runs the original forward with ``labels=None`` through
+:func:`cutce.transformers.heads.run_without_logits` (the head's logits replaced by a checked
+probe; see there), then computes the loss as ``linear_cross_entropy`` of the head's hidden states
+and the head's weight and bias, with the label handling of transformers' ``ForCausalLMLoss``
+(labels padded with the ignore index and shifted by one, ``shift_labels``, ``ignore_index``, mean
+or sum / ``num_items_in_batch``) and the config's logit transform. A MoE model's router auxiliary
+loss, which the original forward computes itself, is added with the model's own
+``router_aux_loss_coef``.
 
 With labels the output is the model's own output class with ``loss`` set and ``logits=None``; as
 a tuple (``return_dict=False``) it is ``output.to_tuple()``, which leaves out ``None`` entries, so
 ``out[0]`` is the loss and the logits are absent.
 
-transformers is imported lazily: ``import cutce`` never imports it.
+A PEFT model (``peft.PeftModel``, e.g. LoRA) is patched through the transformers model it wraps
+(``get_base_model()``); its forward reaches that model's forward with the labels.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import types
 
 import torch
 from torch import nn
 
-from .api import LinearCrossEntropyLoss, linear_cross_entropy
+from ..api import LinearCrossEntropyLoss, linear_cross_entropy
+from .heads import UnsupportedModelError, head_apply, run_without_logits
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError"]
 
 # The adapter derives these from the model; a user value would make the loss differ from the model's.
 _ADAPTER_OWNED = ("ignore_index", "reduction", "softcap", "logit_scale", "shift", "return_lse",
                   "token_weights", "bias")
-# Probe values: magnitudes from 0 to 1e4, so that a scale, a softcap (tanh saturates) or an offset
-# anywhere in a realistic range changes them far beyond rounding.
-_PROBE = (-1.0e4, -300.0, -7.5, -0.5, 0.0, 0.25, 3.0, 40.0, 2.0e3)
 _MARK = "_cutce_patch"
-
-
-class UnsupportedModelError(TypeError):
-    """The model's forward does something around its loss that the adapter cannot reproduce."""
 
 
 class _Patch:
@@ -65,7 +55,8 @@ def patch(model_or_class, **loss_options):
 
     Args:
         model_or_class: a transformers ``*ForCausalLM`` class (all its instances, present and
-            future, are patched) or an instance (only it is patched).
+            future, are patched) or an instance (only it is patched), also inside a PEFT model
+            (``peft.PeftModel``) or a ``torch.compile`` module, which are returned as given.
         **loss_options: passed on to ``linear_cross_entropy``: ``impl``, ``label_smoothing``,
             ``z_loss``, ``filter_eps``, ``deterministic``, ``chunk_bytes``. The options the
             model determines (ignore index, reduction, softcap, scale, shift) are not accepted.
@@ -80,6 +71,7 @@ def patch(model_or_class, **loss_options):
         ValueError: already patched (class or instance).
     """
     options = _check_options(loss_options)
+    given, model_or_class = model_or_class, _transformers_model(model_or_class)
     if isinstance(model_or_class, type):
         cls = model_or_class
         _check_class(cls)
@@ -108,15 +100,16 @@ def patch(model_or_class, **loss_options):
     state = _Patch(original, options, previous, previous is not None)
     # A bound method (not a closure over the model): deepcopy rebinds it to the copy.
     model.forward = types.MethodType(_make_forward(state), model)
-    return model
+    return given
 
 
 def unpatch(model_or_class):
     """Undo :func:`patch` exactly: the class's or instance's ``forward`` is what it was before.
 
     Raises ValueError when it is not patched, or when its forward was wrapped again after the patch
-    (unwrapping then would drop that later wrapper).
+    (unwrapping then would drop that later wrapper). A PEFT model: its base model's forward.
     """
+    given, model_or_class = model_or_class, _transformers_model(model_or_class)
     if isinstance(model_or_class, type):
         where, what = model_or_class, model_or_class.__name__
     else:
@@ -129,12 +122,33 @@ def unpatch(model_or_class):
         setattr(where, "forward", state.previous)
     else:
         delattr(where, "forward")
-    return model_or_class
+    return given
 
 
 def is_patched(model_or_class) -> bool:
-    """Whether calls with labels on this class or instance use cutce's loss."""
+    """Whether calls with labels on this class or instance (or PEFT model) use cutce's loss."""
+    model_or_class = _transformers_model(model_or_class)
     return _patch_of(getattr(model_or_class, "forward", None)) is not None
+
+
+def _transformers_model(obj):
+    """The transformers model that a PEFT model or torch.compile's module wraps; else ``obj``."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(obj, eval_frame.OptimizedModule):
+        obj = obj._orig_mod  # patching it makes the compiled module retrace with the patch
+    peft = sys.modules.get("peft")  # a PeftModel exists only if peft was imported
+    if peft is None:
+        return obj
+    if isinstance(obj, type) and issubclass(obj, peft.PeftModel):
+        raise UnsupportedModelError(f"{obj.__name__}: expected a PEFT model instance or a "
+                                    "transformers class, got a PEFT class")
+    if isinstance(obj, peft.PeftModel):
+        base = obj.get_base_model()
+        if base is obj or isinstance(base, peft.PeftModel):
+            raise UnsupportedModelError(f"{type(obj).__name__}: get_base_model() returned "
+                                        f"{type(base).__name__}, expected a transformers model")
+        return base
+    return obj
 
 
 def _patch_of(forward):
@@ -154,8 +168,8 @@ def _check_class(cls):
     from transformers import PreTrainedModel
 
     if not issubclass(cls, PreTrainedModel):
-        raise UnsupportedModelError(f"{cls.__name__} is not a transformers PreTrainedModel (for a "
-                                    "PEFT model, patch model.get_base_model())")
+        raise UnsupportedModelError(f"{cls.__name__}: expected a transformers PreTrainedModel (or a "
+                                    f"PEFT model wrapping one), got {cls.__module__}.{cls.__name__}")
     forward = cls.forward
     if _patch_of(forward) is not None:
         return
@@ -204,39 +218,22 @@ def _make_forward(state):
 
 
 def _forward_with_labels(model, state, labels, kwargs):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
     name = type(model).__name__
-    head = _output_head(model)
+    if model.loss_function is not ForCausalLMLoss:
+        raise UnsupportedModelError(f"{name}: loss_function is {model.loss_function!r}, not "
+                                    "transformers' ForCausalLMLoss")
     # The same default as transformers' can_return_tuple: the config's return_dict.
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
     kwargs.update(labels=None, return_dict=True)
-
-    captured = []
-    probe = torch.tensor(_PROBE)
-
-    def stand_in(hidden):
-        if captured:
-            raise UnsupportedModelError(f"{name}.forward calls its output embedding more than once")
-        captured.append(hidden)
-        # A real (small: 9 values per position) tensor, so in-place ops on the logits still work.
-        return probe.to(hidden.device).expand(*hidden.shape[:-1], len(_PROBE)).contiguous()
-
-    saved = head.__dict__.get("forward")
-    head.forward = stand_in
-    try:
-        out = state.original(model, **kwargs)
-    finally:
-        if saved is None:
-            del head.forward
-        else:
-            head.forward = saved
-    if not captured:
-        raise UnsupportedModelError(f"{name}.forward did not call get_output_embeddings()")
-    softcap, scale = _logit_transform(model.config)
-    _check_probe(name, getattr(out, "logits", None), softcap, scale)
-
-    loss = _causal_lm_loss(captured[0], head, labels, kwargs, state.options, softcap, scale)
+    call = run_without_logits(model, state.original, kwargs)
+    targets = _shifted_targets(call.hidden, labels, kwargs)
+    loss = head_apply(call, _causal_lm_loss, targets, kwargs.get("ignore_index", -100),
+                      kwargs.get("num_items_in_batch"), call.softcap, call.scale, state.options)
+    out = call.output
     aux = getattr(out, "aux_loss", None)
     if aux is not None:
         coef = getattr(model, "router_aux_loss_coef", None)
@@ -250,71 +247,28 @@ def _forward_with_labels(model, state, labels, kwargs):
     return out if return_dict else out.to_tuple()
 
 
-def _output_head(model):
-    """The model's lm_head, checked to be a plain Linear over config.vocab_size classes."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    name = type(model).__name__
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
-        raise UnsupportedModelError(f"{name}: the output embedding is {type(head).__name__}, not a "
-                                    "plain torch.nn.Linear (quantized or adapter-wrapped heads are "
-                                    "not supported)")
-    if not head.weight.is_floating_point():
-        raise UnsupportedModelError(f"{name}: the output embedding's weight is {head.weight.dtype}")
-    vocab = getattr(model.config, "vocab_size", None)
-    if head.out_features != vocab:
-        raise UnsupportedModelError(f"{name}: the output embedding has {head.out_features} classes, "
-                                    f"config.vocab_size is {vocab}")
-    if model.loss_function is not ForCausalLMLoss:
-        raise UnsupportedModelError(f"{name}: loss_function is {model.loss_function!r}, not "
-                                    "transformers' ForCausalLMLoss")
-    return head
-
-
-def _logit_transform(config):
-    """(softcap, scale) that the config asks the forward to apply to the logits."""
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:       # Cohere multiplies
-        scale *= float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:    # Granite divides
-        scale /= float(config.logits_scaling)
-    return (None if softcap is None else float(softcap)), scale
-
-
-def _check_probe(name, logits, softcap, scale):
-    """The forward's transform of the probe must be exactly cutce's transform for the config."""
-    want = torch.tensor(_PROBE, dtype=torch.float64) * scale
-    if softcap is not None:
-        want = softcap * torch.tanh(want / softcap)
-    ok = isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.shape[-1] == len(_PROBE)
-    if ok:
-        tol = 8 * torch.finfo(logits.dtype).eps
-        got = logits.detach().reshape(-1, len(_PROBE)).double()
-        ok = torch.allclose(got, want.to(got.device).expand_as(got), rtol=tol, atol=tol)
-    if not ok:
-        raise UnsupportedModelError(
-            f"{name}: its forward transforms the logits differently from what cutce derives from the "
-            f"config (softcap={softcap}, scale={scale} from final_logit_softcapping, logit_scale, "
-            "logits_scaling); refusing rather than computing a different loss")
-
-
-def _causal_lm_loss(hidden, head, labels, kwargs, options, softcap, scale):
-    """transformers' ForCausalLMLoss, with linear_cross_entropy in place of logits + cross_entropy."""
-    ignore_index = kwargs.get("ignore_index", -100)
-    num_items = kwargs.get("num_items_in_batch")
+def _shifted_targets(hidden, labels, kwargs):
+    """(*, T') targets aligned with the head's hidden states, as transformers' ForCausalLMLoss."""
     targets = kwargs.get("shift_labels")
     if targets is None:
         # Shift by padding with ignore_index, as ForCausalLMLoss does: the last position of every
         # row predicts nothing, and rows stay aligned with the (possibly sliced) hidden states.
-        targets = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = targets.reshape(-1).to(h.device)
-    if t.shape[0] != h.shape[0]:
-        raise ValueError(f"labels: expected {h.shape[0]} positions after the shift (the hidden states "
-                         f"given to the head, shape {tuple(hidden.shape)}), got {tuple(targets.shape)}")
-    loss = linear_cross_entropy(h, head.weight, t, head.bias, ignore_index=ignore_index,
+        targets = nn.functional.pad(labels, (0, 1), value=kwargs.get("ignore_index", -100))[..., 1:]
+    if targets.numel() != hidden.shape[:-1].numel():
+        raise ValueError(f"labels: expected {hidden.shape[:-1].numel()} positions after the shift (the "
+                         f"hidden states given to the head, shape {tuple(hidden.shape)}), got "
+                         f"{tuple(targets.shape)}")
+    return targets.reshape(hidden.shape[:-1])
+
+
+def _causal_lm_loss(hidden, weight, bias, targets, ignore_index, num_items, softcap, scale, options):
+    """transformers' ForCausalLMLoss with linear_cross_entropy in place of logits + cross_entropy.
+
+    hidden (*, T', D), weight (V, D), bias (V,) or None, targets (*, T') int; returns a 0-dim float32
+    (float64 for float64 models): the mean over valid targets, or their sum / num_items.
+    """
+    loss = linear_cross_entropy(hidden, weight, targets.to(hidden.device), bias,
+                                ignore_index=ignore_index,
                                 reduction="mean" if num_items is None else "sum",
                                 softcap=softcap, logit_scale=scale, **options)
     if num_items is not None:
