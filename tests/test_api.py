@@ -136,6 +136,32 @@ def test_impl_triton_float64_raises_even_in_interpreter(inputs, monkeypatch):
         _call(d, impl="triton")
 
 
+def test_impl_auto_warns_once_when_triton_cannot_import_on_cuda(monkeypatch):
+    """A CUDA tensor under impl='auto' with a broken Triton runs the torch path (float32 copies of
+    the weight and its gradient): say so once, naming the import error; explicit 'triton' raises."""
+    import types
+    import warnings
+    from cutce import api, torch_impl
+    api._warn_torch_fallback.cache_clear()
+    reason = "Triton could not be imported (No module named 'triton')"
+    monkeypatch.setattr(api, "_triton_unavailable_reason", lambda h: reason)
+    fake_cuda = types.SimpleNamespace(is_cuda=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert api._backend("auto", fake_cuda) is torch_impl.linear_lse_parts
+    assert len(seen) == 1 and "No module named 'triton'" in str(seen[0].message)
+    with pytest.raises(RuntimeError, match="No module named 'triton'"):
+        api._backend("triton", fake_cuda)
+    api._warn_torch_fallback.cache_clear()
+
+
+def test_deterministic_keyword_is_gone(inputs):
+    """It promised nothing (every backend is always bitwise reproducible): no dead option."""
+    with pytest.raises(TypeError, match="deterministic"):
+        _call(inputs, deterministic=True)
+
+
 def test_impl_auto_and_filter_eps_on_cpu_equal_torch(inputs):
     ref = _call(inputs, impl="torch", reduction="none")
     for kw in (dict(impl="auto"), dict(filter_eps="auto"), dict(filter_eps=0.5)):

@@ -210,7 +210,7 @@ def test_filter_tiny_eps_is_exact(gen, monkeypatch):
     out = []
     for eps in (None, 1e-30):
         hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-        loss = cutce.linear_cross_entropy(hh, ww, t, b, impl="triton", filter_eps=eps)
+        loss = cutce.linear_cross_entropy(hh, ww, t, b, impl="triton", filter_eps=eps, memory_budget=0)
         out.append(torch.autograd.grad(loss, (hh, ww)))
     assert len(seen) == 1 and seen[0] is not None and seen[0].numel() == w.shape[0], \
         "the filtered run must take the gathered path and keep every class"
@@ -246,7 +246,9 @@ def test_filter_drops_only_negligible_classes(gen, monkeypatch):
     grads = []
     for f in (None, eps):
         ww = w.detach().clone().requires_grad_()
-        loss = cutce.linear_cross_entropy(h, ww, t, impl="triton", filter_eps=f, reduction="sum")
+        # memory_budget=0: the exact run takes the same recompute kernels as the filtered one
+        loss = cutce.linear_cross_entropy(h, ww, t, impl="triton", filter_eps=f, reduction="sum",
+                                          memory_budget=0)
         grads.append(torch.autograd.grad(loss, ww)[0])
     exact, filt = grads
     dropped = (filt == 0).all(dim=1)
@@ -264,7 +266,7 @@ def test_filter_keeping_most_classes_runs_dense_and_exact(gen, monkeypatch):
     monkeypatch.setattr(tbwd, "_kept_classes", lambda *a: seen.append(real(*a)) or seen[-1])
     h, w, t, b, _ = make_inputs(gen, 40, 32, 150, torch.float32, bias=True, logit_std=0.5)
     h, w, t, b = _to(DEV, h, w, t, b)
-    exact, filt = (_loss_and_grads(h, w, t, b, filter_eps=eps) for eps in (None, 1e-3))
+    exact, filt = (_loss_and_grads(h, w, t, b, filter_eps=eps, memory_budget=0) for eps in (None, 1e-3))
     assert seen == [None]
     for a, c in zip(exact, filt):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
@@ -376,16 +378,18 @@ def test_gpu_int64_weight_offsets():
     t = torch.randint(first, v, (n,), device="cuda", generator=g)
     t[: n // 2] = torch.randint(0, 64, (n // 2,), device="cuda", generator=g)
     out = {}
-    for impl in ("triton", "torch"):
+    for impl, budget in (("torch", 0.0), ("triton", 0.0), ("triton", 2.0)):  # recompute, fused
         a, c = h.detach().requires_grad_(), w.detach().requires_grad_()
-        loss = cutce.linear_cross_entropy(a, c, t, impl=impl)
-        out[impl] = (loss, *torch.autograd.grad(loss, (a, c)))
+        loss = cutce.linear_cross_entropy(a, c, t, impl=impl, memory_budget=budget)
+        out[impl, budget] = (loss, *torch.autograd.grad(loss, (a, c)))
         del a, c
-    (lt, dht, dwt), (lr, dhr, dwr) = out["triton"], out["torch"]
-    assert rel_err(lt, lr) < 1e-5 and rel_err(dht, dhr) < 2e-2
+    lr, dhr, dwr = out["torch", 0.0]
     rows = torch.unique(t[t >= first])
-    assert rel_err(dwt[rows], dwr[rows]) < 2e-2 and rel_err(dwt[first:], dwr[first:]) < 2e-2
-    assert torch.isfinite(dwt).all()
+    for budget in (0.0, 2.0):
+        lt, dht, dwt = out["triton", budget]
+        assert rel_err(lt, lr) < 1e-5 and rel_err(dht, dhr) < 2e-2, budget
+        assert rel_err(dwt[rows], dwr[rows]) < 2e-2 and rel_err(dwt[first:], dwr[first:]) < 2e-2
+        assert torch.isfinite(dwt).all()
 
 
 @gpu

@@ -7,13 +7,17 @@ dispatches to a backend that returns the O(N) parts of the backend contract (see
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from . import distributed, torch_impl
+from . import distributed, plan, torch_impl
 from .options import AUTO_FILTER_EPS, IMPLS, REDUCTIONS, Options
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,7 +48,8 @@ def _filter_eps(filter_eps, dtype):
 
 def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                  softcap=None, logit_scale=1.0, temperature=1.0, filter_eps=None,
-                 deterministic=True, need_entropy=False, chunk_bytes=None) -> Options:
+                 need_entropy=False, chunk_bytes=None,
+                 memory_budget=plan.DEFAULT_MEMORY_BUDGET) -> Options:
     """Validate scalar options and bundle them (``dtype`` resolves ``filter_eps="auto"``)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         _fail("ignore_index", "an int", repr(ignore_index))
@@ -64,9 +69,9 @@ def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=
         logit_scale=_check_real("logit_scale", logit_scale, lo=0.0, lo_open=True),
         temperature=_check_real("temperature", temperature, lo=0.0, lo_open=True),
         filter_eps=_filter_eps(filter_eps, dtype),
-        deterministic=bool(deterministic),
         need_entropy=bool(need_entropy),
         chunk_bytes=chunk_bytes,
+        memory_budget=_check_real("memory_budget", memory_budget, lo=0.0),
     )
 
 
@@ -140,6 +145,14 @@ def _triton_unavailable_reason(hidden) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_torch_fallback(reason):
+    # Once per reason: on CUDA the torch path copies the weight and its gradient to float32
+    # (~4.7 GB more at a 256k x 2304 head), which a user should hear about, but not every step.
+    warnings.warn(f"cutce: impl='auto' runs the torch path on CUDA tensors because {reason}; "
+                  "pass impl='torch' to silence this, or fix the Triton install", stacklevel=4)
+
+
 def _backend(impl, hidden):
     if impl not in IMPLS:
         _fail("impl", f"one of {IMPLS}", repr(impl))
@@ -149,6 +162,8 @@ def _backend(impl, hidden):
     if impl == "triton" and reason is not None:
         raise RuntimeError(f"impl='triton' cannot run: {reason}")
     if impl == "auto" and (reason is not None or not hidden.is_cuda):
+        if hidden.is_cuda and reason is not None and reason.startswith("Triton could not"):
+            _warn_torch_fallback(reason)
         return torch_impl.linear_lse_parts
     from . import ops
 
@@ -175,7 +190,8 @@ def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, v
 def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
                          token_weights=None, shift=False, return_lse=False, filter_eps=None,
-                         impl="auto", deterministic=True, chunk_bytes=None, vocab_group=None,
+                         impl="auto", memory_budget=plan.DEFAULT_MEMORY_BUDGET, chunk_bytes=None,
+                         vocab_group=None,
                          vocab_start=None, reduce_hidden_grad=True):
     """Cross-entropy of a linear classifier's logits, without materializing the logits.
 
@@ -199,8 +215,15 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
             gradient error can be orders of magnitude above the bf16 rounding error; ``cutce
             bench`` reports it. Ignored by the torch path, which is always exact.
         impl: "auto" (Triton for CUDA tensors when it can run, else torch), "torch" or "triton".
-            An explicit "triton" that cannot run raises and says why.
-        deterministic: bitwise-reproducible gradients on the Triton path.
+            An explicit "triton" that cannot run raises and says why; "auto" with CUDA tensors
+            whose Triton import fails warns once (naming the error) and runs the torch path.
+        memory_budget: extra memory a training call may use beyond the gradients, as a
+            fraction of the gradients' size (default 2.0). Within it, a call whose gradient is
+            a scalar's (reduction "mean"/"sum", no return_lse, no filter_eps, no vocab_group)
+            computes each token chunk's logits once and forms dE and dC right away (three
+            N x D x V products instead of four: faster, same exactness); below what that needs,
+            or at 0, the backward recomputes the logits (memory: gradients + ~8%). See
+            :mod:`cutce.plan` and docs/benchmarks.md for time against budget.
         chunk_bytes: memory budget of one chunk of logits on the torch path (default 256 MiB).
         vocab_group: a torch.distributed ProcessGroup over which the classifier is split by
             vocabulary (see :mod:`cutce.distributed` and docs/distributed.md): ``weight``/``bias``
@@ -227,41 +250,98 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
             "mean" -> sum_i loss_i / sum_valid w_i, and 0.0 (zero gradients) when nothing is valid
 
         lse has targets' shape (after shift), float32 (float64 for float64 inputs).
+
+    Reproducibility: no backend uses floating-point atomics or another order-dependent
+    reduction, so the loss and gradients are bitwise identical from run to run for the same
+    inputs, options, device and library versions (``filter_eps`` included).
+
+    Ignored rows give no loss (a finite loss even when their hidden state is NaN/inf), but
+    their hidden states still enter the logit products of the backward: a NaN/inf there makes
+    that row of hidden's gradient and the whole weight gradient NaN, as in PyTorch's own
+    ``F.linear`` + ``F.cross_entropy``. Mask such rows before the call, e.g.
+    ``hidden.masked_fill(~valid[..., None], 0)``.
     """
     opts = make_options(_autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else torch.float32,
                         ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                         logit_scale=logit_scale, filter_eps=filter_eps,
-                        deterministic=deterministic, chunk_bytes=chunk_bytes)
+                        chunk_bytes=chunk_bytes, memory_budget=memory_budget)
     if not isinstance(return_lse, bool):
         _fail("return_lse", "a bool", repr(return_lse))
+    # The fused strategy needs the upstream gradient up to one scalar: a scalar loss whose
+    # per-token values nobody else sees (no lse out, no differentiable token weights).
+    fusable = (opts.reduction != "none" and not return_lse and opts.filter_eps is None
+               and not (isinstance(token_weights, torch.Tensor) and token_weights.requires_grad))
     parts, t1, w1, out_shape, vocab = compute_parts(
         hidden, weight, targets, bias, token_weights, shift, impl, opts,
-        vocab_group, vocab_start, reduce_hidden_grad)
+        vocab_group, vocab_start, reduce_hidden_grad, return_lse=return_lse, fusable=fusable)
+    if isinstance(parts, _Fused):
+        return parts.total
     loss = _loss_from_parts(parts, t1, w1, opts, vocab)
     loss = loss.reshape(out_shape) if opts.reduction == "none" else loss
     return (loss, parts[0].reshape(out_shape)) if return_lse else loss
 
 
+class _Fused(NamedTuple):
+    total: torch.Tensor  # the reduced loss, from the fused strategy
+
+
 def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opts: Options,
-                  vocab_group=None, vocab_start=None, reduce_hidden_grad=True):
+                  vocab_group=None, vocab_start=None, reduce_hidden_grad=True, return_lse=False,
+                  fusable=False):
     """Validate, flatten and dispatch: the backend contract's parts for a public function.
 
-    Returns (parts, flat targets, flat token_weights, output shape, global V).
+    Returns (parts, flat targets, flat token_weights, output shape, global V). With ``fusable``
+    (the caller reduces the loss to a scalar, see linear_cross_entropy) and a plan that fuses,
+    parts is a ``_Fused`` holding the reduced loss instead.
     """
     # Vocabulary parallelism (vocab_group, DTensor weight): vs locates this rank's slice (None if
-    # not split). Collective with a plain vocab_group, so every rank must make this call.
+    # not split). Collective when split, so every rank must make this call; it checks that every
+    # rank passed the same options (opts, shift, return_lse, grad mode, ...).
     hidden, weight, bias, targets, token_weights, vs = distributed.resolve_vocab_parallel(
-        hidden, weight, bias, targets, token_weights, vocab_group, vocab_start, reduce_hidden_grad)
+        hidden, weight, bias, targets, token_weights, vocab_group, vocab_start, reduce_hidden_grad,
+        opts=opts, shift=shift, return_lse=return_lse)
     h2, weight, bias, t1, w1, out_shape = prepare(
         hidden, weight, targets, bias, token_weights, shift, opts.ignore_index,
         vocab=None if vs is None else vs.vocab)
     backend = _backend(impl, h2)
-    if vs is None:
+    fused = _fused_backend(backend, h2, weight, bias, opts) if fusable and vs is None else None
+    if fused is not None:
+        coef = _row_coefs(t1, w1, opts, torch_impl.compute_dtype(h2.dtype))
+        parts = _Fused(fused(h2, weight, bias, t1, coef, opts)[0])
+    elif vs is None:
         parts = backend(h2, weight, bias, t1, opts)
     else:
         parts = distributed.vocab_parallel_parts(backend, h2, weight, bias, t1, opts, vs)
     return parts, t1, w1, out_shape, weight.shape[0] if vs is None else vs.vocab
+
+
+def _fused_backend(backend, h2, weight, bias, opts):
+    """The training-call function (gradients formed in the forward, see cutce.plan) when this
+    call can use it, else None. Decided from static facts only (never the number of tokens, so
+    that torch.compile does not specialize on it); the backend plans the chunks at run time."""
+    need = [t is not None and t.requires_grad for t in (h2, weight, bias)]
+    if opts.memory_budget <= 0 or not torch.is_grad_enabled() or not any(need):
+        return None  # forward only: the recompute forward is already a single product
+    if backend is torch_impl.linear_lse_parts:
+        return torch_impl.fused_loss
+    if opts.label_smoothing or h2.dtype not in (torch.bfloat16, torch.float32):
+        return None  # the Triton fused kernel covers neither (documented on memory_budget)
+    from . import ops
+    return ops.fused_loss
+
+
+def _row_coefs(targets, token_weights, opts: Options, dtype):
+    """(4, N) coefficients of each row's lse, -zt, -mean_j z and lse^2 in the reduced loss: the
+    token weight (0 if ignored), label smoothing, z-loss and "mean"'s 1/sum folded in. Tensors,
+    not float arguments of the op, so that compile does not specialize on the option values."""
+    valid = targets != opts.ignore_index
+    w = valid.to(dtype) if token_weights is None else torch.where(valid, token_weights.to(dtype), 0.0)
+    if opts.reduction == "mean":
+        denom = w.sum()
+        w = w / torch.where(denom == 0, 1.0, denom)
+    ls = opts.label_smoothing
+    return torch.stack([w, (1.0 - ls) * w, ls * w, opts.z_loss * w])
 
 
 def _loss_from_parts(parts, targets, token_weights, opts: Options, vocab):
@@ -313,4 +393,4 @@ class LinearCrossEntropyLoss(nn.Module):
 
 
 _OPTION_KEYS = {"ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale",
-                "filter_eps", "deterministic", "chunk_bytes"}
+                "filter_eps", "chunk_bytes", "memory_budget"}

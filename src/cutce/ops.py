@@ -13,9 +13,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import plan
 from .options import Options
 from .triton import backward as _bw
 from .triton import forward as _fw
+from .triton import fused as _fused
 
 
 @torch.library.custom_op("cutce::lse_parts", mutates_args=())
@@ -76,6 +78,54 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub):
 
 
 lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("cutce::fused_loss", mutates_args=())
+def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                  coef: Tensor, scale: float, softcap: float, memory_budget: float, need_h: bool, need_w: bool,
+                  need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A training call's (total, lse, dh, dw, db), gradients formed in the forward. The plan is
+    made here, at run time, so that torch.compile never specializes on the number of tokens:
+    the fused strategy (cutce.triton.fused) when the budget allows it, else the recompute
+    kernels run right away with the known upstream gradients."""
+    n, d = hidden.shape
+    p = plan.plan(n, weight.shape[0], d, hidden.dtype, "triton", True, memory_budget, need_h, need_w)
+    if p.fused:
+        return _fused.fused_loss(hidden, weight, bias, targets, coef, scale, softcap,
+                                 p.chunk_n, p.dc_in_place, need_h, need_w, need_b)
+    lse, zt, _, pz, ub = _fw.forward(hidden, weight, bias, targets, scale, softcap, 1.0, False, False)
+    valid = (targets >= 0) & (targets < weight.shape[0])
+    k = torch.where(valid, coef, 0.0)
+    zeros = torch.zeros_like(lse)
+    dh, dw, db = _bw.backward(hidden, weight, bias, targets, lse, pz, ub, k[0] + 2.0 * k[3] * lse,
+                              -k[1], zeros, zeros, scale, softcap, 1.0, False, False, 0.0,
+                              need_h, need_w, need_b)
+    total = torch.where(k[0] != 0, k[0] * lse - k[1] * zt + k[3] * lse.square(), 0.0).sum()
+    return total, lse, dh, dw, db
+
+
+@fused_loss_op.register_fake
+def _(hidden, weight, bias, targets, coef, scale, softcap, memory_budget, need_h, need_w, need_b):
+    f = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    return (f.new_empty(()), f, torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else hidden.new_empty(0),
+            torch.empty_like(bias) if need_b else hidden.new_empty(0))
+
+
+fused_loss_op.register_autograd(plan.fused_backward, setup_context=plan.fused_setup_context)
+
+
+def fused_loss(hidden, weight, bias, targets, coef, opts: Options):
+    """A training call on the Triton path (same contract as :func:`cutce.torch_impl.fused_loss`;
+    label smoothing 0, bfloat16 or float32)."""
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    need = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias)]
+    total, lse, *_ = fused_loss_op(hidden, weight, bias, targets.contiguous(),
+                                   coef.detach().float(), opts.logit_scale,
+                                   opts.softcap or 0.0, opts.memory_budget, *need)
+    return total, lse
 
 
 def linear_lse_parts(hidden, weight, bias, targets, opts: Options):

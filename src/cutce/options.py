@@ -16,6 +16,10 @@ IMPLS = ("auto", "torch", "triton")
 # treated as zero when filtering is asked for (roughly the dtype's rounding unit).
 AUTO_FILTER_EPS = {"bfloat16": 2.0**-12, "float16": 2.0**-15, "float32": 2.0**-24, "float64": 2.0**-24}
 
+# Extra memory a training call may use beyond the gradients, as a fraction of their size (see
+# cutce.plan for what it buys, docs/benchmarks.md for time against it).
+DEFAULT_MEMORY_BUDGET = 2.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -38,9 +42,10 @@ class Options:
         filter_eps: None for exact gradients, else the probability under which a class that is
             no row's target is skipped by the backward when it is below it for every row
             (resolved from "auto" by the api).
-        deterministic: bitwise-reproducible gradients (no order-dependent float atomics).
         need_entropy: the backend must also produce sum_j p_ij z_ij.
         chunk_bytes: memory budget of one chunk of logits on the torch path (None = default).
+        memory_budget: extra memory of a training call beyond the gradients, as a fraction of
+            their size; picks the strategy (see cutce.plan).
     """
 
     ignore_index: int = -100
@@ -51,9 +56,9 @@ class Options:
     logit_scale: float = 1.0
     temperature: float = 1.0
     filter_eps: float | None = None
-    deterministic: bool = True
     need_entropy: bool = False
     chunk_bytes: int | None = None
+    memory_budget: float = DEFAULT_MEMORY_BUDGET
 
     @property
     def need_zsum(self) -> bool:

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import plan
 from .options import Options
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -207,6 +208,122 @@ def _parts_op_backward(ctx, g_lse, g_zt, g_zsum, g_pz):
 
 
 _parts_op.register_autograd(_parts_op_backward, setup_context=_setup_context)
+
+
+# ---- fused strategy (see cutce.plan): gradients formed in the forward, scaled in the backward --
+
+class _FusedCfg(NamedTuple):
+    logit_scale: float
+    softcap: float | None
+    need_zsum: bool
+    memory_budget: float
+    chunk_bytes: int | None
+    need_h: bool
+    need_w: bool
+    need_b: bool
+
+
+_FUSED_SCHEMA = ("float logit_scale, float? softcap, bool need_zsum, float memory_budget, "
+                 " int? chunk_bytes, bool need_h, bool need_w, bool need_b")
+
+
+def _fused(hidden, weight, bias, targets, coef, cfg: _FusedCfg):
+    cdt = compute_dtype(hidden.dtype)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    w = weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    opts = _Cfg(cfg.logit_scale, cfg.softcap, 1.0, False, False, None)
+    total = hidden.new_zeros((), dtype=cdt)
+    lse = hidden.new_empty(n, dtype=cdt)
+    dh = torch.empty_like(hidden) if cfg.need_h else hidden.new_empty(0)
+    dw = torch.zeros_like(w) if cfg.need_w else hidden.new_empty(0)
+    db = lse.new_zeros(vocab) if cfg.need_b else hidden.new_empty(0)
+    # The plan is made at run time (compile never specializes on n); below the fused plan's
+    # smallest chunk, the chunk of the recompute strategy (same temporaries) is used.
+    p = plan.plan(n, vocab, hidden.shape[1], hidden.dtype, "torch", True, cfg.memory_budget,
+                  cfg.need_h, cfg.need_w, cfg.chunk_bytes)
+    rows = p.chunk_n if p.fused else chunk_rows(n, vocab, cdt, cfg.chunk_bytes)
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        h = hidden[s:e].to(cdt)
+        k = coef[:, s:e].to(cdt)  # per-row coefficients of lse, -zt, -mean_j z, lse^2
+        z, capped = _logits(h, w, b, opts)
+        idx, valid = _valid_targets(targets[s:e], vocab)
+        zt = torch.where(valid, z.gather(1, idx).squeeze(1), 0.0)
+        zmean = z.mean(dim=1) if cfg.need_zsum else None
+        # z becomes p in place: one chunk x V temporary (two with softcap)
+        m = z.amax(dim=1, keepdim=True)
+        p = z.sub_(m).exp_()
+        tot = p.sum(dim=1, keepdim=True)
+        p.div_(tot)
+        l_rows = (m + tot.log()).squeeze(1)
+        lse[s:e] = l_rows
+        loss = k[0] * l_rows - k[1] * zt + k[3] * l_rows.square()
+        if zmean is not None:
+            loss = loss - k[2] * zmean
+        total += torch.where(valid & (k[0] != 0), loss, 0.0).sum()
+        # d loss_i / d z_ij = (k0 + 2 k3 lse_i) p_ij - k1 [j = t_i] - k2 / V
+        dz = p.mul_((k[0] + 2.0 * k[3] * l_rows)[:, None])
+        dz.scatter_add_(1, idx, torch.where(valid, -k[1], 0.0).unsqueeze(1))
+        if zmean is not None:
+            dz -= k[2, :, None] / vocab
+        if capped is not None:
+            dz *= 1.0 - capped.square_()
+        if cfg.logit_scale != 1.0:
+            dz *= cfg.logit_scale
+        if cfg.need_h:
+            dh[s:e] = (dz @ w).to(hidden.dtype)
+        if cfg.need_w:
+            dw.addmm_(dz.T, h)
+        if cfg.need_b:
+            db += dz.sum(dim=0)
+    dw = dw.to(weight.dtype) if cfg.need_w else dw
+    db = db.to(bias.dtype) if cfg.need_b else db
+    return total, lse, dh, dw, db
+
+
+@torch.library.custom_op(
+    "cutce::torch_fused_loss", mutates_args=(),
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor coef, "
+           f"{_FUSED_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _fused_op(hidden, weight, bias, targets, coef, *cfg):
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _fused(hidden, weight, bias, targets, coef, _FusedCfg(*cfg))
+
+
+@_fused_op.register_fake
+def _(hidden, weight, bias, targets, coef, *cfg):
+    c = _FusedCfg(*cfg)
+    cdt = compute_dtype(hidden.dtype)
+    return (hidden.new_empty((), dtype=cdt), hidden.new_empty(hidden.shape[0], dtype=cdt),
+            torch.empty_like(hidden) if c.need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if c.need_w else hidden.new_empty(0),
+            torch.empty_like(bias) if c.need_b else hidden.new_empty(0))
+
+
+_fused_op.register_autograd(plan.fused_backward, setup_context=plan.fused_setup_context)
+
+
+def fused_loss(hidden, weight, bias, targets, coef, opts: Options):
+    """A training call on the torch path: the loss's total and its gradients in one pass.
+
+    Args:
+        hidden (N, D), weight (V, D), bias (V,) or None, targets (N,) int64 as in
+        :func:`linear_lse_parts`; coef (4, N) float: each row's coefficients (k0, k1, k2, k3) of
+        lse, -zt, -mean_j z and lse^2 in the total (0 for ignored rows; token weights, label
+        smoothing, z-loss and "mean"'s 1/denominator folded in by the api). The chunk of tokens
+        comes from :func:`cutce.plan.plan` with opts.memory_budget.
+
+    Returns:
+        (total, lse): total = sum_i k0 lse_i - k1 zt_i - k2 mean_j z_ij + k3 lse_i^2 (0-dim,
+        float32/float64), differentiable w.r.t. hidden, weight and bias (its backward scales the
+        gradients formed here); lse (N,) not differentiable.
+    """
+    need = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias)]
+    cfg = _FusedCfg(float(opts.logit_scale), opts.softcap, opts.need_zsum,
+                    float(opts.memory_budget), opts.chunk_bytes, *need)
+    total, lse, *_ = _fused_op(hidden, weight, bias, targets, coef.detach(), *cfg)
+    return total, lse
 
 
 def linear_lse_parts(hidden, weight, bias, targets, opts: Options):

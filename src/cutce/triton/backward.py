@@ -149,9 +149,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     chunk_n, chunk_v = workspace.chunk_sizes(n, n_cls, v, d, dt, need_h, need_w, split, tail,
                                              cls is not None, cfg.block_v)
     acc = workspace.HiddenGradAccumulator(dh, chunk_n, split) if need_h and not f32 else None
-    # The interpreter truncates float32 -> bfloat16 instead of rounding to nearest as the GPU
-    # does: let it write float32 and round with torch, so CPU tests see the GPU's rounding.
-    ws_dtype = torch.float32 if configs.interpreting() else dt
+    ws_dtype = configs.workspace_dtype(dt)  # the GPU's rounding in CPU tests, see configs
     space = workspace.DzWorkspace(chunk_n, chunk_v, ws_dtype, dev,
                                   dw if tail and chunk_n == n else None, cfg.block_v)
     tma = cls is None and configs.use_tma(hidden, weight)

@@ -115,6 +115,14 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 # Tests set this to fill every launcher allocation with NaN, so unwritten memory shows up.
 POISON = False
+# The interpreter truncates float32 -> 16-bit stores instead of rounding to nearest as the GPU
+# does: workspaces of 16-bit values are kept in float32 there (tests may turn this off to walk
+# the 16-bit-only code paths, at a truncation's error).
+INTERPRETER_F32_WORKSPACE = True
+
+
+def workspace_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if interpreting() and INTERPRETER_F32_WORKSPACE else dtype
 
 # Tensor-memory-accelerator loads: None = wherever they can run (see use_tma); tests and tuning
 # force True/False (env CUTCE_TMA=0/1 for tuning runs).

@@ -147,16 +147,17 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
             USE_TMA=tma, FLATTEN=tma and configs.flatten(), EVEN_V=v % cfg.block_v == 0,
             NEED_ZT=need_zt, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     m, s, zt, zs, a = part.unbind(0)
-    if n_splits == 1:
-        lse = m[0] + torch.log(s[0])
-        pz = a[0] / s[0]
-    else:
-        mx = m.amax(0)
-        w = torch.exp(m - mx)
-        tot = (s * w).sum(0)
-        lse = mx + torch.log(tot)
-        pz = (a * w).sum(0) / tot
+    lse, pz = combine_splits(m, s, a)
     return lse, zt.sum(0) if need_zt else zt_rows, zs.sum(0), pz, ub
+
+
+def combine_splits(m, s, a=None):
+    """Per row, from its vocabulary splits' running max m, sum of exp(z - m) s and sum of
+    exp(z - m) * z a (each (splits, N)): lse, and sum_j p_j z_j (None without a)."""
+    mx = m.amax(0)
+    w = torch.exp(m - mx)
+    tot = (s * w).sum(0)
+    return mx + torch.log(tot), None if a is None else (a * w).sum(0) / tot
 
 
 @triton.jit

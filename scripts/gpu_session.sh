@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One GPU session's checks, each part sized for one 10-minute device call:
+#   bash scripts/gpu_session.sh tests     # GPU tests of what landed last (kernels, fused, grads)
+#   bash scripts/gpu_session.sh budget    # time/memory vs memory_budget (scripts/budget_sweep.py)
+#   bash scripts/gpu_session.sh peers     # cutce bench tables with every peer (carry .whl/)
+#   bash scripts/gpu_session.sh compile   # transformers: compiled vs eager patched step
+# Logs and CSVs go to $OUT.
+set -o pipefail
+export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+[ -d .whl ] && { pip install -q --no-deps --no-index --target /tmp/site .whl/*.whl >/dev/null 2>&1 \
+  || echo "peers' wheels not installed"; }
+case "$1" in
+  tests)
+    python -m pytest -q -p no:cacheprovider -x tests/test_requires_grad.py tests/test_fused.py \
+      tests/test_triton.py tests/test_log_probs.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+  budget)
+    python scripts/budget_sweep.py "${@:2}" 2>&1 | grep -v Warning | tee "$OUT/budget.log" ;;
+  peers)
+    for s in ${2:-gemma2-2b llama3-8b}; do
+      python -m cutce.cli bench --device cuda --shape $s --data zipf \
+        --providers cutce-triton cutce-triton-recompute torch-compile liger apple-cce-exact \
+        --repeats 5 --warmup 2 --out "$OUT" --no-plot 2>&1 | grep -v Warning
+    done ;;
+  compile)
+    python scripts/compile_step.py 2>&1 | grep -v Warning | tee "$OUT/compile.log" ;;
+  *) echo "usage: $0 tests|budget|peers|compile"; exit 2 ;;
+esac

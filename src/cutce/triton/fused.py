@@ -1,0 +1,242 @@
+"""Fused strategy (see cutce.plan): each token chunk's logits are computed once, and dE, dC and
+dbias are formed from them in the forward; three N x D x V products instead of four.
+
+The softmax needs each row's lse, which is only known after the whole vocabulary, so the logit
+kernel cannot write p = exp(z - lse) directly. It writes instead, for every class j of row i,
+
+    X_ij = exp(z_ij - c_i) * f_ij        (16-bit, the inputs' dtype)
+
+with a reference c_i known in advance: the row's target logit (from the small gather kernel);
+f_ij = 1 - tanh^2 is the softcap derivative (1 without softcap). Since p_ij = X_ij / f_ij *
+exp(c_i - lse_i), the logit gradient is a per-row rescaling of X, dz_ij = s_i X_ij with
+s_i = (k0_i + 2 k3_i lse_i) * exp(c_i - lse_i) * logit_scale (k: the row's coefficients
+of lse and lse^2 in the total), except at the
+target, whose entry is rewritten once lse is known (so that the -1 of the one-hot is computed
+in float32 from the tiles' own target logit, not subtracted from a rounded value). Then, with
+cuBLAS:
+
+    dE[chunk] = s * (X @ C)                 (float32 output, scaled and rounded once)
+    dC       += X^T @ (s * E[chunk])        (float32 accumulator across chunks: never rounded
+                                             to 16 bits between chunks)
+
+X's precision is that of a 16-bit dz (relative 2^-9), whatever the magnitude: exp(z - c) only
+overflows when p_target < e^-80 (a loss above 80 nats); such rows are detected from lse and
+their X rows rewritten with c_i = lse_i by a second launch of the same kernel, in which every
+program without such a row exits at once (no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .backward import _accumulate_f32
+from .common import logit_tile, logit_tile_desc, tma_descriptor
+from .forward import combine_splits, target_logits
+
+# exp(z - c) is clamped at e^CLAMP (bf16 and float32 hold up to e^88); rows whose lse exceeds c
+# by more are rewritten with c = lse. float16 (max e^11) is not fused: see cutce.plan.
+CLAMP = 80.0
+
+
+@triton.jit
+def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, ok_ptr, x_ptr, part_ptr,
+                         n0, n1, V, D, stride_h, stride_w, stride_x, scale, softcap,
+                         tiles_per_split, n_row_blocks, clamp,
+                         HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+                         FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, REFILL: tl.constexpr):
+    # Row blocks vary fastest: the programs running together read the same weight tiles.
+    pid = tl.program_id(0)
+    rb = pid % n_row_blocks
+    split = pid // n_row_blocks
+    n_splits = tl.num_programs(0) // n_row_blocks
+    rows = n0 + rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n1
+    # ok: rows whose X is written (REFILL: the rows to rewrite; else rows with a weight)
+    ok = tl.load(ok_ptr + rows - n0, mask=rmask, other=0) != 0  # c, ok: the chunk's rows
+    c = tl.load(c_ptr + rows - n0, mask=rmask, other=0.0)
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    n_tiles = tl.cdiv(V, BLOCK_V)
+    t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+    if REFILL:  # only blocks holding a row to rewrite do any work
+        t_hi = tl.where(tl.max(ok.to(tl.int32), 0) > 0, t_hi, t_lo)
+    for tile in tl.range(t_lo, t_hi, flatten=FLATTEN):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        cmask = cols < V
+        if USE_TMA:
+            z, t = logit_tile_desc(h_desc, w_desc, b_ptr, n0 + rb * BLOCK_N, tile * BLOCK_V, cols,
+                                   cmask, D, scale, softcap, 1.0, HAS_BIAS, SOFTCAP,
+                                   BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION)
+        else:
+            z, t = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_h,
+                              stride_w, scale, softcap, 1.0, HAS_BIAS, SOFTCAP, BLOCK_N,
+                              BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K)
+        if not REFILL:
+            if EVEN_V:
+                zm = z
+            else:
+                zm = tl.where(cmask[None, :], z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(zm, 1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new[:, None]), 1)
+            m = m_new
+            # The target logit as the tiles computed it: p_target must come from the same
+            # values as lse, or 1 - p_target loses its digits (the gather kernel's dot differs
+            # by ~1e-5 at D = 4096; dC error measured 3.5x larger with it).
+            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+        x = tl.exp(tl.minimum(z - c[:, None], clamp))
+        if SOFTCAP:
+            x = x * (1.0 - t * t)
+        x = tl.where(ok[:, None], x, 0.0)
+        out = x_ptr + (rows - n0).to(tl.int64)[:, None] * stride_x + cols[None, :]
+        smask = cmask[None, :] & rmask[:, None]
+        if REFILL:
+            smask = smask & ok[:, None]
+        tl.store(out, x.to(x_ptr.dtype.element_ty), mask=smask)
+    if not REFILL:
+        base = part_ptr + split * (n1 - n0) + (rows - n0)
+        tl.store(base, m, mask=rmask)
+        tl.store(base + n_splits * (n1 - n0), s, mask=rmask)
+        tl.store(base + 2 * n_splits * (n1 - n0), zt, mask=rmask)
+
+
+def _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softcap, cfg, n_splits,
+            tiles_per_split, refill, clamp):
+    v, d = weight.shape
+    n_row_blocks = triton.cdiv(n1 - n0, cfg.block_n)
+    tma = configs.use_tma(hidden, weight)
+    h_desc = tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden
+    w_desc = tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight
+    _fused_logits_kernel[(n_row_blocks * n_splits,)](
+        hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets, c, ok, x,
+        part,
+        n0, n1, v, d, hidden.stride(0), weight.stride(0), x.stride(0), scale, softcap,
+        tiles_per_split, n_row_blocks, clamp,
+        HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
+        PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
+        USE_TMA=tma, FLATTEN=tma and configs.flatten(), EVEN_V=v % cfg.block_v == 0,
+        REFILL=refill, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _mm_f32(a, b, out=None):
+    """a @ b with a float32 result and float32 accumulation (no 16-bit rounding of it)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    r = a.float() @ b.float()  # CPU (the interpreter's tests): no mixed-dtype mm there
+    return r if out is None else out.copy_(r)
+
+
+def _v_pad(v):
+    return triton.cdiv(v, 8) * 8  # X's rows 16-byte aligned
+
+
+def _x_buffer(dw, rows, v, dtype, in_place, device):
+    """(rows, v_pad) X for a chunk: in dC's own bytes (not written until the end) or its own."""
+    if in_place:
+        flat = dw.view(-1).view(torch.uint8)[: rows * _v_pad(v) * torch.finfo(dtype).bits // 8]
+        return flat.view(dtype).view(rows, _v_pad(v))
+    return torch.empty((rows, _v_pad(v)), device=device, dtype=dtype)
+
+
+def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_in_place,
+               need_h, need_w, need_b):
+    """The fused strategy on the Triton path (label smoothing 0; see cutce.plan).
+
+    Args: hidden (N, D), weight (V, D), bias (V,) or None: 16-bit or float32, unit inner stride;
+    targets (N,) int64; coef (4, N) float32: each row's coefficients (k0, k1, k2, k3) of lse,
+    -zt, -mean_j z (must be 0: no label smoothing here) and lse^2 in the total (0 for ignored
+    rows); scale, softcap (0 = off); chunk_n tokens per chunk; dc_in_place: X may live in dC's
+    bytes (more than one chunk, 16-bit, chunk_n * ceil8(V) <= V * D).
+
+    Returns: (total, lse, dh, dw, db): total = sum_i k0 lse_i - k1 zt_i + k3 lse_i^2 (0-dim
+    float32), lse (N,) float32, and d total / d (hidden, weight, bias) in the inputs' dtypes
+    (empty when not needed).
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dt = hidden.dtype
+    dev = hidden.device
+    cfg = configs.forward_tile(dt)
+    f32 = dict(device=dev, dtype=torch.float32)
+    lse = torch.empty(n, **f32)
+    dh = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
+    dw = torch.empty_like(weight) if need_w else hidden.new_empty(0)
+    db32 = torch.zeros(v, **f32) if need_b else None
+    chunks = triton.cdiv(n, chunk_n) if n else 0
+    # dC's running sum: float32 across chunks (the gradient itself for float32 weights)
+    acc = None
+    if need_w and chunks > 1:
+        acc = dw if dt == torch.float32 else torch.empty((v, d), **f32)
+    x_dtype = configs.workspace_dtype(dt)
+    in_place = (dc_in_place and acc is not None and acc is not dw and x_dtype == dt
+                and min(chunk_n, n) * _v_pad(v) <= v * d and dw.is_contiguous())
+    x_all = _x_buffer(dw, min(chunk_n, n), v, x_dtype, in_place, dev) if n else None
+    if configs.POISON and n and not in_place:
+        x_all.fill_(float("nan"))
+    valid = (targets >= 0) & (targets < v)
+    k = torch.where(valid, coef.float(), 0.0)
+    rw = k[0]
+    # c_i: the gather kernel's target logit, known before the tiles (any value near lse works)
+    zt = target_logits(hidden, weight, bias, targets, scale, softcap, 1.0)
+    zt_tiles = torch.zeros(n, **f32)
+    n_tiles = triton.cdiv(v, cfg.block_v)
+    clamp = CLAMP
+    for n0 in range(0, n, chunk_n):
+        n1 = min(n0 + chunk_n, n)
+        rows = n1 - n0
+        x = x_all[:rows]
+        n_splits = configs.vocab_splits(triton.cdiv(rows, cfg.block_n), n_tiles, dev,
+                                        triton.cdiv(rows, cfg.block_n))
+        tps = triton.cdiv(n_tiles, n_splits)
+        n_splits = triton.cdiv(n_tiles, tps)
+        part = torch.empty((3, n_splits, rows), **f32)
+        c = zt[n0:n1].contiguous()
+        ok = (rw[n0:n1] != 0).to(torch.int8)
+        _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softcap, cfg,
+                n_splits, tps, False, clamp)
+        l_rows = combine_splits(part[0], part[1])[0]
+        lse[n0:n1] = l_rows
+        zr = part[2].sum(0)  # the tiles' own target logit (0 for rows without a target)
+        zt_tiles[n0:n1] = zr
+        # Rows whose X was clamped (lse far above the target logit): rewrite them with c = lse.
+        far = (ok != 0) & (l_rows - c > clamp)
+        c = torch.where(far, l_rows, c)
+        _launch(hidden, weight, bias, targets, c, far.to(torch.int8), x, part, n0, n1, scale,
+                softcap, cfg, n_splits, tps, True, clamp)
+        r = rw[n0:n1]
+        g_lse = r + 2.0 * k[3, n0:n1] * l_rows
+        # where, not a product: an ignored row (NaN hidden state included) adds nothing
+        s = torch.where(r != 0, g_lse * torch.exp(c - l_rows) * scale, 0.0)
+        # The target entry, from float32 values: dz_t = scale * f_t * (g_lse * p_t - k1).
+        f_t = 1.0 - (zr / softcap).square() if softcap > 0 else 1.0
+        dz_t = scale * f_t * (g_lse * torch.exp(zr - l_rows) - k[1, n0:n1])
+        t_idx = torch.where(valid[n0:n1], targets[n0:n1], 0)
+        x_t = torch.where((s != 0) & valid[n0:n1], dz_t / torch.where(s != 0, s, 1.0), 0.0)
+        flat = torch.arange(rows, device=dev) * x.stride(0) + t_idx
+        x.view(-1).index_copy_(0, flat, x_t.to(x.dtype))  # one entry per row: order-free
+        xv = x[:, :v]
+        if need_h:
+            dh[n0:n1] = (_mm_f32(xv, weight) * s[:, None]).to(dt)
+        if need_w:
+            hs = torch.where(s[:, None] != 0, hidden[n0:n1].float() * s[:, None], 0.0).to(x_dtype)
+            if acc is None:
+                torch.mm(xv.T, hs, out=dw) if x_dtype == dt else dw.copy_(xv.T @ hs)
+            elif n0 == 0:
+                _mm_f32(xv.T, hs, out=acc)
+            else:
+                _accumulate_f32(acc, xv.T, hs)
+        if need_b:
+            db32 += (xv.T @ s.to(x_dtype)[:, None])[:, 0].float()
+    if acc is not None and acc is not dw:
+        dw.copy_(acc)  # X (in dC's bytes) is dead now
+    total = torch.where(rw != 0, rw * lse - k[1] * zt_tiles + k[3] * lse.square(), 0.0).sum()
+    db = db32.to(bias.dtype) if need_b else hidden.new_empty(0)
+    return total, lse, dh, dw, db
