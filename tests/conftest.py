@@ -19,3 +19,12 @@ def gen(request):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     return g
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast, and does not spin against other jobs on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,18 +13,16 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
 
 import cutce
 from cutce import linear_cross_entropy, linear_log_probs
+from spawn import run_workers
 
 WORLD = 3
 B, T, D, V = 2, 6, 8, 37
@@ -336,30 +334,10 @@ def _worker(rank, world, port, outdir):
     os._exit(0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    outdir = str(tmp_path_factory.mktemp("dist"))
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), outdir), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers did not finish in 240 s")
-    per_rank = []
-    for r in range(WORLD):
-        with open(os.path.join(outdir, f"rank{r}.json")) as f:
-            per_rank.append(json.load(f))
-    return per_rank
+    return run_workers(_worker, (WORLD,), WORLD, tmp_path_factory.mktemp("dist"), 240,
+                       "distributed workers")
 
 
 @pytest.mark.parametrize("section", ["world3", "world2", "dtensor", "fsdp2"])
@@ -485,27 +463,8 @@ def _disagree_worker(rank, world, port, outdir):
 
 @pytest.fixture(scope="module")
 def disagreements(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    outdir = str(tmp_path_factory.mktemp("disagree"))
-    ctx = mp.start_processes(_disagree_worker, args=(2, _free_port(), outdir), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 90
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail("workers whose options disagree did not finish in 90 s")
-    except ProcessException as e:  # e.g. a gloo abort on a collective mismatch
-        pytest.fail(f"a worker whose options disagree died: {e}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    results = []
-    for r in range(2):
-        with open(os.path.join(outdir, f"rank{r}.json")) as f:
-            results.append(json.load(f))
-    return results
+    return run_workers(_disagree_worker, (2,), 2, tmp_path_factory.mktemp("disagree"), 90,
+                       "workers whose options disagree")
 
 
 @pytest.mark.parametrize("key", list(DISAGREE))

@@ -20,11 +20,8 @@ VOCAB, T = 320, 12
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_dynamo(one_thread):  # one_thread: conftest.py
     yield
-    torch.set_num_threads(threads)
     torch._dynamo.reset()
 
 

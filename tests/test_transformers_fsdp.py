@@ -13,14 +13,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from spawn import run_workers
 
 WORLD = 2
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -110,26 +109,8 @@ def _worker(rank, port, outdir):
     os._exit(0)  # as tests/test_distributed.py: skip gloo's occasional abort at interpreter exit
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp2_patched_model_equals_single_process(tmp_path):
     pytest.importorskip("transformers")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("FSDP2 workers did not finish in 120 s")
-    failures = []
-    for r in range(WORLD):
-        with open(tmp_path / f"rank{r}.json") as f:
-            failures += [f"rank {r}: {msg}" for msg in json.load(f)]
+    per_rank = run_workers(_worker, (), WORLD, tmp_path, 120, "FSDP2 workers")
+    failures = [f"rank {r}: {msg}" for r, msgs in enumerate(per_rank) for msg in msgs]
     assert not failures, "\n".join(failures[:10])
