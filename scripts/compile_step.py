@@ -39,6 +39,7 @@ def parse():
         ap.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None,
                         help=f"default {value} on cuda, {CPU[key]} on cpu")
     ap.add_argument("--impl", default="auto", help="cutce impl (auto: Triton on CUDA, torch on CPU)")
+    ap.add_argument("--memory-budget", type=float, default=None, help="cutce memory_budget")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -114,7 +115,7 @@ def main():
                                     ("cutce", True, False), ("cutce", True, True)):
         torch._dynamo.reset()
         if patched and not ct.is_patched(model):
-            ct.patch(model, impl=args.impl)
+            ct.patch(model, impl=args.impl, memory_budget=args.memory_budget)
         fn = torch.compile(model, backend=args.backend) if compiled else model
         first, ms, peak, loss, grads = measure(fn, model, ids, labels, args, device)
         if ref is None:

@@ -36,10 +36,10 @@ def test_plan_minimum_budget_is_recompute():
                          ids=["gemma", "llama", "gemma-65k", "v32k"])
 def test_default_plan_fuses_within_budget(shape):
     n, v, d = shape
-    p = plan.plan(n, v, d, torch.bfloat16, "triton", True, plan.DEFAULT_MEMORY_BUDGET)
-    assert p.fused and p.dc_f32 and p.dc_in_place and p.chunk_n <= d
+    p = plan.plan(n, v, d, torch.bfloat16, "triton", True, None)
+    assert p.fused and p.dc_f32 and p.dc_in_place and 2048 <= p.chunk_n <= d
     extra = plan.fused_extra_bytes(n, v, d, torch.bfloat16, p.chunk_n, True, "triton")
-    assert extra <= plan.DEFAULT_MEMORY_BUDGET * plan.gradient_bytes(n, v, d, torch.bfloat16)
+    assert extra <= plan.DEFAULT_MEMORY_BUDGET["triton"] * plan.gradient_bytes(n, v, d, torch.bfloat16)
 
 
 def test_plan_small_budget_or_frozen_head_recomputes():
@@ -52,6 +52,20 @@ def test_plan_small_budget_or_frozen_head_recomputes():
 def test_plan_one_chunk_needs_no_accumulator():
     p = plan.plan(1024, 32768, 4096, torch.bfloat16, "triton", True, 2.0)
     assert p.fused and p.chunk_n == 1024 and not p.dc_f32 and not p.dc_in_place
+
+
+def test_plan_small_hidden_size_recomputes():
+    """D=1024: the largest chunk living in dC's bytes is too thin to win (measured on the H200)."""
+    assert not plan.plan(4092, 128256, 1024, torch.bfloat16, "triton", True, None).fused
+
+
+def test_torch_path_default_chunk_stays_within_native_memory():
+    """The CPU case of the docs: chunk temporaries within the gradients' size (budget 1.0)."""
+    n, v, d = 4096, 65536, 512
+    p = plan.plan(n, v, d, torch.float32, "torch", True, None)
+    assert p.fused and p.chunk_n == 256
+    assert plan.fused_extra_bytes(n, v, d, torch.float32, p.chunk_n, True, "torch") \
+        <= plan.gradient_bytes(n, v, d, torch.float32)
 
 
 # ---- numerics -----------------------------------------------------------------------------
@@ -159,7 +173,7 @@ def test_fused_rows_with_huge_loss(gen, monkeypatch, impl):
 def test_fused_backward_once_and_recompute_twice(gen, impl):
     h, w, t, b, _ = _inputs(gen, torch.float32)
     h.requires_grad_()
-    loss = cutce.linear_cross_entropy(h, w, t, b, impl=impl)
+    loss = cutce.linear_cross_entropy(h, w, t, b, impl=impl, memory_budget=10.0)  # fused
     (g,) = torch.autograd.grad(loss * 3.0, h, retain_graph=True)
     with pytest.raises(RuntimeError, match="memory_budget=0"):
         torch.autograd.grad(loss, h)

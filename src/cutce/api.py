@@ -49,7 +49,7 @@ def _filter_eps(filter_eps, dtype):
 def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                  softcap=None, logit_scale=1.0, temperature=1.0, filter_eps=None,
                  need_entropy=False, chunk_bytes=None,
-                 memory_budget=plan.DEFAULT_MEMORY_BUDGET) -> Options:
+                 memory_budget=None) -> Options:
     """Validate scalar options and bundle them (``dtype`` resolves ``filter_eps="auto"``)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         _fail("ignore_index", "an int", repr(ignore_index))
@@ -71,7 +71,7 @@ def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=
         filter_eps=_filter_eps(filter_eps, dtype),
         need_entropy=bool(need_entropy),
         chunk_bytes=chunk_bytes,
-        memory_budget=_check_real("memory_budget", memory_budget, lo=0.0),
+        memory_budget=None if memory_budget is None else _check_real("memory_budget", memory_budget, lo=0.0),
     )
 
 
@@ -190,7 +190,7 @@ def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, v
 def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
                          token_weights=None, shift=False, return_lse=False, filter_eps=None,
-                         impl="auto", memory_budget=plan.DEFAULT_MEMORY_BUDGET, chunk_bytes=None,
+                         impl="auto", memory_budget=None, chunk_bytes=None,
                          vocab_group=None,
                          vocab_start=None, reduce_hidden_grad=True):
     """Cross-entropy of a linear classifier's logits, without materializing the logits.
@@ -218,8 +218,10 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
             An explicit "triton" that cannot run raises and says why; "auto" with CUDA tensors
             whose Triton import fails warns once (naming the error) and runs the torch path.
         memory_budget: extra memory a training call may use beyond the gradients, as a
-            fraction of the gradients' size (default 2.0). Within it, a call whose gradient is
-            a scalar's (reduction "mean"/"sum", no return_lse, no filter_eps, no vocab_group)
+            fraction of the gradients' size (None: 2.0 on the Triton path, 1.0 on the torch
+            path, whose chunks gain nothing from more). Within it, a call whose gradient is
+            a scalar's (reduction "mean"/"sum", no return_lse, no filter_eps, no vocab_group;
+            on the Triton path also no label_smoothing and bfloat16/float32 inputs)
             computes each token chunk's logits once and forms dE and dC right away (three
             N x D x V products instead of four: faster, same exactness); below what that needs,
             or at 0, the backward recomputes the logits (memory: gradients + ~8%). See
@@ -318,15 +320,25 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
 
 def _fused_backend(backend, h2, weight, bias, opts):
     """The training-call function (gradients formed in the forward, see cutce.plan) when this
-    call can use it, else None. Decided from static facts only (never the number of tokens, so
-    that torch.compile does not specialize on it); the backend plans the chunks at run time."""
+    call can use it, else None. Under torch.compile only static facts decide (never the number
+    of tokens, so that compile does not specialize on it) and the backend plans at run time,
+    possibly running the recompute kernels inside; in eager code the plan decides here."""
     need = [t is not None and t.requires_grad for t in (h2, weight, bias)]
-    if opts.memory_budget <= 0 or not torch.is_grad_enabled() or not any(need):
+    if opts.memory_budget == 0 or not torch.is_grad_enabled() or not any(need):
         return None  # forward only: the recompute forward is already a single product
-    if backend is torch_impl.linear_lse_parts:
-        return torch_impl.fused_loss
-    if opts.label_smoothing or h2.dtype not in (torch.bfloat16, torch.float32):
+    triton_path = backend is not torch_impl.linear_lse_parts
+    if triton_path and (opts.label_smoothing or h2.dtype not in (torch.bfloat16, torch.float32)):
         return None  # the Triton fused kernel covers neither (documented on memory_budget)
+    if not torch.compiler.is_compiling():
+        # Eager: N is known, so a call the plan would not fuse keeps the recompute strategy's
+        # own backward (gradients allocated in the backward, not held from the forward on).
+        n, d = h2.shape
+        p = plan.plan(n, weight.shape[0], d, h2.dtype, "triton" if triton_path else "torch", True,
+                      opts.memory_budget, need[0], need[1], opts.chunk_bytes)
+        if not p.fused:
+            return None
+    if not triton_path:
+        return torch_impl.fused_loss
     from . import ops
     return ops.fused_loss
 

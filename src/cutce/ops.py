@@ -82,7 +82,7 @@ lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("cutce::fused_loss", mutates_args=())
 def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                  coef: Tensor, scale: float, softcap: float, memory_budget: float, need_h: bool, need_w: bool,
+                  coef: Tensor, scale: float, softcap: float, memory_budget: Optional[float], need_h: bool, need_w: bool,
                   need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A training call's (total, lse, dh, dw, db), gradients formed in the forward. The plan is
     made here, at run time, so that torch.compile never specializes on the number of tokens:

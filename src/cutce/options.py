@@ -16,9 +16,9 @@ IMPLS = ("auto", "torch", "triton")
 # treated as zero when filtering is asked for (roughly the dtype's rounding unit).
 AUTO_FILTER_EPS = {"bfloat16": 2.0**-12, "float16": 2.0**-15, "float32": 2.0**-24, "float64": 2.0**-24}
 
-# Extra memory a training call may use beyond the gradients, as a fraction of their size (see
-# cutce.plan for what it buys, docs/benchmarks.md for time against it).
-DEFAULT_MEMORY_BUDGET = 2.0
+# Extra memory a training call may use beyond the gradients, as a fraction of their size, per
+# backend when the user gives none (see cutce.plan for why, docs/benchmarks.md for time against it).
+DEFAULT_MEMORY_BUDGET = {"triton": 2.0, "torch": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Options:
         need_entropy: the backend must also produce sum_j p_ij z_ij.
         chunk_bytes: memory budget of one chunk of logits on the torch path (None = default).
         memory_budget: extra memory of a training call beyond the gradients, as a fraction of
-            their size; picks the strategy (see cutce.plan).
+            their size (None: the backend's default); picks the strategy (see cutce.plan).
     """
 
     ignore_index: int = -100
@@ -58,7 +58,7 @@ class Options:
     filter_eps: float | None = None
     need_entropy: bool = False
     chunk_bytes: int | None = None
-    memory_budget: float = DEFAULT_MEMORY_BUDGET
+    memory_budget: float | None = None
 
     @property
     def need_zsum(self) -> bool:

@@ -216,14 +216,14 @@ class _FusedCfg(NamedTuple):
     logit_scale: float
     softcap: float | None
     need_zsum: bool
-    memory_budget: float
+    memory_budget: float | None
     chunk_bytes: int | None
     need_h: bool
     need_w: bool
     need_b: bool
 
 
-_FUSED_SCHEMA = ("float logit_scale, float? softcap, bool need_zsum, float memory_budget, "
+_FUSED_SCHEMA = ("float logit_scale, float? softcap, bool need_zsum, float? memory_budget, "
                  " int? chunk_bytes, bool need_h, bool need_w, bool need_b")
 
 
@@ -321,7 +321,7 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options):
     """
     need = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias)]
     cfg = _FusedCfg(float(opts.logit_scale), opts.softcap, opts.need_zsum,
-                    float(opts.memory_budget), opts.chunk_bytes, *need)
+                    opts.memory_budget, opts.chunk_bytes, *need)
     total, lse, *_ = _fused_op(hidden, weight, bias, targets, coef.detach(), *cfg)
     return total, lse
 

@@ -58,7 +58,7 @@ def patch(model_or_class, **loss_options):
             future, are patched) or an instance (only it is patched), also inside a PEFT model
             (``peft.PeftModel``) or a ``torch.compile`` module, which are returned as given.
         **loss_options: passed on to ``linear_cross_entropy``: ``impl``, ``label_smoothing``,
-            ``z_loss``, ``filter_eps``, ``deterministic``, ``chunk_bytes``. The options the
+            ``z_loss``, ``filter_eps``, ``memory_budget``, ``chunk_bytes``. The options the
             model determines (ignore index, reduction, softcap, scale, shift) are not accepted.
 
     Returns:
