@@ -185,6 +185,7 @@ def _comm_volume(group, sizes):
     """Forward communication: the layout (2 ints) and one all-gather of k x N floats (no weight,
     no logits)."""
     import cutce.distributed as cd
+    from cutce import agreement
 
     h, w, b, t, *_ = _inputs({})
     rank = dist.get_rank(group)
@@ -197,7 +198,7 @@ def _comm_volume(group, sizes):
         cd._all_gather_flat = real
     # The layout's (start, size) and the call's fingerprint (a (kind, value) pair per field),
     # then (lse, zt, zsum, hidden fingerprint) per token.
-    want = [2 + 2 * len(cd._FIELDS), 4 * B * T]
+    want = [2 + 2 * len(agreement.FIELDS), 4 * B * T]
     return [] if seen == want else [f"all-gathered elements per call {seen}, expected {want}"]
 
 
@@ -483,15 +484,15 @@ def test_group_in_step_after_disagreements(disagreements):
 
 
 def test_disagreement_message_groups_ranks():
-    import cutce.distributed as cd
+    from cutce import agreement
     from cutce.options import Options
 
-    codes = [cd._call_codes(Options(label_smoothing=ls), False, False, True, _H, None)
+    codes = [agreement.call_codes(Options(label_smoothing=ls), False, False, True, _H, None)
              for ls in (0.1, 0.0, 0.0, 0.1, 0.2)]
     with pytest.raises(ValueError, match=r"^vocab_group ranks disagree on label_smoothing: ranks 0, 3 "
                        r"have 0\.1, ranks 1, 2 have 0\.0, rank 4 has 0\.2 \("):
-        cd._check_agreement(codes)
-    cd._check_agreement(codes[1:3])  # agreeing ranks: no error
+        agreement.check(codes)
+    agreement.check(codes[1:3])  # agreeing ranks: no error
     # -0.0 is the same option as 0.0
-    negative_zero = cd._call_codes(Options(label_smoothing=-0.0), False, False, True, _H, None)
-    cd._check_agreement([codes[1], negative_zero])
+    negative_zero = agreement.call_codes(Options(label_smoothing=-0.0), False, False, True, _H, None)
+    agreement.check([codes[1], negative_zero])

@@ -33,15 +33,13 @@ hang).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-import struct
 import sys
 
 import torch
 import torch.distributed as dist
 
-from .options import REDUCTIONS, Options
+from . import agreement
+from .options import Options
 
 __all__ = ["VocabSlice", "combine_parts", "resolve_vocab_parallel", "vocab_parallel_parts", "vocab_slice"]
 
@@ -188,139 +186,27 @@ def _check_sizes(sizes):
               f"local sizes {sizes}")
 
 
-# The call's fingerprint: what must be the same on every rank of the split, because it decides
-# the size or the number of the collectives that follow (label smoothing and entropy add rows to
-# the all-gather, shift and the hidden shape change N, the dtype and the grad mode decide the
-# backward's all-reduce) or because the replicated loss is only one loss if every rank forms the
-# same one. Every Options field is in it (a new option is checked without further code), then
-# the call's other keywords and the hidden states' layout. The list is fixed, so the exchange
-# that carries it has the same size on every rank whatever the options: it cannot mismatch.
-_DTYPES = ("float16", "bfloat16", "float32", "float64")
-_CHOICES = {"reduction": REDUCTIONS, "hidden dtype": _DTYPES, "torch.autocast": _DTYPES}
-_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(Options))
-_FIELDS = _OPTION_FIELDS + (
-    "shift", "return_lse", "reduce_hidden_grad", "token_weights given", "grad mode "
-    "(torch.is_grad_enabled())", "hidden.requires_grad", "hidden dtype", "torch.autocast",
-    "hidden size D", "tokens (hidden rows after shift)")
-_SHAPE_FIELDS = frozenset(_FIELDS[-2:])
-_NONE, _BOOL, _INT, _FLOAT, _STR = range(5)
-_INT64 = (-(2**63), 2**63 - 1)
-
-
-def _encode(name, value) -> tuple[int, int]:
-    """One field as (kind, payload) int64s: exact (floats by their bits), None distinct."""
-    if value is None:
-        return _NONE, 0
-    if isinstance(value, bool):
-        return _BOOL, int(value)
-    if isinstance(value, int):
-        return _INT, min(max(value, _INT64[0]), _INT64[1])
-    if isinstance(value, float):  # + 0.0: -0.0 and 0.0 are the same option
-        return _FLOAT, struct.unpack("<q", struct.pack("<d", value + 0.0))[0]
-    if isinstance(value, str):
-        choices = _CHOICES.get(name, ())
-        return _STR, choices.index(value) if value in choices else -1
-    raise TypeError(f"cutce: cannot fingerprint {name}={value!r}")  # a new kind of Options field
-
-
-def _decode(name, kind, payload):
-    if kind == _NONE:
-        return None
-    if kind == _BOOL:
-        return bool(payload)
-    if kind == _FLOAT:
-        return struct.unpack("<d", struct.pack("<q", payload))[0]
-    if kind == _STR:
-        choices = _CHOICES.get(name, ())
-        return choices[payload] if 0 <= payload < len(choices) else "<other>"
-    return payload
-
-
-def _eager(fn):
-    """``torch.compiler.disable(fn)``, built at the first call: decorating at import time would
-    import torch._dynamo (and Triton with it) whenever cutce is imported, which is slow and,
-    before TRITON_INTERPRET is set, switches Triton's interpreter off."""
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        return _disabled(fn)(*args, **kwargs)
-
-    return call
-
-
-@functools.lru_cache(maxsize=None)
-def _disabled(fn):
-    return torch.compiler.disable(fn)
-
-
-# Host-side bookkeeping, run eagerly under torch.compile (which would trace struct's bytes and
-# the option floats symbolically); its all-gather is a graph break anyway (a host sync).
-@_eager
-def _call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weights):
-    """This rank's call as 2 * len(_FIELDS) int64s (all None when ``opts`` is None)."""
-    if opts is None:
-        return [0] * (2 * len(_FIELDS))
-    is_tensor = isinstance(hidden, torch.Tensor)
-    dtype = str(hidden.dtype).removeprefix("torch.") if is_tensor else None
-    device = hidden.device.type if is_tensor else None
-    autocast = (str(torch.get_autocast_dtype(device)).removeprefix("torch.")
-                if device is not None and torch.is_autocast_enabled(device) else None)
-    rows = d = -1
-    if is_tensor and hidden.dim() >= (2 if shift else 1):
-        lead = hidden.shape[:-1]
-        rows = math.prod(lead[:-1]) * (lead[-1] - 1) if shift else math.prod(lead)
-        d = hidden.shape[-1]
-    grad = torch.is_grad_enabled()
-    values = [getattr(opts, name) for name in _OPTION_FIELDS] + [
-        bool(shift), bool(return_lse), reduce_hidden_grad, token_weights is not None, grad,
-        grad and is_tensor and hidden.requires_grad, dtype, autocast, d, rows]
-    return [c for name, v in zip(_FIELDS, values) for c in _encode(name, v)]
-
-
-def _check_agreement(codes):
-    """Raise the same ValueError on every rank if the ranks' fingerprints (W, 2F) differ."""
-    diff = []
-    for i, name in enumerate(_FIELDS):
-        per_rank = [_decode(name, row[2 * i], row[2 * i + 1]) for row in codes]
-        if any(row[2 * i:2 * i + 2] != codes[0][2 * i:2 * i + 2] for row in codes):
-            diff.append((name, per_rank))
-    if not diff:
-        return
-    name, per_rank = diff[0]
-    groups = {}
-    for r, v in enumerate(per_rank):
-        groups.setdefault(repr(v), []).append(r)
-    has = ", ".join(f"rank {rs[0]} has {v}" if len(rs) == 1 else
-                    f"ranks {', '.join(map(str, rs))} have {v}" for v, rs in groups.items())
-    more = f"; also on {', '.join(n for n, _ in diff[1:])}" if len(diff) > 1 else ""
-    hint = ("a vocabulary-parallel call needs the same hidden states on every rank; is the "
-            "weight an FSDP2-sharded parameter used outside its module's forward?"
-            if name in _SHAPE_FIELDS else
-            "a vocabulary-parallel call needs the same options, grad mode and inputs on every rank")
-    raise ValueError(f"vocab_group ranks disagree on {name}: {has}{more} ({hint})")
-
-
-@_eager
+@agreement.eager
 def _exchange(group, head, codes, device):
     """One all-gather of [*head, *codes] (fixed size on every rank); checks that the codes agree
     and returns every rank's head, in group-rank order."""
     mine = torch.tensor([list(head) + list(codes)], dtype=torch.int64, device=device)
     rows = _gather(mine, group).view(dist.get_world_size(group), -1).tolist()
-    _check_agreement([row[len(head):] for row in rows])
+    agreement.check([row[len(head):] for row in rows])
     return [row[:len(head)] for row in rows]
 
 
 def vocab_slice(group, local_vocab: int, vocab_start, device, reduce_hidden_grad=True,
                 codes=None) -> VocabSlice:
     """This rank's [start, stop) and the global V, from one all-gather of (start, size) pairs
-    and the call's fingerprint (``codes``, from :func:`_call_codes`; None: all fields None).
+    and the call's fingerprint (``codes``, from :func:`cutce.agreement.call_codes`; None: all fields None).
 
-    Done on every call (2 + 2 * len(_FIELDS) int64 per rank, plus a host sync): a cache keyed by
+    Done on every call (2 + 2 * len(agreement.FIELDS) int64 per rank, plus a host sync): a cache keyed by
     anything a rank knows alone (its slice size) is unsound, since a rank whose key hits would
     skip the collective that a rank whose key misses waits in. Every rank checks the gathered
     layout and fingerprints, so a bad one raises on every rank alike.
     """
-    codes = _call_codes(None, False, False, True, None, None) if codes is None else codes
+    codes = agreement.call_codes(None, False, False, True, None, None) if codes is None else codes
     pairs = _exchange(group, (-1 if vocab_start is None else vocab_start, local_vocab), codes, device)
     sizes = [n for _, n in pairs]
     _check_sizes(sizes)
@@ -459,7 +345,7 @@ def resolve_vocab_parallel(hidden, weight, bias, targets, token_weights, vocab_g
     hidden, targets, token_weights = plain
     if vs is None and vocab_group is None:
         return hidden, weight, bias, targets, token_weights, None
-    codes = _call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weights)
+    codes = agreement.call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weights)
     if vs is None:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             _fail("weight", "a 2-D tensor (this rank's vocabulary slice)",
