@@ -224,7 +224,9 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
             on the Triton path also no label_smoothing and bfloat16/float32 inputs)
             computes each token chunk's logits once and forms dE and dC right away (three
             N x D x V products instead of four: faster, same exactness); below what that needs,
-            or at 0, the backward recomputes the logits (memory: gradients + ~8%). See
+            or at 0, the backward recomputes the logits (memory: gradients + ~8%). A fused
+            call's gradients are handed out once: backpropagating twice through the same loss
+            (retain_graph) raises; use memory_budget=0 for that. See
             :mod:`cutce.plan` and docs/benchmarks.md for time against budget.
         chunk_bytes: memory budget of one chunk of logits on the torch path (default 256 MiB).
         vocab_group: a torch.distributed ProcessGroup over which the classifier is split by
