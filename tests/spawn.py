@@ -47,3 +47,13 @@ def run_workers(worker, args, nprocs, outdir, seconds, what):
         with open(os.path.join(str(outdir), f"rank{r}.json")) as f:
             results.append(json.load(f))
     return results
+
+
+def finish_worker(rank, outdir, payload):
+    """A worker's last step: write its JSON, leave the group, and exit at once, skipping the
+    interpreter's finalization, where gloo (torch 2.13) now and then aborts a process whose work
+    is done ("terminate called without an active exception")."""
+    with open(os.path.join(str(outdir), f"rank{rank}.json"), "w") as f:
+        json.dump(payload, f)
+    dist.destroy_process_group()
+    os._exit(0)

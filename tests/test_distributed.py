@@ -11,8 +11,6 @@ must raise the same ValueError naming the option, at once (never a gloo abort or
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import time
 import traceback
 
@@ -22,7 +20,7 @@ import torch.distributed as dist
 
 import cutce
 from cutce import linear_cross_entropy, linear_log_probs
-from spawn import run_workers
+from spawn import finish_worker, run_workers
 
 WORLD = 3
 B, T, D, V = 2, 6, 8, 37
@@ -327,12 +325,7 @@ def _worker(rank, world, port, outdir):
         section("dtensor", _dtensor_cases)
         section("fsdp2", lambda: _fsdp2_case(rank))
     finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(out, f)
-        dist.destroy_process_group()
-    # Skip interpreter finalization, where gloo (torch 2.13) now and then aborts a process whose
-    # work is done ("terminate called without an active exception").
-    os._exit(0)
+        finish_worker(rank, outdir, out)
 
 
 @pytest.fixture(scope="module")
@@ -456,10 +449,7 @@ def _disagree_worker(rank, world, port, outdir):
         except Exception:
             out["after"] = traceback.format_exc(limit=3)
     finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(out, f)
-        dist.destroy_process_group()
-    os._exit(0)
+        finish_worker(rank, outdir, out)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,13 @@ ranks of the single-process gradients (what data parallelism computes), for two 
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from spawn import run_workers
+from spawn import finish_worker, run_workers
 
 WORLD = 2
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -103,10 +101,7 @@ def _worker(rank, port, outdir):
     except Exception:
         failures.append(traceback.format_exc(limit=6))
     finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(failures, f)
-        dist.destroy_process_group()
-    os._exit(0)  # as tests/test_distributed.py: skip gloo's occasional abort at interpreter exit
+        finish_worker(rank, outdir, failures)
 
 
 def test_fsdp2_patched_model_equals_single_process(tmp_path):
