@@ -41,7 +41,11 @@ CASES = [
      "token_weights": True, "shift": True, "return_lse": True},
     {"bias": True, "softcap": 2.0, "logit_scale": 1.3, "label_smoothing": 0.2, "z_loss": 1e-2,
      "token_weights": True, "shift": True, "return_lse": True, "reduction": "none"},
+    # class weights: each rank passes its slice of them
+    {"class_weight": True}, {"class_weight": True, "label_smoothing": 0.2, "reduction": "none"},
+    {"class_weight": True, "label_smoothing": 0.1, "token_weights": True, "order": "reversed"},
 ]
+CW = torch.linspace(0.2, 2.0, V, dtype=torch.float64)
 
 
 def _inputs(case, seed=0):
@@ -65,7 +69,8 @@ def _inputs(case, seed=0):
 
 def _run(h, w, b, t, tw, g_loss, g_lse, case, **dist_kw):
     """Call, backprop an arbitrary upstream gradient, return (loss, lse, dh, dw, db)."""
-    opts = {k: v for k, v in case.items() if k not in ("bias", "token_weights", "targets", "order")}
+    opts = {k: v for k, v in case.items()
+            if k not in ("bias", "token_weights", "targets", "order", "class_weight")}
     h = h.detach().clone().requires_grad_()
     out = linear_cross_entropy(h, w, t, b, token_weights=tw, impl="torch", **opts, **dist_kw)
     loss, lse = out if case.get("return_lse") else (out, None)
@@ -96,7 +101,8 @@ def _vocab_cases(group, sizes):
         name = f"{case}"
         try:
             h, w, b, t, tw, gl, gs = _inputs(case)
-            want = _run(h, _leaf(w), _leaf(b), t, tw, gl, gs, case)
+            full = {"class_weight": CW} if case.get("class_weight") else {}
+            want = _run(h, _leaf(w), _leaf(b), t, tw, gl, gs, case, **full)
             block = world - 1 - rank if case.get("order") == "reversed" else rank
             start = sum(sizes[:block])
             sl = slice(start, start + sizes[block])
@@ -105,6 +111,8 @@ def _vocab_cases(group, sizes):
                 kw["vocab_start"] = start
             if "reduce_hidden_grad" in case:
                 kw["reduce_hidden_grad"] = case["reduce_hidden_grad"]
+            if case.get("class_weight"):
+                kw["class_weight"] = CW[sl]
             got = _run(h, _leaf(w[sl]), _leaf(None if b is None else b[sl]), t, tw, gl, gs,
                        {k: v for k, v in case.items() if k != "reduce_hidden_grad"}, **kw)
             dh = got[2]
@@ -413,6 +421,8 @@ DISAGREE = {
     "need_entropy": _kw_case("need_entropy", True, False, key="return_entropy", fn=linear_log_probs),
     "token_weights": ("token_weights given", True, False,
                       lambda r, g: _split_call(r, g, token_weights=_on0(r, _TW, None))),
+    "class_weight": ("class_weight given", True, False,
+                     lambda r, g: _split_call(r, g, class_weight=_on0(r, CW[:20], None))),
     "grad mode": ("grad mode (torch.is_grad_enabled())", False, True, _grad_mode_call),
     "requires_grad": ("hidden.requires_grad", True, False,
                       lambda r, g: _split_call(r, g, h=_H.clone().requires_grad_(r == 0))),

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import distributed, plan, torch_impl
+from . import distributed, loss, plan, torch_impl
 from .options import AUTO_FILTER_EPS, IMPLS, REDUCTIONS, Options
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -190,7 +190,7 @@ def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, v
 def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
                          token_weights=None, shift=False, return_lse=False, filter_eps=None,
-                         impl="auto", memory_budget=None, chunk_bytes=None,
+                         impl="auto", memory_budget=None, chunk_bytes=None, class_weight=None,
                          vocab_group=None,
                          vocab_start=None, reduce_hidden_grad=True):
     """Cross-entropy of a linear classifier's logits, without materializing the logits.
@@ -205,6 +205,8 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
         label_smoothing: ls in [0, 1]. z_loss: coefficient of lse**2, >= 0.
         softcap: None or > 0 (Gemma 2/3). logit_scale: > 0, applied before softcap.
         token_weights: (*) float per-token weights w_i, or None.
+        class_weight: (V,) float per-class weights c (PyTorch's ``weight=`` of F.cross_entropy;
+            not differentiated), or None. With a vocabulary split, this rank's slice of them.
         shift: next-token prediction: ``hidden[..., :-1, :]`` predicts ``targets[..., 1:]``.
         return_lse: also return the per-token log-sum-exp (float32, differentiable).
         filter_eps: None (default) gives exact gradients. A float in (0, 1] or "auto" (2^-12 for
@@ -253,6 +255,12 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
             "none" -> loss_i with targets' shape (after shift); "sum" -> sum_i loss_i
             "mean" -> sum_i loss_i / sum_valid w_i, and 0.0 (zero gradients) when nothing is valid
 
+        With class_weight c, as F.cross_entropy(z, targets, weight=c, label_smoothing=ls)::
+
+            loss_i = (1 - ls) * c[target] * (lse - z[target])
+                     + ls / V * (c.sum() * lse - (z * c).sum(-1)) + z_loss * lse**2
+            "mean" -> sum_i w_i loss_i / sum_valid w_i c[target_i]
+
         lse has targets' shape (after shift), float32 (float64 for float64 inputs).
 
     Reproducibility: no backend uses floating-point atomics or another order-dependent
@@ -276,48 +284,82 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
     # per-token values nobody else sees (no lse out, no differentiable token weights).
     fusable = (opts.reduction != "none" and not return_lse and opts.filter_eps is None
                and not (isinstance(token_weights, torch.Tensor) and token_weights.requires_grad))
-    parts, t1, w1, out_shape, vocab = compute_parts(
-        hidden, weight, targets, bias, token_weights, shift, impl, opts,
-        vocab_group, vocab_start, reduce_hidden_grad, return_lse=return_lse, fusable=fusable)
-    if isinstance(parts, _Fused):
-        return parts.total
-    loss = _loss_from_parts(parts, t1, w1, opts, vocab)
-    loss = loss.reshape(out_shape) if opts.reduction == "none" else loss
-    return (loss, parts[0].reshape(out_shape)) if return_lse else loss
+    call = compute_parts(
+        hidden, weight, targets, bias, token_weights, shift, impl, opts, vocab_group,
+        vocab_start, reduce_hidden_grad, return_lse=return_lse, fusable=fusable,
+        class_weight=class_weight)
+    if isinstance(call.parts, _Fused):
+        return call.parts.total
+    out = loss.loss_from_parts(call.parts, call.targets, call.token_weights, opts, call.vocab,
+                               call.class_weight)
+    out = out.reshape(call.out_shape) if opts.reduction == "none" else out
+    return (out, call.parts[0].reshape(call.out_shape)) if return_lse else out
 
 
 class _Fused(NamedTuple):
     total: torch.Tensor  # the reduced loss, from the fused strategy
 
 
+class Call(NamedTuple):
+    """What :func:`compute_parts` returns: the parts (or ``_Fused``), flat targets and token
+    weights, the output shape, the global V and the class weights (None without)."""
+
+    parts: object
+    targets: torch.Tensor
+    token_weights: torch.Tensor | None
+    out_shape: torch.Size
+    vocab: int
+    class_weight: loss.ClassWeights | None
+
+
+def _class_weights(class_weight, t1, weight, vs, opts, dtype):
+    """Validate class_weight (this rank's slice under a vocabulary split) and derive its terms."""
+    local_v = weight.shape[0]
+    if not isinstance(class_weight, torch.Tensor) or not class_weight.is_floating_point():
+        _fail("class_weight", "None or a float tensor", getattr(class_weight, "dtype", type(class_weight)))
+    if class_weight.shape != (local_v,):
+        what = "this rank's vocabulary slice" if vs is not None else "weight's rows"
+        _fail("class_weight", f"shape ({local_v},) ({what})", tuple(class_weight.shape))
+    if class_weight.device != weight.device:
+        _fail("class_weight device", f"weight's device {weight.device}", class_weight.device)
+    if class_weight.requires_grad:
+        _fail("class_weight", "a tensor that does not require grad (it is not differentiated)",
+              "requires_grad=True")
+    return loss.class_weight_terms(class_weight.detach().to(dtype), t1, opts.ignore_index, vs)
+
+
 def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opts: Options,
                   vocab_group=None, vocab_start=None, reduce_hidden_grad=True, return_lse=False,
-                  fusable=False):
+                  fusable=False, class_weight=None) -> Call:
     """Validate, flatten and dispatch: the backend contract's parts for a public function.
 
-    Returns (parts, flat targets, flat token_weights, output shape, global V). With ``fusable``
-    (the caller reduces the loss to a scalar, see linear_cross_entropy) and a plan that fuses,
-    parts is a ``_Fused`` holding the reduced loss instead.
+    With ``fusable`` (the caller reduces the loss to a scalar, see linear_cross_entropy) and a
+    plan that fuses, parts is a ``_Fused`` holding the reduced loss instead.
     """
     # Vocabulary parallelism (vocab_group, DTensor weight): vs locates this rank's slice (None if
     # not split). Collective when split, so every rank must make this call; it checks that every
     # rank passed the same options (opts, shift, return_lse, grad mode, ...).
     hidden, weight, bias, targets, token_weights, vs = distributed.resolve_vocab_parallel(
         hidden, weight, bias, targets, token_weights, vocab_group, vocab_start, reduce_hidden_grad,
-        opts=opts, shift=shift, return_lse=return_lse)
+        opts=opts, shift=shift, return_lse=return_lse, class_weight=class_weight)
     h2, weight, bias, t1, w1, out_shape = prepare(
         hidden, weight, targets, bias, token_weights, shift, opts.ignore_index,
         vocab=None if vs is None else vs.vocab)
+    vocab = weight.shape[0] if vs is None else vs.vocab
+    cdt = torch_impl.compute_dtype(h2.dtype)
+    cw = None if class_weight is None else _class_weights(class_weight, t1, weight, vs, opts, cdt)
+    zsum_cw = cw.local if cw is not None and opts.need_zsum else None  # only smoothing reads it
     backend = _backend(impl, h2)
     fused = _fused_backend(backend, h2, weight, bias, opts) if fusable and vs is None else None
     if fused is not None:
-        coef = _row_coefs(t1, w1, opts, torch_impl.compute_dtype(h2.dtype))
-        parts = _Fused(fused(h2, weight, bias, t1, coef, opts)[0])
+        coef = loss.row_coefs(t1, w1, opts, cdt, cw, vocab)
+        parts = _Fused(fused(h2, weight, bias, t1, coef, opts, class_weight=zsum_cw)[0])
     elif vs is None:
-        parts = backend(h2, weight, bias, t1, opts)
+        parts = backend(h2, weight, bias, t1, opts, class_weight=zsum_cw)
     else:
-        parts = distributed.vocab_parallel_parts(backend, h2, weight, bias, t1, opts, vs)
-    return parts, t1, w1, out_shape, weight.shape[0] if vs is None else vs.vocab
+        parts = distributed.vocab_parallel_parts(backend, h2, weight, bias, t1, opts, vs,
+                                                 class_weight=zsum_cw)
+    return Call(parts, t1, w1, out_shape, vocab, cw)
 
 
 def _fused_backend(backend, h2, weight, bias, opts):
@@ -345,38 +387,6 @@ def _fused_backend(backend, h2, weight, bias, opts):
     return ops.fused_loss
 
 
-def _row_coefs(targets, token_weights, opts: Options, dtype):
-    """(4, N) coefficients of each row's lse, -zt, -mean_j z and lse^2 in the reduced loss: the
-    token weight (0 if ignored), label smoothing, z-loss and "mean"'s 1/sum folded in. Tensors,
-    not float arguments of the op, so that compile does not specialize on the option values."""
-    valid = targets != opts.ignore_index
-    w = valid.to(dtype) if token_weights is None else torch.where(valid, token_weights.to(dtype), 0.0)
-    if opts.reduction == "mean":
-        denom = w.sum()
-        w = w / torch.where(denom == 0, 1.0, denom)
-    ls = opts.label_smoothing
-    return torch.stack([w, (1.0 - ls) * w, ls * w, opts.z_loss * w])
-
-
-def _loss_from_parts(parts, targets, token_weights, opts: Options, vocab):
-    lse, zt, zsum, _ = parts
-    ls = opts.label_smoothing
-    loss = lse - zt if ls == 0.0 else (1.0 - ls) * (lse - zt) + ls * (lse - zsum / vocab)
-    if opts.z_loss:
-        loss = loss + opts.z_loss * lse.square()
-    valid = targets != opts.ignore_index
-    w = valid.to(loss.dtype) if token_weights is None else torch.where(valid, token_weights.to(loss.dtype), 0.0)
-    # where, not a product: an ignored row whose hidden state is NaN/inf must still give 0.
-    loss = torch.where(valid, loss * w, 0.0)
-    if opts.reduction == "none":
-        return loss
-    total = loss.sum()
-    if opts.reduction == "sum":
-        return total
-    denom = w.sum()
-    return total / torch.where(denom == 0, 1.0, denom)
-
-
 class LinearCrossEntropyLoss(nn.Module):
     """Module form of :func:`linear_cross_entropy`: the keyword options go to ``__init__``.
 
@@ -390,7 +400,7 @@ class LinearCrossEntropyLoss(nn.Module):
         if "token_weights" in options:
             raise TypeError("token_weights is a forward() argument, not an option")
         unknown = set(options) - _OPTION_KEYS - {"shift", "return_lse", "impl", "vocab_group",
-                                                 "vocab_start", "reduce_hidden_grad"}
+                                                 "vocab_start", "reduce_hidden_grad", "class_weight"}
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}")
         # Validate now so that a bad option fails at construction, not at the first step

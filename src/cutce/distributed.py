@@ -239,14 +239,24 @@ def _dtensor_slice(weight, mesh_dim, group, reduce_hidden_grad) -> VocabSlice:
     return VocabSlice(group, start, start + n, vocab, reduce_hidden_grad)
 
 
-def vocab_parallel_parts(backend, hidden, weight, bias, targets, opts: Options, vs: VocabSlice):
+def sum_over_group(x: torch.Tensor, vs: VocabSlice) -> torch.Tensor:
+    """x summed over the ranks of the split (not differentiable: for constants such as class
+    weights' per-token values and total, each rank holding its slice's share)."""
+    x = x.detach().clone()
+    dist.all_reduce(x, group=vs.group)
+    return x
+
+
+def vocab_parallel_parts(backend, hidden, weight, bias, targets, opts: Options, vs: VocabSlice,
+                         class_weight=None):
     """The backend contract for the whole vocabulary, computed from this rank's slice.
 
     Args:
         backend: a local backend (``torch_impl.linear_lse_parts`` or the Triton op).
         hidden: (N, D), the same on every rank. weight: (stop - start, D); bias: (stop - start,)
             or None. targets: (N,) int64 global class ids (or ignore_index).
-        opts: validated Options. vs: from :func:`vocab_slice`.
+        opts: validated Options. vs: from :func:`vocab_slice`. class_weight: this rank's slice of
+            the class weights (stop - start,) or None (weights the zsum part).
 
     Returns:
         (lse, zt, zsum, pz), each (N,), equal on every rank to the unsplit backend's result.
@@ -258,7 +268,7 @@ def vocab_parallel_parts(backend, hidden, weight, bias, targets, opts: Options, 
     mine = (targets >= vs.start) & (targets < vs.stop)
     # -1 for targets another rank owns (and ignore_index): the backend then gives zt_r = 0.
     local = torch.where(mine, targets - vs.start, -1)
-    parts = backend(hidden, weight, bias, local, opts)
+    parts = backend(hidden, weight, bias, local, opts, class_weight=class_weight)
     return combine_parts(parts, vs.group, opts, replicated=_fingerprint(hidden))
 
 
@@ -282,7 +292,8 @@ def _layout(name, t):
 
 
 def resolve_vocab_parallel(hidden, weight, bias, targets, token_weights, vocab_group, vocab_start,
-                           reduce_hidden_grad, opts=None, shift=False, return_lse=False):
+                           reduce_hidden_grad, opts=None, shift=False, return_lse=False,
+                           class_weight=None):
     """Validate the distributed keywords, unwrap DTensors, and locate this rank's slice.
 
     A weight that is a DTensor with Shard(0) on one mesh dimension is vocabulary-parallel over that
@@ -345,7 +356,8 @@ def resolve_vocab_parallel(hidden, weight, bias, targets, token_weights, vocab_g
     hidden, targets, token_weights = plain
     if vs is None and vocab_group is None:
         return hidden, weight, bias, targets, token_weights, None
-    codes = agreement.call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weights)
+    codes = agreement.call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weights,
+                                 class_weight)
     if vs is None:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             _fail("weight", "a 2-D tensor (this rank's vocabulary slice)",

@@ -47,9 +47,9 @@ def linear_log_probs(hidden, weight, tokens, bias=None, *, temperature=1.0, soft
                             temperature=temperature, need_entropy=bool(return_entropy))
     if not isinstance(return_entropy, bool):
         api._fail("return_entropy", "a bool", repr(return_entropy))
-    (lse, zt, _, pz), t1, _, out_shape, _ = api.compute_parts(
-        hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group, vocab_start,
-        reduce_hidden_grad)
+    call = api.compute_parts(hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group,
+                             vocab_start, reduce_hidden_grad)
+    (lse, zt, _, pz), t1, out_shape = call.parts, call.targets, call.out_shape
     valid = t1 != ignore_index
     logp = torch.where(valid, zt - lse, 0.0).reshape(out_shape)
     if not return_entropy:

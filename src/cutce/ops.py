@@ -22,15 +22,17 @@ from .triton import fused as _fused
 
 @torch.library.custom_op("cutce::lse_parts", mutates_args=())
 def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                 scale: float, softcap: float, inv_temp: float, need_zsum: bool,
-                 need_entropy: bool, filter_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 class_weight: Optional[Tensor], scale: float, softcap: float, inv_temp: float,
+                 need_zsum: bool, need_entropy: bool,
+                 filter_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty)."""
     return _fw.forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum,
-                       need_entropy, bound=filter_eps > 0)
+                       need_entropy, bound=filter_eps > 0, class_weight=class_weight)
 
 
 @lse_parts_op.register_fake
-def _(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_entropy, filter_eps):
+def _(hidden, weight, bias, targets, class_weight, scale, softcap, inv_temp, need_zsum,
+      need_entropy, filter_eps):
     bound = filter_eps > 0
     n, v = hidden.shape[0], weight.shape[0]
     f = hidden.new_empty(n, dtype=torch.float32)
@@ -39,18 +41,19 @@ def _(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_e
 
 @torch.library.custom_op("cutce::lse_parts_backward", mutates_args=())
 def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                          lse: Tensor, pz: Tensor, ub: Tensor, g_lse: Tensor, g_zt: Tensor,
-                          g_zsum: Tensor, g_pz: Tensor, scale: float, softcap: float,
-                          inv_temp: float, need_zsum: bool, need_entropy: bool, filter_eps: float,
-                          need_h: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+                          class_weight: Optional[Tensor], lse: Tensor, pz: Tensor, ub: Tensor,
+                          g_lse: Tensor, g_zt: Tensor, g_zsum: Tensor, g_pz: Tensor, scale: float,
+                          softcap: float, inv_temp: float, need_zsum: bool, need_entropy: bool,
+                          filter_eps: float, need_h: bool, need_w: bool,
+                          need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _bw.backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
                         scale, softcap, inv_temp, need_zsum, need_entropy,
-                        filter_eps, need_h, need_w, need_b)
+                        filter_eps, need_h, need_w, need_b, class_weight=class_weight)
 
 
 @lse_parts_backward_op.register_fake
-def _(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz, scale, softcap,
-      inv_temp, need_zsum, need_entropy, filter_eps, need_h, need_w, need_b):
+def _(hidden, weight, bias, targets, class_weight, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz, scale,
+      softcap, inv_temp, need_zsum, need_entropy, filter_eps, need_h, need_w, need_b):
     # distinct empties: a custom op's outputs may not alias each other
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else hidden.new_empty(0),
@@ -58,23 +61,23 @@ def _(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz, sca
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_entropy, eps = inputs
+    hidden, weight, bias, targets, cw, scale, softcap, inv_temp, need_zsum, need_entropy, eps = inputs
     lse, _, _, pz, ub = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, pz, ub)
+    ctx.save_for_backward(hidden, weight, bias, targets, cw, lse, pz, ub)
     ctx.scalars = (scale, softcap, inv_temp, need_zsum, need_entropy, eps)
 
 
 def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub):
-    hidden, weight, bias, targets, lse, pz, ub = ctx.saved_tensors
+    hidden, weight, bias, targets, cw, lse, pz, ub = ctx.saved_tensors
     scale, softcap, inv_temp, need_zsum, need_entropy, eps = ctx.scalars
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     z = torch.zeros_like(lse)
     grads = [z if g is None else g.contiguous() for g in (g_lse, g_zt, g_zsum, g_pz)]
     dh, dw, db = lse_parts_backward_op(
-        hidden, weight, bias, targets, lse, pz, ub, *grads, scale, softcap, inv_temp,
+        hidden, weight, bias, targets, cw, lse, pz, ub, *grads, scale, softcap, inv_temp,
         need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b)
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -115,7 +118,7 @@ def _(hidden, weight, bias, targets, coef, scale, softcap, memory_budget, need_h
 fused_loss_op.register_autograd(plan.fused_backward, setup_context=plan.fused_setup_context)
 
 
-def fused_loss(hidden, weight, bias, targets, coef, opts: Options):
+def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None):
     """A training call on the Triton path (same contract as :func:`cutce.torch_impl.fused_loss`;
     label smoothing 0, bfloat16 or float32)."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
@@ -128,7 +131,7 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options):
     return total, lse
 
 
-def linear_lse_parts(hidden, weight, bias, targets, opts: Options):
+def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None):
     """The backend contract on the Triton path (same signature and result as
     :func:`cutce.torch_impl.linear_lse_parts`; float32 outputs)."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
@@ -140,6 +143,8 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options):
     # with it the backward stays exact (documented on filter_eps).
     filt = opts.filter_eps is not None and wants_grad and not opts.need_zsum
     return lse_parts_op(
-        hidden, weight, bias, targets.contiguous(), opts.logit_scale, opts.softcap or 0.0,
+        hidden, weight, bias, targets.contiguous(),
+        None if class_weight is None else class_weight.float().contiguous(),
+        opts.logit_scale, opts.softcap or 0.0,
         1.0 / opts.temperature, opts.need_zsum, opts.need_entropy,
         opts.filter_eps if filt else 0.0)[:4]

@@ -83,7 +83,12 @@ _CFG_SCHEMA = ("float logit_scale, float? softcap, float temperature, bool need_
                "bool need_entropy, int? chunk_bytes")
 
 
-def _forward(hidden, weight, bias, targets, opts: _Cfg):
+def _zsum(z, cw):
+    """sum_j z_ij, or sum_j cw_j z_ij with class weights (class-weighted label smoothing)."""
+    return z.sum(dim=1) if cw is None else z @ cw
+
+
+def _forward(hidden, weight, bias, targets, cw, opts: _Cfg):
     cdt = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], weight.shape[0]
     w = weight.to(cdt)
@@ -100,14 +105,14 @@ def _forward(hidden, weight, bias, targets, opts: _Cfg):
         idx, valid = _valid_targets(targets[s:e], vocab)
         zt[s:e] = torch.where(valid, z.gather(1, idx).squeeze(1), 0.0)
         if opts.need_zsum:
-            zsum[s:e] = z.sum(dim=1)
+            zsum[s:e] = _zsum(z, cw)
         if opts.need_entropy:
             z.sub_(lse[s:e, None]).exp_()  # z now holds p; (p * z).sum = (p * (log p + lse)).sum
             pz[s:e] = torch.xlogy(z, z).sum(dim=1) + lse[s:e]
     return lse, zt, zsum, pz
 
 
-def _backward(hidden, weight, bias, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
+def _backward(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g_pz,
               need_h, need_w, need_b, opts: _Cfg):
     cdt = lse.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -135,7 +140,7 @@ def _backward(hidden, weight, bias, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
         idx, valid = _valid_targets(targets[s:e], vocab)
         dz.scatter_add_(1, idx, torch.where(valid, g_zt[s:e], 0.0).unsqueeze(1))
         if g_zsum is not None and opts.need_zsum:
-            dz += g_zsum[s:e, None]
+            dz += g_zsum[s:e, None] if cw is None else g_zsum[s:e, None] * cw
         scale = opts.logit_scale / opts.temperature
         if capped is not None:
             dz *= 1.0 - capped.square_()
@@ -160,51 +165,52 @@ def _backward(hidden, weight, bias, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
 # dtype (the api already applied autocast's casting to the inputs).
 @torch.library.custom_op(
     "cutce::torch_lse_parts", mutates_args=(),
-    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, {_CFG_SCHEMA})"
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? cw, {_CFG_SCHEMA})"
            " -> (Tensor, Tensor, Tensor, Tensor)")
-def _parts_op(hidden, weight, bias, targets, *cfg):
+def _parts_op(hidden, weight, bias, targets, cw, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
-        return _forward(hidden, weight, bias, targets, _Cfg(*cfg))
+        return _forward(hidden, weight, bias, targets, cw, _Cfg(*cfg))
 
 
 @_parts_op.register_fake
-def _(hidden, weight, bias, targets, *cfg):
+def _(hidden, weight, bias, targets, cw, *cfg):
     lse = hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype))
     return lse, torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
 
 
 @torch.library.custom_op(
     "cutce::torch_lse_parts_backward", mutates_args=(),
-    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor pz, "
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? cw, Tensor lse, Tensor pz, "
            "Tensor? g_lse, Tensor? g_zt, Tensor? g_zsum, Tensor? g_pz, bool need_h, bool need_w, "
            f"bool need_b, {_CFG_SCHEMA}) -> (Tensor, Tensor, Tensor)")
-def _parts_backward_op(hidden, weight, bias, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
+def _parts_backward_op(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g_pz,
                        need_h, need_w, need_b, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
-        return _backward(hidden, weight, bias, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
+        return _backward(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g_pz,
                          need_h, need_w, need_b, _Cfg(*cfg))
 
 
 @_parts_backward_op.register_fake
-def _(hidden, weight, bias, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz, need_h, need_w, need_b, *cfg):
+def _(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g_pz, need_h, need_w, need_b,
+      *cfg):
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else hidden.new_empty(0),
             torch.empty_like(bias) if need_b else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, *cfg = inputs
-    ctx.save_for_backward(hidden, weight, bias, targets, output[0], output[3])
+    hidden, weight, bias, targets, cw, *cfg = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, cw, output[0], output[3])
     ctx.cfg = cfg
 
 
 def _parts_op_backward(ctx, g_lse, g_zt, g_zsum, g_pz):
-    hidden, weight, bias, targets, lse, pz = ctx.saved_tensors
+    hidden, weight, bias, targets, cw, lse, pz = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    dh, dw, db = _parts_backward_op(hidden, weight, bias, targets, lse, pz, g_lse, g_zt, g_zsum,
+    dh, dw, db = _parts_backward_op(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum,
                                     g_pz, need_h, need_w, need_b and bias is not None, *ctx.cfg)
     return (dh if need_h else None, dw if need_w else None,
-            db if need_b and bias is not None else None) + (None,) * (1 + len(ctx.cfg))
+            db if need_b and bias is not None else None) + (None,) * (2 + len(ctx.cfg))
 
 
 _parts_op.register_autograd(_parts_op_backward, setup_context=_setup_context)
@@ -227,7 +233,7 @@ _FUSED_SCHEMA = ("float logit_scale, float? softcap, bool need_zsum, float? memo
                  " int? chunk_bytes, bool need_h, bool need_w, bool need_b")
 
 
-def _fused(hidden, weight, bias, targets, coef, cfg: _FusedCfg):
+def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
     cdt = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], weight.shape[0]
     w = weight.to(cdt)
@@ -250,7 +256,7 @@ def _fused(hidden, weight, bias, targets, coef, cfg: _FusedCfg):
         z, capped = _logits(h, w, b, opts)
         idx, valid = _valid_targets(targets[s:e], vocab)
         zt = torch.where(valid, z.gather(1, idx).squeeze(1), 0.0)
-        zmean = z.mean(dim=1) if cfg.need_zsum else None
+        zmean = _zsum(z, cw) / vocab if cfg.need_zsum else None
         # z becomes p in place: one chunk x V temporary (two with softcap)
         m = z.amax(dim=1, keepdim=True)
         p = z.sub_(m).exp_()
@@ -266,7 +272,7 @@ def _fused(hidden, weight, bias, targets, coef, cfg: _FusedCfg):
         dz = p.mul_((k[0] + 2.0 * k[3] * l_rows)[:, None])
         dz.scatter_add_(1, idx, torch.where(valid, -k[1], 0.0).unsqueeze(1))
         if zmean is not None:
-            dz -= k[2, :, None] / vocab
+            dz -= k[2, :, None] / vocab if cw is None else k[2, :, None] * (cw / vocab)
         if capped is not None:
             dz *= 1.0 - capped.square_()
         if cfg.logit_scale != 1.0:
@@ -284,15 +290,15 @@ def _fused(hidden, weight, bias, targets, coef, cfg: _FusedCfg):
 
 @torch.library.custom_op(
     "cutce::torch_fused_loss", mutates_args=(),
-    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor coef, "
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor coef, Tensor? cw, "
            f"{_FUSED_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _fused_op(hidden, weight, bias, targets, coef, *cfg):
+def _fused_op(hidden, weight, bias, targets, coef, cw, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
-        return _fused(hidden, weight, bias, targets, coef, _FusedCfg(*cfg))
+        return _fused(hidden, weight, bias, targets, coef, cw, _FusedCfg(*cfg))
 
 
 @_fused_op.register_fake
-def _(hidden, weight, bias, targets, coef, *cfg):
+def _(hidden, weight, bias, targets, coef, cw, *cfg):
     c = _FusedCfg(*cfg)
     cdt = compute_dtype(hidden.dtype)
     return (hidden.new_empty((), dtype=cdt), hidden.new_empty(hidden.shape[0], dtype=cdt),
@@ -304,13 +310,14 @@ def _(hidden, weight, bias, targets, coef, *cfg):
 _fused_op.register_autograd(plan.fused_backward, setup_context=plan.fused_setup_context)
 
 
-def fused_loss(hidden, weight, bias, targets, coef, opts: Options):
+def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None):
     """A training call on the torch path: the loss's total and its gradients in one pass.
 
     Args:
         hidden (N, D), weight (V, D), bias (V,) or None, targets (N,) int64 as in
         :func:`linear_lse_parts`; coef (4, N) float: each row's coefficients (k0, k1, k2, k3) of
-        lse, -zt, -mean_j z and lse^2 in the total (0 for ignored rows; token weights, label
+        lse, -zt, -mean_j z (-(z @ class_weight) / V with class weights) and lse^2 in the total
+        (0 for ignored rows; token weights, class weights, label
         smoothing, z-loss and "mean"'s 1/denominator folded in by the api). The chunk of tokens
         comes from :func:`cutce.plan.plan` with opts.memory_budget.
 
@@ -322,11 +329,12 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options):
     need = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias)]
     cfg = _FusedCfg(float(opts.logit_scale), opts.softcap, opts.need_zsum,
                     opts.memory_budget, opts.chunk_bytes, *need)
-    total, lse, *_ = _fused_op(hidden, weight, bias, targets, coef.detach(), *cfg)
+    cw = None if class_weight is None else class_weight.to(compute_dtype(hidden.dtype))
+    total, lse, *_ = _fused_op(hidden, weight, bias, targets, coef.detach(), cw, *cfg)
     return total, lse
 
 
-def linear_lse_parts(hidden, weight, bias, targets, opts: Options):
+def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None):
     """The backend contract on the torch path.
 
     Args:
@@ -342,7 +350,10 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options):
 
             lse = torch.logsumexp(z, -1); zt = z.gather(1, targets[:, None])[:, 0]
             zsum = z.sum(-1); pz = (z.softmax(-1) * z).sum(-1)
+
+        With ``class_weight`` (V,), zsum = z @ class_weight (class-weighted label smoothing).
     """
     cfg = _Cfg(float(opts.logit_scale), opts.softcap, float(opts.temperature), opts.need_zsum,
                opts.need_entropy, opts.chunk_bytes)
-    return _parts_op(hidden, weight, bias, targets, *cfg)
+    cw = None if class_weight is None else class_weight.to(compute_dtype(hidden.dtype))
+    return _parts_op(hidden, weight, bias, targets, cw, *cfg)

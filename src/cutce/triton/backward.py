@@ -29,13 +29,13 @@ from .common import logit_tile, logit_tile_desc, tma_descriptor
 
 @triton.jit
 def _dz_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, cls_ptr, t_ptr, lse_ptr, pz_ptr,
-               glse_ptr, gzt_ptr, gzs_ptr, gpz_ptr, dz_ptr, n0, n1, c0, c1, D, stride_h,
+               glse_ptr, gzt_ptr, gzs_ptr, gpz_ptr, cw_ptr, dz_ptr, n0, n1, c0, c1, D, stride_h,
                stride_w, stride_dz, scale, softcap, inv_temp,
                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
                NEED_ENT: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-               FLATTEN: tl.constexpr):
+               FLATTEN: tl.constexpr, HAS_CW: tl.constexpr):
     # Persistent: each program walks tiles pid, pid + programs, ...; row blocks vary fastest, so
     # the programs running together share the chunk's weight tiles in L2.
     n_row_blocks = tl.cdiv(n1 - n0, BLOCK_N)
@@ -73,7 +73,11 @@ def _dz_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, cls_ptr, t_ptr, lse_ptr, pz_
         gt = tl.load(gzt_ptr + rows, mask=rmask, other=0.0)
         dz += tl.where(cls[None, :] == tgt[:, None], gt[:, None], 0.0)
         if NEED_ZSUM:
-            dz += tl.load(gzs_ptr + rows, mask=rmask, other=0.0)[:, None]
+            gzs = tl.load(gzs_ptr + rows, mask=rmask, other=0.0)[:, None]
+            if HAS_CW:
+                dz += gzs * tl.load(cw_ptr + cls, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            else:
+                dz += gzs
         if SOFTCAP:
             dz = dz * (1.0 - t * t)
         dz = dz * (scale * inv_temp)
@@ -108,7 +112,7 @@ def _kept_classes(ub, targets, eps):
 
 def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
              scale, softcap, inv_temp, need_zsum, need_entropy, filter_eps,
-             need_h, need_w, need_b):
+             need_h, need_w, need_b, class_weight=None):
     """Gradients of (lse, zt, zsum, pz) w.r.t. hidden, weight, bias given their upstream grads.
 
     Returns (dh, dw, db) in the inputs' dtypes; a gradient that is not needed is an empty tensor
@@ -169,13 +173,13 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
             _dz_kernel[(configs.persistent_programs(tiles, dev),)](
                 hidden, weight, h_desc, w_desc, bias if bias is not None else hidden,
                 cls if cls is not None else targets, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
-                dz, n0, n1, c0, c1, d, hidden.stride(0), weight.stride(0), dz.stride(0),
+                class_weight if class_weight is not None else lse, dz, n0, n1, c0, c1, d, hidden.stride(0), weight.stride(0), dz.stride(0),
                 scale, softcap, inv_temp,
                 HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum,
                 NEED_ENT=need_entropy, GATHER=cls is not None, BLOCK_N=cfg.block_n,
                 BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
                 PRECISION=configs.dot_precision(dt), EVEN_K=d % cfg.block_k == 0,
-                USE_TMA=tma, FLATTEN=flat,
+                USE_TMA=tma, FLATTEN=flat, HAS_CW=class_weight is not None,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             dz = dz.to(dt)
             w_chunk = weight[c0:c1] if cls is None else weight.index_select(0, cls[c0:c1])

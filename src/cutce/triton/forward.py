@@ -18,14 +18,15 @@ from .common import _tanh, logit_tile, logit_tile_desc, tma_descriptor
 
 
 @triton.jit
-def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_ptr, ub_ptr,
+def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_ptr, ub_ptr, cw_ptr,
                     N, V, D, stride_h, stride_w, scale, softcap, inv_temp,
                     tiles_per_split, n_row_blocks, group_rows,
                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
                     NEED_ENT: tl.constexpr, BOUND: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                    FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, NEED_ZT: tl.constexpr):
+                    FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, NEED_ZT: tl.constexpr,
+                    HAS_CW: tl.constexpr):
     # Programs go in groups of group_rows token blocks x all splits, token blocks fastest: the
     # programs running together read few hidden blocks (they stay in L2 while every weight
     # tile streams past them) and few weight tiles (each read once for the whole group).
@@ -75,7 +76,11 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_
             if NEED_ENT:
                 a = a * alpha + tl.sum(e * z0, 1)
             if NEED_ZSUM:
-                zs += tl.sum(z0, 1)
+                if HAS_CW:  # sum_j cw_j z_j: class-weighted label smoothing
+                    cw = tl.load(cw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                    zs += tl.sum(z0 * cw[None, :], 1)
+                else:
+                    zs += tl.sum(z0, 1)
         if NEED_ZT:
             zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
         if BOUND:
@@ -95,7 +100,7 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_
 
 
 def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_entropy,
-            bound=False, n_splits=None):
+            bound=False, n_splits=None, class_weight=None):
     """Launch the forward kernel.
 
     Args:
@@ -104,6 +109,7 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
         bound: also return ub (V,) float32, an upper bound of max_i log softmax(z)_ij over the
             rows whose target is a class (filtering uses it).
         n_splits: vocabulary splits (None: enough to fill the device).
+        class_weight: (V,) float or None: zsum becomes sum_j class_weight_j * z_j.
 
     Returns:
         lse, zt, zsum, pz: (N,) float32; ub: (V,) float32 or an empty tensor.
@@ -138,6 +144,7 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
         _forward_kernel[(n_row_blocks * n_splits,)](
             hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets,
             floor if bound else hidden, part, ub,
+            class_weight if class_weight is not None else hidden,
             n, v, d, hidden.stride(0), weight.stride(0), scale, softcap, inv_temp,
             tiles_per_split, n_row_blocks, group_rows,
             HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum,
@@ -145,7 +152,8 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
             BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
             PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
             USE_TMA=tma, FLATTEN=tma and configs.flatten(), EVEN_V=v % cfg.block_v == 0,
-            NEED_ZT=need_zt, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            NEED_ZT=need_zt, HAS_CW=class_weight is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     m, s, zt, zs, a = part.unbind(0)
     lse, pz = combine_splits(m, s, a)
     return lse, zt.sum(0) if need_zt else zt_rows, zs.sum(0), pz, ub

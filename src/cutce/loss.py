@@ -1,0 +1,86 @@
+"""The reduced loss from the backend contract's parts (see :mod:`cutce.torch_impl`): token and
+class weights, label smoothing, z-loss, ignore_index and the reduction, as ordinary
+differentiable O(N) torch code; and the same loss as per-row coefficients for the fused strategy
+(see :mod:`cutce.plan`). Inputs are validated by :mod:`cutce.api` before they get here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import distributed
+from .options import Options
+
+
+class ClassWeights(NamedTuple):
+    """A call's class weights: this rank's slice (the whole vector unless vocabulary-parallel),
+    each token's target weight (0 where ignored) and their sum over the whole vocabulary."""
+
+    local: torch.Tensor
+    of_target: torch.Tensor
+    total: torch.Tensor
+
+
+def class_weight_terms(local, t1, ignore_index, vs=None) -> ClassWeights:
+    """The class weights' terms: ``local`` is this rank's slice (the whole vector without a
+    vocabulary split, ``vs`` None); under a split the per-token and total values are summed
+    over the group (one all-reduce of N + 1 values)."""
+    local_v = local.numel()
+    idx = t1 - (0 if vs is None else vs.start)
+    mine = (idx >= 0) & (idx < local_v) & (t1 != ignore_index)
+    of_target = torch.where(mine, local[idx.clamp(0, max(local_v - 1, 0))], 0.0)
+    total = local.sum()
+    if vs is not None:  # each rank holds its slice: sum the shares
+        both = distributed.sum_over_group(torch.cat([of_target, total[None]]), vs)
+        of_target, total = both[:-1], both[-1]
+    return ClassWeights(local, of_target, total)
+
+
+def valid_weights(targets, token_weights, opts: Options, dtype):
+    """Each token's weight: its token weight (1 without), 0 where ignored."""
+    valid = targets != opts.ignore_index
+    return valid.to(dtype) if token_weights is None else torch.where(valid, token_weights.to(dtype), 0.0)
+
+
+def row_coefs(targets, token_weights, opts: Options, dtype, cw, vocab):
+    """(4, N) coefficients of each row's lse, -zt, -zsum/V (zsum class-weighted with class
+    weights) and lse^2 in the reduced loss (see _loss_from_parts): token and class weights,
+    label smoothing, z-loss and "mean"'s 1/sum folded in. Tensors, not float arguments of the
+    op, so that compile does not specialize on the option values."""
+    w = valid_weights(targets, token_weights, opts, dtype)
+    a = 1.0 if cw is None else cw.of_target
+    if opts.reduction == "mean":
+        denom = (w * a).sum()
+        w = w / torch.where(denom == 0, 1.0, denom)
+    ls = opts.label_smoothing
+    s = 1.0 if cw is None else cw.total / vocab
+    return torch.stack([w * ((1.0 - ls) * a + ls * s), (1.0 - ls) * a * w, ls * w, opts.z_loss * w])
+
+
+def loss_from_parts(parts, targets, token_weights, opts: Options, vocab, cw=None):
+    """Per token, with a = class_weight[target] and S = sum(class_weight) (a = 1, S = V without):
+    (1 - ls) a (lse - zt) + ls (S lse - zsum) / V + z_loss lse^2, times the token weight w;
+    "mean" divides by sum(w a) over valid tokens (F.cross_entropy's weight= semantics)."""
+    lse, zt, zsum, _ = parts
+    ls = opts.label_smoothing
+    if cw is None:
+        loss = lse - zt if ls == 0.0 else (1.0 - ls) * (lse - zt) + ls * (lse - zsum / vocab)
+    else:
+        loss = (1.0 - ls) * cw.of_target * (lse - zt)
+        if ls:
+            loss = loss + ls * (cw.total * lse - zsum) / vocab
+    if opts.z_loss:
+        loss = loss + opts.z_loss * lse.square()
+    valid = targets != opts.ignore_index
+    w = valid_weights(targets, token_weights, opts, loss.dtype)
+    # where, not a product: an ignored row whose hidden state is NaN/inf must still give 0.
+    loss = torch.where(valid, loss * w, 0.0)
+    if opts.reduction == "none":
+        return loss
+    total = loss.sum()
+    if opts.reduction == "sum":
+        return total
+    denom = w.sum() if cw is None else (w * cw.of_target).sum()
+    return total / torch.where(denom == 0, 1.0, denom)
