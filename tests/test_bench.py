@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from cutce.bench import data, providers, report
+from cutce.bench import data, measure, providers, report
 from cutce.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,21 +26,36 @@ def _csv(out_dir):
     return files[0], {r["provider"]: r for r in report.read_csv(files[0])}
 
 
+HAS_NATIVE = hasattr(torch.nn.functional, "linear_cross_entropy")
+
+
 def test_bench_writes_table_csv_and_png(tmp_path, capsys):
-    assert main(["bench", *TINY, "--data", "flat", "--out", str(tmp_path)]) == 0
+    # Logits of 8 MiB: big enough for their memory to show in the RSS of each provider's process.
+    n, d, v = 256, 32, 8192
+    args = ["bench", "--device", "cpu", "--shape", f"{n},{d},{v}", "--repeats", "1", "--warmup", "1"]
+    assert main([*args, "--data", "flat", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "| provider" in printed and "cutce-torch" in printed
     path, rows = _csv(tmp_path)
-    for name in ("cutce-torch", "torch"):
+    rss = measure.RssPeak.available()
+    native = ("torch-native", "torch-native-chunked") if HAS_NATIVE else ()
+    for name in ("cutce-torch", "torch", *native):
         r = rows[name]
         assert r["status"] == "ok", r["error"]
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
         assert math.isclose(r["fwd_ratio"], r["fwd_ms"] / r["matmul_ms"], rel_tol=1e-4)
-        assert r["peak_mb"] is None  # no allocator statistics on CPU
+        # CPU memory: peak RSS growth of one process per provider (Linux), else not measured
+        assert r["mem_method"] == ("rss-subprocess" if rss else "none")
+        assert (r["peak_mb"] is not None and r["peak_mb"] >= 0) == rss
         for k in ("loss_err", "de_err", "dc_err"):
             assert 0 <= r[k] < 1e-4, (name, k, r[k])
-        assert (r["n"], r["d"], r["v"], r["data"], r["dtype"]) == (48, 32, 300, "flat", "fp32")
+        assert (r["n"], r["d"], r["v"], r["data"], r["dtype"]) == (n, d, v, "flat", "fp32")
         assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["date"]
+    if rss:  # eager forward+backward holds at least the logits
+        assert rows["torch"]["peak_mb"] >= 0.9 * n * v * 4 / 2**20, rows["torch"]["peak_mb"]
+    if not HAS_NATIVE:
+        for name in ("torch-native", "torch-native-chunked"):
+            assert rows[name]["status"] == "skipped" and "absent in torch" in rows[name]["error"]
     # Providers that cannot run here are in the CSV with the reason, not silently absent.
     assert rows["cutce-triton"]["status"] == "skipped" and "CUDA" in rows["cutce-triton"]["error"]
     assert rows["torch-compile"]["status"] == "skipped"
@@ -49,7 +64,7 @@ def test_bench_writes_table_csv_and_png(tmp_path, capsys):
 
 
 def test_sweep_then_plot_only(tmp_path):
-    args = ["bench", *TINY, "--sweep-n", "16,32", "--providers", "cutce-torch", "--mode", "fwd",
+    args = ["bench", *TINY, "--sweep-n", "16,32", "--providers", "cutce-torch", "--mode", "fwd", "--in-process",
             "--no-plot", "--out", str(tmp_path)]
     assert main(args) == 0
     path, _ = _csv(tmp_path)
@@ -69,12 +84,27 @@ def test_a_failing_provider_gets_an_error_row_and_the_run_goes_on(tmp_path, monk
         return fn
 
     monkeypatch.setitem(providers.PROVIDERS, "broken", providers.Provider("broken", True, build))
-    args = ["bench", *TINY, "--providers", "broken,torch", "--no-plot", "--out", str(tmp_path)]
+    # in-process: the monkeypatched provider does not exist in a child process
+    args = ["bench", *TINY, "--providers", "broken,torch", "--in-process", "--no-plot", "--out", str(tmp_path)]
     assert main(args) == 0
     _, rows = _csv(tmp_path)
     assert rows["broken"]["status"] == "error" and "boom" in rows["broken"]["error"]
     assert rows["broken"]["fwd_ms"] is None
     assert rows["torch"]["status"] == "ok"
+    assert rows["torch"]["mem_method"] == "none" and rows["torch"]["peak_mb"] is None
+
+
+def test_a_dying_child_process_gives_an_error_row(tmp_path):
+    # A provider name the child does not know makes it exit with an exception, like a crash.
+    res = measure.measure_in_subprocess("no-such-provider", tmp_path / "missing.pt")
+    assert res.status == "error" and "subprocess exited with 1" in res.errors[0]
+
+
+def test_native_providers_say_why_they_cannot_run(monkeypatch):
+    monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy", raising=False)
+    _, skipped = providers.select(["torch-native", "torch-native-chunked"], "cpu")
+    assert [name for name, _ in skipped] == ["torch-native", "torch-native-chunked"]
+    assert all("linear_cross_entropy is absent in torch" in why for _, why in skipped)
 
 
 @pytest.mark.parametrize("kind", data.DATA_KINDS)

@@ -9,8 +9,13 @@ Protocol, the same for every provider:
 - each is called ``warmup`` times (compilation, autotuning, allocator warm-up; the first call's
   results give the errors) and then timed ``repeats`` times; the median is reported. CUDA events
   time the GPU, ``time.perf_counter`` the CPU;
-- peak memory (CUDA only) is a separate, untimed call: the allocator's peak during the call minus
-  what was allocated before it, so the inputs do not count and the gradients do.
+- peak memory, so that the inputs do not count and the gradients do: on CUDA a separate, untimed
+  call, the allocator's peak during it minus what was allocated before it (``"cuda-allocator"``);
+  on CPU, where PyTorch keeps no allocator statistics, each provider runs in its own process
+  (:func:`measure_in_subprocess`) and the memory is that process's peak resident set size during
+  the first call of each phase minus its size once the inputs are loaded (``"rss-subprocess"``,
+  Linux only). RSS also counts memory the C allocator keeps cached, so it is an upper bound on
+  what the provider needs, and it is read right after that call, before the errors are computed.
 
 Errors are ``||x - ref|| / ||ref||`` against a reference computed once per input set: float64 on
 CPU, and on GPU float32 from cutce's exact torch path on upcast inputs (float64 GEMMs are too slow
@@ -19,9 +24,15 @@ there, and float32 is far below bf16/fp16 rounding).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -69,8 +80,7 @@ def median_ms(call, device, warmup: int, repeats: int, setup=None) -> float:
 
 def peak_extra_mb(call, device, setup=None) -> float | None:
     """Peak allocated MiB during ``call()`` above what was allocated before it; None off CUDA
-    (the CPU allocator keeps no such statistics, and process RSS would mostly measure the
-    allocator's caching, not the algorithm)."""
+    (the CPU allocator keeps no such statistics: see :class:`RssPeak`)."""
     if device.type != "cuda":
         return None
     if setup is not None:
@@ -82,6 +92,44 @@ def peak_extra_mb(call, device, setup=None) -> float | None:
     call()
     _sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+class RssPeak:
+    """Peak resident set size of this process above a base, from Linux's VmHWM, whose high-water
+    mark ``reset()`` brings down to the current size (``/proc/self/clear_refs``).
+
+    Not ``resource.getrusage().ru_maxrss``: a process started by a large one reports its
+    parent's peak there (the kernel carries it across exec), which would hide the child's own.
+    """
+
+    def __init__(self):
+        self.reset()
+        self.base_kb = _status_kb("VmRSS")
+
+    @staticmethod
+    def reset():
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak RSS (Linux >= 4.0)
+
+    def peak_mb(self) -> float:
+        return max(0, _status_kb("VmHWM") - self.base_kb) / 1024
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            RssPeak()
+            return True
+        except (OSError, ValueError):
+            return False
 
 
 def rel_err(x, ref, rows: int = 1 << 14) -> float:
@@ -151,8 +199,11 @@ def _describe(exc: BaseException) -> str:
 
 
 def measure(fn, hidden, weight, targets, ref: Reference, *, warmup: int = 1, repeats: int = 3,
-            mode: str = "both") -> Result:
+            mode: str = "both", rss: RssPeak | None = None) -> Result:
     """Time, memory and errors of ``fn(hidden, weight, targets) -> loss``.
+
+    With ``rss`` (a probe made once the inputs are loaded) the memory is the RSS peak of each
+    phase's first call; otherwise the CUDA allocator's (None off CUDA).
 
     An exception in one phase (forward, or forward+backward) is recorded in ``Result.errors``
     and the other phase still runs; the caller keeps going with the next provider.
@@ -165,9 +216,16 @@ def measure(fn, hidden, weight, targets, ref: Reference, *, warmup: int = 1, rep
     if mode in ("both", "fwd"):
         try:
             with torch.no_grad():
-                res.loss_err = rel_err(fn(h0, w0, targets).float(), ref.loss)
+                if rss is not None:
+                    rss.reset()
+                loss = fn(h0, w0, targets)
+                if rss is not None:
+                    res.fwd_mb = rss.peak_mb()
+                res.loss_err = rel_err(loss.float(), ref.loss)
+                del loss
                 res.fwd_ms = median_ms(lambda: fn(h0, w0, targets), device, warmup - 1, repeats)
-                res.fwd_mb = peak_extra_mb(lambda: fn(h0, w0, targets), device)
+                if rss is None:
+                    res.fwd_mb = peak_extra_mb(lambda: fn(h0, w0, targets), device)
         except Exception as exc:  # OOM, unsupported dtype, a peer's bug: report, go on
             res.errors.append(f"fwd: {_describe(exc)}")
         free_memory(device)
@@ -184,15 +242,20 @@ def measure(fn, hidden, weight, targets, ref: Reference, *, warmup: int = 1, rep
 
         try:
             reset()
+            if rss is not None:
+                rss.reset()
             loss = fn(h, w, targets)
             loss.backward()
+            if rss is not None:
+                res.peak_mb = rss.peak_mb()  # before the errors' temporaries
             if res.loss_err is None:
                 res.loss_err = rel_err(loss.detach().float(), ref.loss)
             res.de_err, res.dc_err = rel_err(h.grad, ref.d_hidden), rel_err(w.grad, ref.d_weight)
             del loss
             reset()
             res.fwdbwd_ms = median_ms(step, device, warmup - 1, repeats, setup=reset)
-            res.peak_mb = peak_extra_mb(step, device, setup=reset)
+            if rss is None:
+                res.peak_mb = peak_extra_mb(step, device, setup=reset)
         except Exception as exc:
             res.errors.append(f"fwd+bwd: {_describe(exc)}")
         reset()
@@ -207,3 +270,61 @@ def matmul_ms(hidden, weight, dtype, *, warmup: int = 1, repeats: int = 3) -> fl
     del a, b
     free_memory(hidden.device)
     return ms
+
+
+# --- one provider in its own process (CPU memory) ----------------------------------------------
+
+def save_inputs(path, hidden, weight, targets, ref: Reference) -> None:
+    """The inputs and the reference, for :func:`measure_in_subprocess` (written once per shape)."""
+    torch.save(dict(hidden=hidden.detach(), weight=weight.detach(), targets=targets, loss=ref.loss,
+                    d_hidden=ref.d_hidden, d_weight=ref.d_weight, label=ref.label), path)
+
+
+def measure_in_subprocess(provider: str, inputs_path, *, warmup: int = 1, repeats: int = 3,
+                          mode: str = "both") -> Result:
+    """:func:`measure` of a named provider in a fresh Python process on the inputs saved by
+    :func:`save_inputs`, with its memory as RSS growth (:class:`RssPeak`). A child that dies
+    (e.g. killed for memory) gives a Result with the error."""
+    import cutce as _cutce
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(_cutce.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    with tempfile.TemporaryDirectory(prefix="cutce-bench-") as tmp:
+        out = os.path.join(tmp, "result.json")
+        spec = dict(provider=provider, inputs=str(inputs_path), out=out, warmup=warmup,
+                    repeats=repeats, mode=mode, threads=torch.get_num_threads())
+        code = "import sys, cutce.bench.measure as m; m._child_main(sys.argv[1])"
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0 or not os.path.exists(out):
+            last = (proc.stderr.strip().splitlines() or [""])[-1]
+            return Result(errors=[f"subprocess exited with {proc.returncode}: {last}"[:300]])
+        with open(out) as f:
+            return Result(**json.load(f))
+
+
+def _child_main(spec_json: str) -> None:
+    from .providers import PROVIDERS
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    blob = torch.load(spec["inputs"], weights_only=True)
+    ref = Reference(blob["loss"], blob["d_hidden"], blob["d_weight"], blob["label"])
+    hidden, weight, targets = blob["hidden"], blob["weight"], blob["targets"]
+    del blob
+    try:
+        fn = PROVIDERS[spec["provider"]].build(hidden.device)
+    except Exception as exc:  # a peer that imports but cannot set up: a row, not a crash
+        res = Result(errors=[f"setup: {_describe(exc)}"])
+    else:
+        # One call on a few tokens first: lazy imports and one-time set-up (libraries, thread
+        # pools, registrations) then land below the memory base instead of in the first phase.
+        try:
+            k = min(8, hidden.shape[0])
+            fn(hidden[:k].detach().requires_grad_(), weight.detach().requires_grad_(), targets[:k]).backward()
+        except Exception:
+            pass  # measure() below reports it
+        res = measure(fn, hidden, weight, targets, ref, warmup=spec["warmup"], repeats=spec["repeats"],
+                      mode=spec["mode"], rss=RssPeak())
+    with open(spec["out"], "w") as f:
+        json.dump(dataclasses.asdict(res), f)

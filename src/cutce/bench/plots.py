@@ -2,7 +2,8 @@
 can be re-plotted with ``cutce bench --plot-only FILE.csv``).
 
 One N in the file: bars per provider of forward and forward+backward time as a ratio to the
-matmul, and of peak memory. Several N (``--sweep-n``): time and memory against N, log-log.
+matmul, and of peak memory (when measured), with reference lines: 1 matmul for the forward, 3 for
+forward+backward (logits, dE, dC), and the memory of dE + dC. Several N (``--sweep-n``): time and memory against N, log-log.
 matplotlib is imported here only, and only through its object API (no pyplot, no global backend
 state), so the package and the bench run without it until a plot is asked for.
 """
@@ -18,11 +19,17 @@ from .report import fmt_ms, gradients_mb, read_csv
 _ORDER = list(PROVIDERS)
 
 
+_COLORS = {
+    "cutce-torch": "#1f77b4", "cutce-triton": "#2ca02c", "cutce-triton-recompute": "#98df8a",
+    "cutce-triton-filtered": "#d62728", "torch": "#ff7f0e", "torch-compile": "#9467bd",
+    "torch-native": "#ffbb78", "torch-native-chunked": "#e377c2", "apple-cce": "#c5b0d5",
+    "apple-cce-exact": "#8c564b", "liger": "#17becf",
+}
+
+
 def _color(name):
     # A provider keeps its colour across every plot and run.
-    palette = ["#1f77b4", "#2ca02c", "#98df8a", "#d62728", "#ff7f0e", "#9467bd", "#c5b0d5", "#8c564b"]
-    i = _ORDER.index(name) if name in _ORDER else len(_ORDER) + len(name) % 3
-    return palette[i % len(palette)]
+    return _COLORS.get(name, ("#7f7f7f", "#bcbd22", "#aec7e8")[len(name) % 3])
 
 
 def _ms(x):
@@ -43,7 +50,7 @@ def _title(row, with_n=True):
             f"{row['data']} data | {row['dtype']} | torch {row['torch']}, cutce {row['cutce']}{commit} | {row['date'][:10]}")
 
 
-def _bar_panel(ax, rows, key, label, floor=None, fmt=None, floor_label=None):
+def _bar_panel(ax, rows, key, label, line=None, fmt=None):
     rows = sorted(rows, key=_sort_key)
     names = [r["provider"] + ("" if r[key] is not None else "  (error)" if r["status"] == "error"
                               else "  (n/a)") for r in rows]
@@ -57,11 +64,9 @@ def _bar_panel(ax, rows, key, label, floor=None, fmt=None, floor_label=None):
     ax.set_yticks(list(ys), names)
     ax.invert_yaxis()
     ax.set_xlabel(label)
-    if floor is not None:
-        ax.axvline(floor, color="gray", linestyle="--", linewidth=1)
-        ax.text(floor, 1.0, floor_label or f"floor {floor:g}x", color="gray", fontsize=8, ha="center", va="bottom",
-                transform=ax.get_xaxis_transform())
-    top = max(values, default=0.0) or 1.0
+    if line is not None:
+        ax.axvline(line, **_LINE)
+    top = max(values + ([line] if line else []), default=0.0) or 1.0
     for y, r, v in zip(ys, rows, values):
         if r[key] is not None and fmt is not None:
             ax.text(v + top * 0.01, y, fmt(r), va="center", fontsize=8)
@@ -69,27 +74,44 @@ def _bar_panel(ax, rows, key, label, floor=None, fmt=None, floor_label=None):
     ax.grid(axis="x", alpha=0.3)
 
 
+_LINE = dict(color="gray", linestyle="--", linewidth=1)
+
+
+def _mem_label(rows):
+    method = rows[0].get("mem_method")
+    if method == "rss-subprocess":
+        return "peak extra memory, fwd+bwd (MiB, gradients included)\nRSS growth above the inputs, one process per provider"
+    return "peak extra memory, fwd+bwd (MiB, gradients included)\nallocated above the inputs (CUDA allocator)"
+
+
 def _plot_bars(rows, path):
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    has_mem = any(r["peak_mb"] is not None or r["fwd_mb"] is not None for r in rows)
+    has_mem = any(r["peak_mb"] is not None for r in rows)
     panels = 3 if has_mem else 2
-    height = 1.6 + 0.45 * len(rows)
+    height = 2.0 + 0.45 * len(rows)
     fig = Figure(figsize=(5.2 * panels, height), layout="constrained")
     axes = fig.subplots(1, panels, sharey=True)
     mm = f"{rows[0]['matmul_dtype']} matmul ({_ms(rows[0]['matmul_ms'])})"
-    _bar_panel(axes[0], rows, "fwd_ratio", f"forward time / {mm}", floor=1,
+    _bar_panel(axes[0], rows, "fwd_ratio", f"forward time / {mm}", line=1,
                fmt=lambda r: f"{r['fwd_ratio']:.2f}x  {_ms(r['fwd_ms'])}")
-    _bar_panel(axes[1], rows, "fwdbwd_ratio", f"forward+backward time / {mm}", floor=4,
+    _bar_panel(axes[1], rows, "fwdbwd_ratio", f"forward+backward time / {mm}", line=3,
                fmt=lambda r: f"{r['fwdbwd_ratio']:.2f}x  {_ms(r['fwdbwd_ms'])}")
+    line_label = "time of 1 matmul (forward) and of 3 (forward+backward: logits, dE, dC)"
     if has_mem:
         r0 = rows[0]
         grads = gradients_mb(r0["n"], r0["d"], r0["v"], r0["dtype"])
-        _bar_panel(axes[2], rows, "peak_mb", "peak extra memory, fwd+bwd (MiB, gradients included)",
-                   fmt=lambda r: f"{r['peak_mb']:.0f} MiB", floor=grads, floor_label="dE+dC")
-    fig.suptitle(_title(rows[0]) + ("" if has_mem else " | memory: n/a on CPU")
-                 + "\nhatched: filtered (approximate) gradients; dashed: floors (forward 1 matmul, exact fwd+bwd 4, "
-                 "memory: the gradients dE+dC)", fontsize=9)
+        _bar_panel(axes[2], rows, "peak_mb", _mem_label(rows), line=grads,
+                   fmt=lambda r: f"{r['peak_mb']:.0f} MiB")
+        line_label += f"; memory of dE + dC alone ({grads:.0f} MiB)"
+    handles = [Line2D([], [], **_LINE, label=line_label)]
+    if any(r.get("exact") == "False" for r in rows):
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//",
+                             label="filtered (approximate) gradients"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(_title(rows[0]) + ("" if has_mem else " | memory: not measured"), fontsize=9)
     fig.savefig(path, dpi=110)
 
 
@@ -105,7 +127,8 @@ def _plot_sweep(rows, path):
     has_mem = any(r["peak_mb"] is not None for r in rows)
     panels = [("fwd_ms", "forward time (ms)"), ("fwdbwd_ms", "forward+backward time (ms)")]
     if has_mem:
-        panels.append(("peak_mb", "peak extra memory, fwd+bwd (MiB)"))
+        panels.append(("peak_mb", "peak extra memory, fwd+bwd (MiB"
+                       + (", RSS growth)" if rows[0].get("mem_method") == "rss-subprocess" else ")")))
     ns = sorted(matmul)
     fig = Figure(figsize=(5.2 * len(panels), 4.6), layout="constrained")
     axes = fig.subplots(1, len(panels))
@@ -132,9 +155,13 @@ def _plot_sweep(rows, path):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
-    fig.suptitle(_title(rows[0], with_n=False) + ("" if has_mem else " | memory: n/a on CPU")
-                 + "\ndotted: filtered (approximate) gradients; missing points: error (e.g. out of memory)",
-                 fontsize=9)
+    notes = []
+    if any(r.get("exact") == "False" for r in rows):
+        notes.append("dotted: filtered (approximate) gradients")
+    if any(r["status"] == "error" for r in rows):
+        notes.append("missing points: error (e.g. out of memory)")
+    fig.suptitle(_title(rows[0], with_n=False) + ("" if has_mem else " | memory: not measured")
+                 + ("\n" + "; ".join(notes) if notes else ""), fontsize=9)
     fig.savefig(path, dpi=110)
 
 

@@ -65,6 +65,26 @@ def eager_loss(hidden, weight, targets):
     return F.cross_entropy((hidden @ weight.T).float(), targets)
 
 
+def _native_reason(device) -> str | None:
+    if not hasattr(F, "linear_cross_entropy"):
+        return (f"torch.nn.functional.linear_cross_entropy is absent in torch {torch.__version__} "
+                "(it exists from torch 2.13)")
+    return None
+
+
+def _build_native(chunked: bool):
+    """PyTorch's own fused op: its default (``options=None``, the reference path that forms the
+    logits) or its chunked path (``options=LinearCrossEntropyOptions()``, default settings)."""
+
+    def build(device):
+        if not chunked:
+            return lambda h, w, t: F.linear_cross_entropy(h, w, t)
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda h, w, t: F.linear_cross_entropy(h, w, t, options=options)
+
+    return build
+
+
 def _build_compile(device):
     # dynamic=False: each benchmarked N is its own static-shape graph, the fastest that
     # torch.compile can do; the compile time is paid during warm-up, never timed. The runner
@@ -129,6 +149,8 @@ PROVIDERS = {
         Provider("cutce-triton-filtered", False, _cutce("triton", filter_eps="auto"), reason=_needs_cuda),
         Provider("torch", True, lambda device: eager_loss),
         Provider("torch-compile", True, _build_compile, off_by_default=_compile_off),
+        Provider("torch-native", True, _build_native(chunked=False), reason=_native_reason),
+        Provider("torch-native-chunked", True, _build_native(chunked=True), reason=_native_reason),
         Provider("apple-cce", False, _build_apple(exact=False), reason=_peer("cut_cross_entropy", "cut-cross-entropy")),
         Provider("apple-cce-exact", True, _build_apple(exact=True), reason=_peer("cut_cross_entropy", "cut-cross-entropy")),
         Provider("liger", True, _build_liger, reason=_peer("liger_kernel", "liger-kernel")),

@@ -24,13 +24,19 @@ COLUMNS = [
     "shape", "n", "d", "v", "data", "dtype", "max_prob", "entropy", "reference",
     "warmup", "repeats", "matmul_dtype", "matmul_ms",
     "provider", "exact", "status",
-    "fwd_ms", "fwd_ratio", "fwd_mb", "fwdbwd_ms", "fwdbwd_ratio", "peak_mb",
+    "fwd_ms", "fwd_ratio", "fwd_mb", "fwdbwd_ms", "fwdbwd_ratio", "peak_mb", "mem_method",
     "loss_err", "de_err", "dc_err", "error",
 ]
 FLOAT_COLUMNS = {"max_prob", "entropy", "matmul_ms", "fwd_ms", "fwd_ratio", "fwd_mb", "fwdbwd_ms",
                  "fwdbwd_ratio", "peak_mb", "loss_err", "de_err", "dc_err"}
 INT_COLUMNS = {"n", "d", "v", "warmup", "repeats"}
 NA = "n/a"
+# mem_method column -> what the MB columns mean
+MEM_METHODS = {
+    "cuda-allocator": "MiB allocated above the inputs (CUDA allocator peak)",
+    "rss-subprocess": "MiB of peak RSS growth above the inputs, each provider in its own process",
+    "none": "n/a (not measured: on CPU only with one process per provider, on Linux)",
+}
 
 
 def _version(dist: str) -> str:

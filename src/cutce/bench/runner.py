@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 
 import torch
@@ -21,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="default: cuda when available, else cpu")
     p.add_argument("--shape", help="gemma2-2b (8192,2304,256000), llama3-8b (8192,4096,128256), "
-                   "cpu-small (2048,512,16384) or N,D,V; default: gemma2-2b on cuda, cpu-small on cpu")
+                   "cpu-medium (4096,512,32768), cpu-small (2048,512,16384) or N,D,V; "
+                   "default: gemma2-2b on cuda, cpu-medium on cpu")
     p.add_argument("--sweep-n", metavar="N1,N2,...",
                    help="run every N in the list at the shape's D and V (time and memory vs N plots)")
     p.add_argument("--data", choices=data.DATA_KINDS, default="zipf",
@@ -29,15 +31,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(data.DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--providers", nargs="+", metavar="NAME",
                    help=f"any of {', '.join(providers.PROVIDERS)} or all (spaces or commas); "
-                   "default: every one that can run here (torch-compile only on cuda)")
+                   "default: every one that can run here (torch-compile only on cuda; torch-native* "
+                   "need torch >= 2.13)")
     p.add_argument("--mode", choices=MODES, default="both",
                    help="measure the forward only, forward+backward only, or both (default)")
     p.add_argument("--repeats", type=int, help="timed calls per measurement, median reported "
-                   "(default: 10 on cuda, 3 on cpu)")
+                   "(default: 10 on cuda, 2 on cpu)")
     p.add_argument("--warmup", type=int, help="untimed calls first (default: 3 on cuda, 1 on cpu)")
     p.add_argument("--matmul-dtype", choices=sorted(data.DTYPES),
                    help="dtype of the hidden @ weight.T that times are divided by "
                    "(default: bf16 on cuda, the run's dtype on cpu)")
+    p.add_argument("--in-process", action="store_true",
+                   help="on cpu, measure every provider in this process instead of one process "
+                   "each (no memory numbers then)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data (default 0)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--no-plot", action="store_true", help="write the CSV only")
@@ -52,7 +58,7 @@ def _resolve(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: expected a CUDA device, got none (torch.cuda.is_available() is False)")
     cuda = device.type == "cuda"
-    shape = data.parse_shape(args.shape or ("gemma2-2b" if cuda else "cpu-small"))
+    shape = data.parse_shape(args.shape or ("gemma2-2b" if cuda else "cpu-medium"))
     dtype = data.parse_dtype(args.dtype or ("bf16" if cuda else "fp32"))
     mm_name = args.matmul_dtype or ("bf16" if cuda else (args.dtype or "fp32"))
     shapes = [shape]
@@ -65,7 +71,7 @@ def _resolve(args):
             raise ValueError(f"--sweep-n: expected positive integers, got {args.sweep_n!r}")
         shapes = [shape.with_n(n) for n in ns]
     names = None if args.providers is None else providers.parse_provider_names(args.providers)
-    repeats = args.repeats if args.repeats is not None else (10 if cuda else 3)
+    repeats = args.repeats if args.repeats is not None else (10 if cuda else 2)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"--repeats/--warmup: expected >= 1 and >= 0, got {repeats} and {warmup}")
@@ -87,6 +93,16 @@ def _list_providers(device) -> int:
     return 0
 
 
+def _mem_method(device, args) -> str:
+    """How memory is measured: the CUDA allocator, RSS of one process per provider (CPU, Linux),
+    or not at all."""
+    if device.type == "cuda":
+        return "cuda-allocator"
+    if not args.in_process and measure.RssPeak.available():
+        return "rss-subprocess"
+    return "none"
+
+
 def _result_row(base, res: measure.Result, provider, matmul_ms):
     row = dict(base, provider=provider.name, exact=provider.exact, status=res.status,
                error="; ".join(res.errors))
@@ -94,6 +110,33 @@ def _result_row(base, res: measure.Result, provider, matmul_ms):
         row[k] = getattr(res, k)
     row["fwd_ratio"] = None if res.fwd_ms is None else res.fwd_ms / matmul_ms
     row["fwdbwd_ratio"] = None if res.fwdbwd_ms is None else res.fwdbwd_ms / matmul_ms
+    return row
+
+
+def _bench_provider(p, title, base, mm, args, device, hidden, weight, targets, ref, repeats, warmup,
+                    inputs_path):
+    """One provider's row: measured in a process of its own when ``inputs_path`` (CPU memory),
+    else in this one."""
+    print(f"{title} ...", flush=True)
+    t1 = time.perf_counter()
+    if inputs_path is not None:
+        res = measure.measure_in_subprocess(p.name, inputs_path, warmup=warmup, repeats=repeats,
+                                            mode=args.mode)
+    else:
+        try:
+            fn = p.build(device)
+        except Exception as exc:  # a peer that imports but cannot set up: a row, not a crash
+            res = measure.Result(errors=[f"setup: {type(exc).__name__}: {exc}"[:300]])
+        else:
+            res = measure.measure(fn, hidden, weight, targets, ref, warmup=warmup,
+                                  repeats=repeats, mode=args.mode)
+            del fn
+    measure.free_memory(device)
+    row = _result_row(base, res, p, mm)
+    done = ", ".join(f"{label} {report.fmt_ms(row[k])} ms"
+                     for k, label in (("fwd_ms", "fwd"), ("fwdbwd_ms", "fwd+bwd")) if row[k] is not None)
+    print(f"      {done or 'no timing'}{'  ERROR ' + row['error'] if row['error'] else ''}"
+          f"  ({time.perf_counter() - t1:.1f} s)", flush=True)
     return row
 
 
@@ -111,28 +154,25 @@ def _bench_shape(shape, args, device, dtype, dtype_name, mm_name, chosen, skippe
     base = dict(meta, shape=shape.name, n=shape.n, d=shape.d, v=shape.v, data=args.data,
                 dtype=dtype_name, max_prob=max_prob, entropy=entropy, reference=ref.label,
                 warmup=warmup, repeats=repeats, matmul_dtype=mm_name, matmul_ms=mm)
+    mem_method = _mem_method(device, args)
+    base["mem_method"] = mem_method
     rows = []
-    for p in chosen:
-        step += 1
-        print(f"[{step}/{total}] {p.name} N={shape.n} ...", flush=True)
-        t1 = time.perf_counter()
-        try:
-            fn = p.build(device)
-        except Exception as exc:  # a peer that imports but cannot set up: a row, not a crash
-            res = measure.Result(errors=[f"setup: {type(exc).__name__}: {exc}"[:300]])
-        else:
-            res = measure.measure(fn, hidden, weight, targets, ref, warmup=warmup,
-                                  repeats=repeats, mode=args.mode)
-            del fn
-        measure.free_memory(device)
-        row = _result_row(base, res, p, mm)
-        rows.append(row)
-        done = ", ".join(f"{label} {report.fmt_ms(row[k])} ms"
-                         for k, label in (("fwd_ms", "fwd"), ("fwdbwd_ms", "fwd+bwd")) if row[k] is not None)
-        print(f"      {done or 'no timing'}{'  ERROR ' + row['error'] if row['error'] else ''}"
-              f"  ({time.perf_counter() - t1:.1f} s)", flush=True)
+    tmp = None
+    if mem_method == "rss-subprocess":
+        tmp = tempfile.TemporaryDirectory(prefix="cutce-bench-")
+        inputs_path = os.path.join(tmp.name, "inputs.pt")
+        measure.save_inputs(inputs_path, hidden, weight, targets, ref)
+    try:
+        for p in chosen:
+            step += 1
+            rows.append(_bench_provider(p, f"[{step}/{total}] {p.name} N={shape.n}", base, mm, args, device,
+                                        hidden, weight, targets, ref, repeats, warmup,
+                                        None if tmp is None else inputs_path))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     rows += [dict(base, provider=name, exact=providers.PROVIDERS[name].exact, status="skipped",
-                  error=why) for name, why in skipped]
+                  error=why, mem_method=None) for name, why in skipped]
     del hidden, weight, targets, ref
     measure.free_memory(device)
     return rows, step
@@ -174,8 +214,7 @@ def run(args) -> int:
         report.write_csv(csv_path, rows)
         print()
         print(f"{shape}, {args.data} data, {dtype_name}; ratios to one {mm_name} matmul "
-              f"({report.fmt_ms(new[0]['matmul_ms'])} ms); MB = MiB allocated above the inputs"
-              f"{' (n/a on CPU)' if device.type != 'cuda' else ''}, dE + dC alone take "
+              f"({report.fmt_ms(new[0]['matmul_ms'])} ms); MB = {report.MEM_METHODS[new[0]['mem_method']]}, dE + dC alone take "
               f"{report.gradients_mb(shape.n, shape.d, shape.v, dtype_name):.0f} MiB; "
               f"errors vs {new[0]['reference']}:")
         print("\n".join(report.table_lines(new)))
