@@ -13,7 +13,9 @@ Every run sees the same batches (the data order has its own seed), so run 3 diff
 only by its initialisation. Agreement: the mean |loss difference| over the last K steps, cutce vs
 original, next to the same measure for the two original runs. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size of the run's process.
-Writes a PNG (loss curves, per-step |difference|, peak memory) and a JSON with all numbers.
+Writes a PNG (loss curves, per-step |difference|, peak memory) and a JSON with all numbers, by
+default under ``demo-out/``; each run shows its progress (a tqdm bar on a terminal, else a line
+every 10 % of the steps). ``--plot-only FILE.json`` remakes the PNG from a JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import math
 import pathlib
+import sys
 import sysconfig
 import time
 
@@ -29,10 +32,13 @@ import torch
 
 DEFAULTS = {  # per device: CPU finishes in a few minutes on two cores; CUDA is an H200-sized run
     "cpu": dict(vocab=32768, steps=200, seq_len=128, batch=4, hidden=64, layers=2, heads=4,
-                corpus_mb=8.0, lr=3e-3),
+                corpus_mb=8.0, lr=3e-3),  # 2.5-5 min on 2 cores: BPE 5-15 s, 3 runs of 40-90 s
     "cuda": dict(vocab=131072, steps=300, seq_len=2048, batch=8, hidden=512, layers=4, heads=8,
                  corpus_mb=0.0, lr=1e-3),
 }
+
+
+OUT_DIR = "demo-out"
 
 
 def _parser():
@@ -41,7 +47,11 @@ def _parser():
         description="Train a small Llama from scratch on the Python standard library's source, "
         "with transformers' loss and with cutce's, and plot loss curves and peak memory. "
         "Defaults depend on --device (CPU: " + ", ".join(f"{k}={v}" for k, v in DEFAULTS["cpu"].items())
-        + "; CUDA: " + ", ".join(f"{k}={v}" for k, v in DEFAULTS["cuda"].items()) + ").")
+        + "; CUDA: " + ", ".join(f"{k}={v}" for k, v in DEFAULTS["cuda"].items()) + "). "
+        "Expected time with the CPU defaults: 2.5 to 5 minutes on 2 cores, depending on their load "
+        "(tokenizer 5-15 s, then three training runs of 40-90 s each, with progress shown); "
+        "--steps 20 --no-noise-run takes under a minute. On an H200 the CUDA defaults take a few "
+        "minutes. Output: " + OUT_DIR + "/demo-<device>.png and .json.")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--vocab", type=int, help="vocabulary size V (the BPE may learn fewer tokens "
                    "when the text is too small; the model keeps V classes)")
@@ -59,22 +69,32 @@ def _parser():
                    "measure averages over (at most half the steps)")
     p.add_argument("--impl", default="auto", help="cutce impl: auto, torch or triton")
     p.add_argument("--no-noise-run", action="store_true", help="skip run 3 (no noise baseline)")
-    p.add_argument("--out", default=None, help="PNG path (default cutce-demo-<device>.png); the "
-                   "numbers go to the same path with .json")
+    p.add_argument("--out", default=None, help=f"PNG path (default {OUT_DIR}/demo-<device>.png); "
+                   "the numbers go to the same path with .json")
+    p.add_argument("--plot-only", metavar="FILE.json", default=None, help="remake the PNG from a "
+                   "JSON this demo wrote (to --out, default: next to the JSON), without training")
     return p
 
 
 def main(argv=None) -> int:
     """Run the demo; returns 0. ``argv`` excludes the program name (``cutce demo`` passes the rest)."""
     args = _parser().parse_args(argv)
+    if args.plot_only:
+        src = pathlib.Path(args.plot_only)
+        out = pathlib.Path(args.out) if args.out else src.with_suffix(".png")
+        plot(json.loads(src.read_text()), out)
+        print(f"wrote {out}")
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for key, value in DEFAULTS["cuda" if device.startswith("cuda") else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    out = pathlib.Path(args.out or f"cutce-demo-{device.split(':')[0]}.png")
+    out = pathlib.Path(args.out or f"{OUT_DIR}/demo-{device.split(':')[0]}.png")
     last = max(1, min(args.last, args.steps // 2))
 
     t0 = time.perf_counter()
+    print(f"reading the standard library's source and training a {args.vocab}-token BPE on it ...",
+          flush=True)
     texts = read_corpus(args.corpus_mb)
     ids, learned = tokenize(texts, args.vocab)
     prep_s = time.perf_counter() - t0
@@ -87,7 +107,8 @@ def main(argv=None) -> int:
     if not args.no_noise_run:
         runs.append(("original", args.seed + 1, False))
     results = []
-    for label, seed, patched in runs:
+    for i, (label, seed, patched) in enumerate(runs, 1):
+        print(f"run {i}/{len(runs)}: {label}, seed {seed}, {args.steps} steps", flush=True)
         r = _in_fresh_process(dict(spec, seed=seed, patched=patched), ids)
         r.update(label=label, seed=seed)
         print(f"{label:>8} seed {seed}: final loss {r['losses'][-1]:.4f}, {r['ms_per_step']:.0f} "
@@ -191,6 +212,7 @@ def train(spec, ids):
     warmup = max(1, spec["steps"] // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, spec["steps"]))
     gen = torch.Generator().manual_seed(spec["data_seed"])  # same batches in every run
+    progress = _Progress(spec["steps"], "cutce" if spec["patched"] else "original")
     seq = spec["seq_len"]
     cuda = device.type == "cuda"
     if cuda:
@@ -213,6 +235,8 @@ def train(spec, ids):
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        progress.update(losses[-1])
+    progress.close()
     if cuda:
         torch.cuda.synchronize(device)
     ms = (time.perf_counter() - t0) * 1e3 / max(1, spec["steps"] - 1) if t0 else float("nan")
@@ -222,6 +246,48 @@ def train(spec, ids):
         peak, kind = _peak_rss_mb(), "RSS"
     return dict(losses=losses, ms_per_step=ms, peak_mb=peak, base_mb=base, memory_kind=kind,
                 logits_mb=spec["batch"] * seq * spec["vocab"] * 4 / 2**20)
+
+
+class _Progress:
+    """Per-step progress of one run: a tqdm bar on a terminal, else a line every 10 % of the steps."""
+
+    def __init__(self, total, label):
+        self.total, self.label, self.step, self.t0 = total, label, 0, time.perf_counter()
+        self.bar = None
+        if _terminal_columns() >= 40:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, desc=f"  {label}", unit="step", leave=False,
+                                dynamic_ncols=True)
+        self.every = max(1, total // 10)
+
+    def update(self, loss):
+        self.step += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        elif self.step % self.every == 0 or self.step == self.total:
+            elapsed = time.perf_counter() - self.t0
+            left = elapsed / self.step * (self.total - self.step)
+            print(f"  {self.label}: step {self.step}/{self.total}, loss {loss:.4f}, "
+                  f"{elapsed:.0f} s elapsed, ~{left:.0f} s left", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _terminal_columns():
+    """Width of the terminal on stderr; 0 when stderr is not a terminal (or reports no size)."""
+    import os
+
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _lr_factor(step, warmup, total):
@@ -265,21 +331,42 @@ def plot(summary, path):
     names = [f"{r['label']} (seed {r['seed']})" for r in runs]
     colors = ["tab:blue", "tab:orange", "tab:gray"]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.8), width_ratios=[2.2, 2.2, 1.2])
-    for r, name, color in zip(runs, names, colors):
-        steps = range(1, len(r["losses"]) + 1)
-        ax1.plot(steps, r["losses"], color=color, lw=1.0, label=name,
-                 ls="--" if r is runs[-1] and len(runs) > 2 else "-")
-    ax1.set(xlabel="step", ylabel="training loss", title="loss (each curve: one run)")
-    ax1.legend()
     first = runs[0]["losses"]
-    for r, name, color in zip(runs[1:], names[1:], colors[1:]):
-        diff = [max(abs(a - b), 1e-9) for a, b in zip(r["losses"], first)]  # log axis: 0 -> 1e-9
+    for i, (r, name, color) in enumerate(zip(runs, names, colors)):
+        steps = range(1, len(r["losses"]) + 1)
+        style = dict(color=color, lw=2.4, ls="-", zorder=2)  # the reference curve: wide
+        if i == 1:  # cutce: thin and dashed on top, so the reference shows where they coincide
+            gap = max(abs(a - b) for a, b in zip(r["losses"], first))
+            name += f" (dashed, on top; max |Δ| vs {names[0]}: {gap:.2g})"
+            style = dict(color=color, lw=1.1, ls=(0, (4, 2)), zorder=3)
+        elif i == 2:
+            style = dict(color=color, lw=1.0, ls="-", zorder=1)
+        ax1.plot(steps, r["losses"], label=name, **style)
+    ax1.set(xlabel="step", ylabel="training loss", title="loss (each curve: one run)")
+    ax1.legend(fontsize=8)
+    # Per-step |difference| on a log axis. Steps where the losses are bitwise equal (|Δ| = 0, which
+    # a log axis cannot show) are drawn explicitly as markers on a floor line below the data.
+    diffs = [[abs(a - b) for a, b in zip(r["losses"], first)] for r in runs[1:]]
+    nonzero = [d for diff in diffs for d in diff if d > 0]
+    floor = min(nonzero) / 10 if nonzero else 1e-9
+    for r, name, color, diff in zip(runs[1:], names[1:], colors[1:], diffs):
         mean = mean_abs_diff(r["losses"], first, k)
-        ax2.semilogy(range(1, len(diff) + 1), diff, color=color, lw=0.8,
+        steps = range(1, len(diff) + 1)
+        ax2.semilogy(steps, [d if d > 0 else float("nan") for d in diff], color=color, lw=0.8,
+                     marker=".", ms=2.5,  # a nonzero step between two zeros is a lone point
                      label=f"{name} vs {names[0]}: last-{k} mean {mean:.3g}")
-        ax2.hlines(mean, len(diff) - k + 1, len(diff), color=color, lw=2.5)
-    ax2.set(xlabel="step", ylabel="|loss difference|", title=f"|Δ loss| per step (bars: mean of last {k})")
-    ax2.legend(fontsize=8, loc="center right")
+        zeros = [s for s, d in zip(steps, diff) if d == 0]
+        if zeros:
+            ax2.plot(zeros, [floor] * len(zeros), ls="none", marker="|", ms=9, color=color,
+                     label=f"{name}: exactly 0 at {len(zeros)} of {len(diff)} steps (drawn at {floor:.0e})")
+        if mean > 0:
+            ax2.hlines(mean, len(diff) - k + 1, len(diff), color=color, lw=2.5)
+    title = f"|Δ loss| per step (bars: mean of last {k}"
+    if any(d == 0 for diff in diffs for d in diff):
+        ax2.axhline(floor, color="0.6", lw=0.6, ls=":")
+        title += "; ticks on the dotted line: Δ = 0"
+    ax2.set(xlabel="step", ylabel="|loss difference|", title=title + ")")
+    ax2.legend(fontsize=7, loc="center right")
     peaks = [r["peak_mb"] for r in runs]
     x = range(len(runs))
     bars = ax3.bar(x, peaks, color=colors[:len(runs)])
