@@ -11,7 +11,6 @@ import functools
 import math
 import os
 import warnings
-
 from typing import NamedTuple
 
 import torch
