@@ -197,6 +197,30 @@ def test_token_chunks_split_accumulator(gen, monkeypatch, chunk_n):
     _compare(h, w, t, b, None, dict(label_smoothing=0.1), with_lse=True)
 
 
+@pytest.mark.parametrize("gathered", [False, True])
+def test_token_chunks_sum_dc_in_float32(gen, monkeypatch, gathered):
+    """Many token chunks: with the default budget the recompute backward sums dC in a float32
+    accumulator, so its error stays below the per-chunk 16-bit sum's (memory_budget=0)."""
+    from cutce.triton import workspace
+    bv = configs.backward_tile(torch.bfloat16).block_v
+    monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: (min(8, n), 2 * bv))
+    monkeypatch.setattr(configs, "FILTER_DENSE_FRACTION", 1.0)  # gathered: keep every class
+    h, w, t, _, _ = make_inputs(gen, 123, 40, 2 * bv + 5, torch.bfloat16)
+    h, w, t = _to(DEV, h, w, t)
+    w64 = w.detach().double().requires_grad_()
+    oracle(h.detach().double(), w64, t, reduction="none")[0].sum().backward()
+    errs = []
+    for budget in (None, 0.0):
+        ww = w.detach().clone().requires_grad_()
+        loss = cutce.linear_cross_entropy(h, ww, t, reduction="none", impl="triton",
+                                          memory_budget=budget,
+                                          filter_eps=1e-30 if gathered else None)
+        loss.sum().backward()
+        assert torch.isfinite(ww.grad).all()
+        errs.append(rel_err(ww.grad, w64.grad))
+    assert errs[0] < 0.8 * errs[1], f"float32 dC sum {errs[0]:.3g} vs 16-bit per chunk {errs[1]:.3g}"
+
+
 def test_filter_tiny_eps_is_exact(gen, monkeypatch):
     """A tiny eps keeps every class, through the filtered (gathered-classes) path itself: same
     gradients as the dense exact backward."""

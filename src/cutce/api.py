@@ -227,7 +227,9 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
             N x D x V products instead of four: faster, same exactness); below what that needs,
             or at 0, the backward recomputes the logits (memory: gradients + ~8%). A fused
             call's gradients are handed out once: backpropagating twice through the same loss
-            (retain_graph) raises; use memory_budget=0 for that. See
+            (retain_graph) raises; use memory_budget=0 for that. The recompute backward (Triton
+            path, more than one token chunk) sums dC in float32 when the budget covers a
+            V x D float32 buffer (the default always does), else rounds it per token chunk. See
             :mod:`cutce.plan` and docs/benchmarks.md for time against budget.
         chunk_bytes: memory budget of one chunk of logits on the torch path (default 256 MiB).
         vocab_group: a torch.distributed ProcessGroup over which the classifier is split by

@@ -23,16 +23,17 @@ from .triton import fused as _fused
 @torch.library.custom_op("cutce::lse_parts", mutates_args=())
 def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                  class_weight: Optional[Tensor], scale: float, softcap: float, inv_temp: float,
-                 need_zsum: bool, need_entropy: bool,
-                 filter_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty)."""
+                 need_zsum: bool, need_entropy: bool, filter_eps: float,
+                 memory_budget: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty).
+    memory_budget only travels to the backward (its float32 dC accumulator, see cutce.plan)."""
     return _fw.forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum,
                        need_entropy, bound=filter_eps > 0, class_weight=class_weight)
 
 
 @lse_parts_op.register_fake
 def _(hidden, weight, bias, targets, class_weight, scale, softcap, inv_temp, need_zsum,
-      need_entropy, filter_eps):
+      need_entropy, filter_eps, memory_budget):
     bound = filter_eps > 0
     n, v = hidden.shape[0], weight.shape[0]
     f = hidden.new_empty(n, dtype=torch.float32)
@@ -44,16 +45,21 @@ def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
                           class_weight: Optional[Tensor], lse: Tensor, pz: Tensor, ub: Tensor,
                           g_lse: Tensor, g_zt: Tensor, g_zsum: Tensor, g_pz: Tensor, scale: float,
                           softcap: float, inv_temp: float, need_zsum: bool, need_entropy: bool,
-                          filter_eps: float, need_h: bool, need_w: bool,
-                          need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+                          filter_eps: float, need_h: bool, need_w: bool, need_b: bool,
+                          memory_budget: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    n, d = hidden.shape
+    dc_f32 = plan.recompute_dc_f32(n, weight.shape[0], d, hidden.dtype, memory_budget, need_h,
+                                   need_w)
     return _bw.backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
                         scale, softcap, inv_temp, need_zsum, need_entropy,
-                        filter_eps, need_h, need_w, need_b, class_weight=class_weight)
+                        filter_eps, need_h, need_w, need_b, class_weight=class_weight,
+                        dc_f32=dc_f32)
 
 
 @lse_parts_backward_op.register_fake
 def _(hidden, weight, bias, targets, class_weight, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz, scale,
-      softcap, inv_temp, need_zsum, need_entropy, filter_eps, need_h, need_w, need_b):
+      softcap, inv_temp, need_zsum, need_entropy, filter_eps, need_h, need_w, need_b,
+      memory_budget):
     # distinct empties: a custom op's outputs may not alias each other
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else hidden.new_empty(0),
@@ -61,10 +67,12 @@ def _(hidden, weight, bias, targets, class_weight, lse, pz, ub, g_lse, g_zt, g_z
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, cw, scale, softcap, inv_temp, need_zsum, need_entropy, eps = inputs
+    hidden, weight, bias, targets, cw, scale, softcap, inv_temp, need_zsum, need_entropy, eps, \
+        budget = inputs
     lse, _, _, pz, ub = output
     ctx.save_for_backward(hidden, weight, bias, targets, cw, lse, pz, ub)
     ctx.scalars = (scale, softcap, inv_temp, need_zsum, need_entropy, eps)
+    ctx.budget = budget
 
 
 def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub):
@@ -75,9 +83,9 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub):
     grads = [z if g is None else g.contiguous() for g in (g_lse, g_zt, g_zsum, g_pz)]
     dh, dw, db = lse_parts_backward_op(
         hidden, weight, bias, targets, cw, lse, pz, ub, *grads, scale, softcap, inv_temp,
-        need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b)
+        need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b, ctx.budget)
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -102,7 +110,9 @@ def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
     zeros = torch.zeros_like(lse)
     dh, dw, db = _bw.backward(hidden, weight, bias, targets, lse, pz, ub, k[0] + 2.0 * k[3] * lse,
                               -k[1], zeros, zeros, scale, softcap, 1.0, False, False, 0.0,
-                              need_h, need_w, need_b)
+                              need_h, need_w, need_b, dc_f32=plan.recompute_dc_f32(
+                                  n, weight.shape[0], d, hidden.dtype, memory_budget, need_h,
+                                  need_w))
     total = torch.where(k[0] != 0, k[0] * lse - k[1] * zt + k[3] * lse.square(), 0.0).sum()
     return total, lse, dh, dw, db
 
@@ -147,4 +157,4 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
         None if class_weight is None else class_weight.float().contiguous(),
         opts.logit_scale, opts.softcap or 0.0,
         1.0 / opts.temperature, opts.need_zsum, opts.need_entropy,
-        opts.filter_eps if filt else 0.0)[:4]
+        opts.filter_eps if filt else 0.0, opts.memory_budget)[:4]

@@ -124,12 +124,28 @@ def plan(n, v, d, dtype, backend, fusable, memory_budget, need_h=True, need_w=Tr
                 dc_f32=acc16)
 
 
+def recompute_dc_f32(n, v, d, dtype, memory_budget, need_h=True, need_w=True) -> bool:
+    """Whether the recompute strategy's backward (Triton path) sums dC over token chunks in a
+    float32 V x D accumulator: when the budget covers it (the default does at every shape, as
+    V x D x 4 bytes <= 2 x the gradients). Below that (``memory_budget`` < ~2, 0 included), dC
+    is rounded to the weight's dtype once per token chunk: its error grows with the number of
+    chunks (docs/benchmarks.md measures it)."""
+    if memory_budget is None:
+        memory_budget = DEFAULT_MEMORY_BUDGET["triton"]
+    if not need_w or dtype == torch.float32 or memory_budget <= 0:
+        return False
+    return v * d * 4 <= memory_budget * gradient_bytes(n, v, d, dtype, need_h, need_w)
+
+
 # ---- the fused strategy's autograd, shared by both backends' fused ops -----------------------
 # Each op returns (total, lse, dh, dw, db): the gradients of total formed in its forward.
 
 def fused_setup_context(ctx, inputs, output):
     # Not differentiable: no grad_fn, so ctx holding them makes no reference cycle.
     ctx.mark_non_differentiable(*output[1:])
+    # Autograd would otherwise pass zero tensors as the upstream grads of the non-differentiable
+    # outputs, one of them dC-sized: a V x D memset in every backward (and its bytes at the peak).
+    ctx.set_materialize_grads(False)
     ctx.grads = output[2:]
     ctx.n_inputs = len(inputs)
 
@@ -144,5 +160,7 @@ def fused_backward(ctx, g_total, *_):
                            "formed in the forward and handed out once); use memory_budget=0 to "
                            "backward through it twice")
     ctx.grads = None
+    if g_total is None:  # no upstream gradient reached the loss (grads are not materialized)
+        return (None,) * ctx.n_inputs
     out = [g.mul_(g_total) if need else None for g, need in zip(grads, ctx.needs_input_grad)]
     return (*out, *[None] * (ctx.n_inputs - 3))

@@ -97,6 +97,14 @@ def _accumulate_f32(acc, a, b):
         acc.addmm_(a.float(), b.float())
 
 
+def _mm_f32(a, b, out=None):
+    """a @ b of 16-bit operands with a float32 result (no rounding to a's dtype)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    r = a.float() @ b.float()  # the interpreter path: CPU has no mixed-dtype mm
+    return r if out is None else out.copy_(r)
+
+
 def _kept_classes(ub, targets, eps):
     """Classes the filtered backward must visit, ascending (bound >= log(eps), or some row's
     target); None when they are most of the vocabulary (the dense path is then faster, and
@@ -112,8 +120,11 @@ def _kept_classes(ub, targets, eps):
 
 def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
              scale, softcap, inv_temp, need_zsum, need_entropy, filter_eps,
-             need_h, need_w, need_b, class_weight=None):
+             need_h, need_w, need_b, class_weight=None, dc_f32=False):
     """Gradients of (lse, zt, zsum, pz) w.r.t. hidden, weight, bias given their upstream grads.
+
+    ``dc_f32``: the budget allows a float32 V x D accumulator, so that with more than one token
+    chunk dC's running sum is not rounded to the weight's dtype between chunks (see cutce.plan).
 
     Returns (dh, dw, db) in the inputs' dtypes; a gradient that is not needed is an empty tensor
     of its own (a custom op's outputs may not alias each other).
@@ -153,6 +164,11 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     chunk_n, chunk_v = workspace.chunk_sizes(n, n_cls, v, d, dt, need_h, need_w, split, tail,
                                              cls is not None, cfg.block_v)
     acc = workspace.HiddenGradAccumulator(dh, chunk_n, split) if need_h and not f32 else None
+    # dC's running sum over token chunks: float32 when the budget allows, else dC itself
+    dw_sum = dw
+    if dc_f32 and need_w and not f32 and chunk_n < n:
+        dw_sum = torch.zeros(dw.shape, device=dev, dtype=torch.float32) if cls is not None \
+            else torch.empty(dw.shape, device=dev, dtype=torch.float32)
     ws_dtype = configs.workspace_dtype(dt)  # the GPU's rounding in CPU tests, see configs
     space = workspace.DzWorkspace(chunk_n, chunk_v, ws_dtype, dev,
                                   dw if tail and chunk_n == n else None, cfg.block_v)
@@ -188,7 +204,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
                 for out, k0, k1 in parts:
                     _accumulate_f32(out, dz, w_chunk[:, k0:k1])
             if need_w:
-                _accumulate_dw(dw, cls, c0, c1, dz, h_chunk, first=(n0 == 0))
+                _accumulate_dw(dw_sum, cls, c0, c1, dz, h_chunk, first=(n0 == 0))
             if need_b:
                 part = dz.sum(0, dtype=torch.float32)
                 if cls is None:
@@ -198,20 +214,26 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
             c0 = c1
         if acc is not None:
             acc.finish(n0, n1)
+    if dw_sum is not dw:
+        dw.copy_(dw_sum)
     return dh, dw, (db32.to(bias.dtype) if need_b else empty())
 
 
 def _accumulate_dw(dw, cls, c0, c1, dz, h_chunk, first):
-    """dC rows of this vocabulary chunk (+)= dz^T @ E, rounded once per token chunk."""
+    """dC rows of this vocabulary chunk (+)= dz^T @ E: rounded once per token chunk when dw is
+    16-bit, never when it is a float32 accumulator of 16-bit operands."""
+    mixed = dw.dtype != dz.dtype
     if cls is None:
         rows = dw[c0:c1]
         if first:
-            torch.mm(dz.T, h_chunk, out=rows)
+            _mm_f32(dz.T, h_chunk, out=rows) if mixed else torch.mm(dz.T, h_chunk, out=rows)
+        elif mixed:
+            _accumulate_f32(rows, dz.T, h_chunk)
         else:
             rows.addmm_(dz.T, h_chunk)
         return
     idx = cls[c0:c1]
-    part = torch.mm(dz.T, h_chunk)
+    part = _mm_f32(dz.T, h_chunk) if mixed else torch.mm(dz.T, h_chunk)
     if first:
         dw.index_copy_(0, idx, part)
     else:  # unique indices: each row is added once, so the order cannot change the result
