@@ -42,6 +42,14 @@ def test_default_plan_fuses_within_budget(shape):
     assert extra <= plan.DEFAULT_MEMORY_BUDGET["triton"] * plan.gradient_bytes(n, v, d, torch.bfloat16)
 
 
+def test_plan_chunks_are_even():
+    """Same number of chunks as the largest that fits, equal sizes: no thin last chunk."""
+    p = plan.plan(*GEMMA, torch.bfloat16, "triton", True, None)
+    assert p.chunk_n == 2048  # 4 x 2048, not 3 x 2304 + 1280
+    for n, chunk in ((4097, 4097), (5000, 2048), (9000, 2304), (70001, 2304), (66000, 2304)):
+        assert plan.plan(n, 256000, 2304, torch.bfloat16, "triton", True, None).chunk_n == chunk
+
+
 def test_plan_small_budget_or_frozen_head_recomputes():
     n, v, d = GEMMA
     assert not plan.plan(n, v, d, torch.bfloat16, "triton", True, 1.0).fused
