@@ -6,12 +6,14 @@ weight, never materializing the N x V logits; ``unpatch`` restores the original 
 The package holds :mod:`~cutce.transformers.patching` (the loss patch; not named ``patch.py``,
 since the ``patch`` function would shadow the submodule) and :mod:`~cutce.transformers.heads`
 (final hidden states and head of a supported model without logits, shared by everything that
-replaces the head's logits).
+replaces the head's logits) and :mod:`~cutce.transformers.log_probs` (``token_log_probs``: per-token
+log-probabilities and entropy of a model's own tokens for RL, without logits).
 
 transformers is imported lazily: ``import cutce`` never imports it.
 """
 
 from .heads import UnsupportedModelError
+from .log_probs import token_log_probs
 from .patching import is_patched, patch, unpatch
 
-__all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError"]
+__all__ = ["patch", "unpatch", "is_patched", "token_log_probs", "UnsupportedModelError"]

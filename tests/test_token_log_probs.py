@@ -1,0 +1,154 @@
+"""cutce.transformers.token_log_probs equals the issue's reference expression (float32, CPU).
+
+The reference materializes ``model(...).logits``; values of both outputs and the gradients of every
+trainable parameter through both are compared, for families with and without a logit transform
+(softcap: Gemma 2; scale: Cohere multiplies, Granite divides), a MoE model, padding in the
+attention mask, ``logits_to_keep`` set and not, temperature != 1, a PEFT LoRA model, and the
+refusals. Tiny random-init models from tests/test_transformers.py's configs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from test_transformers import T, VOCAB, make_model  # noqa: E402
+
+from cutce import transformers as ct  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def batch(seed=0, b=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (b, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding, as in batched generation
+    ids[1, :4] = 0   # the pad token
+    return ids, mask
+
+
+def reference(model, ids, mask, logits_to_keep=None, temperature=1.0, **model_kwargs):
+    """The issue's expression, verbatim."""
+    logits = model(input_ids=ids, attention_mask=mask, **model_kwargs).logits[:, :-1] / temperature
+    targets = ids[:, 1:]
+    if logits_to_keep:
+        logits, targets = logits[:, -logits_to_keep:], targets[:, -logits_to_keep:]
+    lsm = logits.float().log_softmax(-1)
+    logp = lsm.gather(-1, targets[..., None])[..., 0]
+    entropy = -(lsm.exp() * lsm).sum(-1)
+    return logp, entropy
+
+
+def values_and_grads(model, fn, seed=1):
+    """(logp, entropy) and the gradients of every trainable parameter of a random combination of
+    both (so a wrong gradient through either output shows)."""
+    model.zero_grad(set_to_none=True)
+    logp, entropy = fn()
+    g = torch.Generator().manual_seed(seed)
+    up = torch.randn(logp.shape, generator=g), torch.randn(entropy.shape, generator=g)
+    ((logp * up[0]).sum() + (entropy * up[1]).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logp.detach(), entropy.detach(), grads
+
+
+def assert_same(a, b):
+    (logp_a, ent_a, grads_a), (logp_b, ent_b, grads_b) = a, b
+    assert logp_b.dtype == torch.float32 and logp_b.shape == logp_a.shape == ent_b.shape
+    torch.testing.assert_close(logp_b, logp_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent_b, ent_a, rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name, ga in grads_a.items():
+        assert grads_b[name] is not None and ga.abs().max() > 0, name
+        scale = ga.abs().max().item()
+        torch.testing.assert_close(grads_b[name], ga, rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "cohere", "granite", "qwen3_moe"])
+def test_matches_reference(family):
+    model = make_model(family)
+    ids, mask = batch()
+    for k, temperature in ((None, 1.0), (5, 0.7)):
+        ref = values_and_grads(model, lambda: reference(model, ids, mask, k, temperature))
+        got = values_and_grads(model, lambda: ct.token_log_probs(
+            model, ids, mask, logits_to_keep=k, temperature=temperature, return_entropy=True))
+        assert got[0].shape == (2, k or T - 1)
+        assert_same(ref, got)
+
+
+def test_positions_and_options():
+    model = make_model("llama")
+    ids, mask = batch(1)
+    logp, entropy = reference(model, ids, None)
+    one = ct.token_log_probs(model, ids)  # no mask, default temperature, log-probs only
+    assert isinstance(one, torch.Tensor)
+    torch.testing.assert_close(one, logp, rtol=1e-5, atol=1e-5)
+    # logits_to_keep=k scores input_ids[:, -k:]: the last k columns of the full result; 0 = all.
+    for k in (1, 3, T - 1):
+        torch.testing.assert_close(ct.token_log_probs(model, ids, logits_to_keep=k), one[:, -k:])
+    torch.testing.assert_close(ct.token_log_probs(model, ids, logits_to_keep=0), one)
+    # model kwargs reach the model: explicit position ids shift the result as they shift the logits
+    pos = torch.arange(T).expand(2, T) + 3
+    ref_pos, _ = reference(model, ids, mask, position_ids=pos)
+    torch.testing.assert_close(ct.token_log_probs(model, ids, mask, position_ids=pos, use_cache=False,
+                                                  return_dict=False), ref_pos, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a frozen reference model in DPO / a KL term
+        assert not ct.token_log_probs(model, ids, mask).requires_grad
+    # A cutce-patched model: without labels its forward is the original one.
+    ct.patch(model)
+    torch.testing.assert_close(ct.token_log_probs(model, ids), one)
+
+
+# peft 0.21 calls a transformers 5.x API that warns of its own deprecation.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_peft_lora():
+    peft = pytest.importorskip("peft")
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", init_lora_weights=False)
+    model = peft.get_peft_model(make_model("gemma2"), peft.LoraConfig(target_modules=["q_proj", "v_proj"], **lora))
+    ids, mask = batch(2)
+    ref = values_and_grads(model, lambda: reference(model, ids, mask, 6, 0.9))
+    got = values_and_grads(model, lambda: ct.token_log_probs(model, ids, mask, logits_to_keep=6,
+                                                             temperature=0.9, return_entropy=True))
+    assert len(got[2]) == 8 and all("lora_" in n for n in got[2])  # 2 layers x (q, v) x (A, B)
+    assert_same(ref, got)
+    with model.disable_adapter():  # what the adapters' context managers do still applies
+        torch.testing.assert_close(ct.token_log_probs(model, ids, mask),
+                                   reference(model, ids, mask)[0], rtol=1e-5, atol=1e-5)
+    head_lora = peft.get_peft_model(make_model("llama"), peft.LoraConfig(target_modules=["lm_head"], **lora))
+    with pytest.raises(ct.UnsupportedModelError, match="not a plain torch.nn.Linear"):
+        ct.token_log_probs(head_lora, ids)
+
+
+def test_refuses_unsupported_models():
+    ids, _ = batch()
+    # Llama ignores final_logit_softcapping: the probe sees no softcap where the config says one.
+    with pytest.raises(ct.UnsupportedModelError, match="LlamaForCausalLM.*transforms the logits"):
+        ct.token_log_probs(make_model("llama", final_logit_softcapping=3.0), ids)
+    model = make_model("llama")
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    with pytest.raises(ct.UnsupportedModelError, match="not a plain torch.nn.Linear"):
+        ct.token_log_probs(model, ids)
+    with pytest.raises(ct.UnsupportedModelError, match="expected a transformers PreTrainedModel"):
+        ct.token_log_probs(torch.nn.Linear(4, 4), ids)
+
+
+def test_validation_messages():
+    model = make_model("llama")
+    ids, mask = batch()
+    bad = [
+        (dict(input_ids=ids.float()), r"input_ids: expected an int64 or int32 tensor, got torch.float32"),
+        (dict(input_ids=ids[0]), r"input_ids: expected shape \(B, T\) with T >= 2, got \(12,\)"),
+        (dict(input_ids=ids[:, :1]), r"input_ids: expected shape \(B, T\) with T >= 2, got \(2, 1\)"),
+        (dict(attention_mask=mask[:, 1:]), r"attention_mask: expected None or a tensor of input_ids' shape"),
+        (dict(logits_to_keep=T), rf"logits_to_keep: expected None or an int in \[0, {T - 1}\].*got {T}"),
+        (dict(logits_to_keep=-1), r"logits_to_keep: expected .* got -1"),
+        (dict(logits_to_keep=True), r"logits_to_keep: expected .* got True"),
+        (dict(temperature=0.0), r"temperature: expected a number > 0.0, got 0.0"),
+        (dict(return_entropy=1), r"return_entropy: expected a bool, got 1"),
+        (dict(labels=ids), r"model_kwargs: expected no labels.*got \['labels'\]"),
+    ]
+    for change, message in bad:
+        args = {"input_ids": ids, "attention_mask": mask, **change}
+        with pytest.raises(ValueError, match=message):
+            ct.token_log_probs(model, args.pop("input_ids"), args.pop("attention_mask"), **args)
