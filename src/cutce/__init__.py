@@ -5,8 +5,9 @@ block and only the target logit is indexed, so the N x V logit matrix is never h
 """
 
 from .api import LinearCrossEntropyLoss, linear_cross_entropy
+from .distill import linear_distillation_loss
 from .log_probs import linear_log_probs
 from .options import Options
 
 __version__ = "0.1.0"
-__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "linear_log_probs", "Options", "__version__"]
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "linear_log_probs", "linear_distillation_loss", "Options", "__version__"]

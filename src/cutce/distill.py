@@ -1,0 +1,150 @@
+"""Knowledge distillation between two linear heads that share a vocabulary, without logits.
+
+Validation reuses api.py's helpers (each head is checked as the loss checks its head, with the
+argument names prefixed ``student_``/``teacher_``); the chunk loops are in
+:mod:`cutce.torch_distill`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import api, torch_distill
+from .options import IMPLS
+
+_TRITON_MISSING = ("the Triton distillation kernels are not built yet: "
+                   "linear_distillation_loss runs on the chunked torch path only (impl='torch' "
+                   "or 'auto', on CPU and CUDA)")
+
+
+def _prefixed(prefix, fn, *args):
+    """Run an api helper; its errors name "hidden"/"weight"/"bias": say which head's."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith(("hidden", "weight", "bias")):
+            raise ValueError(prefix + msg) from None
+        raise
+
+
+def _check_scalars(beta, temperature, student_softcap, teacher_softcap, ce_weight, targets,
+                   shift, impl):
+    beta = api._check_real("beta", beta, lo=0.0, hi=1.0)
+    temperature = api._check_real("temperature", temperature, lo=0.0, lo_open=True)
+    caps = [0.0 if c is None else api._check_real(name, c, lo=0.0, lo_open=True)
+            for name, c in (("student_softcap", student_softcap),
+                            ("teacher_softcap", teacher_softcap))]
+    ce_weight = api._check_real("ce_weight", ce_weight, lo=0.0, hi=1.0)
+    if ce_weight > 0.0 and targets is None:
+        api._fail("targets", f"a tensor of class indices when ce_weight > 0 (ce_weight={ce_weight})",
+                  "None")
+    if not isinstance(shift, bool):
+        api._fail("shift", "a bool", repr(shift))
+    if impl not in IMPLS:
+        api._fail("impl", f"one of {IMPLS}", repr(impl))
+    return beta, temperature, caps, ce_weight
+
+
+def _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight):
+    for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        if not isinstance(t, torch.Tensor):
+            api._fail(name, "a torch.Tensor", type(t).__name__)
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        api._fail("teacher_hidden", f"shape {tuple(student_hidden.shape[:-1])} + (Dt,) "
+                  "(student_hidden's token dimensions)", tuple(teacher_hidden.shape))
+    if teacher_weight.dim() == 2 and student_weight.dim() == 2 \
+            and teacher_weight.shape[0] != student_weight.shape[0]:
+        api._fail("teacher_weight", f"{student_weight.shape[0]} rows (student_weight's "
+                  "vocabulary: the heads must share the vocabulary)",
+                  f"shape {tuple(teacher_weight.shape)}")
+    if teacher_hidden.device != student_hidden.device:
+        api._fail("teacher_hidden device", f"student_hidden's device {student_hidden.device}",
+                  teacher_hidden.device)
+
+
+def _backend(impl, hidden):
+    if impl == "triton":
+        raise RuntimeError(f"impl='triton' cannot run: {_TRITON_MISSING}")
+    return torch_distill  # "auto" and "torch": the chunked torch path on every device
+
+
+def linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                             targets=None, *, student_bias=None, teacher_bias=None, beta=0.0,
+                             temperature=1.0, student_softcap=None, teacher_softcap=None,
+                             ignore_index=-100, ce_weight=0.0, reduction="mean", shift=False,
+                             impl="auto"):
+    """Distillation loss between a teacher and a student head over one vocabulary, without logits.
+
+    Args:
+        student_hidden: (*, Ds) float16/bfloat16/float32/float64 student hidden states.
+        student_weight: (V, Ds) student classifier, student_hidden's dtype (outside autocast).
+        teacher_hidden: (*, Dt) teacher hidden states (same leading shape; Dt may differ from Ds;
+            its dtype may differ from the student's). Under ``torch.no_grad()`` or detached for
+            a frozen teacher: its gradients are then neither computed nor paid for.
+        teacher_weight: (V, Dt) teacher classifier (same V as the student's).
+        targets: (*) int64/int32 class indices in [0, V) or ``ignore_index``, or None (every
+            token counts; no CE term possible).
+        student_bias, teacher_bias: (V,) or None.
+        beta: in [0, 1]. 0: forward KL(p || q); 1: reverse KL(q || p); in between: the
+            generalized Jensen-Shannon divergence with mixture m = beta p + (1 - beta) q
+            (p the teacher's, q the student's distribution). No T^2 factor (scale it yourself).
+        temperature: > 0, divides both heads' logits (after softcap) for the divergence.
+        student_softcap, teacher_softcap: None or > 0: ``softcap * tanh(z / softcap)``.
+        ignore_index: tokens whose target equals it add nothing and are not counted by "mean".
+        ce_weight: in [0, 1]: loss = (1 - ce_weight) D + ce_weight CE(student at T = 1,
+            targets). Needs targets.
+        reduction: "mean" (over valid tokens; all tokens without targets), "sum" or "none".
+        shift: next-token layout: ``hidden[..., :-1, :]`` (both heads) and ``targets[..., 1:]``.
+        impl: "auto" or "torch" (the chunked torch path, on every device). "triton" raises: the
+            Triton distillation kernels are not built yet.
+
+    Returns:
+        float32 tensor (float64 when both heads are float64): a scalar, or the per-token losses
+        in targets' shape after shift (hidden's leading shape without targets) for "none".
+        "mean" with no valid token gives 0 with zero gradients. Equal, up to rounding, to::
+
+            if shift: hs, ht, targets = hs[..., :-1, :], ht[..., :-1, :], targets[..., 1:]
+            zs = hs @ Ws.T + bs;  zs = cs * tanh(zs / cs) if student_softcap   # float32
+            zt = ht @ Wt.T + bt;  zt = ct * tanh(zt / ct) if teacher_softcap
+            log_q = log_softmax(zs / T, -1);  log_p = log_softmax(zt / T, -1)
+            D = (log_p.exp() * (log_p - log_q)).sum(-1)                     # beta = 0
+            D = (log_q.exp() * (log_q - log_p)).sum(-1)                     # beta = 1
+            log_m = torch.logaddexp(log_p + log(beta), log_q + log(1 - beta))   # else
+            D = beta * (log_p.exp() * (log_p - log_m)).sum(-1) \\
+                + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+            loss = (1 - ce_weight) * D + ce_weight * F.cross_entropy(zs, targets, reduction="none")
+            loss = loss where targets != ignore_index, else 0
+            "mean": loss.sum() / (targets != ignore_index).sum(); "sum": loss.sum()
+
+        No N x V tensor exists at any time: float32 logits of a chunk of tokens at a time. For
+        "mean"/"sum" the gradients are formed in the forward (both heads' logits computed once;
+        nothing of the teacher kept for the backward, which backpropagates once); "none"
+        recomputes both heads' chunks in the backward (the teacher's tensors are kept for it).
+    """
+    _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    beta, temperature, (cap_s, cap_t), ce_weight = _check_scalars(
+        beta, temperature, student_softcap, teacher_softcap, ce_weight, targets, shift, impl)
+    opts = api.make_options(torch.float32, ignore_index=ignore_index, reduction=reduction)
+    lead = student_hidden.shape[:-1]
+    given = targets is not None
+    if not given:
+        # Every token counts: targets that are all class 0 pass the helpers' checks unchanged.
+        targets = torch.zeros(lead, dtype=torch.long, device=student_hidden.device)
+    hs, ws, bs, t1, _, out_shape = _prefixed("student_", api.prepare, student_hidden,
+                                             student_weight, targets, student_bias, None, shift,
+                                             ignore_index)
+    ht, wt, bt, _, _, _ = _prefixed("teacher_", api.prepare, teacher_hidden, teacher_weight,
+                                    targets, teacher_bias, None, shift, ignore_index)
+    backend = _backend(impl, hs)
+    cdt = backend.compute_dtype(hs.dtype, ht.dtype)
+    valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
+    args = (hs, ws, bs, ht, wt, bt, t1)
+    scalars = (beta, temperature, cap_s, cap_t, ce_weight)
+    if opts.reduction == "none":
+        return backend.distill_rows(*args, valid, *scalars).reshape(out_shape)
+    coef = valid.to(cdt)
+    if opts.reduction == "mean":
+        coef = coef / valid.sum().clamp(min=1).to(cdt)  # all ignored: coef 0, loss 0, grads 0
+    return backend.distill_total(*args, coef, *scalars)
