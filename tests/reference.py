@@ -113,3 +113,50 @@ def rel_err(a, b):
     den = b.norm().item()
     num = (a - b).norm().item()
     return num / den if den > 0 else num
+
+
+def distill_reference(hs, ws, ht, wt, targets=None, *, bs=None, bt=None, beta=0.0, temperature=1.0,
+                      student_softcap=None, teacher_softcap=None, ignore_index=-100, ce_weight=0.0,
+                      reduction="mean", shift=False, dtype=torch.float64):
+    """Distillation loss from both heads' dense logits, straight from the definition: p the
+    teacher's and q the student's softmax at temperature T, m = beta p + (1 - beta) q,
+    D = KL(p||q) (beta 0), KL(q||p) (beta 1), else beta KL(p||m) + (1 - beta) KL(q||m);
+    loss = (1 - ce_weight) D + ce_weight CE(student at T = 1); mean over valid tokens."""
+    if shift:
+        hs, ht = hs[..., :-1, :], ht[..., :-1, :]
+        targets = None if targets is None else targets[..., 1:]
+    out_shape = hs.shape[:-1]
+
+    def logits(h, w, b, cap):
+        z = h.reshape(-1, h.shape[-1]).to(dtype) @ w.to(dtype).T
+        if b is not None:
+            z = z + b.to(dtype)
+        return z if cap is None else cap * torch.tanh(z / cap)
+
+    zs, zt = logits(hs, ws, bs, student_softcap), logits(ht, wt, bt, teacher_softcap)
+    q, p = torch.softmax(zs / temperature, -1), torch.softmax(zt / temperature, -1)
+
+    def kl(a, b):
+        return (a * (a.log() - b.log())).sum(-1)
+
+    if beta == 0.0:
+        d = kl(p, q)
+    elif beta == 1.0:
+        d = kl(q, p)
+    else:
+        m = beta * p + (1.0 - beta) * q
+        d = beta * kl(p, m) + (1.0 - beta) * kl(q, m)
+    if targets is None:
+        valid = torch.ones(d.shape, dtype=torch.bool)
+        loss = d
+    else:
+        t = targets.reshape(-1)
+        valid = t != ignore_index
+        ce = torch.logsumexp(zs, -1) - zs.gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
+        loss = (1.0 - ce_weight) * d + ce_weight * ce
+    loss = torch.where(valid, loss, 0.0)
+    if reduction == "none":
+        return loss.reshape(out_shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum() if bool(valid.any()) else loss.sum() * 0.0

@@ -54,8 +54,9 @@ def _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight):
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
         api._fail("teacher_hidden", f"shape {tuple(student_hidden.shape[:-1])} + (Dt,) "
                   "(student_hidden's token dimensions)", tuple(teacher_hidden.shape))
-    if teacher_weight.dim() == 2 and student_weight.dim() == 2 \
-            and teacher_weight.shape[0] != student_weight.shape[0]:
+    shaped = all(w.dim() == 2 and h.dim() >= 1 and w.shape[1] == h.shape[-1]
+                 for h, w in ((student_hidden, student_weight), (teacher_hidden, teacher_weight)))
+    if shaped and teacher_weight.shape[0] != student_weight.shape[0]:
         api._fail("teacher_weight", f"{student_weight.shape[0]} rows (student_weight's "
                   "vocabulary: the heads must share the vocabulary)",
                   f"shape {tuple(teacher_weight.shape)}")
