@@ -4,10 +4,17 @@ The reference materializes ``model(...).logits``; values of both outputs and the
 trainable parameter through both are compared, for families with and without a logit transform
 (softcap: Gemma 2; scale: Cohere multiplies, Granite divides), a MoE model, padding in the
 attention mask, ``logits_to_keep`` set and not, temperature != 1, a PEFT LoRA model, and the
-refusals. Tiny random-init models from tests/test_transformers.py's configs.
+refusals. Tiny random-init models from tests/test_transformers.py's configs. Also runs the
+examples built on it (examples/grpo_step.py, examples/dpo_loss.py).
 """
 
 from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -152,3 +159,17 @@ def test_validation_messages():
         args = {"input_ids": ids, "attention_mask": mask, **change}
         with pytest.raises(ValueError, match=message):
             ct.token_log_probs(model, args.pop("input_ids"), args.pop("attention_mask"), **args)
+
+
+@pytest.mark.parametrize("script", ["grpo_step.py", "dpo_loss.py"])
+def test_example_runs(script):
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "src"), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(root / "examples" / script)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.stdout.rstrip().endswith("OK"), proc.stdout
+    # Each example checks its first call against model(...).logits and prints the difference.
+    diffs = [float(x) for x in re.findall(r"max \|d\w+(?:\(sequence\))?\| ([0-9.e+-]+)", proc.stdout)]
+    assert diffs and max(diffs) < 1e-4, proc.stdout
