@@ -12,11 +12,6 @@ import torch
 from . import api, torch_distill
 from .options import IMPLS
 
-_TRITON_MISSING = ("the Triton distillation kernels are not built yet: "
-                   "linear_distillation_loss runs on the chunked torch path only (impl='torch' "
-                   "or 'auto', on CPU and CUDA)")
-
-
 def _prefixed(prefix, fn, *args):
     """Run an api helper; its errors name "hidden"/"weight"/"bias": say which head's."""
     try:
@@ -65,10 +60,31 @@ def _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight):
                   teacher_hidden.device)
 
 
-def _backend(impl, hidden):
-    if impl == "triton":
-        raise RuntimeError(f"impl='triton' cannot run: {_TRITON_MISSING}")
-    return torch_distill  # "auto" and "torch": the chunked torch path on every device
+def _triton_reason(hs, ht):
+    """Why the Triton kernels cannot run this call (None if they can)."""
+    if hs.dtype != ht.dtype:
+        return (f"the Triton distillation kernels need both heads in one dtype, got student "
+                f"{hs.dtype} and teacher {ht.dtype}")
+    reason = api._triton_unavailable_reason(hs)
+    if reason is None:
+        try:
+            from . import distill_ops  # noqa: F401
+        except ImportError as e:
+            reason = f"Triton could not be imported ({e})"
+    return reason
+
+
+def _backend(impl, hs, ht):
+    if impl == "torch":
+        return torch_distill
+    reason = _triton_reason(hs, ht)
+    if impl == "triton" and reason is not None:
+        raise RuntimeError(f"impl='triton' cannot run: {reason}")
+    if impl == "auto" and (reason is not None or not hs.is_cuda):
+        return torch_distill
+    from . import distill_ops
+
+    return distill_ops
 
 
 def linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
@@ -98,8 +114,9 @@ def linear_distillation_loss(student_hidden, student_weight, teacher_hidden, tea
             targets). Needs targets.
         reduction: "mean" (over valid tokens; all tokens without targets), "sum" or "none".
         shift: next-token layout: ``hidden[..., :-1, :]`` (both heads) and ``targets[..., 1:]``.
-        impl: "auto" or "torch" (the chunked torch path, on every device). "triton" raises: the
-            Triton distillation kernels are not built yet.
+        impl: "auto" (Triton kernels for CUDA tensors when they cover the call: both heads in
+            one dtype, float16/bfloat16/float32; else the torch path), "torch" or "triton" (an
+            explicit choice that cannot run raises and says why).
 
     Returns:
         float32 tensor (float64 when both heads are float64): a scalar, or the per-token losses
@@ -119,10 +136,12 @@ def linear_distillation_loss(student_hidden, student_weight, teacher_hidden, tea
             loss = loss where targets != ignore_index, else 0
             "mean": loss.sum() / (targets != ignore_index).sum(); "sum": loss.sum()
 
-        No N x V tensor exists at any time: float32 logits of a chunk of tokens at a time. For
-        "mean"/"sum" the gradients are formed in the forward (both heads' logits computed once;
-        nothing of the teacher kept for the backward, which backpropagates once); "none"
-        recomputes both heads' chunks in the backward (the teacher's tensors are kept for it).
+        No N x V tensor exists at any time. The torch path holds float32 logits of a chunk of
+        tokens at a time; for "mean"/"sum" it forms the gradients in the forward (both heads'
+        logits computed once, nothing of the teacher kept for the backward, which may run
+        once), for "none" it recomputes both heads' chunks in the backward. The Triton path
+        keeps O(N) statistics and recomputes logit tiles in the backward (the teacher's
+        tensors are kept for it); see :mod:`cutce.triton.distill`.
     """
     _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
     beta, temperature, (cap_s, cap_t), ce_weight = _check_scalars(
@@ -138,7 +157,7 @@ def linear_distillation_loss(student_hidden, student_weight, teacher_hidden, tea
                                              ignore_index)
     ht, wt, bt, _, _, _ = _prefixed("teacher_", api.prepare, teacher_hidden, teacher_weight,
                                     targets, teacher_bias, None, shift, ignore_index)
-    backend = _backend(impl, hs)
+    backend = _backend(impl, hs, ht)
     cdt = backend.compute_dtype(hs.dtype, ht.dtype)
     valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
     args = (hs, ws, bs, ht, wt, bt, t1)

@@ -1,0 +1,104 @@
+"""The Triton distillation path as torch.library custom ops (opaque to torch.compile).
+
+``cutce::distill_rows_triton`` gives the per-token losses and the O(N) statistics its backward
+needs; ``cutce::distill_backward_triton`` recomputes both heads' logit tiles from them. Same
+functions as :mod:`cutce.torch_distill` (``distill_total``, ``distill_rows``, ``compute_dtype``),
+so the api dispatches to either.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .triton import distill as _k
+
+
+def mode_of(beta: float) -> int:
+    return _k.FWD_KL if beta == 0.0 else _k.REV_KL if beta == 1.0 else _k.JSD
+
+
+@torch.library.custom_op("cutce::distill_rows_triton", mutates_args=())
+def _rows_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,
+             bt: Optional[Tensor], targets: Tensor, beta: float, temperature: float,
+             cap_s: float, cap_t: float, ce_weight: float) -> tuple[Tensor, Tensor]:
+    """(rows (N,), stats (5, N)) float32: rows_i = (1 - ce_weight) D_i + ce_weight CE_i."""
+    stats, d, zt1 = _k.forward(hs, ws, bs, ht, wt, bt, targets, mode_of(beta), beta,
+                               temperature, cap_s, cap_t, ce_weight > 0)
+    rows = (1.0 - ce_weight) * d
+    if ce_weight > 0:
+        rows = rows + ce_weight * (stats[4] - zt1)
+    return rows, stats
+
+
+@_rows_op.register_fake
+def _(hs, ws, bs, ht, wt, bt, targets, beta, temperature, cap_s, cap_t, ce_weight):
+    n = hs.shape[0]
+    return hs.new_empty(n, dtype=torch.float32), hs.new_empty((5, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("cutce::distill_backward_triton", mutates_args=())
+def _backward_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,
+                 bt: Optional[Tensor], targets: Tensor, stats: Tensor, g_rows: Tensor,
+                 beta: float, temperature: float, cap_s: float, cap_t: float, ce_weight: float,
+                 nhs: bool, nws: bool, nbs: bool, nht: bool, nwt: bool,
+                 nbt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    need = (nhs, nws, nbs, nht, nwt, nbt)
+    grads = _k.backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode_of(beta), beta,
+                        temperature, cap_s, cap_t, ce_weight, need)
+    like = (hs, ws, bs, ht, wt, bt)
+    return tuple(g.to(t.dtype) if on else g for g, t, on in zip(grads, like, need))
+
+
+@_backward_op.register_fake
+def _(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, beta, temperature, cap_s, cap_t, ce_weight,
+      *need):
+    return tuple(torch.empty_like(t) if on else hs.new_empty(0)
+                 for t, on in zip((hs, ws, bs, ht, wt, bt), need))
+
+
+def _setup(ctx, inputs, output):
+    hs, ws, bs, ht, wt, bt, targets, *scalars = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(hs, ws, bs, ht, wt, bt, targets, output[1])
+    ctx.scalars = scalars
+
+
+def _backward(ctx, g_rows, _g_stats):
+    hs, ws, bs, ht, wt, bt, targets, stats = ctx.saved_tensors
+    need = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad[:6],
+                                                      (hs, ws, bs, ht, wt, bt))]
+    if g_rows is None or not any(need):
+        return (None,) * (7 + len(ctx.scalars))
+    grads = _backward_op(hs, ws, bs, ht, wt, bt, targets, stats, g_rows.float().contiguous(),
+                         *ctx.scalars, *need)
+    return (*[g if on else None for g, on in zip(grads, need)], *[None] * (1 + len(ctx.scalars)))
+
+
+_rows_op.register_autograd(_backward, setup_context=_setup)
+
+
+def compute_dtype(*dtypes) -> torch.dtype:
+    return torch.float32
+
+
+def _rows(hs, ws, bs, ht, wt, bt, targets, beta, temperature, cap_s, cap_t, ce_weight):
+    def rows_contig(t):
+        return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
+
+    hs, ws, bs, ht, wt, bt = map(rows_contig, (hs, ws, bs, ht, wt, bt))
+    return _rows_op(hs, ws, bs, ht, wt, bt, targets.contiguous(), float(beta), float(temperature),
+                    float(cap_s), float(cap_t), float(ce_weight))[0]
+
+
+def distill_rows(hs, ws, bs, ht, wt, bt, targets, valid, *scalars) -> Tensor:
+    """Per-token losses (N,) float32, 0 where ``valid`` is False (as torch_distill's)."""
+    return torch.where(valid, _rows(hs, ws, bs, ht, wt, bt, targets, *scalars), 0.0)
+
+
+def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars) -> Tensor:
+    """sum_i coef_i loss_i (0-dim float32), coef 0 for ignored rows (as torch_distill's)."""
+    rows = _rows(hs, ws, bs, ht, wt, bt, targets, *scalars)
+    return torch.where(coef != 0, rows * coef.detach().float(), 0.0).sum()

@@ -1,0 +1,341 @@
+"""Distillation kernels: both heads' logit tiles side by side, never an N x V tensor.
+
+Forward (:func:`forward`): each program owns BLOCK_N tokens and one vocabulary split and streams
+the student's and the teacher's logit tiles (the shared :func:`logit_tile`) through online
+max/sum-exp statistics of both; for the KL forms it also accumulates, online,
+sum_j exp(zt - m_t)(zt - zs) (forward KL) or sum_j exp(zs - m_s)(zs - zt) (reverse KL), so one
+pass gives the divergence: KL(p||q) = sum_j p (zt - zs) - lse_t + lse_s. The generalized JSD
+needs the normalized distributions inside log m, so a second pass (same kernel, PASS=2) sums
+p (log p - log m) and q (log q - log m) once both lse are known.
+
+Backward (:func:`backward`): per vocabulary chunk, a kernel recomputes both tiles and writes the
+student's logit gradient (and the teacher's, when it requires grad) into a workspace of
+N x chunk_v values in the gradient's dtype; cuBLAS then forms dE += dz @ C (float32 accumulator)
+and dC[chunk] = dz^T @ E (written once: all tokens are in one chunk). Work: forward 2 products
+(3 for JSD), backward 2 + 2 (one more pair with teacher gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .common import logit_tile
+
+# Forward / dz kernel modes
+FWD_KL, REV_KL, JSD = 0, 1, 2
+
+
+@triton.jit
+def _online(m, s, z):
+    """One tile's update of a running max m and sum s of exp(z - m); returns (m, s, e, alpha)."""
+    m_new = tl.maximum(m, tl.max(z, 1))
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(z - m_new[:, None])
+    return m_new, s * alpha + tl.sum(e, 1), e, alpha
+
+
+@triton.jit
+def _log_mix(log_p, log_q, log_beta, log_1mbeta):
+    """log(beta p + (1 - beta) q) = logaddexp(log p + log beta, log q + log(1 - beta))."""
+    x = log_p + log_beta
+    y = log_q + log_1mbeta
+    mx = tl.maximum(x, y)
+    return mx + tl.log(tl.exp(x - mx) + tl.exp(y - mx))
+
+
+@triton.jit
+def _fwd_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, t_ptr, lse_ptr, part_ptr,
+                N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt,
+                cap_s, cap_t, inv_temp, temperature, log_beta, log_1mbeta, tiles_per_split,
+                n_row_blocks, MODE: tl.constexpr, PASS: tl.constexpr, NEED_CE: tl.constexpr,
+                HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, CAP_S: tl.constexpr,
+                CAP_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr):
+    pid = tl.program_id(0)
+    rb = pid % n_row_blocks  # token blocks fastest: concurrent programs share weight tiles
+    split = pid // n_row_blocks
+    n_splits = tl.num_programs(0) // n_row_blocks
+    rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    ninf = float("-inf")
+    m_s = tl.full((BLOCK_N,), ninf, tl.float32)
+    m_t = tl.full((BLOCK_N,), ninf, tl.float32)
+    m_1 = tl.full((BLOCK_N,), ninf, tl.float32)
+    s_s = tl.zeros((BLOCK_N,), tl.float32)
+    s_t = tl.zeros((BLOCK_N,), tl.float32)
+    s_1 = tl.zeros((BLOCK_N,), tl.float32)
+    acc_a = tl.zeros((BLOCK_N,), tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), tl.float32)
+    if NEED_CE:
+        tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+    if PASS == 2:
+        lse_s = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        lse_t = tl.load(lse_ptr + N + rows, mask=rmask, other=0.0)
+    t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for tile in range(t_lo, t_hi):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        cmask = cols < V
+        zs, _ = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs,
+                           stride_ws, 1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
+                           BLOCK_K, UPCAST, PRECISION, EVEN_KS)
+        zt, _ = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask, Dt, stride_ht,
+                           stride_wt, 1.0, cap_t, inv_temp, HAS_BT, CAP_T, BLOCK_N, BLOCK_V,
+                           BLOCK_K, UPCAST, PRECISION, EVEN_KT)
+        if PASS == 1:
+            zs_m = tl.where(cmask[None, :], zs, ninf)
+            zt_m = tl.where(cmask[None, :], zt, ninf)
+            gap = tl.where(cmask[None, :], zt - zs, 0.0)
+            m_s, s_s, e_s, alpha_s = _online(m_s, s_s, zs_m)
+            m_t, s_t, e_t, alpha_t = _online(m_t, s_t, zt_m)
+            if MODE == 0:  # sum_j exp(zt - m_t) (zt - zs), rescaled with the teacher's max
+                acc_a = acc_a * alpha_t + tl.sum(e_t * gap, 1)
+            if MODE == 1:  # sum_j exp(zs - m_s) (zs - zt)
+                acc_a = acc_a * alpha_s - tl.sum(e_s * gap, 1)
+            if NEED_CE:  # the student's lse and target logit at temperature 1
+                z1 = zs_m * temperature
+                m_1, s_1, _, _ = _online(m_1, s_1, z1)
+                acc_b += tl.sum(tl.where(cols[None, :] == tgt[:, None], zs * temperature, 0.0), 1)
+        else:
+            log_q = zs - lse_s[:, None]
+            log_p = zt - lse_t[:, None]
+            log_m = _log_mix(log_p, log_q, log_beta, log_1mbeta)
+            acc_a += tl.sum(tl.where(cmask[None, :], tl.exp(log_p) * (log_p - log_m), 0.0), 1)
+            acc_b += tl.sum(tl.where(cmask[None, :], tl.exp(log_q) * (log_q - log_m), 0.0), 1)
+    base = part_ptr + split * N + rows
+    stride_q = n_splits * N
+    tl.store(base, acc_a, mask=rmask)
+    tl.store(base + stride_q, acc_b, mask=rmask)
+    if PASS == 1:
+        tl.store(base + 2 * stride_q, m_s, mask=rmask)
+        tl.store(base + 3 * stride_q, s_s, mask=rmask)
+        tl.store(base + 4 * stride_q, m_t, mask=rmask)
+        tl.store(base + 5 * stride_q, s_t, mask=rmask)
+        tl.store(base + 6 * stride_q, m_1, mask=rmask)
+        tl.store(base + 7 * stride_q, s_1, mask=rmask)
+
+
+@triton.jit
+def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, t_ptr, st_ptr, g_ptr,
+               dzs_ptr, dzt_ptr, N, V, Ds, Dt, c0, c1, stride_hs, stride_ws, stride_ht, stride_wt,
+               stride_dz, cap_s, cap_t, inv_temp, temperature, beta, log_beta, log_1mbeta,
+               ce_weight, n_row_blocks, MODE: tl.constexpr, NEED_CE: tl.constexpr,
+               NEED_T: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+               CAP_S: tl.constexpr, CAP_T: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr):
+    pid = tl.program_id(0)
+    rb = pid % n_row_blocks
+    cb = pid // n_row_blocks
+    rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    jj = cb * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = c0 + jj
+    cmask = cols < c1
+    zs, ts = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs,
+                        stride_ws, 1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
+                        BLOCK_K, UPCAST, PRECISION, EVEN_KS)
+    zt, tt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask, Dt, stride_ht,
+                        stride_wt, 1.0, cap_t, inv_temp, HAS_BT, CAP_T, BLOCK_N, BLOCK_V,
+                        BLOCK_K, UPCAST, PRECISION, EVEN_KT)
+    # per-token statistics of the forward: lse_s, lse_t, and the divergence's own scalars
+    lse_s = tl.load(st_ptr + rows, mask=rmask, other=0.0)[:, None]
+    lse_t = tl.load(st_ptr + N + rows, mask=rmask, other=0.0)[:, None]
+    k_p = tl.load(st_ptr + 2 * N + rows, mask=rmask, other=0.0)[:, None]
+    k_q = tl.load(st_ptr + 3 * N + rows, mask=rmask, other=0.0)[:, None]
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)[:, None]
+    log_q = zs - lse_s
+    log_p = zt - lse_t
+    q = tl.exp(log_q)
+    p = tl.exp(log_p)
+    if MODE == 0:  # k_p = KL(p||q)
+        da = q - p
+        db = p * (log_p - log_q - k_p)
+    elif MODE == 1:  # k_q = KL(q||p)
+        da = q * (log_q - log_p - k_q)
+        db = p - q
+    else:  # k_p = KL(p||m), k_q = KL(q||m)
+        log_m = _log_mix(log_p, log_q, log_beta, log_1mbeta)
+        da = (1.0 - beta) * q * (log_q - log_m - k_q)
+        db = beta * p * (log_p - log_m - k_p)
+    k = g * ((1.0 - ce_weight) * inv_temp)
+    dzs = da * k
+    if NEED_CE:
+        lse_1 = tl.load(st_ptr + 4 * N + rows, mask=rmask, other=0.0)[:, None]
+        tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+        onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
+        dzs += (g * ce_weight) * (tl.exp(zs * temperature - lse_1) - onehot)
+    if CAP_S:
+        dzs = dzs * (1.0 - ts * ts)
+    out = (rows.to(tl.int64)[:, None] * stride_dz + jj[None, :])
+    omask = rmask[:, None] & cmask[None, :]
+    tl.store(dzs_ptr + out, dzs.to(dzs_ptr.dtype.element_ty), mask=omask)
+    if NEED_T:
+        dzt = db * k
+        if CAP_T:
+            dzt = dzt * (1.0 - tt * tt)
+        tl.store(dzt_ptr + out, dzt.to(dzt_ptr.dtype.element_ty), mask=omask)
+
+
+# ---- launchers ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    block_n: int
+    block_v: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def tile(dtype: torch.dtype) -> Tile:
+    """Two float32 tiles live at once (student's and teacher's): half forward.py's width."""
+    if configs.interpreting():
+        return Tile(16, 32, 16, 1, 1)
+    if dtype == torch.float32:
+        return Tile(64, 64, 32, 4, 3)
+    return Tile(128, 128, 64, 8, 3)
+
+
+# Workspace of the backward (N x chunk_v values, times two with teacher gradients) as a
+# fraction of the student's gradients, and the narrowest chunk (GEMM efficiency).
+WORKSPACE_FRACTION = 0.08
+MIN_CHUNK_V = 1024
+
+
+def _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t):
+    t = tile(hs.dtype)
+    return t, dict(HAS_BS=bs is not None, HAS_BT=bt is not None, CAP_S=cap_s > 0,
+                   CAP_T=cap_t > 0, BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
+                   UPCAST=configs.interpreting(), PRECISION=configs.dot_precision(hs.dtype),
+                   EVEN_KS=hs.shape[1] % t.block_k == 0, EVEN_KT=ht.shape[1] % t.block_k == 0,
+                   num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def _splits(n_row_blocks, n_tiles, device):
+    if device.type != "cuda":
+        return 1 if n_row_blocks > 1 else min(2, n_tiles)  # walk both paths in the tests
+    sms = configs.num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(n_tiles, -(-2 * sms // n_row_blocks)))
+
+
+def _combine(m, s, a=None):
+    """lse from per-split (max, sum-exp); with a (sum exp(z - m) x): also sum_j softmax_j x_j."""
+    mx = m.amax(0)
+    w = torch.exp(m - mx)
+    tot = (s * w).sum(0)
+    return mx + torch.log(tot), None if a is None else (a * w).sum(0) / tot
+
+
+def forward(hs, ws, bs, ht, wt, bt, targets, mode, beta, temperature, cap_s, cap_t, need_ce):
+    """Per-token statistics, (5, N) float32: lse_s, lse_t, k_p, k_q, lse_1 and the divergence
+    D (N,) and the student's target logit at T = 1 (N,), where k_p = KL(p||q) (forward KL),
+    k_q = KL(q||p) (reverse KL), or KL(p||m), KL(q||m) (JSD); lse_1 = student's lse at T = 1."""
+    n, v = hs.shape[0], ws.shape[0]
+    t, kw = _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t)
+    f32 = dict(device=hs.device, dtype=torch.float32)
+    stats = torch.zeros((5, n), **f32)
+    zt1 = torch.zeros(n, **f32)
+    if n == 0:
+        return stats, torch.zeros(0, **f32), zt1
+    n_row_blocks = triton.cdiv(n, t.block_n)
+    n_tiles = triton.cdiv(v, t.block_v)
+    n_splits = _splits(n_row_blocks, n_tiles, hs.device)
+    per = triton.cdiv(n_tiles, n_splits)
+    n_splits = triton.cdiv(n_tiles, per)
+    log_b = math.log(beta) if 0.0 < beta < 1.0 else 0.0
+    log_1mb = math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0
+    args = (hs, ws, bs if bs is not None else hs, ht, wt, bt if bt is not None else ht, targets)
+    scal = (n, v, hs.shape[1], ht.shape[1], hs.stride(0), ws.stride(0), ht.stride(0),
+            wt.stride(0), cap_s, cap_t, 1.0 / temperature, temperature, log_b, log_1mb, per,
+            n_row_blocks)
+    part = torch.empty((8, n_splits, n), **f32)
+    _fwd_kernel[(n_row_blocks * n_splits,)](*args, stats, part, *scal, MODE=mode, PASS=1,
+                                            NEED_CE=need_ce, **kw)
+    acc_a, acc_b, m_s, s_s, m_t, s_t, m_1, s_1 = part.unbind(0)
+    lse_s, gap_q = _combine(m_s, s_s, acc_a if mode == REV_KL else None)
+    lse_t, gap_p = _combine(m_t, s_t, acc_a if mode == FWD_KL else None)
+    stats[0], stats[1] = lse_s, lse_t
+    if need_ce:
+        stats[4] = _combine(m_1, s_1)[0]
+        zt1 = acc_b.sum(0)
+    if mode == FWD_KL:
+        stats[2] = d = gap_p - lse_t + lse_s
+    elif mode == REV_KL:
+        stats[3] = d = gap_q - lse_s + lse_t
+    else:
+        part2 = torch.empty((2, n_splits, n), **f32)
+        _fwd_kernel[(n_row_blocks * n_splits,)](*args, stats, part2, *scal, MODE=mode, PASS=2,
+                                                NEED_CE=False, **kw)
+        stats[2], stats[3] = part2.sum(1)
+        d = beta * stats[2] + (1.0 - beta) * stats[3]
+    return stats, d, zt1
+
+
+def _mm_into(out, a, b, accumulate):
+    """out (+)= a @ b with a float32 result of 16-bit operands (no rounding of the product)."""
+    if a.dtype == torch.float32 or not a.is_cuda:
+        r = a.float() @ b.float()  # CPU (the interpreter path) has no mixed-dtype mm
+        return out.add_(r) if accumulate else out.copy_(r)
+    if accumulate:
+        return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode, beta, temperature, cap_s,
+             cap_t, ce_weight, need):
+    """Gradients of sum_i g_i loss_i w.r.t. (hs, ws, bs, ht, wt, bt) where ``need`` says (an
+    empty tensor for the others), given the forward's stats."""
+    n, v = hs.shape[0], ws.shape[0]
+    dt = hs.dtype
+    t, kw = _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t)
+    need_t = any(need[3:])
+    f32 = dict(device=hs.device, dtype=torch.float32)
+
+    def out(x, on, acc):
+        if not on:
+            return hs.new_empty(0)
+        return torch.zeros(x.shape, **f32) if acc or n == 0 else torch.empty(x.shape, **f32)
+
+    # float32 results: dE accumulates over vocabulary chunks, dC rows are written once
+    grads = [out(hs, need[0], True), out(ws, need[1], False), out(ws[:, 0], need[2], False),
+             out(ht, need[3], True), out(wt, need[4], False), out(wt[:, 0], need[5], False)]
+    if n > 0 and any(need):
+        ws_dtype = torch.float32 if configs.interpreting() else dt
+        budget = WORKSPACE_FRACTION * (v * hs.shape[1] + n * hs.shape[1]) * hs.element_size()
+        cv = int(budget // (n * torch.finfo(ws_dtype).bits // 8 * (2 if need_t else 1)))
+        cv = min(v, max(MIN_CHUNK_V if not configs.interpreting() else t.block_v, cv))
+        cv = triton.cdiv(cv, t.block_v) * t.block_v
+        dzs = torch.empty((n, cv), device=hs.device, dtype=ws_dtype)
+        dzt = torch.empty((n, cv), device=hs.device, dtype=ws_dtype) if need_t else dzs
+        log_b = math.log(beta) if 0.0 < beta < 1.0 else 0.0
+        log_1mb = math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0
+        n_row_blocks = triton.cdiv(n, t.block_n)
+        for c0 in range(0, v, cv):
+            c1 = min(c0 + cv, v)
+            grid = (n_row_blocks * triton.cdiv(c1 - c0, t.block_v),)
+            _dz_kernel[grid](hs, ws, bs if bs is not None else hs, ht, wt,
+                             bt if bt is not None else ht, targets, stats, g_rows, dzs, dzt,
+                             n, v, hs.shape[1], ht.shape[1], c0, c1, hs.stride(0), ws.stride(0),
+                             ht.stride(0), wt.stride(0), dzs.stride(0), cap_s, cap_t,
+                             1.0 / temperature, temperature, beta, log_b, log_1mb, ce_weight,
+                             n_row_blocks, MODE=mode, NEED_CE=ce_weight > 0, NEED_T=need_t, **kw)
+            for (dh, dw, db), h, w, dz, on in ((grads[:3], hs, ws, dzs, need[:3]),
+                                               (grads[3:], ht, wt, dzt, need[3:])):
+                if not any(on):
+                    continue
+                z = dz[:, :c1 - c0].to(h.dtype)
+                if on[0]:
+                    _mm_into(dh, z, w[c0:c1], accumulate=True)
+                if on[1]:
+                    _mm_into(dw[c0:c1], z.T, h, accumulate=False)
+                if on[2]:
+                    db[c0:c1] = dz[:, :c1 - c0].sum(0, dtype=torch.float32)
+    return grads
