@@ -435,3 +435,26 @@ def test_gpu_compile_fullgraph():
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-6, atol=0)
     for name, x, y in zip(("dE", "dC"), outs[0][1:], outs[1][1:]):
         assert torch.equal(x, y), f"{name}: compiled differs from eager by {rel_err(y, x):.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("budget", [0.0, None], ids=["recompute", "default"])
+def test_gpu_bad_targets_raise_after_queueing(gen, budget):
+    """The targets' range check runs after the kernels are queued (no idle GPU during the
+    call's Python): it still raises the clear error, for every strategy, and CUDA keeps working."""
+    h, w, t, _, _ = make_inputs(gen, 300, 64, 1000, torch.bfloat16)
+    h, w, t = _to(DEV, h, w, t)
+    h.requires_grad_()
+    w.requires_grad_()
+    for bad in (1000, -5):
+        tb = t.clone()
+        tb[7] = bad
+        for kw in (dict(), dict(reduction="none")):
+            with pytest.raises(ValueError, match=rf"targets: expected class indices in \[0, 1000\)"
+                                                 rf" or ignore_index=-100, got {bad}"):
+                cutce.linear_cross_entropy(h, w, tb, impl="triton", memory_budget=budget, **kw)
+        with pytest.raises(ValueError, match="got -5|got 1000"):
+            cutce.linear_log_probs(h, w, tb, impl="triton")
+    cutce.linear_cross_entropy(h, w, t, impl="triton", memory_budget=budget).backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(w.grad).all()
