@@ -117,20 +117,23 @@ def rel_err(a, b):
 
 def distill_reference(hs, ws, ht, wt, targets=None, *, bs=None, bt=None, beta=0.0, temperature=1.0,
                       student_softcap=None, teacher_softcap=None, ignore_index=-100, ce_weight=0.0,
-                      reduction="mean", shift=False, dtype=torch.float64):
+                      reduction="mean", shift=False, dtype=torch.float64, logit_dtype=None):
     """Distillation loss from both heads' dense logits, straight from the definition: p the
     teacher's and q the student's softmax at temperature T, m = beta p + (1 - beta) q,
     D = KL(p||q) (beta 0), KL(q||p) (beta 1), else beta KL(p||m) + (1 - beta) KL(q||m);
-    loss = (1 - ce_weight) D + ce_weight CE(student at T = 1); mean over valid tokens."""
+    loss = (1 - ce_weight) D + ce_weight CE(student at T = 1); mean over valid tokens.
+    ``logit_dtype`` (default ``dtype``): the products' dtype (bf16: what a PyTorch user writes)."""
     if shift:
         hs, ht = hs[..., :-1, :], ht[..., :-1, :]
         targets = None if targets is None else targets[..., 1:]
     out_shape = hs.shape[:-1]
 
     def logits(h, w, b, cap):
-        z = h.reshape(-1, h.shape[-1]).to(dtype) @ w.to(dtype).T
+        ld = logit_dtype or dtype
+        z = h.reshape(-1, h.shape[-1]).to(ld) @ w.to(ld).T
         if b is not None:
-            z = z + b.to(dtype)
+            z = z + b.to(ld)
+        z = z.to(dtype)
         return z if cap is None else cap * torch.tanh(z / cap)
 
     zs, zt = logits(hs, ws, bs, student_softcap), logits(ht, wt, bt, teacher_softcap)

@@ -209,3 +209,102 @@ def test_validation_errors(gen):
         with pytest.raises(ValueError) as e:
             cutce.linear_distillation_loss(*args, **kwargs)
         assert msg in str(e.value), (msg, str(e.value))
+
+
+# ---- Triton kernels (the interpreter on CPU: few, small cases; CUDA on the device) -----------
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _to(dev, tensors):
+    out = [None if x is None else x.detach().to(dev).requires_grad_(x.requires_grad)
+           if x.is_floating_point() else x.to(dev) for x in tensors]
+    return tuple(out)
+
+
+TRITON_CASES = {
+    "fwd-kl": (0.0, torch.float32, dict(ce_weight=0.3, student_softcap=5.0, teacher_softcap=3.0)),
+    "rev-kl": (1.0, torch.float16, dict(reduction="none", temperature=2.0)),
+    "jsd": (0.5, torch.float32, dict(reduction="sum", temperature=0.8)),
+    "jsd-other": (0.3, torch.float16, dict(ce_weight=0.5, teacher_softcap=4.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_triton_matches_oracle(gen, case):
+    pytest.importorskip("triton")
+    beta, dtype, opts = TRITON_CASES[case]
+    tensors = _to(DEV, make(gen, dtype=dtype, bias=case != "rev-kl", teacher_grad=case != "jsd"))
+    check(gen, tensors, dtype, impl="triton", beta=beta, **opts)
+
+
+def test_triton_shift_frozen_teacher_and_empty(gen):
+    pytest.importorskip("triton")
+    hs, ws, bs, ht, wt, bt, t = _to(DEV, make(gen, lead=(2, 11), bias=True))
+    check(gen, (hs, ws, bs, ht, wt, bt, t), torch.float32, impl="triton", beta=0.5, shift=True)
+    assert ht.grad is None and wt.grad is None
+    loss = cutce.linear_distillation_loss(hs, ws, ht, wt, torch.full_like(t, -100), impl="triton")
+    grads = torch.autograd.grad(loss, (hs, ws))
+    assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
+    e = cutce.linear_distillation_loss(hs[:0], ws, ht[:0], wt, t[:0], impl="triton")
+    (g,) = torch.autograd.grad(e, (ws,))
+    assert e.item() == 0.0 and (g == 0).all()
+
+
+def test_triton_says_why_it_cannot_run(gen):
+    hs, ws, _, ht, wt, _, t = make(gen)
+    with pytest.raises(RuntimeError, match="float64"):
+        cutce.linear_distillation_loss(hs.double(), ws.double(), ht.double(), wt.double(), t,
+                                       impl="triton")
+    with pytest.raises(RuntimeError, match="both heads in one dtype"):
+        cutce.linear_distillation_loss(hs, ws, ht.half(), wt.half(), t, impl="triton")
+    # auto never fails over an uncovered case: the torch path runs it
+    out = cutce.linear_distillation_loss(hs, ws, ht.half(), wt.half(), t, impl="auto")
+    assert torch.isfinite(out)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_gpu_qwen_pair_bf16_error_vs_eager(beta):
+    """A Qwen2.5 7B -> 0.5B-like pair: Triton and torch paths as accurate as eager bf16."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, ds, dt, v = 4096, 896, 3584, 151936
+    hs = torch.randn(n, ds, device="cuda", generator=g).bfloat16()
+    ht = torch.randn(n, dt, device="cuda", generator=g).bfloat16()
+    ws = (torch.randn(v, ds, device="cuda", generator=g) * (3.0 / ds**0.5)).bfloat16()
+    wt = (torch.randn(v, dt, device="cuda", generator=g) * (4.0 / dt**0.5)).bfloat16()
+
+    def grads(fn, cast):
+        a, c = cast(hs).requires_grad_(), cast(ws).requires_grad_()
+        loss = fn(a, c)
+        return (loss.detach(), *torch.autograd.grad(loss, (a, c)))
+
+    ref = grads(lambda a, c: cutce.linear_distillation_loss(a, c, ht.float(), wt.float(), beta=beta,
+                                                            impl="torch"), lambda x: x.float())
+
+    def eager(a, c):
+        return distill_reference(a, c, ht, wt, beta=beta, dtype=torch.float32,
+                                 logit_dtype=torch.bfloat16)
+
+    want = grads(eager, lambda x: x.detach().clone())
+    for impl in ("triton", "torch"):
+        got = grads(lambda a, c: cutce.linear_distillation_loss(a, c, ht, wt, beta=beta, impl=impl),
+                    lambda x: x.detach().clone())
+        for name, x, e, r in zip(("loss", "dE", "dC"), got, want, ref):
+            assert rel_err(x, r) <= max(1.5 * rel_err(e, r), 1e-5), (impl, name)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_dtypes_options(gen, dtype, monkeypatch):
+    tensors = _to("cuda", make(gen, lead=(2, 509), ds=256, dt=512, v=32003, dtype=dtype, bias=True,
+                               teacher_grad=True, ignore_frac=0.1))
+    # the GPU rounds dz to 16 bits (the interpreter keeps it in float32)
+    monkeypatch.setitem(TOL, dtype, {torch.float32: 1e-4, torch.float16: 5e-3,
+                                     torch.bfloat16: 3e-2}[dtype])
+    for beta in (0.0, 0.3, 1.0):
+        check(gen, tensors, dtype, impl="triton", beta=beta, shift=True, ce_weight=0.2,
+              student_softcap=30.0, teacher_softcap=20.0, temperature=1.5)
