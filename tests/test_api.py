@@ -141,10 +141,10 @@ def test_impl_auto_warns_once_when_triton_cannot_import_on_cuda(monkeypatch):
     the weight and its gradient): say so once, naming the import error; explicit 'triton' raises."""
     import types
     import warnings
-    from cutce import api, torch_impl
-    api._warn_torch_fallback.cache_clear()
+    from cutce import api, dispatch, torch_impl
+    dispatch.warn_torch_fallback.cache_clear()
     reason = "Triton could not be imported (No module named 'triton')"
-    monkeypatch.setattr(api, "_triton_unavailable_reason", lambda h: reason)
+    monkeypatch.setattr(dispatch, "triton_unavailable_reason", lambda h: reason)
     fake_cuda = types.SimpleNamespace(is_cuda=True)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -153,7 +153,7 @@ def test_impl_auto_warns_once_when_triton_cannot_import_on_cuda(monkeypatch):
     assert len(seen) == 1 and "No module named 'triton'" in str(seen[0].message)
     with pytest.raises(RuntimeError, match="No module named 'triton'"):
         api._backend("triton", fake_cuda)
-    api._warn_torch_fallback.cache_clear()
+    dispatch.warn_torch_fallback.cache_clear()
 
 
 def test_deterministic_keyword_is_gone(inputs):

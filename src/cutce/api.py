@@ -7,16 +7,13 @@ dispatches to a backend that returns the O(N) parts of the backend contract (see
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import warnings
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from . import distributed, loss, plan, torch_impl
+from . import dispatch, distributed, loss, torch_impl
 from .options import AUTO_FILTER_EPS, IMPLS, REDUCTIONS, Options
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -153,43 +150,10 @@ def _check_targets(targets, vocab, ignore_index, defer=False):
     return None
 
 
-def _triton_unavailable_reason(hidden) -> str | None:
-    if hidden.dtype == torch.float64:
-        return "the Triton kernels support float16, bfloat16 and float32, not float64 (use impl='torch')"
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not hidden.is_cuda and not (interpret and hidden.device.type == "cpu"):
-        return (f"the Triton kernels need CUDA tensors, got device {hidden.device} "
-                "(set TRITON_INTERPRET=1 to run them on CPU tensors through Triton's interpreter)")
-    try:
-        from . import ops  # noqa: F401
-    except ImportError as e:
-        return f"Triton could not be imported ({e})"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_torch_fallback(reason):
-    # Once per reason: on CUDA the torch path copies the weight and its gradient to float32
-    # (~4.7 GB more at a 256k x 2304 head), which a user should hear about, but not every step.
-    warnings.warn(f"cutce: impl='auto' runs the torch path on CUDA tensors because {reason}; "
-                  "pass impl='torch' to silence this, or fix the Triton install", stacklevel=4)
-
-
 def _backend(impl, hidden):
     if impl not in IMPLS:
         _fail("impl", f"one of {IMPLS}", repr(impl))
-    if impl == "torch":
-        return torch_impl.linear_lse_parts
-    reason = _triton_unavailable_reason(hidden)
-    if impl == "triton" and reason is not None:
-        raise RuntimeError(f"impl='triton' cannot run: {reason}")
-    if impl == "auto" and (reason is not None or not hidden.is_cuda):
-        if hidden.is_cuda and reason is not None and reason.startswith("Triton could not"):
-            _warn_torch_fallback(reason)
-        return torch_impl.linear_lse_parts
-    from . import ops
-
-    return ops.linear_lse_parts
+    return dispatch.backend(impl, hidden)
 
 
 def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, vocab=None,
@@ -380,7 +344,7 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     cw = None if class_weight is None else _class_weights(class_weight, t1, weight, vs, opts, cdt)
     zsum_cw = cw.local if cw is not None and opts.need_zsum else None  # only smoothing reads it
     backend = _backend(impl, h2)
-    fused = _fused_backend(backend, h2, weight, bias, opts) if fusable and vs is None else None
+    fused = dispatch.fused_backend(backend, h2, weight, bias, opts) if fusable and vs is None else None
     if fused is not None:
         coef = loss.row_coefs(t1, w1, opts, cdt, cw, vocab)
         parts = _Fused(fused(h2, weight, bias, t1, coef, opts, class_weight=zsum_cw)[0])
@@ -392,31 +356,6 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     if check is not None:
         check()
     return Call(parts, t1, w1, out_shape, vocab, cw)
-
-
-def _fused_backend(backend, h2, weight, bias, opts):
-    """The training-call function (gradients formed in the forward, see cutce.plan) when this
-    call can use it, else None. Under torch.compile only static facts decide (never the number
-    of tokens, so that compile does not specialize on it) and the backend plans at run time,
-    possibly running the recompute kernels inside; in eager code the plan decides here."""
-    need = [t is not None and t.requires_grad for t in (h2, weight, bias)]
-    if opts.memory_budget == 0 or not torch.is_grad_enabled() or not any(need):
-        return None  # forward only: the recompute forward is already a single product
-    triton_path = backend is not torch_impl.linear_lse_parts
-    if triton_path and (opts.label_smoothing or h2.dtype not in (torch.bfloat16, torch.float32)):
-        return None  # the Triton fused kernel covers neither (documented on memory_budget)
-    if not torch.compiler.is_compiling():
-        # Eager: N is known, so a call the plan would not fuse keeps the recompute strategy's
-        # own backward (gradients allocated in the backward, not held from the forward on).
-        n, d = h2.shape
-        p = plan.plan(n, weight.shape[0], d, h2.dtype, "triton" if triton_path else "torch", True,
-                      opts.memory_budget, need[0], need[1], opts.chunk_bytes)
-        if not p.fused:
-            return None
-    if not triton_path:
-        return torch_impl.fused_loss
-    from . import ops
-    return ops.fused_loss
 
 
 class LinearCrossEntropyLoss(nn.Module):
