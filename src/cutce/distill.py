@@ -7,6 +7,8 @@ argument names prefixed ``student_``/``teacher_``); the chunk loops are in
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import api, torch_distill
@@ -65,13 +67,17 @@ def _triton_reason(hs, ht):
     if hs.dtype != ht.dtype:
         return (f"the Triton distillation kernels need both heads in one dtype, got student "
                 f"{hs.dtype} and teacher {ht.dtype}")
-    reason = api._triton_unavailable_reason(hs)
-    if reason is None:
-        try:
-            from . import distill_ops  # noqa: F401
-        except ImportError as e:
-            reason = f"Triton could not be imported ({e})"
-    return reason
+    if hs.dtype == torch.float64:
+        return "the Triton kernels support float16, bfloat16 and float32, not float64 (use impl='torch')"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not hs.is_cuda and not (interpret and hs.device.type == "cpu"):
+        return (f"the Triton kernels need CUDA tensors, got device {hs.device} "
+                "(set TRITON_INTERPRET=1 to run them on CPU tensors through Triton's interpreter)")
+    try:
+        from . import distill_ops  # noqa: F401  (the import is the check)
+    except ImportError as e:
+        return f"Triton could not be imported ({e})"
+    return None
 
 
 def _backend(impl, hs, ht):
