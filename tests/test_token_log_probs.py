@@ -5,7 +5,8 @@ trainable parameter through both are compared, for families with and without a l
 (softcap: Gemma 2; scale: Cohere multiplies, Granite divides), a MoE model, padding in the
 attention mask, ``logits_to_keep`` set and not, temperature != 1, a PEFT LoRA model, and the
 refusals. Tiny random-init models from tests/test_transformers.py's configs. Also runs the
-examples built on it (examples/grpo_step.py, examples/dpo_loss.py).
+examples built on it (examples/grpo_step.py, examples/dpo_loss.py) and the GPU benchmark's CPU smoke
+mode (scripts/bench_token_log_probs.py).
 """
 
 from __future__ import annotations
@@ -161,15 +162,31 @@ def test_validation_messages():
             ct.token_log_probs(model, args.pop("input_ids"), args.pop("attention_mask"), **args)
 
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_script(*argv):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
 @pytest.mark.parametrize("script", ["grpo_step.py", "dpo_loss.py"])
 def test_example_runs(script):
-    root = pathlib.Path(__file__).resolve().parent.parent
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "src"), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(root / "examples" / script)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script(str(ROOT / "examples" / script))
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.stdout.rstrip().endswith("OK"), proc.stdout
     # Each example checks its first call against model(...).logits and prints the difference.
     diffs = [float(x) for x in re.findall(r"max \|d\w+(?:\(sequence\))?\| ([0-9.e+-]+)", proc.stdout)]
     assert diffs and max(diffs) < 1e-4, proc.stdout
+
+
+def test_bench_script_cpu_smoke(tmp_path):
+    """The GPU benchmark's logic at tiny sizes (the head part; TRL is reported if absent)."""
+    proc = run_script("scripts/bench_token_log_probs.py", "--cpu-smoke", "--no-e2e", "--providers",
+                      "cutce", "trl", "--out", str(tmp_path))
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = (tmp_path / "bench_token_log_probs.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[1].count(",head,cutce,") == 1, rows  # header + 4 providers
+    assert "| head | cutce | 512 |" in proc.stdout, proc.stdout
