@@ -308,3 +308,20 @@ def test_gpu_dtypes_options(gen, dtype, monkeypatch):
     for beta in (0.0, 0.3, 1.0):
         check(gen, tensors, dtype, impl="triton", beta=beta, shift=True, ce_weight=0.2,
               student_softcap=30.0, teacher_softcap=20.0, temperature=1.5)
+
+
+def test_bench_cpu_smoke(tmp_path, monkeypatch):
+    """scripts/bench_distill.py --cpu-smoke runs every provider it can and writes its CSV."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "bench_distill.py"
+    spec = importlib.util.spec_from_file_location("bench_distill", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    rows = bench.main(["--cpu-smoke", "--providers", "cutce,cutce-torch,torch,compile,nope"])
+    ok = {(r["beta"], r["provider"]) for r in rows if r["status"] == "ok"}
+    assert {(b, p) for b in (0.0, 0.5) for p in ("cutce", "cutce-torch", "torch")} <= ok
+    assert all(float(r["dE_err"]) < 1e-5 for r in rows if r["status"] == "ok")
+    assert (tmp_path / "distill_cpu.csv").read_text().count("\n") == len(rows) + 1

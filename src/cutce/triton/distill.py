@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 import triton
@@ -196,9 +197,12 @@ class Tile:
 
 
 def tile(dtype: torch.dtype) -> Tile:
-    """Two float32 tiles live at once (student's and teacher's): half forward.py's width."""
+    """Two float32 tiles live at once (student's and teacher's): half forward.py's width.
+    CUTCE_DISTILL_TILE="128,128,64,8,3" overrides it (tuning runs on the GPU)."""
     if configs.interpreting():
         return Tile(16, 32, 16, 1, 1)
+    if os.environ.get("CUTCE_DISTILL_TILE"):
+        return Tile(*map(int, os.environ["CUTCE_DISTILL_TILE"].split(",")))
     if dtype == torch.float32:
         return Tile(64, 64, 32, 4, 3)
     return Tile(128, 128, 64, 8, 3)

@@ -1,0 +1,286 @@
+"""Distillation benchmark: cutce.linear_distillation_loss against materialized logits and peers.
+
+    PYTHONPATH=src:/tmp/site python scripts/bench_distill.py            # H200: < 4 minutes
+    PYTHONPATH=src python scripts/bench_distill.py --cpu-smoke          # tiny, CPU, seconds
+
+A Qwen2.5 7B -> 0.5B pair by default (teacher D=3584, student D=896, V=151936, N=8192 tokens,
+bf16, frozen teacher, temperature 1, mean over tokens). Per beta (0 = forward KL, 0.5 = JSD:
+the values both peers support, with the same convention as cutce) and provider, it measures
+forward+backward time (median of --reps, CUDA events), peak memory above the inputs (gradients
+included) and the relative error of the loss, dE and dC against cutce's torch path on float32
+copies of the inputs (exact float32). Providers:
+
+  cutce        linear_distillation_loss, impl="auto" (Triton kernels on CUDA)
+  cutce-torch  linear_distillation_loss, impl="torch" (chunked, gradients formed in the forward)
+  torch        eager: both heads' logits materialized (bf16 products, float32 formula)
+  compile      torch.compile of the same function
+  liger        liger_kernel.chunked_loss.LigerFusedLinearJSDLoss (weight_soft_loss=1, no CE)
+  liger-fljsd  liger_kernel.transformers.LigerFusedLinearJSD (its Triton JSD kernel; CUDA only)
+  trl          trl.kernels.chunked_divergence.ChunkedDivergenceFunction (.mean() of its output)
+
+A provider that cannot be imported, or fails (e.g. out of memory), gets a row saying why and the
+run goes on; providers not started within --budget-s seconds are reported as skipped. Prints a
+Markdown table and writes distill_<device>.csv under $OUT (default ./bench-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+import cutce
+
+
+def materialized(hs, ws, ht, wt, beta, temperature):
+    """The formula on dense logits (products in the inputs' dtype, the rest in float32)."""
+    log_q = torch.log_softmax((hs @ ws.T).float() / temperature, dim=-1)
+    log_p = torch.log_softmax((ht @ wt.T).float() / temperature, dim=-1)
+    if beta == 0.0:
+        d = (log_p.exp() * (log_p - log_q)).sum(-1)
+    elif beta == 1.0:
+        d = (log_q.exp() * (log_q - log_p)).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        d = beta * (log_p.exp() * (log_p - log_m)).sum(-1) \
+            + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+    return d.mean()
+
+
+_TRL = []
+
+
+def _import_trl():
+    if not _TRL:
+        _TRL.append(_import_trl_once())
+    return _TRL[0]
+
+
+def _import_trl_once():
+    try:
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+        return ChunkedDivergenceFunction, ""
+    except ImportError as first:
+        # trl.trainer.utils pulls in the trainer stack (pandas, datasets, ...) for one context
+        # manager that gathers a ZeRO-3-partitioned head; with plain tensors it does nothing.
+        import trl  # noqa: F401
+        shim = types.ModuleType("trl.trainer.utils")
+        shim.maybe_gather_lm_head_ctx = lambda *a, **k: contextlib.nullcontext()
+        sys.modules["trl.trainer.utils"] = shim
+        try:
+            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+        except ImportError:
+            raise first from None
+        return ChunkedDivergenceFunction, f"trl.trainer.utils shimmed ({first})"
+
+
+def providers(args, device, labels):
+    """name -> (factory returning fn(hs, ws, ht, wt, beta) -> scalar loss, or raising why not)."""
+    T = args.temperature
+
+    def cutce_fn(impl):
+        def factory():
+            return (lambda hs, ws, ht, wt, beta: cutce.linear_distillation_loss(
+                hs, ws, ht, wt, beta=beta, temperature=T, impl=impl)), ""
+        return factory
+
+    def compiled():
+        if device.type != "cuda" and not args.compile_on_cpu:
+            raise RuntimeError("off on CPU (compiling takes minutes there; --compile-on-cpu)")
+        fn = torch.compile(materialized)
+        return (lambda hs, ws, ht, wt, beta: fn(hs, ws, ht, wt, beta, T)), ""
+
+    def liger():
+        from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
+        cache = {}
+
+        def fn(hs, ws, ht, wt, beta):
+            if beta not in cache:
+                cache[beta] = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0,
+                                                      beta=beta, temperature=T,
+                                                      compiled=device.type == "cuda")
+            return cache[beta](hs, ws, ht, wt, labels)
+        return fn, ""
+
+    def liger_fljsd():
+        if device.type != "cuda":
+            raise RuntimeError("needs CUDA (Triton kernel)")
+        from liger_kernel.transformers import LigerFusedLinearJSD
+        return (lambda hs, ws, ht, wt, beta: LigerFusedLinearJSD(jsd_beta=beta, temperature=T)(
+            hs, ws, ht, wt, None)), ""
+
+    def trl():
+        fn, note = _import_trl()
+        return (lambda hs, ws, ht, wt, beta: fn.apply(hs, ws, None, ht, wt, None, beta, T)[0]
+                .mean()), note
+
+    return {"cutce": cutce_fn("auto"), "cutce-torch": cutce_fn("torch"),
+            "torch": lambda: ((lambda hs, ws, ht, wt, beta: materialized(hs, ws, ht, wt, beta, T)), ""),
+            "compile": compiled, "liger": liger, "liger-fljsd": liger_fljsd, "trl": trl}
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    den = b.norm().item()
+    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step, device, reps, warmup):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="8192,896,3584,151936", help="N,Ds,Dt,V")
+    ap.add_argument("--betas", default="0,0.5")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--providers", default="cutce,cutce-torch,trl,liger,liger-fljsd,torch,compile")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--budget-s", type=float, default=200.0,
+                    help="providers not started by then are skipped (the whole run stays < 4 min)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the logic")
+    ap.add_argument("--compile-on-cpu", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.cpu_smoke:
+        args.shape, args.reps, args.warmup = "64,32,48,300", 1, 0
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n, ds, dt, v = map(int, args.shape.split(","))
+    betas = [float(b) for b in args.betas.split(",")]
+    t_start = time.perf_counter()
+
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    # logits of std ~3 (student) and ~4 (teacher): peaked but not one-hot distributions
+    hs = torch.randn(n, ds, device=device, generator=g).to(dtype)
+    ht = torch.randn(n, dt, device=device, generator=g).to(dtype)
+    ws = (torch.randn(v, ds, device=device, generator=g) * (3.0 / ds**0.5)).to(dtype)
+    wt = (torch.randn(v, dt, device=device, generator=g) * (4.0 / dt**0.5)).to(dtype)
+    labels = torch.randint(0, v, (n,), device=device, generator=g)
+    grads_mib = (n + v) * ds * hs.element_size() / 2**20
+    table = providers(args, device, labels)
+    names = [p for p in args.providers.split(",") if p]
+    rows = []
+    print(f"# distillation N={n} Ds={ds} Dt={dt} V={v} {str(dtype)[6:]} on {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}); "
+          f"frozen teacher, T={args.temperature}; student gradients {grads_mib:.0f} MiB")
+    print("| beta | provider | fwd+bwd ms | peak MiB | peak / grads | loss err | dE err | dC err | note |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+    for beta in betas:
+        a, c = hs.float().requires_grad_(), ws.float().requires_grad_()
+        loss = cutce.linear_distillation_loss(a, c, ht.float(), wt.float(), beta=beta,
+                                              temperature=args.temperature, impl="torch")
+        ref = (loss.detach(), *torch.autograd.grad(loss, (a, c)))
+        del a, c, loss
+        for name in names:
+            row = dict(beta=beta, provider=name, ms="", peak_mib="", loss_err="", dE_err="",
+                       dC_err="", status="ok", note="")
+            rows.append(row)
+            if time.perf_counter() - t_start > args.budget_s:
+                row.update(status="skipped", note=f"time budget of {args.budget_s:.0f} s spent")
+                _print(row, grads_mib)
+                continue
+            try:
+                fn, row["note"] = table[name]()
+            except Exception as e:  # not installed, needs CUDA, ...
+                row.update(status="unavailable", note=f"{type(e).__name__}: {str(e)[:100]}")
+                _print(row, grads_mib)
+                continue
+            try:
+                _measure(fn, beta, hs, ws, ht, wt, ref, device, args, row)
+            except Exception as e:  # e.g. out of memory: report and go on
+                row.update(status="failed", note=f"{type(e).__name__}: {str(e)[:100]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            _print(row, grads_mib)
+        del ref
+    _write_csv(rows, device, dtype, (n, ds, dt, v), grads_mib, args)
+    print(f"# {time.perf_counter() - t_start:.0f} s")
+    return rows
+
+
+def _measure(fn, beta, hs, ws, ht, wt, ref, device, args, row):
+    def step():
+        a, c = hs.detach().requires_grad_(), ws.detach().requires_grad_()
+        loss = fn(a, c, ht, wt, beta)
+        return (loss.detach(), *torch.autograd.grad(loss, (a, c)))
+
+    out = step()  # the first call also compiles (compile, liger)
+    row["loss_err"], row["dE_err"], row["dC_err"] = (f"{rel(x, r):.1e}" for x, r in zip(out, ref))
+    del out
+    sync(device)
+    row["ms"] = f"{timed(step, device, args.reps, args.warmup):.2f}"
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        row["peak_mib"] = f"{(torch.cuda.max_memory_allocated(device) - base) / 2**20:.0f}"
+
+
+def _print(row, grads_mib):
+    ratio = f"{float(row['peak_mib']) / grads_mib:.2f}x" if row["peak_mib"] else ""
+    note = row["note"] if row["status"] == "ok" else f"{row['status']}: {row['note']}"
+    print(f"| {row['beta']:g} | {row['provider']} | {row['ms']} | {row['peak_mib']} | {ratio} | "
+          f"{row['loss_err']} | {row['dE_err']} | {row['dC_err']} | {note} |", flush=True)
+
+
+def _write_csv(rows, device, dtype, shape, grads_mib, args):
+    out = os.environ.get("OUT", "./bench-out")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"distill_{device.type}.csv")
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch=torch.__version__, triton=triton_version,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                N=shape[0], Ds=shape[1], Dt=shape[2], V=shape[3], dtype=str(dtype)[6:],
+                temperature=args.temperature, grads_mib=f"{grads_mib:.0f}")
+    fields = [*meta, "beta", "provider", "status", "ms", "peak_mib", "loss_err", "dE_err",
+              "dC_err", "note"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **r})
+    print(f"# wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
