@@ -34,11 +34,13 @@ import triton.language as tl
 from . import configs
 from .backward import _accumulate_f32
 from .common import logit_tile, logit_tile_desc, tma_descriptor
-from .forward import combine_splits, target_logits
+from .forward import target_logits
 
 # exp(z - c) is clamped at e^CLAMP (bf16 and float32 hold up to e^88); rows whose lse exceeds c
 # by more are rewritten with c = lse. float16 (max e^11) is not fused: see cutce.plan.
 CLAMP = 80.0
+# The chunk epilogue's rows per program and hidden columns per step.
+EPI_ROWS, EPI_COLS = 32, 128
 
 
 @triton.jit
@@ -97,14 +99,75 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, ok_p
         x = tl.where(ok[:, None], x, 0.0)
         out = x_ptr + (rows - n0).to(tl.int64)[:, None] * stride_x + cols[None, :]
         smask = cmask[None, :] & rmask[:, None]
-        if REFILL:
-            smask = smask & ok[:, None]
+        if REFILL:  # the target entry was already written by the chunk epilogue
+            smask = smask & ok[:, None] & (cols[None, :] != tgt[:, None])
         tl.store(out, x.to(x_ptr.dtype.element_ty), mask=smask)
     if not REFILL:
         base = part_ptr + split * (n1 - n0) + (rows - n0)
         tl.store(base, m, mask=rmask)
         tl.store(base + n_splits * (n1 - n0), s, mask=rmask)
         tl.store(base + 2 * n_splits * (n1 - n0), zt, mask=rmask)
+
+
+@triton.jit
+def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, lse_ptr, zt_ptr,
+                           s_ptr, far_ptr, n0, n1, N, V, D, n_splits, stride_k, stride_h,
+                           stride_x, stride_hs, scale, softcap, clamp, SOFTCAP: tl.constexpr,
+                           NEED_HS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Everything a chunk needs between its logit launch and its GEMMs, in one launch (it was
+    ~45 small torch kernels per chunk): lse from the splits, the tiles' target logit, the rows
+    to refill and their new c, s, X's target entry and s * E for the dC product."""
+    rows = n0 + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n1
+    r_loc = rows - n0
+    rc = n1 - n0
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    for k in range(0, n_splits):
+        m = tl.maximum(m, tl.load(part_ptr + k * rc + r_loc, mask=rmask, other=0.0))
+    tot = tl.zeros((BLOCK_R,), tl.float32)
+    zr = tl.zeros((BLOCK_R,), tl.float32)
+    for k in range(0, n_splits):
+        mk = tl.load(part_ptr + k * rc + r_loc, mask=rmask, other=0.0)
+        sk = tl.load(part_ptr + (n_splits + k) * rc + r_loc, mask=rmask, other=0.0)
+        tot += sk * tl.exp(mk - m)
+        zr += tl.load(part_ptr + (2 * n_splits + k) * rc + r_loc, mask=rmask, other=0.0)
+    lse = m + tl.log(tl.where(rmask, tot, 1.0))  # masked rows: no log(0) warnings
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+    valid = rmask & (tgt >= 0) & (tgt < V)
+    k0 = tl.where(valid, tl.load(k_ptr + rows, mask=rmask, other=0.0), 0.0)
+    k1 = tl.where(valid, tl.load(k_ptr + stride_k + rows, mask=rmask, other=0.0), 0.0)
+    k3 = tl.where(valid, tl.load(k_ptr + 3 * stride_k + rows, mask=rmask, other=0.0), 0.0)
+    c = tl.load(c_ptr + r_loc, mask=rmask, other=0.0)
+    # rows whose X was clamped (lse far above c) are rewritten with c = lse by the refill launch
+    far = (k0 != 0) & (lse - c > clamp)
+    c = tl.where(far, lse, c)
+    g_lse = k0 + 2.0 * k3 * lse
+    # where, not a product: an ignored row (NaN hidden state included) adds nothing
+    s = tl.where(k0 != 0, g_lse * tl.exp(c - lse) * scale, 0.0)
+    # The target entry from float32 values: dz_t = scale * f_t * (g_lse * p_t - k1).
+    if SOFTCAP:
+        f_t = 1.0 - (zr / softcap) * (zr / softcap)
+    else:
+        f_t = 1.0
+    dz_t = scale * f_t * (g_lse * tl.exp(zr - lse) - k1)
+    x_t = tl.where(s != 0, dz_t / tl.where(s != 0, s, 1.0), 0.0)
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(zt_ptr + rows, zr, mask=rmask)
+    tl.store(c_ptr + r_loc, c, mask=rmask)
+    tl.store(s_ptr + r_loc, s, mask=rmask)
+    tl.store(far_ptr + r_loc, far.to(tl.int8), mask=rmask)
+    t_idx = tl.where(valid, tgt, 0).to(tl.int64)
+    tl.store(x_ptr + r_loc.to(tl.int64) * stride_x + t_idx, x_t.to(x_ptr.dtype.element_ty),
+             mask=valid)
+    if NEED_HS:
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            msk = rmask[:, None] & (ds < D)[None, :]
+            h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + ds[None, :], mask=msk,
+                        other=0.0).to(tl.float32)
+            hs = tl.where(s[:, None] != 0, h * s[:, None], 0.0)
+            tl.store(hs_ptr + r_loc.to(tl.int64)[:, None] * stride_hs + ds[None, :],
+                     hs.to(hs_ptr.dtype.element_ty), mask=msk)
 
 
 def _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softcap, cfg, n_splits,
@@ -187,6 +250,9 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     # c_i: the gather kernel's target logit, known before the tiles (any value near lse works)
     zt = target_logits(hidden, weight, bias, targets, scale, softcap, 1.0)
     zt_tiles = torch.zeros(n, **f32)
+    hs_all = torch.empty((min(chunk_n, n), d), device=dev, dtype=x_dtype) if need_w and n else None
+    if configs.POISON and hs_all is not None:
+        hs_all.fill_(float("nan"))
     n_tiles = triton.cdiv(v, cfg.block_v)
     clamp = CLAMP
     for n0 in range(0, n, chunk_n):
@@ -198,35 +264,24 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
         tps = triton.cdiv(n_tiles, n_splits)
         n_splits = triton.cdiv(n_tiles, tps)
         part = torch.empty((3, n_splits, rows), **f32)
-        c = zt[n0:n1].contiguous()
+        c = zt[n0:n1].clone()  # the epilogue rewrites it (refilled rows get c = lse)
         ok = (rw[n0:n1] != 0).to(torch.int8)
         _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softcap, cfg,
                 n_splits, tps, False, clamp)
-        l_rows = combine_splits(part[0], part[1])[0]
-        lse[n0:n1] = l_rows
-        zr = part[2].sum(0)  # the tiles' own target logit (0 for rows without a target)
-        zt_tiles[n0:n1] = zr
-        # Rows whose X was clamped (lse far above the target logit): rewrite them with c = lse.
-        far = (ok != 0) & (l_rows - c > clamp)
-        c = torch.where(far, l_rows, c)
-        _launch(hidden, weight, bias, targets, c, far.to(torch.int8), x, part, n0, n1, scale,
-                softcap, cfg, n_splits, tps, True, clamp)
-        r = rw[n0:n1]
-        g_lse = r + 2.0 * k[3, n0:n1] * l_rows
-        # where, not a product: an ignored row (NaN hidden state included) adds nothing
-        s = torch.where(r != 0, g_lse * torch.exp(c - l_rows) * scale, 0.0)
-        # The target entry, from float32 values: dz_t = scale * f_t * (g_lse * p_t - k1).
-        f_t = 1.0 - (zr / softcap).square() if softcap > 0 else 1.0
-        dz_t = scale * f_t * (g_lse * torch.exp(zr - l_rows) - k[1, n0:n1])
-        t_idx = torch.where(valid[n0:n1], targets[n0:n1], 0)
-        x_t = torch.where((s != 0) & valid[n0:n1], dz_t / torch.where(s != 0, s, 1.0), 0.0)
-        flat = torch.arange(rows, device=dev) * x.stride(0) + t_idx
-        x.view(-1).index_copy_(0, flat, x_t.to(x.dtype))  # one entry per row: order-free
+        s = torch.empty(rows, **f32)
+        far = torch.empty(rows, device=dev, dtype=torch.int8)
+        hs = hs_all[:rows] if need_w else s
+        _chunk_epilogue_kernel[(triton.cdiv(rows, EPI_ROWS),)](
+            part, c, k, targets, hidden, x, hs, lse, zt_tiles, s, far, n0, n1, n, v, d,
+            n_splits, k.stride(0), hidden.stride(0), x.stride(0), hs.stride(0), scale, softcap,
+            clamp, SOFTCAP=softcap > 0, NEED_HS=need_w, BLOCK_R=EPI_ROWS, BLOCK_D=EPI_COLS,
+            num_warps=4)
+        _launch(hidden, weight, bias, targets, c, far, x, part, n0, n1, scale, softcap, cfg,
+                n_splits, tps, True, clamp)
         xv = x[:, :v]
         if need_h:
             dh[n0:n1] = (_mm_f32(xv, weight) * s[:, None]).to(dt)
         if need_w:
-            hs = torch.where(s[:, None] != 0, hidden[n0:n1].float() * s[:, None], 0.0).to(x_dtype)
             if acc is None:
                 torch.mm(xv.T, hs, out=dw) if x_dtype == dt else dw.copy_(xv.T @ hs)
             elif n0 == 0:
