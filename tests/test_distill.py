@@ -264,6 +264,30 @@ def test_triton_says_why_it_cannot_run(gen):
     assert torch.isfinite(out)
 
 
+
+def test_custom_ops_opcheck_and_compile(gen):
+    """The three ops' schemas, fake impls and autograd registrations; a compiled call (aot_eager)
+    of the Triton path equals the eager one."""
+    pytest.importorskip("triton")
+    hs, ws, bs, ht, wt, _, t = _to(DEV, make(gen, lead=21, v=67, bias=True, ignore_frac=0.0))
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    scal = (0.3, 1.5, 0.0, 3.0, 0.2)
+    c = torch.full((21,), 1 / 21, device=DEV)
+    torch.library.opcheck(torch.ops.cutce.distill_rows_triton, (hs, ws, bs, ht, wt, None, t, *scal),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.cutce.torch_distill,
+                          (hs, ws, bs, ht, wt, None, t, c, *scal, True, True, True, False, False,
+                           False), test_utils=utils)
+    torch.library.opcheck(torch.ops.cutce.torch_distill_rows, (hs, ws, bs, ht, wt, None, t, c, *scal),
+                          test_utils=utils)
+    fn = torch.compile(cutce.linear_distillation_loss, backend="aot_eager", fullgraph=True)
+    for red in ("mean", "none"):
+        kw = dict(student_bias=bs, beta=0.5, reduction=red, impl="triton")
+        a, b = fn(hs, ws, ht, wt, t, **kw), cutce.linear_distillation_loss(hs, ws, ht, wt, t, **kw)
+        ga = torch.autograd.grad(a.sum(), (hs, ws, bs))
+        gb = torch.autograd.grad(b.sum(), (hs, ws, bs))
+        assert torch.allclose(a, b) and all(torch.allclose(x, y) for x, y in zip(ga, gb))
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("beta", [0.0, 0.5])
