@@ -14,6 +14,7 @@ import torch
 from . import api, torch_distill
 from .options import IMPLS
 
+
 def _prefixed(prefix, fn, *args):
     """Run an api helper; its errors name "hidden"/"weight"/"bias": say which head's."""
     try:

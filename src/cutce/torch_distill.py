@@ -94,9 +94,10 @@ def _cap(y, softcap):
     return t.square_().neg_().add_(1.0)
 
 
-def _chunk(ys, yt, tgt, coef, cfg, want_grad):
+def _chunk(ys, yt, tgt, coef, cfg, want_grad, want_t):
     """Per-row losses of a chunk and (when want_grad) the gradients of sum_i coef_i loss_i with
-    respect to both heads' logits after softcap (before / T); ys, yt are consumed."""
+    respect to the student's logits after softcap (before / T), and the teacher's if want_t
+    (else None); ys, yt are consumed."""
     beta, temperature, ce_weight = cfg["beta"], cfg["temperature"], cfg["ce_weight"]
     inv_t = 1.0 / temperature
     ds_cap = _cap(ys, cfg["softcap_s"])
@@ -122,12 +123,12 @@ def _chunk(ys, yt, tgt, coef, cfg, want_grad):
             d = (p * diff).sum(1)
             if want_grad:
                 da = q - p
-                db = p.mul_(diff.sub_(d[:, None]))
+                db = p.mul_(diff.sub_(d[:, None])) if want_t else None
         elif beta == 1.0:
             diff = log_q.sub_(log_p)
             d = (q * diff).sum(1)
             if want_grad:
-                db = p - q
+                db = p - q if want_t else None
                 da = q.mul_(diff.sub_(d[:, None]))
         else:
             # log m = logaddexp(log p + log beta, log q + log(1 - beta)): finite wherever p or
@@ -139,12 +140,12 @@ def _chunk(ys, yt, tgt, coef, cfg, want_grad):
             d = beta * kl_p + (1.0 - beta) * kl_q
             if want_grad:
                 da = q.mul_(u.sub_(kl_q[:, None])).mul_(1.0 - beta)
-                db = p.mul_(v.sub_(kl_p[:, None])).mul_(beta)
+                db = p.mul_(v.sub_(kl_p[:, None])).mul_(beta) if want_t else None
         loss += w * d
         if want_grad:
             k = (w * inv_t * coef)[:, None]
             g_s.add_(da.mul_(k))
-            g_t = db.mul_(k)
+            g_t = None if db is None else db.mul_(k)
     if want_grad:
         if ds_cap is not None:
             g_s.mul_(ds_cap)
@@ -174,7 +175,8 @@ def _run(hs, ws, bs, ht, wt, bt, targets, coef, cfg, need):
     for s in range(0, n, step):
         e = min(s + step, n)
         c = coef[s:e].to(cdt)
-        loss, g_s, g_t = _chunk(stu.logits(s, e), tea.logits(s, e), targets[s:e], c, cfg, want)
+        loss, g_s, g_t = _chunk(stu.logits(s, e), tea.logits(s, e), targets[s:e], c, cfg, want,
+                                any(n_t))
         rows[s:e] = loss
         if not want:
             continue
