@@ -10,8 +10,9 @@ p (log p - log m) and q (log q - log m) once both lse are known.
 
 Backward (:func:`backward`): per vocabulary chunk, a kernel recomputes both tiles and writes the
 student's logit gradient (and the teacher's, when it requires grad) into a workspace of
-N x chunk_v values in the gradient's dtype; cuBLAS then forms dE += dz @ C (float32 accumulator)
-and dC[chunk] = dz^T @ E (written once: all tokens are in one chunk). Work: forward 2 products
+N x chunk_v values in the gradient's dtype; cuBLAS then forms dE += dz @ C (float32 accumulator,
+N x D) and dC[chunk] = dz^T @ E, written once in the weight's dtype (all tokens are in one
+product): beyond the gradients, memory is that accumulator and the workspace (~5% of them). Work: forward 2 products
 (3 for JSD), backward 2 + 2 (one more pair with teacher gradients).
 """
 
@@ -210,7 +211,7 @@ def tile(dtype: torch.dtype) -> Tile:
 
 # Workspace of the backward (N x chunk_v values, times two with teacher gradients) as a
 # fraction of the student's gradients, and the narrowest chunk (GEMM efficiency).
-WORKSPACE_FRACTION = 0.08
+WORKSPACE_FRACTION = 0.05
 MIN_CHUNK_V = 1024
 
 
@@ -284,10 +285,12 @@ def forward(hs, ws, bs, ht, wt, bt, targets, mode, beta, temperature, cap_s, cap
 
 
 def _mm_into(out, a, b, accumulate):
-    """out (+)= a @ b with a float32 result of 16-bit operands (no rounding of the product)."""
+    """out (+)= a @ b, the product accumulated in float32 and rounded once to out's dtype."""
     if a.dtype == torch.float32 or not a.is_cuda:
         r = a.float() @ b.float()  # CPU (the interpreter path) has no mixed-dtype mm
         return out.add_(r) if accumulate else out.copy_(r)
+    if out.dtype == a.dtype and not accumulate:
+        return torch.mm(a, b, out=out)
     if accumulate:
         return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
     return torch.mm(a, b, out_dtype=torch.float32, out=out)
@@ -306,11 +309,13 @@ def backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode, beta, tempera
     def out(x, on, acc):
         if not on:
             return hs.new_empty(0)
-        return torch.zeros(x.shape, **f32) if acc or n == 0 else torch.empty(x.shape, **f32)
+        kw = f32 if acc else dict(device=x.device, dtype=x.dtype)
+        return torch.zeros(x.shape, **kw) if acc or n == 0 else torch.empty(x.shape, **kw)
 
-    # float32 results: dE accumulates over vocabulary chunks, dC rows are written once
-    grads = [out(hs, need[0], True), out(ws, need[1], False), out(ws[:, 0], need[2], False),
-             out(ht, need[3], True), out(wt, need[4], False), out(wt[:, 0], need[5], False)]
+    # dE sums over vocabulary chunks in a float32 accumulator; each row of dC (all tokens in
+    # one product) and of dbias is written once, in the weight's own dtype: no float32 V x D
+    grads = [out(hs, need[0], True), out(ws, need[1], False), out(ws[:, 0], need[2], True),
+             out(ht, need[3], True), out(wt, need[4], False), out(wt[:, 0], need[5], True)]
     if n > 0 and any(need):
         ws_dtype = torch.float32 if configs.interpreting() else dt
         budget = WORKSPACE_FRACTION * (v * hs.shape[1] + n * hs.shape[1]) * hs.element_size()
