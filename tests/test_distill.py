@@ -313,11 +313,25 @@ def test_gpu_qwen_pair_bf16_error_vs_eager(beta):
                                  logit_dtype=torch.bfloat16)
 
     want = grads(eager, lambda x: x.detach().clone())
+    del eager
     for impl in ("triton", "torch"):
         got = grads(lambda a, c: cutce.linear_distillation_loss(a, c, ht, wt, beta=beta, impl=impl),
                     lambda x: x.detach().clone())
         for name, x, e, r in zip(("loss", "dE", "dC"), got, want, ref):
             assert rel_err(x, r) <= max(1.5 * rel_err(e, r), 1e-5), (impl, name)
+    # Triton path's memory: the student's gradients plus its float32 dE accumulator (N x Ds x 4
+    # bytes) and a workspace of ~5% of the gradients
+    del got, want, ref
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = grads(lambda a, c: cutce.linear_distillation_loss(a, c, ht, wt, beta=beta, impl="triton"),
+                lambda x: x.detach().clone())
+    torch.cuda.synchronize()
+    student_grads = (n + v) * ds * 2
+    extra = torch.cuda.max_memory_allocated() - base - 2 * student_grads  # inputs' clones + grads
+    assert extra <= 0.3 * student_grads, f"{extra / 2**20:.0f} MiB beyond the gradients"
+    del out
 
 
 @gpu

@@ -286,11 +286,11 @@ def forward(hs, ws, bs, ht, wt, bt, targets, mode, beta, temperature, cap_s, cap
 
 def _mm_into(out, a, b, accumulate):
     """out (+)= a @ b, the product accumulated in float32 and rounded once to out's dtype."""
-    if a.dtype == torch.float32 or not a.is_cuda:
-        r = a.float() @ b.float()  # CPU (the interpreter path) has no mixed-dtype mm
+    if not a.is_cuda:  # the interpreter path: CPU has no mixed-dtype mm
+        r = a.float() @ b.float()
         return out.add_(r) if accumulate else out.copy_(r)
-    if out.dtype == a.dtype and not accumulate:
-        return torch.mm(a, b, out=out)
+    if out.dtype == a.dtype:
+        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
     if accumulate:
         return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
     return torch.mm(a, b, out_dtype=torch.float32, out=out)
