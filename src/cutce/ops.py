@@ -125,7 +125,12 @@ def _(hidden, weight, bias, targets, coef, scale, softcap, memory_budget, need_h
             torch.empty_like(bias) if need_b else hidden.new_empty(0))
 
 
-fused_loss_op.register_autograd(plan.fused_backward, setup_context=plan.fused_setup_context)
+def _fused_setup_context(ctx, inputs, output):
+    plan.fused_setup_context(ctx, inputs, output)
+    ctx.scale_ = _fused.scale_
+
+
+fused_loss_op.register_autograd(plan.fused_backward, setup_context=_fused_setup_context)
 
 
 def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None):

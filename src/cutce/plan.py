@@ -166,5 +166,6 @@ def fused_backward(ctx, g_total, *_):
     ctx.grads = None
     if g_total is None:  # no upstream gradient reached the loss (grads are not materialized)
         return (None,) * ctx.n_inputs
-    out = [g.mul_(g_total) if need else None for g, need in zip(grads, ctx.needs_input_grad)]
+    mul_ = getattr(ctx, "scale_", None) or torch.Tensor.mul_  # a backend's faster in-place product
+    out = [mul_(g, g_total) if need else None for g, need in zip(grads, ctx.needs_input_grad)]
     return (*out, *[None] * (ctx.n_inputs - 3))

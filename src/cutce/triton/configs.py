@@ -69,6 +69,13 @@ def vocab_splits(n_row_blocks: int, n_tiles: int, device: torch.device, group: i
     if device.type != "cuda":
         return 1 if n_row_blocks > 1 else min(2, n_tiles)  # exercise both paths on CPU
     sms = num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return _best_splits(n_row_blocks, n_tiles, sms, group)
+
+
+@functools.lru_cache(maxsize=1024)
+def _best_splits(n_row_blocks: int, n_tiles: int, sms: int, group: int) -> int:
+    # cached: a Python loop of up to 4 * SMs steps ran before every launch (host time the GPU
+    # waits for at the start of a call)
     lo = min(n_tiles, -(-sms // max(1, group)) if n_row_blocks > group else 1)
     best, best_cost = lo, None
     for s in range(lo, min(n_tiles, 4 * sms) + 1):

@@ -170,6 +170,44 @@ def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, 
                      hs.to(hs_ptr.dtype.element_ty), mask=msk)
 
 
+@triton.jit
+def _cast_scale_kernel(src_ptr, dst_ptr, g_ptr, n, HAS_G: tl.constexpr, BLOCK: tl.constexpr):
+    # dst = (src * g) in dst's dtype, float32 arithmetic (in place when src is dst)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(src_ptr + offs, mask=m).to(tl.float32)
+    if HAS_G:
+        x = x * tl.load(g_ptr).to(tl.float32)
+    tl.store(dst_ptr + offs, x.to(dst_ptr.dtype.element_ty), mask=m)
+
+
+_CAST_BLOCK = 4096
+
+
+def copy_cast_(dst, src):
+    """dst.copy_(src) for contiguous CUDA tensors of one size (torch's generic cast kernel ran
+    the float32 -> bfloat16 copy of dC's accumulator at ~2.9 TB/s on the H200)."""
+    if not (dst.is_cuda and dst.is_contiguous() and src.is_contiguous()) or dst.numel() != src.numel():
+        return dst.copy_(src)
+    n = dst.numel()
+    _cast_scale_kernel[(triton.cdiv(n, _CAST_BLOCK),)](src, dst, src, n, HAS_G=False,
+                                                      BLOCK=_CAST_BLOCK, num_warps=8)
+    return dst
+
+
+def scale_(t, g):
+    """t.mul_(g) for a 0-dim float32 g, float32 arithmetic, one pass (torch's mixed-dtype
+    in-place product took 1.24 ms for Gemma's 590M-entry dC on the H200). Under torch.compile
+    (fake tensors) or off CUDA it is torch's own mul_."""
+    if torch.compiler.is_compiling() or not (t.is_cuda and t.is_contiguous() and g.is_cuda):
+        return t.mul_(g)
+    n = t.numel()
+    if n:
+        _cast_scale_kernel[(triton.cdiv(n, _CAST_BLOCK),)](t, t, g, n, HAS_G=True,
+                                                          BLOCK=_CAST_BLOCK, num_warps=8)
+    return t
+
+
 def _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softcap, cfg, n_splits,
             tiles_per_split, refill, clamp):
     v, d = weight.shape
@@ -291,7 +329,7 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
         if need_b:
             db32 += (xv.T @ s.to(x_dtype)[:, None])[:, 0].float()
     if acc is not None and acc is not dw:
-        dw.copy_(acc)  # X (in dC's bytes) is dead now
+        copy_cast_(dw, acc)  # X (in dC's bytes) is dead now
     total = torch.where(rw != 0, rw * lse - k[1] * zt_tiles + k[3] * lse.square(), 0.0).sum()
     db = db32.to(bias.dtype) if need_b else hidden.new_empty(0)
     return total, lse, dh, dw, db
