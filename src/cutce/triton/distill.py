@@ -225,10 +225,16 @@ def _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t):
 
 
 def _splits(n_row_blocks, n_tiles, device):
+    """Vocabulary splits per token block: about one program per SM at a time (two float32
+    tiles each), so the time goes as waves x tiles per program; take the split count that
+    minimizes ceil(blocks * s / SMs) * (ceil(tiles / s) + 2), +2 for a program's pipeline fill
+    and its partial results."""
     if device.type != "cuda":
         return 1 if n_row_blocks > 1 else min(2, n_tiles)  # walk both paths in the tests
     sms = configs.num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(n_tiles, -(-2 * sms // n_row_blocks)))
+    costs = {s: -(-n_row_blocks * s // sms) * (-(-n_tiles // s) + 2)
+             for s in range(1, min(n_tiles, 4 * sms) + 1)}
+    return min(costs, key=lambda s: (costs[s], s))
 
 
 def _combine(m, s, a=None):
