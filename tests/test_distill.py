@@ -362,4 +362,4 @@ def test_bench_cpu_smoke(tmp_path, monkeypatch):
     ok = {(r["beta"], r["provider"]) for r in rows if r["status"] == "ok"}
     assert {(b, p) for b in (0.0, 0.5) for p in ("cutce", "cutce-torch", "torch")} <= ok
     assert all(float(r["dE_err"]) < 1e-5 for r in rows if r["status"] == "ok")
-    assert (tmp_path / "distill_cpu.csv").read_text().count("\n") == len(rows) + 1
+    assert (tmp_path / "distill_cpu_beta0_0.5.csv").read_text().count("\n") == len(rows) + 1
