@@ -1,7 +1,7 @@
 """A causal LM's final hidden states and output head, without its logits.
 
 One implementation for everything that replaces the head's N x V logits by a cutce function (the
-loss patch today; token log-probabilities and distillation later):
+loss patch, :func:`cutce.transformers.token_log_probs` and the distillation loop of docs/distillation.md):
 
 * :func:`run_without_logits` runs the model's own ``forward`` with its ``lm_head`` *module*
   replaced, for that one call, by a stand-in module that records the hidden states it receives
@@ -86,9 +86,9 @@ class _StandIn(nn.Module):
         except AttributeError:
             # e.g. a forward that reads lm_head.weight itself instead of calling the head. Still an
             # AttributeError (hasattr() must keep working), with a message that says why.
-            raise AttributeError(f"{self.model_name}.forward reads lm_head.{attr} during a call with "
-                                 "labels, where cutce has replaced the head by a stand-in: such a "
-                                 "model is not supported by cutce.transformers") from None
+            raise AttributeError(f"{self.model_name}.forward reads lm_head.{attr} during a call "
+                                 "that cutce runs without logits (the head is a stand-in then): "
+                                 "such a model is not supported by cutce.transformers") from None
 
 
 def output_head(model):
