@@ -20,6 +20,16 @@ BETAS = (0.0, 0.5, 1.0, 0.3)
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _to(dev, tensors):
+    out = [None if x is None else x.detach().to(dev).requires_grad_(x.requires_grad)
+           if x.is_floating_point() else x.to(dev) for x in tensors]
+    return tuple(out)
+
+
 def make(gen, lead=(37,), ds=29, dt=45, v=101, dtype=torch.float32, *, bias=False,
          teacher_grad=False, ignore_frac=0.2, targets=True, teacher_dtype=None):
     """Student (hs, ws, bs), teacher (ht, wt, bt) leaves and targets; logits of std ~2-3."""
@@ -132,6 +142,17 @@ def test_empty_and_fully_ignored(gen):
     assert cutce.linear_distillation_loss(hs[:0], ws, ht[:0], wt, t[:0], reduction="none").shape == (0,)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_ce_weight_one_is_cross_entropy(gen, impl):
+    tensors = _to(DEV if impl == "triton" else "cpu", make(gen, lead=(3, 7), bias=True,
+                                                           teacher_grad=True))
+    out = check(gen, tensors, torch.float32, impl=impl, ce_weight=1.0, beta=0.3, shift=True)
+    hs, ws, bs, ht, wt, bt, t = tensors
+    ce = torch.nn.functional.cross_entropy((hs[:, :-1] @ ws.T + bs).flatten(0, 1).double(),
+                                           t[:, 1:].flatten())
+    assert rel_err(out, ce) < 1e-6
+
+
 def test_nan_in_ignored_row_gives_finite_loss(gen):
     hs, ws, _, ht, wt, _, t = make(gen)
     t = t.clone()
@@ -212,16 +233,6 @@ def test_validation_errors(gen):
 
 
 # ---- Triton kernels (the interpreter on CPU: few, small cases; CUDA on the device) -----------
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _to(dev, tensors):
-    out = [None if x is None else x.detach().to(dev).requires_grad_(x.requires_grad)
-           if x.is_floating_point() else x.to(dev) for x in tensors]
-    return tuple(out)
-
 
 TRITON_CASES = {
     "fwd-kl": (0.0, torch.float32, dict(ce_weight=0.3, student_softcap=5.0, teacher_softcap=3.0)),

@@ -183,6 +183,8 @@ def _run(hs, ws, bs, ht, wt, bt, targets, coef, cfg, need):
         for (dh, dw, db), head, g, on in (((dhs, dws, dbs), stu, g_s, n_s),
                                           ((dht, dwt, dbt), tea, g_t, n_t)):
             if g is None or not any(on):
+                if any(on) and on[0]:  # ce_weight = 1: the teacher's gradient is zero
+                    dh[s:e] = 0.0
                 continue
             if on[0]:
                 dh[s:e] = head.grad_hidden(g).to(dh.dtype)
