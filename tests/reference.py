@@ -150,7 +150,7 @@ def distill_reference(hs, ws, ht, wt, targets=None, *, bs=None, bt=None, beta=0.
         m = beta * p + (1.0 - beta) * q
         d = beta * kl(p, m) + (1.0 - beta) * kl(q, m)
     if targets is None:
-        valid = torch.ones(d.shape, dtype=torch.bool)
+        valid = torch.ones(d.shape, dtype=torch.bool, device=d.device)
         loss = d
     else:
         t = targets.reshape(-1)

@@ -60,7 +60,7 @@ def check(gen, tensors, dtype, impl="torch", **opts):
     ref = distill_reference(hs, ws, ht, wt, t, bs=bs, bt=bt, **opts)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert out.shape == ref.shape
-    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
     leaves = [x for x in (hs, ws, bs, ht, wt, bt) if x is not None and x.requires_grad]
     got = torch.autograd.grad((out.double() * g).sum(), leaves)
     want = torch.autograd.grad((ref * g).sum(), leaves)
