@@ -246,7 +246,10 @@ TRITON_CASES = {
 def test_triton_matches_oracle(gen, case):
     pytest.importorskip("triton")
     beta, dtype, opts = TRITON_CASES[case]
-    tensors = _to(DEV, make(gen, dtype=dtype, bias=case != "rev-kl", teacher_grad=case != "jsd"))
+    # even D for 16-bit heads: dE's float32 sums then live half in dE's own bytes
+    ds, dt = (30, 46) if dtype == torch.float16 else (29, 45)
+    tensors = _to(DEV, make(gen, ds=ds, dt=dt, dtype=dtype, bias=case != "rev-kl",
+                            teacher_grad=case != "jsd"))
     check(gen, tensors, dtype, impl="triton", beta=beta, **opts)
 
 
@@ -330,8 +333,8 @@ def test_gpu_qwen_pair_bf16_error_vs_eager(beta):
                     lambda x: x.detach().clone())
         for name, x, e, r in zip(("loss", "dE", "dC"), got, want, ref):
             assert rel_err(x, r) <= max(1.5 * rel_err(e, r), 1e-5), (impl, name)
-    # Triton path's memory: the student's gradients plus its float32 dE accumulator (N x Ds x 4
-    # bytes) and a workspace of ~5% of the gradients
+    # Triton path's memory: the student's gradients plus half a float32 dE (N x Ds x 2 bytes)
+    # and a workspace of ~5% of the gradients: ~10% (the issue's target)
     del got, want, ref
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -341,7 +344,7 @@ def test_gpu_qwen_pair_bf16_error_vs_eager(beta):
     torch.cuda.synchronize()
     student_grads = (n + v) * ds * 2
     extra = torch.cuda.max_memory_allocated() - base - 2 * student_grads  # inputs' clones + grads
-    assert extra <= 0.3 * student_grads, f"{extra / 2**20:.0f} MiB beyond the gradients"
+    assert extra <= 0.15 * student_grads, f"{extra / 2**20:.0f} MiB beyond the gradients"
     del out
 
 
