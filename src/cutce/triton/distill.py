@@ -13,8 +13,11 @@ student's logit gradient (and the teacher's, when it requires grad) into a works
 N x chunk_v values in the gradient's dtype; cuBLAS then forms dE += dz @ C (float32 accumulator,
 half of it in dE's own bytes) and dC[chunk] = dz^T @ E, written once in the weight's dtype (all
 tokens are in one product): beyond the gradients, memory is N x D/2 float32 values and the
-workspace (~5% of them each at a 150k x 896 head with 8192 tokens). Work: forward 2 products
-(3 for JSD), backward 2 + 2 (one more pair with teacher gradients).
+workspace (~5% of them each at a 150k x 896 head with 8192 tokens). Products of N x V x D:
+the forward computes each head's logits once (twice for the JSD), the backward recomputes them
+and adds dE and dC (and the teacher's when it requires grad). The teacher's product dominates
+when its D is larger; a variant that keeps a token chunk's teacher logits between the passes
+would save one of them at chunk x V x 4 bytes of memory (not built).
 """
 
 from __future__ import annotations
