@@ -86,8 +86,8 @@ def _fwd_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, t_ptr, lse_ptr, 
         lse_t = tl.load(lse_ptr + N + rows, mask=rmask, other=0.0)
     t_lo = split * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(V, BLOCK_V))
-    for tile in range(t_lo, t_hi):
-        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    for vt in range(t_lo, t_hi):
+        cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
         cmask = cols < V
         zs, _ = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs,
                            stride_ws, 1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
