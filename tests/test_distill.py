@@ -377,3 +377,22 @@ def test_bench_cpu_smoke(tmp_path, monkeypatch):
     assert {(b, p) for b in (0.0, 0.5) for p in ("cutce", "cutce-torch", "torch")} <= ok
     assert all(float(r["dE_err"]) < 1e-5 for r in rows if r["status"] == "ok")
     assert (tmp_path / "distill_cpu_beta0_0.5.csv").read_text().count("\n") == len(rows) + 1
+
+
+def test_docs_distillation_example_runs(tmp_path):
+    """docs/distillation.md's loop with two HF models runs and matches its materialized check."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    (code,) = re.findall(r"```python\n(.*?)```", (root / "docs" / "distillation.md").read_text(),
+                         re.S)
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ours, dense = re.search(r"cutce ([\d.]+), from materialized logits ([\d.]+)", proc.stdout).groups()
+    assert abs(float(ours) - float(dense)) < 1e-5
