@@ -253,6 +253,15 @@ def test_triton_matches_oracle(gen, case):
     check(gen, tensors, dtype, impl="triton", beta=beta, **opts)
 
 
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
+def test_triton_vocabulary_splits(gen, beta):
+    """One token block: the forward splits the vocabulary (as on the GPU) and combines the
+    splits' statistics."""
+    pytest.importorskip("triton")
+    tensors = _to(DEV, make(gen, lead=13, bias=True))
+    check(gen, tensors, torch.float32, impl="triton", beta=beta, ce_weight=0.4, temperature=1.7)
+
+
 def test_triton_shift_frozen_teacher_and_empty(gen):
     pytest.importorskip("triton")
     hs, ws, bs, ht, wt, bt, t = _to(DEV, make(gen, lead=(2, 11), bias=True))
