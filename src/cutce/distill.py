@@ -63,13 +63,23 @@ def _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight):
                   teacher_hidden.device)
 
 
+# Tests turn this on to walk the kernels' 16-bit code in Triton's interpreter, whose bfloat16
+# arithmetic is wrong (float16 is the only 16-bit type it computes right).
+F16_TRITON = False
+
+
 def _triton_reason(hs, ht):
     """Why the Triton kernels cannot run this call (None if they can)."""
     if hs.dtype != ht.dtype:
         return (f"the Triton distillation kernels need both heads in one dtype, got student "
                 f"{hs.dtype} and teacher {ht.dtype}")
     if hs.dtype == torch.float64:
-        return "the Triton kernels support float16, bfloat16 and float32, not float64 (use impl='torch')"
+        return "the Triton kernels support bfloat16 and float32, not float64 (use impl='torch')"
+    if hs.dtype == torch.float16 and not F16_TRITON:
+        # The kernels hand cuBLAS 16-bit logit gradients; a distillation's (q - p) / N entries are
+        # all small (no one-hot), and float16's range flushes them (H200: dE error 5e-2 vs 5e-3).
+        return ("the Triton distillation kernels support bfloat16 and float32, not float16 (its "
+                "range underflows the per-token logit gradients; use bfloat16 or impl='torch')")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not hs.is_cuda and not (interpret and hs.device.type == "cpu"):
         return (f"the Triton kernels need CUDA tensors, got device {hs.device} "
@@ -122,7 +132,7 @@ def linear_distillation_loss(student_hidden, student_weight, teacher_hidden, tea
         reduction: "mean" (over valid tokens; all tokens without targets), "sum" or "none".
         shift: next-token layout: ``hidden[..., :-1, :]`` (both heads) and ``targets[..., 1:]``.
         impl: "auto" (Triton kernels for CUDA tensors when they cover the call: both heads in
-            one dtype, float16/bfloat16/float32; else the torch path), "torch" or "triton" (an
+            one dtype, bfloat16/float32; else the torch path), "torch" or "triton" (an
             explicit choice that cannot run raises and says why).
 
     Returns:

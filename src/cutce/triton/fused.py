@@ -199,7 +199,10 @@ def scale_(t, g):
     """t.mul_(g) for a 0-dim float32 g, float32 arithmetic, one pass (torch's mixed-dtype
     in-place product took 1.24 ms for Gemma's 590M-entry dC on the H200). Under torch.compile
     (fake tensors) or off CUDA it is torch's own mul_."""
-    if torch.compiler.is_compiling() or not (t.is_cuda and t.is_contiguous() and g.is_cuda):
+    # type(...) is torch.Tensor: not a fake/functional tensor of a tracer (aot_autograd traces
+    # the backward without dynamo, so is_compiling() alone does not see it)
+    if (torch.compiler.is_compiling() or type(t) is not torch.Tensor or type(g) is not torch.Tensor
+            or not (t.is_cuda and t.is_contiguous() and g.is_cuda)):
         return t.mul_(g)
     n = t.numel()
     if n:
