@@ -13,7 +13,8 @@ from . import api
 
 def linear_log_probs(hidden, weight, tokens, bias=None, *, temperature=1.0, softcap=None,
                      logit_scale=1.0, shift=False, ignore_index=-100, return_entropy=False,
-                     impl="auto", vocab_group=None, vocab_start=None, reduce_hidden_grad=True):
+                     impl="auto", vocab_group=None, vocab_start=None, reduce_hidden_grad=True,
+                     memory_budget=None):
     """Log-probability of given tokens (and the entropy) under a linear head, without logits.
 
     Args:
@@ -27,6 +28,11 @@ def linear_log_probs(hidden, weight, tokens, bias=None, *, temperature=1.0, soft
         impl: "auto" | "torch" | "triton" (as in :func:`cutce.linear_cross_entropy`).
         vocab_group, vocab_start, reduce_hidden_grad: vocabulary parallelism, as in
             :func:`cutce.linear_cross_entropy` (tokens are global ids).
+        memory_budget: extra memory beyond the gradients, as a fraction of their size (None:
+            2.0 on the Triton path). The backward recomputes the logits; when it splits the
+            tokens into chunks (large N) and the budget covers a float32 V x D buffer, dC is
+            summed in float32 across them (exact at any N); ``memory_budget=0`` keeps the
+            memory floor (gradients + ~8%) and rounds dC to the weight's dtype once per chunk.
 
     Returns:
         logp, or (logp, entropy): float32 (float64 for float64 inputs) with tokens' shape after
@@ -44,7 +50,8 @@ def linear_log_probs(hidden, weight, tokens, bias=None, *, temperature=1.0, soft
     dtype = api._autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else torch.float32
     opts = api.make_options(dtype, ignore_index=ignore_index,
                             reduction="none", softcap=softcap, logit_scale=logit_scale,
-                            temperature=temperature, need_entropy=bool(return_entropy))
+                            temperature=temperature, need_entropy=bool(return_entropy),
+                            memory_budget=memory_budget)
     if not isinstance(return_entropy, bool):
         api._fail("return_entropy", "a bool", repr(return_entropy))
     call = api.compute_parts(hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group,
