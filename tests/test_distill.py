@@ -419,3 +419,18 @@ def test_docs_distillation_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     ours, dense = re.search(r"cutce ([\d.]+), from materialized logits ([\d.]+)", proc.stdout).groups()
     assert abs(float(ours) - float(dense)) < 1e-5
+
+
+def test_hidden_grad_split_result_in_row_steps(gen):
+    """dE's float32 sums, half in dE's own bytes, come out right whatever the row step (the
+    in-place conversion reads each step's rows before writing them)."""
+    pytest.importorskip("triton")
+    from cutce.triton.distill import _HiddenGrad
+    h = torch.randn(11, 6, generator=gen).half()
+    acc = _HiddenGrad(h)
+    assert acc.split
+    z, w = torch.randn(11, 5, generator=gen).half(), torch.randn(5, 6, generator=gen).half()
+    acc.add(z, w)
+    acc.add(z, w)
+    want = (2 * z.float() @ w.float()).half()
+    torch.testing.assert_close(acc.result(3), want, rtol=2e-3, atol=2e-3)
