@@ -6,5 +6,5 @@ set -o pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-python -m pytest tests/test_triton.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+python -m pytest tests/test_triton.py tests/test_triton_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
 python scripts/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu-check.log"

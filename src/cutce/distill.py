@@ -7,11 +7,10 @@ argument names prefixed ``student_``/``teacher_``); the chunk loops are in
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-from . import api, torch_distill
+from . import api, dispatch, torch_distill
 from .options import IMPLS
 
 
@@ -73,17 +72,14 @@ def _triton_reason(hs, ht):
     if hs.dtype != ht.dtype:
         return (f"the Triton distillation kernels need both heads in one dtype, got student "
                 f"{hs.dtype} and teacher {ht.dtype}")
-    if hs.dtype == torch.float64:
-        return "the Triton kernels support bfloat16 and float32, not float64 (use impl='torch')"
     if hs.dtype == torch.float16 and not F16_TRITON:
         # The kernels hand cuBLAS 16-bit logit gradients; a distillation's (q - p) / N entries are
         # all small (no one-hot), and float16's range flushes them (H200: dE error 5e-2 vs 5e-3).
         return ("the Triton distillation kernels support bfloat16 and float32, not float16 (its "
                 "range underflows the per-token logit gradients; use bfloat16 or impl='torch')")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not hs.is_cuda and not (interpret and hs.device.type == "cpu"):
-        return (f"the Triton kernels need CUDA tensors, got device {hs.device} "
-                "(set TRITON_INTERPRET=1 to run them on CPU tensors through Triton's interpreter)")
+    reason = dispatch.triton_unavailable_reason(hs)  # float64, device, Triton's import
+    if reason is not None:
+        return reason
     try:
         from . import distill_ops  # noqa: F401  (the import is the check)
     except ImportError as e:
