@@ -4,10 +4,12 @@
 #   bash scripts/gpu_session.sh budget    # time/memory vs memory_budget (scripts/budget_sweep.py)
 #   bash scripts/gpu_session.sh peers     # cutce bench tables with every peer (carry .whl/)
 #   bash scripts/gpu_session.sh compile   # transformers: compiled vs eager patched step
+#   bash scripts/gpu_session.sh rl        # log-probs + entropy vs TRL, token_log_probs end to end
+#   bash scripts/gpu_session.sh distill   # distillation vs TRL, Liger, eager, compile (beta 0, 0.5)
 # Logs and CSVs go to $OUT.
 set -o pipefail
 export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
-OUT=${OUT:-gpu-out}
+export OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 [ -d .whl ] && { pip install -q --no-deps --no-index --target /tmp/site .whl/*.whl >/dev/null 2>&1 \
   || echo "peers' wheels not installed"; }
@@ -25,5 +27,11 @@ case "$1" in
     done ;;
   compile)
     python scripts/compile_step.py 2>&1 | grep -v Warning | tee "$OUT/compile.log" ;;
-  *) echo "usage: $0 tests|budget|peers|compile"; exit 2 ;;
+  rl)
+    python scripts/bench_token_log_probs.py --reps 3 --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/rl.log" ;;
+  distill)
+    for b in 0 0.5; do
+      python scripts/bench_distill.py --betas $b --reps 3 2>&1 | grep -v Warning | tee -a "$OUT/distill.log"
+    done ;;
+  *) echo "usage: $0 tests|budget|peers|compile|rl|distill"; exit 2 ;;
 esac
