@@ -207,3 +207,17 @@ def test_bad_memory_budget_raises(gen):
     h, w, t, b, _ = _inputs(gen, torch.float32)
     with pytest.raises(ValueError, match="memory_budget: expected a number >= 0"):
         cutce.linear_cross_entropy(h, w, t, memory_budget=-1.0)
+
+
+def test_fused_backward_allocates_no_dc_sized_zeros(gen):
+    """The fused op's non-differentiable outputs (lse, dE, dC, dbias) get no zero-filled upstream
+    gradients from autograd: the backward only scales (a dC-sized memset per step otherwise)."""
+    from torch.profiler import profile
+    h, w, t, b, _ = _inputs(gen, torch.float32, n=256, d=16, v=301)
+    h, w = h.requires_grad_(), w.requires_grad_()
+    loss = cutce.linear_cross_entropy(h, w, t, impl="torch", memory_budget=10.0)
+    assert "fused" in type(loss.grad_fn).__name__
+    with profile(record_shapes=True) as prof:
+        loss.backward()
+    zeroed = [e.input_shapes[0] for e in prof.events() if e.name == "aten::zero_" and e.input_shapes]
+    assert list(w.shape) not in zeroed and list(h.shape) not in zeroed, zeroed
