@@ -165,19 +165,25 @@ def linear_distillation_loss(student_hidden, student_weight, teacher_hidden, tea
     if not given:
         # Every token counts: targets that are all class 0 pass the helpers' checks unchanged.
         targets = torch.zeros(lead, dtype=torch.long, device=student_hidden.device)
-    hs, ws, bs, t1, _, out_shape = _prefixed("student_", api.prepare, student_hidden,
-                                             student_weight, targets, student_bias, None, shift,
-                                             ignore_index)
-    ht, wt, bt, _, _, _ = _prefixed("teacher_", api.prepare, teacher_hidden, teacher_weight,
-                                    targets, teacher_bias, None, shift, ignore_index)
+    # One targets check for both heads, read after the kernels are queued (no host sync first)
+    hs, ws, bs, t1, _, out_shape, check = _prefixed(
+        "student_", api.prepare, student_hidden, student_weight, targets, student_bias, None,
+        shift, ignore_index, None, True)
+    ht, wt, bt, _, _, _, _ = _prefixed("teacher_", api.prepare, teacher_hidden, teacher_weight,
+                                       targets.new_full(targets.shape, ignore_index), teacher_bias,
+                                       None, shift, ignore_index, None, True)
     backend = _backend(impl, hs, ht)
     cdt = backend.compute_dtype(hs.dtype, ht.dtype)
     valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
     args = (hs, ws, bs, ht, wt, bt, t1)
     scalars = (beta, temperature, cap_s, cap_t, ce_weight)
     if opts.reduction == "none":
-        return backend.distill_rows(*args, valid, *scalars).reshape(out_shape)
-    coef = valid.to(cdt)
-    if opts.reduction == "mean":
-        coef = coef / valid.sum().clamp(min=1).to(cdt)  # all ignored: coef 0, loss 0, grads 0
-    return backend.distill_total(*args, coef, *scalars)
+        out = backend.distill_rows(*args, valid, *scalars).reshape(out_shape)
+    else:
+        coef = valid.to(cdt)
+        if opts.reduction == "mean":
+            coef = coef / valid.sum().clamp(min=1).to(cdt)  # all ignored: coef 0, loss 0, grads 0
+        out = backend.distill_total(*args, coef, *scalars)
+    if check is not None:
+        check()
+    return out
