@@ -3,8 +3,10 @@
 Two exact strategies share the backend contract (see :mod:`cutce.torch_impl`):
 
 - **recompute**: the forward keeps O(N) values, the backward recomputes the logit tiles. Four
-  N x D x V products (forward, recompute, dE, dC); extra memory <= ~10% of the gradients. It
-  serves any upstream gradient (reduction "none", a returned lse, log-probs, entropy).
+  N x D x V products (forward, recompute, dE, dC); extra memory <= ~10% of the gradients at
+  ``memory_budget=0``; within a budget that covers it, its backward also sums dC in a float32
+  V x D buffer when it splits the tokens (:func:`recompute_dc_f32`). It serves any upstream
+  gradient (reduction "none", a returned lse, log-probs, entropy).
 - **fused**: for a training call whose upstream gradient is known up to one scalar (reduction
   "mean"/"sum", no returned lse), the logits of a chunk of tokens are computed once, their
   softmax gradient formed right away, and dE and dC produced from it in the forward: three
