@@ -33,15 +33,14 @@ import csv
 import datetime
 import math
 import os
-import statistics
 import sys
 import time
 import types
 
 import torch
-import torch.nn.functional as F
 
 import cutce
+from cutce.bench import measure
 
 
 def materialized(hs, ws, ht, wt, beta, temperature):
@@ -142,25 +141,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(step, device, reps, warmup):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="8192,896,3584,151936", help="N,Ds,Dt,V")
@@ -242,7 +222,7 @@ def _measure(fn, beta, hs, ws, ht, wt, ref, device, args, row):
     row["loss_err"], row["dE_err"], row["dC_err"] = (f"{rel(x, r):.1e}" for x, r in zip(out, ref))
     del out
     sync(device)
-    row["ms"] = f"{timed(step, device, args.reps, args.warmup):.2f}"
+    row["ms"] = f"{measure.median_ms(step, device, args.warmup, args.reps):.2f}"
     if device.type == "cuda":
         sync(device)
         torch.cuda.empty_cache()

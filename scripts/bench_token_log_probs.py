@@ -29,7 +29,6 @@ import csv
 import datetime
 import os
 import pathlib
-import statistics
 import sys
 import time
 import types
@@ -38,6 +37,7 @@ import torch
 
 import cutce
 from cutce.bench.data import Shape, make_inputs
+from cutce.bench import measure
 
 START = time.perf_counter()
 TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16 (read when importable)
@@ -55,24 +55,8 @@ class Bench:
             torch.cuda.synchronize()
 
     def time_ms(self, fn):
-        """Median over reps, after warm-up; CUDA events on the GPU, perf_counter on CPU."""
-        for _ in range(self.warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(self.reps):
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        """Median over reps, after warm-up (cutce.bench's timer: CUDA events / perf_counter)."""
+        return measure.median_ms(fn, self.device, self.warmup, self.reps)
 
     def peak_mib(self, fn):
         """Allocator peak above what is allocated before the call (nan on CPU)."""

@@ -98,10 +98,10 @@ def _accumulate_f32(acc, a, b):
 
 
 def _mm_f32(a, b, out=None):
-    """a @ b of 16-bit operands with a float32 result (no rounding to a's dtype)."""
-    if a.is_cuda:
+    """a @ b with a float32 result and float32 accumulation (no 16-bit rounding of it)."""
+    if a.is_cuda and a.dtype != torch.float32:
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    r = a.float() @ b.float()  # the interpreter path: CPU has no mixed-dtype mm
+    r = a.float() @ b.float()  # CPU (the interpreter's tests): no mixed-dtype mm there
     return r if out is None else out.copy_(r)
 
 

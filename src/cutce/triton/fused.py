@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .backward import _accumulate_f32
+from .backward import _accumulate_f32, _mm_f32
 from .common import logit_tile, logit_tile_desc, tma_descriptor
 from .forward import target_logits
 
@@ -134,9 +134,10 @@ def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, 
     lse = m + tl.log(tl.where(rmask, tot, 1.0))  # masked rows: no log(0) warnings
     tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
     valid = rmask & (tgt >= 0) & (tgt < V)
-    k0 = tl.where(valid, tl.load(k_ptr + rows, mask=rmask, other=0.0), 0.0)
-    k1 = tl.where(valid, tl.load(k_ptr + stride_k + rows, mask=rmask, other=0.0), 0.0)
-    k3 = tl.where(valid, tl.load(k_ptr + 3 * stride_k + rows, mask=rmask, other=0.0), 0.0)
+    # k: the rows' coefficients, already 0 where the target is invalid (see fused_loss)
+    k0 = tl.load(k_ptr + rows, mask=rmask, other=0.0)
+    k1 = tl.load(k_ptr + stride_k + rows, mask=rmask, other=0.0)
+    k3 = tl.load(k_ptr + 3 * stride_k + rows, mask=rmask, other=0.0)
     c = tl.load(c_ptr + r_loc, mask=rmask, other=0.0)
     # rows whose X was clamped (lse far above c) are rewritten with c = lse by the refill launch
     far = (k0 != 0) & (lse - c > clamp)
@@ -228,14 +229,6 @@ def _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softca
         PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
         USE_TMA=tma, FLATTEN=tma and configs.flatten(), EVEN_V=v % cfg.block_v == 0,
         REFILL=refill, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def _mm_f32(a, b, out=None):
-    """a @ b with a float32 result and float32 accumulation (no 16-bit rounding of it)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    r = a.float() @ b.float()  # CPU (the interpreter's tests): no mixed-dtype mm there
-    return r if out is None else out.copy_(r)
 
 
 def _v_pad(v):
