@@ -161,21 +161,20 @@ def test_triton_fused_x_in_weight_grad_bytes(gen, monkeypatch):
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_fused_rows_with_huge_loss(gen, monkeypatch, impl):
     """A target 200 nats below its row's max: X = exp(z - z_target) would overflow, so the
-    row is rewritten with c = lse (Triton); the gradients stay exact."""
-    refills = []
+    row is rewritten with c = its max (Triton); the gradients stay exact."""
     if impl == "triton":
-        from cutce.triton import fused
         _force(monkeypatch, plan.Plan("fused", chunk_n=16, dc_f32=True))
-        real = fused._launch
-        monkeypatch.setattr(fused, "_launch", lambda *a: (a[15] and refills.append(int(a[5].sum())))
-                            or real(*a))
     h, w, t, b, tw = _inputs(gen, torch.float32)
     logits = (h @ w.T + b).detach()
     t[3] = logits[3].argmin()
     h = h.detach().clone()
     h[3] *= 200.0 / float(logits[3].max() - logits[3].min())
     _check(h, w, t, b, tw, dict(), impl)
-    assert impl == "torch" or sum(refills) == 1, refills
+    if impl == "triton":  # the rewrite is what keeps that row finite
+        from cutce.triton import fused
+        monkeypatch.setattr(fused, "FAR_GAP", 1e30)
+        with pytest.raises(AssertionError):
+            _check(h, w, t, b, tw, dict(), impl)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

@@ -19,13 +19,17 @@ cuBLAS:
     dC       += X^T @ (s * E[chunk])        (float32 accumulator across chunks: never rounded
                                              to 16 bits between chunks)
 
-X's precision is that of a 16-bit dz (relative 2^-9), whatever the magnitude: exp(z - c) only
-overflows when p_target < e^-80 (a loss above 80 nats); such rows are detected from lse and
-their X rows rewritten with c_i = lse_i by a second launch of the same kernel, in which every
-program without such a row exits at once (no host sync).
+X's precision is that of a 16-bit dz (relative 2^-9), whatever the magnitude. The one
+exponential per entry also gives the row sum: with the fixed reference c the vocabulary splits'
+sums add without rescaling, lse = c + log(sum_j exp(z_ij - c)). exp(z - c) only overflows when
+the row max exceeds c by more than FAR_GAP (a loss above ~60 nats); a second launch of the same
+kernel rewrites such rows with c_i = their max (every program without one exits at once, no
+host sync), before the epilogue reads the sums.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -36,9 +40,15 @@ from .backward import _accumulate_f32, _mm_f32
 from .common import logit_tile, logit_tile_desc, tma_descriptor
 from .forward import target_logits
 
-# exp(z - c) is clamped at e^CLAMP (bf16 and float32 hold up to e^88); rows whose lse exceeds c
-# by more are rewritten with c = lse. float16 (max e^11) is not fused: see cutce.plan.
-CLAMP = 80.0
+# A row whose max logit exceeds its reference c by more than FAR_GAP (a loss above ~60 nats)
+# could overflow exp(z - c) or its row sum (float32 and bf16 hold up to e^88; V terms of e^60
+# stay below): the refill launch rewrites it with c = the row max. float16 (max e^11) is not
+# fused: see cutce.plan.
+FAR_GAP = 60.0
+# Skip the target compare-select-sum in tiles that hold no row's target (env CUTCE_ZT_BRANCH=0/1
+# for tuning runs). Off: the branch cost more than it saved (H200, Gemma 47.4 vs 46.7 ms, Llama
+# 40.4 vs 39.4 ms fwd+bwd), presumably by breaking the flattened tile/K pipeline.
+ZT_BRANCH = False
 # The chunk epilogue's rows per program and hidden columns per step.
 EPI_ROWS, EPI_COLS = 32, 128
 
@@ -46,11 +56,12 @@ EPI_ROWS, EPI_COLS = 32, 128
 @triton.jit
 def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, ok_ptr, x_ptr, part_ptr,
                          n0, n1, V, D, stride_h, stride_w, stride_x, scale, softcap,
-                         tiles_per_split, n_row_blocks, clamp,
+                         tiles_per_split, n_row_blocks, far_gap,
                          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                          PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                         FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, REFILL: tl.constexpr):
+                         FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, REFILL: tl.constexpr,
+                         ZT_BRANCH: tl.constexpr):
     # Row blocks vary fastest: the programs running together read the same weight tiles.
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
@@ -58,18 +69,26 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, ok_p
     n_splits = tl.num_programs(0) // n_row_blocks
     rows = n0 + rb * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < n1
-    # ok: rows whose X is written (REFILL: the rows to rewrite; else rows with a weight)
-    ok = tl.load(ok_ptr + rows - n0, mask=rmask, other=0) != 0  # c, ok: the chunk's rows
+    rc = n1 - n0
+    ok = tl.load(ok_ptr + rows - n0, mask=rmask, other=0) != 0  # rows with a weight
     c = tl.load(c_ptr + rows - n0, mask=rmask, other=0.0)
     tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    zt = tl.zeros((BLOCK_N,), tl.float32)
     n_tiles = tl.cdiv(V, BLOCK_V)
     t_lo = split * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
-    if REFILL:  # only blocks holding a row to rewrite do any work
-        t_hi = tl.where(tl.max(ok.to(tl.int32), 0) > 0, t_hi, t_lo)
+    if REFILL:
+        # Far rows (see fused_loss): the row max over all splits is their new reference; the
+        # chunk epilogue recomputes this predicate from the same values.
+        m_row = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        for k in range(0, n_splits):
+            m_row = tl.maximum(m_row, tl.load(part_ptr + k * rc + rows - n0, mask=rmask,
+                                              other=0.0))
+        ok = ok & (m_row - c > far_gap)
+        c = m_row
+        t_hi = tl.where(tl.max(ok.to(tl.int32), 0) > 0, t_hi, t_lo)  # no far row: no work
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
     for tile in tl.range(t_lo, t_hi, flatten=FLATTEN):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         cmask = cols < V
@@ -81,57 +100,63 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, ok_p
             z, t = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_h,
                               stride_w, scale, softcap, 1.0, HAS_BIAS, SOFTCAP, BLOCK_N,
                               BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K)
+        if EVEN_V:
+            zm = z
+        else:
+            zm = tl.where(cmask[None, :], z, float("-inf"))
         if not REFILL:
-            if EVEN_V:
-                zm = z
-            else:
-                zm = tl.where(cmask[None, :], z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(zm, 1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new[:, None]), 1)
-            m = m_new
+            m = tl.maximum(m, tl.max(zm, 1))  # only the far rows' test and reference need it
             # The target logit as the tiles computed it: p_target must come from the same
             # values as lse, or 1 - p_target loses its digits (the gather kernel's dot differs
-            # by ~1e-5 at D = 4096; dC error measured 3.5x larger with it).
-            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
-        x = tl.exp(tl.minimum(z - c[:, None], clamp))
+            # by ~1e-5 at D = 4096; dC error measured 3.5x larger with it). Only tiles that
+            # hold a row's target pay for the compare-select-sum.
+            if ZT_BRANCH:
+                lo = tile * BLOCK_V
+                if tl.max(((tgt >= lo) & (tgt < lo + BLOCK_V)).to(tl.int32), 0) > 0:
+                    zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+            else:
+                zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+        # One exponential per entry serves X and the row sum: with the fixed reference c the
+        # splits' sums add without rescaling, lse = c + log(sum). Not clamped: a row whose
+        # terms could overflow (max z - c > far_gap) is rewritten by the refill launch.
+        e = tl.where(ok[:, None], tl.exp(zm - c[:, None]), 0.0)  # ignored rows: 0, NaN included
+        s += tl.sum(e, 1)
+        x = e
         if SOFTCAP:
-            x = x * (1.0 - t * t)
-        x = tl.where(ok[:, None], x, 0.0)
+            x = e * (1.0 - t * t)
         out = x_ptr + (rows - n0).to(tl.int64)[:, None] * stride_x + cols[None, :]
         smask = cmask[None, :] & rmask[:, None]
-        if REFILL:  # the target entry was already written by the chunk epilogue
-            smask = smask & ok[:, None] & (cols[None, :] != tgt[:, None])
+        if REFILL:
+            smask = smask & ok[:, None]
         tl.store(out, x.to(x_ptr.dtype.element_ty), mask=smask)
-    if not REFILL:
-        base = part_ptr + split * (n1 - n0) + (rows - n0)
+    base = part_ptr + split * rc + (rows - n0)
+    if REFILL:  # the far rows' sums, taken with c = their max
+        tl.store(base + n_splits * rc, s, mask=rmask & ok)
+    else:
         tl.store(base, m, mask=rmask)
-        tl.store(base + n_splits * (n1 - n0), s, mask=rmask)
-        tl.store(base + 2 * n_splits * (n1 - n0), zt, mask=rmask)
+        tl.store(base + n_splits * rc, s, mask=rmask)
+        tl.store(base + 2 * n_splits * rc, zt, mask=rmask)
 
 
 @triton.jit
 def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, lse_ptr, zt_ptr,
-                           s_ptr, far_ptr, n0, n1, N, V, D, n_splits, stride_k, stride_h,
-                           stride_x, stride_hs, scale, softcap, clamp, SOFTCAP: tl.constexpr,
+                           s_ptr, n0, n1, N, V, D, n_splits, stride_k, stride_h,
+                           stride_x, stride_hs, scale, softcap, far_gap, SOFTCAP: tl.constexpr,
                            NEED_HS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Everything a chunk needs between its logit launch and its GEMMs, in one launch (it was
-    ~45 small torch kernels per chunk): lse from the splits, the tiles' target logit, the rows
-    to refill and their new c, s, X's target entry and s * E for the dC product."""
+    """Everything a chunk needs between its logit launches and its GEMMs, in one launch (it was
+    ~45 small torch kernels per chunk): lse from the splits, the tiles' target logit, s, X's
+    target entry and s * E for the dC product."""
     rows = n0 + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n1
     r_loc = rows - n0
     rc = n1 - n0
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    for k in range(0, n_splits):
-        m = tl.maximum(m, tl.load(part_ptr + k * rc + r_loc, mask=rmask, other=0.0))
     tot = tl.zeros((BLOCK_R,), tl.float32)
     zr = tl.zeros((BLOCK_R,), tl.float32)
-    for k in range(0, n_splits):
-        mk = tl.load(part_ptr + k * rc + r_loc, mask=rmask, other=0.0)
-        sk = tl.load(part_ptr + (n_splits + k) * rc + r_loc, mask=rmask, other=0.0)
-        tot += sk * tl.exp(mk - m)
+    for k in range(0, n_splits):  # the same order as the refill launch's max: same m
+        m = tl.maximum(m, tl.load(part_ptr + k * rc + r_loc, mask=rmask, other=0.0))
+        tot += tl.load(part_ptr + (n_splits + k) * rc + r_loc, mask=rmask, other=0.0)
         zr += tl.load(part_ptr + (2 * n_splits + k) * rc + r_loc, mask=rmask, other=0.0)
-    lse = m + tl.log(tl.where(rmask, tot, 1.0))  # masked rows: no log(0) warnings
     tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
     valid = rmask & (tgt >= 0) & (tgt < V)
     # k: the rows' coefficients, already 0 where the target is invalid (see fused_loss)
@@ -139,9 +164,11 @@ def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, 
     k1 = tl.load(k_ptr + stride_k + rows, mask=rmask, other=0.0)
     k3 = tl.load(k_ptr + 3 * stride_k + rows, mask=rmask, other=0.0)
     c = tl.load(c_ptr + r_loc, mask=rmask, other=0.0)
-    # rows whose X was clamped (lse far above c) are rewritten with c = lse by the refill launch
-    far = (k0 != 0) & (lse - c > clamp)
-    c = tl.where(far, lse, c)
+    # far rows were rewritten by the refill launch with c = their max (the same predicate)
+    far = (k0 != 0) & (m - c > far_gap)
+    c = tl.where(far, m, c)
+    live = rmask & (k0 != 0)
+    lse = c + tl.log(tl.where(live, tot, 1.0))  # ignored rows (sum 0): no lse, no log(0)
     g_lse = k0 + 2.0 * k3 * lse
     # where, not a product: an ignored row (NaN hidden state included) adds nothing
     s = tl.where(k0 != 0, g_lse * tl.exp(c - lse) * scale, 0.0)
@@ -154,9 +181,7 @@ def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, 
     x_t = tl.where(s != 0, dz_t / tl.where(s != 0, s, 1.0), 0.0)
     tl.store(lse_ptr + rows, lse, mask=rmask)
     tl.store(zt_ptr + rows, zr, mask=rmask)
-    tl.store(c_ptr + r_loc, c, mask=rmask)
     tl.store(s_ptr + r_loc, s, mask=rmask)
-    tl.store(far_ptr + r_loc, far.to(tl.int8), mask=rmask)
     t_idx = tl.where(valid, tgt, 0).to(tl.int64)
     tl.store(x_ptr + r_loc.to(tl.int64) * stride_x + t_idx, x_t.to(x_ptr.dtype.element_ty),
              mask=valid)
@@ -176,9 +201,13 @@ def _cast_scale_kernel(src_ptr, dst_ptr, g_ptr, n, HAS_G: tl.constexpr, BLOCK: t
     # dst = (src * g) in dst's dtype, float32 arithmetic (in place when src is dst)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    x = tl.load(src_ptr + offs, mask=m).to(tl.float32)
     if HAS_G:
-        x = x * tl.load(g_ptr).to(tl.float32)
+        g = tl.load(g_ptr).to(tl.float32)
+        # in place by 1 (loss.backward() of a plain loss): no pass over dC at all
+        m = m & (g != 1.0)
+        x = tl.load(src_ptr + offs, mask=m).to(tl.float32) * g
+    else:
+        x = tl.load(src_ptr + offs, mask=m).to(tl.float32)
     tl.store(dst_ptr + offs, x.to(dst_ptr.dtype.element_ty), mask=m)
 
 
@@ -212,8 +241,13 @@ def scale_(t, g):
     return t
 
 
+def _zt_branch():
+    env = os.environ.get("CUTCE_ZT_BRANCH")
+    return env == "1" if env else ZT_BRANCH
+
+
 def _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softcap, cfg, n_splits,
-            tiles_per_split, refill, clamp):
+            tiles_per_split, refill, far_gap):
     v, d = weight.shape
     n_row_blocks = triton.cdiv(n1 - n0, cfg.block_n)
     tma = configs.use_tma(hidden, weight)
@@ -223,12 +257,12 @@ def _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softca
         hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets, c, ok, x,
         part,
         n0, n1, v, d, hidden.stride(0), weight.stride(0), x.stride(0), scale, softcap,
-        tiles_per_split, n_row_blocks, clamp,
+        tiles_per_split, n_row_blocks, far_gap,
         HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_N=cfg.block_n,
         BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
         PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
         USE_TMA=tma, FLATTEN=tma and configs.flatten(), EVEN_V=v % cfg.block_v == 0,
-        REFILL=refill, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        REFILL=refill, ZT_BRANCH=_zt_branch(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _v_pad(v):
@@ -283,12 +317,13 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     rw = k[0]
     # c_i: the gather kernel's target logit, known before the tiles (any value near lse works)
     zt = target_logits(hidden, weight, bias, targets, scale, softcap, 1.0)
-    zt_tiles = torch.zeros(n, **f32)
+    zt_tiles = torch.empty(n, **f32)  # every chunk's epilogue writes its rows
+    ok_all = (rw != 0).to(torch.int8)
+    s_all = torch.empty(min(chunk_n, n), **f32)
     hs_all = torch.empty((min(chunk_n, n), d), device=dev, dtype=x_dtype) if need_w and n else None
     if configs.POISON and hs_all is not None:
         hs_all.fill_(float("nan"))
     n_tiles = triton.cdiv(v, cfg.block_v)
-    clamp = CLAMP
     for n0 in range(0, n, chunk_n):
         n1 = min(n0 + chunk_n, n)
         rows = n1 - n0
@@ -298,20 +333,20 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
         tps = triton.cdiv(n_tiles, n_splits)
         n_splits = triton.cdiv(n_tiles, tps)
         part = torch.empty((3, n_splits, rows), **f32)
-        c = zt[n0:n1].clone()  # the epilogue rewrites it (refilled rows get c = lse)
-        ok = (rw[n0:n1] != 0).to(torch.int8)
+        c, ok = zt[n0:n1], ok_all[n0:n1]
+        # logits and X with c = the target logit; the far rows again with c = their max; then
+        # lse, s, X's target entry and s * E
         _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softcap, cfg,
-                n_splits, tps, False, clamp)
-        s = torch.empty(rows, **f32)
-        far = torch.empty(rows, device=dev, dtype=torch.int8)
+                n_splits, tps, False, FAR_GAP)
+        _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softcap, cfg,
+                n_splits, tps, True, FAR_GAP)
+        s = s_all[:rows]
         hs = hs_all[:rows] if need_w else s
         _chunk_epilogue_kernel[(triton.cdiv(rows, EPI_ROWS),)](
-            part, c, k, targets, hidden, x, hs, lse, zt_tiles, s, far, n0, n1, n, v, d,
+            part, c, k, targets, hidden, x, hs, lse, zt_tiles, s, n0, n1, n, v, d,
             n_splits, k.stride(0), hidden.stride(0), x.stride(0), hs.stride(0), scale, softcap,
-            clamp, SOFTCAP=softcap > 0, NEED_HS=need_w, BLOCK_R=EPI_ROWS, BLOCK_D=EPI_COLS,
+            FAR_GAP, SOFTCAP=softcap > 0, NEED_HS=need_w, BLOCK_R=EPI_ROWS, BLOCK_D=EPI_COLS,
             num_warps=4)
-        _launch(hidden, weight, bias, targets, c, far, x, part, n0, n1, scale, softcap, cfg,
-                n_splits, tps, True, clamp)
         xv = x[:, :v]
         if need_h:
             dh[n0:n1] = (_mm_f32(xv, weight) * s[:, None]).to(dt)
