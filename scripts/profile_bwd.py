@@ -1,7 +1,9 @@
 """Kernel-level time split of one fwd+bwd (torch.profiler), for docs/perf-notes.md.
 
-    PYTHONPATH=src python scripts/profile_bwd.py [--shape 8192,2304,256000] [--budget B] [--gaps]
+    PYTHONPATH=src python scripts/profile_bwd.py [--shape 8192,2304,256000] [--budget B] [--gaps] [--host]
 
+--host times the Python side of a call (the GPU waits for it before the first kernel) and lists
+the functions it spends that time in (cProfile).
 --gaps also lists where the GPU sat idle between kernels (from the profiler's trace): the sum
 of GPU time and the wall time of a call differ by that idle time.
 """
@@ -21,6 +23,7 @@ ap.add_argument("--filter", action="store_true")
 ap.add_argument("--data", default="zipf")
 ap.add_argument("--budget", type=float, default=None)
 ap.add_argument("--gaps", action="store_true")
+ap.add_argument("--host", action="store_true", help="host (Python) time per call and its top functions")
 args = ap.parse_args()
 n, d, v = map(int, args.shape.split(","))
 h, w, t = make_data(args.data, n, d, v, torch.bfloat16)
@@ -67,3 +70,46 @@ if args.gaps:
           f"idle {sum(g[0] for g in gaps) / 1e3:.2f} ms in {len(gaps)} gaps")
     for g in sorted(gaps, reverse=True)[:12]:
         print(f"  {g[0]:8.1f} us  after {g[1]}  before {g[2]}")
+if args.host:
+    import cProfile
+    import pstats
+    import time
+    fw, bw = [], []
+    for _ in range(5):
+        h.grad = w.grad = None
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = cutce.linear_cross_entropy(h, w, t, impl="triton", **kw)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.cuda.synchronize()
+        fw.append((t1 - t0) * 1e3)
+        bw.append((t2 - t1) * 1e3)
+    print(f"host time (median of 5, no sync inside): forward call {sorted(fw)[2]:.2f} ms, "
+          f"backward call {sorted(bw)[2]:.2f} ms")
+    torch.cuda.synchronize()
+    prof_h = cProfile.Profile()
+    prof_h.enable()
+    for _ in range(3):
+        h.grad = w.grad = None
+        cutce.linear_cross_entropy(h, w, t, impl="triton", **kw).backward()
+    prof_h.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof_h).sort_stats("tottime").print_stats(25)
+    # The host timeline of one forward call from an idle GPU: when each op started (ms after
+    # the call), how long its host side took, and when the first kernel launch happened.
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof_c:
+        with torch.profiler.record_function("CALL"):
+            loss = cutce.linear_cross_entropy(h, w, t, impl="triton", **kw)
+    loss.backward()
+    torch.cuda.synchronize()
+    evs = sorted(prof_c.events(), key=lambda e: e.time_range.start)
+    t0 = next(e.time_range.start for e in evs if e.name == "CALL")
+    print("host timeline of the forward call (start ms, host ms, op):")
+    for e in evs:
+        if e.name != "CALL" and e.cpu_parent is not None and e.cpu_parent.name in ("CALL",) \
+                or e.name.startswith(("cuda", "cu")) or e.time_range.elapsed_us() > 150:
+            print(f"  {(e.time_range.start - t0) / 1e3:7.3f} {e.time_range.elapsed_us() / 1e3:7.3f}  {e.name[:70]}")
