@@ -51,7 +51,8 @@ def test_triton_vocabulary_splits(gen, beta):
     splits' statistics."""
     pytest.importorskip("triton")
     tensors = _to(DEV, make(gen, lead=13, bias=True))
-    check(gen, tensors, torch.float32, impl="triton", beta=beta, ce_weight=0.4, temperature=1.7)
+    check(gen, tensors, torch.float32, impl="triton", beta=beta, ce_weight=0.4, temperature=1.7,
+          memory_budget=0)  # the recompute kernels (test_distill_fused.py: the fused ones)
 
 
 def test_triton_shift_frozen_teacher_and_empty(gen):

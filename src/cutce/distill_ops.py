@@ -1,8 +1,10 @@
 """The Triton distillation path as torch.library custom ops (opaque to torch.compile).
 
 ``cutce::distill_rows_triton`` gives the per-token losses and the O(N) statistics its backward
-needs; ``cutce::distill_backward_triton`` recomputes both heads' logit tiles from them. Same
-functions as :mod:`cutce.torch_distill` (``distill_total``, ``distill_rows``, ``compute_dtype``),
+needs; ``cutce::distill_backward_triton`` recomputes both heads' logit tiles from them (the
+recompute strategy). ``cutce::distill_fused_triton`` is the fused strategy
+(:mod:`cutce.triton.distill_fused`): a "mean"/"sum" call with a frozen teacher whose student
+gradients are formed in the forward, when :func:`fused_plan` says so. Same functions as :mod:`cutce.torch_distill` (``distill_total``, ``distill_rows``, ``compute_dtype``),
 so the api dispatches to either.
 """
 
@@ -13,7 +15,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import plan as _plan
 from .triton import distill as _k
+from .triton import distill_fused as _kf
+from .triton.fused import scale_ as _scale_
+
+# Extra memory the fused strategy may use beyond the student's gradients, as a fraction of them,
+# when the call gives no memory_budget. Its float32 dC accumulator alone is V x Ds x 4 bytes
+# (~1.9x the gradients at a 152k x 896 head with 8192 tokens); 4 leaves ~2x for X, one token
+# chunk's 16-bit teacher exponentials: 5 chunks of 1664 tokens at that shape, a predicted peak
+# of ~1.29 GiB with the gradients (Liger 1.71 GiB, TRL 2.04 GiB measured there). Below ~1.95x
+# only chunks of <= Ds tokens (X in dC's own bytes) fit; 0 is the recompute strategy.
+DEFAULT_MEMORY_BUDGET = 4.0
 
 
 def mode_of(beta: float) -> int:
@@ -98,7 +111,57 @@ def distill_rows(hs, ws, bs, ht, wt, bt, targets, valid, *scalars) -> Tensor:
     return torch.where(valid, _rows(hs, ws, bs, ht, wt, bt, targets, *scalars), 0.0)
 
 
-def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars) -> Tensor:
-    """sum_i coef_i loss_i (0-dim float32), coef 0 for ignored rows (as torch_distill's)."""
-    rows = _rows(hs, ws, bs, ht, wt, bt, targets, *scalars)
-    return torch.where(coef != 0, rows * coef.detach().float(), 0.0).sum()
+@torch.library.custom_op("cutce::distill_fused_triton", mutates_args=())
+def _fused_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,
+              bt: Optional[Tensor], targets: Tensor, coef: Tensor, beta: float, temperature: float,
+              cap_s: float, cap_t: float, ce_weight: float, chunk: int, x_in_dc: bool,
+              need_h: bool, need_w: bool,
+              need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(total, rows, dhs, dws, dbs): sum_i coef_i loss_i, the per-token losses and total's
+    gradients w.r.t. the student's head (formed in the forward; empty where not needed)."""
+    return _kf.fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode_of(beta), beta,
+                           temperature, cap_s, cap_t, ce_weight, chunk, x_in_dc, need_h, need_w,
+                           need_b)
+
+
+@_fused_op.register_fake
+def _(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, cap_s, cap_t, ce_weight, chunk,
+      x_in_dc, need_h, need_w, need_b):
+    f = hs.new_empty(hs.shape[0], dtype=torch.float32)
+    return (f.new_empty(()), f, *[torch.empty_like(t) if on else hs.new_empty(0)
+                                  for t, on in ((hs, need_h), (ws, need_w), (bs, need_b))])
+
+
+def _fused_setup(ctx, inputs, output):
+    _plan.fused_setup_context(ctx, inputs, output)
+    ctx.scale_ = _scale_
+
+
+_fused_op.register_autograd(_plan.fused_backward, setup_context=_fused_setup)
+
+
+def fused_plan(hs, ws, bs, ht, wt, bt, beta, memory_budget):
+    """(chunk, x_in_dc) when a "mean"/"sum" call takes the fused strategy, else None: the
+    student needs a gradient (and autograd is on), the teacher none, beta is not 1 (the
+    reverse KL's gradient needs log p beyond a 16-bit X's range), and the budget (None: the
+    default) fits a chunk (:func:`cutce.triton.distill_fused.plan`)."""
+    need = [t is not None and t.requires_grad for t in (hs, ws, bs)]
+    teacher = any(t is not None and t.requires_grad for t in (ht, wt, bt))
+    if not torch.is_grad_enabled() or not any(need) or teacher or beta == 1.0:
+        return None
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    return _kf.plan(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need[0], need[1], budget)
+
+
+def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, memory_budget=None) -> Tensor:
+    """sum_i coef_i loss_i (0-dim float32), coef 0 for ignored rows (as torch_distill's); the
+    fused strategy when :func:`fused_plan` gives one, else the recompute kernels."""
+    p = fused_plan(hs, ws, bs, ht, wt, bt, scalars[0], memory_budget)
+    if p is None:
+        rows = _rows(hs, ws, bs, ht, wt, bt, targets, *scalars)
+        return torch.where(coef != 0, rows * coef.detach().float(), 0.0).sum()
+    need = [t is not None and t.requires_grad for t in (hs, ws, bs)]
+    hs, ws, bs, ht, wt, bt = (None if t is None else t if t.stride(-1) == 1 else t.contiguous()
+                              for t in (hs, ws, bs, ht, wt, bt))
+    return _fused_op(hs, ws, bs, ht, wt, bt, targets.contiguous(), coef.detach().float(),
+                     *map(float, scalars), *p, *need)[0]

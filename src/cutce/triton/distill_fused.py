@@ -1,0 +1,374 @@
+"""Fused distillation strategy: the student's gradients formed in the forward, teacher computed once.
+
+For reduction "mean"/"sum" with a frozen teacher every row's weight c_i is known in the forward,
+so (as the loss's fused strategy, :mod:`cutce.plan`) each chunk of tokens is finished there:
+
+1. :func:`_stats_kernel` (row blocks x vocabulary splits) computes both heads' logit tiles, the
+   online log-sum-exps of both (and at T = 1 for the CE term), Σ p (z_t - z_s) for the forward
+   KL, and stores the teacher's X_ij = exp(z_t,ij - mt_i,tile) in 16 bits, where mt is the row's
+   max over the tile (kept in a float32 rows x tiles table): X <= 1 never overflows, and once
+   lse_t is known p_ij = X_ij exp(mt_i,tile - lse_t,i), exact up to X's 16-bit rounding.
+2. The splits' statistics are combined per row (lse_s, lse_t, lse_1, the divergence).
+3. :func:`_dz_kernel` recomputes the student's tile (a quarter of the teacher's product at the
+   Qwen 7B -> 0.5B pair) and writes dz_s = c_i ((1 - w)/T (q - p) + w (softmax(z_s) - onehot))
+   (times the softcap's derivative) over X, in X's bytes. For the JSD a first launch of the same
+   kernel sums KL(p||m) and KL(q||m) per row (its gradient needs them).
+4. cuBLAS: dE[chunk] = dz @ W_s (float32 result, rounded once), dC += dz^T @ E[chunk] (float32
+   accumulator across chunks, cast once at the end), dbias += column sums of dz.
+
+The backward only scales the gradients by the upstream scalar (:func:`cutce.plan.fused_backward`).
+Products of N x Ds x V (the student's): 4 + 1 (stats) + 1 (dz) + 2 (dE, dC) = 8 for the forward
+KL, 9 for the JSD, against 12 and 17 for the recompute kernels (:mod:`cutce.triton.distill`).
+The reverse KL stays there: its gradient q (log q - log p - D) needs log p to any depth, which a
+16-bit X cannot give where p underflows (the JSD's log m is bounded by log q + log(1 - beta)).
+
+Memory beyond the student's gradients (:func:`extra_bytes`): X, chunk x V 16-bit values, in dC's
+own bytes while chunk <= Ds (dC is only written at the end), the float32 dC accumulator
+(V x Ds x 4 bytes, with more than one chunk and 16-bit weights), the tile-max table and dE's
+float32 chunk result (chunk x Ds x 4).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .backward import _accumulate_f32, _mm_f32
+from .common import logit_tile, logit_tile_desc, tma_descriptor
+from .distill import FWD_KL, JSD, Tile, _combine, _log_mix, _online, _splits
+from .distill import tile as _recompute_tile
+from .fused import copy_cast_
+
+# Fewer tokens per chunk than this and the recompute kernels are the better use of the memory
+# (each chunk costs a V x Ds x 8-byte pass over dC's float32 accumulator and small GEMMs).
+MIN_CHUNK = 256
+# Tests force a chunk (several chunks at tiny shapes); None = the plan's.
+FORCE_CHUNK = None
+
+
+@triton.jit
+def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_desc, ht_desc,
+                  wt_desc, t_ptr, x_ptr, tbl_ptr, part_ptr, n0, n1, V, Ds, Dt, stride_hs,
+                  stride_ws, stride_ht, stride_wt, stride_x, stride_tbl, cap_s, cap_t, inv_temp,
+                  temperature, tiles_per_split, n_row_blocks, MODE: tl.constexpr,
+                  NEED_CE: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+                  CAP_S: tl.constexpr, CAP_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                  PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr,
+                  USE_TMA: tl.constexpr):
+    pid = tl.program_id(0)
+    rb = pid % n_row_blocks  # token blocks fastest: concurrent programs share weight tiles
+    split = pid // n_row_blocks
+    n_splits = tl.num_programs(0) // n_row_blocks
+    r0 = n0 + rb * BLOCK_N
+    rows = r0 + tl.arange(0, BLOCK_N)
+    rmask = rows < n1
+    r_loc = (rows - n0).to(tl.int64)
+    ninf = float("-inf")
+    m_s = tl.full((BLOCK_N,), ninf, tl.float32)
+    m_t = tl.full((BLOCK_N,), ninf, tl.float32)
+    m_1 = tl.full((BLOCK_N,), ninf, tl.float32)
+    s_s = tl.zeros((BLOCK_N,), tl.float32)
+    s_t = tl.zeros((BLOCK_N,), tl.float32)
+    s_1 = tl.zeros((BLOCK_N,), tl.float32)
+    gap = tl.zeros((BLOCK_N,), tl.float32)
+    zt1 = tl.zeros((BLOCK_N,), tl.float32)
+    if NEED_CE:
+        tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+    t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for vt in range(t_lo, t_hi):
+        cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
+        cmask = cols < V
+        if USE_TMA:
+            zs, _ = logit_tile_desc(hs_desc, ws_desc, bs_ptr, r0, vt * BLOCK_V, cols, cmask, Ds,
+                                    1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
+                                    BLOCK_K, UPCAST, PRECISION)
+            zt, _ = logit_tile_desc(ht_desc, wt_desc, bt_ptr, r0, vt * BLOCK_V, cols, cmask, Dt,
+                                    1.0, cap_t, inv_temp, HAS_BT, CAP_T, BLOCK_N, BLOCK_V,
+                                    BLOCK_K, UPCAST, PRECISION)
+        else:
+            zs, _ = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs,
+                               stride_ws, 1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
+                               BLOCK_K, UPCAST, PRECISION, EVEN_KS)
+            zt, _ = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask, Dt, stride_ht,
+                               stride_wt, 1.0, cap_t, inv_temp, HAS_BT, CAP_T, BLOCK_N, BLOCK_V,
+                               BLOCK_K, UPCAST, PRECISION, EVEN_KT)
+        zs_m = tl.where(cmask[None, :], zs, ninf)
+        zt_m = tl.where(cmask[None, :], zt, ninf)
+        m_s, s_s, _, _ = _online(m_s, s_s, zs_m)
+        # X from the tile's own max: the running statistics reuse its exponentials
+        mt = tl.max(zt_m, 1)
+        x = tl.exp(zt_m - mt[:, None])
+        m_new = tl.maximum(m_t, mt)
+        alpha = tl.exp(m_t - m_new)
+        beta_ = tl.exp(mt - m_new)
+        s_t = s_t * alpha + tl.sum(x, 1) * beta_
+        if MODE == 0:  # sum_j exp(zt - m_t) (zt - zs): KL(p||q) = its mean under p - lse_t + lse_s
+            gap = gap * alpha + tl.sum(x * tl.where(cmask[None, :], zt - zs, 0.0), 1) * beta_
+        m_t = m_new
+        if NEED_CE:  # the student's lse and target logit at temperature 1
+            m_1, s_1, _, _ = _online(m_1, s_1, zs_m * temperature)
+            zt1 += tl.sum(tl.where(cols[None, :] == tgt[:, None], zs * temperature, 0.0), 1)
+        omask = rmask[:, None] & cmask[None, :]
+        tl.store(x_ptr + r_loc[:, None] * stride_x + cols[None, :],
+                 x.to(x_ptr.dtype.element_ty), mask=omask)
+        tl.store(tbl_ptr + r_loc * stride_tbl + vt, mt, mask=rmask)
+    rc = n1 - n0
+    base = part_ptr + split * rc + r_loc
+    stride_q = n_splits * rc
+    tl.store(base, gap, mask=rmask)
+    tl.store(base + stride_q, zt1, mask=rmask)
+    tl.store(base + 2 * stride_q, m_s, mask=rmask)
+    tl.store(base + 3 * stride_q, s_s, mask=rmask)
+    tl.store(base + 4 * stride_q, m_t, mask=rmask)
+    tl.store(base + 5 * stride_q, s_t, mask=rmask)
+    tl.store(base + 6 * stride_q, m_1, mask=rmask)
+    tl.store(base + 7 * stride_q, s_1, mask=rmask)
+
+
+@triton.jit
+def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, tbl_ptr, st_ptr, sum_ptr,
+               n0, n1, V, Ds, stride_hs, stride_ws, stride_x, stride_tbl, cap_s, inv_temp,
+               temperature, beta, log_beta, log_1mbeta, ce_weight, n_row_blocks,
+               MODE: tl.constexpr, PASS: tl.constexpr, NEED_CE: tl.constexpr,
+               HAS_BS: tl.constexpr, CAP_S: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, USE_TMA: tl.constexpr):
+    pid = tl.program_id(0)
+    rb = pid % n_row_blocks
+    vt = pid // n_row_blocks
+    r0 = n0 + rb * BLOCK_N
+    rows = r0 + tl.arange(0, BLOCK_N)
+    rmask = rows < n1
+    r_loc = (rows - n0).to(tl.int64)
+    cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
+    cmask = cols < V
+    if USE_TMA:
+        zs, ts = logit_tile_desc(hs_desc, ws_desc, bs_ptr, r0, vt * BLOCK_V, cols, cmask, Ds, 1.0,
+                                 cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V, BLOCK_K,
+                                 UPCAST, PRECISION)
+    else:
+        zs, ts = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs,
+                            stride_ws, 1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
+                            BLOCK_K, UPCAST, PRECISION, EVEN_KS)
+    rc = n1 - n0
+    # per-row values of the chunk (see fused_total): lse_s, lse_t, lse_1, weight c, KL(q||m)
+    lse_s = tl.load(st_ptr + r_loc, mask=rmask, other=0.0)[:, None]
+    lse_t = tl.load(st_ptr + rc + r_loc, mask=rmask, other=0.0)[:, None]
+    c = tl.load(st_ptr + 3 * rc + r_loc, mask=rmask, other=0.0)[:, None]
+    omask = rmask[:, None] & cmask[None, :]
+    xp = x_ptr + r_loc[:, None] * stride_x + cols[None, :]
+    x = tl.load(xp, mask=omask, other=0.0).to(tl.float32)
+    rel_t = tl.load(tbl_ptr + r_loc * stride_tbl + vt, mask=rmask, other=0.0)[:, None] - lse_t
+    p = x * tl.exp(rel_t)
+    log_q = zs - lse_s
+    q = tl.exp(log_q)
+    if MODE == 2:
+        # log p = log X + mt - lse_t, -inf where X underflowed (p = 0 there, and log m is then
+        # log q + log(1 - beta): finite, unlike log p)
+        log_p = tl.where(x > 0, tl.log(tl.where(x > 0, x, 1.0)) + rel_t, float("-inf"))
+        log_m = _log_mix(log_p, log_q, log_beta, log_1mbeta)
+    if PASS == 1:  # the JSD's row sums KL(p||m), KL(q||m), per (row, tile)
+        kp = tl.sum(tl.where(omask, p * tl.where(x > 0, log_p - log_m, 0.0), 0.0), 1)
+        kq = tl.sum(tl.where(omask, q * (log_q - log_m), 0.0), 1)
+        n_tiles = tl.cdiv(V, BLOCK_V)
+        tl.store(sum_ptr + r_loc * n_tiles + vt, kp, mask=rmask)
+        tl.store(sum_ptr + (rc + r_loc) * n_tiles + vt, kq, mask=rmask)
+    else:
+        if MODE == 2:
+            k_q = tl.load(st_ptr + 4 * rc + r_loc, mask=rmask, other=0.0)[:, None]
+            da = (1.0 - beta) * q * (log_q - log_m - k_q)
+        else:
+            da = q - p
+        dz = da * (c * ((1.0 - ce_weight) * inv_temp))
+        if NEED_CE:
+            lse_1 = tl.load(st_ptr + 2 * rc + r_loc, mask=rmask, other=0.0)[:, None]
+            tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+            onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
+            dz += (c * ce_weight) * (tl.exp(zs * temperature - lse_1) - onehot)
+        if CAP_S:
+            dz = dz * (1.0 - ts * ts)
+        # where, not a product: an ignored row (NaN hidden state included) adds nothing
+        dz = tl.where(c != 0, dz, 0.0)
+        tl.store(xp, dz.to(x_ptr.dtype.element_ty), mask=omask)
+
+
+# ---- plan ------------------------------------------------------------------------------------
+
+def tile(dtype: torch.dtype) -> Tile:
+    """The recompute kernels' tile (two float32 tiles live at once here too), wider in the
+    interpreter (its time goes per loop iteration, not per element);
+    CUTCE_DISTILL_FUSED_TILE="128,128,64,8,3" overrides it on the GPU (tuning runs)."""
+    if configs.interpreting():
+        return Tile(32, 64, 32, 1, 1)
+    spec = os.environ.get("CUTCE_DISTILL_FUSED_TILE")
+    return Tile(*map(int, spec.split(","))) if spec else _recompute_tile(dtype)
+
+
+def _elt(dtype):
+    return torch.finfo(dtype).bits // 8
+
+
+def _v_pad(v):
+    return -(-v // 8) * 8  # X's rows 16-byte aligned (cuBLAS operands)
+
+
+def extra_bytes(n, v, ds, dtype, chunk, need_h, need_w, block_v=128):
+    """Bytes beyond the student's gradients: X (or 0 in dC's bytes), dC's float32 accumulator,
+    the tile-max table, dE's float32 chunk result, the per-row statistics."""
+    chunks = -(-n // chunk)
+    acc = v * ds * 4 if need_w and chunks > 1 and dtype != torch.float32 else 0
+    in_place = acc > 0 and chunk * _v_pad(v) <= v * ds
+    x = 0 if in_place else chunk * _v_pad(v) * _elt(dtype)
+    return x + acc + chunk * (-(-v // block_v) * 4 + ds * 4 * need_h + 64) + n * 16
+
+
+def gradient_bytes(n, v, ds, dtype, need_h, need_w):
+    return (need_h * n + need_w * v) * ds * _elt(dtype)
+
+
+def plan(n, v, ds, dtype, need_h, need_w, memory_budget):
+    """(chunk, x_in_dc) for the fused strategy, or None (recompute): the fewest token chunks
+    whose :func:`extra_bytes` fit in memory_budget x the gradients' bytes; chunks of equal,
+    128-multiple sizes (GEMM tiles) unless only the exact size fits."""
+    if memory_budget <= 0 or n == 0:
+        return None
+    c = min(FORCE_CHUNK, n) if FORCE_CHUNK is not None else _chunk(n, v, ds, dtype, need_h,
+                                                                    need_w, memory_budget)
+    if c is None:
+        return None
+    acc16 = need_w and -(-n // c) > 1 and dtype != torch.float32
+    return c, acc16 and c * _v_pad(v) <= v * ds
+
+
+def _chunk(n, v, ds, dtype, need_h, need_w, memory_budget):
+    # no cache: at most n / 256 steps of integer arithmetic (32 at 8192 tokens), and
+    # torch.compile traces through this function (it warns about lru_cache wrappers)
+    budget = memory_budget * gradient_bytes(n, v, ds, dtype, need_h, need_w)
+    for k in range(1, -(-n // MIN_CHUNK) + 1):
+        exact = -(-n // k)
+        for c in (min(n, -(-exact // 128) * 128), exact):
+            if extra_bytes(n, v, ds, dtype, c, need_h, need_w) <= budget:
+                return c
+    return None
+
+
+# ---- launcher --------------------------------------------------------------------------------
+
+def _flags(t, hs, ws, ht, wt, bs, bt, cap_s, cap_t):
+    tma = configs.use_tma(hs, ws, ht, wt)
+    return tma, dict(HAS_BS=bs is not None, CAP_S=cap_s > 0, BLOCK_N=t.block_n,
+                     BLOCK_V=t.block_v, BLOCK_K=t.block_k, UPCAST=configs.interpreting(),
+                     PRECISION=configs.dot_precision(hs.dtype), EVEN_KS=hs.shape[1] % t.block_k == 0,
+                     USE_TMA=tma, num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, cap_s, cap_t,
+                ce_weight, chunk, x_in_dc, need_h, need_w, need_b):
+    """sum_i coef_i loss_i and its gradients w.r.t. the student's head, formed in the forward.
+
+    Args: hs (N, Ds), ws (V, Ds), bs (V,) or None; ht (N, Dt), wt (V, Dt), bt (V,) or None (one
+    dtype, bfloat16 or float32; float16 in the interpreter's tests), unit inner strides; targets
+    (N,) int64 (any value where ce_weight is 0); coef (N,) float32, 0 for ignored rows; mode
+    FWD_KL or JSD; chunk: tokens per chunk; x_in_dc: X may live in dC's bytes (see plan).
+
+    Returns (total 0-dim float32, rows (N,) float32 per-token losses, dhs, dws, dbs in the
+    inputs' dtypes, empty where not needed), as distill_total's recompute path computes them.
+    """
+    n, ds = hs.shape
+    v = ws.shape[0]
+    dt = hs.dtype
+    dev = hs.device
+    t = tile(dt)
+    f32 = dict(device=dev, dtype=torch.float32)
+    rows_out = torch.zeros(n, **f32)
+    dh = torch.empty_like(hs) if need_h else hs.new_empty(0)
+    dw = torch.empty_like(ws) if need_w else hs.new_empty(0)
+    db32 = torch.zeros(v, **f32) if need_b else None
+    n_chunks = -(-n // chunk) if n else 0
+    acc = None  # dC's running sum: float32 across chunks (dw itself for float32 weights)
+    if need_w and n_chunks > 1:
+        acc = dw if dt == torch.float32 else torch.empty((v, ds), **f32)
+    x_dtype = configs.workspace_dtype(dt)
+    rows_max = min(chunk, n)
+    in_place = (x_in_dc and acc is not None and acc is not dw and x_dtype == dt
+                and rows_max * _v_pad(v) <= v * ds)
+    if in_place:  # dC is written only at the end, from the accumulator
+        x_all = dw.view(-1)[: rows_max * _v_pad(v)].view(rows_max, _v_pad(v))
+    else:
+        x_all = torch.empty((rows_max, _v_pad(v)), device=dev, dtype=x_dtype)
+    n_tiles = triton.cdiv(v, t.block_v)
+    tbl_all = torch.empty((rows_max, n_tiles), **f32)
+    if configs.POISON:
+        x_all.fill_(float("nan"))
+        tbl_all.fill_(float("nan"))
+    tma, kw = _flags(t, hs, ws, ht, wt, bs, bt, cap_s, cap_t)
+    descs = [tma_descriptor(x, t.block_n if i % 2 == 0 else t.block_v, t.block_k) if tma else x
+             for i, x in enumerate((hs, ws, ht, wt))]
+    need_ce = ce_weight > 0
+    log_b = math.log(beta) if 0.0 < beta < 1.0 else 0.0
+    log_1mb = math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0
+    bs_, bt_ = (bs if bs is not None else hs), (bt if bt is not None else ht)
+    for n0 in range(0, n, chunk):
+        n1 = min(n0 + chunk, n)
+        rc = n1 - n0
+        x, tbl = x_all[:rc], tbl_all[:rc]
+        n_row_blocks = triton.cdiv(rc, t.block_n)
+        n_splits = _splits(n_row_blocks, n_tiles, dev)
+        per = triton.cdiv(n_tiles, n_splits)
+        n_splits = triton.cdiv(n_tiles, per)
+        part = torch.empty((8, n_splits, rc), **f32)
+        _stats_kernel[(n_row_blocks * n_splits,)](
+            hs, ws, bs_, ht, wt, bt_, *descs, targets, x, tbl, part, n0, n1, v, ds, ht.shape[1],
+            hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0), x.stride(0), tbl.stride(0),
+            cap_s, cap_t, 1.0 / temperature, temperature, per, n_row_blocks, MODE=mode,
+            NEED_CE=need_ce, HAS_BT=bt is not None, CAP_T=cap_t > 0,
+            EVEN_KT=ht.shape[1] % t.block_k == 0, **kw)
+        gap, zt1, m_s, s_s, m_t, s_t, m_1, s_1 = part.unbind(0)
+        st = torch.zeros((5, rc), **f32)  # lse_s, lse_t, lse_1, coef, KL(q||m): the dz kernel's
+        st[0] = _combine(m_s, s_s)[0]
+        st[1], mean_gap = _combine(m_t, s_t, gap if mode == FWD_KL else None)
+        st[3] = coef[n0:n1]
+        dz_args = (hs, ws, bs_, descs[0], descs[1], targets, x, tbl, st)
+        dz_scal = (n0, n1, v, ds, hs.stride(0), ws.stride(0), x.stride(0), tbl.stride(0), cap_s,
+                   1.0 / temperature, temperature, beta, log_b, log_1mb, ce_weight, n_row_blocks)
+        grid = (n_row_blocks * n_tiles,)
+        if mode == FWD_KL:
+            d = mean_gap - st[1] + st[0]
+        else:
+            sums = torch.empty((2, rc, n_tiles), **f32)
+            _dz_kernel[grid](*dz_args, sums, *dz_scal, MODE=mode, PASS=1, NEED_CE=False, **kw)
+            kp, st[4] = sums.sum(-1)
+            d = beta * kp + (1.0 - beta) * st[4]
+        if need_ce:
+            st[2] = _combine(m_1, s_1)[0]
+            d = (1.0 - ce_weight) * d + ce_weight * (st[2] - zt1.sum(0))
+        rows_out[n0:n1] = d
+        _dz_kernel[grid](*dz_args, st, *dz_scal, MODE=mode, PASS=2, NEED_CE=need_ce, **kw)
+        dz = x[:, :v]
+        if need_h:
+            if x_dtype == dt == torch.float32:
+                torch.mm(dz, ws, out=dh[n0:n1])
+            else:
+                dh[n0:n1] = _mm_f32(dz, ws)  # float32 result, rounded once
+        if need_w:
+            h = hs[n0:n1]
+            if acc is None:  # one chunk: its product is the gradient, rounded once
+                torch.mm(dz.T, h, out=dw) if x_dtype == dt else dw.copy_(_mm_f32(dz.T, h))
+            elif n0 == 0:
+                _mm_f32(dz.T, h, out=acc) if acc is not dw else torch.mm(dz.T, h, out=acc)
+            else:
+                _accumulate_f32(acc, dz.T, h)
+        if need_b:
+            db32 += dz.sum(0, dtype=torch.float32)
+    if acc is not None and acc is not dw:
+        copy_cast_(dw, acc)  # X (in dC's bytes) is dead now
+    total = torch.where(coef != 0, rows_out * coef, 0.0).sum()
+    db = db32.to(bs.dtype) if need_b else hs.new_empty(0)
+    return total, rows_out, dh, dw, db

@@ -1,0 +1,137 @@
+"""The fused distillation strategy (cutce.triton.distill_fused) against the float64 oracle, in
+Triton's interpreter on CPU (CUDA on the device): several token chunks, poisoned buffers, every
+beta it covers, and the plan that picks it. Helpers are test_distill.py's."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import cutce  # noqa: E402
+from cutce import distill  # noqa: E402
+
+from test_distill import DEV, _to, check, make  # noqa: E402
+
+pytest.importorskip("triton")
+
+from cutce import distill_ops  # noqa: E402
+from cutce.triton import configs  # noqa: E402
+from cutce.triton import distill_fused as kf  # noqa: E402
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Poisoned launcher buffers, a small forced chunk, and the list of fused_total's calls."""
+    calls = []
+    real = kf.fused_total
+
+    def spy(*args):
+        calls.append(args[14:16])  # (chunk, x_in_dc)
+        return real(*args)
+
+    monkeypatch.setattr(kf, "fused_total", spy)
+    monkeypatch.setattr(configs, "POISON", True)
+    monkeypatch.setattr(kf, "FORCE_CHUNK", 20)
+    return calls
+
+
+# name: (beta, lead, (Ds, Dt, V), make's options, the loss's options). Aligned widths (Ds % 4 ==
+# 0) load through tensor descriptors in the interpreter, ragged ones through pointers.
+CASES = {
+    "fkl": (0.0, 61, (32, 48, 257), dict(), dict()),
+    "fkl-all": (0.0, 47, (29, 45, 300), dict(bias=True),
+                dict(ce_weight=0.3, student_softcap=5.0, teacher_softcap=3.0, temperature=1.7,
+                     reduction="sum")),
+    "fkl-no-targets": (0.0, (3, 19), (24, 52, 263), dict(targets=False), dict(temperature=0.6)),
+    "jsd": (0.5, 58, (29, 45, 270), dict(bias=True), dict(temperature=0.8)),
+    "jsd-other-ce": (0.3, 45, (28, 60, 301), dict(),
+                     dict(ce_weight=0.5, teacher_softcap=4.0, reduction="sum", temperature=1.3)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_matches_oracle(gen, case, fused_calls):
+    beta, lead, (ds, dt, v), mk, opts = CASES[case]
+    tensors = _to(DEV, make(gen, lead=lead, ds=ds, dt=dt, v=v, **mk))
+    check(gen, tensors, torch.float32, impl="triton", beta=beta, **opts)
+    assert fused_calls == [(20, False)]
+
+
+def test_fused_16bit_x_in_dc_bytes(gen, fused_calls, monkeypatch):
+    """16-bit heads with X (then dz) in dC's own bytes, dC summed in float32 over 3 chunks; the
+    interpreter's 16-bit type is float16 (its stores truncate: 16-bit tolerance)."""
+    monkeypatch.setattr(distill, "F16_TRITON", True)
+    monkeypatch.setattr(configs, "INTERPRETER_F32_WORKSPACE", False)
+    tensors = _to(DEV, make(gen, lead=53, ds=32, dt=48, v=300, dtype=torch.float16, bias=True))
+    for beta in (0.0, 0.3):
+        check(gen, tensors, torch.float16, impl="triton", beta=beta, ce_weight=0.2,
+              student_softcap=6.0)
+    assert fused_calls == [(20, True)] * 2
+
+
+def test_fused_partial_needs_and_one_chunk(gen, fused_calls, monkeypatch):
+    """Only dE (the weight frozen), only dC and the bias; and the whole batch in one chunk
+    (dC written by one product, no accumulator)."""
+    hs, ws, bs, ht, wt, bt, t = _to(DEV, make(gen, lead=41, ds=26, dt=40, v=260, bias=True))
+    check(gen, (hs, ws.detach(), None, ht, wt, None, t), torch.float32, impl="triton")
+    check(gen, (hs.detach(), ws, bs, ht, wt, bt, t), torch.float32, impl="triton", beta=0.5)
+    monkeypatch.setattr(kf, "FORCE_CHUNK", None)  # the plan's: all 41 tokens at once
+    check(gen, (hs, ws, bs, ht, wt, bt, t), torch.float32, impl="triton", ce_weight=0.4)
+    assert fused_calls == [(20, False), (20, False), (41, False)]
+
+
+def test_budget_zero_and_uncovered_calls_keep_the_recompute_path(gen, fused_calls):
+    hs, ws, bs, ht, wt, bt, t = _to(DEV, make(gen, lead=30, ds=24, dt=36, v=130, bias=True))
+    check(gen, (hs, ws, bs, ht, wt, bt, t), torch.float32, impl="triton", memory_budget=0)
+    check(gen, (hs, ws, bs, ht, wt, bt, t), torch.float32, impl="triton", beta=1.0)
+    assert fused_calls == []
+    args = (hs, ws, bs, ht, wt, bt)
+    assert distill_ops.fused_plan(*args, 0.0, None) is not None
+    assert distill_ops.fused_plan(*args, 0.5, 3.0) is not None
+    assert distill_ops.fused_plan(*args, 1.0, None) is None  # reverse KL
+    assert distill_ops.fused_plan(*args, 0.0, 0.0) is None
+    teacher = ht.detach().requires_grad_()
+    assert distill_ops.fused_plan(hs, ws, bs, teacher, wt, bt, 0.0, None) is None
+    with torch.no_grad():
+        assert distill_ops.fused_plan(*args, 0.0, None) is None
+
+
+def test_plan_at_the_bench_shape():
+    """Qwen2.5 7B -> 0.5B, 8192 tokens, bf16: the default's chunks, the floor that keeps X in
+    dC's bytes, and the bytes within the budget."""
+    n, v, ds, bf16 = 8192, 151936, 896, torch.bfloat16
+    grads = kf.gradient_bytes(n, v, ds, bf16, True, True)
+    for budget, want in ((4.0, (1664, False)), (2.0, (896, True)), (8.0, (4096, False))):
+        got = kf.plan(n, v, ds, bf16, True, True, budget)
+        assert got == want, (budget, got)
+        assert kf.extra_bytes(n, v, ds, bf16, got[0], True, True) <= budget * grads
+    assert kf.plan(n, v, ds, bf16, True, True, 1.5) is None  # dC's accumulator alone is 1.9x
+    assert kf.plan(n, v, ds, bf16, True, True, 0.0) is None
+
+
+def test_memory_budget_validation_and_second_backward(gen):
+    hs, ws, _, ht, wt, _, t = _to(DEV, make(gen, lead=9, v=40))
+    for bad in (-1.0, "big", float("nan"), True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            cutce.linear_distillation_loss(hs, ws, ht, wt, t, impl="triton", memory_budget=bad)
+    loss = cutce.linear_distillation_loss(hs, ws, ht, wt, t, impl="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        loss.backward()
+
+
+def test_fused_op_opcheck(gen):
+    hs, ws, bs, ht, wt, _, t = _to(DEV, make(gen, lead=21, ds=20, dt=24, v=67, bias=True,
+                                             ignore_frac=0.0))
+    c = torch.full((21,), 1 / 21, device=DEV)
+    torch.library.opcheck(torch.ops.cutce.distill_fused_triton,
+                          (hs, ws, bs, ht, wt, None, t, c, 0.5, 1.5, 0.0, 3.0, 0.2, 8, False,
+                           True, True, True),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
