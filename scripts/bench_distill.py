@@ -10,7 +10,8 @@ forward+backward time (median of --reps, CUDA events), peak memory above the inp
 included) and the relative error of the loss, dE and dC against cutce's torch path on float32
 copies of the inputs (exact float32). Providers:
 
-  cutce        linear_distillation_loss, impl="auto" (Triton kernels on CUDA)
+  cutce        linear_distillation_loss, impl="auto" (Triton kernels on CUDA); with
+               --memory-budget 0 2 4 one row per budget instead ("cutce mb=4"; 0 = recompute)
   cutce-torch  linear_distillation_loss, impl="torch" (chunked, gradients formed in the forward)
   torch        eager: both heads' logits materialized (bf16 products, float32 formula)
   compile      torch.compile of the same function
@@ -89,10 +90,10 @@ def providers(args, device, labels):
     """name -> (factory returning fn(hs, ws, ht, wt, beta) -> scalar loss, or raising why not)."""
     T = args.temperature
 
-    def cutce_fn(impl):
+    def cutce_fn(impl, budget=None):
         def factory():
             return (lambda hs, ws, ht, wt, beta: cutce.linear_distillation_loss(
-                hs, ws, ht, wt, beta=beta, temperature=T, impl=impl)), ""
+                hs, ws, ht, wt, beta=beta, temperature=T, impl=impl, memory_budget=budget)), ""
         return factory
 
     def compiled():
@@ -125,7 +126,9 @@ def providers(args, device, labels):
         return (lambda hs, ws, ht, wt, beta: fn.apply(hs, ws, None, ht, wt, None, beta, T)[0]
                 .mean()), note
 
-    return {"cutce": cutce_fn("auto"), "cutce-torch": cutce_fn("torch"),
+    # --memory-budget b1 b2 ...: one cutce row per budget ("cutce mb=b"; 0 = recompute kernels)
+    budgets = {f"cutce mb={b:g}": cutce_fn("auto", b) for b in args.memory_budget or ()}
+    return {**budgets, "cutce": cutce_fn("auto"), "cutce-torch": cutce_fn("torch"),
             "torch": lambda: ((lambda hs, ws, ht, wt, beta: materialized(hs, ws, ht, wt, beta, T)), ""),
             "compile": compiled, "liger": liger, "liger-fljsd": liger_fljsd, "trl": trl}
 
@@ -147,6 +150,12 @@ def main(argv=None):
     ap.add_argument("--betas", default="0,0.5")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--providers", default="cutce,cutce-torch,trl,liger,liger-fljsd,torch,compile")
+    ap.add_argument("--memory-budget", type=float, nargs="+", default=None,
+                    help="cutce's memory_budget values, one row each in place of the default's "
+                         "'cutce' row (0 = recompute kernels; default: the library's)")
+    ap.add_argument("--tile", default=None,
+                    help="the fused distillation kernels' tile BLOCK_N,BLOCK_V,BLOCK_K,warps,"
+                         "stages (sets CUTCE_DISTILL_FUSED_TILE; BLOCK_V also sizes X's table)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=170.0,
@@ -157,6 +166,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         args.shape, args.reps, args.warmup = "64,32,48,300", 1, 0
+    if args.tile:
+        os.environ["CUTCE_DISTILL_FUSED_TILE"] = args.tile
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n, ds, dt, v = map(int, args.shape.split(","))
@@ -173,6 +184,9 @@ def main(argv=None):
     grads_mib = (n + v) * ds * hs.element_size() / 2**20
     table = providers(args, device, labels)
     names = [p for p in args.providers.split(",") if p]
+    if args.memory_budget:  # the budgets' rows replace the default's cutce row
+        i = names.index("cutce") if "cutce" in names else 0
+        names[i:i + ("cutce" in names)] = [k for k in table if k.startswith("cutce mb=")]
     rows = []
     print(f"# distillation N={n} Ds={ds} Dt={dt} V={v} {str(dtype)[6:]} on {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}); "
