@@ -63,6 +63,16 @@ def test_fused_matches_oracle(gen, case, fused_calls):
     assert fused_calls == [(20, False)]
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.4])
+def test_fused_peaked_teacher(gen, beta, fused_calls):
+    """Teacher logits of std ~60: most of X underflows to 0 (p below e^-104 of its tile's max),
+    where the JSD's log p is -inf and log m falls back on log q + log(1 - beta)."""
+    hs, ws, bs, ht, wt, bt, t = make(gen, lead=40, ds=24, dt=32, v=200)
+    wt = (wt.detach() * 20.0).requires_grad_(False)
+    check(gen, _to(DEV, (hs, ws, bs, ht, wt, bt, t)), torch.float32, impl="triton", beta=beta)
+    assert fused_calls == [(20, False)]
+
+
 def test_fused_16bit_x_in_dc_bytes(gen, fused_calls, monkeypatch):
     """16-bit heads with X (then dz) in dC's own bytes, dC summed in float32 over 3 chunks; the
     interpreter's 16-bit type is float16 (its stores truncate: 16-bit tolerance)."""

@@ -221,12 +221,13 @@ def _v_pad(v):
 
 def extra_bytes(n, v, ds, dtype, chunk, need_h, need_w, block_v=128):
     """Bytes beyond the student's gradients: X (or 0 in dC's bytes), dC's float32 accumulator,
-    the tile-max table, dE's float32 chunk result, the per-row statistics."""
+    the tile-max table and the JSD's two per-tile sums (rows x tiles float32 each), dE's
+    float32 chunk result, the splits' partials (~512 bytes a row) and per-token values."""
     chunks = -(-n // chunk)
     acc = v * ds * 4 if need_w and chunks > 1 and dtype != torch.float32 else 0
     in_place = acc > 0 and chunk * _v_pad(v) <= v * ds
     x = 0 if in_place else chunk * _v_pad(v) * _elt(dtype)
-    return x + acc + chunk * (-(-v // block_v) * 4 + ds * 4 * need_h + 64) + n * 16
+    return x + acc + chunk * (3 * -(-v // block_v) * 4 + ds * 4 * need_h + 512) + n * 16
 
 
 def gradient_bytes(n, v, ds, dtype, need_h, need_w):
