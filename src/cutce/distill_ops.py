@@ -24,7 +24,7 @@ from .triton.fused import scale_ as _scale_
 # when the call gives no memory_budget. Its float32 dC accumulator alone is V x Ds x 4 bytes
 # (~1.9x the gradients at a 152k x 896 head with 8192 tokens); 4 leaves ~2x for X, one token
 # chunk's 16-bit teacher exponentials: 5 chunks of 1664 tokens at that shape, a predicted peak
-# of ~1.29 GiB with the gradients (Liger 1.71 GiB, TRL 2.04 GiB measured there). Below ~1.95x
+# of 1304 MiB with the gradients (Liger 1756 MiB, TRL 2084 MiB measured there). Below ~1.95x
 # only chunks of <= Ds tokens (X in dC's own bytes) fit; 0 is the recompute strategy.
 DEFAULT_MEMORY_BUDGET = 4.0
 
