@@ -124,7 +124,7 @@ def _check_targets(targets, vocab, ignore_index, defer=False):
     now and read once the caller has queued its kernels, so that the host sync does not leave
     the GPU idle while the rest of the call's Python runs (0.3-0.6 ms per call on the H200).
     The kernels treat such targets as ignored, so running them first is safe."""
-    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    bad = (targets.clamp(0, vocab - 1) != targets) & (targets != ignore_index)
 
     def fail():
         first = targets[bad][0].item()

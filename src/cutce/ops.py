@@ -141,7 +141,7 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
     bias = None if bias is None else bias.contiguous()
     need = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias)]
     total, lse, *_ = fused_loss_op(hidden, weight, bias, targets.contiguous(),
-                                   coef.detach().float(), opts.logit_scale,
+                                   coef.detach().float().contiguous(), opts.logit_scale,
                                    opts.softcap or 0.0, opts.memory_budget, *need)
     return total, lse
 

@@ -54,7 +54,7 @@ EPI_ROWS, EPI_COLS = 32, 128
 
 
 @triton.jit
-def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, ok_ptr, x_ptr, part_ptr,
+def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_ptr, x_ptr, part_ptr,
                          n0, n1, V, D, stride_h, stride_w, stride_x, scale, softcap,
                          tiles_per_split, n_row_blocks, far_gap,
                          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -70,9 +70,10 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, ok_p
     rows = n0 + rb * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < n1
     rc = n1 - n0
-    ok = tl.load(ok_ptr + rows - n0, mask=rmask, other=0) != 0  # rows with a weight
-    c = tl.load(c_ptr + rows - n0, mask=rmask, other=0.0)
     tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+    # rows with a weight (k0: the row's lse coefficient) and a target in range
+    ok = (tl.load(k_ptr + rows, mask=rmask, other=0.0) != 0) & (tgt >= 0) & (tgt < V)
+    c = tl.load(c_ptr + rows - n0, mask=rmask, other=0.0)
     n_tiles = tl.cdiv(V, BLOCK_V)
     t_lo = split * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
@@ -140,12 +141,12 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, ok_p
 
 @triton.jit
 def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, lse_ptr, zt_ptr,
-                           s_ptr, n0, n1, N, V, D, n_splits, stride_k, stride_h,
+                           s_ptr, row_ptr, n0, n1, N, V, D, n_splits, stride_k, stride_h,
                            stride_x, stride_hs, scale, softcap, far_gap, SOFTCAP: tl.constexpr,
                            NEED_HS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Everything a chunk needs between its logit launches and its GEMMs, in one launch (it was
     ~45 small torch kernels per chunk): lse from the splits, the tiles' target logit, s, X's
-    target entry and s * E for the dC product."""
+    target entry, s * E for the dC product and each row's term of the total."""
     rows = n0 + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n1
     r_loc = rows - n0
@@ -159,10 +160,11 @@ def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, 
         zr += tl.load(part_ptr + (2 * n_splits + k) * rc + r_loc, mask=rmask, other=0.0)
     tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
     valid = rmask & (tgt >= 0) & (tgt < V)
-    # k: the rows' coefficients, already 0 where the target is invalid (see fused_loss)
-    k0 = tl.load(k_ptr + rows, mask=rmask, other=0.0)
-    k1 = tl.load(k_ptr + stride_k + rows, mask=rmask, other=0.0)
-    k3 = tl.load(k_ptr + 3 * stride_k + rows, mask=rmask, other=0.0)
+    # k: the rows' coefficients; a target out of range counts for nothing (the api raises for
+    # it once the kernels are queued)
+    k0 = tl.where(valid, tl.load(k_ptr + rows, mask=rmask, other=0.0), 0.0)
+    k1 = tl.where(valid, tl.load(k_ptr + stride_k + rows, mask=rmask, other=0.0), 0.0)
+    k3 = tl.where(valid, tl.load(k_ptr + 3 * stride_k + rows, mask=rmask, other=0.0), 0.0)
     c = tl.load(c_ptr + r_loc, mask=rmask, other=0.0)
     # far rows were rewritten by the refill launch with c = their max (the same predicate)
     far = (k0 != 0) & (m - c > far_gap)
@@ -182,6 +184,8 @@ def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, 
     tl.store(lse_ptr + rows, lse, mask=rmask)
     tl.store(zt_ptr + rows, zr, mask=rmask)
     tl.store(s_ptr + r_loc, s, mask=rmask)
+    tl.store(row_ptr + rows, tl.where(k0 != 0, k0 * lse - k1 * zr + k3 * lse * lse, 0.0),
+             mask=rmask)
     t_idx = tl.where(valid, tgt, 0).to(tl.int64)
     tl.store(x_ptr + r_loc.to(tl.int64) * stride_x + t_idx, x_t.to(x_ptr.dtype.element_ty),
              mask=valid)
@@ -246,7 +250,7 @@ def _zt_branch():
     return env == "1" if env else ZT_BRANCH
 
 
-def _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softcap, cfg, n_splits,
+def _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg, n_splits,
             tiles_per_split, refill, far_gap):
     v, d = weight.shape
     n_row_blocks = triton.cdiv(n1 - n0, cfg.block_n)
@@ -254,7 +258,7 @@ def _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softca
     h_desc = tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden
     w_desc = tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight
     _fused_logits_kernel[(n_row_blocks * n_splits,)](
-        hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets, c, ok, x,
+        hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets, c, k, x,
         part,
         n0, n1, v, d, hidden.stride(0), weight.stride(0), x.stride(0), scale, softcap,
         tiles_per_split, n_row_blocks, far_gap,
@@ -282,9 +286,10 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     """The fused strategy on the Triton path (label smoothing 0; see cutce.plan).
 
     Args: hidden (N, D), weight (V, D), bias (V,) or None: 16-bit or float32, unit inner stride;
-    targets (N,) int64; coef (4, N) float32: each row's coefficients (k0, k1, k2, k3) of lse,
-    -zt, -mean_j z (must be 0: no label smoothing here) and lse^2 in the total (0 for ignored
-    rows); scale, softcap (0 = off); chunk_n tokens per chunk; dc_in_place: X may live in dC's
+    targets (N,) int64; coef (4, N) float32, unit inner stride: each row's coefficients
+    (k0, k1, k2, k3) of lse, -zt, -mean_j z (must be 0: no label smoothing here) and lse^2 in
+    the total (k0 = 0 for ignored rows; rows whose target is outside [0, V) count as ignored);
+    scale, softcap (0 = off); chunk_n tokens per chunk; dc_in_place: X may live in dC's
     bytes (more than one chunk, 16-bit, chunk_n * ceil8(V) <= V * D).
 
     Returns: (total, lse, dh, dw, db): total = sum_i k0 lse_i - k1 zt_i + k3 lse_i^2 (0-dim
@@ -297,10 +302,9 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     dev = hidden.device
     cfg = configs.forward_tile(dt)
     f32 = dict(device=dev, dtype=torch.float32)
-    lse = torch.empty(n, **f32)
-    dh = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
+    # Host time before the first logit launch is GPU idle time in a call from an idle GPU:
+    # the per-row masks and the total are formed inside the kernels, not by torch ops here.
     dw = torch.empty_like(weight) if need_w else hidden.new_empty(0)
-    db32 = torch.zeros(v, **f32) if need_b else None
     chunks = triton.cdiv(n, chunk_n) if n else 0
     # dC's running sum: float32 across chunks (the gradient itself for float32 weights)
     acc = None
@@ -312,13 +316,14 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     x_all = _x_buffer(dw, min(chunk_n, n), v, x_dtype, in_place, dev) if n else None
     if configs.POISON and n and not in_place:
         x_all.fill_(float("nan"))
-    valid = (targets >= 0) & (targets < v)
-    k = torch.where(valid, coef.float(), 0.0)
-    rw = k[0]
+    k = coef
     # c_i: the gather kernel's target logit, known before the tiles (any value near lse works)
     zt = target_logits(hidden, weight, bias, targets, scale, softcap, 1.0)
+    lse = torch.empty(n, **f32)
     zt_tiles = torch.empty(n, **f32)  # every chunk's epilogue writes its rows
-    ok_all = (rw != 0).to(torch.int8)
+    row_terms = torch.empty(n, **f32)
+    dh = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
+    db32 = torch.zeros(v, **f32) if need_b else None
     s_all = torch.empty(min(chunk_n, n), **f32)
     hs_all = torch.empty((min(chunk_n, n), d), device=dev, dtype=x_dtype) if need_w and n else None
     if configs.POISON and hs_all is not None:
@@ -333,17 +338,17 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
         tps = triton.cdiv(n_tiles, n_splits)
         n_splits = triton.cdiv(n_tiles, tps)
         part = torch.empty((3, n_splits, rows), **f32)
-        c, ok = zt[n0:n1], ok_all[n0:n1]
+        c = zt[n0:n1]
         # logits and X with c = the target logit; the far rows again with c = their max; then
         # lse, s, X's target entry and s * E
-        _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softcap, cfg,
+        _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg,
                 n_splits, tps, False, FAR_GAP)
-        _launch(hidden, weight, bias, targets, c, ok, x, part, n0, n1, scale, softcap, cfg,
+        _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg,
                 n_splits, tps, True, FAR_GAP)
         s = s_all[:rows]
         hs = hs_all[:rows] if need_w else s
         _chunk_epilogue_kernel[(triton.cdiv(rows, EPI_ROWS),)](
-            part, c, k, targets, hidden, x, hs, lse, zt_tiles, s, n0, n1, n, v, d,
+            part, c, k, targets, hidden, x, hs, lse, zt_tiles, s, row_terms, n0, n1, n, v, d,
             n_splits, k.stride(0), hidden.stride(0), x.stride(0), hs.stride(0), scale, softcap,
             FAR_GAP, SOFTCAP=softcap > 0, NEED_HS=need_w, BLOCK_R=EPI_ROWS, BLOCK_D=EPI_COLS,
             num_warps=4)
@@ -361,6 +366,6 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
             db32 += (xv.T @ s.to(x_dtype)[:, None])[:, 0].float()
     if acc is not None and acc is not dw:
         copy_cast_(dw, acc)  # X (in dC's bytes) is dead now
-    total = torch.where(rw != 0, rw * lse - k[1] * zt_tiles + k[3] * lse.square(), 0.0).sum()
+    total = row_terms.sum()
     db = db32.to(bias.dtype) if need_b else hidden.new_empty(0)
     return total, lse, dh, dw, db
