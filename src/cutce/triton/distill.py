@@ -15,9 +15,8 @@ half of it in dE's own bytes) and dC[chunk] = dz^T @ E, written once in the weig
 tokens are in one product): beyond the gradients, memory is N x D/2 float32 values and the
 workspace (~5% of them each at a 150k x 896 head with 8192 tokens). Products of N x V x D:
 the forward computes each head's logits once (twice for the JSD), the backward recomputes them
-and adds dE and dC (and the teacher's when it requires grad). The teacher's product dominates
-when its D is larger; a variant that keeps a token chunk's teacher logits between the passes
-would save one of them at chunk x V x 4 bytes of memory (not built).
+and adds dE and dC (and the teacher's when it requires grad). This is the minimum-memory
+strategy (``memory_budget=0``, and what the fused one in :mod:`.distill_fused` does not cover).
 """
 
 from __future__ import annotations
