@@ -141,7 +141,33 @@ def test_fused_op_opcheck(gen):
                                              ignore_frac=0.0))
     c = torch.full((21,), 1 / 21, device=DEV)
     torch.library.opcheck(torch.ops.cutce.distill_fused_triton,
-                          (hs, ws, bs, ht, wt, None, t, c, 0.5, 1.5, 0.0, 3.0, 0.2, 8, False,
+                          (hs, ws, bs, ht, wt, None, t, c, 0.5, 1.5, 0.0, 3.0, 0.2, None,
                            True, True, True),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
+
+
+def test_compile_plans_at_run_time(gen):
+    """Under torch.compile the fused op makes its plan at run time: no new graph for a new token
+    count, and a budget that fits no chunk runs the recompute kernels inside the op (same
+    results as the recompute strategy)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    cnt = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(cutce.linear_distillation_loss, backend=cnt, dynamic=True, fullgraph=True)
+    data = {n: _to(DEV, make(gen, lead=n, ds=20, dt=24, v=67, bias=True)) for n in (21, 34)}
+    # budget 3 fits all 21 tokens but no chunk of 34 (float32, V=67): a plan made from N would
+    # need another graph for 34 tokens
+    for budget in (3.0, 1e-6):
+        frames = []
+        for n, (hs, ws, bs, ht, wt, _, t) in data.items():
+            kw = dict(student_bias=bs, beta=0.5, ce_weight=0.2, impl="triton",
+                      memory_budget=budget)
+            a = fn(hs, ws, ht, wt, t, **kw)
+            ga = torch.autograd.grad(a, (hs, ws, bs))
+            b = cutce.linear_distillation_loss(hs, ws, ht, wt, t, **dict(kw, memory_budget=0))
+            gb = torch.autograd.grad(b, (hs, ws, bs))
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+            for x, y in zip(ga, gb):
+                assert torch.allclose(x, y, rtol=1e-3, atol=1e-6), (budget, n)
+            frames.append(cnt.frame_count)
+        assert frames[0] == frames[1], (budget, frames)

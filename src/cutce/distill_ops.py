@@ -114,19 +114,38 @@ def distill_rows(hs, ws, bs, ht, wt, bt, targets, valid, *scalars) -> Tensor:
 @torch.library.custom_op("cutce::distill_fused_triton", mutates_args=())
 def _fused_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,
               bt: Optional[Tensor], targets: Tensor, coef: Tensor, beta: float, temperature: float,
-              cap_s: float, cap_t: float, ce_weight: float, chunk: int, x_in_dc: bool,
+              cap_s: float, cap_t: float, ce_weight: float, memory_budget: Optional[float],
               need_h: bool, need_w: bool,
               need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(total, rows, dhs, dws, dbs): sum_i coef_i loss_i, the per-token losses and total's
-    gradients w.r.t. the student's head (formed in the forward; empty where not needed)."""
-    return _kf.fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode_of(beta), beta,
-                           temperature, cap_s, cap_t, ce_weight, chunk, x_in_dc, need_h, need_w,
-                           need_b)
+    gradients w.r.t. the student's head (formed in the forward; empty where not needed).
+
+    Planned here, at run time, so that torch.compile never specializes on the number of tokens:
+    the fused strategy when the budget fits a chunk, else the recompute kernels run right away
+    with the known per-row upstream gradients (coef)."""
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    p = _kf.plan(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need_h, need_w, budget)
+    mode = mode_of(beta)
+    if p is not None:
+        return _kf.fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature,
+                               cap_s, cap_t, ce_weight, *p, need_h, need_w, need_b)
+    stats, d, zt1 = _k.forward(hs, ws, bs, ht, wt, bt, targets, mode, beta, temperature, cap_s,
+                               cap_t, ce_weight > 0)
+    rows = (1.0 - ce_weight) * d
+    if ce_weight > 0:
+        rows = rows + ce_weight * (stats[4] - zt1)
+    g = torch.where(coef != 0, coef, 0.0).float().contiguous()
+    need = (need_h, need_w, need_b and bs is not None, False, False, False)
+    grads = _k.backward(hs, ws, bs, ht, wt, bt, targets, stats, g, mode, beta, temperature,
+                        cap_s, cap_t, ce_weight, need)
+    total = torch.where(coef != 0, rows * coef, 0.0).sum()
+    return (total, rows, *[gr.to(t.dtype) if on else hs.new_empty(0)
+                           for gr, t, on in zip(grads[:3], (hs, ws, bs), need[:3])])
 
 
 @_fused_op.register_fake
-def _(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, cap_s, cap_t, ce_weight, chunk,
-      x_in_dc, need_h, need_w, need_b):
+def _(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, cap_s, cap_t, ce_weight,
+      memory_budget, need_h, need_w, need_b):
     f = hs.new_empty(hs.shape[0], dtype=torch.float32)
     return (f.new_empty(()), f, *[torch.empty_like(t) if on else hs.new_empty(0)
                                   for t, on in ((hs, need_h), (ws, need_w), (bs, need_b))])
@@ -140,28 +159,42 @@ def _fused_setup(ctx, inputs, output):
 _fused_op.register_autograd(_plan.fused_backward, setup_context=_fused_setup)
 
 
-def fused_plan(hs, ws, bs, ht, wt, bt, beta, memory_budget):
-    """(chunk, x_in_dc) when a "mean"/"sum" call takes the fused strategy, else None: the
-    student needs a gradient (and autograd is on), the teacher none, beta is not 1 (the
-    reverse KL's gradient needs log p beyond a 16-bit X's range), and the budget (None: the
-    default) fits a chunk (:func:`cutce.triton.distill_fused.plan`)."""
+def fusable(hs, ws, bs, ht, wt, bt, beta, memory_budget):
+    """Whether a "mean"/"sum" call may take :func:`_fused_op` at all, from static facts only
+    (never N): the student needs a gradient (and autograd is on), the teacher none, beta is not
+    1 (the reverse KL's gradient needs log p beyond a 16-bit X's range), the budget is not 0."""
     need = [t is not None and t.requires_grad for t in (hs, ws, bs)]
     teacher = any(t is not None and t.requires_grad for t in (ht, wt, bt))
-    if not torch.is_grad_enabled() or not any(need) or teacher or beta == 1.0:
+    return (torch.is_grad_enabled() and any(need) and not teacher and beta != 1.0
+            and memory_budget != 0)
+
+
+def fused_plan(hs, ws, bs, ht, wt, bt, beta, memory_budget):
+    """(chunk, x_in_dc) when a "mean"/"sum" call takes the fused strategy, else None: a
+    :func:`fusable` call whose budget (None: the default) fits a chunk
+    (:func:`cutce.triton.distill_fused.plan`)."""
+    if not fusable(hs, ws, bs, ht, wt, bt, beta, memory_budget):
         return None
+    need = [t is not None and t.requires_grad for t in (hs, ws, bs)]
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     return _kf.plan(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need[0], need[1], budget)
 
 
 def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, memory_budget=None) -> Tensor:
     """sum_i coef_i loss_i (0-dim float32), coef 0 for ignored rows (as torch_distill's); the
-    fused strategy when :func:`fused_plan` gives one, else the recompute kernels."""
-    p = fused_plan(hs, ws, bs, ht, wt, bt, scalars[0], memory_budget)
-    if p is None:
+    fused strategy when :func:`fused_plan` gives one, else the recompute kernels. Under
+    torch.compile only :func:`fusable` decides here and the op plans at run time (a call whose
+    budget fits no chunk then runs the recompute kernels inside it)."""
+    if torch.compiler.is_compiling():
+        fused = fusable(hs, ws, bs, ht, wt, bt, scalars[0], memory_budget)
+    else:
+        fused = fused_plan(hs, ws, bs, ht, wt, bt, scalars[0], memory_budget) is not None
+    if not fused:
         rows = _rows(hs, ws, bs, ht, wt, bt, targets, *scalars)
         return torch.where(coef != 0, rows * coef.detach().float(), 0.0).sum()
     need = [t is not None and t.requires_grad for t in (hs, ws, bs)]
     hs, ws, bs, ht, wt, bt = (None if t is None else t if t.stride(-1) == 1 else t.contiguous()
                               for t in (hs, ws, bs, ht, wt, bt))
     return _fused_op(hs, ws, bs, ht, wt, bt, targets.contiguous(), coef.detach().float(),
-                     *map(float, scalars), *p, *need)[0]
+                     *map(float, scalars), None if memory_budget is None else float(memory_budget),
+                     *need)[0]
