@@ -6,6 +6,7 @@
 #   bash scripts/gpu_session.sh compile   # transformers: compiled vs eager patched step
 #   bash scripts/gpu_session.sh rl        # log-probs + entropy vs TRL, token_log_probs end to end
 #   bash scripts/gpu_session.sh distill   # distillation vs TRL, Liger, eager, compile (beta 0, 0.5)
+#   bash scripts/gpu_session.sh tune      # tile sweeps: fused distillation kernels; the loss at V=32k
 # Logs and CSVs go to $OUT.
 set -o pipefail
 export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
@@ -16,7 +17,7 @@ mkdir -p "$OUT"
 case "$1" in
   tests)
     python -m pytest -q -p no:cacheprovider -x tests/test_requires_grad.py tests/test_fused.py \
-      tests/test_triton.py tests/test_triton_gpu.py tests/test_log_probs.py tests/test_class_weight.py tests/test_distill.py tests/test_distill_triton.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+      tests/test_triton.py tests/test_triton_gpu.py tests/test_log_probs.py tests/test_class_weight.py tests/test_distill.py tests/test_distill_triton.py tests/test_distill_fused.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
   budget)
     python scripts/budget_sweep.py "${@:2}" 2>&1 | grep -v Warning | tee "$OUT/budget.log" ;;
   peers)
@@ -33,5 +34,19 @@ case "$1" in
     for b in 0 0.5; do
       python scripts/bench_distill.py --betas $b --reps 3 2>&1 | grep -v Warning | tee -a "$OUT/distill.log"
     done ;;
-  *) echo "usage: $0 tests|budget|peers|compile|rl|distill"; exit 2 ;;
+  tune)
+    # the fused distillation kernels run at ~1/2 (forward KL) and ~1/3 (JSD) of cuBLAS's rate
+    # at the default 128x128x64 tile (docs/distillation.md); the loss's forward is 1.16x at V=32k
+    for t in 128,128,64,8,3 128,128,64,8,4 128,64,64,4,3 64,128,64,4,3 128,128,32,8,4; do
+      for b in 0 0.5; do
+        python scripts/bench_distill.py --betas $b --providers cutce --memory-budget 4 --reps 3 \
+          --tile $t 2>&1 | grep "^| $b" | sed "s/^/tile $t /"
+      done
+    done | tee "$OUT/tune-distill.log"
+    for t in 128,256,64,8,3 128,128,64,8,4 128,256,64,8,4 64,256,64,4,3; do
+      echo "== CUTCE_FWD_TILE=$t"
+      CUTCE_FWD_TILE=$t python scripts/budget_sweep.py --shapes 16384,4096,32768 --budgets 0,2 \
+        2>&1 | grep "^| N"
+    done | tee "$OUT/tune-loss.log" ;;
+  *) echo "usage: $0 tests|budget|peers|compile|rl|distill|tune"; exit 2 ;;
 esac
