@@ -9,19 +9,15 @@ needs the normalized distributions inside log m, so a second pass (same kernel, 
 p (log p - log m) and q (log q - log m) once both lse are known.
 
 Backward (:func:`backward`): per vocabulary chunk, a kernel recomputes both tiles and writes the
-student's logit gradient (and the teacher's, when it requires grad) into a workspace of
-N x chunk_v values in the gradient's dtype; cuBLAS then forms dE += dz @ C (float32 accumulator,
-half of it in dE's own bytes) and dC[chunk] = dz^T @ E, written once in the weight's dtype (all
-tokens are in one product): beyond the gradients, memory is N x D/2 float32 values and the
-workspace (~5% of them each at a 150k x 896 head with 8192 tokens). Products of N x V x D:
-the forward computes each head's logits once (twice for the JSD), the backward recomputes them
-and adds dE and dC (and the teacher's when it requires grad). This is the minimum-memory
-strategy (``memory_budget=0``, and what the fused one in :mod:`.distill_fused` does not cover).
+student's logit gradient (and the teacher's, if it requires grad) into an N x chunk_v workspace;
+cuBLAS forms dE += dz @ C (float32 sums, half in dE's own bytes) and dC[chunk] = dz^T @ E, each
+row written once (all tokens in one product). Memory beyond the gradients: within
+EXTRA_FRACTION of them. This is the minimum-memory strategy (``memory_budget=0``, and what the
+fused one, :mod:`.distill_fused`, does not cover).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
@@ -30,6 +26,8 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .configs import TileConfig as Tile
+from .backward import _accumulate_f32, _mm_f32
 from .common import logit_tile
 
 # Forward / dz kernel modes
@@ -43,6 +41,18 @@ def _online(m, s, z):
     alpha = tl.exp(m - m_new)
     e = tl.exp(z - m_new[:, None])
     return m_new, s * alpha + tl.sum(e, 1), e, alpha
+
+
+@triton.jit
+def store_online(base, stride_q, rmask, m_s, s_s, m_t, s_t, m_1, s_1):
+    """A split's online (max, sum) pairs of the student, the teacher and the student at T = 1,
+    one row vector every stride_q (the combine in :func:`_combine` reads them in this order)."""
+    tl.store(base, m_s, mask=rmask)
+    tl.store(base + stride_q, s_s, mask=rmask)
+    tl.store(base + 2 * stride_q, m_t, mask=rmask)
+    tl.store(base + 3 * stride_q, s_t, mask=rmask)
+    tl.store(base + 4 * stride_q, m_1, mask=rmask)
+    tl.store(base + 5 * stride_q, s_1, mask=rmask)
 
 
 @triton.jit
@@ -119,12 +129,7 @@ def _fwd_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, t_ptr, lse_ptr, 
     tl.store(base, acc_a, mask=rmask)
     tl.store(base + stride_q, acc_b, mask=rmask)
     if PASS == 1:
-        tl.store(base + 2 * stride_q, m_s, mask=rmask)
-        tl.store(base + 3 * stride_q, s_s, mask=rmask)
-        tl.store(base + 4 * stride_q, m_t, mask=rmask)
-        tl.store(base + 5 * stride_q, s_t, mask=rmask)
-        tl.store(base + 6 * stride_q, m_1, mask=rmask)
-        tl.store(base + 7 * stride_q, s_1, mask=rmask)
+        store_online(base + 2 * stride_q, stride_q, rmask, m_s, s_s, m_t, s_t, m_1, s_1)
 
 
 @triton.jit
@@ -190,15 +195,6 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, t_ptr, st_ptr, g_
 
 
 # ---- launchers ------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Tile:
-    block_n: int
-    block_v: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
 
 def tile(dtype: torch.dtype) -> Tile:
     """Two float32 tiles live at once (student's and teacher's): half forward.py's width.
@@ -294,18 +290,6 @@ def forward(hs, ws, bs, ht, wt, bt, targets, mode, beta, temperature, cap_s, cap
     return stats, d, zt1
 
 
-def _mm_into(out, a, b, accumulate):
-    """out (+)= a @ b, the product accumulated in float32 and rounded once to out's dtype."""
-    if not a.is_cuda:  # the interpreter path: CPU has no mixed-dtype mm
-        r = a.float() @ b.float()
-        return out.add_(r) if accumulate else out.copy_(r)
-    if out.dtype == a.dtype:
-        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
-    if accumulate:
-        return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-    return torch.mm(a, b, out_dtype=torch.float32, out=out)
-
-
 class _HiddenGrad:
     """dE's float32 running sum over vocabulary chunks at half a float32 copy's memory: for
     16-bit hidden states with an even D, the first D/2 columns' float32 sums live in dE's own
@@ -325,7 +309,7 @@ class _HiddenGrad:
 
     def add(self, z, w):
         for acc, k0, k1 in self.parts:
-            _mm_into(acc, z, w[:, k0:k1], accumulate=True)
+            _accumulate_f32(acc, z, w[:, k0:k1])
 
     def result(self, step):
         """dE in its dtype; ``step`` rows at a time (their float32 temporary is the peak)."""
@@ -392,8 +376,11 @@ def backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode, beta, tempera
                 z = dz[:, :c1 - c0].to(h.dtype)
                 if on[0]:
                     dh.add(z, w[c0:c1])
-                if on[1]:
-                    _mm_into(dw[c0:c1], z.T, h, accumulate=False)
+                if on[1]:  # rounded once from float32 sums
+                    if z.is_cuda:
+                        torch.mm(z.T, h, out=dw[c0:c1])
+                    else:  # the interpreter's tests: CPU has no mixed-dtype mm
+                        dw[c0:c1] = _mm_f32(z.T, h)
                 if on[2]:
                     db[c0:c1] = dz[:, :c1 - c0].sum(0, dtype=torch.float32)
         del dzs, dzt, z  # not alive beside the conversion's temporaries below

@@ -40,7 +40,7 @@ import triton.language as tl
 from . import configs
 from .backward import _accumulate_f32, _mm_f32
 from .common import logit_tile, logit_tile_desc, tma_descriptor
-from .distill import FWD_KL, JSD, Tile, _combine, _log_mix, _online, _splits
+from .distill import FWD_KL, JSD, Tile, _combine, _log_mix, _online, _splits, store_online
 from .distill import tile as _recompute_tile
 from .fused import copy_cast_
 
@@ -124,12 +124,7 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
     stride_q = n_splits * rc
     tl.store(base, gap, mask=rmask)
     tl.store(base + stride_q, zt1, mask=rmask)
-    tl.store(base + 2 * stride_q, m_s, mask=rmask)
-    tl.store(base + 3 * stride_q, s_s, mask=rmask)
-    tl.store(base + 4 * stride_q, m_t, mask=rmask)
-    tl.store(base + 5 * stride_q, s_t, mask=rmask)
-    tl.store(base + 6 * stride_q, m_1, mask=rmask)
-    tl.store(base + 7 * stride_q, s_1, mask=rmask)
+    store_online(base + 2 * stride_q, stride_q, rmask, m_s, s_s, m_t, s_t, m_1, s_1)
 
 
 @triton.jit
