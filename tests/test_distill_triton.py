@@ -192,3 +192,17 @@ def test_hidden_grad_split_result_in_row_steps(gen):
     acc.add(z, w)
     want = (2 * z.float() @ w.float()).half()
     torch.testing.assert_close(acc.result(3), want, rtol=2e-3, atol=2e-3)
+
+
+def test_hidden_grad_conversion_in_row_steps(gen):
+    """dE's float32 sums, half of them in dE's own bytes, come out as the 16-bit gradient in
+    row steps that read each step's bytes before writing them (10 rows in steps of 3)."""
+    from cutce.triton.distill import _HiddenGrad
+    h = torch.randn(10, 6, generator=gen).bfloat16()
+    acc, ref = _HiddenGrad(h), torch.zeros(10, 6)
+    for _ in range(3):
+        z = torch.randn(10, 5, generator=gen).bfloat16()
+        w = torch.randn(5, 6, generator=gen).bfloat16()
+        acc.add(z, w)
+        ref += z.float() @ w.float()
+    assert torch.equal(acc.result(3), ref.bfloat16())
