@@ -354,7 +354,8 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
             num_warps=4)
         xv = x[:, :v]
         if need_h:
-            dh[n0:n1] = (_mm_f32(xv, weight) * s[:, None]).to(dt)
+            # scaled in float32 and rounded once, in one pass into dE's rows
+            torch.mul(_mm_f32(xv, weight), s[:, None], out=dh[n0:n1])
         if need_w:
             if acc is None:
                 torch.mm(xv.T, hs, out=dw) if x_dtype == dt else dw.copy_(xv.T @ hs)
