@@ -29,8 +29,6 @@ host sync), before the epilogue reads the sums.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -45,10 +43,6 @@ from .forward import target_logits
 # stay below): the refill launch rewrites it with c = the row max. float16 (max e^11) is not
 # fused: see cutce.plan.
 FAR_GAP = 60.0
-# Skip the target compare-select-sum in tiles that hold no row's target (env CUTCE_ZT_BRANCH=0/1
-# for tuning runs). Off: the branch cost more than it saved (H200, Gemma 47.4 vs 46.7 ms, Llama
-# 40.4 vs 39.4 ms fwd+bwd), presumably by breaking the flattened tile/K pipeline.
-ZT_BRANCH = False
 # The chunk epilogue's rows per program and hidden columns per step.
 EPI_ROWS, EPI_COLS = 32, 128
 
@@ -60,8 +54,7 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_pt
                          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                          PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                         FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, REFILL: tl.constexpr,
-                         ZT_BRANCH: tl.constexpr):
+                         FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, REFILL: tl.constexpr):
     # Row blocks vary fastest: the programs running together read the same weight tiles.
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
@@ -109,14 +102,9 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_pt
             m = tl.maximum(m, tl.max(zm, 1))  # only the far rows' test and reference need it
             # The target logit as the tiles computed it: p_target must come from the same
             # values as lse, or 1 - p_target loses its digits (the gather kernel's dot differs
-            # by ~1e-5 at D = 4096; dC error measured 3.5x larger with it). Only tiles that
-            # hold a row's target pay for the compare-select-sum.
-            if ZT_BRANCH:
-                lo = tile * BLOCK_V
-                if tl.max(((tgt >= lo) & (tgt < lo + BLOCK_V)).to(tl.int32), 0) > 0:
-                    zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
-            else:
-                zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+            # by ~1e-5 at D = 4096; dC error measured 3.5x larger with it). In every tile: doing
+            # it only in tiles holding a target, behind a branch, was slower (perf-notes v5).
+            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
         # One exponential per entry serves X and the row sum: with the fixed reference c the
         # splits' sums add without rescaling, lse = c + log(sum). Not clamped: a row whose
         # terms could overflow (max z - c > far_gap) is rewritten by the refill launch.
@@ -245,11 +233,6 @@ def scale_(t, g):
     return t
 
 
-def _zt_branch():
-    env = os.environ.get("CUTCE_ZT_BRANCH")
-    return env == "1" if env else ZT_BRANCH
-
-
 def _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg, n_splits,
             tiles_per_split, refill, far_gap):
     v, d = weight.shape
@@ -266,7 +249,7 @@ def _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap
         BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
         PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
         USE_TMA=tma, FLATTEN=tma and configs.flatten(), EVEN_V=v % cfg.block_v == 0,
-        REFILL=refill, ZT_BRANCH=_zt_branch(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        REFILL=refill, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _v_pad(v):
