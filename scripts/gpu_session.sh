@@ -35,14 +35,19 @@ case "$1" in
       python scripts/bench_distill.py --betas $b --reps 3 2>&1 | grep -v Warning | tee -a "$OUT/distill.log"
     done ;;
   tune)
-    # the fused distillation kernels run at ~1/2 (forward KL) and ~1/3 (JSD) of cuBLAS's rate
-    # at the default 128x128x64 tile (docs/distillation.md); the loss's forward is 1.16x at V=32k
-    for t in 128,128,64,8,3 128,128,64,8,4 128,64,64,4,3 64,128,64,4,3 128,128,32,8,4; do
+    # fused distillation: 128x128x64 with 4 stages measured best of 5 (docs/distillation.md);
+    # here more stages, a wider tile, and the recompute kernels' stages (budget 0)
+    for t in 128,128,64,8,4 128,128,64,8,5 128,256,64,8,3; do
       for b in 0 0.5; do
         python scripts/bench_distill.py --betas $b --providers cutce --memory-budget 4 --reps 3 \
-          --tile $t 2>&1 | grep "^| $b" | sed "s/^/tile $t /"
+          --tile $t 2>&1 | grep "^| $b" | sed "s/^/fused tile $t /"
       done
     done | tee "$OUT/tune-distill.log"
+    for t in 128,128,64,8,3 128,128,64,8,4; do
+      CUTCE_DISTILL_TILE=$t python scripts/bench_distill.py --betas 0 --providers cutce \
+        --memory-budget 0 --reps 3 2>&1 | grep "^| 0" | sed "s/^/recompute tile $t /"
+    done | tee -a "$OUT/tune-distill.log"
+    # the loss's forward is 1.16x at V=32k (default 128x256x64x8x3)
     for t in 128,256,64,8,3 128,128,64,8,4 128,256,64,8,4 64,256,64,4,3; do
       echo "== CUTCE_FWD_TILE=$t"
       CUTCE_FWD_TILE=$t python scripts/budget_sweep.py --shapes 16384,4096,32768 --budgets 0,2 \

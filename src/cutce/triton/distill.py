@@ -205,7 +205,9 @@ def tile(dtype: torch.dtype) -> Tile:
         return Tile(*map(int, os.environ["CUTCE_DISTILL_TILE"].split(",")))
     if dtype == torch.float32:
         return Tile(64, 64, 32, 4, 3)
-    return Tile(128, 128, 64, 8, 3)
+    # 4 stages: 68.3 vs 74.1 ms (H200, Qwen 7B -> 0.5B pair, forward KL, budget 0); 5 would
+    # not fit an A100's shared memory
+    return Tile(128, 128, 64, 8, 4)
 
 
 # The backward's memory beyond the student's gradients, as a fraction of them: dE's float32
