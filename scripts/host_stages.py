@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import cutce  # noqa: E402
 from cutce import api, loss, ops  # noqa: E402
-from cutce.triton import forward as tfw, fused  # noqa: E402
+from cutce.triton import forward as tfw, fused, rows  # noqa: E402
 from gpu_check import make_data  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -42,7 +42,8 @@ def timed(mod, name):
     setattr(mod, name, g)
 
 
-for mod, name in [(api, "_check_targets"), (api, "prepare"), (api, "_check_tensors"),
+for mod, name in [(api, "_check_targets"), (api, "_check_flag"), (rows, "row_coefs"),
+                  (api, "prepare"), (api, "_check_tensors"),
                   (api, "_autocast"), (loss, "row_coefs"), (ops, "fused_loss"),
                   (fused, "fused_loss"), (fused, "target_logits"), (fused, "_launch"),
                   (api.distributed, "resolve_vocab_parallel")]:

@@ -144,6 +144,55 @@ def test_triton_fused_matches_oracle(gen, monkeypatch, name, dtype, chunk):
     assert seen
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weights", ["none", "strided", "all-ignored"])
+def test_row_prologue_kernel_matches_torch_coefs(gen, reduction, weights):
+    """The one-launch row coefficients and targets flag (cutce.triton.rows) against the torch
+    ops it replaces (cutce.loss.row_coefs and the api's check), over several of its blocks."""
+    from cutce import api, loss
+    from cutce.triton import rows
+    n, v, ii = 203, 50, -100
+    t = torch.randint(0, v, (n,), generator=gen)
+    t[torch.rand(n, generator=gen) < 0.3] = ii
+    if weights == "all-ignored":
+        t[:] = ii
+    tw = None
+    if weights == "strided":
+        tw = (torch.rand(2 * n, generator=gen, dtype=torch.float64) + 0.1)[::2]
+    t, tw = t.to(DEV), None if tw is None else tw.to(DEV)
+    for z in (0.0, 1e-2):
+        opts = api.make_options(torch.float32, reduction=reduction, z_loss=z)
+        coef, bad = rows.row_coefs(t, tw, v, ii, z, reduction == "mean")
+        want = loss.row_coefs(t, tw, opts, torch.float32, None, v)
+        assert coef.shape == want.shape and coef.dtype == torch.float32
+        torch.testing.assert_close(coef, want, rtol=1e-6, atol=0)
+        assert bad.item() == 0
+    for b in (v, -1):
+        tb = t.clone()
+        tb[n - 2] = b  # in the last, partial block
+        assert rows.row_coefs(tb, tw, v, ii, 0.0, True)[1].item() == 1
+
+
+def test_triton_fused_bad_targets_raise(gen, monkeypatch):
+    """A target outside [0, V) raises the api's error on the fused path too, whose targets
+    check reads the prologue kernel's flag."""
+    from cutce.triton import rows
+    _force(monkeypatch, plan.Plan("fused", chunk_n=16))
+    ran = []
+    real = rows.row_coefs
+    monkeypatch.setattr(rows, "row_coefs", lambda *a: ran.append(1) or real(*a))
+    h, w, t, b, tw = _inputs(gen, torch.float32)
+    h.requires_grad_()
+    cutce.linear_cross_entropy(h, w, t, b, token_weights=tw, impl="triton")
+    assert ran, "the fused path's prologue kernel must have run"
+    for bad in (301, -5):
+        tb = t.clone()
+        tb[40] = bad
+        with pytest.raises(ValueError, match=rf"targets: expected class indices in \[0, 301\) "
+                                             rf"or ignore_index=-100, got {bad}"):
+            cutce.linear_cross_entropy(h, w, tb, b, token_weights=tw, impl="triton")
+
+
 def test_triton_fused_x_in_weight_grad_bytes(gen, monkeypatch):
     """16-bit X living in dC's own bytes until the float32 accumulator is copied in."""
     from cutce.triton import configs, fused

@@ -118,36 +118,41 @@ def _check_tensors(hidden, weight, targets, bias, token_weights, shift):
             _fail(f"{name} device", f"hidden's device {hidden.device}", t.device)
 
 
-def _check_targets(targets, vocab, ignore_index, defer=False):
-    """Raise for a target outside [0, V) that is not ignore_index. With ``defer`` and CUDA
-    targets, returns a function that raises instead: the flag is copied to pinned host memory
+def _fail_targets(targets, vocab, ignore_index):
+    first = targets[(targets.clamp(0, vocab - 1) != targets) & (targets != ignore_index)][0].item()
+    _fail("targets", f"class indices in [0, {vocab}) or ignore_index={ignore_index}", f"{first}")
+
+
+def _check_flag(bad, targets, vocab, ignore_index, defer=False):
+    """Raise when the 0/1 (or bool) tensor ``bad`` (one element) is set. With ``defer`` and a
+    CUDA flag, returns a function that raises instead: the flag is copied to pinned host memory
     now and read once the caller has queued its kernels, so that the host sync does not leave
     the GPU idle while the rest of the call's Python runs (0.3-0.6 ms per call on the H200).
     The kernels treat such targets as ignored, so running them first is safe."""
-    bad = (targets.clamp(0, vocab - 1) != targets) & (targets != ignore_index)
-
-    def fail():
-        first = targets[bad][0].item()
-        _fail("targets", f"class indices in [0, {vocab}) or ignore_index={ignore_index}", f"{first}")
-
-    if torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), "cutce: targets outside [0, V) that are not ignore_index")
-    elif not targets.numel():
-        pass
-    elif defer and targets.is_cuda:
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(bad.any(), non_blocking=True)
+    if defer and bad.is_cuda:
+        flag = torch.empty((), dtype=bad.dtype, pin_memory=True)
+        flag.copy_(bad.reshape(()), non_blocking=True)
         done = torch.cuda.Event()
         done.record()
 
         def check():
             done.synchronize()  # waits for the flag only, not for the kernels queued after it
             if flag.item():
-                fail()
+                _fail_targets(targets, vocab, ignore_index)
         return check
-    elif bool(bad.any()):
-        fail()
+    if bool(bad.reshape(())):
+        _fail_targets(targets, vocab, ignore_index)
     return None
+
+
+def _check_targets(targets, vocab, ignore_index, defer=False):
+    """Raise for a target outside [0, V) that is not ignore_index (see _check_flag for
+    ``defer``; under torch.compile an async assert)."""
+    bad = (targets.clamp(0, vocab - 1) != targets) & (targets != ignore_index)
+    if torch.compiler.is_compiling():  # (before numel(): no guard on the token count)
+        torch._assert_async(~bad.any(), "cutce: targets outside [0, V) that are not ignore_index")
+        return None
+    return _check_flag(bad.any(), targets, vocab, ignore_index, defer) if targets.numel() else None
 
 
 def _backend(impl, hidden):
@@ -157,20 +162,23 @@ def _backend(impl, hidden):
 
 
 def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, vocab=None,
-            defer_check=False):
+            defer_check=False, check_targets=True):
     """Validate tensors, apply autocast and shift, flatten to (N, D). Returns the flat tensors and
     the output shape (targets' shape after shift). ``vocab``: the global V that targets are checked
     against when ``weight`` is one rank's vocabulary slice (default: weight's rows).
     ``defer_check``: also return the targets' range check to run after the kernels are queued
-    (None when it already ran, see _check_targets)."""
+    (None when it already ran, see _check_targets). ``check_targets=False``: the caller checks
+    the flat targets itself (compute_parts: possibly from a kernel's flag)."""
     _check_tensors(hidden, weight, targets, bias, token_weights, shift)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     if shift:
         hidden, targets = hidden[..., :-1, :], targets[..., 1:]
         token_weights = None if token_weights is None else token_weights[..., 1:]
     out_shape = targets.shape
-    check = _check_targets(targets, weight.shape[0] if vocab is None else vocab, ignore_index,
-                           defer_check)
+    check = None
+    if check_targets:
+        check = _check_targets(targets, weight.shape[0] if vocab is None else vocab, ignore_index,
+                               defer_check)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1).long()
     w1 = None if token_weights is None else token_weights.reshape(-1)
@@ -336,17 +344,24 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     hidden, weight, bias, targets, token_weights, vs = distributed.resolve_vocab_parallel(
         hidden, weight, bias, targets, token_weights, vocab_group, vocab_start, reduce_hidden_grad,
         opts=opts, shift=shift, return_lse=return_lse, class_weight=class_weight)
-    h2, weight, bias, t1, w1, out_shape, check = prepare(
+    h2, weight, bias, t1, w1, out_shape, _ = prepare(
         hidden, weight, targets, bias, token_weights, shift, opts.ignore_index,
-        vocab=None if vs is None else vs.vocab, defer_check=True)
+        vocab=None if vs is None else vs.vocab, defer_check=True, check_targets=False)
     vocab = weight.shape[0] if vs is None else vs.vocab
     cdt = torch_impl.compute_dtype(h2.dtype)
     cw = None if class_weight is None else _class_weights(class_weight, t1, weight, vs, opts, cdt)
     zsum_cw = cw.local if cw is not None and opts.need_zsum else None  # only smoothing reads it
     backend = _backend(impl, h2)
     fused = dispatch.fused_backend(backend, h2, weight, bias, opts) if fusable and vs is None else None
+    prologue = dispatch.row_prologue(fused, opts, cw)
+    if prologue is not None:  # one launch for the check's flag and the coefficients
+        coef, bad = prologue(t1, w1, vocab, opts.ignore_index, opts.z_loss, opts.reduction == "mean")
+        check = _check_flag(bad, t1, vocab, opts.ignore_index, defer=True)
+    else:
+        check = _check_targets(t1, vocab, opts.ignore_index, defer=True)
     if fused is not None:
-        coef = loss.row_coefs(t1, w1, opts, cdt, cw, vocab)
+        if prologue is None:
+            coef = loss.row_coefs(t1, w1, opts, cdt, cw, vocab)
         parts = _Fused(fused(h2, weight, bias, t1, coef, opts, class_weight=zsum_cw)[0])
     elif vs is None:
         parts = backend(h2, weight, bias, t1, opts, class_weight=zsum_cw)

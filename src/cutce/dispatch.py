@@ -76,3 +76,15 @@ def fused_backend(backend, h2, weight, bias, opts):
         return torch_impl.fused_loss
     from . import ops
     return ops.fused_loss
+
+
+def row_prologue(fused, opts, class_weight):
+    """For a fused call on the Triton path in eager code without class weights: the one-launch
+    row coefficients and targets flag (cutce.triton.rows.row_coefs), else None (torch ops:
+    cutce.loss.row_coefs and the api's targets check). Under torch.compile the torch ops stay,
+    for the compiler to fuse."""
+    if (fused is None or fused is torch_impl.fused_loss or class_weight is not None
+            or opts.label_smoothing or torch.compiler.is_compiling()):
+        return None
+    from .triton import rows
+    return rows.row_coefs

@@ -302,15 +302,6 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     k = coef
     # c_i: the gather kernel's target logit, known before the tiles (any value near lse works)
     zt = target_logits(hidden, weight, bias, targets, scale, softcap, 1.0)
-    lse = torch.empty(n, **f32)
-    zt_tiles = torch.empty(n, **f32)  # every chunk's epilogue writes its rows
-    row_terms = torch.empty(n, **f32)
-    dh = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
-    db32 = torch.zeros(v, **f32) if need_b else None
-    s_all = torch.empty(min(chunk_n, n), **f32)
-    hs_all = torch.empty((min(chunk_n, n), d), device=dev, dtype=x_dtype) if need_w and n else None
-    if configs.POISON and hs_all is not None:
-        hs_all.fill_(float("nan"))
     n_tiles = triton.cdiv(v, cfg.block_v)
     for n0 in range(0, n, chunk_n):
         n1 = min(n0 + chunk_n, n)
@@ -326,6 +317,18 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
         # lse, s, X's target entry and s * E
         _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg,
                 n_splits, tps, False, FAR_GAP)
+        if n0 == 0:
+            # allocated once the first logit kernel is queued: their host time overlaps it
+            lse = torch.empty(n, **f32)
+            zt_tiles = torch.empty(n, **f32)  # every chunk's epilogue writes its rows
+            row_terms = torch.empty(n, **f32)
+            dh = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
+            db32 = torch.zeros(v, **f32) if need_b else None
+            s_all = torch.empty(min(chunk_n, n), **f32)
+            hs_all = (torch.empty((min(chunk_n, n), d), device=dev, dtype=x_dtype)
+                      if need_w else None)
+            if configs.POISON and hs_all is not None:
+                hs_all.fill_(float("nan"))
         _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg,
                 n_splits, tps, True, FAR_GAP)
         s = s_all[:rows]
@@ -348,6 +351,10 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
                 _accumulate_f32(acc, xv.T, hs)
         if need_b:
             db32 += (xv.T @ s.to(x_dtype)[:, None])[:, 0].float()
+    if not n:
+        lse, row_terms = torch.empty(0, **f32), torch.empty(0, **f32)
+        dh = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
+        db32 = torch.zeros(v, **f32) if need_b else None
     if acc is not None and acc is not dw:
         copy_cast_(dw, acc)  # X (in dC's bytes) is dead now
     total = row_terms.sum()
