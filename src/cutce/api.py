@@ -124,11 +124,10 @@ def _fail_targets(targets, vocab, ignore_index):
 
 
 def _check_flag(bad, targets, vocab, ignore_index, defer=False):
-    """Raise when the 0/1 (or bool) tensor ``bad`` (one element) is set. With ``defer`` and a
-    CUDA flag, returns a function that raises instead: the flag is copied to pinned host memory
-    now and read once the caller has queued its kernels, so that the host sync does not leave
-    the GPU idle while the rest of the call's Python runs (0.3-0.6 ms per call on the H200).
-    The kernels treat such targets as ignored, so running them first is safe."""
+    """Raise when the one-element 0/1 tensor ``bad`` is set; with ``defer`` and a CUDA flag,
+    return a function that raises instead. The flag goes to pinned host memory now and is read
+    once the caller has queued its kernels: the host sync no longer idles the GPU during the
+    call's Python (0.3-0.6 ms on the H200). Kernels treat such targets as ignored."""
     if defer and bad.is_cuda:
         flag = torch.empty((), dtype=bad.dtype, pin_memory=True)
         flag.copy_(bad.reshape(()), non_blocking=True)
@@ -162,29 +161,24 @@ def _backend(impl, hidden):
 
 
 def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, vocab=None,
-            defer_check=False, check_targets=True):
-    """Validate tensors, apply autocast and shift, flatten to (N, D). Returns the flat tensors and
-    the output shape (targets' shape after shift). ``vocab``: the global V that targets are checked
-    against when ``weight`` is one rank's vocabulary slice (default: weight's rows).
-    ``defer_check``: also return the targets' range check to run after the kernels are queued
-    (None when it already ran, see _check_targets). ``check_targets=False``: the caller checks
-    the flat targets itself (compute_parts: possibly from a kernel's flag)."""
+            check_targets=True):
+    """Validate tensors, apply autocast and shift, flatten to (N, D). Returns the flat tensors,
+    the output shape (targets' shape after shift) and the targets' range check to run once the
+    kernels are queued (None when none is pending, see _check_flag). ``vocab``: the global V
+    that targets are checked against when ``weight`` is one rank's vocabulary slice (default:
+    weight's rows). ``check_targets=False``: the caller checks the flat targets itself."""
     _check_tensors(hidden, weight, targets, bias, token_weights, shift)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     if shift:
         hidden, targets = hidden[..., :-1, :], targets[..., 1:]
         token_weights = None if token_weights is None else token_weights[..., 1:]
-    out_shape = targets.shape
     check = None
     if check_targets:
         check = _check_targets(targets, weight.shape[0] if vocab is None else vocab, ignore_index,
-                               defer_check)
+                               defer=True)
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    t1 = targets.reshape(-1).long()
     w1 = None if token_weights is None else token_weights.reshape(-1)
-    if defer_check:
-        return h2, weight, bias, t1, w1, out_shape, check
-    return h2, weight, bias, t1, w1, out_shape
+    return h2, weight, bias, targets.reshape(-1).long(), w1, targets.shape, check
 
 
 def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100, reduction="mean",
@@ -346,7 +340,7 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
         opts=opts, shift=shift, return_lse=return_lse, class_weight=class_weight)
     h2, weight, bias, t1, w1, out_shape, _ = prepare(
         hidden, weight, targets, bias, token_weights, shift, opts.ignore_index,
-        vocab=None if vs is None else vs.vocab, defer_check=True, check_targets=False)
+        vocab=None if vs is None else vs.vocab, check_targets=False)
     vocab = weight.shape[0] if vs is None else vs.vocab
     cdt = torch_impl.compute_dtype(h2.dtype)
     cw = None if class_weight is None else _class_weights(class_weight, t1, weight, vs, opts, cdt)

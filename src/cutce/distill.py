@@ -185,7 +185,7 @@ def linear_distillation_loss(student_hidden, student_weight, teacher_hidden, tea
         shift, ignore_index, None, True)
     ht, wt, bt, _, _, _, _ = _prefixed("teacher_", api.prepare, teacher_hidden, teacher_weight,
                                        targets.new_full(targets.shape, ignore_index), teacher_bias,
-                                       None, shift, ignore_index, None, True)
+                                       None, shift, ignore_index, None, False)
     backend = _backend(impl, hs, ht)
     cdt = backend.compute_dtype(hs.dtype, ht.dtype)
     valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
