@@ -35,18 +35,14 @@ case "$1" in
       python scripts/bench_distill.py --betas $b --reps 3 2>&1 | grep -v Warning | tee -a "$OUT/distill.log"
     done ;;
   tune)
-    # fused distillation: 128x128x64 with 4 stages measured best of 5 (docs/distillation.md);
-    # here more stages, a wider tile, and the recompute kernels' stages (budget 0)
-    for t in 128,128,64,8,4 128,128,64,8,5 128,256,64,8,3; do
+    # fused distillation: its dz kernel one program per tile (0, today) or persistent (1, 2 per
+    # SM: the pipeline runs on across tiles; the student's K = 896 is only 14 steps of 64)
+    for p in 0 1 2; do
       for b in 0 0.5; do
-        python scripts/bench_distill.py --betas $b --providers cutce --memory-budget 4 --reps 3 \
-          --tile $t 2>&1 | grep "^| $b" | sed "s/^/fused tile $t /"
+        CUTCE_DISTILL_DZ_PROGRAMS_PER_SM=$p python scripts/bench_distill.py --betas $b \
+          --providers cutce --memory-budget 4 --reps 3 2>&1 | grep "^| $b" | sed "s/^/dz programs\/SM $p /"
       done
     done | tee "$OUT/tune-distill.log"
-    for t in 128,128,64,8,3 128,128,64,8,4; do
-      CUTCE_DISTILL_TILE=$t python scripts/bench_distill.py --betas 0 --providers cutce \
-        --memory-budget 0 --reps 3 2>&1 | grep "^| 0" | sed "s/^/recompute tile $t /"
-    done | tee -a "$OUT/tune-distill.log"
     # the loss's forward is 1.16x at V=32k (default 128x256x64x8x3)
     for t in 128,256,64,8,3 128,128,64,8,4 128,256,64,8,4 64,256,64,4,3; do
       echo "== CUTCE_FWD_TILE=$t"

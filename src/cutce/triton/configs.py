@@ -176,12 +176,14 @@ def flatten() -> bool:
     return env == "1" if env else FLATTEN
 
 
-def persistent_programs(n_tiles: int, device: torch.device) -> int:
-    """Programs of the dz kernel's persistent launch: PROGRAMS_PER_SM per SM (0: one program
-    per tile, no persistence); on the CPU a few, so that the tests walk the tile loop."""
+def persistent_programs(n_tiles: int, device: torch.device, env: str = "CUTCE_DZ_PROGRAMS_PER_SM",
+                        per_sm: int | None = None) -> int:
+    """Programs of a dz kernel's persistent launch: ``per_sm`` (default PROGRAMS_PER_SM; the
+    environment variable ``env`` overrides it) per SM, 0 = one program per tile (no
+    persistence); on the CPU a few, so that the tests walk the tile loop."""
     if device.type != "cuda":
         return max(1, min(n_tiles, 3))
-    per_sm = int(os.environ.get("CUTCE_DZ_PROGRAMS_PER_SM", PROGRAMS_PER_SM))
+    per_sm = int(os.environ.get(env, PROGRAMS_PER_SM if per_sm is None else per_sm))
     if per_sm <= 0:
         return n_tiles
     sms = num_sms(device.index if device.index is not None else torch.cuda.current_device())

@@ -134,10 +134,27 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, tbl_ptr, 
                MODE: tl.constexpr, PASS: tl.constexpr, NEED_CE: tl.constexpr,
                HAS_BS: tl.constexpr, CAP_S: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, USE_TMA: tl.constexpr):
-    pid = tl.program_id(0)
-    rb = pid % n_row_blocks
-    vt = pid // n_row_blocks
+               PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, USE_TMA: tl.constexpr,
+               FLATTEN: tl.constexpr):
+    # One tile per step; a persistent launch (fewer programs than tiles, DZ_PROGRAMS_PER_SM)
+    # walks several, its software pipeline running on across them (the student's K is short).
+    n_work = n_row_blocks * tl.cdiv(V, BLOCK_V)
+    for w in tl.range(tl.program_id(0), n_work, tl.num_programs(0), flatten=FLATTEN):
+        _dz_tile(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, tbl_ptr, st_ptr,
+                 sum_ptr, w % n_row_blocks, w // n_row_blocks, n0, n1, V, Ds, stride_hs,
+                 stride_ws, stride_x, stride_tbl, cap_s, inv_temp, temperature, beta, log_beta,
+                 log_1mbeta, ce_weight, MODE, PASS, NEED_CE, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
+                 BLOCK_K, UPCAST, PRECISION, EVEN_KS, USE_TMA)
+
+
+@triton.jit
+def _dz_tile(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, tbl_ptr, st_ptr, sum_ptr,
+             rb, vt, n0, n1, V, Ds, stride_hs, stride_ws, stride_x, stride_tbl, cap_s, inv_temp,
+             temperature, beta, log_beta, log_1mbeta, ce_weight, MODE: tl.constexpr,
+             PASS: tl.constexpr, NEED_CE: tl.constexpr, HAS_BS: tl.constexpr,
+             CAP_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+             BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+             EVEN_KS: tl.constexpr, USE_TMA: tl.constexpr):
     r0 = n0 + rb * BLOCK_N
     rows = r0 + tl.arange(0, BLOCK_N)
     rmask = rows < n1
@@ -307,6 +324,7 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         x_all.fill_(float("nan"))
         tbl_all.fill_(float("nan"))
     tma, kw = _flags(t, hs, ws, ht, wt, bs, bt, cap_s, cap_t)
+    flat = tma and configs.flatten()
     descs = [tma_descriptor(x, t.block_n if i % 2 == 0 else t.block_v, t.block_k) if tma else x
              for i, x in enumerate((hs, ws, ht, wt))]
     need_ce = ce_weight > 0
@@ -336,19 +354,24 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         dz_args = (hs, ws, bs_, descs[0], descs[1], targets, x, tbl, st)
         dz_scal = (n0, n1, v, ds, hs.stride(0), ws.stride(0), x.stride(0), tbl.stride(0), cap_s,
                    1.0 / temperature, temperature, beta, log_b, log_1mb, ce_weight, n_row_blocks)
-        grid = (n_row_blocks * n_tiles,)
+        # one program per tile unless CUTCE_DISTILL_DZ_PROGRAMS_PER_SM asks for a persistent
+        # launch (not yet measured on the GPU: see docs/distillation.md)
+        grid = (configs.persistent_programs(n_row_blocks * n_tiles, dev,
+                                            "CUTCE_DISTILL_DZ_PROGRAMS_PER_SM", 0),)
         if mode == FWD_KL:
             d = mean_gap - st[1] + st[0]
         else:
             sums = torch.empty((2, rc, n_tiles), **f32)
-            _dz_kernel[grid](*dz_args, sums, *dz_scal, MODE=mode, PASS=1, NEED_CE=False, **kw)
+            _dz_kernel[grid](*dz_args, sums, *dz_scal, MODE=mode, PASS=1, NEED_CE=False,
+                             FLATTEN=flat, **kw)
             kp, st[4] = sums.sum(-1)
             d = beta * kp + (1.0 - beta) * st[4]
         if need_ce:
             st[2] = _combine(m_1, s_1)[0]
             d = (1.0 - ce_weight) * d + ce_weight * (st[2] - zt1.sum(0))
         rows_out[n0:n1] = d
-        _dz_kernel[grid](*dz_args, st, *dz_scal, MODE=mode, PASS=2, NEED_CE=need_ce, **kw)
+        _dz_kernel[grid](*dz_args, st, *dz_scal, MODE=mode, PASS=2, NEED_CE=need_ce,
+                         FLATTEN=flat, **kw)
         dz = x[:, :v]
         if need_h:
             if x_dtype == dt == torch.float32:

@@ -1,0 +1,139 @@
+"""Compile every Triton kernel as the GPU path launches it, for Hopper (sm_90), without a GPU.
+
+CI has no GPU and the device time of a session is short: a kernel that Triton cannot compile
+for the GPU (the interpreter runs no compiler passes), or whose pipeline stages overflow shared
+memory, should fail here, not in the first device call. The launchers run on CPU tensors with
+the GPU's choices (TMA descriptors, flattened loops, GPU tiles); each launch is compiled by
+Triton's own ``compile`` for the target below and not run (the launchers' torch code then
+works on uninitialized buffers, which is fine: only the compiled kernels are checked).
+
+    python scripts/sm90_compile.py [--json OUT]     # TRITON_INTERPRET must be unset
+
+Prints one line per compiled kernel variant (name, shared memory bytes, stages, warps) and
+exits 1 when one needs more shared memory than an H100/H200 block may use (227 KiB). Takes
+~1.5 minutes on 2 CPU cores; tests/test_sm90_compile.py runs it in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("sm90_compile.py: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+SMEM_LIMIT = 232448  # bytes of dynamic shared memory one block may use on sm_90
+
+
+class _HopperWithoutGPU:
+    """What JITFunction.run asks of the driver before it compiles."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def is_active(self):
+        return True
+
+
+def _install(record):
+    driver.set_active(_HopperWithoutGPU())
+    real_run = JITFunction.run
+
+    seen = set()
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
+        if id(kernel) in seen:  # a launch of an already compiled variant
+            return kernel
+        seen.add(id(kernel))
+        record.append(dict(kernel=self.fn.__name__, module=self.fn.__module__.rsplit(".", 1)[-1],
+                           shared=kernel.metadata.shared, stages=kernel.metadata.num_stages,
+                           warps=kernel.metadata.num_warps))
+        return kernel
+
+    JITFunction.run = compile_only
+
+
+def _gpu_choices():
+    from cutce.triton import configs
+    configs.TMA = True  # every launcher takes the descriptor path, as on Hopper
+    configs.num_sms = lambda index: 132
+
+
+def _inputs(n, d, v, dtype, gen, bias=False):
+    h = torch.randn(n, d, generator=gen).to(dtype)
+    w = torch.randn(v, d, generator=gen).to(dtype)
+    b = torch.randn(v, generator=gen).to(dtype) if bias else None
+    t = torch.randint(0, v, (n,), generator=gen)
+    return h, w, b, t
+
+
+def run_all():
+    from cutce.triton import backward, distill, distill_fused, forward, fused, rows
+    gen = torch.Generator().manual_seed(0)
+    f32 = dict(dtype=torch.float32)
+    # the loss: recompute forward and backward, the fused strategy, the small kernels
+    for dtype, d, softcap, bias in ((torch.bfloat16, 256, 0.0, False),
+                                    (torch.bfloat16, 200, 30.0, True),
+                                    (torch.float32, 256, 0.0, False)):
+        h, w, b, t = _inputs(300, d, 1000, dtype, gen, bias)
+        n = h.shape[0]
+        lse, _, _, pz, ub = forward.forward(h, w, b, t, 1.0, softcap, 1.0, True, True, bound=True)
+        forward.target_logits(h, w, b, t, 1.0, softcap, 1.0)
+        g = torch.ones(n, **f32)
+        for eps in (0.0, 1e-3):
+            backward.backward(h, w, b, t, lse, pz, ub if eps else ub[:0], g, -g, g, g, 1.0,
+                              softcap, 1.0, True,
+                              True, eps, True, True, bias, dc_f32=True)
+        coef = torch.ones(4, n, **f32)
+        fused.fused_loss(h, w, b, t, coef, 1.0, softcap, 128, dtype != torch.float32, True, True,
+                         bias)
+    rows.row_coefs(t, torch.rand(n), 1000, -100, 0.01, True)
+    x = torch.empty(4096)
+    fused._cast_scale_kernel[(1,)](x, x.to(torch.bfloat16), x, 4096, HAS_G=True, BLOCK=4096,
+                                   num_warps=8)
+    # distillation: recompute kernels (every mode) and the fused strategy (forward KL, JSD)
+    hs, ws, bs, t = _inputs(300, 96, 1000, torch.bfloat16, gen, True)
+    ht, wt, bt, _ = _inputs(300, 256, 1000, torch.bfloat16, gen)
+    for mode, beta in ((distill.FWD_KL, 0.0), (distill.JSD, 0.5), (distill.REV_KL, 1.0)):
+        stats, *_ = distill.forward(hs, ws, bs, ht, wt, bt, t, mode, beta, 2.0, 0.0, 0.0, True)
+        distill.backward(hs, ws, bs, ht, wt, bt, t, stats, torch.ones(300, **f32), mode, beta,
+                         2.0, 0.0, 0.0, 0.1, (True, True, True, False, False, False))
+        if mode != distill.REV_KL:
+            distill_fused.fused_total(hs, ws, bs, ht, wt, bt, t, torch.ones(300, **f32), mode,
+                                      beta, 2.0, 0.0, 0.0, 0.1, 128, False, True, True, True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None, help="write the compiled variants here")
+    args = ap.parse_args()
+    record = []
+    _install(record)
+    _gpu_choices()
+    run_all()
+    over = [r for r in record if r["shared"] > SMEM_LIMIT]
+    for r in record:
+        print(f"{r['module']}.{r['kernel']}: {r['shared']} B shared, {r['stages']} stages, "
+              f"{r['warps']} warps{'  OVER THE LIMIT' if r in over else ''}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f)
+    sys.exit(1 if over or not record else 0)
+
+
+if __name__ == "__main__":
+    main()
