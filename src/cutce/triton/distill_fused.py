@@ -324,7 +324,6 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         x_all.fill_(float("nan"))
         tbl_all.fill_(float("nan"))
     tma, kw = _flags(t, hs, ws, ht, wt, bs, bt, cap_s, cap_t)
-    flat = tma and configs.flatten()
     descs = [tma_descriptor(x, t.block_n if i % 2 == 0 else t.block_v, t.block_k) if tma else x
              for i, x in enumerate((hs, ws, ht, wt))]
     need_ce = ce_weight > 0
@@ -358,6 +357,8 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         # launch (not yet measured on the GPU: see docs/distillation.md)
         grid = (configs.persistent_programs(n_row_blocks * n_tiles, dev,
                                             "CUTCE_DISTILL_DZ_PROGRAMS_PER_SM", 0),)
+        # one tile per program: no loop to flatten (today's code, measured)
+        flat = tma and configs.flatten() and grid[0] < n_row_blocks * n_tiles
         if mode == FWD_KL:
             d = mean_gap - st[1] + st[0]
         else:
