@@ -43,11 +43,14 @@ case "$1" in
           --providers cutce --memory-budget 4 --reps 3 2>&1 | grep "^| $b" | sed "s/^/dz programs\/SM $p /"
       done
     done | tee "$OUT/tune-distill.log"
-    # the loss's forward is 1.16x at V=32k (default 128x256x64x8x3)
-    for t in 128,256,64,8,3 128,128,64,8,4 128,256,64,8,4 64,256,64,4,3; do
-      echo "== CUTCE_FWD_TILE=$t"
-      CUTCE_FWD_TILE=$t python scripts/budget_sweep.py --shapes 16384,4096,32768 --budgets 0,2 \
-        2>&1 | grep "^| N"
+    # the loss's forward alone is 1.16-1.20x at V=32k: 1024 programs (8 splits x 128 row
+    # blocks) in 7.8 waves of 132; the tile sweep found nothing (docs/perf-notes.md v6), so the
+    # split count (the default's cost model picks 8 there)
+    for sp in 0 4 6 8 11 16; do
+      echo "== CUTCE_VOCAB_SPLITS=$sp (0: the default)"
+      CUTCE_VOCAB_SPLITS=$([ $sp = 0 ] || echo $sp) python -m cutce.cli bench --device cuda \
+        --shape 16384,4096,32768 --data zipf --providers cutce-triton --mode fwd --repeats 5 \
+        --warmup 2 --no-plot --out "$OUT/splits$sp" 2>&1 | grep "cutce-triton"
     done | tee "$OUT/tune-loss.log" ;;
   *) echo "usage: $0 tests|budget|peers|compile|rl|distill|tune"; exit 2 ;;
 esac

@@ -30,6 +30,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert names == {("forward", "_forward_kernel"), ("forward", "_target_kernel"),
                      ("backward", "_dz_kernel"), ("fused", "_fused_logits_kernel"),
                      ("fused", "_chunk_epilogue_kernel"), ("fused", "_cast_scale_kernel"),
+                     ("fused", "_row_scale_kernel"),
                      ("rows", "_row_coefs_kernel"), ("distill", "_fwd_kernel"),
                      ("distill", "_dz_kernel"), ("distill_fused", "_stats_kernel"),
                      ("distill_fused", "_dz_kernel")}, names

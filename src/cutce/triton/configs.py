@@ -68,6 +68,8 @@ def vocab_splits(n_row_blocks: int, n_tiles: int, device: torch.device, group: i
     """
     if device.type != "cuda":
         return 1 if n_row_blocks > 1 else min(2, n_tiles)  # exercise both paths on CPU
+    if os.environ.get("CUTCE_VOCAB_SPLITS"):  # tuning runs only
+        return max(1, min(n_tiles, int(os.environ["CUTCE_VOCAB_SPLITS"])))
     sms = num_sms(device.index if device.index is not None else torch.cuda.current_device())
     return _best_splits(n_row_blocks, n_tiles, sms, group)
 

@@ -203,6 +203,34 @@ def _cast_scale_kernel(src_ptr, dst_ptr, g_ptr, n, HAS_G: tl.constexpr, BLOCK: t
     tl.store(dst_ptr + offs, x.to(dst_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _row_scale_kernel(src_ptr, s_ptr, dst_ptr, R, C, stride_src, stride_dst,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # dst[r, c] = src[r, c] * s[r] in float32, rounded once to dst's dtype
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = (rows < R)[:, None] & (cols < C)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(src_ptr + r64 * stride_src + cols[None, :], mask=m, other=0.0)
+    s = tl.load(s_ptr + rows, mask=rows < R, other=0.0)
+    tl.store(dst_ptr + r64 * stride_dst + cols[None, :],
+             (x * s[:, None]).to(dst_ptr.dtype.element_ty), mask=m)
+
+
+def row_scale(dst, src, s):
+    """dst = src * s[:, None] (float32 arithmetic, rounded once to dst's dtype), in one pass:
+    dE's chunk rows from their float32 product (torch's mixed-dtype broadcast product ran at
+    ~1.2 TB/s on the H200, 80 us per 4096 x 4096 chunk). src (R, C) float32, s (R,) float32,
+    dst (R, C); unit inner strides."""
+    r, c = src.shape
+    if r and c:
+        br, bc = (16, 32) if configs.interpreting() else (16, 256)
+        _row_scale_kernel[(triton.cdiv(r, br), triton.cdiv(c, bc))](
+            src, s, dst, r, c, src.stride(0), dst.stride(0), BLOCK_R=br, BLOCK_C=bc,
+            num_warps=1 if configs.interpreting() else 4)
+    return dst
+
+
 _CAST_BLOCK = 4096
 
 
@@ -341,7 +369,7 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
         xv = x[:, :v]
         if need_h:
             # scaled in float32 and rounded once, in one pass into dE's rows
-            torch.mul(_mm_f32(xv, weight), s[:, None], out=dh[n0:n1])
+            row_scale(dh[n0:n1], _mm_f32(xv, weight), s)
         if need_w:
             if acc is None:
                 torch.mm(xv.T, hs, out=dw) if x_dtype == dt else dw.copy_(xv.T @ hs)
