@@ -7,7 +7,11 @@ the GPU's choices (TMA descriptors, flattened loops, GPU tiles); each launch is 
 Triton's own ``compile`` for the target below and not run (the launchers' torch code then
 works on uninitialized buffers, which is fine: only the compiled kernels are checked).
 
-    python scripts/sm90_compile.py [--json OUT]     # TRITON_INTERPRET must be unset
+    python scripts/sm90_compile.py [--json OUT] [--spills]    # TRITON_INTERPRET must be unset
+
+--spills also reads each cubin's registers and local-memory spills (cuobjdump, shipped with
+Triton): a tile whose epilogue spills is a candidate for the next device session's sweep.
+The tiles follow the tuning variables (CUTCE_FWD_TILE, CUTCE_DISTILL_FUSED_TILE, ...).
 
 Prints one line per compiled kernel variant (name, shared memory bytes, stages, warps) and
 exits 1 when one needs more shared memory than an H100/H200 block may use (227 KiB). Takes
@@ -48,6 +52,25 @@ class _HopperWithoutGPU:
         return True
 
 
+def _spills(kernel):
+    """(registers, stack bytes, spill stores, spill loads) of a compiled kernel's cubin."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    return (int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1,
+            len(re.findall(r"\bSTL(\.\w+)*\s", sass)), len(re.findall(r"\bLDL(\.\w+)*\s", sass)))
+
+
 def _install(record):
     driver.set_active(_HopperWithoutGPU())
     real_run = JITFunction.run
@@ -59,9 +82,13 @@ def _install(record):
         if id(kernel) in seen:  # a launch of an already compiled variant
             return kernel
         seen.add(id(kernel))
+        consts = {k: v for k, v in kwargs.items() if k.isupper()}
         record.append(dict(kernel=self.fn.__name__, module=self.fn.__module__.rsplit(".", 1)[-1],
                            shared=kernel.metadata.shared, stages=kernel.metadata.num_stages,
-                           warps=kernel.metadata.num_warps))
+                           warps=kernel.metadata.num_warps, _compiled=kernel,
+                           variant=",".join(f"{k}={v}" for k, v in consts.items()
+                                            if k in ("MODE", "PASS", "REFILL", "SOFTCAP",
+                                                     "CAP_S", "BLOCK_N", "BLOCK_V", "BLOCK_K"))))
         return kernel
 
     JITFunction.run = compile_only
@@ -120,6 +147,7 @@ def run_all():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None, help="write the compiled variants here")
+    ap.add_argument("--spills", action="store_true", help="registers and spills per variant")
     args = ap.parse_args()
     record = []
     _install(record)
@@ -127,8 +155,14 @@ def main():
     run_all()
     over = [r for r in record if r["shared"] > SMEM_LIMIT]
     for r in record:
-        print(f"{r['module']}.{r['kernel']}: {r['shared']} B shared, {r['stages']} stages, "
-              f"{r['warps']} warps{'  OVER THE LIMIT' if r in over else ''}")
+        kernel = r.pop("_compiled")
+        if args.spills:
+            r["regs"], r["stack"], r["spill_stores"], r["spill_loads"] = _spills(kernel)
+        extra = (f", {r['regs']} regs, {r['stack']} B stack, {r['spill_stores']}/"
+                 f"{r['spill_loads']} spill st/ld" if args.spills else "")
+        print(f"{r['module']}.{r['kernel']} [{r['variant']}]: {r['shared']} B shared, "
+              f"{r['stages']} stages, {r['warps']} warps{extra}"
+              f"{'  OVER THE LIMIT' if r in over else ''}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f)

@@ -48,8 +48,8 @@ EPI_ROWS, EPI_COLS = 32, 128
 
 
 @triton.jit
-def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_ptr, x_ptr, part_ptr,
-                         n0, n1, V, D, stride_h, stride_w, stride_x, scale, softcap,
+def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_ptr, x_ptr, x_desc,
+                         part_ptr, n0, n1, V, D, stride_h, stride_w, stride_x, scale, softcap,
                          tiles_per_split, n_row_blocks, far_gap,
                          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
@@ -113,11 +113,16 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_pt
         x = e
         if SOFTCAP:
             x = e * (1.0 - t * t)
-        out = x_ptr + (rows - n0).to(tl.int64)[:, None] * stride_x + cols[None, :]
-        smask = cmask[None, :] & rmask[:, None]
-        if REFILL:
-            smask = smask & ok[:, None]
-        tl.store(out, x.to(x_ptr.dtype.element_ty), mask=smask)
+        if USE_TMA and not REFILL:
+            # A bulk store clips the ragged edges itself. A tile of 64-bit addresses and masks
+            # spilled ~2 KB of registers per thread on sm_90 (scripts/sm90_compile.py --spills)
+            x_desc.store([rb * BLOCK_N, tile * BLOCK_V], x.to(x_desc.dtype))
+        else:  # the refill launch writes its far rows only
+            out = x_ptr + (rows - n0).to(tl.int64)[:, None] * stride_x + cols[None, :]
+            smask = cmask[None, :] & rmask[:, None]
+            if REFILL:
+                smask = smask & ok[:, None]
+            tl.store(out, x.to(x_ptr.dtype.element_ty), mask=smask)
     base = part_ptr + split * rc + (rows - n0)
     if REFILL:  # the far rows' sums, taken with c = their max
         tl.store(base + n_splits * rc, s, mask=rmask & ok)
@@ -265,12 +270,13 @@ def _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap
             tiles_per_split, refill, far_gap):
     v, d = weight.shape
     n_row_blocks = triton.cdiv(n1 - n0, cfg.block_n)
-    tma = configs.use_tma(hidden, weight)
+    tma = configs.use_tma(hidden, weight, x)
     h_desc = tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden
     w_desc = tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight
+    x_desc = tma_descriptor(x[:, :v], cfg.block_n, cfg.block_v) if tma and not refill else x
     _fused_logits_kernel[(n_row_blocks * n_splits,)](
         hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets, c, k, x,
-        part,
+        x_desc, part,
         n0, n1, v, d, hidden.stride(0), weight.stride(0), x.stride(0), scale, softcap,
         tiles_per_split, n_row_blocks, far_gap,
         HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_N=cfg.block_n,
