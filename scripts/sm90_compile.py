@@ -87,7 +87,7 @@ def _install(record):
                            shared=kernel.metadata.shared, stages=kernel.metadata.num_stages,
                            warps=kernel.metadata.num_warps, _compiled=kernel,
                            variant=",".join(f"{k}={v}" for k, v in consts.items()
-                                            if k in ("MODE", "PASS", "REFILL", "SOFTCAP",
+                                            if k in ("MODE", "PASS", "REFILL", "SOFTCAP", "TILE_STORE",
                                                      "CAP_S", "BLOCK_N", "BLOCK_V", "BLOCK_K"))))
         return kernel
 
@@ -109,7 +109,7 @@ def _inputs(n, d, v, dtype, gen, bias=False):
 
 
 def run_all():
-    from cutce.triton import backward, distill, distill_fused, forward, fused, rows
+    from cutce.triton import backward, configs, distill, distill_fused, forward, fused, rows
     gen = torch.Generator().manual_seed(0)
     f32 = dict(dtype=torch.float32)
     # the loss: recompute forward and backward, the fused strategy, the small kernels
@@ -126,8 +126,11 @@ def run_all():
                               softcap, 1.0, True,
                               True, eps, True, True, bias, dc_f32=True)
         coef = torch.ones(4, n, **f32)
-        fused.fused_loss(h, w, b, t, coef, 1.0, softcap, 128, dtype != torch.float32, True, True,
-                         bias)
+        for store in (False, True):  # the tile store is a tuning option (configs.TILE_STORE)
+            configs.TILE_STORE = store
+            fused.fused_loss(h, w, b, t, coef, 1.0, softcap, 128, dtype != torch.float32, True,
+                             True, bias)
+        configs.TILE_STORE = None
     rows.row_coefs(t, torch.rand(n), 1000, -100, 0.01, True)
     x = torch.empty(4096)
     fused._cast_scale_kernel[(1,)](x, x.to(torch.bfloat16), x, 4096, HAS_G=True, BLOCK=4096,
@@ -139,9 +142,11 @@ def run_all():
         stats, *_ = distill.forward(hs, ws, bs, ht, wt, bt, t, mode, beta, 2.0, 0.0, 0.0, True)
         distill.backward(hs, ws, bs, ht, wt, bt, t, stats, torch.ones(300, **f32), mode, beta,
                          2.0, 0.0, 0.0, 0.1, (True, True, True, False, False, False))
-        if mode != distill.REV_KL:
+        for store in (False, True) if mode != distill.REV_KL else ():
+            configs.TILE_STORE = store
             distill_fused.fused_total(hs, ws, bs, ht, wt, bt, t, torch.ones(300, **f32), mode,
                                       beta, 2.0, 0.0, 0.0, 0.1, 128, False, True, True, True)
+        configs.TILE_STORE = None
 
 
 def main():

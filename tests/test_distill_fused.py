@@ -63,6 +63,21 @@ def test_fused_matches_oracle(gen, case, fused_calls):
     assert fused_calls == [(20, False)]
 
 
+@pytest.mark.parametrize("case", ["fkl", "jsd-other-ce"])  # aligned widths: descriptors
+def test_fused_bulk_tile_store(gen, case, fused_calls, monkeypatch):
+    """X and dz through bulk (TMA) loads and stores (configs.TILE_STORE, opt-in until timed on
+    the GPU): ragged edges clipped, every entry written (poisoned buffers)."""
+    monkeypatch.setattr(configs, "TILE_STORE", True)
+    made = []
+    real = kf.tma_descriptor
+    monkeypatch.setattr(kf, "tma_descriptor", lambda x, r, c: made.append(x.shape) or real(x, r, c))
+    beta, lead, (ds, dt, v), mk, opts = CASES[case]
+    tensors = _to(DEV, make(gen, lead=lead, ds=ds, dt=dt, v=v, **mk))
+    check(gen, tensors, torch.float32, impl="triton", beta=beta, **opts)
+    assert fused_calls == [(20, False)]
+    assert any(shape[-1] == v for shape in made), "X's descriptor must have been made"
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.4])
 def test_fused_peaked_teacher(gen, beta, fused_calls):
     """Teacher logits of std ~60: most of X underflows to 0 (p below e^-104 of its tile's max),

@@ -193,6 +193,18 @@ def test_triton_fused_bad_targets_raise(gen, monkeypatch):
             cutce.linear_cross_entropy(h, w, tb, b, token_weights=tw, impl="triton")
 
 
+@pytest.mark.parametrize("name", ["plain", "zloss_softcap_scale"])
+def test_triton_fused_bulk_tile_store(gen, monkeypatch, name):
+    """X written by a bulk (TMA) store (configs.TILE_STORE, opt-in until timed on the GPU):
+    ragged rows and classes clipped, every entry written (poisoned buffers)."""
+    from cutce.triton import configs
+    monkeypatch.setattr(configs, "POISON", True)
+    monkeypatch.setattr(configs, "TILE_STORE", True)
+    _force(monkeypatch, plan.Plan("fused", chunk_n=16, dc_f32=True))
+    h, w, t, b, tw = _inputs(gen, torch.float32)
+    _check(h, w, t, b, tw, OPTS[name], "triton")
+
+
 def test_triton_fused_x_in_weight_grad_bytes(gen, monkeypatch):
     """16-bit X living in dC's own bytes until the float32 accumulator is copied in."""
     from cutce.triton import configs, fused

@@ -53,14 +53,14 @@ FORCE_CHUNK = None
 
 @triton.jit
 def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_desc, ht_desc,
-                  wt_desc, t_ptr, x_ptr, tbl_ptr, part_ptr, n0, n1, V, Ds, Dt, stride_hs,
+                  wt_desc, t_ptr, x_ptr, x_desc, tbl_ptr, part_ptr, n0, n1, V, Ds, Dt, stride_hs,
                   stride_ws, stride_ht, stride_wt, stride_x, stride_tbl, cap_s, cap_t, inv_temp,
                   temperature, tiles_per_split, n_row_blocks, MODE: tl.constexpr,
                   NEED_CE: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
                   CAP_S: tl.constexpr, CAP_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                   PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr,
-                  USE_TMA: tl.constexpr):
+                  USE_TMA: tl.constexpr, TILE_STORE: tl.constexpr):
     pid = tl.program_id(0)
     rb = pid % n_row_blocks  # token blocks fastest: concurrent programs share weight tiles
     split = pid // n_row_blocks
@@ -115,9 +115,12 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
         if NEED_CE:  # the student's lse and target logit at temperature 1
             m_1, s_1, _, _ = _online(m_1, s_1, zs_m * temperature)
             zt1 += tl.sum(tl.where(cols[None, :] == tgt[:, None], zs * temperature, 0.0), 1)
-        omask = rmask[:, None] & cmask[None, :]
-        tl.store(x_ptr + r_loc[:, None] * stride_x + cols[None, :],
-                 x.to(x_ptr.dtype.element_ty), mask=omask)
+        if TILE_STORE:  # bulk store (configs.TILE_STORE): clips the ragged edges itself
+            x_desc.store([rb * BLOCK_N, vt * BLOCK_V], x.to(x_desc.dtype))
+        else:
+            omask = rmask[:, None] & cmask[None, :]
+            tl.store(x_ptr + r_loc[:, None] * stride_x + cols[None, :],
+                     x.to(x_ptr.dtype.element_ty), mask=omask)
         tl.store(tbl_ptr + r_loc * stride_tbl + vt, mt, mask=rmask)
     rc = n1 - n0
     base = part_ptr + split * rc + r_loc
@@ -128,33 +131,34 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
 
 
 @triton.jit
-def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, tbl_ptr, st_ptr, sum_ptr,
-               n0, n1, V, Ds, stride_hs, stride_ws, stride_x, stride_tbl, cap_s, inv_temp,
+def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, tbl_ptr, st_ptr,
+               sum_ptr, n0, n1, V, Ds, stride_hs, stride_ws, stride_x, stride_tbl, cap_s, inv_temp,
                temperature, beta, log_beta, log_1mbeta, ce_weight, n_row_blocks,
                MODE: tl.constexpr, PASS: tl.constexpr, NEED_CE: tl.constexpr,
                HAS_BS: tl.constexpr, CAP_S: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, USE_TMA: tl.constexpr,
-               FLATTEN: tl.constexpr):
+               FLATTEN: tl.constexpr, TILE_STORE: tl.constexpr):
     # One tile per step; a persistent launch (fewer programs than tiles, DZ_PROGRAMS_PER_SM)
     # walks several, its software pipeline running on across them (the student's K is short).
     n_work = n_row_blocks * tl.cdiv(V, BLOCK_V)
     for w in tl.range(tl.program_id(0), n_work, tl.num_programs(0), flatten=FLATTEN):
-        _dz_tile(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, tbl_ptr, st_ptr,
+        _dz_tile(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, tbl_ptr, st_ptr,
                  sum_ptr, w % n_row_blocks, w // n_row_blocks, n0, n1, V, Ds, stride_hs,
                  stride_ws, stride_x, stride_tbl, cap_s, inv_temp, temperature, beta, log_beta,
                  log_1mbeta, ce_weight, MODE, PASS, NEED_CE, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
-                 BLOCK_K, UPCAST, PRECISION, EVEN_KS, USE_TMA)
+                 BLOCK_K, UPCAST, PRECISION, EVEN_KS, USE_TMA, TILE_STORE)
 
 
 @triton.jit
-def _dz_tile(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, tbl_ptr, st_ptr, sum_ptr,
+def _dz_tile(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, tbl_ptr, st_ptr,
+             sum_ptr,
              rb, vt, n0, n1, V, Ds, stride_hs, stride_ws, stride_x, stride_tbl, cap_s, inv_temp,
              temperature, beta, log_beta, log_1mbeta, ce_weight, MODE: tl.constexpr,
              PASS: tl.constexpr, NEED_CE: tl.constexpr, HAS_BS: tl.constexpr,
              CAP_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-             EVEN_KS: tl.constexpr, USE_TMA: tl.constexpr):
+             EVEN_KS: tl.constexpr, USE_TMA: tl.constexpr, TILE_STORE: tl.constexpr):
     r0 = n0 + rb * BLOCK_N
     rows = r0 + tl.arange(0, BLOCK_N)
     rmask = rows < n1
@@ -175,8 +179,11 @@ def _dz_tile(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, tbl_ptr, st
     lse_t = tl.load(st_ptr + rc + r_loc, mask=rmask, other=0.0)[:, None]
     c = tl.load(st_ptr + 3 * rc + r_loc, mask=rmask, other=0.0)[:, None]
     omask = rmask[:, None] & cmask[None, :]
-    xp = x_ptr + r_loc[:, None] * stride_x + cols[None, :]
-    x = tl.load(xp, mask=omask, other=0.0).to(tl.float32)
+    if TILE_STORE:  # bulk load and store (configs.TILE_STORE): no tile of addresses
+        x = x_desc.load([rb * BLOCK_N, vt * BLOCK_V]).to(tl.float32)
+    else:
+        xp = x_ptr + r_loc[:, None] * stride_x + cols[None, :]
+        x = tl.load(xp, mask=omask, other=0.0).to(tl.float32)
     rel_t = tl.load(tbl_ptr + r_loc * stride_tbl + vt, mask=rmask, other=0.0)[:, None] - lse_t
     p = x * tl.exp(rel_t)
     log_q = zs - lse_s
@@ -208,7 +215,10 @@ def _dz_tile(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, tbl_ptr, st
             dz = dz * (1.0 - ts * ts)
         # where, not a product: an ignored row (NaN hidden state included) adds nothing
         dz = tl.where(c != 0, dz, 0.0)
-        tl.store(xp, dz.to(x_ptr.dtype.element_ty), mask=omask)
+        if TILE_STORE:
+            x_desc.store([rb * BLOCK_N, vt * BLOCK_V], dz.to(x_desc.dtype))
+        else:
+            tl.store(xp, dz.to(x_ptr.dtype.element_ty), mask=omask)
 
 
 # ---- plan ------------------------------------------------------------------------------------
@@ -324,6 +334,7 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         x_all.fill_(float("nan"))
         tbl_all.fill_(float("nan"))
     tma, kw = _flags(t, hs, ws, ht, wt, bs, bt, cap_s, cap_t)
+    store = tma and configs.tile_store() and configs.use_tma(x_all)
     descs = [tma_descriptor(x, t.block_n if i % 2 == 0 else t.block_v, t.block_k) if tma else x
              for i, x in enumerate((hs, ws, ht, wt))]
     need_ce = ce_weight > 0
@@ -339,18 +350,20 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         per = triton.cdiv(n_tiles, n_splits)
         n_splits = triton.cdiv(n_tiles, per)
         part = torch.empty((8, n_splits, rc), **f32)
+        x_desc = tma_descriptor(x[:, :v], t.block_n, t.block_v) if store else x
         _stats_kernel[(n_row_blocks * n_splits,)](
-            hs, ws, bs_, ht, wt, bt_, *descs, targets, x, tbl, part, n0, n1, v, ds, ht.shape[1],
+            hs, ws, bs_, ht, wt, bt_, *descs, targets, x, x_desc, tbl, part, n0, n1, v, ds,
+            ht.shape[1],
             hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0), x.stride(0), tbl.stride(0),
             cap_s, cap_t, 1.0 / temperature, temperature, per, n_row_blocks, MODE=mode,
             NEED_CE=need_ce, HAS_BT=bt is not None, CAP_T=cap_t > 0,
-            EVEN_KT=ht.shape[1] % t.block_k == 0, **kw)
+            EVEN_KT=ht.shape[1] % t.block_k == 0, TILE_STORE=store, **kw)
         gap, zt1, m_s, s_s, m_t, s_t, m_1, s_1 = part.unbind(0)
         st = torch.zeros((5, rc), **f32)  # lse_s, lse_t, lse_1, coef, KL(q||m): the dz kernel's
         st[0] = _combine(m_s, s_s)[0]
         st[1], mean_gap = _combine(m_t, s_t, gap if mode == FWD_KL else None)
         st[3] = coef[n0:n1]
-        dz_args = (hs, ws, bs_, descs[0], descs[1], targets, x, tbl, st)
+        dz_args = (hs, ws, bs_, descs[0], descs[1], targets, x, x_desc, tbl, st)
         dz_scal = (n0, n1, v, ds, hs.stride(0), ws.stride(0), x.stride(0), tbl.stride(0), cap_s,
                    1.0 / temperature, temperature, beta, log_b, log_1mb, ce_weight, n_row_blocks)
         # one program per tile unless CUTCE_DISTILL_DZ_PROGRAMS_PER_SM asks for a persistent
@@ -364,7 +377,7 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         else:
             sums = torch.empty((2, rc, n_tiles), **f32)
             _dz_kernel[grid](*dz_args, sums, *dz_scal, MODE=mode, PASS=1, NEED_CE=False,
-                             FLATTEN=flat, **kw)
+                             FLATTEN=flat, TILE_STORE=store, **kw)
             kp, st[4] = sums.sum(-1)
             d = beta * kp + (1.0 - beta) * st[4]
         if need_ce:
@@ -372,7 +385,7 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
             d = (1.0 - ce_weight) * d + ce_weight * (st[2] - zt1.sum(0))
         rows_out[n0:n1] = d
         _dz_kernel[grid](*dz_args, st, *dz_scal, MODE=mode, PASS=2, NEED_CE=need_ce,
-                         FLATTEN=flat, **kw)
+                         FLATTEN=flat, TILE_STORE=store, **kw)
         dz = x[:, :v]
         if need_h:
             if x_dtype == dt == torch.float32:

@@ -54,7 +54,8 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_pt
                          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                          PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                         FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, REFILL: tl.constexpr):
+                         FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, REFILL: tl.constexpr,
+                         TILE_STORE: tl.constexpr):
     # Row blocks vary fastest: the programs running together read the same weight tiles.
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
@@ -113,11 +114,9 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_pt
         x = e
         if SOFTCAP:
             x = e * (1.0 - t * t)
-        if USE_TMA and not REFILL:
-            # A bulk store clips the ragged edges itself. A tile of 64-bit addresses and masks
-            # spilled ~2 KB of registers per thread on sm_90 (scripts/sm90_compile.py --spills)
+        if TILE_STORE:  # a bulk store (configs.TILE_STORE) clips the ragged edges itself
             x_desc.store([rb * BLOCK_N, tile * BLOCK_V], x.to(x_desc.dtype))
-        else:  # the refill launch writes its far rows only
+        else:  # (and the refill launch, which writes its far rows only)
             out = x_ptr + (rows - n0).to(tl.int64)[:, None] * stride_x + cols[None, :]
             smask = cmask[None, :] & rmask[:, None]
             if REFILL:
@@ -273,7 +272,8 @@ def _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap
     tma = configs.use_tma(hidden, weight, x)
     h_desc = tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden
     w_desc = tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight
-    x_desc = tma_descriptor(x[:, :v], cfg.block_n, cfg.block_v) if tma and not refill else x
+    store = tma and not refill and configs.tile_store()
+    x_desc = tma_descriptor(x[:, :v], cfg.block_n, cfg.block_v) if store else x
     _fused_logits_kernel[(n_row_blocks * n_splits,)](
         hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets, c, k, x,
         x_desc, part,
@@ -283,7 +283,7 @@ def _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap
         BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
         PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
         USE_TMA=tma, FLATTEN=tma and configs.flatten(), EVEN_V=v % cfg.block_v == 0,
-        REFILL=refill, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        REFILL=refill, TILE_STORE=store, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _v_pad(v):
