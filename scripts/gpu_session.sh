@@ -6,7 +6,7 @@
 #   bash scripts/gpu_session.sh compile   # transformers: compiled vs eager patched step
 #   bash scripts/gpu_session.sh rl        # log-probs + entropy vs TRL, token_log_probs end to end
 #   bash scripts/gpu_session.sh distill   # distillation vs TRL, Liger, eager, compile (beta 0, 0.5)
-#   bash scripts/gpu_session.sh tune      # tile sweeps: fused distillation kernels; the loss at V=32k
+#   bash scripts/gpu_session.sh tune      # A/B of the options off by default (bulk stores, tiles, splits)
 # Logs and CSVs go to $OUT.
 set -o pipefail
 export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
@@ -35,22 +35,35 @@ case "$1" in
       python scripts/bench_distill.py --betas $b --reps 3 2>&1 | grep -v Warning | tee -a "$OUT/distill.log"
     done ;;
   tune)
-    # fused distillation: its dz kernel one program per tile (0, today) or persistent (1, 2 per
-    # SM: the pipeline runs on across tiles; the student's K = 896 is only 14 steps of 64)
-    for p in 0 1 2; do
+    # A/B of the options that are off by default until timed here (docs/perf-notes.md v6):
+    # 1. bulk (TMA) tile stores: they remove the fused kernels' register spills on sm_90
+    for st in 0 1; do
+      echo "== CUTCE_TILE_STORE=$st"
+      CUTCE_TILE_STORE=$st python scripts/budget_sweep.py --shapes gemma2-2b,llama3-8b,16384,4096,32768 \
+        --budgets 2 2>&1 | grep "^| [gN]\|^| ll"
+    done | tee "$OUT/tune-loss.log"
+    # 2. fused distillation: bulk stores x tiles (64x128 and 128x64 with 8 warps spill nothing),
+    #    then the persistent dz launch
+    for st in 0 1; do
+      for t in 128,128,64,8,4 64,128,64,8,4 128,64,64,8,4; do
+        for b in 0 0.5; do
+          CUTCE_TILE_STORE=$st python scripts/bench_distill.py --betas $b --providers cutce \
+            --memory-budget 4 --reps 3 --tile $t 2>&1 | grep "^| $b" | sed "s/^/store $st tile $t /"
+        done
+      done
+    done | tee "$OUT/tune-distill.log"
+    for p in 1 2; do
       for b in 0 0.5; do
         CUTCE_DISTILL_DZ_PROGRAMS_PER_SM=$p python scripts/bench_distill.py --betas $b \
           --providers cutce --memory-budget 4 --reps 3 2>&1 | grep "^| $b" | sed "s/^/dz programs\/SM $p /"
       done
-    done | tee "$OUT/tune-distill.log"
-    # the loss's forward alone is 1.16-1.20x at V=32k: 1024 programs (8 splits x 128 row
-    # blocks) in 7.8 waves of 132; the tile sweep found nothing (docs/perf-notes.md v6), so the
-    # split count (the default's cost model picks 8 there)
-    for sp in 0 4 6 8 11 16; do
+    done | tee -a "$OUT/tune-distill.log"
+    # 3. the loss's forward alone at V=32k (1.16-1.20x): the split count (the default picks 8)
+    for sp in 0 4 6 11 16; do
       echo "== CUTCE_VOCAB_SPLITS=$sp (0: the default)"
       CUTCE_VOCAB_SPLITS=$([ $sp = 0 ] || echo $sp) python -m cutce.cli bench --device cuda \
         --shape 16384,4096,32768 --data zipf --providers cutce-triton --mode fwd --repeats 5 \
         --warmup 2 --no-plot --out "$OUT/splits$sp" 2>&1 | grep "cutce-triton"
-    done | tee "$OUT/tune-loss.log" ;;
+    done | tee -a "$OUT/tune-loss.log" ;;
   *) echo "usage: $0 tests|budget|peers|compile|rl|distill|tune"; exit 2 ;;
 esac
