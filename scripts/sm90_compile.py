@@ -34,6 +34,8 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 SMEM_LIMIT = 232448  # bytes of dynamic shared memory one block may use on sm_90
+_VARIANT_KEYS = ("MODE", "PASS", "REFILL", "SOFTCAP", "CAP_S", "TILE_STORE", "BLOCK_N", "BLOCK_V",
+                 "BLOCK_K")  # the constexprs printed per compiled variant
 
 
 class _HopperWithoutGPU:
@@ -87,8 +89,7 @@ def _install(record):
                            shared=kernel.metadata.shared, stages=kernel.metadata.num_stages,
                            warps=kernel.metadata.num_warps, _compiled=kernel,
                            variant=",".join(f"{k}={v}" for k, v in consts.items()
-                                            if k in ("MODE", "PASS", "REFILL", "SOFTCAP", "TILE_STORE",
-                                                     "CAP_S", "BLOCK_N", "BLOCK_V", "BLOCK_K"))))
+                                            if k in _VARIANT_KEYS)))
         return kernel
 
     JITFunction.run = compile_only

@@ -125,9 +125,9 @@ def _fail_targets(targets, vocab, ignore_index):
 
 def _check_flag(bad, targets, vocab, ignore_index, defer=False):
     """Raise when the one-element 0/1 tensor ``bad`` is set; with ``defer`` and a CUDA flag,
-    return a function that raises instead. The flag goes to pinned host memory now and is read
-    once the caller has queued its kernels: the host sync no longer idles the GPU during the
-    call's Python (0.3-0.6 ms on the H200). Kernels treat such targets as ignored."""
+    return a function that raises instead, reading the flag (copied to pinned memory now) once
+    the caller has queued its kernels: no host sync that idles the GPU during the call's Python
+    (0.3-0.6 ms on the H200). Kernels treat such targets as ignored."""
     if defer and bad.is_cuda:
         flag = torch.empty((), dtype=bad.dtype, pin_memory=True)
         flag.copy_(bad.reshape(()), non_blocking=True)
@@ -349,13 +349,13 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     fused = dispatch.fused_backend(backend, h2, weight, bias, opts) if fusable and vs is None else None
     prologue = dispatch.row_prologue(fused, opts, cw)
     if prologue is not None:  # one launch for the check's flag and the coefficients
-        coef, bad = prologue(t1, w1, vocab, opts.ignore_index, opts.z_loss, opts.reduction == "mean")
+        coef, bad = prologue(t1, w1, vocab, opts.ignore_index, opts.z_loss,
+                             opts.reduction == "mean")
         check = _check_flag(bad, t1, vocab, opts.ignore_index, defer=True)
     else:
         check = _check_targets(t1, vocab, opts.ignore_index, defer=True)
+        coef = None if fused is None else loss.row_coefs(t1, w1, opts, cdt, cw, vocab)
     if fused is not None:
-        if prologue is None:
-            coef = loss.row_coefs(t1, w1, opts, cdt, cw, vocab)
         parts = _Fused(fused(h2, weight, bias, t1, coef, opts, class_weight=zsum_cw)[0])
     elif vs is None:
         parts = backend(h2, weight, bias, t1, opts, class_weight=zsum_cw)

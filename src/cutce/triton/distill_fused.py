@@ -143,82 +143,68 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, t
     # walks several, its software pipeline running on across them (the student's K is short).
     n_work = n_row_blocks * tl.cdiv(V, BLOCK_V)
     for w in tl.range(tl.program_id(0), n_work, tl.num_programs(0), flatten=FLATTEN):
-        _dz_tile(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, tbl_ptr, st_ptr,
-                 sum_ptr, w % n_row_blocks, w // n_row_blocks, n0, n1, V, Ds, stride_hs,
-                 stride_ws, stride_x, stride_tbl, cap_s, inv_temp, temperature, beta, log_beta,
-                 log_1mbeta, ce_weight, MODE, PASS, NEED_CE, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
-                 BLOCK_K, UPCAST, PRECISION, EVEN_KS, USE_TMA, TILE_STORE)
-
-
-@triton.jit
-def _dz_tile(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, tbl_ptr, st_ptr,
-             sum_ptr,
-             rb, vt, n0, n1, V, Ds, stride_hs, stride_ws, stride_x, stride_tbl, cap_s, inv_temp,
-             temperature, beta, log_beta, log_1mbeta, ce_weight, MODE: tl.constexpr,
-             PASS: tl.constexpr, NEED_CE: tl.constexpr, HAS_BS: tl.constexpr,
-             CAP_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-             BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-             EVEN_KS: tl.constexpr, USE_TMA: tl.constexpr, TILE_STORE: tl.constexpr):
-    r0 = n0 + rb * BLOCK_N
-    rows = r0 + tl.arange(0, BLOCK_N)
-    rmask = rows < n1
-    r_loc = (rows - n0).to(tl.int64)
-    cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
-    cmask = cols < V
-    if USE_TMA:
-        zs, ts = logit_tile_desc(hs_desc, ws_desc, bs_ptr, r0, vt * BLOCK_V, cols, cmask, Ds, 1.0,
-                                 cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V, BLOCK_K,
-                                 UPCAST, PRECISION)
-    else:
-        zs, ts = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs,
-                            stride_ws, 1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
-                            BLOCK_K, UPCAST, PRECISION, EVEN_KS)
-    rc = n1 - n0
-    # per-row values of the chunk (see fused_total): lse_s, lse_t, lse_1, weight c, KL(q||m)
-    lse_s = tl.load(st_ptr + r_loc, mask=rmask, other=0.0)[:, None]
-    lse_t = tl.load(st_ptr + rc + r_loc, mask=rmask, other=0.0)[:, None]
-    c = tl.load(st_ptr + 3 * rc + r_loc, mask=rmask, other=0.0)[:, None]
-    omask = rmask[:, None] & cmask[None, :]
-    if TILE_STORE:  # bulk load and store (configs.TILE_STORE): no tile of addresses
-        x = x_desc.load([rb * BLOCK_N, vt * BLOCK_V]).to(tl.float32)
-    else:
-        xp = x_ptr + r_loc[:, None] * stride_x + cols[None, :]
-        x = tl.load(xp, mask=omask, other=0.0).to(tl.float32)
-    rel_t = tl.load(tbl_ptr + r_loc * stride_tbl + vt, mask=rmask, other=0.0)[:, None] - lse_t
-    p = x * tl.exp(rel_t)
-    log_q = zs - lse_s
-    q = tl.exp(log_q)
-    if MODE == 2:
-        # log p = log X + mt - lse_t, -inf where X underflowed (p = 0 there, and log m is then
-        # log q + log(1 - beta): finite, unlike log p)
-        log_p = tl.where(x > 0, tl.log(tl.where(x > 0, x, 1.0)) + rel_t, float("-inf"))
-        log_m = _log_mix(log_p, log_q, log_beta, log_1mbeta)
-    if PASS == 1:  # the JSD's row sums KL(p||m), KL(q||m), per (row, tile)
-        kp = tl.sum(tl.where(omask, p * tl.where(x > 0, log_p - log_m, 0.0), 0.0), 1)
-        kq = tl.sum(tl.where(omask, q * (log_q - log_m), 0.0), 1)
-        n_tiles = tl.cdiv(V, BLOCK_V)
-        tl.store(sum_ptr + r_loc * n_tiles + vt, kp, mask=rmask)
-        tl.store(sum_ptr + (rc + r_loc) * n_tiles + vt, kq, mask=rmask)
-    else:
+        rb = w % n_row_blocks
+        vt = w // n_row_blocks
+        r0 = n0 + rb * BLOCK_N
+        rows = r0 + tl.arange(0, BLOCK_N)
+        rmask = rows < n1
+        r_loc = (rows - n0).to(tl.int64)
+        cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
+        cmask = cols < V
+        if USE_TMA:
+            zs, ts = logit_tile_desc(hs_desc, ws_desc, bs_ptr, r0, vt * BLOCK_V, cols, cmask, Ds,
+                                     1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
+                                     BLOCK_K, UPCAST, PRECISION)
+        else:
+            zs, ts = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs,
+                                stride_ws, 1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
+                                BLOCK_K, UPCAST, PRECISION, EVEN_KS)
+        rc = n1 - n0
+        # per-row values of the chunk (see fused_total): lse_s, lse_t, lse_1, weight c, KL(q||m)
+        lse_s = tl.load(st_ptr + r_loc, mask=rmask, other=0.0)[:, None]
+        lse_t = tl.load(st_ptr + rc + r_loc, mask=rmask, other=0.0)[:, None]
+        c = tl.load(st_ptr + 3 * rc + r_loc, mask=rmask, other=0.0)[:, None]
+        omask = rmask[:, None] & cmask[None, :]
+        if TILE_STORE:  # bulk load and store (configs.TILE_STORE): no tile of addresses
+            x = x_desc.load([rb * BLOCK_N, vt * BLOCK_V]).to(tl.float32)
+        else:
+            xp = x_ptr + r_loc[:, None] * stride_x + cols[None, :]
+            x = tl.load(xp, mask=omask, other=0.0).to(tl.float32)
+        rel_t = tl.load(tbl_ptr + r_loc * stride_tbl + vt, mask=rmask, other=0.0)[:, None] - lse_t
+        p = x * tl.exp(rel_t)
+        log_q = zs - lse_s
+        q = tl.exp(log_q)
         if MODE == 2:
-            k_q = tl.load(st_ptr + 4 * rc + r_loc, mask=rmask, other=0.0)[:, None]
-            da = (1.0 - beta) * q * (log_q - log_m - k_q)
+            # log p = log X + mt - lse_t, -inf where X underflowed (p = 0 there, and log m is then
+            # log q + log(1 - beta): finite, unlike log p)
+            log_p = tl.where(x > 0, tl.log(tl.where(x > 0, x, 1.0)) + rel_t, float("-inf"))
+            log_m = _log_mix(log_p, log_q, log_beta, log_1mbeta)
+        if PASS == 1:  # the JSD's row sums KL(p||m), KL(q||m), per (row, tile)
+            kp = tl.sum(tl.where(omask, p * tl.where(x > 0, log_p - log_m, 0.0), 0.0), 1)
+            kq = tl.sum(tl.where(omask, q * (log_q - log_m), 0.0), 1)
+            n_tiles = tl.cdiv(V, BLOCK_V)
+            tl.store(sum_ptr + r_loc * n_tiles + vt, kp, mask=rmask)
+            tl.store(sum_ptr + (rc + r_loc) * n_tiles + vt, kq, mask=rmask)
         else:
-            da = q - p
-        dz = da * (c * ((1.0 - ce_weight) * inv_temp))
-        if NEED_CE:
-            lse_1 = tl.load(st_ptr + 2 * rc + r_loc, mask=rmask, other=0.0)[:, None]
-            tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
-            onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
-            dz += (c * ce_weight) * (tl.exp(zs * temperature - lse_1) - onehot)
-        if CAP_S:
-            dz = dz * (1.0 - ts * ts)
-        # where, not a product: an ignored row (NaN hidden state included) adds nothing
-        dz = tl.where(c != 0, dz, 0.0)
-        if TILE_STORE:
-            x_desc.store([rb * BLOCK_N, vt * BLOCK_V], dz.to(x_desc.dtype))
-        else:
-            tl.store(xp, dz.to(x_ptr.dtype.element_ty), mask=omask)
+            if MODE == 2:
+                k_q = tl.load(st_ptr + 4 * rc + r_loc, mask=rmask, other=0.0)[:, None]
+                da = (1.0 - beta) * q * (log_q - log_m - k_q)
+            else:
+                da = q - p
+            dz = da * (c * ((1.0 - ce_weight) * inv_temp))
+            if NEED_CE:
+                lse_1 = tl.load(st_ptr + 2 * rc + r_loc, mask=rmask, other=0.0)[:, None]
+                tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+                onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
+                dz += (c * ce_weight) * (tl.exp(zs * temperature - lse_1) - onehot)
+            if CAP_S:
+                dz = dz * (1.0 - ts * ts)
+            # where, not a product: an ignored row (NaN hidden state included) adds nothing
+            dz = tl.where(c != 0, dz, 0.0)
+            if TILE_STORE:
+                x_desc.store([rb * BLOCK_N, vt * BLOCK_V], dz.to(x_desc.dtype))
+            else:
+                tl.store(xp, dz.to(x_ptr.dtype.element_ty), mask=omask)
 
 
 # ---- plan ------------------------------------------------------------------------------------
