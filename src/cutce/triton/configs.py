@@ -146,7 +146,7 @@ ZT_IN_KERNEL = False
 
 # Write a tile of the fused strategy's X (or distillation's X / dz) by a bulk (TMA) store instead
 # of a tile of 64-bit addresses: on sm_90 the address tile spills ~2 KB of registers per thread
-# (scripts/sm90_compile.py --spills), but a bulk store measured slower in the recompute dz
+# (scripts/gpu_compile.py --spills), but a bulk store measured slower in the recompute dz
 # kernel once (its staging buffer). None = off until the device A/B (env CUTCE_TILE_STORE=1,
 # `bash scripts/gpu_session.sh tune`); tests force True to cover both paths.
 TILE_STORE = None

@@ -1,21 +1,24 @@
-"""Compile every Triton kernel as the GPU path launches it, for Hopper (sm_90), without a GPU.
+"""Compile every Triton kernel as the GPU path launches it, for Hopper (sm_90) or Ampere (sm_80),
+without a GPU.
 
 CI has no GPU and the device time of a session is short: a kernel that Triton cannot compile
 for the GPU (the interpreter runs no compiler passes), or whose pipeline stages overflow shared
-memory, should fail here, not in the first device call. The launchers run on CPU tensors with
-the GPU's choices (TMA descriptors, flattened loops, GPU tiles); each launch is compiled by
-Triton's own ``compile`` for the target below and not run (the launchers' torch code then
-works on uninitialized buffers, which is fine: only the compiled kernels are checked).
+memory on an H100/H200 or an A100, should fail here, not in the first device call or on a
+user's machine. The launchers run on CPU tensors with the GPU's choices (TMA descriptors on
+sm_90, flattened loops, GPU tiles); each launch is compiled by Triton's own ``compile`` for the
+target and not run (the launchers' torch code then works on uninitialized buffers, which is
+fine: only the compiled kernels are checked).
 
-    python scripts/sm90_compile.py [--json OUT] [--spills]    # TRITON_INTERPRET must be unset
+    python scripts/gpu_compile.py [--arch 90|80] [--json OUT] [--spills]   # TRITON_INTERPRET unset
+
+Prints one line per compiled kernel variant (name, shared memory bytes, stages, warps) and
+exits 1 when one needs more shared memory than a block may use on that architecture (227 KiB
+on sm_90, 163 KiB on sm_80). Takes ~1.5 minutes per architecture on 2 CPU cores;
+tests/test_gpu_compile.py runs both in CI.
 
 --spills also reads each cubin's registers and local-memory spills (cuobjdump, shipped with
 Triton): a tile whose epilogue spills is a candidate for the next device session's sweep.
 The tiles follow the tuning variables (CUTCE_FWD_TILE, CUTCE_DISTILL_FUSED_TILE, ...).
-
-Prints one line per compiled kernel variant (name, shared memory bytes, stages, warps) and
-exits 1 when one needs more shared memory than an H100/H200 block may use (227 KiB). Takes
-~1.5 minutes on 2 CPU cores; tests/test_sm90_compile.py runs it in CI.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ import os
 import sys
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("sm90_compile.py: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    sys.exit("gpu_compile.py: unset TRITON_INTERPRET (the interpreter compiles nothing)")
 
 import torch  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-SMEM_LIMIT = 232448  # bytes of dynamic shared memory one block may use on sm_90
+# bytes of dynamic shared memory one block may use: sm_90 (H100/H200), sm_80 (A100)
+SMEM_LIMIT = {90: 232448, 80: 166912}
+ARCH = 90
 _VARIANT_KEYS = ("MODE", "PASS", "REFILL", "SOFTCAP", "CAP_S", "TILE_STORE", "BLOCK_N", "BLOCK_V",
                  "BLOCK_K")  # the constexprs printed per compiled variant
 
@@ -48,7 +53,7 @@ class _HopperWithoutGPU:
         return 0
 
     def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
+        return GPUTarget("cuda", ARCH, 32)
 
     def is_active(self):
         return True
@@ -97,7 +102,7 @@ def _install(record):
 
 def _gpu_choices():
     from cutce.triton import configs
-    configs.TMA = True  # every launcher takes the descriptor path, as on Hopper
+    configs.TMA = ARCH >= 90  # the descriptor path on Hopper, pointers before it
     configs.num_sms = lambda index: 132
 
 
@@ -154,12 +159,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None, help="write the compiled variants here")
     ap.add_argument("--spills", action="store_true", help="registers and spills per variant")
+    ap.add_argument("--arch", type=int, choices=sorted(SMEM_LIMIT), default=90,
+                    help="compute capability x10: 90 (H100/H200, TMA), 80 (A100, no TMA)")
     args = ap.parse_args()
+    global ARCH
+    ARCH = args.arch
     record = []
     _install(record)
     _gpu_choices()
     run_all()
-    over = [r for r in record if r["shared"] > SMEM_LIMIT]
+    over = [r for r in record if r["shared"] > SMEM_LIMIT[ARCH]]
     for r in record:
         kernel = r.pop("_compiled")
         if args.spills:
