@@ -132,7 +132,7 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_pt
 
 
 @triton.jit
-def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, lse_ptr, zt_ptr,
+def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, lse_ptr,
                            s_ptr, row_ptr, n0, n1, N, V, D, n_splits, stride_k, stride_h,
                            stride_x, stride_hs, scale, softcap, far_gap, SOFTCAP: tl.constexpr,
                            NEED_HS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -174,7 +174,6 @@ def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, 
     dz_t = scale * f_t * (g_lse * tl.exp(zr - lse) - k1)
     x_t = tl.where(s != 0, dz_t / tl.where(s != 0, s, 1.0), 0.0)
     tl.store(lse_ptr + rows, lse, mask=rmask)
-    tl.store(zt_ptr + rows, zr, mask=rmask)
     tl.store(s_ptr + r_loc, s, mask=rmask)
     tl.store(row_ptr + rows, tl.where(k0 != 0, k0 * lse - k1 * zr + k3 * lse * lse, 0.0),
              mask=rmask)
@@ -354,7 +353,6 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
         if n0 == 0:
             # allocated once the first logit kernel is queued: their host time overlaps it
             lse = torch.empty(n, **f32)
-            zt_tiles = torch.empty(n, **f32)  # every chunk's epilogue writes its rows
             row_terms = torch.empty(n, **f32)
             dh = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
             db32 = torch.zeros(v, **f32) if need_b else None
@@ -368,7 +366,7 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
         s = s_all[:rows]
         hs = hs_all[:rows] if need_w else s
         _chunk_epilogue_kernel[(triton.cdiv(rows, EPI_ROWS),)](
-            part, c, k, targets, hidden, x, hs, lse, zt_tiles, s, row_terms, n0, n1, n, v, d,
+            part, c, k, targets, hidden, x, hs, lse, s, row_terms, n0, n1, n, v, d,
             n_splits, k.stride(0), hidden.stride(0), x.stride(0), hs.stride(0), scale, softcap,
             FAR_GAP, SOFTCAP=softcap > 0, NEED_HS=need_w, BLOCK_R=EPI_ROWS, BLOCK_D=EPI_COLS,
             num_warps=4)
