@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import configs
 from . import workspace
-from .common import logit_tile, logit_tile_desc, tma_descriptor
+from .common import head_tile, tma_descriptor
 
 
 @triton.jit
@@ -51,14 +51,11 @@ def _dz_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, cls_ptr, t_ptr, lse_ptr, pz_
             cls = tl.load(cls_ptr + c0 + jj, mask=cmask, other=0)
         else:
             cls = c0 + jj
-        if USE_TMA:  # never with GATHER: the classes are contiguous
-            z, t = logit_tile_desc(h_desc, w_desc, b_ptr, n0 + rb * BLOCK_N, c0 + cb * BLOCK_V,
-                                   cls, cmask, D, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP,
-                                   BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION)
-        else:
-            z, t = logit_tile(h_ptr, w_ptr, b_ptr, rows, cls, rmask, cmask, D, stride_h,
-                              stride_w, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP, BLOCK_N,
-                              BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K)
+        # (USE_TMA never with GATHER: the classes are contiguous)
+        z, t = head_tile(h_ptr, w_ptr, h_desc, w_desc, b_ptr, n0 + rb * BLOCK_N, c0 + cb * BLOCK_V,
+                         rows, cls, rmask, cmask, D, stride_h, stride_w, scale, softcap, inv_temp,
+                         HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K,
+                         USE_TMA)
         lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
         g = tl.load(glse_ptr + rows, mask=rmask, other=0.0)
         p = tl.exp(z - lse[:, None])

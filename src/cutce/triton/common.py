@@ -74,6 +74,26 @@ def logit_tile_desc(h_desc, w_desc, b_ptr, row0, col0, cols, cmask, D, scale, so
     return _transform(acc, b_ptr, cols, cmask, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP)
 
 
+@triton.jit
+def head_tile(h_ptr, w_ptr, h_desc, w_desc, b_ptr, row0, col0, rows, cols, rmask, cmask, D,
+              stride_h, stride_w, scale, softcap, inv_temp, HAS_BIAS: tl.constexpr,
+              SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              EVEN_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """(z, t) of one tile by :func:`logit_tile_desc` (rows row0.., classes col0..) when USE_TMA,
+    else by :func:`logit_tile` (rows ``rows``, weight rows ``cols``): the branch every kernel
+    takes, in one place."""
+    if USE_TMA:
+        z, t = logit_tile_desc(h_desc, w_desc, b_ptr, row0, col0, cols, cmask, D, scale, softcap,
+                               inv_temp, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST,
+                               PRECISION)
+    else:
+        z, t = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_h, stride_w,
+                          scale, softcap, inv_temp, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K,
+                          UPCAST, PRECISION, EVEN_K)
+    return z, t
+
+
 def tma_descriptor(t, block_rows, block_cols):
     """Host-side tensor descriptor of a 2-D tensor for (block_rows, block_cols) tiles."""
     return TensorDescriptor.from_tensor(t, [block_rows, block_cols])

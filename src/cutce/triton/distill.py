@@ -44,6 +44,15 @@ def _online(m, s, z):
 
 
 @triton.jit
+def init_online(BLOCK_N: tl.constexpr):
+    """Empty online (max, sum) pairs of the student, the teacher and the student at T = 1, in
+    :func:`store_online`'s order."""
+    ninf = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    zero = tl.zeros((BLOCK_N,), tl.float32)
+    return ninf, zero, ninf, zero, ninf, zero
+
+
+@triton.jit
 def store_online(base, stride_q, rmask, m_s, s_s, m_t, s_t, m_1, s_1):
     """A split's online (max, sum) pairs of the student, the teacher and the student at T = 1,
     one row vector every stride_q (the combine in :func:`_combine` reads them in this order)."""
@@ -80,12 +89,7 @@ def _fwd_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, t_ptr, lse_ptr, 
     rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     ninf = float("-inf")
-    m_s = tl.full((BLOCK_N,), ninf, tl.float32)
-    m_t = tl.full((BLOCK_N,), ninf, tl.float32)
-    m_1 = tl.full((BLOCK_N,), ninf, tl.float32)
-    s_s = tl.zeros((BLOCK_N,), tl.float32)
-    s_t = tl.zeros((BLOCK_N,), tl.float32)
-    s_1 = tl.zeros((BLOCK_N,), tl.float32)
+    m_s, s_s, m_t, s_t, m_1, s_1 = init_online(BLOCK_N)
     acc_a = tl.zeros((BLOCK_N,), tl.float32)
     acc_b = tl.zeros((BLOCK_N,), tl.float32)
     if NEED_CE:

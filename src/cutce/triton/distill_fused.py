@@ -39,8 +39,8 @@ import triton.language as tl
 
 from . import configs
 from .backward import _accumulate_f32, _mm_f32
-from .common import logit_tile, logit_tile_desc, tma_descriptor
-from .distill import FWD_KL, JSD, Tile, _combine, _log_mix, _online, _splits, store_online
+from .common import head_tile, tma_descriptor
+from .distill import FWD_KL, Tile, _combine, _log_mix, _online, _splits, init_online, store_online
 from .distill import tile as _recompute_tile
 from .fused import copy_cast_
 
@@ -70,12 +70,7 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
     rmask = rows < n1
     r_loc = (rows - n0).to(tl.int64)
     ninf = float("-inf")
-    m_s = tl.full((BLOCK_N,), ninf, tl.float32)
-    m_t = tl.full((BLOCK_N,), ninf, tl.float32)
-    m_1 = tl.full((BLOCK_N,), ninf, tl.float32)
-    s_s = tl.zeros((BLOCK_N,), tl.float32)
-    s_t = tl.zeros((BLOCK_N,), tl.float32)
-    s_1 = tl.zeros((BLOCK_N,), tl.float32)
+    m_s, s_s, m_t, s_t, m_1, s_1 = init_online(BLOCK_N)
     gap = tl.zeros((BLOCK_N,), tl.float32)
     zt1 = tl.zeros((BLOCK_N,), tl.float32)
     if NEED_CE:
@@ -85,20 +80,12 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
     for vt in range(t_lo, t_hi):
         cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        if USE_TMA:
-            zs, _ = logit_tile_desc(hs_desc, ws_desc, bs_ptr, r0, vt * BLOCK_V, cols, cmask, Ds,
-                                    1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
-                                    BLOCK_K, UPCAST, PRECISION)
-            zt, _ = logit_tile_desc(ht_desc, wt_desc, bt_ptr, r0, vt * BLOCK_V, cols, cmask, Dt,
-                                    1.0, cap_t, inv_temp, HAS_BT, CAP_T, BLOCK_N, BLOCK_V,
-                                    BLOCK_K, UPCAST, PRECISION)
-        else:
-            zs, _ = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs,
-                               stride_ws, 1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
-                               BLOCK_K, UPCAST, PRECISION, EVEN_KS)
-            zt, _ = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask, Dt, stride_ht,
-                               stride_wt, 1.0, cap_t, inv_temp, HAS_BT, CAP_T, BLOCK_N, BLOCK_V,
-                               BLOCK_K, UPCAST, PRECISION, EVEN_KT)
+        zs, _ = head_tile(hs_ptr, ws_ptr, hs_desc, ws_desc, bs_ptr, r0, vt * BLOCK_V, rows, cols,
+                          rmask, cmask, Ds, stride_hs, stride_ws, 1.0, cap_s, inv_temp, HAS_BS,
+                          CAP_S, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_KS, USE_TMA)
+        zt, _ = head_tile(ht_ptr, wt_ptr, ht_desc, wt_desc, bt_ptr, r0, vt * BLOCK_V, rows, cols,
+                          rmask, cmask, Dt, stride_ht, stride_wt, 1.0, cap_t, inv_temp, HAS_BT,
+                          CAP_T, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_KT, USE_TMA)
         zs_m = tl.where(cmask[None, :], zs, ninf)
         zt_m = tl.where(cmask[None, :], zt, ninf)
         m_s, s_s, _, _ = _online(m_s, s_s, zs_m)
@@ -151,14 +138,10 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, t
         r_loc = (rows - n0).to(tl.int64)
         cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        if USE_TMA:
-            zs, ts = logit_tile_desc(hs_desc, ws_desc, bs_ptr, r0, vt * BLOCK_V, cols, cmask, Ds,
-                                     1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
-                                     BLOCK_K, UPCAST, PRECISION)
-        else:
-            zs, ts = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs,
-                                stride_ws, 1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
-                                BLOCK_K, UPCAST, PRECISION, EVEN_KS)
+        zs, ts = head_tile(hs_ptr, ws_ptr, hs_desc, ws_desc, bs_ptr, r0, vt * BLOCK_V, rows,
+                           cols, rmask, cmask, Ds, stride_hs, stride_ws, 1.0, cap_s, inv_temp,
+                           HAS_BS, CAP_S, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_KS,
+                           USE_TMA)
         rc = n1 - n0
         # per-row values of the chunk (see fused_total): lse_s, lse_t, lse_1, weight c, KL(q||m)
         lse_s = tl.load(st_ptr + r_loc, mask=rmask, other=0.0)[:, None]

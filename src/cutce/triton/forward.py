@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import _tanh, logit_tile, logit_tile_desc, tma_descriptor
+from .common import _tanh, head_tile, tma_descriptor
 
 
 @triton.jit
@@ -55,14 +55,10 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_
     for tile in tl.range(t_lo, t_hi, flatten=FLATTEN):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        if USE_TMA:
-            z, _ = logit_tile_desc(h_desc, w_desc, b_ptr, rb * BLOCK_N, tile * BLOCK_V, cols,
-                                   cmask, D, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP,
-                                   BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION)
-        else:
-            z, _ = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_h,
-                              stride_w, scale, softcap, inv_temp, HAS_BIAS, SOFTCAP, BLOCK_N,
-                              BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K)
+        z, _ = head_tile(h_ptr, w_ptr, h_desc, w_desc, b_ptr, rb * BLOCK_N, tile * BLOCK_V, rows,
+                         cols, rmask, cmask, D, stride_h, stride_w, scale, softcap, inv_temp,
+                         HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K,
+                         USE_TMA)
         if EVEN_V:  # no class past V in any tile: no masking in the epilogue
             zm = z
         else:

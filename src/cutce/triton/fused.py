@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import configs
 from .backward import _accumulate_f32, _mm_f32
-from .common import logit_tile, logit_tile_desc, tma_descriptor
+from .common import head_tile, tma_descriptor
 from .forward import target_logits
 
 # A row whose max logit exceeds its reference c by more than FAR_GAP (a loss above ~60 nats)
@@ -87,14 +87,10 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_pt
     for tile in tl.range(t_lo, t_hi, flatten=FLATTEN):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        if USE_TMA:
-            z, t = logit_tile_desc(h_desc, w_desc, b_ptr, n0 + rb * BLOCK_N, tile * BLOCK_V, cols,
-                                   cmask, D, scale, softcap, 1.0, HAS_BIAS, SOFTCAP,
-                                   BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION)
-        else:
-            z, t = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_h,
-                              stride_w, scale, softcap, 1.0, HAS_BIAS, SOFTCAP, BLOCK_N,
-                              BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K)
+        z, t = head_tile(h_ptr, w_ptr, h_desc, w_desc, b_ptr, n0 + rb * BLOCK_N, tile * BLOCK_V,
+                         rows, cols, rmask, cmask, D, stride_h, stride_w, scale, softcap, 1.0,
+                         HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K,
+                         USE_TMA)
         if EVEN_V:
             zm = z
         else:
