@@ -302,13 +302,15 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     (k0, k1, k2, k3) of lse, -zt, -mean_j z (must be 0: no label smoothing here) and lse^2 in
     the total (k0 = 0 for ignored rows; rows whose target is outside [0, V) count as ignored);
     scale, softcap (0 = off); chunk_n tokens per chunk; dc_in_place: X may live in dC's
-    bytes (more than one chunk, 16-bit, chunk_n * ceil8(V) <= V * D).
+    bytes (more than one chunk, 16-bit, chunk_n * ceil8(V) <= V * D). N > 0: the plan never
+    fuses an empty call.
 
     Returns: (total, lse, dh, dw, db): total = sum_i k0 lse_i - k1 zt_i + k3 lse_i^2 (0-dim
     float32), lse (N,) float32, and d total / d (hidden, weight, bias) in the inputs' dtypes
     (empty when not needed).
     """
     n, d = hidden.shape
+    assert n > 0, "cutce.plan never fuses an empty call"
     v = weight.shape[0]
     dt = hidden.dtype
     dev = hidden.device
@@ -317,7 +319,7 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     # Host time before the first logit launch is GPU idle time in a call from an idle GPU:
     # the per-row masks and the total are formed inside the kernels, not by torch ops here.
     dw = torch.empty_like(weight) if need_w else hidden.new_empty(0)
-    chunks = triton.cdiv(n, chunk_n) if n else 0
+    chunks = triton.cdiv(n, chunk_n)
     # dC's running sum: float32 across chunks (the gradient itself for float32 weights)
     acc = None
     if need_w and chunks > 1:
@@ -325,8 +327,8 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     x_dtype = configs.workspace_dtype(dt)
     in_place = (dc_in_place and acc is not None and acc is not dw and x_dtype == dt
                 and min(chunk_n, n) * _v_pad(v) <= v * d and dw.is_contiguous())
-    x_all = _x_buffer(dw, min(chunk_n, n), v, x_dtype, in_place, dev) if n else None
-    if configs.POISON and n and not in_place:
+    x_all = _x_buffer(dw, min(chunk_n, n), v, x_dtype, in_place, dev)
+    if configs.POISON and not in_place:
         x_all.fill_(float("nan"))
     k = coef
     # c_i: the gather kernel's target logit, known before the tiles (any value near lse works)
@@ -379,10 +381,6 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
                 _accumulate_f32(acc, xv.T, hs)
         if need_b:
             db32 += (xv.T @ s.to(x_dtype)[:, None])[:, 0].float()
-    if not n:
-        lse, row_terms = torch.empty(0, **f32), torch.empty(0, **f32)
-        dh = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
-        db32 = torch.zeros(v, **f32) if need_b else None
     if acc is not None and acc is not dw:
         copy_cast_(dw, acc)  # X (in dC's bytes) is dead now
     total = row_terms.sum()
