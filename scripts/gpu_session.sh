@@ -35,31 +35,29 @@ case "$1" in
       python scripts/bench_distill.py --betas $b --reps 3 2>&1 | grep -v Warning | tee -a "$OUT/distill.log"
     done ;;
   tune)
-    # A/B of the options that are off by default until timed here (docs/perf-notes.md v6):
+    # A/B of the options that are off by default until timed here (docs/perf-notes.md v6), sized
+    # for one device call (~7 minutes):
     # 1. bulk (TMA) tile stores: they remove the fused kernels' register spills on sm_90
     for st in 0 1; do
       echo "== CUTCE_TILE_STORE=$st"
-      CUTCE_TILE_STORE=$st python scripts/budget_sweep.py --shapes gemma2-2b,llama3-8b,16384,4096,32768 \
-        --budgets 2 2>&1 | grep "^| [gN]\|^| ll"
+      CUTCE_TILE_STORE=$st python scripts/budget_sweep.py --shapes gemma2-2b,16384,4096,32768 \
+        --budgets 2 2>&1 | grep "^| [gN]\|^| ll\|^| [0-9]"
     done | tee "$OUT/tune-loss.log"
-    # 2. fused distillation: bulk stores x tiles (64x128 and 128x64 with 8 warps spill nothing),
-    #    then the persistent dz launch
+    # 2. fused distillation: bulk stores x tiles for the JSD (64x128 with 8 warps spills nothing),
+    #    the forward KL with stores, then the persistent dz launch
     for st in 0 1; do
-      for t in 128,128,64,8,4 64,128,64,8,4 128,64,64,8,4; do
-        for b in 0 0.5; do
-          CUTCE_TILE_STORE=$st python scripts/bench_distill.py --betas $b --providers cutce \
-            --memory-budget 4 --reps 3 --tile $t 2>&1 | grep "^| $b" | sed "s/^/store $st tile $t /"
-        done
+      for t in 128,128,64,8,4 64,128,64,8,4; do
+        CUTCE_TILE_STORE=$st python scripts/bench_distill.py --betas 0.5 --providers cutce \
+          --memory-budget 4 --reps 3 --tile $t 2>&1 | grep "^| 0" | sed "s/^/store $st tile $t /"
       done
+      CUTCE_TILE_STORE=$st python scripts/bench_distill.py --betas 0 --providers cutce \
+        --memory-budget 4 --reps 3 2>&1 | grep "^| 0" | sed "s/^/store $st default tile /"
     done | tee "$OUT/tune-distill.log"
-    for p in 1 2; do
-      for b in 0 0.5; do
-        CUTCE_DISTILL_DZ_PROGRAMS_PER_SM=$p python scripts/bench_distill.py --betas $b \
-          --providers cutce --memory-budget 4 --reps 3 2>&1 | grep "^| $b" | sed "s/^/dz programs\/SM $p /"
-      done
-    done | tee -a "$OUT/tune-distill.log"
+    CUTCE_DISTILL_DZ_PROGRAMS_PER_SM=1 python scripts/bench_distill.py --betas 0.5 \
+      --providers cutce --memory-budget 4 --reps 3 2>&1 | grep "^| 0" | sed "s/^/dz programs\/SM 1 /" \
+      | tee -a "$OUT/tune-distill.log"
     # 3. the loss's forward alone at V=32k (1.16-1.20x): the split count (the default picks 8)
-    for sp in 0 4 6 11 16; do
+    for sp in 0 6 11; do
       echo "== CUTCE_VOCAB_SPLITS=$sp (0: the default)"
       CUTCE_VOCAB_SPLITS=$([ $sp = 0 ] || echo $sp) python -m cutce.cli bench --device cuda \
         --shape 16384,4096,32768 --data zipf --providers cutce-triton --mode fwd --repeats 5 \

@@ -303,7 +303,7 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         x_all.fill_(float("nan"))
         tbl_all.fill_(float("nan"))
     tma, kw = _flags(t, hs, ws, ht, wt, bs, bt, cap_s, cap_t)
-    store = tma and configs.tile_store() and configs.use_tma(x_all)
+    store = tma and configs.tile_store("distill") and configs.use_tma(x_all)
     descs = [tma_descriptor(x, t.block_n if i % 2 == 0 else t.block_v, t.block_k) if tma else x
              for i, x in enumerate((hs, ws, ht, wt))]
     need_ce = ce_weight > 0

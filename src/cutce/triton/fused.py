@@ -267,7 +267,7 @@ def _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap
     tma = configs.use_tma(hidden, weight, x)
     h_desc = tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden
     w_desc = tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight
-    store = tma and not refill and configs.tile_store()
+    store = tma and not refill and configs.tile_store("loss")
     x_desc = tma_descriptor(x[:, :v], cfg.block_n, cfg.block_v) if store else x
     _fused_logits_kernel[(n_row_blocks * n_splits,)](
         hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets, c, k, x,
