@@ -30,7 +30,6 @@ float32 chunk result (chunk x Ds x 4).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -40,7 +39,7 @@ import triton.language as tl
 from . import configs
 from .backward import _accumulate_f32, _mm_f32
 from .common import head_tile, tma_descriptor
-from .distill import FWD_KL, Tile, _combine, _log_mix, _online, _splits, init_online, store_online
+from .distill import FWD_KL, Tile, _combine, _online, _splits, init_online, store_online
 from .distill import tile as _recompute_tile
 from .fused import copy_cast_
 
@@ -120,7 +119,7 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
 @triton.jit
 def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, tbl_ptr, st_ptr,
                sum_ptr, n0, n1, V, Ds, stride_hs, stride_ws, stride_x, stride_tbl, cap_s, inv_temp,
-               temperature, beta, log_beta, log_1mbeta, ce_weight, n_row_blocks,
+               temperature, beta, ce_weight, n_row_blocks,
                MODE: tl.constexpr, PASS: tl.constexpr, NEED_CE: tl.constexpr,
                HAS_BS: tl.constexpr, CAP_S: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
@@ -158,12 +157,16 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, t
         log_q = zs - lse_s
         q = tl.exp(log_q)
         if MODE == 2:
-            # log p = log X + mt - lse_t, -inf where X underflowed (p = 0 there, and log m is then
-            # log q + log(1 - beta): finite, unlike log p)
-            log_p = tl.where(x > 0, tl.log(tl.where(x > 0, x, 1.0)) + rel_t, float("-inf"))
-            log_m = _log_mix(log_p, log_q, log_beta, log_1mbeta)
+            # m itself, then one log: two transcendentals per entry with q's exp, not five
+            # through logaddexp (one program per SM runs its epilogue between its products, so
+            # they added ~7 ms per pass at the Qwen pair). Where m is 0 so is q (beta < 1), and
+            # p too up to an underflow: any finite log m gives their terms 0.
+            m = beta * p + (1.0 - beta) * q
+            log_m = tl.log(tl.where(m > 0, m, 1.0))
         if PASS == 1:  # the JSD's row sums KL(p||m), KL(q||m), per (row, tile)
-            kp = tl.sum(tl.where(omask, p * tl.where(x > 0, log_p - log_m, 0.0), 0.0), 1)
+            # log p = log X + mt - lse_t where X > 0 (p = 0 elsewhere: no term)
+            log_p = tl.log(tl.where(x > 0, x, 1.0)) + rel_t
+            kp = tl.sum(tl.where(omask & (x > 0), p * (log_p - log_m), 0.0), 1)
             kq = tl.sum(tl.where(omask, q * (log_q - log_m), 0.0), 1)
             n_tiles = tl.cdiv(V, BLOCK_V)
             tl.store(sum_ptr + r_loc * n_tiles + vt, kp, mask=rmask)
@@ -307,8 +310,6 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
     descs = [tma_descriptor(x, t.block_n if i % 2 == 0 else t.block_v, t.block_k) if tma else x
              for i, x in enumerate((hs, ws, ht, wt))]
     need_ce = ce_weight > 0
-    log_b = math.log(beta) if 0.0 < beta < 1.0 else 0.0
-    log_1mb = math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0
     bs_, bt_ = (bs if bs is not None else hs), (bt if bt is not None else ht)
     for n0 in range(0, n, chunk):
         n1 = min(n0 + chunk, n)
@@ -334,7 +335,7 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         st[3] = coef[n0:n1]
         dz_args = (hs, ws, bs_, descs[0], descs[1], targets, x, x_desc, tbl, st)
         dz_scal = (n0, n1, v, ds, hs.stride(0), ws.stride(0), x.stride(0), tbl.stride(0), cap_s,
-                   1.0 / temperature, temperature, beta, log_b, log_1mb, ce_weight, n_row_blocks)
+                   1.0 / temperature, temperature, beta, ce_weight, n_row_blocks)
         # one program per tile unless CUTCE_DISTILL_DZ_PROGRAMS_PER_SM asks for a persistent
         # launch (not yet measured on the GPU: see docs/distillation.md)
         grid = (configs.persistent_programs(n_row_blocks * n_tiles, dev,
