@@ -95,8 +95,9 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
         alpha = tl.exp(m_t - m_new)
         beta_ = tl.exp(mt - m_new)
         s_t = s_t * alpha + tl.sum(x, 1) * beta_
-        if MODE == 0:  # sum_j exp(zt - m_t) (zt - zs): KL(p||q) = its mean under p - lse_t + lse_s
-            gap = gap * alpha + tl.sum(x * tl.where(cmask[None, :], zt - zs, 0.0), 1) * beta_
+        # sum_j exp(zt - m_t) (zt - zs): KL(p||q) = its mean under p - lse_t + lse_s, the forward
+        # KL itself and the JSD's KL(p||m) = KL(p||q) + sum p (log q - log m) (see _dz_kernel)
+        gap = gap * alpha + tl.sum(x * tl.where(cmask[None, :], zt - zs, 0.0), 1) * beta_
         m_t = m_new
         if NEED_CE:  # the student's lse and target logit at temperature 1
             m_1, s_1, _, _ = _online(m_1, s_1, zs_m * temperature)
@@ -163,13 +164,16 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, t
             # p too up to an underflow: any finite log m gives their terms 0.
             m = beta * p + (1.0 - beta) * q
             log_m = tl.log(tl.where(m > 0, m, 1.0))
-        if PASS == 1:  # the JSD's row sums KL(p||m), KL(q||m), per (row, tile)
-            # log p = log X + mt - lse_t where X > 0 (p = 0 elsewhere: no term)
-            log_p = tl.log(tl.where(x > 0, x, 1.0)) + rel_t
-            kp = tl.sum(tl.where(omask & (x > 0), p * (log_p - log_m), 0.0), 1)
-            kq = tl.sum(tl.where(omask, q * (log_q - log_m), 0.0), 1)
+        if PASS == 1:  # the JSD's row sums, per (row, tile)
+            # both through one d = log q - log m: KL(q||m) = sum q d, KL(p||m) = KL(p||q) +
+            # sum p d (KL(p||q) from the forward's statistics). No log p per entry: its values
+            # live beside d's spilled 1.2 KB of registers per thread on sm_90, and the pass
+            # took twice the dz pass (3.2 vs 1.7 ms a chunk at the Qwen pair)
+            d = tl.where(omask, log_q - log_m, 0.0)
+            pd = tl.sum(p * d, 1)
+            kq = tl.sum(q * d, 1)
             n_tiles = tl.cdiv(V, BLOCK_V)
-            tl.store(sum_ptr + r_loc * n_tiles + vt, kp, mask=rmask)
+            tl.store(sum_ptr + r_loc * n_tiles + vt, pd, mask=rmask)
             tl.store(sum_ptr + (rc + r_loc) * n_tiles + vt, kq, mask=rmask)
         else:
             if MODE == 2:
@@ -331,7 +335,8 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         gap, zt1, m_s, s_s, m_t, s_t, m_1, s_1 = part.unbind(0)
         st = torch.zeros((5, rc), **f32)  # lse_s, lse_t, lse_1, coef, KL(q||m): the dz kernel's
         st[0] = _combine(m_s, s_s)[0]
-        st[1], mean_gap = _combine(m_t, s_t, gap if mode == FWD_KL else None)
+        st[1], mean_gap = _combine(m_t, s_t, gap)
+        kl_pq = mean_gap - st[1] + st[0]
         st[3] = coef[n0:n1]
         dz_args = (hs, ws, bs_, descs[0], descs[1], targets, x, x_desc, tbl, st)
         dz_scal = (n0, n1, v, ds, hs.stride(0), ws.stride(0), x.stride(0), tbl.stride(0), cap_s,
@@ -343,13 +348,13 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         # one tile per program: no loop to flatten (today's code, measured)
         flat = tma and configs.flatten() and grid[0] < n_row_blocks * n_tiles
         if mode == FWD_KL:
-            d = mean_gap - st[1] + st[0]
+            d = kl_pq
         else:
             sums = torch.empty((2, rc, n_tiles), **f32)
             _dz_kernel[grid](*dz_args, sums, *dz_scal, MODE=mode, PASS=1, NEED_CE=False,
                              FLATTEN=flat, TILE_STORE=store, **kw)
-            kp, st[4] = sums.sum(-1)
-            d = beta * kp + (1.0 - beta) * st[4]
+            p_d, st[4] = sums.sum(-1)
+            d = beta * (kl_pq + p_d) + (1.0 - beta) * st[4]
         if need_ce:
             st[2] = _combine(m_1, s_1)[0]
             d = (1.0 - ce_weight) * d + ce_weight * (st[2] - zt1.sum(0))
