@@ -203,7 +203,9 @@ def tile(dtype: torch.dtype) -> Tile:
     """The recompute kernels' tile (128x128x64, 4 stages for 16-bit inputs; on the H200 at the
     Qwen 7B -> 0.5B pair also the fused kernels' best: 35.3 vs 38.2 ms forward KL and 66.8 vs
     72.9 ms JSD against 3 stages; 128x64, 64x128, 128x256 and BLOCK_K 32 were slower, 5 stages
-    within noise), wider in the interpreter (its time goes per loop iteration);
+    within noise; with bulk stores too: 64x128, 128x256, 256x128, BLOCK_K 32 or 128, 3 stages
+    and 4 warps all slower or equal, docs/bench/tune_distill_v7.log), wider in the interpreter
+    (its time goes per loop iteration);
     CUTCE_DISTILL_FUSED_TILE="128,128,64,8,4" overrides it on the GPU (tuning runs)."""
     if configs.interpreting():
         return Tile(32, 64, 32, 1, 1)
