@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's checks, each part sized for one 10-minute device call:
-#   bash scripts/gpu_session.sh tests     # GPU tests of what landed last (kernels, fused, grads)
+#   bash scripts/gpu_session.sh tests     # every GPU test (kernels, fused, grads; ~9 minutes)
+#   bash scripts/gpu_session.sh landed    # what the last session landed untimed: its GPU tests,
+#                                         # profile and peers (~4 minutes; edit per session)
 #   bash scripts/gpu_session.sh budget    # time/memory vs memory_budget (scripts/budget_sweep.py)
 #   bash scripts/gpu_session.sh peers     # cutce bench tables with every peer (carry .whl/)
 #   bash scripts/gpu_session.sh compile   # transformers: compiled vs eager patched step
@@ -18,6 +20,16 @@ case "$1" in
   tests)
     python -m pytest -q -p no:cacheprovider -x --durations=15 tests/test_requires_grad.py tests/test_fused.py \
       tests/test_triton.py tests/test_triton_gpu.py tests/test_log_probs.py tests/test_class_weight.py tests/test_distill.py tests/test_distill_triton.py tests/test_distill_fused.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -45 ;;
+  landed)
+    # seventh session: the fused JSD's row sums through one d = log q - log m (b6e3edb)
+    python -m pytest -q -p no:cacheprovider -x tests/test_distill_fused.py 2>&1 | tail -3 \
+      | tee "$OUT/landed-tests.log"
+    python scripts/profile_distill.py --beta 0.5 --launches 2>&1 | grep -v "Warn\|_warn" \
+      | tee "$OUT/landed-profile.log" | tail -14
+    for b in 0.5 0; do
+      python scripts/bench_distill.py --betas $b --providers cutce,trl,liger,compile \
+        --memory-budget 4 --reps 5 2>&1 | grep -v Warning | grep "^| \|^#"
+    done | tee "$OUT/landed-distill.log" ;;
   budget)
     python scripts/budget_sweep.py "${@:2}" 2>&1 | grep -v Warning | tee "$OUT/budget.log" ;;
   peers)
@@ -63,5 +75,5 @@ case "$1" in
         --shape 16384,4096,32768 --data zipf --providers cutce-triton --mode fwd --repeats 5 \
         --warmup 2 --no-plot --out "$OUT/splits$sp" 2>&1 | grep "cutce-triton"
     done | tee -a "$OUT/tune-loss.log" ;;
-  *) echo "usage: $0 tests|budget|peers|compile|rl|distill|tune"; exit 2 ;;
+  *) echo "usage: $0 tests|landed|budget|peers|compile|rl|distill|tune"; exit 2 ;;
 esac

@@ -22,6 +22,8 @@ ap.add_argument("--launches", action="store_true",
                 help="also list one call's kernels in launch order with their times (the dz\n"
                 "kernel's two JSD passes share a name)")
 args = ap.parse_args()
+if not torch.cuda.is_available():
+    raise SystemExit("profile_distill.py: needs a CUDA device (it profiles the Triton kernels)")
 n, ds, dt, v = map(int, args.shape.split(","))
 g = torch.Generator("cuda").manual_seed(0)
 hs = torch.randn(n, ds, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
