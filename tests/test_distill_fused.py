@@ -83,7 +83,8 @@ def test_fused_tile_store_both_ways(gen, case, store, fused_calls, monkeypatch):
 @pytest.mark.parametrize("beta", [0.0, 0.4])
 def test_fused_peaked_teacher(gen, beta, fused_calls):
     """Teacher logits of std ~60: most of X underflows to 0 (p below e^-104 of its tile's max),
-    where the JSD's log p is -inf and log m falls back on log q + log(1 - beta)."""
+    where the JSD's m is (1 - beta) q alone, and KL(p||q) (from the forward's statistics) is
+    large beside KL(p||m) = KL(p||q) + sum p (log q - log m): the loss value's cancellation."""
     hs, ws, bs, ht, wt, bt, t = make(gen, lead=40, ds=24, dt=32, v=200)
     wt = (wt.detach() * 20.0).requires_grad_(False)
     check(gen, _to(DEV, (hs, ws, bs, ht, wt, bt, t)), torch.float32, impl="triton", beta=beta)
