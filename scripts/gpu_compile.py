@@ -39,8 +39,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 # bytes of dynamic shared memory one block may use: sm_90 (H100/H200), sm_80 (A100)
 SMEM_LIMIT = {90: 232448, 80: 166912}
 ARCH = 90
-_VARIANT_KEYS = ("MODE", "PASS", "REFILL", "SOFTCAP", "CAP_S", "TILE_STORE", "BLOCK_N", "BLOCK_V",
-                 "BLOCK_K")  # the constexprs printed per compiled variant
+_VARIANT_KEYS = ("MODE", "PASS", "REFILL", "SOFTCAP", "CAP_S", "TILE_STORE", "STORE_S", "BLOCK_N",
+                 "BLOCK_V", "BLOCK_K")  # the constexprs printed per compiled variant
 
 
 class _HopperWithoutGPU:
@@ -149,11 +149,14 @@ def run_all():
         stats, *_ = distill.forward(hs, ws, bs, ht, wt, bt, t, mode, beta, 2.0, 0.0, 0.0, True)
         distill.backward(hs, ws, bs, ht, wt, bt, t, stats, torch.ones(300, **f32), mode, beta,
                          2.0, 0.0, 0.0, 0.1, (True, True, True, False, False, False))
-        for store in (False, True) if mode != distill.REV_KL else ():
-            configs.TILE_STORE = store
+        # with the student's Xs stored too (no CE term: ce_weight 0), bulk and pointer stores
+        for store, xs in ((False, False), (True, False), (False, True), (True, True)) \
+                if mode != distill.REV_KL else ():
+            configs.TILE_STORE, configs.DISTILL_STUDENT_X = store, xs
             distill_fused.fused_total(hs, ws, bs, ht, wt, bt, t, torch.ones(300, **f32), mode,
-                                      beta, 2.0, 0.0, 0.0, 0.1, 128, False, True, True, True)
-        configs.TILE_STORE = None
+                                      beta, 2.0, 0.0, 0.0, 0.0 if xs else 0.1, 128, False, True,
+                                      True, True)
+        configs.TILE_STORE = configs.DISTILL_STUDENT_X = None
 
 
 def main():

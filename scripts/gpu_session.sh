@@ -2,7 +2,7 @@
 # One GPU session's checks, each part sized for one 10-minute device call:
 #   bash scripts/gpu_session.sh tests     # every GPU test (kernels, fused, grads; ~9 minutes)
 #   bash scripts/gpu_session.sh landed    # what the last session landed untimed: its GPU tests,
-#                                         # profile and peers (~4 minutes; edit per session)
+#                                         # profile, peers and A/Bs (~6 minutes; edit per session)
 #   bash scripts/gpu_session.sh budget    # time/memory vs memory_budget (scripts/budget_sweep.py)
 #   bash scripts/gpu_session.sh peers     # cutce bench tables with every peer (carry .whl/)
 #   bash scripts/gpu_session.sh compile   # transformers: compiled vs eager patched step
@@ -21,7 +21,8 @@ case "$1" in
     python -m pytest -q -p no:cacheprovider -x --durations=15 tests/test_requires_grad.py tests/test_fused.py \
       tests/test_triton.py tests/test_triton_gpu.py tests/test_log_probs.py tests/test_class_weight.py tests/test_distill.py tests/test_distill_triton.py tests/test_distill_fused.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -45 ;;
   landed)
-    # seventh session: the fused JSD's row sums through one d = log q - log m (b6e3edb)
+    # seventh session: the fused JSD's row sums through one d = log q - log m (b6e3edb), and
+    # the opt-in elementwise dz passes (configs.DISTILL_STUDENT_X)
     python -m pytest -q -p no:cacheprovider -x tests/test_distill_fused.py 2>&1 | tail -3 \
       | tee "$OUT/landed-tests.log"
     python scripts/profile_distill.py --beta 0.5 --launches 2>&1 | grep -v "Warn\|_warn" \
@@ -29,7 +30,15 @@ case "$1" in
     for b in 0.5 0; do
       python scripts/bench_distill.py --betas $b --providers cutce,trl,liger,compile \
         --memory-budget 4 --reps 5 2>&1 | grep -v Warning | grep "^| \|^#"
-    done | tee "$OUT/landed-distill.log" ;;
+    done | tee "$OUT/landed-distill.log"
+    # the student's Xs stored too (elementwise dz passes; one more chunk buffer beyond the
+    # budget): A/B at budget 4, and at 2 (about budget 4's peak with the second buffer)
+    for xs in 0 1; do
+      for b in 0.5 0; do
+        CUTCE_DISTILL_STUDENT_X=$xs python scripts/bench_distill.py --betas $b --providers cutce \
+          --memory-budget 2 4 --reps 5 2>&1 | grep "^| 0" | sed "s/^/student X $xs /"
+      done
+    done | tee -a "$OUT/landed-distill.log" ;;
   budget)
     python scripts/budget_sweep.py "${@:2}" 2>&1 | grep -v Warning | tee "$OUT/budget.log" ;;
   peers)

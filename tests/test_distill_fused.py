@@ -80,11 +80,35 @@ def test_fused_tile_store_both_ways(gen, case, store, fused_calls, monkeypatch):
     assert any(shape[-1] == v for shape in made) == store, "X's descriptor iff bulk stores"
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.4])
-def test_fused_peaked_teacher(gen, beta, fused_calls):
+@pytest.mark.parametrize("case,store", [("fkl", True), ("fkl-no-targets", False),
+                                        ("jsd", False), ("jsd-other-ce", True)])
+def test_fused_student_x(gen, case, store, fused_calls, monkeypatch):
+    """The student's Xs stored too (configs.DISTILL_STUDENT_X, opt-in until timed): the dz passes
+    are elementwise (distill_dz) for calls without a CE term or student softcap; jsd-other-ce
+    (CE term) keeps the product. Bulk or pointer stores of Xs, poisoned buffers."""
+    from cutce.triton import distill_dz
+    monkeypatch.setattr(configs, "DISTILL_STUDENT_X", True)
+    monkeypatch.setattr(configs, "TILE_STORE", store)
+    passes = []
+    real = distill_dz.dz_pass
+    monkeypatch.setattr(distill_dz, "dz_pass", lambda *a: passes.append(a[-1]) or real(*a))
+    beta, lead, (ds, dt, v), mk, opts = CASES[case]
+    tensors = _to(DEV, make(gen, lead=lead, ds=ds, dt=dt, v=v, **mk))
+    check(gen, tensors, torch.float32, impl="triton", beta=beta, **opts)
+    assert fused_calls and all(c == (20, False) for c in fused_calls)
+    if "ce" in case:
+        assert passes == []
+    else:
+        assert passes and set(passes) == ({1, 2} if beta > 0 else {2})
+
+
+@pytest.mark.parametrize("beta,student_x", [(0.0, False), (0.4, False), (0.0, True), (0.4, True)])
+def test_fused_peaked_teacher(gen, beta, student_x, fused_calls, monkeypatch):
     """Teacher logits of std ~60: most of X underflows to 0 (p below e^-104 of its tile's max),
     where the JSD's m is (1 - beta) q alone, and KL(p||q) (from the forward's statistics) is
-    large beside KL(p||m) = KL(p||q) + sum p (log q - log m): the loss value's cancellation."""
+    large beside KL(p||m) = KL(p||q) + sum p (log q - log m): the loss value's cancellation.
+    Also with the student's Xs stored (elementwise dz passes)."""
+    monkeypatch.setattr(configs, "DISTILL_STUDENT_X", student_x)
     hs, ws, bs, ht, wt, bt, t = make(gen, lead=40, ds=24, dt=32, v=200)
     wt = (wt.detach() * 20.0).requires_grad_(False)
     check(gen, _to(DEV, (hs, ws, bs, ht, wt, bt, t)), torch.float32, impl="triton", beta=beta)

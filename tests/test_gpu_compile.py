@@ -35,4 +35,4 @@ def test_every_kernel_compiles_for_the_gpu(tmp_path, arch):
                      ("fused", "_row_scale_kernel"),
                      ("rows", "_row_coefs_kernel"), ("distill", "_fwd_kernel"),
                      ("distill", "_dz_kernel"), ("distill_fused", "_stats_kernel"),
-                     ("distill_fused", "_dz_kernel")}, names
+                     ("distill_dz", "_dz_kernel"), ("distill_dz", "_dz_ew_kernel")}, names

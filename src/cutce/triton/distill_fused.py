@@ -4,28 +4,31 @@ For reduction "mean"/"sum" with a frozen teacher every row's weight c_i is known
 so (as the loss's fused strategy, :mod:`cutce.plan`) each chunk of tokens is finished there:
 
 1. :func:`_stats_kernel` (row blocks x vocabulary splits) computes both heads' logit tiles, the
-   online log-sum-exps of both (and at T = 1 for the CE term), Σ p (z_t - z_s) for the forward
-   KL, and stores the teacher's X_ij = exp(z_t,ij - mt_i,tile) in 16 bits, where mt is the row's
-   max over the tile (kept in a float32 rows x tiles table): X <= 1 never overflows, and once
-   lse_t is known p_ij = X_ij exp(mt_i,tile - lse_t,i), exact up to X's 16-bit rounding.
+   online log-sum-exps of both (and at T = 1 for the CE term), Σ p (z_t - z_s) (hence
+   KL(p||q)), and stores the teacher's X_ij = exp(z_t,ij - mt_i,tile) in 16 bits, where mt is
+   the row's max over the tile (kept in a float32 rows x tiles table): X <= 1 never overflows,
+   and once lse_t is known p_ij = X_ij exp(mt_i,tile - lse_t,i), exact up to X's 16-bit
+   rounding. With configs.DISTILL_STUDENT_X it stores the student's Xs the same way.
 2. The splits' statistics are combined per row (lse_s, lse_t, lse_1, the divergence).
-3. :func:`_dz_kernel` recomputes the student's tile (a quarter of the teacher's product at the
-   Qwen 7B -> 0.5B pair) and writes dz_s = c_i ((1 - w)/T (q - p) + w (softmax(z_s) - onehot))
-   (times the softcap's derivative) over X, in X's bytes. For the JSD a first launch of the same
-   kernel sums KL(p||m) and KL(q||m) per row (its gradient needs them).
+3. The dz passes (:mod:`cutce.triton.distill_dz`) write dz_s = c_i ((1 - w)/T (q - p) +
+   w (softmax(z_s) - onehot)) (times the softcap's derivative) over X, in X's bytes, from a
+   recomputed student tile (a quarter of the teacher's product at the Qwen 7B -> 0.5B pair) or,
+   with Xs stored, elementwise. For the JSD a first pass sums Σ p d and Σ q d per row,
+   d = log q - log m: KL(q||m) (its gradient needs it) and KL(p||m) = KL(p||q) + Σ p d.
 4. cuBLAS: dE[chunk] = dz @ W_s (float32 result, rounded once), dC += dz^T @ E[chunk] (float32
    accumulator across chunks, cast once at the end), dbias += column sums of dz.
 
 The backward only scales the gradients by the upstream scalar (:func:`cutce.plan.fused_backward`).
 Products of N x Ds x V (the student's): 4 + 1 (stats) + 1 (dz) + 2 (dE, dC) = 8 for the forward
-KL, 9 for the JSD, against 12 and 17 for the recompute kernels (:mod:`cutce.triton.distill`).
-The reverse KL stays there: its gradient q (log q - log p - D) needs log p to any depth, which a
-16-bit X cannot give where p underflows (the JSD's log m is bounded by log q + log(1 - beta)).
+KL, 9 for the JSD (6 for both with Xs stored), against 12 and 17 for the recompute kernels
+(:mod:`cutce.triton.distill`). The reverse KL stays there: its gradient q (log q - log p - D)
+needs log p to any depth, which a 16-bit X cannot give where p underflows (the JSD's log m is
+bounded by log q + log(1 - beta)).
 
 Memory beyond the student's gradients (:func:`extra_bytes`): X, chunk x V 16-bit values, in dC's
 own bytes while chunk <= Ds (dC is only written at the end), the float32 dC accumulator
 (V x Ds x 4 bytes, with more than one chunk and 16-bit weights), the tile-max table and dE's
-float32 chunk result (chunk x Ds x 4).
+float32 chunk result (chunk x Ds x 4); Xs and its table too when stored (not yet in the plan).
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, distill_dz
 from .backward import _accumulate_f32, _mm_f32
 from .common import head_tile, tma_descriptor
+from .distill_dz import _dz_kernel
 from .distill import FWD_KL, Tile, _combine, _online, _splits, init_online, store_online
 from .distill import tile as _recompute_tile
 from .fused import copy_cast_
@@ -51,15 +55,27 @@ FORCE_CHUNK = None
 
 
 @triton.jit
+def _store_tile(x_ptr, x_desc, x, rb, vt, r_loc, cols, rmask, cmask, stride_x,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, TILE_STORE: tl.constexpr):
+    """A (BLOCK_N, BLOCK_V) tile into a chunk x V buffer, rows r_loc, columns cols."""
+    if TILE_STORE:  # bulk store (configs.TILE_STORE): clips the ragged edges itself
+        x_desc.store([rb * BLOCK_N, vt * BLOCK_V], x.to(x_desc.dtype))
+    else:
+        omask = rmask[:, None] & cmask[None, :]
+        tl.store(x_ptr + r_loc[:, None] * stride_x + cols[None, :],
+                 x.to(x_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
 def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_desc, ht_desc,
-                  wt_desc, t_ptr, x_ptr, x_desc, tbl_ptr, part_ptr, n0, n1, V, Ds, Dt, stride_hs,
-                  stride_ws, stride_ht, stride_wt, stride_x, stride_tbl, cap_s, cap_t, inv_temp,
-                  temperature, tiles_per_split, n_row_blocks, MODE: tl.constexpr,
+                  wt_desc, t_ptr, x_ptr, x_desc, tbl_ptr, xs_ptr, xs_desc, tbls_ptr, part_ptr,
+                  n0, n1, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, stride_x,
+                  stride_tbl, cap_s, cap_t, inv_temp, temperature, tiles_per_split, n_row_blocks,
                   NEED_CE: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
                   CAP_S: tl.constexpr, CAP_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                   PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr,
-                  USE_TMA: tl.constexpr, TILE_STORE: tl.constexpr):
+                  USE_TMA: tl.constexpr, TILE_STORE: tl.constexpr, STORE_S: tl.constexpr):
     pid = tl.program_id(0)
     rb = pid % n_row_blocks  # token blocks fastest: concurrent programs share weight tiles
     split = pid // n_row_blocks
@@ -87,7 +103,17 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
                           CAP_T, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_KT, USE_TMA)
         zs_m = tl.where(cmask[None, :], zs, ninf)
         zt_m = tl.where(cmask[None, :], zt, ninf)
-        m_s, s_s, _, _ = _online(m_s, s_s, zs_m)
+        if STORE_S:  # the student's Xs too, as the teacher's X below (configs.DISTILL_STUDENT_X)
+            ms = tl.max(zs_m, 1)
+            xs = tl.exp(zs_m - ms[:, None])
+            ms_new = tl.maximum(m_s, ms)
+            s_s = s_s * tl.exp(m_s - ms_new) + tl.sum(xs, 1) * tl.exp(ms - ms_new)
+            m_s = ms_new
+            _store_tile(xs_ptr, xs_desc, xs, rb, vt, r_loc, cols, rmask, cmask, stride_x,
+                        BLOCK_N, BLOCK_V, TILE_STORE)
+            tl.store(tbls_ptr + r_loc * stride_tbl + vt, ms, mask=rmask)
+        else:
+            m_s, s_s, _, _ = _online(m_s, s_s, zs_m)
         # X from the tile's own max: the running statistics reuse its exponentials
         mt = tl.max(zt_m, 1)
         x = tl.exp(zt_m - mt[:, None])
@@ -102,12 +128,8 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
         if NEED_CE:  # the student's lse and target logit at temperature 1
             m_1, s_1, _, _ = _online(m_1, s_1, zs_m * temperature)
             zt1 += tl.sum(tl.where(cols[None, :] == tgt[:, None], zs * temperature, 0.0), 1)
-        if TILE_STORE:  # bulk store (configs.TILE_STORE): clips the ragged edges itself
-            x_desc.store([rb * BLOCK_N, vt * BLOCK_V], x.to(x_desc.dtype))
-        else:
-            omask = rmask[:, None] & cmask[None, :]
-            tl.store(x_ptr + r_loc[:, None] * stride_x + cols[None, :],
-                     x.to(x_ptr.dtype.element_ty), mask=omask)
+        _store_tile(x_ptr, x_desc, x, rb, vt, r_loc, cols, rmask, cmask, stride_x, BLOCK_N,
+                    BLOCK_V, TILE_STORE)
         tl.store(tbl_ptr + r_loc * stride_tbl + vt, mt, mask=rmask)
     rc = n1 - n0
     base = part_ptr + split * rc + r_loc
@@ -115,86 +137,6 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
     tl.store(base, gap, mask=rmask)
     tl.store(base + stride_q, zt1, mask=rmask)
     store_online(base + 2 * stride_q, stride_q, rmask, m_s, s_s, m_t, s_t, m_1, s_1)
-
-
-@triton.jit
-def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, tbl_ptr, st_ptr,
-               sum_ptr, n0, n1, V, Ds, stride_hs, stride_ws, stride_x, stride_tbl, cap_s, inv_temp,
-               temperature, beta, ce_weight, n_row_blocks,
-               MODE: tl.constexpr, PASS: tl.constexpr, NEED_CE: tl.constexpr,
-               HAS_BS: tl.constexpr, CAP_S: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, USE_TMA: tl.constexpr,
-               FLATTEN: tl.constexpr, TILE_STORE: tl.constexpr):
-    # One tile per step; a persistent launch (fewer programs than tiles, DZ_PROGRAMS_PER_SM)
-    # walks several, its software pipeline running on across them (the student's K is short).
-    n_work = n_row_blocks * tl.cdiv(V, BLOCK_V)
-    for w in tl.range(tl.program_id(0), n_work, tl.num_programs(0), flatten=FLATTEN):
-        rb = w % n_row_blocks
-        vt = w // n_row_blocks
-        r0 = n0 + rb * BLOCK_N
-        rows = r0 + tl.arange(0, BLOCK_N)
-        rmask = rows < n1
-        r_loc = (rows - n0).to(tl.int64)
-        cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
-        cmask = cols < V
-        zs, ts = head_tile(hs_ptr, ws_ptr, hs_desc, ws_desc, bs_ptr, r0, vt * BLOCK_V, rows,
-                           cols, rmask, cmask, Ds, stride_hs, stride_ws, 1.0, cap_s, inv_temp,
-                           HAS_BS, CAP_S, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_KS,
-                           USE_TMA)
-        rc = n1 - n0
-        # per-row values of the chunk (see fused_total): lse_s, lse_t, lse_1, weight c, KL(q||m)
-        lse_s = tl.load(st_ptr + r_loc, mask=rmask, other=0.0)[:, None]
-        lse_t = tl.load(st_ptr + rc + r_loc, mask=rmask, other=0.0)[:, None]
-        c = tl.load(st_ptr + 3 * rc + r_loc, mask=rmask, other=0.0)[:, None]
-        omask = rmask[:, None] & cmask[None, :]
-        if TILE_STORE:  # bulk load and store (configs.TILE_STORE): no tile of addresses
-            x = x_desc.load([rb * BLOCK_N, vt * BLOCK_V]).to(tl.float32)
-        else:
-            xp = x_ptr + r_loc[:, None] * stride_x + cols[None, :]
-            x = tl.load(xp, mask=omask, other=0.0).to(tl.float32)
-        rel_t = tl.load(tbl_ptr + r_loc * stride_tbl + vt, mask=rmask, other=0.0)[:, None] - lse_t
-        p = x * tl.exp(rel_t)
-        log_q = zs - lse_s
-        q = tl.exp(log_q)
-        if MODE == 2:
-            # m itself, then one log: two transcendentals per entry with q's exp, not five
-            # through logaddexp (one program per SM runs its epilogue between its products, so
-            # they added ~7 ms per pass at the Qwen pair). Where m is 0 so is q (beta < 1), and
-            # p too up to an underflow: any finite log m gives their terms 0.
-            m = beta * p + (1.0 - beta) * q
-            log_m = tl.log(tl.where(m > 0, m, 1.0))
-        if PASS == 1:  # the JSD's row sums, per (row, tile)
-            # both through one d = log q - log m: KL(q||m) = sum q d, KL(p||m) = KL(p||q) +
-            # sum p d (KL(p||q) from the forward's statistics). No log p per entry: its values
-            # live beside d's spilled 1.2 KB of registers per thread on sm_90, and the pass
-            # took twice the dz pass (3.2 vs 1.7 ms a chunk at the Qwen pair)
-            d = tl.where(omask, log_q - log_m, 0.0)
-            pd = tl.sum(p * d, 1)
-            kq = tl.sum(q * d, 1)
-            n_tiles = tl.cdiv(V, BLOCK_V)
-            tl.store(sum_ptr + r_loc * n_tiles + vt, pd, mask=rmask)
-            tl.store(sum_ptr + (rc + r_loc) * n_tiles + vt, kq, mask=rmask)
-        else:
-            if MODE == 2:
-                k_q = tl.load(st_ptr + 4 * rc + r_loc, mask=rmask, other=0.0)[:, None]
-                da = (1.0 - beta) * q * (log_q - log_m - k_q)
-            else:
-                da = q - p
-            dz = da * (c * ((1.0 - ce_weight) * inv_temp))
-            if NEED_CE:
-                lse_1 = tl.load(st_ptr + 2 * rc + r_loc, mask=rmask, other=0.0)[:, None]
-                tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
-                onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
-                dz += (c * ce_weight) * (tl.exp(zs * temperature - lse_1) - onehot)
-            if CAP_S:
-                dz = dz * (1.0 - ts * ts)
-            # where, not a product: an ignored row (NaN hidden state included) adds nothing
-            dz = tl.where(c != 0, dz, 0.0)
-            if TILE_STORE:
-                x_desc.store([rb * BLOCK_N, vt * BLOCK_V], dz.to(x_desc.dtype))
-            else:
-                tl.store(xp, dz.to(x_ptr.dtype.element_ty), mask=omask)
 
 
 # ---- plan ------------------------------------------------------------------------------------
@@ -308,32 +250,38 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         x_all = torch.empty((rows_max, _v_pad(v)), device=dev, dtype=x_dtype)
     n_tiles = triton.cdiv(v, t.block_v)
     tbl_all = torch.empty((rows_max, n_tiles), **f32)
+    need_ce = ce_weight > 0
+    # the student's Xs too (configs.DISTILL_STUDENT_X): elementwise dz passes, one more buffer
+    student_x = configs.distill_student_x() and not need_ce and cap_s == 0
+    xs_all, tbls_all = (torch.empty_like(x_all), torch.empty_like(tbl_all)) if student_x \
+        else (x_all, tbl_all)
     if configs.POISON:
-        x_all.fill_(float("nan"))
-        tbl_all.fill_(float("nan"))
+        for b in (x_all, tbl_all, xs_all, tbls_all):
+            b.fill_(float("nan"))
     tma, kw = _flags(t, hs, ws, ht, wt, bs, bt, cap_s, cap_t)
-    store = tma and configs.tile_store("distill") and configs.use_tma(x_all)
+    store = tma and configs.tile_store("distill") and configs.use_tma(x_all, xs_all)
     descs = [tma_descriptor(x, t.block_n if i % 2 == 0 else t.block_v, t.block_k) if tma else x
              for i, x in enumerate((hs, ws, ht, wt))]
-    need_ce = ce_weight > 0
     bs_, bt_ = (bs if bs is not None else hs), (bt if bt is not None else ht)
     for n0 in range(0, n, chunk):
         n1 = min(n0 + chunk, n)
         rc = n1 - n0
-        x, tbl = x_all[:rc], tbl_all[:rc]
+        x, tbl, xs, tbls = x_all[:rc], tbl_all[:rc], xs_all[:rc], tbls_all[:rc]
         n_row_blocks = triton.cdiv(rc, t.block_n)
         n_splits = _splits(n_row_blocks, n_tiles, dev)
         per = triton.cdiv(n_tiles, n_splits)
         n_splits = triton.cdiv(n_tiles, per)
         part = torch.empty((8, n_splits, rc), **f32)
-        x_desc = tma_descriptor(x[:, :v], t.block_n, t.block_v) if store else x
+        x_desc, xs_desc = (tma_descriptor(b[:, :v], t.block_n, t.block_v) if store else b
+                           for b in (x, xs))
         _stats_kernel[(n_row_blocks * n_splits,)](
-            hs, ws, bs_, ht, wt, bt_, *descs, targets, x, x_desc, tbl, part, n0, n1, v, ds,
+            hs, ws, bs_, ht, wt, bt_, *descs, targets, x, x_desc, tbl, xs, xs_desc, tbls, part,
+            n0, n1, v, ds,
             ht.shape[1],
             hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0), x.stride(0), tbl.stride(0),
-            cap_s, cap_t, 1.0 / temperature, temperature, per, n_row_blocks, MODE=mode,
-            NEED_CE=need_ce, HAS_BT=bt is not None, CAP_T=cap_t > 0,
-            EVEN_KT=ht.shape[1] % t.block_k == 0, TILE_STORE=store, **kw)
+            cap_s, cap_t, 1.0 / temperature, temperature, per, n_row_blocks, NEED_CE=need_ce,
+            HAS_BT=bt is not None, CAP_T=cap_t > 0, EVEN_KT=ht.shape[1] % t.block_k == 0,
+            TILE_STORE=store, STORE_S=student_x, **kw)
         gap, zt1, m_s, s_s, m_t, s_t, m_1, s_1 = part.unbind(0)
         st = torch.zeros((5, rc), **f32)  # lse_s, lse_t, lse_1, coef, KL(q||m): the dz kernel's
         st[0] = _combine(m_s, s_s)[0]
@@ -349,20 +297,27 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
                                             "CUTCE_DISTILL_DZ_PROGRAMS_PER_SM", 0),)
         # one tile per program: no loop to flatten (today's code, measured)
         flat = tma and configs.flatten() and grid[0] < n_row_blocks * n_tiles
+
+        def dz_pass(out, pass_):
+            if student_x:
+                distill_dz.dz_pass(x, xs, tbl, tbls, st, out, v, t.block_v, 1.0 / temperature,
+                                   beta, mode, pass_)
+            else:
+                _dz_kernel[grid](*dz_args, out, *dz_scal, MODE=mode, PASS=pass_,
+                                 NEED_CE=need_ce and pass_ == 2, FLATTEN=flat, TILE_STORE=store,
+                                 **kw)
         if mode == FWD_KL:
             d = kl_pq
         else:
             sums = torch.empty((2, rc, n_tiles), **f32)
-            _dz_kernel[grid](*dz_args, sums, *dz_scal, MODE=mode, PASS=1, NEED_CE=False,
-                             FLATTEN=flat, TILE_STORE=store, **kw)
+            dz_pass(sums, 1)
             p_d, st[4] = sums.sum(-1)
             d = beta * (kl_pq + p_d) + (1.0 - beta) * st[4]
         if need_ce:
             st[2] = _combine(m_1, s_1)[0]
             d = (1.0 - ce_weight) * d + ce_weight * (st[2] - zt1.sum(0))
         rows_out[n0:n1] = d
-        _dz_kernel[grid](*dz_args, st, *dz_scal, MODE=mode, PASS=2, NEED_CE=need_ce,
-                         FLATTEN=flat, TILE_STORE=store, **kw)
+        dz_pass(st, 2)
         dz = x[:, :v]
         if need_h:
             if x_dtype == dt == torch.float32:
