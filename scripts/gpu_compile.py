@@ -154,8 +154,8 @@ def run_all():
                 if mode != distill.REV_KL else ():
             configs.TILE_STORE, configs.DISTILL_STUDENT_X = store, xs
             distill_fused.fused_total(hs, ws, bs, ht, wt, bt, t, torch.ones(300, **f32), mode,
-                                      beta, 2.0, 0.0, 0.0, 0.0 if xs else 0.1, 128, False, True,
-                                      True, True)
+                                      beta, 2.0, 0.0, 0.0, 0.0 if xs else 0.1, 128, False, xs,
+                                      True, True, True)
         configs.TILE_STORE = configs.DISTILL_STUDENT_X = None
 
 

@@ -31,12 +31,12 @@ case "$1" in
       python scripts/bench_distill.py --betas $b --providers cutce,trl,liger,compile \
         --memory-budget 4 --reps 5 2>&1 | grep -v Warning | grep "^| \|^#"
     done | tee "$OUT/landed-distill.log"
-    # the student's Xs stored too (elementwise dz passes; one more chunk buffer beyond the
-    # budget): A/B at budget 4, and at 2 (about budget 4's peak with the second buffer)
+    # the student's Xs stored too (elementwise dz passes; a second chunk buffer, so chunks of
+    # 911 tokens at budget 4 and of 1664, budget 4's without Xs, at budget 6)
     for xs in 0 1; do
       for b in 0.5 0; do
         CUTCE_DISTILL_STUDENT_X=$xs python scripts/bench_distill.py --betas $b --providers cutce \
-          --memory-budget 2 4 --reps 5 2>&1 | grep "^| 0" | sed "s/^/student X $xs /"
+          --memory-budget 4 6 --reps 5 2>&1 | grep "^| 0" | sed "s/^/student X $xs /"
       done
     done | tee -a "$OUT/landed-distill.log" ;;
   budget)

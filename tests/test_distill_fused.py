@@ -159,11 +159,19 @@ def test_plan_at_the_bench_shape():
     dC's bytes, and the bytes within the budget."""
     n, v, ds, bf16 = 8192, 151936, 896, torch.bfloat16
     grads = kf.gradient_bytes(n, v, ds, bf16, True, True)
-    for budget, want in ((4.0, (1664, False)), (2.0, (896, True)), (8.0, (4096, False))):
+    for budget, want in ((4.0, (1664, False, False)), (2.0, (896, True, False)),
+                         (8.0, (4096, False, False))):
         got = kf.plan(n, v, ds, bf16, True, True, budget)
         assert got == want, (budget, got)
         assert kf.extra_bytes(n, v, ds, bf16, got[0], True, True) <= budget * grads
     assert kf.plan(n, v, ds, bf16, True, True, 1.5) is None  # dC's accumulator alone is 1.9x
+    # the student's Xs too: a second chunk x V buffer, so smaller chunks within the same budget;
+    # without them where no chunk fits with them (budget 2)
+    for budget, want in ((2.0, (896, True, False)), (3.0, (896, True, True)),
+                         (4.0, (911, False, True)), (8.0, (2731, False, True))):
+        got = kf.plan(n, v, ds, bf16, True, True, budget, xs=True)
+        assert got == want, (budget, got)
+        assert kf.extra_bytes(n, v, ds, bf16, got[0], True, True, got[2]) <= budget * grads
     assert kf.plan(n, v, ds, bf16, True, True, 0.0) is None
 
 

@@ -124,7 +124,8 @@ def _fused_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tens
     the fused strategy when the budget fits a chunk, else the recompute kernels run right away
     with the known per-row upstream gradients (coef)."""
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-    p = _kf.plan(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need_h, need_w, budget)
+    p = _kf.plan(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need_h, need_w, budget,
+                 _kf.stores_student_x(ce_weight, cap_s))
     mode = mode_of(beta)
     if p is not None:
         return _kf.fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature,
@@ -169,15 +170,16 @@ def fusable(hs, ws, bs, ht, wt, bt, beta, memory_budget):
             and memory_budget != 0)
 
 
-def fused_plan(hs, ws, bs, ht, wt, bt, beta, memory_budget):
-    """(chunk, x_in_dc) when a "mean"/"sum" call takes the fused strategy, else None: a
+def fused_plan(hs, ws, bs, ht, wt, bt, beta, memory_budget, xs=False):
+    """(chunk, x_in_dc, xs) when a "mean"/"sum" call takes the fused strategy, else None: a
     :func:`fusable` call whose budget (None: the default) fits a chunk
     (:func:`cutce.triton.distill_fused.plan`)."""
     if not fusable(hs, ws, bs, ht, wt, bt, beta, memory_budget):
         return None
     need = [t is not None and t.requires_grad for t in (hs, ws, bs)]
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-    return _kf.plan(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need[0], need[1], budget)
+    return _kf.plan(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need[0], need[1], budget,
+                    xs)
 
 
 def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, memory_budget=None) -> Tensor:
@@ -188,7 +190,9 @@ def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, memory_budget
     if torch.compiler.is_compiling():
         fused = fusable(hs, ws, bs, ht, wt, bt, scalars[0], memory_budget)
     else:
-        fused = fused_plan(hs, ws, bs, ht, wt, bt, scalars[0], memory_budget) is not None
+        beta, _, cap_s, _, ce_weight = scalars
+        fused = fused_plan(hs, ws, bs, ht, wt, bt, beta, memory_budget,
+                           _kf.stores_student_x(ce_weight, cap_s)) is not None
     if not fused:
         rows = _rows(hs, ws, bs, ht, wt, bt, targets, *scalars)
         return torch.where(coef != 0, rows * coef.detach().float(), 0.0).sum()

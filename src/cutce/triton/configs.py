@@ -166,8 +166,9 @@ def tile_store(kernel: str) -> bool:
 # Fused distillation without the student's recompute: the statistics kernel also writes the
 # student's Xs = exp(z_s/T - its tile max) in 16 bits, and the dz passes become elementwise
 # (triton/distill_dz.py) instead of a second student product each (the JSD's two took 3.2 + 1.7
-# ms a chunk at the Qwen pair). Costs one more chunk x V buffer, outside the plan's budget for
-# now; calls with a CE term or a student softcap keep the product. Off until the device A/B
+# ms a chunk at the Qwen pair). Costs one more chunk x V buffer, within the budget (the plan
+# then picks smaller chunks); calls with a CE term or a student softcap keep the product. Off
+# until the device A/B
 # (`bash scripts/gpu_session.sh landed`); env CUTCE_DISTILL_STUDENT_X=1 turns it on.
 DISTILL_STUDENT_X = None
 

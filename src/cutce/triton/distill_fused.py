@@ -28,7 +28,7 @@ bounded by log q + log(1 - beta)).
 Memory beyond the student's gradients (:func:`extra_bytes`): X, chunk x V 16-bit values, in dC's
 own bytes while chunk <= Ds (dC is only written at the end), the float32 dC accumulator
 (V x Ds x 4 bytes, with more than one chunk and 16-bit weights), the tile-max table and dE's
-float32 chunk result (chunk x Ds x 4); Xs and its table too when stored (not yet in the plan).
+float32 chunk result (chunk x Ds x 4); Xs and its table too when stored.
 """
 
 from __future__ import annotations
@@ -163,43 +163,57 @@ def _v_pad(v):
     return -(-v // 8) * 8  # X's rows 16-byte aligned (cuBLAS operands)
 
 
-def extra_bytes(n, v, ds, dtype, chunk, need_h, need_w, block_v=128):
+def extra_bytes(n, v, ds, dtype, chunk, need_h, need_w, xs=False, block_v=128):
     """Bytes beyond the student's gradients: X (or 0 in dC's bytes), dC's float32 accumulator,
     the tile-max table and the JSD's two per-tile sums (rows x tiles float32 each), dE's
-    float32 chunk result, the splits' partials (~512 bytes a row) and per-token values."""
+    float32 chunk result, the splits' partials (~512 bytes a row) and per-token values; with
+    xs (:func:`stores_student_x`) the student's Xs and its table too."""
     chunks = -(-n // chunk)
     acc = v * ds * 4 if need_w and chunks > 1 and dtype != torch.float32 else 0
     in_place = acc > 0 and chunk * _v_pad(v) <= v * ds
-    x = 0 if in_place else chunk * _v_pad(v) * _elt(dtype)
-    return x + acc + chunk * (3 * -(-v // block_v) * 4 + ds * 4 * need_h + 512) + n * 16
+    row = _v_pad(v) * _elt(dtype)
+    x = (0 if in_place else chunk * row) + xs * chunk * row
+    tables = (3 + xs) * -(-v // block_v) * 4
+    return x + acc + chunk * (tables + ds * 4 * need_h + 512) + n * 16
 
 
 def gradient_bytes(n, v, ds, dtype, need_h, need_w):
     return (need_h * n + need_w * v) * ds * _elt(dtype)
 
 
-def plan(n, v, ds, dtype, need_h, need_w, memory_budget):
-    """(chunk, x_in_dc) for the fused strategy, or None (recompute): the fewest token chunks
+def stores_student_x(ce_weight: float, cap_s: float) -> bool:
+    """Whether a fused call stores the student's Xs for elementwise dz passes
+    (configs.DISTILL_STUDENT_X; calls with a CE term or a student softcap recompute instead)."""
+    return configs.distill_student_x() and ce_weight <= 0 and cap_s == 0
+
+
+def plan(n, v, ds, dtype, need_h, need_w, memory_budget, xs=False):
+    """(chunk, x_in_dc, xs) for the fused strategy, or None (recompute): the fewest token chunks
     whose :func:`extra_bytes` fit in memory_budget x the gradients' bytes; chunks of equal,
-    128-multiple sizes (GEMM tiles) unless only the exact size fits."""
+    128-multiple sizes (GEMM tiles) unless only the exact size fits. xs: the call would store
+    the student's Xs too (:func:`stores_student_x`); it does when a chunk fits with them."""
     if memory_budget <= 0 or n == 0:
         return None
-    c = min(FORCE_CHUNK, n) if FORCE_CHUNK is not None else _chunk(n, v, ds, dtype, need_h,
-                                                                    need_w, memory_budget)
+    if FORCE_CHUNK is not None:
+        c = min(FORCE_CHUNK, n)
+    else:
+        c = _chunk(n, v, ds, dtype, need_h, need_w, memory_budget, True) if xs else None
+        if c is None:
+            c, xs = _chunk(n, v, ds, dtype, need_h, need_w, memory_budget, False), False
     if c is None:
         return None
     acc16 = need_w and -(-n // c) > 1 and dtype != torch.float32
-    return c, acc16 and c * _v_pad(v) <= v * ds
+    return c, acc16 and c * _v_pad(v) <= v * ds, xs
 
 
-def _chunk(n, v, ds, dtype, need_h, need_w, memory_budget):
+def _chunk(n, v, ds, dtype, need_h, need_w, memory_budget, xs):
     # no cache: at most n / 256 steps of integer arithmetic (32 at 8192 tokens), and
     # torch.compile traces through this function (it warns about lru_cache wrappers)
     budget = memory_budget * gradient_bytes(n, v, ds, dtype, need_h, need_w)
     for k in range(1, -(-n // MIN_CHUNK) + 1):
         exact = -(-n // k)
         for c in (min(n, -(-exact // 128) * 128), exact):
-            if extra_bytes(n, v, ds, dtype, c, need_h, need_w) <= budget:
+            if extra_bytes(n, v, ds, dtype, c, need_h, need_w, xs) <= budget:
                 return c
     return None
 
@@ -215,13 +229,14 @@ def _flags(t, hs, ws, ht, wt, bs, bt, cap_s, cap_t):
 
 
 def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, cap_s, cap_t,
-                ce_weight, chunk, x_in_dc, need_h, need_w, need_b):
+                ce_weight, chunk, x_in_dc, xs, need_h, need_w, need_b):
     """sum_i coef_i loss_i and its gradients w.r.t. the student's head, formed in the forward.
 
     Args: hs (N, Ds), ws (V, Ds), bs (V,) or None; ht (N, Dt), wt (V, Dt), bt (V,) or None (one
     dtype, bfloat16 or float32; float16 in the interpreter's tests), unit inner strides; targets
     (N,) int64 (any value where ce_weight is 0); coef (N,) float32, 0 for ignored rows; mode
-    FWD_KL or JSD; chunk: tokens per chunk; x_in_dc: X may live in dC's bytes (see plan).
+    FWD_KL or JSD; chunk: tokens per chunk; x_in_dc: X may live in dC's bytes; xs: store the
+    student's Xs for elementwise dz passes (only without a CE term or student softcap; see plan).
 
     Returns (total 0-dim float32, rows (N,) float32 per-token losses, dhs, dws, dbs in the
     inputs' dtypes, empty where not needed), as distill_total's recompute path computes them.
@@ -251,8 +266,9 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
     n_tiles = triton.cdiv(v, t.block_v)
     tbl_all = torch.empty((rows_max, n_tiles), **f32)
     need_ce = ce_weight > 0
-    # the student's Xs too (configs.DISTILL_STUDENT_X): elementwise dz passes, one more buffer
-    student_x = configs.distill_student_x() and not need_ce and cap_s == 0
+    # the student's Xs too (the plan's xs): elementwise dz passes, one more buffer
+    student_x = xs
+    assert not (xs and (need_ce or cap_s)), "Xs serve calls without a CE term or student softcap"
     xs_all, tbls_all = (torch.empty_like(x_all), torch.empty_like(tbl_all)) if student_x \
         else (x_all, tbl_all)
     if configs.POISON:
