@@ -8,7 +8,7 @@
 #   bash scripts/gpu_session.sh compile   # transformers: compiled vs eager patched step
 #   bash scripts/gpu_session.sh rl        # log-probs + entropy vs TRL, token_log_probs end to end
 #   bash scripts/gpu_session.sh distill   # distillation vs TRL, Liger, eager, compile (beta 0, 0.5)
-#   bash scripts/gpu_session.sh tune      # A/B of the options off by default (bulk stores, tiles, splits)
+#   bash scripts/gpu_session.sh tune      # A/B of tiles and options not yet timed (see the part)
 # Logs and CSVs go to $OUT.
 set -o pipefail
 export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
@@ -56,33 +56,30 @@ case "$1" in
       python scripts/bench_distill.py --betas $b --reps 3 2>&1 | grep -v Warning | tee -a "$OUT/distill.log"
     done ;;
   tune)
-    # A/B of the options that are off by default until timed here (docs/perf-notes.md v6), sized
-    # for one device call (~7 minutes):
-    # 1. bulk (TMA) tile stores: they remove the fused kernels' register spills on sm_90
-    for st in 0 1; do
-      echo "== CUTCE_TILE_STORE=$st"
-      CUTCE_TILE_STORE=$st python scripts/budget_sweep.py --shapes gemma2-2b,16384,4096,32768 \
-        --budgets 2 2>&1 | grep "^| [gN]\|^| ll\|^| [0-9]"
-    done | tee "$OUT/tune-loss.log"
-    # 2. fused distillation: bulk stores x tiles for the JSD (64x128 with 8 warps spills nothing),
-    #    the forward KL with stores, then the persistent dz launch
-    for st in 0 1; do
-      for t in 128,128,64,8,4 64,128,64,8,4; do
-        CUTCE_TILE_STORE=$st python scripts/bench_distill.py --betas 0.5 --providers cutce \
-          --memory-budget 4 --reps 3 --tile $t 2>&1 | grep "^| 0" | sed "s/^/store $st tile $t /"
+    # A/B of tiles and options not yet timed here, sized for one device call (~6 minutes).
+    # (Seventh session's tune, the bulk stores and distillation tiles: docs/benchmarks.md.)
+    # 1. the fused training call at budget 2 with the forward's 128x128, 4-warp tile (below):
+    #    106 KB of shared memory with pointer stores (two programs an SM, 1-1.6 KB of spills),
+    #    131 KB with bulk stores (one program, no spills)
+    for t in default 128,128,64,4,3; do
+      for st in 0 1; do
+        echo "== CUTCE_FWD_TILE=$t CUTCE_TILE_STORE=$st"
+        CUTCE_FWD_TILE=$([ $t = default ] || echo $t) CUTCE_TILE_STORE=$st \
+          python scripts/budget_sweep.py --shapes gemma2-2b,16384,4096,32768 --budgets 2 2>&1 \
+          | grep "^| [gN]\|^| ll\|^| [0-9]"
       done
-      CUTCE_TILE_STORE=$st python scripts/bench_distill.py --betas 0 --providers cutce \
-        --memory-budget 4 --reps 3 2>&1 | grep "^| 0" | sed "s/^/store $st default tile /"
-    done | tee "$OUT/tune-distill.log"
-    CUTCE_DISTILL_DZ_PROGRAMS_PER_SM=1 python scripts/bench_distill.py --betas 0.5 \
-      --providers cutce --memory-budget 4 --reps 3 2>&1 | grep "^| 0" | sed "s/^/dz programs\/SM 1 /" \
-      | tee -a "$OUT/tune-distill.log"
-    # 3. the loss's forward alone at V=32k (1.16-1.20x): the split count (the default picks 8)
-    for sp in 0 6 11; do
-      echo "== CUTCE_VOCAB_SPLITS=$sp (0: the default)"
-      CUTCE_VOCAB_SPLITS=$([ $sp = 0 ] || echo $sp) python -m cutce.cli bench --device cuda \
-        --shape 16384,4096,32768 --data zipf --providers cutce-triton --mode fwd --repeats 5 \
-        --warmup 2 --no-plot --out "$OUT/splits$sp" 2>&1 | grep "cutce-triton"
+    done | tee "$OUT/tune-loss.log"
+    # 2. the loss's forward alone (1.12-1.24x of the matmul; the split count measured within
+    #    noise, docs/benchmarks.md): a 128x128 tile with 4 warps takes 100 KB of shared memory
+    #    and 128 threads x 255 registers, so two programs fit an SM and one's softmax epilogue
+    #    can run under the other's product (gpu_compile.py --spills: 208 B stack)
+    for t in default 128,128,64,4,3 128,128,64,4,4 128,128,64,8,3; do
+      for s in 16384,4096,32768 gemma2-2b; do
+        echo "== CUTCE_FWD_TILE=$t $s"
+        CUTCE_FWD_TILE=$([ $t = default ] || echo $t) python -m cutce.cli bench --device cuda \
+          --shape $s --data zipf --providers cutce-triton --mode fwd --repeats 5 \
+          --warmup 2 --no-plot --out "$OUT/fwd-tiles" 2>&1 | grep "cutce-triton"
+      done
     done | tee -a "$OUT/tune-loss.log" ;;
   *) echo "usage: $0 tests|landed|budget|peers|compile|rl|distill|tune"; exit 2 ;;
 esac
