@@ -42,7 +42,6 @@ import triton.language as tl
 from . import configs, distill_dz
 from .backward import _accumulate_f32, _mm_f32
 from .common import head_tile, tma_descriptor
-from .distill_dz import _dz_kernel
 from .distill import FWD_KL, Tile, _combine, _online, _splits, init_online, store_online
 from .distill import tile as _recompute_tile
 from .fused import copy_cast_
@@ -64,6 +63,19 @@ def _store_tile(x_ptr, x_desc, x, rb, vt, r_loc, cols, rmask, cmask, stride_x,
         omask = rmask[:, None] & cmask[None, :]
         tl.store(x_ptr + r_loc[:, None] * stride_x + cols[None, :],
                  x.to(x_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _x_online(m, s, z):
+    """One tile's X = exp(z - mt), mt its rows' max, and the running (max m, sum s of exp(z - m))
+    updated from X's own exponentials; returns (m, s, X, mt, alpha, beta) with the new sum
+    s = alpha s_old + beta rowsum(X)."""
+    mt = tl.max(z, 1)
+    x = tl.exp(z - mt[:, None])
+    m_new = tl.maximum(m, mt)
+    alpha = tl.exp(m - m_new)
+    beta = tl.exp(mt - m_new)
+    return m_new, s * alpha + tl.sum(x, 1) * beta, x, mt, alpha, beta
 
 
 @triton.jit
@@ -104,27 +116,16 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
         zs_m = tl.where(cmask[None, :], zs, ninf)
         zt_m = tl.where(cmask[None, :], zt, ninf)
         if STORE_S:  # the student's Xs too, as the teacher's X below (configs.DISTILL_STUDENT_X)
-            ms = tl.max(zs_m, 1)
-            xs = tl.exp(zs_m - ms[:, None])
-            ms_new = tl.maximum(m_s, ms)
-            s_s = s_s * tl.exp(m_s - ms_new) + tl.sum(xs, 1) * tl.exp(ms - ms_new)
-            m_s = ms_new
+            m_s, s_s, xs, ms, _, _ = _x_online(m_s, s_s, zs_m)
             _store_tile(xs_ptr, xs_desc, xs, rb, vt, r_loc, cols, rmask, cmask, stride_x,
                         BLOCK_N, BLOCK_V, TILE_STORE)
             tl.store(tbls_ptr + r_loc * stride_tbl + vt, ms, mask=rmask)
         else:
             m_s, s_s, _, _ = _online(m_s, s_s, zs_m)
-        # X from the tile's own max: the running statistics reuse its exponentials
-        mt = tl.max(zt_m, 1)
-        x = tl.exp(zt_m - mt[:, None])
-        m_new = tl.maximum(m_t, mt)
-        alpha = tl.exp(m_t - m_new)
-        beta_ = tl.exp(mt - m_new)
-        s_t = s_t * alpha + tl.sum(x, 1) * beta_
+        m_t, s_t, x, mt, alpha, beta_ = _x_online(m_t, s_t, zt_m)
         # sum_j exp(zt - m_t) (zt - zs): KL(p||q) = its mean under p - lse_t + lse_s, the forward
         # KL itself and the JSD's KL(p||m) = KL(p||q) + sum p (log q - log m) (see _dz_kernel)
         gap = gap * alpha + tl.sum(x * tl.where(cmask[None, :], zt - zs, 0.0), 1) * beta_
-        m_t = m_new
         if NEED_CE:  # the student's lse and target logit at temperature 1
             m_1, s_1, _, _ = _online(m_1, s_1, zs_m * temperature)
             zt1 += tl.sum(tl.where(cols[None, :] == tgt[:, None], zs * temperature, 0.0), 1)
@@ -319,9 +320,9 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
                 distill_dz.dz_pass(x, xs, tbl, tbls, st, out, v, t.block_v, 1.0 / temperature,
                                    beta, mode, pass_)
             else:
-                _dz_kernel[grid](*dz_args, out, *dz_scal, MODE=mode, PASS=pass_,
-                                 NEED_CE=need_ce and pass_ == 2, FLATTEN=flat, TILE_STORE=store,
-                                 **kw)
+                distill_dz._dz_kernel[grid](*dz_args, out, *dz_scal, MODE=mode, PASS=pass_,
+                                            NEED_CE=need_ce and pass_ == 2, FLATTEN=flat,
+                                            TILE_STORE=store, **kw)
         if mode == FWD_KL:
             d = kl_pq
         else:
