@@ -170,16 +170,16 @@ def fusable(hs, ws, bs, ht, wt, bt, beta, memory_budget):
             and memory_budget != 0)
 
 
-def fused_plan(hs, ws, bs, ht, wt, bt, beta, memory_budget, xs=False):
-    """(chunk, x_in_dc, xs) when a "mean"/"sum" call takes the fused strategy, else None: a
-    :func:`fusable` call whose budget (None: the default) fits a chunk
-    (:func:`cutce.triton.distill_fused.plan`)."""
+def fused_plan(hs, ws, bs, ht, wt, bt, beta, memory_budget):
+    """The plan (:func:`cutce.triton.distill_fused.plan`) when a "mean"/"sum" call takes the
+    fused strategy, else None: a :func:`fusable` call whose budget (None: the default) fits a
+    chunk. Planned without the student's Xs: :func:`_fused_op` re-plans with them at run time,
+    and a chunk fits with them or the plan drops them, so the answer here is the same."""
     if not fusable(hs, ws, bs, ht, wt, bt, beta, memory_budget):
         return None
     need = [t is not None and t.requires_grad for t in (hs, ws, bs)]
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-    return _kf.plan(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need[0], need[1], budget,
-                    xs)
+    return _kf.plan(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need[0], need[1], budget)
 
 
 def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, memory_budget=None) -> Tensor:
@@ -190,9 +190,7 @@ def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, memory_budget
     if torch.compiler.is_compiling():
         fused = fusable(hs, ws, bs, ht, wt, bt, scalars[0], memory_budget)
     else:
-        beta, _, cap_s, _, ce_weight = scalars
-        fused = fused_plan(hs, ws, bs, ht, wt, bt, beta, memory_budget,
-                           _kf.stores_student_x(ce_weight, cap_s)) is not None
+        fused = fused_plan(hs, ws, bs, ht, wt, bt, scalars[0], memory_budget) is not None
     if not fused:
         rows = _rows(hs, ws, bs, ht, wt, bt, targets, *scalars)
         return torch.where(coef != 0, rows * coef.detach().float(), 0.0).sum()

@@ -168,8 +168,8 @@ def tile_store(kernel: str) -> bool:
 # (triton/distill_dz.py) instead of a second student product each (the JSD's two took 3.2 + 1.7
 # ms a chunk at the Qwen pair). Costs one more chunk x V buffer, within the budget (the plan
 # then picks smaller chunks); calls with a CE term or a student softcap keep the product. Off
-# until the device A/B
-# (`bash scripts/gpu_session.sh landed`); env CUTCE_DISTILL_STUDENT_X=1 turns it on.
+# until the device A/B (`bash scripts/gpu_session.sh landed`); env CUTCE_DISTILL_STUDENT_X=1
+# turns it on.
 DISTILL_STUDENT_X = None
 
 
