@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import cutce  # noqa: E402
 from cutce import api, loss, ops  # noqa: E402
-from cutce.triton import forward as tfw, fused, rows  # noqa: E402
+from cutce.triton import fused, rows  # noqa: E402
 from gpu_check import make_data  # noqa: E402
 
 ap = argparse.ArgumentParser()
