@@ -21,24 +21,23 @@ case "$1" in
     python -m pytest -q -p no:cacheprovider -x --durations=15 tests/test_requires_grad.py tests/test_fused.py \
       tests/test_triton.py tests/test_triton_gpu.py tests/test_log_probs.py tests/test_class_weight.py tests/test_distill.py tests/test_distill_triton.py tests/test_distill_fused.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -45 ;;
   landed)
-    # seventh session: the fused JSD's row sums through one d = log q - log m (b6e3edb), and
-    # the opt-in elementwise dz passes (configs.DISTILL_STUDENT_X)
-    python -m pytest -q -p no:cacheprovider -x tests/test_distill_fused.py 2>&1 | tail -3 \
+    # eighth session: the student's Xs on by default at budget 5, the fast log in the JSD's
+    # elementwise passes, their tile (rows, warps) A/B
+    python -m pytest -q -p no:cacheprovider -x tests/test_distill_fused.py tests/test_distill_triton.py \
+      "tests/test_triton_gpu.py::test_gpu_log_fast_subnormals_and_accuracy" 2>&1 | tail -3 \
       | tee "$OUT/landed-tests.log"
-    python scripts/profile_distill.py --beta 0.5 --launches 2>&1 | grep -v "Warn\|_warn" \
-      | tee "$OUT/landed-profile.log" | tail -14
     for b in 0.5 0; do
       python scripts/bench_distill.py --betas $b --providers cutce,trl,liger,compile \
-        --memory-budget 4 --reps 5 2>&1 | grep -v Warning | grep "^| \|^#"
+        --reps 5 2>&1 | grep -v Warning | grep "^| \|^#"
     done | tee "$OUT/landed-distill.log"
-    # the student's Xs stored too (elementwise dz passes; a second chunk buffer, so chunks of
-    # 911 tokens at budget 4 and of 1664, budget 4's without Xs, at budget 6)
-    for xs in 0 1; do
+    for t in 8,4 16,8 16,4; do
       for b in 0.5 0; do
-        CUTCE_DISTILL_STUDENT_X=$xs python scripts/bench_distill.py --betas $b --providers cutce \
-          --memory-budget 4 6 --reps 5 2>&1 | grep "^| 0" | sed "s/^/student X $xs /"
+        CUTCE_DZ_EW_TILE=$t python scripts/bench_distill.py --betas $b --providers cutce \
+          --memory-budget 5 --reps 5 2>&1 | grep "^| 0" | sed "s/^/ew tile $t /"
       done
-    done | tee -a "$OUT/landed-distill.log" ;;
+    done | tee -a "$OUT/landed-distill.log"
+    python scripts/profile_distill.py --beta 0.5 --launches 2>&1 | grep -v "Warn\|_warn" \
+      | tee "$OUT/landed-profile.log" | head -12 ;;
   budget)
     python scripts/budget_sweep.py "${@:2}" 2>&1 | grep -v Warning | tee "$OUT/budget.log" ;;
   peers)
@@ -80,6 +79,11 @@ case "$1" in
           --shape $s --data zipf --providers cutce-triton --mode fwd --repeats 5 \
           --warmup 2 --no-plot --out "$OUT/fwd-tiles" 2>&1 | grep "cutce-triton"
       done
-    done | tee -a "$OUT/tune-loss.log" ;;
+    done | tee -a "$OUT/tune-loss.log"
+    # 3. distillation with the student's Xs stored, across budgets (what default to pick)
+    for b in 0.5 0; do
+      CUTCE_DISTILL_STUDENT_X=1 python scripts/bench_distill.py --betas $b --providers cutce \
+        --memory-budget 3 5 8 --reps 5 2>&1 | grep "^| 0"
+    done | tee "$OUT/tune-distill.log" ;;
   *) echo "usage: $0 tests|landed|budget|peers|compile|rl|distill|tune"; exit 2 ;;
 esac

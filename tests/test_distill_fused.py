@@ -83,9 +83,11 @@ def test_fused_tile_store_both_ways(gen, case, store, fused_calls, monkeypatch):
 @pytest.mark.parametrize("case,store", [("fkl", True), ("fkl-no-targets", False),
                                         ("jsd", False), ("jsd-other-ce", True)])
 def test_fused_student_x(gen, case, store, fused_calls, monkeypatch):
-    """The student's Xs stored too (configs.DISTILL_STUDENT_X, opt-in until timed): the dz passes
-    are elementwise (distill_dz) for calls without a CE term or student softcap; jsd-other-ce
-    (CE term) keeps the product. Bulk or pointer stores of Xs, poisoned buffers."""
+    """The student's Xs stored too (configs.DISTILL_STUDENT_X, the default since the H200 A/B):
+    the dz passes are elementwise (distill_dz) for calls without a CE term or student softcap;
+    jsd-other-ce (CE term) keeps the product. Bulk or pointer stores of Xs, poisoned buffers.
+    (test_fused_matches_oracle runs the default; the product form without a CE term is
+    test_fused_peaked_teacher's student_x=False.)"""
     from cutce.triton import distill_dz
     monkeypatch.setattr(configs, "DISTILL_STUDENT_X", True)
     monkeypatch.setattr(configs, "TILE_STORE", store)

@@ -22,11 +22,13 @@ from .triton.fused import scale_ as _scale_
 
 # Extra memory the fused strategy may use beyond the student's gradients, as a fraction of them,
 # when the call gives no memory_budget. Its float32 dC accumulator alone is V x Ds x 4 bytes
-# (~1.9x the gradients at a 152k x 896 head with 8192 tokens); 4 leaves ~2x for X, one token
-# chunk's 16-bit teacher exponentials: 5 chunks of 1664 tokens at that shape, a predicted peak
-# of 1304 MiB with the gradients (Liger 1756 MiB, TRL 2084 MiB measured there). Below ~1.95x
-# only chunks of <= Ds tokens (X in dC's own bytes) fit; 0 is the recompute strategy.
-DEFAULT_MEMORY_BUDGET = 4.0
+# (~1.9x the gradients at a 152k x 896 head with 8192 tokens); 5 leaves ~3x for one token
+# chunk's 16-bit exponentials of both heads (X and the student's Xs): 6 chunks of 1408 tokens
+# at that shape, a predicted peak of 1641 MiB with the gradients, under every peer's measured
+# there (Liger 1756 / 2646 MiB, TRL 2084 MiB). Budget 3 (chunks of 896 tokens, X in dC's own
+# bytes: 1073 MiB) is ~10% slower; budget 6 (1664 tokens) ~2% faster for 150 MiB more
+# (H200, eighth session, docs/benchmarks.md). 0 is the recompute strategy.
+DEFAULT_MEMORY_BUDGET = 5.0
 
 
 def mode_of(beta: float) -> int:

@@ -165,18 +165,19 @@ def tile_store(kernel: str) -> bool:
 
 # Fused distillation without the student's recompute: the statistics kernel also writes the
 # student's Xs = exp(z_s/T - its tile max) in 16 bits, and the dz passes become elementwise
-# (triton/distill_dz.py) instead of a second student product each (the JSD's two took 3.2 + 1.7
-# ms a chunk at the Qwen pair). Costs one more chunk x V buffer, within the budget (the plan
-# then picks smaller chunks); calls with a CE term or a student softcap keep the product. Off
-# until the device A/B (`bash scripts/gpu_session.sh landed`); env CUTCE_DISTILL_STUDENT_X=1
-# turns it on.
+# (triton/distill_dz.py) instead of a second student product each. Costs one more chunk x V
+# buffer, within the budget (the plan then picks smaller chunks); calls with a CE term or a
+# student softcap keep the product. Measured on the H200 at the Qwen 7B -> 0.5B pair (eighth
+# session, docs/benchmarks.md): JSD 45.8 -> 37.3 ms, forward KL 35.2 -> 31.8 ms at budget 6;
+# at budget 3 faster (40.3 / 35.1 ms) and smaller (1079 vs 1314 MiB) than budget 4 without.
+# Env CUTCE_DISTILL_STUDENT_X=0 turns it off (A/Bs).
 DISTILL_STUDENT_X = None
 
 
 def distill_student_x() -> bool:
     if DISTILL_STUDENT_X is not None:
         return DISTILL_STUDENT_X
-    return os.environ.get("CUTCE_DISTILL_STUDENT_X") == "1"
+    return os.environ.get("CUTCE_DISTILL_STUDENT_X", "1") != "0"
 
 
 def zt_in_kernel() -> bool:

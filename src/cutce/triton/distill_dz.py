@@ -11,11 +11,13 @@ softcap keep the product form.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 from . import configs
-from .common import head_tile
+from .common import head_tile, log_fast
 
 
 @triton.jit
@@ -26,7 +28,7 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, t
                HAS_BS: tl.constexpr, CAP_S: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, USE_TMA: tl.constexpr,
-               FLATTEN: tl.constexpr, TILE_STORE: tl.constexpr):
+               FLATTEN: tl.constexpr, TILE_STORE: tl.constexpr, FAST_LOG: tl.constexpr):
     # One tile per step; a persistent launch (fewer programs than tiles, DZ_PROGRAMS_PER_SM)
     # walks several, its software pipeline running on across them (the student's K is short).
     n_work = n_row_blocks * tl.cdiv(V, BLOCK_V)
@@ -64,7 +66,7 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, t
             # they added ~7 ms per pass at the Qwen pair). Where m is 0 so is q (beta < 1), and
             # p too up to an underflow: any finite log m gives their terms 0.
             m = beta * p + (1.0 - beta) * q
-            log_m = tl.log(tl.where(m > 0, m, 1.0))
+            log_m = log_fast(tl.where(m > 0, m, 1.0), FAST_LOG)
         if PASS == 1:  # the JSD's row sums, per (row, tile)
             # both through one d = log q - log m: KL(q||m) = sum q d, KL(p||m) = KL(p||q) +
             # sum p d (KL(p||q) from the forward's statistics). No log p per entry: its values
@@ -101,7 +103,7 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, t
 @triton.jit
 def _dz_ew_kernel(x_ptr, xs_ptr, tbl_ptr, tbls_ptr, st_ptr, sum_ptr, R, V, stride_x, stride_tbl,
                   inv_temp, beta, MODE: tl.constexpr, PASS: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, FAST_LOG: tl.constexpr):
     vt = tl.program_id(1)  # BLOCK_V is the statistics kernel's: one table column per program
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
@@ -121,8 +123,8 @@ def _dz_ew_kernel(x_ptr, xs_ptr, tbl_ptr, tbls_ptr, st_ptr, sum_ptr, R, V, strid
     q = xs * tl.exp(rel_s)[:, None]
     if MODE == 2:  # where Xs underflowed q is 0 and so are its terms: any finite log q will do
         m = beta * p + (1.0 - beta) * q
-        log_m = tl.log(tl.where(m > 0, m, 1.0))
-        log_q = tl.log(tl.where(xs > 0, xs, 1.0)) + rel_s[:, None]
+        log_m = log_fast(tl.where(m > 0, m, 1.0), FAST_LOG)
+        log_q = log_fast(tl.where(xs > 0, xs, 1.0), FAST_LOG) + rel_s[:, None]
     if PASS == 1:  # the JSD's row sums per (row, tile): sum p d and KL(q||m) = sum q d
         d = tl.where(omask, log_q - log_m, 0.0)
         n_tiles = tl.cdiv(V, BLOCK_V)
@@ -146,7 +148,17 @@ def dz_pass(x, xs, tbl, tbls, st, out, v, block_v, inv_temp, beta, mode, pass_):
     maxima, st (5, R) float32 per-row values; pass 1 (the JSD's) writes out (2, R, tiles)
     float32 with sum p (log q - log m) and sum q (log q - log m) per (row, tile)."""
     r = x.shape[0]
-    block_r = 32 if configs.interpreting() else 16  # memory-bound: small tiles, many programs
+    block_r, warps = ew_tile()
     _dz_ew_kernel[(triton.cdiv(r, block_r), triton.cdiv(v, block_v))](
         x, xs, tbl, tbls, st, out, r, v, x.stride(0), tbl.stride(0), inv_temp, beta, MODE=mode,
-        PASS=pass_, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4)
+        PASS=pass_, BLOCK_R=block_r, BLOCK_V=block_v, FAST_LOG=not configs.interpreting(),
+        num_warps=warps)
+
+
+def ew_tile():
+    """(rows per program, warps) of the elementwise passes: memory-bound, so small tiles and
+    many programs; CUTCE_DZ_EW_TILE="rows,warps" overrides it (tuning runs)."""
+    if configs.interpreting():
+        return 32, 4
+    spec = os.environ.get("CUTCE_DZ_EW_TILE")
+    return tuple(map(int, spec.split(","))) if spec else (16, 4)

@@ -322,7 +322,8 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
             else:
                 distill_dz._dz_kernel[grid](*dz_args, out, *dz_scal, MODE=mode, PASS=pass_,
                                             NEED_CE=need_ce and pass_ == 2, FLATTEN=flat,
-                                            TILE_STORE=store, **kw)
+                                            TILE_STORE=store,
+                                            FAST_LOG=not configs.interpreting(), **kw)
         if mode == FWD_KL:
             d = kl_pq
         else:
