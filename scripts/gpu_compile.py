@@ -104,6 +104,7 @@ def _gpu_choices():
     from cutce.triton import configs
     configs.TMA = ARCH >= 90  # the descriptor path on Hopper, pointers before it
     configs.num_sms = lambda index: 132
+    configs.capability = lambda device: (ARCH // 10, 0)
 
 
 def _inputs(n, d, v, dtype, gen, bias=False):

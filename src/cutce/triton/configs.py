@@ -203,6 +203,11 @@ def use_tma(*tensors) -> bool:
     return t.is_cuda and _capability(t.device.index)[0] >= 9
 
 
+def capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (cached)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(device_index):
     # cached: the query took ~40 us of host time per launch

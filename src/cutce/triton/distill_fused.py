@@ -33,6 +33,7 @@ float32 chunk result (chunk x Ds x 4); Xs and its table too when stored.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -142,18 +143,24 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
 
 # ---- plan ------------------------------------------------------------------------------------
 
-def tile(dtype: torch.dtype) -> Tile:
-    """The recompute kernels' tile (128x128x64, 4 stages for 16-bit inputs; on the H200 at the
-    Qwen 7B -> 0.5B pair also the fused kernels' best: 35.3 vs 38.2 ms forward KL and 66.8 vs
-    72.9 ms JSD against 3 stages; 128x64, 64x128, 128x256 and BLOCK_K 32 were slower, 5 stages
-    within noise; with bulk stores too: 64x128, 128x256, 256x128, BLOCK_K 32 or 128, 3 stages
-    and 4 warps all slower or equal, docs/bench/tune_distill_v7.log), wider in the interpreter
-    (its time goes per loop iteration);
+def tile(dtype: torch.dtype, device: torch.device) -> Tile:
+    """The recompute kernels' tile (128x128x64, 8 warps for 16-bit inputs; on the H200 at the
+    Qwen 7B -> 0.5B pair also the fused kernels' best: 64x128, 128x256, 256x128, BLOCK_K 32 or
+    128 and 4 warps were slower, docs/bench/tune_distill_v7.log) with 5 pipeline stages on
+    Hopper: 32.5 vs 33.7 ms JSD, 31.1 vs 31.6-32.1 ms forward KL against 4 (3: 38.6 / 36.3;
+    eighth session). 5 stages with bulk stores take 229 KB of shared memory in the dz kernel
+    (Hopper's limit 227 KiB, 6 stages do not fit; an A100's 163 KiB takes 4).
+    Wider in the interpreter (its time goes per loop iteration);
     CUTCE_DISTILL_FUSED_TILE="128,128,64,8,4" overrides it on the GPU (tuning runs)."""
     if configs.interpreting():
         return Tile(32, 64, 32, 1, 1)
     spec = os.environ.get("CUTCE_DISTILL_FUSED_TILE")
-    return Tile(*map(int, spec.split(","))) if spec else _recompute_tile(dtype)
+    if spec:
+        return Tile(*map(int, spec.split(",")))
+    t = _recompute_tile(dtype)
+    if dtype != torch.float32 and configs.capability(device)[0] >= 9:
+        t = dataclasses.replace(t, num_stages=5)
+    return t
 
 
 def _elt(dtype):
@@ -246,7 +253,7 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
     v = ws.shape[0]
     dt = hs.dtype
     dev = hs.device
-    t = tile(dt)
+    t = tile(dt, dev)
     f32 = dict(device=dev, dtype=torch.float32)
     rows_out = torch.zeros(n, **f32)
     dh = torch.empty_like(hs) if need_h else hs.new_empty(0)
