@@ -21,8 +21,9 @@ case "$1" in
     python -m pytest -q -p no:cacheprovider -x --durations=15 tests/test_requires_grad.py tests/test_fused.py \
       tests/test_triton.py tests/test_triton_gpu.py tests/test_log_probs.py tests/test_class_weight.py tests/test_distill.py tests/test_distill_triton.py tests/test_distill_fused.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -45 ;;
   landed)
-    # eighth session: the student's Xs on by default at budget 5, the fast log in the JSD's
-    # elementwise passes, their tile (rows, warps) A/B
+    # eighth session's changes (timed in that session, docs/benchmarks.md): the student's Xs on
+    # by default at budget 5, the fast log in the JSD's elementwise passes, 5 stages on Hopper;
+    # re-run first in the next session as the GPU tests of what landed last
     python -m pytest -q -p no:cacheprovider -x tests/test_distill_fused.py tests/test_distill_triton.py \
       "tests/test_triton_gpu.py::test_gpu_log_fast_subnormals_and_accuracy" 2>&1 | tail -3 \
       | tee "$OUT/landed-tests.log"
@@ -55,8 +56,9 @@ case "$1" in
       python scripts/bench_distill.py --betas $b --reps 3 2>&1 | grep -v Warning | tee -a "$OUT/distill.log"
     done ;;
   tune)
-    # A/B of tiles and options not yet timed here, sized for one device call (~6 minutes).
-    # (Seventh session's tune, the bulk stores and distillation tiles: docs/benchmarks.md.)
+    # A/B of tiles and options, sized for one device call (~6 minutes). Eighth session's run
+    # (below, parts 1-3) is recorded in docs/benchmarks.md: two programs per SM lost (1.29-1.49x
+    # forward against the default's 0.99-1.09x); replace these parts with the next A/B.
     # 1. the fused training call at budget 2 with the forward's 128x128, 4-warp tile (below):
     #    106 KB of shared memory with pointer stores (two programs an SM, 1-1.6 KB of spills),
     #    131 KB with bulk stores (one program, no spills)
