@@ -179,24 +179,30 @@ def linear_distillation_loss(student_hidden, student_weight, teacher_hidden, tea
     if not given:
         # Every token counts: targets that are all class 0 pass the helpers' checks unchanged.
         targets = torch.zeros(lead, dtype=torch.long, device=student_hidden.device)
-    # One targets check for both heads, read after the kernels are queued (no host sync first)
+    # One targets check for both heads (none for the zeros above), read after the kernels are
+    # queued (no host sync first); the teacher's call only validates its tensors
     hs, ws, bs, t1, _, out_shape, check = _prefixed(
         "student_", api.prepare, student_hidden, student_weight, targets, student_bias, None,
-        shift, ignore_index, None, True)
+        shift, ignore_index, None, given)
     ht, wt, bt, _, _, _, _ = _prefixed("teacher_", api.prepare, teacher_hidden, teacher_weight,
-                                       targets.new_full(targets.shape, ignore_index), teacher_bias,
-                                       None, shift, ignore_index, None, False)
+                                       targets, teacher_bias, None, shift, ignore_index, None,
+                                       False)
     backend = _backend(impl, hs, ht)
     cdt = backend.compute_dtype(hs.dtype, ht.dtype)
-    valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
     args = (hs, ws, bs, ht, wt, bt, t1)
     scalars = (beta, temperature, cap_s, cap_t, ce_weight)
     if opts.reduction == "none":
+        valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
         out = backend.distill_rows(*args, valid, *scalars).reshape(out_shape)
     else:
-        coef = valid.to(cdt)
-        if opts.reduction == "mean":
-            coef = coef / valid.sum().clamp(min=1).to(cdt)  # all ignored: coef 0, loss 0, grads 0
+        if not given:  # every token counts: the weights are known on the host (one launch)
+            w = 1.0 / max(t1.numel(), 1) if opts.reduction == "mean" else 1.0
+            coef = torch.full(t1.shape, w, dtype=cdt, device=t1.device)
+        else:
+            valid = t1 != ignore_index
+            coef = valid.to(cdt)
+            if opts.reduction == "mean":  # all ignored: coef 0, loss 0, grads 0
+                coef = coef / valid.sum().clamp(min=1).to(cdt)
         budget = {} if backend is torch_distill else dict(memory_budget=memory_budget)
         out = backend.distill_total(*args, coef, *scalars, **budget)
     if check is not None:

@@ -255,7 +255,7 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
     dev = hs.device
     t = tile(dt, dev)
     f32 = dict(device=dev, dtype=torch.float32)
-    rows_out = torch.zeros(n, **f32)
+    rows_out = torch.empty(n, **f32)  # every chunk writes its rows
     dh = torch.empty_like(hs) if need_h else hs.new_empty(0)
     dw = torch.empty_like(ws) if need_w else hs.new_empty(0)
     db32 = torch.zeros(v, **f32) if need_b else None
