@@ -2,8 +2,8 @@
 
 :func:`_dz_kernel` recomputes the student's logit tile, one product per pass. With the student's
 Xs = exp(z_s/T - ms) stored beside the teacher's X = exp(z_t/T - mt) by the statistics kernel
-(opt-in: :data:`cutce.triton.configs.DISTILL_STUDENT_X`; 16-bit, ms/mt each row's max over its
-vocabulary tile, float32 rows x tiles tables), :func:`_dz_ew_kernel` needs no product:
+(the default: :data:`cutce.triton.configs.DISTILL_STUDENT_X`; 16-bit, ms/mt each row's max over
+its vocabulary tile, float32 rows x tiles tables), :func:`_dz_ew_kernel` needs no product:
 q = Xs exp(ms - lse_s) and p = X exp(mt - lse_t), and each pass is one read of the two chunk x V
 buffers (and a write of dz over X). The formulas are the same; calls with a CE term or a student
 softcap keep the product form.
