@@ -20,7 +20,7 @@ so (as the loss's fused strategy, :mod:`cutce.plan`) each chunk of tokens is fin
 
 The backward only scales the gradients by the upstream scalar (:func:`cutce.plan.fused_backward`).
 Products of N x Ds x V (the student's): 4 + 1 (stats) + 1 (dz) + 2 (dE, dC) = 8 for the forward
-KL, 9 for the JSD (6 for both with Xs stored), against 12 and 17 for the recompute kernels
+KL, 9 for the JSD (7 for both with Xs stored), against 12 and 17 for the recompute kernels
 (:mod:`cutce.triton.distill`). The reverse KL stays there: its gradient q (log q - log p - D)
 needs log p to any depth, which a 16-bit X cannot give where p underflows (the JSD's log m is
 bounded by log q + log(1 - beta)).
