@@ -14,11 +14,11 @@ def _tanh(x):
 
 @triton.jit
 def log_fast(x, FAST: tl.constexpr):
-    """log(x) for float32 x > 0, subnormals included. FAST (the GPU): the special-function
-    unit's approximate log2 times ln 2 (~2**-22 relative error), ~12 instructions where tl.log's
-    accurate form takes ~35 (the JSD's dz passes took two per entry and were bound by them, not
-    by memory); x is scaled by 2**24 first because that unit flushes subnormals to -inf.
-    Else tl.log (the interpreter has no libdevice)."""
+    """log(x) for float32 0 < x < 2**104, subnormals included. FAST (the GPU): the
+    special-function unit's approximate log2 times ln 2 (~2**-22 relative error), ~12
+    instructions where tl.log's accurate form takes ~35 (the JSD's dz passes took two per entry
+    and were bound by them, not by memory); x is scaled by 2**24 first because that unit
+    flushes subnormals to -inf. Else tl.log (the interpreter has no libdevice)."""
     if FAST:
         return libdevice.fast_logf(x * 16777216.0) - 16.635532333438686
     else:
