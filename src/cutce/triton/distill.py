@@ -18,7 +18,6 @@ fused one, :mod:`.distill_fused`, does not cover).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -233,21 +232,10 @@ def _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t):
 
 def _splits(n_row_blocks, n_tiles, device):
     """Vocabulary splits per token block: about one program per SM at a time (two float32
-    tiles each), so the time goes as waves x tiles per program; take the split count that
-    minimizes ceil(blocks * s / SMs) * (ceil(tiles / s) + 2), +2 for a program's pipeline fill
-    and its partial results."""
-    if device.type != "cuda":
-        return 1 if n_row_blocks > 1 else min(2, n_tiles)  # walk both paths in the tests
-    sms = configs.num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return _split_count(n_row_blocks, n_tiles, sms)
-
-
-@functools.lru_cache(maxsize=256)
-def _split_count(n_row_blocks, n_tiles, sms):
-    # cached: up to 4 x SMs candidates in Python, ~0.12 ms of host time per chunk's launch
-    costs = {s: -(-n_row_blocks * s // sms) * (-(-n_tiles // s) + 2)
-             for s in range(1, min(n_tiles, 4 * sms) + 1)}
-    return min(costs, key=lambda s: (costs[s], s))
+    tiles each), so the time goes as waves x tiles per program: the loss's rule
+    (:func:`configs.vocab_splits`, cached; CUTCE_VOCAB_SPLITS overrides both in tuning runs)
+    without its minimum split count (one group of all token blocks)."""
+    return configs.vocab_splits(n_row_blocks, n_tiles, device, group=n_row_blocks)
 
 
 def _combine(m, s, a=None):
