@@ -147,9 +147,13 @@ def run_all():
     hs, ws, bs, t = _inputs(300, 96, 1000, torch.bfloat16, gen, True)
     ht, wt, bt, _ = _inputs(300, 256, 1000, torch.bfloat16, gen)
     for mode, beta in ((distill.FWD_KL, 0.0), (distill.JSD, 0.5), (distill.REV_KL, 1.0)):
-        stats, *_ = distill.forward(hs, ws, bs, ht, wt, bt, t, mode, beta, 2.0, 0.0, 0.0, True)
-        distill.backward(hs, ws, bs, ht, wt, bt, t, stats, torch.ones(300, **f32), mode, beta,
-                         2.0, 0.0, 0.0, 0.1, (True, True, True, False, False, False))
+        for bulk in (False, True):  # the recompute kernels' pointer and bulk loads
+            configs.DISTILL_RECOMPUTE_TMA = bulk
+            stats, *_ = distill.forward(hs, ws, bs, ht, wt, bt, t, mode, beta, 2.0, 0.0, 0.0,
+                                        True)
+            distill.backward(hs, ws, bs, ht, wt, bt, t, stats, torch.ones(300, **f32), mode,
+                             beta, 2.0, 0.0, 0.0, 0.1, (True, True, True, False, False, False))
+        configs.DISTILL_RECOMPUTE_TMA = None
         # with the student's Xs stored too (no CE term: ce_weight 0), bulk and pointer stores
         for store, xs in ((False, False), (True, False), (False, True), (True, True)) \
                 if mode != distill.REV_KL else ():

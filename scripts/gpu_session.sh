@@ -35,7 +35,16 @@ case "$1" in
       | tee "$OUT/landed-profile.log" | head -12
     # the host prologue cut after the eighth session's last device call (untimed; it measured
     # 1.47 ms before): prediction ~1.0 ms
-    python scripts/host_distill.py --beta 0 --calls 10 2>&1 | grep "^#" | tee "$OUT/landed-host.log" ;;
+    python scripts/host_distill.py --beta 0 --calls 10 2>&1 | grep "^#" | tee "$OUT/landed-host.log"
+    # the recompute kernels' bulk loads (configs.DISTILL_RECOMPUTE_TMA, off until this A/B):
+    # their GPU tests with it on, then budget 0 (and the reverse KL, always recompute) off / on.
+    # Prediction: 10-15% faster (budget 0: forward KL 67.9 ms, JSD 98.3 ms in the eighth session)
+    CUTCE_DISTILL_RECOMPUTE_TMA=1 python -m pytest -q -p no:cacheprovider -x \
+      tests/test_distill_triton.py 2>&1 | tail -2 | tee -a "$OUT/landed-tests.log"
+    for tma in 0 1; do
+      CUTCE_DISTILL_RECOMPUTE_TMA=$tma python scripts/bench_distill.py --betas 0,0.5,1 \
+        --providers cutce --memory-budget 0 --reps 3 2>&1 | grep "^| [01]" | sed "s/^/bulk $tma /"
+    done | tee "$OUT/landed-recompute-tma.log" ;;
   budget)
     python scripts/budget_sweep.py "${@:2}" 2>&1 | grep -v Warning | tee "$OUT/budget.log" ;;
   peers)

@@ -45,6 +45,23 @@ def test_triton_matches_oracle(gen, case, monkeypatch):
     check(gen, tensors, dtype, impl="triton", beta=beta, **opts)
 
 
+@pytest.mark.parametrize("beta,ds,dt", [(1.0, 32, 48), (0.3, 29, 48), (0.0, 24, 40)])
+def test_triton_recompute_bulk_loads(gen, beta, ds, dt, monkeypatch):
+    """The recompute kernels with configs.DISTILL_RECOMPUTE_TMA: tensor-descriptor loads where
+    the heads' rows are 16-byte aligned (the interpreter's float32: D % 4 == 0), pointers
+    where one is not (29); a teacher with gradients (its dz too) and several vocabulary
+    chunks in the backward (bulk loads past a chunk's end read real classes, masked)."""
+    pytest.importorskip("triton")
+    from cutce.triton import configs
+    monkeypatch.setattr(configs, "DISTILL_RECOMPUTE_TMA", True)
+    seen = []
+    real = configs.use_tma
+    monkeypatch.setattr(configs, "use_tma", lambda *t: seen.append(real(*t)) or seen[-1])
+    tensors = _to(DEV, make(gen, lead=37, ds=ds, dt=dt, v=290, bias=True, teacher_grad=True))
+    check(gen, tensors, torch.float32, impl="triton", beta=beta, temperature=1.3, memory_budget=0)
+    assert seen and all(seen) == (ds % 4 == 0 and dt % 4 == 0)
+
+
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
 def test_triton_vocabulary_splits(gen, beta):
     """One token block: the forward splits the vocabulary (as on the GPU) and combines the
@@ -184,9 +201,9 @@ def test_hidden_grad_split_result_in_row_steps(gen):
     """dE's float32 sums, half in dE's own bytes, come out right whatever the row step (the
     in-place conversion reads each step's rows before writing them)."""
     pytest.importorskip("triton")
-    from cutce.triton.distill import _HiddenGrad
+    from cutce.triton.backward import HiddenGrad
     h = torch.randn(11, 6, generator=gen).half()
-    acc = _HiddenGrad(h)
+    acc = HiddenGrad(h)
     assert acc.split
     z, w = torch.randn(11, 5, generator=gen).half(), torch.randn(5, 6, generator=gen).half()
     acc.add(z, w)
@@ -198,9 +215,9 @@ def test_hidden_grad_split_result_in_row_steps(gen):
 def test_hidden_grad_conversion_in_row_steps(gen):
     """dE's float32 sums, half of them in dE's own bytes, come out as the 16-bit gradient in
     row steps that read each step's bytes before writing them (10 rows in steps of 3)."""
-    from cutce.triton.distill import _HiddenGrad
+    from cutce.triton.backward import HiddenGrad
     h = torch.randn(10, 6, generator=gen).bfloat16()
-    acc, ref = _HiddenGrad(h), torch.zeros(10, 6)
+    acc, ref = HiddenGrad(h), torch.zeros(10, 6)
     for _ in range(3):
         z = torch.randn(10, 5, generator=gen).bfloat16()
         w = torch.randn(5, 6, generator=gen).bfloat16()

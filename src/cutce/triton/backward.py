@@ -235,3 +235,40 @@ def _accumulate_dw(dw, cls, c0, c1, dz, h_chunk, first):
         dw.index_copy_(0, idx, part)
     else:  # unique indices: each row is added once, so the order cannot change the result
         dw.index_add_(0, idx, part)
+
+
+class HiddenGrad:
+    """dE's float32 running sum over vocabulary chunks at half a float32 copy's memory (the
+    distillation's recompute backward, :mod:`.distill`): for
+    16-bit hidden states with an even D, the first D/2 columns' float32 sums live in dE's own
+    bytes (N x D 16-bit values are N x D/2 float32 ones), the other half in a buffer."""
+
+    def __init__(self, h):
+        n, d = h.shape
+        self.split = h.dtype != torch.float32 and d % 2 == 0
+        self.out = torch.zeros(h.shape, device=h.device,
+                               dtype=h.dtype if self.split else torch.float32)
+        self.parts = [(self.out, 0, d)]
+        self.extra_bytes = 0 if self.split else n * d * 2 * (h.dtype != torch.float32)
+        if self.split:
+            hi = torch.zeros((n, d - d // 2), device=h.device, dtype=torch.float32)
+            self.parts = [(self.out.view(torch.float32), 0, d // 2), (hi, d // 2, d)]
+            self.extra_bytes = hi.numel() * 4
+
+    def add(self, z, w):
+        for acc, k0, k1 in self.parts:
+            _accumulate_f32(acc, z, w[:, k0:k1])
+
+    def result(self, step):
+        """dE in its dtype; ``step`` rows at a time (their float32 temporary is the peak)."""
+        if self.split:
+            (lo, _, _), (hi, _, _) = self.parts
+            h = lo.shape[1]
+            for r0 in range(0, lo.shape[0], step):
+                # rows r0:r1 of the result take exactly the bytes of lo's rows r0:r1, which
+                # are read (into a 16-bit temporary) before they are written
+                r1 = r0 + step
+                first = lo[r0:r1].to(self.out.dtype)
+                self.out[r0:r1, h:] = hi[r0:r1]
+                self.out[r0:r1, :h] = first
+        return self.out

@@ -180,6 +180,20 @@ def distill_student_x() -> bool:
     return os.environ.get("CUTCE_DISTILL_STUDENT_X", "1") != "0"
 
 
+# The distillation's recompute kernels (memory_budget=0, reduction "none", the reverse KL, a
+# teacher that needs gradients) by bulk (TMA) loads on Hopper, as the fused ones and the loss's
+# forward (~18% there, docs/perf-notes.md v2). Built after the eighth session's device time ran
+# out: off until the device A/B (`bash scripts/gpu_session.sh landed`); env
+# CUTCE_DISTILL_RECOMPUTE_TMA=1 turns it on.
+DISTILL_RECOMPUTE_TMA = None
+
+
+def distill_recompute_tma() -> bool:
+    if DISTILL_RECOMPUTE_TMA is not None:
+        return DISTILL_RECOMPUTE_TMA
+    return os.environ.get("CUTCE_DISTILL_RECOMPUTE_TMA") == "1"
+
+
 def zt_in_kernel() -> bool:
     env = os.environ.get("CUTCE_ZT_IN_KERNEL")
     return env == "1" if env else ZT_IN_KERNEL

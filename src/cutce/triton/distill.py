@@ -1,10 +1,10 @@
 """Distillation kernels: both heads' logit tiles side by side, never an N x V tensor.
 
 Forward (:func:`forward`): each program owns BLOCK_N tokens and one vocabulary split and streams
-the student's and the teacher's logit tiles (the shared :func:`logit_tile`) through online
-max/sum-exp statistics of both; for the KL forms it also accumulates, online,
-sum_j exp(zt - m_t)(zt - zs) (forward KL) or sum_j exp(zs - m_s)(zs - zt) (reverse KL), so one
-pass gives the divergence: KL(p||q) = sum_j p (zt - zs) - lse_t + lse_s. The generalized JSD
+the student's and the teacher's logit tiles (the shared :func:`head_tile`: bulk loads on
+Hopper) through online max/sum-exp statistics of both; for the KL forms it also accumulates,
+online, sum_j exp(zt - m_t)(zt - zs) (forward KL) or sum_j exp(zs - m_s)(zs - zt) (reverse KL),
+so one pass gives the divergence: KL(p||q) = sum_j p (zt - zs) - lse_t + lse_s. The generalized JSD
 needs the normalized distributions inside log m, so a second pass (same kernel, PASS=2) sums
 p (log p - log m) and q (log q - log m) once both lse are known.
 
@@ -27,8 +27,8 @@ import triton.language as tl
 
 from . import configs
 from .configs import TileConfig as Tile
-from .backward import _accumulate_f32, _mm_f32
-from .common import logit_tile
+from .backward import HiddenGrad, _mm_f32
+from .common import head_tile, tma_descriptor
 
 # Forward / dz kernel modes
 FWD_KL, REV_KL, JSD = 0, 1, 2
@@ -74,14 +74,15 @@ def _log_mix(log_p, log_q, log_beta, log_1mbeta):
 
 
 @triton.jit
-def _fwd_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, t_ptr, lse_ptr, part_ptr,
-                N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt,
+def _fwd_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_desc, ht_desc,
+                wt_desc, t_ptr, lse_ptr, part_ptr, N, V, Ds, Dt, stride_hs, stride_ws,
+                stride_ht, stride_wt,
                 cap_s, cap_t, inv_temp, temperature, log_beta, log_1mbeta, tiles_per_split,
                 n_row_blocks, MODE: tl.constexpr, PASS: tl.constexpr, NEED_CE: tl.constexpr,
                 HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, CAP_S: tl.constexpr,
                 CAP_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr):
+                EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr, USE_TMA: tl.constexpr):
     pid = tl.program_id(0)
     rb = pid % n_row_blocks  # token blocks fastest: concurrent programs share weight tiles
     split = pid // n_row_blocks
@@ -102,12 +103,14 @@ def _fwd_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, t_ptr, lse_ptr, 
     for vt in range(t_lo, t_hi):
         cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        zs, _ = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs,
-                           stride_ws, 1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
-                           BLOCK_K, UPCAST, PRECISION, EVEN_KS)
-        zt, _ = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask, Dt, stride_ht,
-                           stride_wt, 1.0, cap_t, inv_temp, HAS_BT, CAP_T, BLOCK_N, BLOCK_V,
-                           BLOCK_K, UPCAST, PRECISION, EVEN_KT)
+        zs, _ = head_tile(hs_ptr, ws_ptr, hs_desc, ws_desc, bs_ptr, rb * BLOCK_N, vt * BLOCK_V,
+                          rows, cols, rmask, cmask, Ds, stride_hs, stride_ws, 1.0, cap_s,
+                          inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION,
+                          EVEN_KS, USE_TMA)
+        zt, _ = head_tile(ht_ptr, wt_ptr, ht_desc, wt_desc, bt_ptr, rb * BLOCK_N, vt * BLOCK_V,
+                          rows, cols, rmask, cmask, Dt, stride_ht, stride_wt, 1.0, cap_t,
+                          inv_temp, HAS_BT, CAP_T, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION,
+                          EVEN_KT, USE_TMA)
         if PASS == 1:
             zs_m = tl.where(cmask[None, :], zs, ninf)
             zt_m = tl.where(cmask[None, :], zt, ninf)
@@ -137,14 +140,16 @@ def _fwd_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, t_ptr, lse_ptr, 
 
 
 @triton.jit
-def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, t_ptr, st_ptr, g_ptr,
-               dzs_ptr, dzt_ptr, N, V, Ds, Dt, c0, c1, stride_hs, stride_ws, stride_ht, stride_wt,
+def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_desc, ht_desc,
+               wt_desc, t_ptr, st_ptr, g_ptr, dzs_ptr, dzt_ptr, N, V, Ds, Dt, c0, c1, stride_hs,
+               stride_ws, stride_ht, stride_wt,
                stride_dz, cap_s, cap_t, inv_temp, temperature, beta, log_beta, log_1mbeta,
                ce_weight, n_row_blocks, MODE: tl.constexpr, NEED_CE: tl.constexpr,
                NEED_T: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
                CAP_S: tl.constexpr, CAP_T: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr):
+               PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr,
+               USE_TMA: tl.constexpr):
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
     cb = pid // n_row_blocks
@@ -153,12 +158,15 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, t_ptr, st_ptr, g_
     jj = cb * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = c0 + jj
     cmask = cols < c1
-    zs, ts = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs,
-                        stride_ws, 1.0, cap_s, inv_temp, HAS_BS, CAP_S, BLOCK_N, BLOCK_V,
-                        BLOCK_K, UPCAST, PRECISION, EVEN_KS)
-    zt, tt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask, Dt, stride_ht,
-                        stride_wt, 1.0, cap_t, inv_temp, HAS_BT, CAP_T, BLOCK_N, BLOCK_V,
-                        BLOCK_K, UPCAST, PRECISION, EVEN_KT)
+    # (by bulk loads, weight rows past c1 are real classes: masked by cmask like the others)
+    zs, ts = head_tile(hs_ptr, ws_ptr, hs_desc, ws_desc, bs_ptr, rb * BLOCK_N, c0 + cb * BLOCK_V,
+                       rows, cols, rmask, cmask, Ds, stride_hs, stride_ws, 1.0, cap_s, inv_temp,
+                       HAS_BS, CAP_S, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_KS,
+                       USE_TMA)
+    zt, tt = head_tile(ht_ptr, wt_ptr, ht_desc, wt_desc, bt_ptr, rb * BLOCK_N, c0 + cb * BLOCK_V,
+                       rows, cols, rmask, cmask, Dt, stride_ht, stride_wt, 1.0, cap_t, inv_temp,
+                       HAS_BT, CAP_T, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_KT,
+                       USE_TMA)
     # per-token statistics of the forward: lse_s, lse_t, and the divergence's own scalars
     lse_s = tl.load(st_ptr + rows, mask=rmask, other=0.0)[:, None]
     lse_t = tl.load(st_ptr + N + rows, mask=rmask, other=0.0)[:, None]
@@ -215,19 +223,30 @@ def tile(dtype: torch.dtype) -> Tile:
 
 
 # The backward's memory beyond the student's gradients, as a fraction of them: dE's float32
-# half (_HiddenGrad) and the N x chunk_v workspace share it (Qwen 7B -> 0.5B pair: 14 MiB +
+# half (HiddenGrad) and the N x chunk_v workspace share it (Qwen 7B -> 0.5B pair: 14 MiB +
 # 640 classes' 10 MiB = 8.9%; 5% + 1024 classes measured 12.8% on the H200).
 EXTRA_FRACTION = 0.09
 MIN_CHUNK_V = 512
 
 
+def descriptors(t, tma, hs, ws, ht, wt):
+    """The four heads' operands as the kernels take them: tensor descriptors of (BLOCK_N,
+    BLOCK_K) hidden and (BLOCK_V, BLOCK_K) weight tiles when ``tma``, else the tensors."""
+    return [tma_descriptor(x, t.block_n if i % 2 == 0 else t.block_v, t.block_k) if tma else x
+            for i, x in enumerate((hs, ws, ht, wt))]
+
+
 def _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t):
+    """(tile, the kernels' flags, the four descriptors): bulk (TMA) loads where the heads allow
+    them and configs.DISTILL_RECOMPUTE_TMA asks for them (Hopper; off until timed)."""
     t = tile(hs.dtype)
+    tma = configs.distill_recompute_tma() and configs.use_tma(hs, ws, ht, wt)
     return t, dict(HAS_BS=bs is not None, HAS_BT=bt is not None, CAP_S=cap_s > 0,
                    CAP_T=cap_t > 0, BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
                    UPCAST=configs.interpreting(), PRECISION=configs.dot_precision(hs.dtype),
                    EVEN_KS=hs.shape[1] % t.block_k == 0, EVEN_KT=ht.shape[1] % t.block_k == 0,
-                   num_warps=t.num_warps, num_stages=t.num_stages)
+                   USE_TMA=tma, num_warps=t.num_warps,
+                   num_stages=t.num_stages), descriptors(t, tma, hs, ws, ht, wt)
 
 
 def _splits(n_row_blocks, n_tiles, device):
@@ -251,7 +270,7 @@ def forward(hs, ws, bs, ht, wt, bt, targets, mode, beta, temperature, cap_s, cap
     D (N,) and the student's target logit at T = 1 (N,), where k_p = KL(p||q) (forward KL),
     k_q = KL(q||p) (reverse KL), or KL(p||m), KL(q||m) (JSD); lse_1 = student's lse at T = 1."""
     n, v = hs.shape[0], ws.shape[0]
-    t, kw = _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t)
+    t, kw, descs = _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t)
     f32 = dict(device=hs.device, dtype=torch.float32)
     stats = torch.zeros((5, n), **f32)
     zt1 = torch.zeros(n, **f32)
@@ -264,7 +283,8 @@ def forward(hs, ws, bs, ht, wt, bt, targets, mode, beta, temperature, cap_s, cap
     n_splits = triton.cdiv(n_tiles, per)
     log_b = math.log(beta) if 0.0 < beta < 1.0 else 0.0
     log_1mb = math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0
-    args = (hs, ws, bs if bs is not None else hs, ht, wt, bt if bt is not None else ht, targets)
+    args = (hs, ws, bs if bs is not None else hs, ht, wt, bt if bt is not None else ht, *descs,
+            targets)
     scal = (n, v, hs.shape[1], ht.shape[1], hs.stride(0), ws.stride(0), ht.stride(0),
             wt.stride(0), cap_s, cap_t, 1.0 / temperature, temperature, log_b, log_1mb, per,
             n_row_blocks)
@@ -291,49 +311,13 @@ def forward(hs, ws, bs, ht, wt, bt, targets, mode, beta, temperature, cap_s, cap
     return stats, d, zt1
 
 
-class _HiddenGrad:
-    """dE's float32 running sum over vocabulary chunks at half a float32 copy's memory: for
-    16-bit hidden states with an even D, the first D/2 columns' float32 sums live in dE's own
-    bytes (N x D 16-bit values are N x D/2 float32 ones), the other half in a buffer."""
-
-    def __init__(self, h):
-        n, d = h.shape
-        self.split = h.dtype != torch.float32 and d % 2 == 0
-        self.out = torch.zeros(h.shape, device=h.device,
-                               dtype=h.dtype if self.split else torch.float32)
-        self.parts = [(self.out, 0, d)]
-        self.extra_bytes = 0 if self.split else n * d * 2 * (h.dtype != torch.float32)
-        if self.split:
-            hi = torch.zeros((n, d - d // 2), device=h.device, dtype=torch.float32)
-            self.parts = [(self.out.view(torch.float32), 0, d // 2), (hi, d // 2, d)]
-            self.extra_bytes = hi.numel() * 4
-
-    def add(self, z, w):
-        for acc, k0, k1 in self.parts:
-            _accumulate_f32(acc, z, w[:, k0:k1])
-
-    def result(self, step):
-        """dE in its dtype; ``step`` rows at a time (their float32 temporary is the peak)."""
-        if self.split:
-            (lo, _, _), (hi, _, _) = self.parts
-            h = lo.shape[1]
-            for r0 in range(0, lo.shape[0], step):
-                # rows r0:r1 of the result take exactly the bytes of lo's rows r0:r1, which
-                # are read (into a 16-bit temporary) before they are written
-                r1 = r0 + step
-                first = lo[r0:r1].to(self.out.dtype)
-                self.out[r0:r1, h:] = hi[r0:r1]
-                self.out[r0:r1, :h] = first
-        return self.out
-
-
 def backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode, beta, temperature, cap_s,
              cap_t, ce_weight, need):
     """Gradients of sum_i g_i loss_i w.r.t. (hs, ws, bs, ht, wt, bt) where ``need`` says (an
     empty tensor for the others), given the forward's stats."""
     n, v = hs.shape[0], ws.shape[0]
     dt = hs.dtype
-    t, kw = _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t)
+    t, kw, descs = _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t)
     need_t = any(need[3:])
     f32 = dict(device=hs.device, dtype=torch.float32)
 
@@ -345,13 +329,13 @@ def backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode, beta, tempera
 
     # dE sums over vocabulary chunks in float32 (half of it in dE's bytes); each row of dC (all
     # tokens in one product) and of dbias is written once, dC in its own dtype: no float32 V x D
-    grads = [_HiddenGrad(hs) if need[0] else out(hs, False, True), out(ws, need[1], False),
-             out(ws[:, 0], need[2], True), _HiddenGrad(ht) if need[3] else out(ht, False, True),
+    grads = [HiddenGrad(hs) if need[0] else out(hs, False, True), out(ws, need[1], False),
+             out(ws[:, 0], need[2], True), HiddenGrad(ht) if need[3] else out(ht, False, True),
              out(wt, need[4], False), out(wt[:, 0], need[5], True)]
     if n > 0 and any(need):
         ws_dtype = torch.float32 if configs.interpreting() else dt
         budget = EXTRA_FRACTION * (v * hs.shape[1] + n * hs.shape[1]) * hs.element_size()
-        budget -= sum(g.extra_bytes for g in grads if isinstance(g, _HiddenGrad))
+        budget -= sum(g.extra_bytes for g in grads if isinstance(g, HiddenGrad))
         budget -= 8 * n * 4  # the forward's statistics and the rows' upstream gradients
         cv = int(budget // (n * torch.finfo(ws_dtype).bits // 8 * (2 if need_t else 1)))
         cv = cv // t.block_v * t.block_v  # rounded down: the budget is a ceiling
@@ -365,7 +349,7 @@ def backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode, beta, tempera
             c1 = min(c0 + cv, v)
             grid = (n_row_blocks * triton.cdiv(c1 - c0, t.block_v),)
             _dz_kernel[grid](hs, ws, bs if bs is not None else hs, ht, wt,
-                             bt if bt is not None else ht, targets, stats, g_rows, dzs, dzt,
+                             bt if bt is not None else ht, *descs, targets, stats, g_rows, dzs, dzt,
                              n, v, hs.shape[1], ht.shape[1], c0, c1, hs.stride(0), ws.stride(0),
                              ht.stride(0), wt.stride(0), dzs.stride(0), cap_s, cap_t,
                              1.0 / temperature, temperature, beta, log_b, log_1mb, ce_weight,

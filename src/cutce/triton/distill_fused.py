@@ -43,7 +43,8 @@ import triton.language as tl
 from . import configs, distill_dz
 from .backward import _accumulate_f32, _mm_f32
 from .common import head_tile, tma_descriptor
-from .distill import FWD_KL, Tile, _combine, _online, _splits, init_online, store_online
+from .distill import (FWD_KL, Tile, _combine, _online, _splits, descriptors, init_online,
+                      store_online)
 from .distill import tile as _recompute_tile
 from .fused import copy_cast_
 
@@ -284,8 +285,7 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
             b.fill_(float("nan"))
     tma, kw = _flags(t, hs, ws, ht, wt, bs, bt, cap_s, cap_t)
     store = tma and configs.tile_store("distill") and configs.use_tma(x_all, xs_all)
-    descs = [tma_descriptor(x, t.block_n if i % 2 == 0 else t.block_v, t.block_k) if tma else x
-             for i, x in enumerate((hs, ws, ht, wt))]
+    descs = descriptors(t, tma, hs, ws, ht, wt)
     bs_, bt_ = (bs if bs is not None else hs), (bt if bt is not None else ht)
     for n0 in range(0, n, chunk):
         n1 = min(n0 + chunk, n)
