@@ -44,7 +44,11 @@ case "$1" in
     for tma in 0 1; do
       CUTCE_DISTILL_RECOMPUTE_TMA=$tma python scripts/bench_distill.py --betas 0,0.5,1 \
         --providers cutce --memory-budget 0 --reps 3 2>&1 | grep "^| [01]" | sed "s/^/bulk $tma /"
-    done | tee "$OUT/landed-recompute-tma.log" ;;
+    done | tee "$OUT/landed-recompute-tma.log"
+    # and with 5 stages (163 KB with bulk loads: fits Hopper, not an A100)
+    CUTCE_DISTILL_RECOMPUTE_TMA=1 CUTCE_DISTILL_TILE=128,128,64,8,5 python scripts/bench_distill.py \
+      --betas 0,0.5,1 --providers cutce --memory-budget 0 --reps 3 2>&1 | grep "^| [01]" \
+      | sed "s/^/bulk 1, 5 stages /" | tee -a "$OUT/landed-recompute-tma.log" ;;
   budget)
     python scripts/budget_sweep.py "${@:2}" 2>&1 | grep -v Warning | tee "$OUT/budget.log" ;;
   peers)
