@@ -47,9 +47,9 @@ def test_triton_matches_oracle(gen, case, monkeypatch):
 
 @pytest.mark.parametrize("beta,ds,dt", [(1.0, 32, 48), (0.3, 29, 48), (0.0, 24, 40)])
 def test_triton_recompute_bulk_loads(gen, beta, ds, dt, monkeypatch):
-    """The recompute kernels with configs.DISTILL_RECOMPUTE_TMA: tensor-descriptor loads where
-    the heads' rows are 16-byte aligned (the interpreter's float32: D % 4 == 0), pointers
-    where one is not (29); a teacher with gradients (its dz too) and several vocabulary
+    """The recompute kernels with configs.DISTILL_RECOMPUTE_TMA (the default): tensor-descriptor
+    loads where the heads' rows are 16-byte aligned (the interpreter's float32: D % 4 == 0),
+    pointers where one is not (29); a teacher with gradients (its dz too) and several vocabulary
     chunks in the backward (bulk loads past a chunk's end read real classes, masked)."""
     pytest.importorskip("triton")
     from cutce.triton import configs
@@ -60,6 +60,17 @@ def test_triton_recompute_bulk_loads(gen, beta, ds, dt, monkeypatch):
     tensors = _to(DEV, make(gen, lead=37, ds=ds, dt=dt, v=290, bias=True, teacher_grad=True))
     check(gen, tensors, torch.float32, impl="triton", beta=beta, temperature=1.3, memory_budget=0)
     assert seen and all(seen) == (ds % 4 == 0 and dt % 4 == 0)
+
+
+def test_triton_recompute_pointer_loads(gen, monkeypatch):
+    """configs.DISTILL_RECOMPUTE_TMA off (env CUTCE_DISTILL_RECOMPUTE_TMA=0): pointer loads
+    even where bulk loads would apply (aligned rows), the same results."""
+    pytest.importorskip("triton")
+    from cutce.triton import configs
+    monkeypatch.setattr(configs, "DISTILL_RECOMPUTE_TMA", False)
+    monkeypatch.setattr(configs, "use_tma", lambda *t: pytest.fail("bulk loads asked for"))
+    tensors = _to(DEV, make(gen, lead=37, ds=32, dt=48, v=290, bias=True, teacher_grad=True))
+    check(gen, tensors, torch.float32, impl="triton", beta=0.3, temperature=1.3, memory_budget=0)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])

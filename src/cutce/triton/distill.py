@@ -238,7 +238,7 @@ def descriptors(t, tma, hs, ws, ht, wt):
 
 def _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t):
     """(tile, the kernels' flags, the four descriptors): bulk (TMA) loads where the heads allow
-    them and configs.DISTILL_RECOMPUTE_TMA asks for them (Hopper; off until timed)."""
+    them and configs.DISTILL_RECOMPUTE_TMA allows them (Hopper; on by default)."""
     t = tile(hs.dtype)
     tma = configs.distill_recompute_tma() and configs.use_tma(hs, ws, ht, wt)
     return t, dict(HAS_BS=bs is not None, HAS_BT=bt is not None, CAP_S=cap_s > 0,
