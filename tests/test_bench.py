@@ -1,4 +1,4 @@
-"""Smoke tests of `cutce bench` at tiny shapes: the run, the CSV, the PNG, error rows, the CLI.
+"""Smoke tests of `cutce bench` at tiny shapes: the run, the JSON, the PNG, error rows, the CLI.
 
 Timings are never asserted (they decide nothing here); only that the numbers exist, the errors
 against the float64 reference are at float32 rounding, and the files are well formed.
@@ -7,36 +7,39 @@ against the float64 reference are at float32 rounding, and the files are well fo
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import pytest
 import torch
 
 from cutce.bench import data, measure, providers, report
+from cutce import cli
 from cutce.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--device", "cpu", "--shape", "48,32,300", "--repeats", "1", "--warmup", "1"]
 
 
-def _csv(out_dir):
-    files = sorted(out_dir.glob("*.csv"))
+def _result(out_dir):
+    files = sorted(out_dir.glob("*.json"))
     assert len(files) == 1, files
-    return files[0], {r["provider"]: r for r in report.read_csv(files[0])}
+    doc = report.read_json(files[0])
+    assert doc["benchmark"] == "loss"
+    return files[0], doc["meta"], {r["provider"]: r for r in doc["rows"]}
 
 
 HAS_NATIVE = hasattr(torch.nn.functional, "linear_cross_entropy")
 
 
-def test_bench_writes_table_csv_and_png(tmp_path, capsys):
+def test_bench_writes_table_json_and_png(tmp_path, capsys):
     # Logits of 8 MiB: big enough for their memory to show in the RSS of each provider's process.
     n, d, v = 256, 32, 8192
     args = ["bench", "--device", "cpu", "--shape", f"{n},{d},{v}", "--repeats", "1", "--warmup", "1"]
     assert main([*args, "--data", "flat", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "| provider" in printed and "cutce-torch" in printed
-    path, rows = _csv(tmp_path)
+    path, meta, rows = _result(tmp_path)
+    assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["date"]
+    assert isinstance(meta["peers"], dict)
     rss = measure.RssPeak.available()
     native = ("torch-native", "torch-native-chunked") if HAS_NATIVE else ()
     for name in ("cutce-torch", "torch", *native):
@@ -50,13 +53,13 @@ def test_bench_writes_table_csv_and_png(tmp_path, capsys):
         for k in ("loss_err", "de_err", "dc_err"):
             assert 0 <= r[k] < 1e-4, (name, k, r[k])
         assert (r["n"], r["d"], r["v"], r["data"], r["dtype"]) == (n, d, v, "flat", "fp32")
-        assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["date"]
+        assert r["exact"] is True and set(r) == set(report.ROW_FIELDS)
     if rss:  # eager forward+backward holds at least the logits
         assert rows["torch"]["peak_mb"] >= 0.9 * n * v * 4 / 2**20, rows["torch"]["peak_mb"]
     if not HAS_NATIVE:
         for name in ("torch-native", "torch-native-chunked"):
             assert rows[name]["status"] == "skipped" and "absent in torch" in rows[name]["error"]
-    # Providers that cannot run here are in the CSV with the reason, not silently absent.
+    # Providers that cannot run here are in the results with the reason, not silently absent.
     assert rows["cutce-triton"]["status"] == "skipped" and "CUDA" in rows["cutce-triton"]["error"]
     assert rows["torch-compile"]["status"] == "skipped"
     png = path.with_suffix(".png")
@@ -67,8 +70,8 @@ def test_sweep_then_plot_only(tmp_path):
     args = ["bench", *TINY, "--sweep-n", "16,32", "--providers", "cutce-torch", "--mode", "fwd", "--in-process",
             "--no-plot", "--out", str(tmp_path)]
     assert main(args) == 0
-    path, _ = _csv(tmp_path)
-    rows = [r for r in report.read_csv(path) if r["status"] == "ok"]
+    path, _, _ = _result(tmp_path)
+    rows = [r for r in report.read_json(path)["rows"] if r["status"] == "ok"]
     assert sorted(r["n"] for r in rows) == [16, 32]
     assert all(r["fwdbwd_ms"] is None and r["fwd_ms"] > 0 for r in rows)
     assert not path.with_suffix(".png").exists()
@@ -87,7 +90,7 @@ def test_a_failing_provider_gets_an_error_row_and_the_run_goes_on(tmp_path, monk
     # in-process: the monkeypatched provider does not exist in a child process
     args = ["bench", *TINY, "--providers", "broken,torch", "--in-process", "--no-plot", "--out", str(tmp_path)]
     assert main(args) == 0
-    _, rows = _csv(tmp_path)
+    _, _, rows = _result(tmp_path)
     assert rows["broken"]["status"] == "error" and "boom" in rows["broken"]["error"]
     assert rows["broken"]["fwd_ms"] is None
     assert rows["torch"]["status"] == "ok"
@@ -137,10 +140,25 @@ def test_shape_parsing_and_bad_arguments(capsys):
     assert providers.parse_provider_names(["all"]) == list(providers.PROVIDERS)
 
 
-def test_demo_is_dispatched_lazily(monkeypatch):
-    seen = []
-    fake = types.ModuleType("cutce.demo")
-    fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "cutce.demo", fake)
-    assert main(["demo", "--steps", "2"]) == 0
-    assert seen == [["--steps", "2"]]
+def test_plot_only_rejects_other_files(tmp_path):
+    other = tmp_path / "distill.json"
+    report.write_json(other, "distill", {"date": "x"}, [])
+    with pytest.raises(ValueError, match="'loss' benchmark"):
+        main(["bench", "--plot-only", str(other)])
+
+
+def test_demo_runs_the_example_script(tmp_path, monkeypatch):
+    # `cutce demo` runs examples/demo.py with the remaining arguments as its own.
+    fake = tmp_path / "demo.py"
+    fake.write_text("import sys\nif __name__ == '__main__':\n"
+                    "    open(sys.argv[0] + '.args', 'w').write(' '.join(sys.argv[1:]))\n"
+                    "    raise SystemExit(3)\n")
+    monkeypatch.setattr(cli, "_demo_path", lambda: fake)
+    assert main(["demo", "--steps", "2"]) == 3
+    assert (tmp_path / "demo.py.args").read_text() == "--steps 2"
+
+
+def test_demo_without_the_example_says_where_to_get_it(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_demo_path", lambda: None)
+    assert main(["demo"]) == 2
+    assert "examples/demo.py" in capsys.readouterr().out

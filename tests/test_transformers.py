@@ -253,10 +253,17 @@ def test_trainer_steps_lower_the_loss(tmp_path, monkeypatch):
 
 
 def test_demo_pieces_run(tmp_path):
-    """The demo's tokenizer, training loop and plot on a tiny setting (the full run is `cutce demo`)."""
+    """The demo's tokenizer, training loop and plot on a tiny setting (the full run is
+    `python examples/demo.py`)."""
+    import importlib.util
+    import pathlib
+
     pytest.importorskip("tokenizers")
     pytest.importorskip("matplotlib")
-    from cutce import demo
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "demo.py"
+    spec = importlib.util.spec_from_file_location("cutce_demo_example", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
 
     ids, learned = demo.tokenize(demo.read_corpus(0.2), 600)
     assert learned == 600 and ids.max() < 600

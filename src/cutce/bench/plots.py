@@ -1,5 +1,5 @@
-"""PNG plots made from a bench CSV (never from in-memory results, so that a CSV from any machine
-can be re-plotted with ``cutce bench --plot-only FILE.csv``).
+"""PNG plots made from a bench result file (never from in-memory results, so that a JSON from any
+machine can be re-plotted with ``cutce bench --plot-only FILE.json``).
 
 One N in the file: bars per provider of forward and forward+backward time as a ratio to the
 matmul, and of peak memory (when measured), with reference lines: 1 matmul for the forward, 3 for
@@ -14,7 +14,7 @@ import os
 from collections import defaultdict
 
 from .providers import PROVIDERS
-from .report import fmt_ms, gradients_mb, read_csv
+from .report import fmt_ms, gradients_mb, read_json
 
 _ORDER = list(PROVIDERS)
 
@@ -59,7 +59,7 @@ def _bar_panel(ax, rows, key, label, line=None, fmt=None):
     bars = ax.barh(ys, values, color=[_color(r["provider"]) for r in rows],
                    hatch=None, edgecolor="black", linewidth=0.5)
     for bar, r in zip(bars, rows):
-        if r.get("exact") == "False":
+        if r.get("exact") is False:
             bar.set_hatch("//")  # filtered gradients: approximate, not comparable one-for-one
     ax.set_yticks(list(ys), names)
     ax.invert_yaxis()
@@ -107,7 +107,7 @@ def _plot_bars(rows, path):
                    fmt=lambda r: f"{r['peak_mb']:.0f} MiB")
         line_label += f"; memory of dE + dC alone ({grads:.0f} MiB)"
     handles = [Line2D([], [], **_LINE, label=line_label)]
-    if any(r.get("exact") == "False" for r in rows):
+    if any(r.get("exact") is False for r in rows):
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="//",
                              label="filtered (approximate) gradients"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
@@ -136,7 +136,7 @@ def _plot_sweep(rows, path):
         for name in sorted(by_provider, key=lambda p: _sort_key({"provider": p})):
             pts = sorted((r["n"], r[key]) for r in by_provider[name] if r[key] is not None)
             if pts:
-                exact = by_provider[name][0].get("exact") != "False"
+                exact = by_provider[name][0].get("exact") is not False
                 ax.plot(*zip(*pts), marker="o", markersize=3, color=_color(name),
                         linestyle="-" if exact else ":", label=name)
         if key == "peak_mb":
@@ -156,7 +156,7 @@ def _plot_sweep(rows, path):
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     notes = []
-    if any(r.get("exact") == "False" for r in rows):
+    if any(r.get("exact") is False for r in rows):
         notes.append("dotted: filtered (approximate) gradients")
     if any(r["status"] == "error" for r in rows):
         notes.append("missing points: error (e.g. out of memory)")
@@ -165,12 +165,17 @@ def _plot_sweep(rows, path):
     fig.savefig(path, dpi=110)
 
 
-def plot_csv(csv_path, png_path=None) -> str:
-    """Write the PNG for a bench CSV (default: next to it, same name) and return its path."""
-    rows = [r for r in read_csv(csv_path) if r["status"] != "skipped"]
+def plot_json(json_path, png_path=None) -> str:
+    """Write the PNG for a ``cutce bench`` result file (default: next to it, same name) and return
+    its path."""
+    doc = read_json(json_path)
+    if doc["benchmark"] != "loss":
+        raise ValueError(f"{json_path}: expected a 'loss' benchmark (cutce bench), got {doc['benchmark']!r}")
+    # Titles read the run's metadata as if it were part of each row.
+    rows = [dict(doc["meta"], **r) for r in doc["rows"] if r["status"] != "skipped"]
     if not rows:
-        raise ValueError(f"{csv_path}: no measured rows to plot")
-    png_path = png_path or os.path.splitext(csv_path)[0] + ".png"
+        raise ValueError(f"{json_path}: no measured rows to plot")
+    png_path = png_path or os.path.splitext(json_path)[0] + ".png"
     if len({r["n"] for r in rows}) > 1:
         _plot_sweep(rows, png_path)
     else:

@@ -23,7 +23,7 @@ class Provider:
     """One implementation under test.
 
     Attributes:
-        name: the name used by ``--providers`` and in the CSV.
+        name: the name used by ``--providers`` and in the result rows.
         exact: whether its gradients are meant to be exact (False for gradient filtering).
         build: ``build(device) -> fn(hidden, weight, targets) -> loss``.
         reason: ``reason(device) -> str | None``: why it cannot run on that device (None: it can).

@@ -1,15 +1,18 @@
-"""Run metadata, the CSV format (write and read back), and the printed table.
+"""Run metadata, the JSON result file (write and read back), and the printed table.
 
-Every CSV row carries the run's metadata (device, versions, date, shape, data kind, dtype), so that
-one row, or a file concatenated from several runs, is self-describing, and the plots can be made
-from the CSV alone.
+One file per run, shared by ``cutce bench`` and the entry points under ``benchmarks/``::
+
+    {"benchmark": "loss", "meta": {date, device, device_name, torch, ...}, "rows": [{...}, ...]}
+
+The meta (device, versions, date, commit) is what makes a number comparable to another; plots and
+the generated docs page are made from the file alone, so a run from any machine can be re-plotted.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime
 import importlib.metadata
+import json
 import math
 import os
 import platform
@@ -19,17 +22,15 @@ import torch
 
 import cutce
 
-COLUMNS = [
-    "date", "device", "device_name", "torch", "triton", "cutce", "commit", "cuda", "peers",
+# The fields of one loss row, in the order the table and the plots read them; the run's
+# metadata sits once in the envelope, not in every row.
+ROW_FIELDS = [
     "shape", "n", "d", "v", "data", "dtype", "max_prob", "entropy", "reference",
     "warmup", "repeats", "matmul_dtype", "matmul_ms",
     "provider", "exact", "status",
     "fwd_ms", "fwd_ratio", "fwd_mb", "fwdbwd_ms", "fwdbwd_ratio", "peak_mb", "mem_method",
     "loss_err", "de_err", "dc_err", "error",
 ]
-FLOAT_COLUMNS = {"max_prob", "entropy", "matmul_ms", "fwd_ms", "fwd_ratio", "fwd_mb", "fwdbwd_ms",
-                 "fwdbwd_ratio", "peak_mb", "loss_err", "de_err", "dc_err"}
-INT_COLUMNS = {"n", "d", "v", "warmup", "repeats"}
 NA = "n/a"
 # mem_method column -> what the MB columns mean
 MEM_METHODS = {
@@ -73,6 +74,11 @@ def _git_commit() -> str:
         return NA
 
 
+# Packages whose versions decide a peer's row (transformers and trl: the log-probs, distillation and
+# training-step benchmarks compare against them).
+PEERS = ("cut-cross-entropy", "liger-kernel", "transformers", "trl")
+
+
 def run_metadata(device) -> dict:
     """Device, versions and date: the columns that make a number comparable to another."""
     device = torch.device(device)
@@ -80,7 +86,7 @@ def run_metadata(device) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
-    peers = [f"{d}={_version(d)}" for d in ("cut-cross-entropy", "liger-kernel") if _version(d) != NA]
+    peers = {d: _version(d) for d in PEERS if _version(d) != NA}
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device.type,
@@ -90,40 +96,47 @@ def run_metadata(device) -> dict:
         "cutce": cutce.__version__,
         "commit": _git_commit(),
         "cuda": torch.version.cuda or NA,
-        "peers": " ".join(peers) or "none",
+        "peers": peers,
     }
 
 
-def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return NA
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+def _clean(value):
+    # NaN is not JSON: a missing number is null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
 
 
-def write_csv(path, rows) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(row.get(k)) for k in COLUMNS})
+def envelope(benchmark: str, meta: dict, rows) -> dict:
+    return {"benchmark": benchmark, "meta": _clean(dict(meta)), "rows": [_clean(dict(r)) for r in rows]}
 
 
-def read_csv(path) -> list[dict]:
-    """Rows of a bench CSV with numbers parsed back (``n/a`` and empty cells become None)."""
-    rows = []
-    with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            row = dict(raw)
-            for k in FLOAT_COLUMNS | INT_COLUMNS:
-                v = row.get(k)
-                if v in (None, "", NA):
-                    row[k] = None
-                else:
-                    row[k] = int(v) if k in INT_COLUMNS else float(v)
-            rows.append(row)
-    return rows
+def write_json(path, benchmark: str, meta: dict, rows) -> str:
+    """Write one run's results in the shared envelope; returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(envelope(benchmark, meta, rows), f, indent=1)
+        f.write("\n")
+    return str(path)
+
+
+def read_json(path) -> dict:
+    """A result file: ``{"benchmark", "meta", "rows"}``; raises ValueError when it is not one."""
+    with open(path) as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict) or not {"benchmark", "meta", "rows"} <= doc.keys():
+        raise ValueError(f"{path}: expected a benchmark result (benchmark, meta, rows), got {type(doc).__name__}")
+    return doc
+
+
+def format_peers(peers) -> str:
+    if isinstance(peers, dict):
+        return " ".join(f"{k}={v}" for k, v in peers.items()) or "none"
+    return str(peers or "none")
 
 
 def fmt_ms(x) -> str:
@@ -157,7 +170,7 @@ TABLE_HEADER = ["provider", "fwd ms", "fwd ratio", "fwd+bwd ms", "ratio", "fwd M
 
 
 def table_lines(rows) -> list[str]:
-    """A Markdown table of measured rows (ready to paste into docs/benchmarks.md), followed by
+    """A Markdown table of measured rows, followed by
     one line per error. Ratios are to the matmul of the same run; MB are MiB above the inputs."""
     cells = [TABLE_HEADER]
     notes = []

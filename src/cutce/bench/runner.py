@@ -1,5 +1,5 @@
 """`cutce bench`: its options, and the run (inputs -> reference -> matmul -> each provider ->
-table, CSV, PNG)."""
+table, JSON, PNG)."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "each (no memory numbers then)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data (default 0)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
-    p.add_argument("--no-plot", action="store_true", help="write the CSV only")
-    p.add_argument("--plot-only", metavar="CSV", help="only (re)make the PNG of an existing CSV")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only")
+    p.add_argument("--plot-only", metavar="FILE.json",
+                   help="only (re)make the PNG of a result file that cutce bench wrote")
     p.add_argument("--list-providers", action="store_true",
                    help="list the providers and whether each can run here, then exit")
 
@@ -140,9 +141,9 @@ def _bench_provider(p, title, base, mm, args, device, hidden, weight, targets, r
     return row
 
 
-def _bench_shape(shape, args, device, dtype, dtype_name, mm_name, chosen, skipped, meta,
+def _bench_shape(shape, args, device, dtype, dtype_name, mm_name, chosen, skipped,
                  repeats, warmup, step, total):
-    """All providers at one shape: returns the CSV rows (skipped providers included)."""
+    """All providers at one shape: returns the result rows (skipped providers included)."""
     t0 = time.perf_counter()
     hidden, weight, targets = data.make_inputs(shape, args.data, dtype, device, args.seed)
     max_prob, entropy = data.data_stats(hidden, weight)
@@ -151,7 +152,7 @@ def _bench_shape(shape, args, device, dtype, dtype_name, mm_name, chosen, skippe
     print(f"== {shape} {args.data} {dtype_name}: mean max-prob {max_prob:.2f}, entropy "
           f"{entropy:.2f} nats; reference {ref.label}; {mm_name} matmul {mm:.3g} ms "
           f"(set-up {time.perf_counter() - t0:.1f} s)", flush=True)
-    base = dict(meta, shape=shape.name, n=shape.n, d=shape.d, v=shape.v, data=args.data,
+    base = dict(shape=shape.name, n=shape.n, d=shape.d, v=shape.v, data=args.data,
                 dtype=dtype_name, max_prob=max_prob, entropy=entropy, reference=ref.label,
                 warmup=warmup, repeats=repeats, matmul_dtype=mm_name, matmul_ms=mm)
     mem_method = _mem_method(device, args)
@@ -181,9 +182,9 @@ def _bench_shape(shape, args, device, dtype, dtype_name, mm_name, chosen, skippe
 def run(args) -> int:
     """Run ``cutce bench`` with parsed ``args``; returns the exit code."""
     if args.plot_only:
-        from .plots import plot_csv
+        from .plots import plot_json
 
-        print(f"wrote {plot_csv(args.plot_only)}")
+        print(f"wrote {plot_json(args.plot_only)}")
         return 0
     try:
         device, shapes, dtype, mm_name, names, repeats, warmup = _resolve(args)
@@ -201,17 +202,17 @@ def run(args) -> int:
         return 2
     meta = report.run_metadata(device)
     print(f"cutce bench on {meta['device_name']} | torch {meta['torch']}, triton {meta['triton']}, "
-          f"cutce {meta['cutce']} ({meta['commit']}), peers: {meta['peers']} | {len(chosen)} providers x "
+          f"cutce {meta['cutce']} ({meta['commit']}), peers: {report.format_peers(meta['peers'])} | {len(chosen)} providers x "
           f"{len(shapes)} shape(s), warm-up {warmup}, median of {repeats}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, _stem(device, shapes[0], args.data, dtype_name, len(shapes) > 1) + ".csv")
+    json_path = os.path.join(args.out, _stem(device, shapes[0], args.data, dtype_name, len(shapes) > 1) + ".json")
     rows, step, total = [], 0, len(chosen) * len(shapes)
     for shape in shapes:
         new, step = _bench_shape(shape, args, device, dtype, dtype_name, mm_name, chosen, skipped,
-                                 meta, repeats, warmup, step, total)
+                                 repeats, warmup, step, total)
         rows += new
         # Written after every shape: a long sweep that is stopped keeps what it measured.
-        report.write_csv(csv_path, rows)
+        report.write_json(json_path, "loss", meta, [{k: r.get(k) for k in report.ROW_FIELDS} for r in rows])
         print()
         print(f"{shape}, {args.data} data, {dtype_name}; ratios to one {mm_name} matmul "
               f"({report.fmt_ms(new[0]['matmul_ms'])} ms); MB = {report.MEM_METHODS[new[0]['mem_method']]}, dE + dC alone take "
@@ -219,12 +220,12 @@ def run(args) -> int:
               f"errors vs {new[0]['reference']}:")
         print("\n".join(report.table_lines(new)))
         print()
-    print(f"wrote {csv_path}")
+    print(f"wrote {json_path}")
     if not args.no_plot:
         try:
-            from .plots import plot_csv
+            from .plots import plot_json
 
-            print(f"wrote {plot_csv(csv_path)}")
+            print(f"wrote {plot_json(json_path)}")
         except ImportError as exc:
-            print(f"no plot: {exc} (pip install matplotlib; then cutce bench --plot-only {csv_path})")
+            print(f"no plot: {exc} (pip install matplotlib; then cutce bench --plot-only {json_path})")
     return 0

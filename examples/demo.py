@@ -1,4 +1,6 @@
-"""``cutce demo``: train a small causal LM from scratch with and without cutce and compare.
+"""Train a small causal LM from scratch with and without cutce and compare the loss curves.
+
+    python examples/demo.py [--steps 20 --no-noise-run]     # or `cutce demo ...` in a checkout
 
 Text that every machine has offline: the Python standard library's own source files (sorted, so
 that a given Python version always reads the same text). A byte-level BPE vocabulary is trained on
@@ -43,7 +45,7 @@ OUT_DIR = "demo-out"
 
 def _parser():
     p = argparse.ArgumentParser(
-        prog="cutce demo",
+        prog="demo.py",
         description="Train a small Llama from scratch on the Python standard library's source, "
         "with transformers' loss and with cutce's, and plot loss curves and peak memory. "
         "Defaults depend on --device (CPU: " + ", ".join(f"{k}={v}" for k, v in DEFAULTS["cpu"].items())
@@ -77,7 +79,7 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    """Run the demo; returns 0. ``argv`` excludes the program name (``cutce demo`` passes the rest)."""
+    """Run the demo; returns 0. ``argv`` excludes the program name."""
     args = _parser().parse_args(argv)
     if args.plot_only:
         src = pathlib.Path(args.plot_only)
@@ -196,7 +198,7 @@ def train(spec, ids):
     """One run; returns the per-step losses, ms/step and peak memory (MB)."""
     import transformers
 
-    from . import transformers as cutce_transformers
+    from cutce import transformers as cutce_transformers
 
     device = torch.device(spec["device"])
     config = transformers.LlamaConfig(
