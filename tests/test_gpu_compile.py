@@ -1,5 +1,5 @@
 """Every Triton kernel compiles for Hopper (sm_90, tensor descriptors) and Ampere (sm_80) as the
-GPU path launches it (scripts/gpu_compile.py), checked on a machine without a GPU: the
+GPU path launches it (tools/gpu_compile.py), checked on a machine without a GPU: the
 interpreter tests run no compiler passes, so a kernel that only fails to compile (or overflows
 shared memory) on a GPU would otherwise first fail on the device, or on a user's A100."""
 
@@ -23,7 +23,7 @@ def test_every_kernel_compiles_for_the_gpu(tmp_path, arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # a fresh compile, not a cached one
     out = tmp_path / "kernels.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_compile.py"),
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_compile.py"),
                         "--arch", str(arch), "--json", str(out)], env=env, capture_output=True,
                        text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -9,7 +9,7 @@ sm_90, flattened loops, GPU tiles); each launch is compiled by Triton's own ``co
 target and not run (the launchers' torch code then works on uninitialized buffers, which is
 fine: only the compiled kernels are checked).
 
-    python scripts/gpu_compile.py [--arch 90|80] [--json OUT] [--spills]   # TRITON_INTERPRET unset
+    python tools/gpu_compile.py [--arch 90|80] [--json OUT] [--spills]   # TRITON_INTERPRET unset
 
 Prints one line per compiled kernel variant (name, shared memory bytes, stages, warps) and
 exits 1 when one needs more shared memory than a block may use on that architecture (227 KiB
@@ -17,8 +17,8 @@ on sm_90, 163 KiB on sm_80). Takes ~1.5 minutes per architecture on 2 CPU cores;
 tests/test_gpu_compile.py runs both in CI.
 
 --spills also reads each cubin's registers and local-memory spills (cuobjdump, shipped with
-Triton): a tile whose epilogue spills is a candidate for the next device session's sweep.
-The tiles follow the tuning variables (CUTCE_FWD_TILE, CUTCE_DISTILL_FUSED_TILE, ...).
+Triton): a tile whose epilogue spills is worth measuring against a smaller one on the GPU.
+The tiles are the ones the library's launch code picks (cutce.triton.configs).
 """
 
 from __future__ import annotations
