@@ -233,21 +233,24 @@ def test_validation_errors(gen):
         assert msg in str(e.value), (msg, str(e.value))
 
 
-def test_bench_cpu_smoke(tmp_path, monkeypatch):
-    """scripts/bench_distill.py --cpu-smoke runs every provider it can and writes its CSV."""
+def test_bench_cpu_smoke(tmp_path):
+    """benchmarks/distill.py --cpu-smoke runs every provider it can and writes its JSON."""
     import importlib.util
+    import json
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "bench_distill.py"
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "distill.py"
     spec = importlib.util.spec_from_file_location("bench_distill", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    monkeypatch.setenv("OUT", str(tmp_path))
-    rows = bench.main(["--cpu-smoke", "--providers", "cutce,cutce-torch,torch,compile,nope"])
+    rows = bench.main(["--cpu-smoke", "--providers", "cutce,cutce-torch,torch,compile,nope",
+                       "--out", str(tmp_path)])
     ok = {(r["beta"], r["provider"]) for r in rows if r["status"] == "ok"}
     assert {(b, p) for b in (0.0, 0.5) for p in ("cutce", "cutce-torch", "torch")} <= ok
-    assert all(float(r["dE_err"]) < 1e-5 for r in rows if r["status"] == "ok")
-    assert (tmp_path / "distill_cpu_beta0_0.5.csv").read_text().count("\n") == len(rows) + 1
+    assert all(r["dE_err"] < 1e-5 for r in rows if r["status"] == "ok")
+    doc = json.loads((tmp_path / "distill_cpu_beta0_0.5.json").read_text())
+    assert doc["benchmark"] == "distill" and doc["meta"]["device"] == "cpu"
+    assert len(doc["rows"]) == len(rows) and doc["rows"][0]["v"] == 300
 
 
 def test_docs_distillation_example_runs(tmp_path):

@@ -6,7 +6,7 @@ trainable parameter through both are compared, for families with and without a l
 attention mask, ``logits_to_keep`` set and not, temperature != 1, a PEFT LoRA model, and the
 refusals. Tiny random-init models from tests/test_transformers.py's configs. Also runs the
 examples built on it (examples/grpo_step.py, examples/dpo_loss.py) and the GPU benchmark's CPU smoke
-mode (scripts/bench_token_log_probs.py).
+mode (benchmarks/log_probs.py).
 """
 
 from __future__ import annotations
@@ -184,9 +184,15 @@ def test_example_runs(script):
 
 def test_bench_script_cpu_smoke(tmp_path):
     """The GPU benchmark's logic at tiny sizes (the head part; TRL is reported if absent)."""
-    proc = run_script("scripts/bench_token_log_probs.py", "--cpu-smoke", "--no-e2e", "--providers",
+    import json
+
+    proc = run_script("benchmarks/log_probs.py", "--cpu-smoke", "--no-e2e", "--providers",
                       "cutce", "trl", "--out", str(tmp_path))
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    rows = (tmp_path / "bench_token_log_probs.csv").read_text().splitlines()
-    assert len(rows) == 5 and rows[1].count(",head,cutce,") == 1, rows  # header + 4 providers
+    doc = json.loads((tmp_path / "log_probs_cpu.json").read_text())
+    assert doc["benchmark"] == "log_probs" and doc["meta"]["device"] == "cpu"
+    rows = doc["rows"]
+    assert len(rows) == 4 and [r["provider"] for r in rows].count("cutce") == 1, rows  # 4 providers
+    cutce_row = next(r for r in rows if r["provider"] == "cutce")
+    assert cutce_row["fwd_ratio"] > 0 and cutce_row["dE_err"] < 1e-2  # bf16 inputs
     assert "| head | cutce | 512 |" in proc.stdout, proc.stdout

@@ -1,7 +1,8 @@
-"""Log-probs + entropy for RL (issue 16): cutce against TRL's fused LM head, torch eager and compile.
+"""Per-token log-probs + entropy (RL losses): cutce against TRL's fused LM head, torch eager and
+torch.compile, then an end-to-end step of a small HF model.
 
-    PYTHONPATH=src:/tmp/site python scripts/bench_token_log_probs.py        # GPU, ~2-3 minutes
-    PYTHONPATH=src python scripts/bench_token_log_probs.py --cpu-smoke      # tiny sizes on CPU
+    PYTHONPATH=src python benchmarks/log_probs.py --out bench-out      # GPU, 2-3 minutes on an H200
+    PYTHONPATH=src python benchmarks/log_probs.py --cpu-smoke          # tiny sizes on CPU, seconds
 
 1. Head at a Qwen2.5-7B shape (N=16384, D=3584, V=152064, bf16, temperature 0.9), trained-model-
    like data (cutce.bench.data "zipf"). Providers, each computing per-token log-probs and entropy:
@@ -9,25 +10,24 @@
    chunk its ``add_fused_lm_head`` uses); torch eager ``log_softmax((h @ w.T).float() / T)``;
    ``torch.compile`` of it; plus log-probs-only rows of cutce and TRL. For each: forward time,
    forward+backward time of ``(logp * g1 + entropy * g2).sum()`` (random per-token upstream
-   gradients, as advantages give), peak memory above the inputs (gradients included), and the
-   relative error (norm of the difference / norm) of logp, entropy, dE, dC against a float32
-   reference from materialized logits of the upcast inputs, token chunk by token chunk.
+   gradients, as advantages give), both also as a ratio to one bf16 ``h @ w.T`` of the shape,
+   peak memory above the inputs (gradients included), and the relative error (norm of the
+   difference / norm) of logp, entropy, dE, dC against a float32 reference from materialized
+   logits of the upcast inputs, token chunk by token chunk.
 2. End-to-end step of a random-init Qwen2-like model (4 layers, hidden 1024, V=151936, batch
    4 x 1024, bf16): ``cutce.transformers.token_log_probs`` against ``model(...).logits`` +
    float32 log_softmax, all positions and the last 512 (``logits_to_keep``): time and peak memory
    of forward+backward.
 
-Prints Markdown tables and writes ``$OUT/bench_token_log_probs.csv`` ($OUT, default ./bench-out).
-A provider that cannot run (TRL not importable, out of memory) gets a row with the reason.
+Prints a Markdown table and writes ``log_probs_<device>.json`` under --out ({"benchmark":
+"log_probs", "meta", "rows"}). A provider that cannot run (TRL not importable, out of memory)
+gets a row with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime
-import os
 import pathlib
 import sys
 import time
@@ -36,13 +36,15 @@ import types
 import torch
 
 import cutce
-from cutce.bench.data import Shape, make_inputs
 from cutce.bench import measure
+from cutce.bench import report as results
+from cutce.bench.data import Shape, make_inputs
 
 START = time.perf_counter()
 TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16 (read when importable)
-FIELDS = ["section", "provider", "n", "d", "v", "dtype", "temperature", "fwd_ms", "fwd_bwd_ms",
-          "peak_mib", "logp_err", "entropy_err", "dE_err", "dC_err", "note"]
+FIELDS = ["section", "provider", "n", "d", "v", "dtype", "temperature", "matmul_ms", "fwd_ms",
+          "fwd_ratio", "fwd_bwd_ms", "fwd_bwd_ratio", "peak_mib", "logp_err", "entropy_err", "dE_err",
+          "dC_err", "note"]
 
 
 class Bench:
@@ -152,6 +154,7 @@ def run_head(bench, args, shape, trl_fn, trl_chunk, trl_note, rows):
     g1 = torch.randn(n, device=bench.device, generator=g)
     g2 = torch.randn(n, device=bench.device, generator=g)
     ref = reference(h, w, t, T, g1, g2, args.ref_chunk)
+    mm = measure.matmul_ms(h, w, torch.bfloat16, warmup=bench.warmup, repeats=bench.reps)
     bench.sync()
     if bench.cuda:
         torch.cuda.empty_cache()
@@ -164,7 +167,7 @@ def run_head(bench, args, shape, trl_fn, trl_chunk, trl_note, rows):
         da, dc = torch.autograd.grad(loss, (a, c))
         return logp.detach(), None if ent is None else ent.detach(), da, dc
 
-    base = dict(section="head", n=n, d=d, v=v, dtype="bf16", temperature=T)
+    base = dict(section="head", n=n, d=d, v=v, dtype="bf16", temperature=T, matmul_ms=mm)
     ref_lp = None
     for name, fn in head_providers(t, T, trl_fn, trl_chunk, args.compile_backend).items():
         if args.providers and not any(p in name for p in args.providers):
@@ -191,6 +194,7 @@ def run_head(bench, args, shape, trl_fn, trl_chunk, trl_note, rows):
             with torch.no_grad():
                 row["fwd_ms"] = bench.time_ms(lambda: fn(h, w))
             row["fwd_bwd_ms"] = bench.time_ms(lambda: fwd_bwd(fn))
+            row["fwd_ratio"], row["fwd_bwd_ratio"] = row["fwd_ms"] / mm, row["fwd_bwd_ms"] / mm
             row["peak_mib"] = bench.peak_mib(lambda: fwd_bwd(fn))
             row.update(zip(["logp_err", "entropy_err", "dE_err", "dC_err"], errs))
             print(f"  {name}: done (first call {first:.1f} s; {time.perf_counter() - START:.0f} s so far)",
@@ -282,13 +286,19 @@ def fmt(x, spec):
     return "" if x is None or x == "" else format(x, spec)
 
 
-def report(rows, header):
+def ratio(x):
+    return "" if x is None else f"{x:.2f}x"
+
+
+def print_report(rows, header):
     print(header)
-    print("| section | provider | N | fwd ms | fwd+bwd ms | peak MiB | logp err | entropy err | dE err | dC err | note |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| section | provider | N | fwd ms | fwd ratio | fwd+bwd ms | ratio | peak MiB | logp err | "
+          "entropy err | dE err | dC err | note |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['section']} | {r['provider']} | {r['n']} | {fmt(r.get('fwd_ms'), '.1f')} | "
-              f"{fmt(r.get('fwd_bwd_ms'), '.1f')} | {fmt(r.get('peak_mib'), '.0f')} | "
+              f"{ratio(r.get('fwd_ratio'))} | {fmt(r.get('fwd_bwd_ms'), '.1f')} | "
+              f"{ratio(r.get('fwd_bwd_ratio'))} | {fmt(r.get('peak_mib'), '.0f')} | "
               + " | ".join(fmt(r.get(k), ".1e") for k in ("logp_err", "entropy_err", "dE_err", "dC_err"))
               + f" | {r.get('note', '')} |")
     by = {r["provider"]: r for r in rows if r["section"] == "head"}
@@ -316,7 +326,7 @@ def main(argv=None):
     ap.add_argument("--providers", nargs="*", default=None, help="substrings of head provider names")
     ap.add_argument("--compile-backend", default=None, help="default inductor (aot_eager with --cpu-smoke)")
     ap.add_argument("--no-e2e", action="store_true")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         device = torch.device("cpu")
@@ -332,29 +342,21 @@ def main(argv=None):
     shape = tuple(int(x) for x in args.shape.split(","))
     bench = Bench(device, args.reps, args.warmup)
     trl_fn, trl_chunk, trl_note = load_trl()
-    import triton
-    import transformers
-
-    env = (f"{torch.cuda.get_device_name() if bench.cuda else 'cpu'}, torch {torch.__version__}, "
-           f"triton {triton.__version__}, transformers {transformers.__version__}, {trl_note}, "
-           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    meta = dict(results.run_metadata(device), trl_note=trl_note)
+    env = (f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, "
+           f"peers {results.format_peers(meta['peers'])}; {trl_note}; {meta['date']}")
     print(f"# {env}", flush=True)
     rows = []
     run_head(bench, args, shape, trl_fn, trl_chunk, trl_note, rows)
     if not args.no_e2e:
         run_e2e(bench, args, rows)
     n, d, v = shape
-    report(rows, f"\n## log-probs + entropy, head N={n} D={d} V={v} bf16, T={args.temperature}; "
+    print_report(rows, f"\n## log-probs + entropy, head N={n} D={d} V={v} bf16, T={args.temperature}; "
                  f"{env}; errors vs float32 from materialized logits\n")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench_token_log_probs.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["env"] + FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({"env": env, **{k: r.get(k, "") for k in FIELDS}})
+    path = pathlib.Path(args.out) / f"log_probs_{device.type}.json"
+    results.write_json(path, "log_probs", meta, [{k: r.get(k) for k in FIELDS} for r in rows])
     print(f"\nwrote {path} ({time.perf_counter() - START:.0f} s in all)")
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Distillation benchmark: cutce.linear_distillation_loss against materialized logits and peers.
 
-    PYTHONPATH=src:/tmp/site python scripts/bench_distill.py            # H200: < 4 minutes
-    PYTHONPATH=src python scripts/bench_distill.py --cpu-smoke          # tiny, CPU, seconds
+    PYTHONPATH=src python benchmarks/distill.py --betas 0 --out bench-out   # H200: < 4 minutes a beta
+    PYTHONPATH=src python benchmarks/distill.py --cpu-smoke                 # tiny, CPU, seconds
 
 A Qwen2.5 7B -> 0.5B pair by default (teacher D=3584, student D=896, V=151936, N=8192 tokens,
 bf16, frozen teacher, temperature 1, mean over tokens). Per beta (0 = forward KL, 0.5 = JSD:
@@ -23,15 +23,13 @@ A provider that cannot be imported, or fails (e.g. out of memory), gets a row sa
 run goes on; providers not started within --budget-s seconds are reported as skipped (first
 calls compile: Triton kernels, torch.compile, Liger's compiled chunks; one beta per run keeps
 each run well inside 4 minutes). Prints a Markdown table and writes
-distill_<device>_beta<betas>.csv under $OUT (default ./bench-out).
+distill_<device>_beta<betas>.json under --out ({"benchmark": "distill", "meta", "rows"}).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime
 import math
 import os
 import sys
@@ -41,7 +39,7 @@ import types
 import torch
 
 import cutce
-from cutce.bench import measure
+from cutce.bench import measure, report
 
 
 def materialized(hs, ws, ht, wt, beta, temperature):
@@ -153,9 +151,6 @@ def main(argv=None):
     ap.add_argument("--memory-budget", type=float, nargs="+", default=None,
                     help="cutce's memory_budget values, one row each in place of the default's "
                          "'cutce' row (0 = recompute kernels; default: the library's)")
-    ap.add_argument("--tile", default=None,
-                    help="the fused distillation kernels' tile BLOCK_N,BLOCK_V,BLOCK_K,warps,"
-                         "stages (sets CUTCE_DISTILL_FUSED_TILE; BLOCK_V also sizes X's table)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=170.0,
@@ -163,11 +158,10 @@ def main(argv=None):
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the logic")
     ap.add_argument("--compile-on-cpu", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         args.shape, args.reps, args.warmup = "64,32,48,300", 1, 0
-    if args.tile:
-        os.environ["CUTCE_DISTILL_FUSED_TILE"] = args.tile
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n, ds, dt, v = map(int, args.shape.split(","))
@@ -200,8 +194,8 @@ def main(argv=None):
         ref = (loss.detach(), *torch.autograd.grad(loss, (a, c)))
         del a, c, loss
         for name in names:
-            row = dict(beta=beta, provider=name, ms="", peak_mib="", loss_err="", dE_err="",
-                       dC_err="", status="ok", note="")
+            row = dict(beta=beta, provider=name, ms=None, peak_mib=None, loss_err=None, dE_err=None,
+                       dC_err=None, status="ok", note="")
             rows.append(row)
             if time.perf_counter() - t_start > args.budget_s:
                 row.update(status="skipped", note=f"time budget of {args.budget_s:.0f} s spent")
@@ -221,7 +215,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
             _print(row, grads_mib)
         del ref
-    _write_csv(rows, device, dtype, (n, ds, dt, v), grads_mib, args)
+    _write_json(rows, device, dtype, (n, ds, dt, v), grads_mib, args)
     print(f"# {time.perf_counter() - t_start:.0f} s")
     return rows
 
@@ -233,10 +227,10 @@ def _measure(fn, beta, hs, ws, ht, wt, ref, device, args, row):
         return (loss.detach(), *torch.autograd.grad(loss, (a, c)))
 
     out = step()  # the first call also compiles (compile, liger)
-    row["loss_err"], row["dE_err"], row["dC_err"] = (f"{rel(x, r):.1e}" for x, r in zip(out, ref))
+    row["loss_err"], row["dE_err"], row["dC_err"] = (rel(x, r) for x, r in zip(out, ref))
     del out
     sync(device)
-    row["ms"] = f"{measure.median_ms(step, device, args.warmup, args.reps):.2f}"
+    row["ms"] = measure.median_ms(step, device, args.warmup, args.reps)
     if device.type == "cuda":
         sync(device)
         torch.cuda.empty_cache()
@@ -244,38 +238,30 @@ def _measure(fn, beta, hs, ws, ht, wt, ref, device, args, row):
         torch.cuda.reset_peak_memory_stats(device)
         step()
         sync(device)
-        row["peak_mib"] = f"{(torch.cuda.max_memory_allocated(device) - base) / 2**20:.0f}"
+        row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _fmt(x, spec):
+    return "" if x is None else format(x, spec)
 
 
 def _print(row, grads_mib):
-    ratio = f"{float(row['peak_mib']) / grads_mib:.2f}x" if row["peak_mib"] else ""
+    ratio = f"{row['peak_mib'] / grads_mib:.2f}x" if row["peak_mib"] else ""
     note = row["note"] if row["status"] == "ok" else f"{row['status']}: {row['note']}"
-    print(f"| {row['beta']:g} | {row['provider']} | {row['ms']} | {row['peak_mib']} | {ratio} | "
-          f"{row['loss_err']} | {row['dE_err']} | {row['dC_err']} | {note} |", flush=True)
+    errs = " | ".join(_fmt(row[k], ".1e") for k in ("loss_err", "dE_err", "dC_err"))
+    print(f"| {row['beta']:g} | {row['provider']} | {_fmt(row['ms'], '.2f')} | "
+          f"{_fmt(row['peak_mib'], '.0f')} | {ratio} | {errs} | {note} |", flush=True)
 
 
-def _write_csv(rows, device, dtype, shape, grads_mib, args):
-    out = os.environ.get("OUT", "./bench-out")
-    os.makedirs(out, exist_ok=True)
+def _write_json(rows, device, dtype, shape, grads_mib, args):
     betas = "_".join(f"{b:g}" for b in sorted({r["beta"] for r in rows}))
-    path = os.path.join(out, f"distill_{device.type}_beta{betas}.csv")
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = ""
-    meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                torch=torch.__version__, triton=triton_version,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                N=shape[0], Ds=shape[1], Dt=shape[2], V=shape[3], dtype=str(dtype)[6:],
-                temperature=args.temperature, grads_mib=f"{grads_mib:.0f}")
-    fields = [*meta, "beta", "provider", "status", "ms", "peak_mib", "loss_err", "dE_err",
-              "dC_err", "note"]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **r})
+    path = os.path.join(args.out, f"distill_{device.type}_beta{betas}.json")
+    meta = report.run_metadata(device)
+    # The setting every row shares; each row keeps its beta.
+    setting = dict(n=shape[0], ds=shape[1], dt=shape[2], v=shape[3], dtype=str(dtype)[6:],
+                   temperature=args.temperature, grads_mib=grads_mib, warmup=args.warmup,
+                   repeats=args.reps)
+    report.write_json(path, "distill", meta, [dict(setting, **r) for r in rows])
     print(f"# wrote {path}")
 
 
