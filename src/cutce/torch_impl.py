@@ -101,13 +101,18 @@ def _forward(hidden, weight, bias, targets, cw, opts: _Cfg):
     for s in range(0, n, rows):
         e = min(s + rows, n)
         z, _ = _logits(hidden[s:e].to(cdt), w, b, opts)
-        lse[s:e] = torch.logsumexp(z, dim=1)
         idx, valid = _valid_targets(targets[s:e], vocab)
         zt[s:e] = torch.where(valid, z.gather(1, idx).squeeze(1), 0.0)
         if opts.need_zsum:
             zsum[s:e] = _zsum(z, cw)
+        # lse = m + log(sum exp(z - m)), not torch.logsumexp: a row with an infinite logit gives
+        # NaN (inf - inf), as PyTorch's log_softmax / cross_entropy do, where logsumexp gives
+        # inf (and a finite-looking inf loss). In place: z becomes exp(z - m).
+        m = z.amax(dim=1, keepdim=True)
+        tot = z.sub_(m).exp_().sum(dim=1, keepdim=True)
+        lse[s:e] = (m + tot.log()).squeeze(1)
         if opts.need_entropy:
-            z.sub_(lse[s:e, None]).exp_()  # z now holds p; (p * z).sum = (p * (log p + lse)).sum
+            z.div_(tot)  # z now holds p; (p * z).sum = (p * (log p + lse)).sum
             pz[s:e] = torch.xlogy(z, z).sum(dim=1) + lse[s:e]
     return lse, zt, zsum, pz
 
@@ -267,7 +272,9 @@ def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
         loss = k[0] * l_rows - k[1] * zt + k[3] * l_rows.square()
         if zmean is not None:
             loss = loss - k[2] * zmean
-        total += torch.where(valid & (k[0] != 0), loss, 0.0).sum()
+        # A row counts when any coefficient is nonzero: a target of class weight 0 keeps its
+        # z-loss (k3) and label smoothing (k2) terms; an ignored row has all four 0.
+        total += torch.where(valid & (k != 0).any(dim=0), loss, 0.0).sum()
         # d loss_i / d z_ij = (k0 + 2 k3 lse_i) p_ij - k1 [j = t_i] - k2 / V
         dz = p.mul_((k[0] + 2.0 * k[3] * l_rows)[:, None])
         dz.scatter_add_(1, idx, torch.where(valid, -k[1], 0.0).unsqueeze(1))

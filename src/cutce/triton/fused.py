@@ -49,8 +49,8 @@ EPI_ROWS, EPI_COLS = 32, 128
 
 @triton.jit
 def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_ptr, x_ptr, x_desc,
-                         part_ptr, n0, n1, V, D, stride_h, stride_w, stride_x, scale, softcap,
-                         tiles_per_split, n_row_blocks, far_gap,
+                         part_ptr, n0, n1, V, D, stride_h, stride_w, stride_x, stride_k, scale,
+                         softcap, tiles_per_split, n_row_blocks, far_gap,
                          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                          PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
@@ -65,8 +65,11 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_pt
     rmask = rows < n1
     rc = n1 - n0
     tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
-    # rows with a weight (k0: the row's lse coefficient) and a target in range
-    ok = (tl.load(k_ptr + rows, mask=rmask, other=0.0) != 0) & (tgt >= 0) & (tgt < V)
+    # rows with a weight (k0, k3: the row's lse and lse^2 coefficients; a target of class
+    # weight 0 keeps its z-loss) and a target in range
+    k0 = tl.load(k_ptr + rows, mask=rmask, other=0.0)
+    k3 = tl.load(k_ptr + 3 * stride_k + rows, mask=rmask, other=0.0)
+    ok = ((k0 != 0) | (k3 != 0)) & (tgt >= 0) & (tgt < V)
     c = tl.load(c_ptr + rows - n0, mask=rmask, other=0.0)
     n_tiles = tl.cdiv(V, BLOCK_V)
     t_lo = split * tiles_per_split
@@ -155,13 +158,13 @@ def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, 
     k3 = tl.where(valid, tl.load(k_ptr + 3 * stride_k + rows, mask=rmask, other=0.0), 0.0)
     c = tl.load(c_ptr + r_loc, mask=rmask, other=0.0)
     # far rows were rewritten by the refill launch with c = their max (the same predicate)
-    far = (k0 != 0) & (m - c > far_gap)
+    live = rmask & ((k0 != 0) | (k3 != 0))  # the logit kernel's rows (its ok)
+    far = live & (m - c > far_gap)
     c = tl.where(far, m, c)
-    live = rmask & (k0 != 0)
     lse = c + tl.log(tl.where(live, tot, 1.0))  # ignored rows (sum 0): no lse, no log(0)
     g_lse = k0 + 2.0 * k3 * lse
     # where, not a product: an ignored row (NaN hidden state included) adds nothing
-    s = tl.where(k0 != 0, g_lse * tl.exp(c - lse) * scale, 0.0)
+    s = tl.where(live, g_lse * tl.exp(c - lse) * scale, 0.0)
     # The target entry from float32 values: dz_t = scale * f_t * (g_lse * p_t - k1).
     if SOFTCAP:
         f_t = 1.0 - (zr / softcap) * (zr / softcap)
@@ -171,7 +174,7 @@ def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, 
     x_t = tl.where(s != 0, dz_t / tl.where(s != 0, s, 1.0), 0.0)
     tl.store(lse_ptr + rows, lse, mask=rmask)
     tl.store(s_ptr + r_loc, s, mask=rmask)
-    tl.store(row_ptr + rows, tl.where(k0 != 0, k0 * lse - k1 * zr + k3 * lse * lse, 0.0),
+    tl.store(row_ptr + rows, tl.where(live, k0 * lse - k1 * zr + k3 * lse * lse, 0.0),
              mask=rmask)
     t_idx = tl.where(valid, tgt, 0).to(tl.int64)
     tl.store(x_ptr + r_loc.to(tl.int64) * stride_x + t_idx, x_t.to(x_ptr.dtype.element_ty),
@@ -272,8 +275,8 @@ def _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap
     _fused_logits_kernel[(n_row_blocks * n_splits,)](
         hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets, c, k, x,
         x_desc, part,
-        n0, n1, v, d, hidden.stride(0), weight.stride(0), x.stride(0), scale, softcap,
-        tiles_per_split, n_row_blocks, far_gap,
+        n0, n1, v, d, hidden.stride(0), weight.stride(0), x.stride(0), k.stride(0), scale,
+        softcap, tiles_per_split, n_row_blocks, far_gap,
         HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_N=cfg.block_n,
         BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
         PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
@@ -300,10 +303,10 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     Args: hidden (N, D), weight (V, D), bias (V,) or None: 16-bit or float32, unit inner stride;
     targets (N,) int64; coef (4, N) float32, unit inner stride: each row's coefficients
     (k0, k1, k2, k3) of lse, -zt, -mean_j z (must be 0: no label smoothing here) and lse^2 in
-    the total (k0 = 0 for ignored rows; rows whose target is outside [0, V) count as ignored);
-    scale, softcap (0 = off); chunk_n tokens per chunk; dc_in_place: X may live in dC's
-    bytes (more than one chunk, 16-bit, chunk_n * ceil8(V) <= V * D). N > 0: the plan never
-    fuses an empty call.
+    the total (all 0 for ignored rows; a row counts when k0 or k3 is nonzero; rows whose
+    target is outside [0, V) count as ignored); scale, softcap (0 = off); chunk_n tokens per
+    chunk; dc_in_place: X may live in dC's bytes (more than one chunk, 16-bit, chunk_n *
+    ceil8(V) <= V * D). N > 0: the plan never fuses an empty call.
 
     Returns: (total, lse, dh, dw, db): total = sum_i k0 lse_i - k1 zt_i + k3 lse_i^2 (0-dim
     float32), lse (N,) float32, and d total / d (hidden, weight, bias) in the inputs' dtypes
