@@ -53,7 +53,9 @@ def row_coefs(targets, token_weights, opts: Options, dtype, cw, vocab):
     a = 1.0 if cw is None else cw.of_target
     if opts.reduction == "mean":
         denom = (w * a).sum() if cw is not None else w.sum()
-        w = w / torch.where(denom == 0, 1.0, denom)
+        valid = targets != opts.ignore_index
+        # NaN on valid rows when their weights sum to 0 (see mean_denominator); ignored rows 0
+        w = torch.where(valid, w / mean_denominator(denom, valid), 0.0)
     ls = opts.label_smoothing
     s = 1.0 if cw is None else cw.total / vocab
     if cw is None and ls == 0:
@@ -61,6 +63,13 @@ def row_coefs(targets, token_weights, opts: Options, dtype, cw, vocab):
         zero = torch.zeros_like(w)
         return torch.stack([w, w, zero, zero if opts.z_loss == 0 else opts.z_loss * w])
     return torch.stack([w * ((1.0 - ls) * a + ls * s), (1.0 - ls) * a * w, ls * w, opts.z_loss * w])
+
+
+def mean_denominator(denom, valid):
+    """"mean"'s divisor: ``denom`` (the valid tokens' summed token x class weights), except
+    where it is 0: 1 when no token is valid (the documented 0.0 loss with zero gradients), NaN
+    when valid tokens exist but all their weights are 0 (0/0, as F.cross_entropy gives)."""
+    return torch.where(denom == 0, torch.where(valid.any(), torch.nan, 1.0), denom)
 
 
 def loss_from_parts(parts, targets, token_weights, opts: Options, vocab, cw=None):
@@ -87,4 +96,4 @@ def loss_from_parts(parts, targets, token_weights, opts: Options, vocab, cw=None
     if opts.reduction == "sum":
         return total
     denom = w.sum() if cw is None else (w * cw.of_target).sum()
-    return total / torch.where(denom == 0, 1.0, denom)
+    return total / mean_denominator(denom, valid)

@@ -27,6 +27,7 @@ def _row_coefs_kernel(t_ptr, w_ptr, coef_ptr, bad_ptr, N, V, stride_t, stride_w,
     denom = 1.0
     if MEAN:
         tot = tl.zeros((BLOCK,), tl.float32)
+        cnt = tl.zeros((BLOCK,), tl.int32)
         for i in range(0, N, BLOCK):
             offs = i + offs0
             m = offs < N
@@ -36,8 +37,11 @@ def _row_coefs_kernel(t_ptr, w_ptr, coef_ptr, bad_ptr, N, V, stride_t, stride_w,
             else:
                 w = tl.full((BLOCK,), 1.0, tl.float32)
             tot += tl.where(m & (t != ignore_index), w, 0.0)
+            cnt += (m & (t != ignore_index)).to(tl.int32)
         denom = tl.sum(tot, 0)
-        denom = tl.where(denom == 0, 1.0, denom)  # nothing valid: coefficients 0, loss 0
+        # weights summing to 0: nothing valid gives coefficients 0 (loss 0); valid tokens of
+        # weight 0 give NaN (0/0, as F.cross_entropy; cutce.loss.mean_denominator)
+        denom = tl.where(denom == 0, tl.where(tl.sum(cnt, 0) > 0, float("nan"), 1.0), denom)
     bad = tl.zeros((BLOCK,), tl.int32)
     for i in range(0, N, BLOCK):
         offs = i + offs0
@@ -49,9 +53,9 @@ def _row_coefs_kernel(t_ptr, w_ptr, coef_ptr, bad_ptr, N, V, stride_t, stride_w,
             w = tl.load(w_ptr + offs.to(tl.int64) * stride_w, mask=m, other=0.0).to(tl.float32)
         else:
             w = tl.full((BLOCK,), 1.0, tl.float32)
-        w = tl.where(keep, w, 0.0)
         if MEAN:
             w = w / denom
+        w = tl.where(keep, w, 0.0)
         tl.store(coef_ptr + offs, w, mask=m)
         tl.store(coef_ptr + stride_c + offs, w, mask=m)
         tl.store(coef_ptr + 2 * stride_c + offs, tl.zeros((BLOCK,), tl.float32), mask=m)
@@ -70,7 +74,8 @@ def row_coefs(targets, token_weights, vocab, ignore_index, z_loss, mean):
     Args: targets (N,) int64; token_weights (N,) float or None; vocab: the global V; z_loss >= 0;
     mean: reduction "mean" (else "sum"). coef is (4, N) float32: the rows' coefficients of lse,
     -zt, -zsum/V (0) and lse^2, token weight w_i (1 without) where targets != ignore_index, else
-    0, divided by their sum under "mean" (by 1 when it is 0).
+    0, divided by their sum under "mean" (by 1 when no target is valid; NaN on the valid rows
+    when valid targets' weights sum to 0).
     """
     n = targets.numel()
     coef = torch.empty((4, n), device=targets.device, dtype=torch.float32)
