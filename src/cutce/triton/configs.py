@@ -201,14 +201,16 @@ def zt_in_kernel() -> bool:
 
 def use_tma(*tensors) -> bool:
     """Whether the kernels may load these 2-D tensors through tensor descriptors: Hopper or newer
-    (or the interpreter), unit inner stride, 16-byte aligned base and row stride."""
+    (or the interpreter), unit inner stride, 16-byte aligned base and row stride, no empty
+    dimension (a descriptor's shape must be positive: an empty call, e.g. shift=True on
+    one-token sequences, takes the pointer path, whose launchers skip empty grids)."""
     forced = TMA
     if forced is None and os.environ.get("CUTCE_TMA"):
         forced = os.environ["CUTCE_TMA"] == "1"
     if forced is False:
         return False
     for t in tensors:
-        if t.dim() != 2 or t.stride(-1) != 1 or t.data_ptr() % 16 \
+        if t.dim() != 2 or t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16 \
                 or (t.stride(0) * t.element_size()) % 16:
             return False
     if forced or interpreting():
