@@ -63,5 +63,5 @@ def test_log_probs_validation():
     h, w = torch.randn(4, 8), torch.randn(10, 8)
     with pytest.raises(ValueError, match="temperature: expected"):
         cutce.linear_log_probs(h, w, torch.zeros(4, dtype=torch.long), temperature=0.0)
-    with pytest.raises(ValueError, match="targets: expected"):
+    with pytest.raises(ValueError, match="tokens: expected"):
         cutce.linear_log_probs(h, w, torch.full((4,), 10))

@@ -45,7 +45,7 @@ def _filter_eps(filter_eps, dtype):
 def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                  softcap=None, logit_scale=1.0, temperature=1.0, filter_eps=None,
                  need_entropy=False, chunk_bytes=None,
-                 memory_budget=None) -> Options:
+                 memory_budget=None, lse_out=False) -> Options:
     """Validate scalar options and bundle them (``dtype`` resolves ``filter_eps="auto"``)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         _fail("ignore_index", "an int", repr(ignore_index))
@@ -68,6 +68,7 @@ def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=
         need_entropy=bool(need_entropy),
         chunk_bytes=chunk_bytes,
         memory_budget=None if memory_budget is None else _check_real("memory_budget", memory_budget, lo=0.0),
+        lse_out=bool(lse_out),
     )
 
 
@@ -91,8 +92,9 @@ def _autocast(hidden, weight, bias):
     return hidden, weight, bias
 
 
-def _check_tensors(hidden, weight, targets, bias, token_weights, shift):
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+def _check_tensors(hidden, weight, targets, bias, token_weights, shift, tname="targets"):
+    # tname: the user's name of the targets argument (linear_log_probs calls it "tokens")
+    for name, t in (("hidden", hidden), ("weight", weight), (tname, targets)):
         if not isinstance(t, torch.Tensor):
             _fail(name, "a torch.Tensor", type(t).__name__)
     if hidden.dtype not in _FLOAT_DTYPES:
@@ -102,9 +104,9 @@ def _check_tensors(hidden, weight, targets, bias, token_weights, shift):
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
         _fail("weight", f"shape (V, {hidden.shape[-1]}) with V >= 1", tuple(weight.shape))
     if targets.dtype not in (torch.int64, torch.int32):
-        _fail("targets dtype", "torch.int64 or torch.int32", targets.dtype)
+        _fail(f"{tname} dtype", "torch.int64 or torch.int32", targets.dtype)
     if targets.shape != hidden.shape[:-1]:
-        _fail("targets", f"shape {tuple(hidden.shape[:-1])} (hidden's without D)", tuple(targets.shape))
+        _fail(tname, f"shape {tuple(hidden.shape[:-1])} (hidden's without D)", tuple(targets.shape))
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
         _fail("bias", f"None or a tensor of shape ({weight.shape[0]},)",
               tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__)
@@ -112,18 +114,18 @@ def _check_tensors(hidden, weight, targets, bias, token_weights, shift):
         if not isinstance(token_weights, torch.Tensor) or not token_weights.is_floating_point():
             _fail("token_weights", "None or a float tensor", getattr(token_weights, "dtype", type(token_weights)))
         if token_weights.shape != targets.shape:
-            _fail("token_weights", f"targets' shape {tuple(targets.shape)}", tuple(token_weights.shape))
-    for name, t in (("weight", weight), ("targets", targets), ("bias", bias), ("token_weights", token_weights)):
+            _fail("token_weights", f"{tname}' shape {tuple(targets.shape)}", tuple(token_weights.shape))
+    for name, t in (("weight", weight), (tname, targets), ("bias", bias), ("token_weights", token_weights)):
         if t is not None and t.device != hidden.device:
             _fail(f"{name} device", f"hidden's device {hidden.device}", t.device)
 
 
-def _fail_targets(targets, vocab, ignore_index):
+def _fail_targets(targets, vocab, ignore_index, tname="targets"):
     first = targets[(targets.clamp(0, vocab - 1) != targets) & (targets != ignore_index)][0].item()
-    _fail("targets", f"class indices in [0, {vocab}) or ignore_index={ignore_index}", f"{first}")
+    _fail(tname, f"class indices in [0, {vocab}) or ignore_index={ignore_index}", f"{first}")
 
 
-def _check_flag(bad, targets, vocab, ignore_index, defer=False):
+def _check_flag(bad, targets, vocab, ignore_index, defer=False, tname="targets"):
     """Raise when the one-element 0/1 tensor ``bad`` is set; with ``defer`` and a CUDA flag,
     return a function that raises instead, reading the flag (copied to pinned memory now) once
     the caller has queued its kernels: no host sync that idles the GPU during the call's Python
@@ -137,21 +139,22 @@ def _check_flag(bad, targets, vocab, ignore_index, defer=False):
         def check():
             done.synchronize()  # waits for the flag only, not for the kernels queued after it
             if flag.item():
-                _fail_targets(targets, vocab, ignore_index)
+                _fail_targets(targets, vocab, ignore_index, tname)
         return check
     if bool(bad.reshape(())):
-        _fail_targets(targets, vocab, ignore_index)
+        _fail_targets(targets, vocab, ignore_index, tname)
     return None
 
 
-def _check_targets(targets, vocab, ignore_index, defer=False):
+def _check_targets(targets, vocab, ignore_index, defer=False, tname="targets"):
     """Raise for a target outside [0, V) that is not ignore_index (see _check_flag for
     ``defer``; under torch.compile an async assert)."""
     bad = (targets.clamp(0, vocab - 1) != targets) & (targets != ignore_index)
     if torch.compiler.is_compiling():  # (before numel(): no guard on the token count)
-        torch._assert_async(~bad.any(), "cutce: targets outside [0, V) that are not ignore_index")
+        torch._assert_async(~bad.any(), f"cutce: {tname} outside [0, V) that are not ignore_index")
         return None
-    return _check_flag(bad.any(), targets, vocab, ignore_index, defer) if targets.numel() else None
+    return (_check_flag(bad.any(), targets, vocab, ignore_index, defer, tname) if targets.numel()
+            else None)
 
 
 def _backend(impl, hidden):
@@ -161,13 +164,14 @@ def _backend(impl, hidden):
 
 
 def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, vocab=None,
-            check_targets=True):
+            check_targets=True, tname="targets"):
     """Validate tensors, apply autocast and shift, flatten to (N, D). Returns the flat tensors,
     the output shape (targets' shape after shift) and the targets' range check to run once the
     kernels are queued (None when none is pending, see _check_flag). ``vocab``: the global V
     that targets are checked against when ``weight`` is one rank's vocabulary slice (default:
-    weight's rows). ``check_targets=False``: the caller checks the flat targets itself."""
-    _check_tensors(hidden, weight, targets, bias, token_weights, shift)
+    weight's rows). ``check_targets=False``: the caller checks the flat targets itself.
+    ``tname``: the user's name of the targets argument, for error messages."""
+    _check_tensors(hidden, weight, targets, bias, token_weights, shift, tname)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     if shift:
         hidden, targets = hidden[..., :-1, :], targets[..., 1:]
@@ -175,7 +179,7 @@ def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, v
     check = None
     if check_targets:
         check = _check_targets(targets, weight.shape[0] if vocab is None else vocab, ignore_index,
-                               defer=True)
+                               defer=True, tname=tname)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     w1 = None if token_weights is None else token_weights.reshape(-1)
     return h2, weight, bias, targets.reshape(-1).long(), w1, targets.shape, check
@@ -202,6 +206,12 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
         class_weight: (V,) float per-class weights c (PyTorch's ``weight=`` of F.cross_entropy;
             not differentiated), or None. With a vocabulary split, this rank's slice of them.
         shift: next-token prediction: ``hidden[..., :-1, :]`` predicts ``targets[..., 1:]``.
+            A 2-D ``hidden`` (T, D) is one sequence; a 3-D batch (B, T, D) is shifted per row
+            (no row predicts the next row's first token). Packed sequences (several documents
+            in one row) must mark their boundaries themselves: set the target at each
+            sequence's first position to ``ignore_index``, so that no token predicts across a
+            boundary (the last token of one sequence would otherwise be scored on the next
+            one's first token).
         return_lse: also return the per-token log-sum-exp (float32, differentiable).
         filter_eps: None (default) gives exact gradients. A float in (0, 1] or "auto" (2^-12 for
             bf16, 2^-15 for fp16, 2^-24 for fp32) lets the Triton backward skip the classes whose
@@ -249,7 +259,9 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
             loss_i = (1 - ls) * (lse - z[target]) + ls * (lse - z.mean(-1)) + z_loss * lse**2
             loss_i = w_i * loss_i on valid tokens (target != ignore_index), 0 on ignored ones
             "none" -> loss_i with targets' shape (after shift); "sum" -> sum_i loss_i
-            "mean" -> sum_i loss_i / sum_valid w_i, and 0.0 (zero gradients) when nothing is valid
+            "mean" -> sum_i loss_i / sum_valid w_i, and 0.0 (zero gradients) when nothing is
+                      valid; NaN when valid tokens exist but their weights sum to 0 (0/0, as
+                      F.cross_entropy with all-zero class weights)
 
         With class_weight c, as F.cross_entropy(z, targets, weight=c, label_smoothing=ls)::
 
@@ -263,19 +275,21 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
     reduction, so the loss and gradients are bitwise identical from run to run for the same
     inputs, options, device and library versions (``filter_eps`` included).
 
+    A valid row whose hidden state holds a NaN or an infinity (+inf or -inf) gives a NaN loss
+    (its logits mix infinities), as ``F.cross_entropy(hidden @ weight.T, targets)`` does.
     Ignored rows give no loss (a finite loss even when their hidden state is NaN/inf), but
     their hidden states still enter the logit products of the backward: a NaN/inf there makes
     that row of hidden's gradient and the whole weight gradient NaN, as in PyTorch's own
     ``F.linear`` + ``F.cross_entropy``. Mask such rows before the call, e.g.
     ``hidden.masked_fill(~valid[..., None], 0)``.
     """
+    if not isinstance(return_lse, bool):
+        _fail("return_lse", "a bool", repr(return_lse))
     opts = make_options(_autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else torch.float32,
                         ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                         logit_scale=logit_scale, filter_eps=filter_eps,
-                        chunk_bytes=chunk_bytes, memory_budget=memory_budget)
-    if not isinstance(return_lse, bool):
-        _fail("return_lse", "a bool", repr(return_lse))
+                        chunk_bytes=chunk_bytes, memory_budget=memory_budget, lse_out=return_lse)
     # The fused strategy needs the upstream gradient up to one scalar: a scalar loss whose
     # per-token values nobody else sees (no lse out, no differentiable token weights).
     fusable = (opts.reduction != "none" and not return_lse and opts.filter_eps is None
@@ -326,8 +340,9 @@ def _class_weights(class_weight, t1, weight, vs, opts, dtype):
 
 def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opts: Options,
                   vocab_group=None, vocab_start=None, reduce_hidden_grad=True, return_lse=False,
-                  fusable=False, class_weight=None) -> Call:
+                  fusable=False, class_weight=None, tname="targets") -> Call:
     """Validate, flatten and dispatch: the backend contract's parts for a public function.
+    ``tname``: the user's name of the targets argument, for error messages.
 
     With ``fusable`` (the caller reduces the loss to a scalar, see linear_cross_entropy) and a
     plan that fuses, parts is a ``_Fused`` holding the reduced loss instead.
@@ -337,10 +352,10 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     # rank passed the same options (opts, shift, return_lse, grad mode, ...).
     hidden, weight, bias, targets, token_weights, vs = distributed.resolve_vocab_parallel(
         hidden, weight, bias, targets, token_weights, vocab_group, vocab_start, reduce_hidden_grad,
-        opts=opts, shift=shift, return_lse=return_lse, class_weight=class_weight)
+        opts=opts, shift=shift, return_lse=return_lse, class_weight=class_weight, tname=tname)
     h2, weight, bias, t1, w1, out_shape, _ = prepare(
         hidden, weight, targets, bias, token_weights, shift, opts.ignore_index,
-        vocab=None if vs is None else vs.vocab, check_targets=False)
+        vocab=None if vs is None else vs.vocab, check_targets=False, tname=tname)
     vocab = weight.shape[0] if vs is None else vs.vocab
     cdt = torch_impl.compute_dtype(h2.dtype)
     cw = None if class_weight is None else _class_weights(class_weight, t1, weight, vs, opts, cdt)
@@ -351,9 +366,9 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     if prologue is not None:  # one launch for the check's flag and the coefficients
         coef, bad = prologue(t1, w1, vocab, opts.ignore_index, opts.z_loss,
                              opts.reduction == "mean")
-        check = _check_flag(bad, t1, vocab, opts.ignore_index, defer=True)
+        check = _check_flag(bad, t1, vocab, opts.ignore_index, defer=True, tname=tname)
     else:
-        check = _check_targets(t1, vocab, opts.ignore_index, defer=True)
+        check = _check_targets(t1, vocab, opts.ignore_index, defer=True, tname=tname)
         coef = None if fused is None else loss.row_coefs(t1, w1, opts, cdt, cw, vocab)
     if fused is not None:
         parts = _Fused(fused(h2, weight, bias, t1, coef, opts, class_weight=zsum_cw)[0])

@@ -127,6 +127,10 @@ def linear_distillation_loss(student_hidden, student_weight, teacher_hidden, tea
             targets). Needs targets.
         reduction: "mean" (over valid tokens; all tokens without targets), "sum" or "none".
         shift: next-token layout: ``hidden[..., :-1, :]`` (both heads) and ``targets[..., 1:]``.
+            A 2-D input (T, D) is one sequence; a 3-D batch (B, T, D) is shifted per row.
+            Packed sequences (several documents in one row) must mark their boundaries: set
+            the target at each sequence's first position to ``ignore_index``, so that no token
+            is scored across a boundary (without targets, every shifted position counts).
         impl: "auto" (Triton kernels for CUDA tensors when they cover the call: both heads in
             one dtype, bfloat16/float32; else the torch path), "torch" or "triton" (an
             explicit choice that cannot run raises and says why).

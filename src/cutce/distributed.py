@@ -293,7 +293,7 @@ def _layout(name, t):
 
 def resolve_vocab_parallel(hidden, weight, bias, targets, token_weights, vocab_group, vocab_start,
                            reduce_hidden_grad, opts=None, shift=False, return_lse=False,
-                           class_weight=None):
+                           class_weight=None, tname="targets"):
     """Validate the distributed keywords, unwrap DTensors, and locate this rank's slice.
 
     A weight that is a DTensor with Shard(0) on one mesh dimension is vocabulary-parallel over that
@@ -346,7 +346,7 @@ def resolve_vocab_parallel(hidden, weight, bias, targets, token_weights, vocab_g
             _fail("bias placements", "Replicate unless the weight is a Shard(0) DTensor", tuple(bias.placements))
         bias = bias.to_local()
     plain = []
-    for name, t in (("hidden", hidden), ("targets", targets), ("token_weights", token_weights)):
+    for name, t in (("hidden", hidden), (tname, targets), ("token_weights", token_weights)):
         if DTensor is not None and isinstance(t, DTensor):
             if any(not p.is_replicate() for p in t.placements):
                 _fail(f"{name} placements", "Replicate (redistribute first, or pass the local tensor "

@@ -23,7 +23,11 @@ def linear_log_probs(hidden, weight, tokens, bias=None, *, temperature=1.0, soft
         tokens: (*) int64/int32 token ids in [0, V) or ``ignore_index``.
         temperature: > 0, divides the logits after softcap (as samplers do).
         softcap: None or > 0. logit_scale: > 0, multiplies the logits before softcap.
-        shift: ``hidden[..., :-1, :]`` scores ``tokens[..., 1:]``.
+        shift: ``hidden[..., :-1, :]`` scores ``tokens[..., 1:]``. A 2-D input (T, D) is one
+            sequence; a 3-D batch (B, T, D) is shifted per row. Packed sequences (several
+            documents in one row) must mark their boundaries: set the token at each sequence's
+            first position to ``ignore_index``, so that no position is scored on the next
+            sequence's first token (it gets log-prob and entropy 0).
         return_entropy: also return the per-token entropy.
         impl: "auto" | "torch" | "triton" (as in :func:`cutce.linear_cross_entropy`).
         vocab_group, vocab_start, reduce_hidden_grad: vocabulary parallelism, as in
@@ -55,7 +59,7 @@ def linear_log_probs(hidden, weight, tokens, bias=None, *, temperature=1.0, soft
     if not isinstance(return_entropy, bool):
         api._fail("return_entropy", "a bool", repr(return_entropy))
     call = api.compute_parts(hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group,
-                             vocab_start, reduce_hidden_grad)
+                             vocab_start, reduce_hidden_grad, tname="tokens")
     (lse, zt, _, pz), t1, out_shape = call.parts, call.targets, call.out_shape
     valid = t1 != ignore_index
     logp = torch.where(valid, zt - lse, 0.0).reshape(out_shape)

@@ -24,16 +24,19 @@ from .triton import fused as _fused
 def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                  class_weight: Optional[Tensor], scale: float, softcap: float, inv_temp: float,
                  need_zsum: bool, need_entropy: bool, filter_eps: float,
-                 memory_budget: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty).
+                 memory_budget: Optional[float], bound_all_rows: bool
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty),
+    over every row with ``bound_all_rows`` (a returned lse), else over the rows with a target.
     memory_budget only travels to the backward (its float32 dC accumulator, see cutce.plan)."""
     return _fw.forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum,
-                       need_entropy, bound=filter_eps > 0, class_weight=class_weight)
+                       need_entropy, bound=filter_eps > 0, class_weight=class_weight,
+                       bound_all_rows=bound_all_rows)
 
 
 @lse_parts_op.register_fake
 def _(hidden, weight, bias, targets, class_weight, scale, softcap, inv_temp, need_zsum,
-      need_entropy, filter_eps, memory_budget):
+      need_entropy, filter_eps, memory_budget, bound_all_rows):
     bound = filter_eps > 0
     n, v = hidden.shape[0], weight.shape[0]
     f = hidden.new_empty(n, dtype=torch.float32)
@@ -68,7 +71,7 @@ def _(hidden, weight, bias, targets, class_weight, lse, pz, ub, g_lse, g_zt, g_z
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, cw, scale, softcap, inv_temp, need_zsum, need_entropy, eps, \
-        budget = inputs
+        budget, _ = inputs
     lse, _, _, pz, ub = output
     ctx.save_for_backward(hidden, weight, bias, targets, cw, lse, pz, ub)
     ctx.scalars = (scale, softcap, inv_temp, need_zsum, need_entropy, eps)
@@ -85,7 +88,7 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub):
         hidden, weight, bias, targets, cw, lse, pz, ub, *grads, scale, softcap, inv_temp,
         need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b, ctx.budget)
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -113,7 +116,9 @@ def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
                               need_h, need_w, need_b, dc_f32=plan.recompute_dc_f32(
                                   n, weight.shape[0], d, hidden.dtype, memory_budget, need_h,
                                   need_w))
-    total = torch.where(k[0] != 0, k[0] * lse - k[1] * zt + k[3] * lse.square(), 0.0).sum()
+    # a row counts when k0 or k3 is nonzero (class weight 0 keeps the z-loss term)
+    total = torch.where((k[0] != 0) | (k[3] != 0), k[0] * lse - k[1] * zt + k[3] * lse.square(),
+                        0.0).sum()
     return total, lse, dh, dw, db
 
 
@@ -162,4 +167,4 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
         None if class_weight is None else class_weight.float().contiguous(),
         opts.logit_scale, opts.softcap or 0.0,
         1.0 / opts.temperature, opts.need_zsum, opts.need_entropy,
-        opts.filter_eps if filt else 0.0, opts.memory_budget)[:4]
+        opts.filter_eps if filt else 0.0, opts.memory_budget, opts.lse_out)[:4]

@@ -46,6 +46,9 @@ class Options:
         chunk_bytes: memory budget of one chunk of logits on the torch path (None = default).
         memory_budget: extra memory of a training call beyond the gradients, as a fraction of
             their size (None: the backend's default); picks the strategy (see cutce.plan).
+        lse_out: the caller returns the lse, whose gradient may reach every row (ignored ones
+            included): filtering must then bound the classes over all rows, not only over the
+            rows with a target.
     """
 
     ignore_index: int = -100
@@ -59,6 +62,7 @@ class Options:
     need_entropy: bool = False
     chunk_bytes: int | None = None
     memory_budget: float | None = None
+    lse_out: bool = False
 
     @property
     def need_zsum(self) -> bool:

@@ -96,14 +96,15 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_
 
 
 def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_entropy,
-            bound=False, n_splits=None, class_weight=None):
+            bound=False, n_splits=None, class_weight=None, bound_all_rows=False):
     """Launch the forward kernel.
 
     Args:
         hidden (N, D), weight (V, D), bias (V,) or None: float16/bfloat16/float32, contiguous rows.
         targets (N,) int64. scale, softcap (0 = off), inv_temp: the logit transform.
         bound: also return ub (V,) float32, an upper bound of max_i log softmax(z)_ij over the
-            rows whose target is a class (filtering uses it).
+            rows whose target is a class (filtering uses it), or over every row with
+            ``bound_all_rows`` (a returned lse carries a gradient from ignored rows too).
         n_splits: vocabulary splits (None: enough to fill the device).
         class_weight: (V,) float or None: zsum becomes sum_j class_weight_j * z_j.
 
@@ -127,11 +128,15 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
         part.fill_(float("nan"))
     need_zt = configs.zt_in_kernel()
     # Each row's target logit, once: the row's lse is at least that (the bound's floor; +inf
-    # keeps rows without a target out of it), and unless the epilogue sums it, it is zt.
+    # keeps rows without a target out of it, -inf lets the running max alone bound them), and
+    # unless the epilogue sums it, it is zt.
     zt_rows = None
     if bound or not need_zt:
         zt_rows = target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp)
-    floor = torch.where((targets >= 0) & (targets < v), zt_rows, float("inf")) if bound else None
+    floor = None
+    if bound:
+        floor = torch.where((targets >= 0) & (targets < v), zt_rows,
+                            float("-inf") if bound_all_rows else float("inf"))
     ub = torch.full((v,), float("-inf"), **f32) if bound else torch.empty(0, **f32)
     if n > 0:
         tma = configs.use_tma(hidden, weight)
