@@ -27,7 +27,7 @@ _COLORS = {
 }
 
 
-def _color(name):
+def provider_color(name):
     # A provider keeps its colour across every plot and run.
     return _COLORS.get(name, ("#7f7f7f", "#bcbd22", "#aec7e8")[len(name) % 3])
 
@@ -56,7 +56,7 @@ def _bar_panel(ax, rows, key, label, line=None, fmt=None):
                               else "  (n/a)") for r in rows]
     values = [r[key] or 0.0 for r in rows]
     ys = range(len(rows))
-    bars = ax.barh(ys, values, color=[_color(r["provider"]) for r in rows],
+    bars = ax.barh(ys, values, color=[provider_color(r["provider"]) for r in rows],
                    hatch=None, edgecolor="black", linewidth=0.5)
     for bar, r in zip(bars, rows):
         if r.get("exact") is False:
@@ -137,7 +137,7 @@ def _plot_sweep(rows, path):
             pts = sorted((r["n"], r[key]) for r in by_provider[name] if r[key] is not None)
             if pts:
                 exact = by_provider[name][0].get("exact") is not False
-                ax.plot(*zip(*pts), marker="o", markersize=3, color=_color(name),
+                ax.plot(*zip(*pts), marker="o", markersize=3, color=provider_color(name),
                         linestyle="-" if exact else ":", label=name)
         if key == "peak_mb":
             r0 = rows[0]

@@ -1,7 +1,8 @@
-"""Training step (forward + backward) of a patched model, eager vs ``torch.compile(model)``.
+"""End-to-end HF training step (forward + backward): original vs cutce-patched model, eager vs
+``torch.compile(model)``.
 
-    python scripts/compile_step.py                      # CUDA: Llama-like, V=128256, bf16, 4 x 1024
-    python scripts/compile_step.py --device cpu         # tiny smoke run (aot_eager backend)
+    PYTHONPATH=src python benchmarks/hf_step.py --out bench-out   # CUDA: Llama-like, V=128256, bf16
+    PYTHONPATH=src python benchmarks/hf_step.py --cpu-smoke       # tiny CPU run (aot_eager backend)
 
 A random-init Llama (from a config, nothing downloaded) and one fixed batch; four variants of the
 same model and weights, each after ``torch._dynamo.reset()``:
@@ -14,17 +15,19 @@ same model and weights, each after ``torch._dynamo.reset()``:
 Prints a Markdown table: time of the first step (compilation included), ms per step (mean of
 --steps after --warmup), peak memory over the timed steps (parameters and their gradients
 included; gradients are freed before every step), the loss, and the loss and gradient
-differences to the original eager model. With --json also writes the rows.
+differences to the original eager model. Writes hf_step_<device>.json under --out
+({"benchmark": "hf_step", "meta", "rows"}).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import os
 import time
 
 import torch
+
+from cutce.bench import report
 
 GPU = dict(hidden=1024, layers=4, heads=16, kv_heads=4, inter=4096, vocab=128256, batch=4, seq=1024,
            dtype="bfloat16", backend="inductor")
@@ -32,9 +35,11 @@ CPU = dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, vocab=2048, batc
            dtype="float32", backend="aot_eager")  # inductor on a small CPU: minutes per graph
 
 
-def parse():
+def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="--device cpu with tiny sizes and 2 steps: checks the logic in seconds")
     for key, value in GPU.items():
         ap.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None,
                         help=f"default {value} on cuda, {CPU[key]} on cpu")
@@ -42,8 +47,10 @@ def parse():
     ap.add_argument("--memory-budget", type=float, default=None, help="cutce memory_budget")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--json", default=None, help="also write the rows here")
-    args = ap.parse_args()
+    ap.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
+    args = ap.parse_args(argv)
+    if args.cpu_smoke:
+        args.device, args.warmup, args.steps = "cpu", 1, 2
     for key, value in (GPU if args.device == "cuda" else CPU).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -102,8 +109,8 @@ def measure(fn, model, ids, labels, args, device):
     return first, ms, peak, loss.item(), grads
 
 
-def main():
-    args = parse()
+def main(argv=None):
+    args = parse(argv)
     import transformers
 
     import cutce.transformers as ct
@@ -127,9 +134,9 @@ def main():
         del grads
     ct.unpatch(model)
 
-    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
-    print(f"{dev_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
+    meta = report.run_metadata(device)
+    setting = {k: getattr(args, k) for k in (*GPU, "impl", "memory_budget", "warmup", "steps")}
+    print(f"{meta['device_name']}; torch {meta['torch']}, transformers {transformers.__version__}; "
           f"Llama hidden {args.hidden}, {args.layers} layers, V={args.vocab}, {args.dtype}, "
           f"batch {args.batch} x {args.seq}; backend {args.backend}; mean of {args.steps} steps\n")
     print("| model | compiled | first step (s) | ms/step | peak MiB | loss | Δ loss vs original eager "
@@ -139,9 +146,9 @@ def main():
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         print(f"| {r['variant']} | {'yes' if r['compiled'] else 'no'} | {r['first_s']:.1f} | "
               f"{r['ms']:.1f} | {peak} | {r['loss']:.5f} | {r['dloss']:.2e} | {r['grad_rel_err']:.2e} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), device=dev_name, rows=rows), f, indent=1)
+    path = os.path.join(args.out, f"hf_step_{device.type}.json")
+    print(f"wrote {report.write_json(path, 'hf_step', meta, [dict(setting, **r) for r in rows])}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Vocabulary-parallel cutce on K processes: equivalence to one device, then timing and memory.
 
-    torchrun --standalone --nproc_per_node=K scripts/dist_check.py [--cpu] [--quick] ...
-    python scripts/dist_check.py --cpu          # world size 1, no torchrun needed
-    scripts/multi_gpu.sh [K]                    # the GPU run (NCCL, multicast off)
+    PYTHONPATH=src python benchmarks/multi_gpu.py --out bench-out       # every visible GPU
+    PYTHONPATH=src python benchmarks/multi_gpu.py --gpus 2 --impl triton
+    PYTHONPATH=src python benchmarks/multi_gpu.py --cpu-smoke           # world size 1 on CPU, seconds
 
-One process per GPU (NCCL) or per CPU process (--cpu: gloo). Each rank holds a contiguous,
+Without torchrun's environment it starts itself under ``torch.distributed.run`` with one process
+per GPU (NCCL) or per CPU process (--cpu: gloo; --cpu-smoke: one process, tiny shapes). NVLink
+multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
+NVSHMEM_DISABLE_NVLS=1): a program that uses it can take a host's shared GPUs down. Each rank holds a contiguous,
 uneven slice of the classifier (the first ranks get one row more); hidden states and targets are
 the same on every rank.
 
@@ -17,7 +20,9 @@ the same on every rank.
    (run on every rank at once, each on its own device), peak memory per device, and the bytes
    one call hands to collectives (payload; a ring moves about (W-1)/W of an all-gather's output
    and 2(W-1)/W of an all-reduce's tensor per rank).
-Rank 0 prints a table (and --json writes it); the exit status is 1 when a check fails.
+Rank 0 prints a table and writes multi_gpu_<device>_x<K>.json under --out ({"benchmark":
+"multi_gpu", "meta", "rows"}: one row per check and per rank's timing); the exit status is 1 when
+a check fails.
 """
 
 from __future__ import annotations
@@ -25,19 +30,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 
-import torch
-import torch.distributed as dist
+# Before torch (and NCCL) read them; a caller's explicit setting is kept.
+for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                     ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_key, _value)
 
-import cutce
-import cutce.distributed as cd
-from cutce import linear_cross_entropy
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import cutce.distributed as cd  # noqa: E402
+from cutce import linear_cross_entropy  # noqa: E402
+from cutce.bench import report as results_file  # noqa: E402
 
 CASES = {
     "plain": {},
@@ -219,9 +229,12 @@ def init():
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 
 
-def main():
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpus", type=int, default=None, help="processes to start (default: every GPU)")
     p.add_argument("--cpu", action="store_true", help="gloo on CPU processes (small default shapes)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="one CPU process, tiny shapes, fp32 only: checks the logic in seconds")
     p.add_argument("--impl", default="auto", choices=("auto", "torch", "triton"))
     p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--check-shape", default=None, help="N,D,V of the equivalence checks")
@@ -229,15 +242,36 @@ def main():
     p.add_argument("--ns", default=None, help="token counts to time, comma-separated")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="checks only, no timing")
-    p.add_argument("--json", default=None, help="rank 0 writes the results here")
-    args = p.parse_args()
+    p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        args.cpu, args.gpus, args.dtypes = True, 1, "fp32"
+        args.check_shape = args.check_shape or "24,8,61"
+        args.bench_shape = args.bench_shape or "64,16,512"
+        args.reps = args.reps or 1
+    return args
+
+
+def launch(k, argv) -> int:
+    """Start this file under torch.distributed.run with k processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}",
+           os.path.abspath(__file__), *argv]
+    return subprocess.run(cmd).returncode
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    k = args.gpus or (1 if args.cpu else max(torch.cuda.device_count(), 1))
+    if "RANK" not in os.environ and k > 1:  # not yet under torchrun: start one process per rank
+        sys.exit(launch(k, argv))
     rank, world, local = init()
     if args.cpu:
         device, backend = torch.device("cpu"), "gloo"
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     else:
         if not torch.cuda.is_available():
-            sys.exit("no CUDA device: use --cpu")
+            sys.exit("no CUDA device: use --cpu or --cpu-smoke")
         device, backend = torch.device("cuda", local), "nccl"
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=5))
@@ -252,20 +286,22 @@ def main():
     every = [None] * world
     dist.all_gather_object(every, rows)
     failed = [(r, row) for r, rs in enumerate(every) for row in rs if not row[-1]]
-    results = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "world": world,
-               "backend": backend, "impl": args.impl, "torch": torch.__version__,
-               "cutce": cutce.__version__, "date": datetime.date.today().isoformat(),
-               "checks": len(rows) * world, "failed": [[r, *row] for r, row in failed], "bench": []}
+    meta = dict(results_file.run_metadata(device), world=world, backend=backend, impl=args.impl,
+                checks=len(rows) * world, failed=len(failed))
+    timings = []
     if not args.quick:
         for n in ns:
             per_rank = [None] * world
             dist.all_gather_object(per_rank, bench(args, device, world, rank, n))
-            results["bench"].append(per_rank)
+            timings.append(per_rank)
     if rank == 0:
-        report(results, rows)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+        report(meta, rows, failed, timings)
+        out_rows = [dict(kind="check", rank=r, case=c, dtype=dt, part=part, vp_vs_single=e_vp,
+                         single_vs_f64=e_single, ok=ok)
+                    for r, rs in enumerate(every) for c, dt, part, e_vp, e_single, ok in rs]
+        out_rows += [dict(kind="timing", rank=r, **b) for per_rank in timings for r, b in enumerate(per_rank)]
+        path = os.path.join(args.out, f"multi_gpu_{device.type}_x{world}.json")
+        print(f"wrote {results_file.write_json(path, 'multi_gpu', meta, out_rows)}")
     dist.barrier()
     dist.destroy_process_group()
     # Skip interpreter finalization: with gloo (torch 2.13) it aborted about one run in 20 after
@@ -275,17 +311,17 @@ def main():
     os._exit(1 if failed else 0)
 
 
-def report(results, rows0):
-    print(f"{results['device']} x{results['world']} ({results['backend']}), torch {results['torch']}, "
-          f"cutce {results['cutce']}, impl={results['impl']}, {results['date']}")
+def report(meta, rows0, failed, timings):
+    print(f"{meta['device_name']} x{meta['world']} ({meta['backend']}), torch {meta['torch']}, "
+          f"cutce {meta['cutce']} ({meta['commit']}), impl={meta['impl']}, {meta['date']}")
     print(f"\nequivalence (rank 0's rows; relative error norms)\n{'case':34} {'dtype':5} {'part':6} "
           f"{'vp-vs-single':>12} {'single-vs-f64':>13}  ok")
     for name, dname, part, e_vp, e_single, ok in rows0:
         print(f"{name:34} {dname:5} {part:6} {e_vp:12.2e} {e_single:13.2e}  {'yes' if ok else 'NO'}")
-    print(f"\n{results['checks']} checks on all ranks, {len(results['failed'])} failed")
-    for r, *row in results["failed"]:
+    print(f"\n{meta['checks']} checks on all ranks, {len(failed)} failed")
+    for r, row in failed:
         print(f"  FAILED rank {r}: {row}")
-    for per_rank in results["bench"]:
+    for per_rank in timings:
         b0 = per_rank[0]
         print(f"\nN={b0['N']} D={b0['D']} V={b0['V']} over {b0['world']} rank(s), forward+backward:")
         print(f"{'rank':>4} {'rows':>7} {'single ms':>10} {'vp ms':>8} {'ratio':>6} {'peak GiB':>9} "

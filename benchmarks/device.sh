@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# What to run on the GPU machine, one part per 10-minute device call (run from the repository
+# root; results and logs go to $OUT, default ./bench-out):
+#   bash benchmarks/device.sh tests          # the loss's GPU tests (~5.5 minutes on an H200)
+#   bash benchmarks/device.sh tests-distill  # the distillation's GPU tests (~4 minutes)
+#   bash benchmarks/device.sh loss           # cutce bench at gemma2-2b and llama3-8b, every peer
+#   bash benchmarks/device.sh log-probs      # log-probs + entropy vs TRL, token_log_probs end to end
+#   bash benchmarks/device.sh distill        # distillation vs TRL, Liger, eager, compile (beta 0, 0.5)
+#   bash benchmarks/device.sh hf-step        # HF training step: original vs patched, eager vs compiled
+#   bash benchmarks/device.sh multi-gpu      # vocabulary-parallel on every GPU of the host
+# Peers (liger-kernel, cut-cross-entropy, trl, ...) come as wheels in .whl/, installed without
+# the network. Then: copy $OUT/*.json into benchmarks/results/ and run python benchmarks/page.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export OUT=${OUT:-bench-out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1 \
+    || echo "peers' wheels not installed: their rows will say so"
+fi
+PYTEST=(python -m pytest -q -p no:cacheprovider -x --durations=10)
+case "${1:-}" in
+  tests)
+    "${PYTEST[@]}" tests/test_requires_grad.py tests/test_fused.py tests/test_triton.py \
+      tests/test_triton_gpu.py tests/test_log_probs.py tests/test_class_weight.py \
+      2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+  tests-distill)
+    "${PYTEST[@]}" tests/test_distill.py tests/test_distill_triton.py tests/test_distill_fused.py \
+      2>&1 | tee "$OUT/gpu-tests-distill.log" | tail -20 ;;
+  loss)
+    for s in gemma2-2b llama3-8b; do
+      python -m cutce.cli bench --device cuda --shape "$s" --data zipf \
+        --providers cutce-triton cutce-triton-recompute torch torch-compile liger apple-cce apple-cce-exact \
+        --repeats 5 --warmup 2 --out "$OUT" --no-plot
+    done 2>&1 | tee "$OUT/loss.log" ;;
+  log-probs)
+    python benchmarks/log_probs.py --out "$OUT" 2>&1 | tee "$OUT/log-probs.log" ;;
+  distill)
+    # one run per beta keeps each inside its time budget
+    for b in 0 0.5; do
+      python benchmarks/distill.py --betas "$b" --out "$OUT"
+    done 2>&1 | tee "$OUT/distill.log" ;;
+  hf-step)
+    python benchmarks/hf_step.py --out "$OUT" 2>&1 | tee "$OUT/hf-step.log" ;;
+  multi-gpu)
+    python benchmarks/multi_gpu.py --out "$OUT" 2>&1 | tee "$OUT/multi-gpu.log" ;;
+  *)
+    echo "usage: $0 tests|tests-distill|loss|log-probs|distill|hf-step|multi-gpu"; exit 2 ;;
+esac
