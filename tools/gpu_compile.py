@@ -1,7 +1,7 @@
 """Compile every Triton kernel as the GPU path launches it, for Hopper (sm_90) or Ampere (sm_80),
 without a GPU.
 
-CI has no GPU and the device time of a session is short: a kernel that Triton cannot compile
+CI has no GPU and time on one is scarce: a kernel that Triton cannot compile
 for the GPU (the interpreter runs no compiler passes), or whose pipeline stages overflow shared
 memory on an H100/H200 or an A100, should fail here, not in the first device call or on a
 user's machine. The launchers run on CPU tensors with the GPU's choices (TMA descriptors on
