@@ -8,13 +8,16 @@ dispatches to a backend that returns the O(N) parts of the backend contract (see
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import dispatch, distributed, loss, torch_impl
 from .options import AUTO_FILTER_EPS, IMPLS, REDUCTIONS, Options
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -185,12 +188,16 @@ def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, v
     return h2, weight, bias, targets.reshape(-1).long(), w1, targets.shape, check
 
 
-def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
-                         token_weights=None, shift=False, return_lse=False, filter_eps=None,
-                         impl="auto", memory_budget=None, chunk_bytes=None, class_weight=None,
-                         vocab_group=None,
-                         vocab_start=None, reduce_hidden_grad=True):
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
+    ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+    z_loss: float = 0.0, softcap: float | None = None, logit_scale: float = 1.0,
+    token_weights: Tensor | None = None, shift: bool = False, return_lse: bool = False,
+    filter_eps: float | str | None = None, impl: str = "auto", memory_budget: float | None = None,
+    chunk_bytes: int | None = None, class_weight: Tensor | None = None,
+    vocab_group: ProcessGroup | None = None, vocab_start: int | None = None,
+    reduce_hidden_grad: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Cross-entropy of a linear classifier's logits, without materializing the logits.
 
     Args:
@@ -390,7 +397,7 @@ class LinearCrossEntropyLoss(nn.Module):
     returns.
     """
 
-    def __init__(self, **options):
+    def __init__(self, **options: Any) -> None:
         super().__init__()
         if "token_weights" in options:
             raise TypeError("token_weights is a forward() argument, not an option")
@@ -403,7 +410,8 @@ class LinearCrossEntropyLoss(nn.Module):
         make_options(torch.float32, **{k: v for k, v in options.items() if k in _OPTION_KEYS})
         self.options = dict(options)
 
-    def forward(self, hidden, weight, targets, bias=None, token_weights=None):
+    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
+                token_weights: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         return linear_cross_entropy(hidden, weight, targets, bias, token_weights=token_weights,
                                     **self.options)
 

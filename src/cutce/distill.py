@@ -9,6 +9,7 @@ from __future__ import annotations
 
 
 import torch
+from torch import Tensor
 
 from . import api, dispatch, torch_distill
 from .options import IMPLS
@@ -100,11 +101,14 @@ def _backend(impl, hs, ht):
     return distill_ops
 
 
-def linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                             targets=None, *, student_bias=None, teacher_bias=None, beta=0.0,
-                             temperature=1.0, student_softcap=None, teacher_softcap=None,
-                             ignore_index=-100, ce_weight=0.0, reduction="mean", shift=False,
-                             impl="auto", memory_budget=None):
+def linear_distillation_loss(
+    student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
+    targets: Tensor | None = None, *, student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None, beta: float = 0.0, temperature: float = 1.0,
+    student_softcap: float | None = None, teacher_softcap: float | None = None,
+    ignore_index: int = -100, ce_weight: float = 0.0, reduction: str = "mean", shift: bool = False,
+    impl: str = "auto", memory_budget: float | None = None,
+) -> Tensor:
     """Distillation loss between a teacher and a student head over one vocabulary, without logits.
 
     Args:

@@ -6,15 +6,24 @@ log p(token) = zt - lse and H = lse - sum_j p_j z_j.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from torch import Tensor
 
 from . import api
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
-def linear_log_probs(hidden, weight, tokens, bias=None, *, temperature=1.0, softcap=None,
-                     logit_scale=1.0, shift=False, ignore_index=-100, return_entropy=False,
-                     impl="auto", vocab_group=None, vocab_start=None, reduce_hidden_grad=True,
-                     memory_budget=None):
+
+def linear_log_probs(
+    hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None = None, *,
+    temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+    shift: bool = False, ignore_index: int = -100, return_entropy: bool = False,
+    impl: str = "auto", vocab_group: ProcessGroup | None = None, vocab_start: int | None = None,
+    reduce_hidden_grad: bool = True, memory_budget: float | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of given tokens (and the entropy) under a linear head, without logits.
 
     Args:

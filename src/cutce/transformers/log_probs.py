@@ -10,8 +10,10 @@ code or is refused.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
+from torch import nn
 
 from .. import api
 from ..log_probs import linear_log_probs
@@ -24,8 +26,11 @@ __all__ = ["token_log_probs"]
 _REFUSED_KWARGS = ("labels", "shift_labels", "inputs_embeds", "num_items_in_batch")
 
 
-def token_log_probs(model, input_ids, attention_mask=None, *, logits_to_keep=None, temperature=1.0,
-                    return_entropy=False, **model_kwargs):
+def token_log_probs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+    logits_to_keep: int | None = None, temperature: float = 1.0, return_entropy: bool = False,
+    **model_kwargs: Any,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of every next token of ``input_ids`` under ``model`` (and the entropy),
     without the (B, T, V) logits.
 

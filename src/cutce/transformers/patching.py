@@ -24,9 +24,13 @@ import functools
 import inspect
 import sys
 import types
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+# a model instance or a model class: patch and unpatch return what they are given
+_M = TypeVar("_M")
 
 from ..api import LinearCrossEntropyLoss, linear_cross_entropy
 from .heads import UnsupportedModelError, head_apply, run_without_logits
@@ -50,7 +54,7 @@ class _Patch:
         self.names = _positional_names(original)
 
 
-def patch(model_or_class, **loss_options):
+def patch(model_or_class: _M, **loss_options: Any) -> _M:
     """Make a causal LM compute its training loss with :func:`cutce.linear_cross_entropy`.
 
     Args:
@@ -103,7 +107,7 @@ def patch(model_or_class, **loss_options):
     return given
 
 
-def unpatch(model_or_class):
+def unpatch(model_or_class: _M) -> _M:
     """Undo :func:`patch` exactly: the class's or instance's ``forward`` is what it was before.
 
     Raises ValueError when it is not patched, or when its forward was wrapped again after the patch
