@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 import cutce
 from cutce import linear_cross_entropy
+from dist_cases import CW, B, D, T, V, _inputs
 from spawn import finish_worker, run_workers
 
 WORLD = 3
-B, T, D, V = 2, 6, 8, 37
 SIZES = {"world3": [9, 17, 11], "world2": [23, 14]}
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -44,28 +44,6 @@ CASES = [
     {"class_weight": True}, {"class_weight": True, "label_smoothing": 0.2, "reduction": "none"},
     {"class_weight": True, "label_smoothing": 0.1, "token_weights": True, "order": "reversed"},
 ]
-CW = torch.linspace(0.2, 2.0, V, dtype=torch.float64)
-
-
-def _inputs(case, seed=0):
-    """Full (unsplit) float64 inputs, identical on every rank (same seed)."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(B, T, D, generator=g, dtype=torch.float64)
-    w = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.7
-    b = torch.randn(V, generator=g, dtype=torch.float64) if case.get("bias") else None
-    t = torch.randint(0, V, (B, T), generator=g)
-    pattern = case.get("targets")
-    if pattern == "one_rank":  # all targets inside one rank's slice (world3 rank 1, world2 rank 0)
-        t = torch.randint(9, 23, (B, T), generator=g)
-    t[0, 2] = t[1, 4] = case.get("ignore_index", -100)
-    if pattern == "all_ignored":
-        t.fill_(case.get("ignore_index", -100))
-    tw = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5 if case.get("token_weights") else None
-    g_loss = torch.randn(B, T, generator=g, dtype=torch.float64)  # upstream gradient for "none"
-    g_lse = torch.randn(B, T, generator=g, dtype=torch.float64)
-    return h, w, b, t, tw, g_loss, g_lse
-
-
 def _run(h, w, b, t, tw, g_loss, g_lse, case, **dist_kw):
     """Call, backprop an arbitrary upstream gradient, return (loss, lse, dh, dw, db)."""
     opts = {k: v for k, v in case.items()

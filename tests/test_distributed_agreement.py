@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from cutce import linear_cross_entropy, linear_log_probs
+from dist_cases import CW, B, D, T, V, _inputs
 from spawn import finish_worker, run_workers
-from test_distributed import CW, D, T, B, V, _inputs
 
 # Ranks that disagree: key -> (field named by the error, rank 0's value, rank 1's value,
 # call(rank, group)). _split_call makes the ordinary split call (rank 0 holds classes [0, 20),

@@ -4,7 +4,7 @@ The reference materializes ``model(...).logits``; values of both outputs and the
 trainable parameter through both are compared, for families with and without a logit transform
 (softcap: Gemma 2; scale: Cohere multiplies, Granite divides), a MoE model, padding in the
 attention mask, ``logits_to_keep`` set and not, temperature != 1, a PEFT LoRA model, and the
-refusals. Tiny random-init models from tests/test_transformers.py's configs. Also runs the
+refusals. Tiny random-init models from tests/hf_models.py's configs. Also runs the
 examples built on it (examples/grpo_step.py, examples/dpo_loss.py) and the GPU benchmark's CPU smoke
 mode (benchmarks/log_probs.py).
 """
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from test_transformers import T, VOCAB, make_model  # noqa: E402
+from hf_models import T, VOCAB, make_model  # noqa: E402
 
 from cutce import transformers as ct  # noqa: E402
 
