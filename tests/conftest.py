@@ -2,15 +2,23 @@
 
 Every test gets its own seed, derived from its node id (so runs are reproducible and tests differ
 from each other). Set CUTCE_TEST_SEED=<int> to shift all seeds and draw fresh inputs.
+
+Without a GPU the Triton kernels run in Triton's interpreter: the switch is set here, once, as
+pytest imports this file before any test module (Triton reads it when it is first imported).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture
@@ -28,3 +36,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kernel_config():
+    """``kernel_config(poison=True, tma=False)``: KernelConfig changes until the test ends
+    (cutce.triton.configs.override; a later call applies on top of earlier ones)."""
+    from cutce.triton import configs
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(configs.override(**changes))
+
+
+@pytest.fixture
+def poisoned(kernel_config):
+    """Launcher allocations filled with NaN: memory a kernel leaves unwritten shows up."""
+    kernel_config(poison=True)

@@ -4,22 +4,15 @@ torch path (both strategies) and the Triton path (interpreter on CPU, CUDA on a 
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # must precede the first import of the kernels
-    os.environ["TRITON_INTERPRET"] = "1"
+import cutce
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from reference import make_inputs, rel_err
+from triton_support import DEV, IMPLS
 
-import cutce  # noqa: E402
-
-from reference import make_inputs, rel_err  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = ["torch"] + (["triton"] if pytest.importorskip("triton") else [])
 CASES = {
     "mean": dict(reduction="mean"),
     "sum_smoothing": dict(reduction="sum", label_smoothing=0.2),

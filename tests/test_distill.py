@@ -5,74 +5,16 @@ from __future__ import annotations
 import os
 import weakref
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of the kernels
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-import cutce  # noqa: E402
-from cutce import torch_distill  # noqa: E402
-from reference import distill_reference, rel_err  # noqa: E402
+import cutce
+from cutce import torch_distill
+from distill_cases import check, make, to_dev
+from reference import distill_reference, rel_err
+from triton_support import DEV, IMPLS
 
 BETAS = (0.0, 0.5, 1.0, 0.3)
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _to(dev, tensors):
-    out = [None if x is None else x.detach().to(dev).requires_grad_(x.requires_grad)
-           if x.is_floating_point() else x.to(dev) for x in tensors]
-    return tuple(out)
-
-
-def make(gen, lead=(37,), ds=29, dt=45, v=101, dtype=torch.float32, *, bias=False,
-         teacher_grad=False, ignore_frac=0.2, targets=True, teacher_dtype=None):
-    """Student (hs, ws, bs), teacher (ht, wt, bt) leaves and targets; logits of std ~2-3."""
-    lead = (lead,) if isinstance(lead, int) else tuple(lead)
-    tdt = teacher_dtype or dtype
-
-    def leaf(x, dt_, grad):
-        return None if x is None else x.to(dt_).requires_grad_(grad)
-
-    hs = leaf(torch.randn(*lead, ds, generator=gen), dtype, True)
-    ws = leaf(torch.randn(v, ds, generator=gen) * (2.0 / ds**0.5), dtype, True)
-    ht = leaf(torch.randn(*lead, dt, generator=gen), tdt, teacher_grad)
-    wt = leaf(torch.randn(v, dt, generator=gen) * (3.0 / dt**0.5), tdt, teacher_grad)
-    bs = leaf(torch.randn(v, generator=gen), dtype, True) if bias else None
-    bt = leaf(torch.randn(v, generator=gen), tdt, teacher_grad) if bias else None
-    t = None
-    if targets:
-        t = torch.randint(0, v, lead, generator=gen)
-        t = torch.where(torch.rand(lead, generator=gen) < ignore_frac, torch.full_like(t, -100), t)
-    return hs, ws, bs, ht, wt, bt, t
-
-
-def check(gen, tensors, dtype, impl="torch", **opts):
-    """cutce and the oracle: loss and the gradients of every tensor that requires grad."""
-    hs, ws, bs, ht, wt, bt, t = tensors
-    out = cutce.linear_distillation_loss(hs, ws, ht, wt, t, student_bias=bs, teacher_bias=bt,
-                                         impl=impl, **opts)
-    ref = distill_reference(hs, ws, ht, wt, t, bs=bs, bt=bt,
-                            **{k: x for k, x in opts.items() if k != "memory_budget"})
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert out.shape == ref.shape
-    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
-    leaves = [x for x in (hs, ws, bs, ht, wt, bt) if x is not None and x.requires_grad]
-    got = torch.autograd.grad((out.double() * g).sum(), leaves)
-    want = torch.autograd.grad((ref * g).sum(), leaves)
-    tol = TOL[dtype]
-    assert rel_err(out, ref) < tol, (out, ref)
-    for i, (a, r) in enumerate(zip(got, want)):
-        assert a.dtype == leaves[i].dtype and torch.isfinite(a).all()
-        assert rel_err(a, r) < tol, f"grad {i}: {rel_err(a, r)}"
-    return out
-
-
 OPTION_SETS = {
     "plain": dict(),
     "temp": dict(temperature=2.5, reduction="sum"),
@@ -143,9 +85,9 @@ def test_empty_and_fully_ignored(gen):
     assert cutce.linear_distillation_loss(hs[:0], ws, ht[:0], wt, t[:0], reduction="none").shape == (0,)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_ce_weight_one_is_cross_entropy(gen, impl):
-    tensors = _to(DEV if impl == "triton" else "cpu", make(gen, lead=(3, 7), bias=True,
+    tensors = to_dev(DEV if impl == "triton" else "cpu", make(gen, lead=(3, 7), bias=True,
                                                            teacher_grad=True))
     out = check(gen, tensors, torch.float32, impl=impl, ce_weight=1.0, beta=0.3, shift=True)
     hs, ws, bs, ht, wt, bt, t = tensors

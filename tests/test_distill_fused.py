@@ -1,32 +1,25 @@
 """The fused distillation strategy (cutce.triton.distill_fused) against the float64 oracle, in
 Triton's interpreter on CPU (CUDA on the device): several token chunks, poisoned buffers, every
-beta it covers, and the plan that picks it. Helpers are test_distill.py's."""
+beta it covers, and the plan that picks it. Helpers are distill_cases.py's."""
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of the kernels
-    os.environ["TRITON_INTERPRET"] = "1"
+import cutce
+from cutce import distill
+from distill_cases import check, make, to_dev
+from triton_support import DEV
 
-import pytest  # noqa: E402
+pytest.importorskip("triton")  # every test here runs the Triton path
 
-import cutce  # noqa: E402
-from cutce import distill  # noqa: E402
-
-from test_distill import DEV, _to, check, make  # noqa: E402
-
-pytest.importorskip("triton")
-
-from cutce import distill_ops  # noqa: E402
-from cutce.triton import configs  # noqa: E402
-from cutce.triton import distill_fused as kf  # noqa: E402
+from cutce import distill_ops
+from cutce.triton import distill_fused as kf
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
+def fused_calls(monkeypatch, kernel_config):
     """Poisoned launcher buffers, a small forced chunk, and the list of fused_total's calls."""
     calls = []
     real = kf.fused_total
@@ -36,8 +29,7 @@ def fused_calls(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(kf, "fused_total", spy)
-    monkeypatch.setattr(configs, "POISON", True)
-    monkeypatch.setattr(kf, "FORCE_CHUNK", 20)
+    kernel_config(poison=True, distill_chunk=20)
     return calls
 
 
@@ -58,23 +50,23 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_matches_oracle(gen, case, fused_calls):
     beta, lead, (ds, dt, v), mk, opts = CASES[case]
-    tensors = _to(DEV, make(gen, lead=lead, ds=ds, dt=dt, v=v, **mk))
+    tensors = to_dev(DEV, make(gen, lead=lead, ds=ds, dt=dt, v=v, **mk))
     check(gen, tensors, torch.float32, impl="triton", beta=beta, **opts)
     assert fused_calls == [(20, False)]
 
 
 @pytest.mark.parametrize("case,store", [("fkl", True), ("jsd-other-ce", True),
                                         ("jsd-other-ce", False)])  # aligned widths: descriptors
-def test_fused_tile_store_both_ways(gen, case, store, fused_calls, monkeypatch):
-    """X and dz through bulk (TMA) loads and stores (configs.TILE_STORE_DEFAULT for
+def test_fused_tile_store_both_ways(gen, case, store, fused_calls, monkeypatch, kernel_config):
+    """X and dz through bulk (TMA) loads and stores (KernelConfig.distill_tile_store for
     distillation since the H200 A/B) or through tiles of addresses: ragged edges clipped, every
     entry written (poisoned buffers)."""
-    monkeypatch.setattr(configs, "TILE_STORE", store)
+    kernel_config(distill_tile_store=store)
     made = []
     real = kf.tma_descriptor
     monkeypatch.setattr(kf, "tma_descriptor", lambda x, r, c: made.append(x.shape) or real(x, r, c))
     beta, lead, (ds, dt, v), mk, opts = CASES[case]
-    tensors = _to(DEV, make(gen, lead=lead, ds=ds, dt=dt, v=v, **mk))
+    tensors = to_dev(DEV, make(gen, lead=lead, ds=ds, dt=dt, v=v, **mk))
     check(gen, tensors, torch.float32, impl="triton", beta=beta, **opts)
     assert fused_calls == [(20, False)]
     assert any(shape[-1] == v for shape in made) == store, "X's descriptor iff bulk stores"
@@ -82,20 +74,19 @@ def test_fused_tile_store_both_ways(gen, case, store, fused_calls, monkeypatch):
 
 @pytest.mark.parametrize("case,store", [("fkl", True), ("fkl-no-targets", False),
                                         ("jsd", False), ("jsd-other-ce", True)])
-def test_fused_student_x(gen, case, store, fused_calls, monkeypatch):
-    """The student's Xs stored too (configs.DISTILL_STUDENT_X, the default since the H200 A/B):
+def test_fused_student_x(gen, case, store, fused_calls, monkeypatch, kernel_config):
+    """The student's Xs stored too (KernelConfig.distill_student_x, the default since the H200 A/B):
     the dz passes are elementwise (distill_dz) for calls without a CE term or student softcap;
     jsd-other-ce (CE term) keeps the product. Bulk or pointer stores of Xs, poisoned buffers.
     (test_fused_matches_oracle runs the default; the product form without a CE term is
     test_fused_peaked_teacher's student_x=False.)"""
     from cutce.triton import distill_dz
-    monkeypatch.setattr(configs, "DISTILL_STUDENT_X", True)
-    monkeypatch.setattr(configs, "TILE_STORE", store)
+    kernel_config(distill_student_x=True, distill_tile_store=store)
     passes = []
     real = distill_dz.dz_pass
     monkeypatch.setattr(distill_dz, "dz_pass", lambda *a: passes.append(a[-1]) or real(*a))
     beta, lead, (ds, dt, v), mk, opts = CASES[case]
-    tensors = _to(DEV, make(gen, lead=lead, ds=ds, dt=dt, v=v, **mk))
+    tensors = to_dev(DEV, make(gen, lead=lead, ds=ds, dt=dt, v=v, **mk))
     check(gen, tensors, torch.float32, impl="triton", beta=beta, **opts)
     assert fused_calls and all(c == (20, False) for c in fused_calls)
     if "ce" in case:
@@ -105,43 +96,43 @@ def test_fused_student_x(gen, case, store, fused_calls, monkeypatch):
 
 
 @pytest.mark.parametrize("beta,student_x", [(0.0, False), (0.4, False), (0.0, True), (0.4, True)])
-def test_fused_peaked_teacher(gen, beta, student_x, fused_calls, monkeypatch):
+def test_fused_peaked_teacher(gen, beta, student_x, fused_calls, monkeypatch, kernel_config):
     """Teacher logits of std ~60: most of X underflows to 0 (p below e^-104 of its tile's max),
     where the JSD's m is (1 - beta) q alone, and KL(p||q) (from the forward's statistics) is
     large beside KL(p||m) = KL(p||q) + sum p (log q - log m): the loss value's cancellation.
     Also with the student's Xs stored (elementwise dz passes)."""
-    monkeypatch.setattr(configs, "DISTILL_STUDENT_X", student_x)
+    kernel_config(distill_student_x=student_x)
     hs, ws, bs, ht, wt, bt, t = make(gen, lead=40, ds=24, dt=32, v=200)
     wt = (wt.detach() * 20.0).requires_grad_(False)
-    check(gen, _to(DEV, (hs, ws, bs, ht, wt, bt, t)), torch.float32, impl="triton", beta=beta)
+    check(gen, to_dev(DEV, (hs, ws, bs, ht, wt, bt, t)), torch.float32, impl="triton", beta=beta)
     assert fused_calls == [(20, False)]
 
 
-def test_fused_16bit_x_in_dc_bytes(gen, fused_calls, monkeypatch):
+def test_fused_16bit_x_in_dc_bytes(gen, fused_calls, monkeypatch, kernel_config):
     """16-bit heads with X (then dz) in dC's own bytes, dC summed in float32 over 3 chunks; the
     interpreter's 16-bit type is float16 (its stores truncate: 16-bit tolerance)."""
     monkeypatch.setattr(distill, "F16_TRITON", True)
-    monkeypatch.setattr(configs, "INTERPRETER_F32_WORKSPACE", False)
-    tensors = _to(DEV, make(gen, lead=53, ds=32, dt=48, v=300, dtype=torch.float16, bias=True))
+    kernel_config(interpreter_f32_workspace=False)
+    tensors = to_dev(DEV, make(gen, lead=53, ds=32, dt=48, v=300, dtype=torch.float16, bias=True))
     for beta in (0.0, 0.3):
         check(gen, tensors, torch.float16, impl="triton", beta=beta, ce_weight=0.2,
               student_softcap=6.0)
     assert fused_calls == [(20, True)] * 2
 
 
-def test_fused_partial_needs_and_one_chunk(gen, fused_calls, monkeypatch):
+def test_fused_partial_needs_and_one_chunk(gen, fused_calls, monkeypatch, kernel_config):
     """Only dE (the weight frozen), only dC and the bias; and the whole batch in one chunk
     (dC written by one product, no accumulator)."""
-    hs, ws, bs, ht, wt, bt, t = _to(DEV, make(gen, lead=41, ds=26, dt=40, v=260, bias=True))
+    hs, ws, bs, ht, wt, bt, t = to_dev(DEV, make(gen, lead=41, ds=26, dt=40, v=260, bias=True))
     check(gen, (hs, ws.detach(), None, ht, wt, None, t), torch.float32, impl="triton")
     check(gen, (hs.detach(), ws, bs, ht, wt, bt, t), torch.float32, impl="triton", beta=0.5)
-    monkeypatch.setattr(kf, "FORCE_CHUNK", None)  # the plan's: all 41 tokens at once
+    kernel_config(distill_chunk=None)  # the plan's: all 41 tokens at once
     check(gen, (hs, ws, bs, ht, wt, bt, t), torch.float32, impl="triton", ce_weight=0.4)
     assert fused_calls == [(20, False), (20, False), (41, False)]
 
 
 def test_budget_zero_and_uncovered_calls_keep_the_recompute_path(gen, fused_calls):
-    hs, ws, bs, ht, wt, bt, t = _to(DEV, make(gen, lead=30, ds=24, dt=36, v=130, bias=True))
+    hs, ws, bs, ht, wt, bt, t = to_dev(DEV, make(gen, lead=30, ds=24, dt=36, v=130, bias=True))
     check(gen, (hs, ws, bs, ht, wt, bt, t), torch.float32, impl="triton", memory_budget=0)
     check(gen, (hs, ws, bs, ht, wt, bt, t), torch.float32, impl="triton", beta=1.0)
     assert fused_calls == []
@@ -178,7 +169,7 @@ def test_plan_at_the_bench_shape():
 
 
 def test_memory_budget_validation_and_second_backward(gen):
-    hs, ws, _, ht, wt, _, t = _to(DEV, make(gen, lead=9, v=40))
+    hs, ws, _, ht, wt, _, t = to_dev(DEV, make(gen, lead=9, v=40))
     for bad in (-1.0, "big", float("nan"), True):
         with pytest.raises(ValueError, match="memory_budget"):
             cutce.linear_distillation_loss(hs, ws, ht, wt, t, impl="triton", memory_budget=bad)
@@ -189,7 +180,7 @@ def test_memory_budget_validation_and_second_backward(gen):
 
 
 def test_fused_op_opcheck(gen):
-    hs, ws, bs, ht, wt, _, t = _to(DEV, make(gen, lead=21, ds=20, dt=24, v=67, bias=True,
+    hs, ws, bs, ht, wt, _, t = to_dev(DEV, make(gen, lead=21, ds=20, dt=24, v=67, bias=True,
                                              ignore_frac=0.0))
     c = torch.full((21,), 1 / 21, device=DEV)
     torch.library.opcheck(torch.ops.cutce.distill_fused_triton,
@@ -206,7 +197,7 @@ def test_compile_plans_at_run_time(gen):
     from torch._dynamo.testing import CompileCounterWithBackend
     cnt = CompileCounterWithBackend("aot_eager")
     fn = torch.compile(cutce.linear_distillation_loss, backend=cnt, dynamic=True, fullgraph=True)
-    data = {n: _to(DEV, make(gen, lead=n, ds=20, dt=24, v=67, bias=True)) for n in (21, 34)}
+    data = {n: to_dev(DEV, make(gen, lead=n, ds=20, dt=24, v=67, bias=True)) for n in (21, 34)}
     # budget 3 fits all 21 tokens but no chunk of 34 (float32, V=67): a plan made from N would
     # need another graph for 34 tokens
     for budget in (3.0, 1e-6):

@@ -1,23 +1,17 @@
 """linear_distillation_loss's Triton path: the interpreter on CPU (few, small cases), CUDA on
 the device (``gpu``-marked tests at a Qwen-like pair). Helpers and the oracle check are
-test_distill.py's."""
+distill_cases.py's."""
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of the kernels
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-import cutce  # noqa: E402
-from cutce import distill  # noqa: E402
-
-from reference import distill_reference, rel_err  # noqa: E402
-from test_distill import DEV, TOL, _to, check, gpu, make  # noqa: E402
+import cutce
+from cutce import distill
+from distill_cases import TOL, check, make, to_dev
+from reference import distill_reference, rel_err
+from triton_support import DEV, gpu
 
 
 # ---- Triton kernels (the interpreter on CPU: few, small cases; CUDA on the device) -----------
@@ -40,36 +34,36 @@ def test_triton_matches_oracle(gen, case, monkeypatch):
         monkeypatch.setattr(distill, "F16_TRITON", True)  # the interpreter's 16-bit type
     # even D for 16-bit heads: dE's float32 sums then live half in dE's own bytes
     ds, dt = (30, 46) if dtype == torch.float16 else (29, 45)
-    tensors = _to(DEV, make(gen, ds=ds, dt=dt, dtype=dtype, bias=case != "rev-kl",
+    tensors = to_dev(DEV, make(gen, ds=ds, dt=dt, dtype=dtype, bias=case != "rev-kl",
                             teacher_grad=case != "jsd"))
     check(gen, tensors, dtype, impl="triton", beta=beta, **opts)
 
 
 @pytest.mark.parametrize("beta,ds,dt", [(1.0, 32, 48), (0.3, 29, 48), (0.0, 24, 40)])
-def test_triton_recompute_bulk_loads(gen, beta, ds, dt, monkeypatch):
-    """The recompute kernels with configs.DISTILL_RECOMPUTE_TMA (the default): tensor-descriptor
+def test_triton_recompute_bulk_loads(gen, beta, ds, dt, monkeypatch, kernel_config):
+    """The recompute kernels with KernelConfig.distill_recompute_tma (the default): tensor-descriptor
     loads where the heads' rows are 16-byte aligned (the interpreter's float32: D % 4 == 0),
     pointers where one is not (29); a teacher with gradients (its dz too) and several vocabulary
     chunks in the backward (bulk loads past a chunk's end read real classes, masked)."""
     pytest.importorskip("triton")
     from cutce.triton import configs
-    monkeypatch.setattr(configs, "DISTILL_RECOMPUTE_TMA", True)
+    kernel_config(distill_recompute_tma=True)
     seen = []
     real = configs.use_tma
     monkeypatch.setattr(configs, "use_tma", lambda *t: seen.append(real(*t)) or seen[-1])
-    tensors = _to(DEV, make(gen, lead=37, ds=ds, dt=dt, v=290, bias=True, teacher_grad=True))
+    tensors = to_dev(DEV, make(gen, lead=37, ds=ds, dt=dt, v=290, bias=True, teacher_grad=True))
     check(gen, tensors, torch.float32, impl="triton", beta=beta, temperature=1.3, memory_budget=0)
     assert seen and all(seen) == (ds % 4 == 0 and dt % 4 == 0)
 
 
-def test_triton_recompute_pointer_loads(gen, monkeypatch):
-    """configs.DISTILL_RECOMPUTE_TMA off (env CUTCE_DISTILL_RECOMPUTE_TMA=0): pointer loads
+def test_triton_recompute_pointer_loads(gen, monkeypatch, kernel_config):
+    """KernelConfig.distill_recompute_tma off: pointer loads
     even where bulk loads would apply (aligned rows), the same results."""
     pytest.importorskip("triton")
     from cutce.triton import configs
-    monkeypatch.setattr(configs, "DISTILL_RECOMPUTE_TMA", False)
+    kernel_config(distill_recompute_tma=False)
     monkeypatch.setattr(configs, "use_tma", lambda *t: pytest.fail("bulk loads asked for"))
-    tensors = _to(DEV, make(gen, lead=37, ds=32, dt=48, v=290, bias=True, teacher_grad=True))
+    tensors = to_dev(DEV, make(gen, lead=37, ds=32, dt=48, v=290, bias=True, teacher_grad=True))
     check(gen, tensors, torch.float32, impl="triton", beta=0.3, temperature=1.3, memory_budget=0)
 
 
@@ -78,14 +72,14 @@ def test_triton_vocabulary_splits(gen, beta):
     """One token block: the forward splits the vocabulary (as on the GPU) and combines the
     splits' statistics."""
     pytest.importorskip("triton")
-    tensors = _to(DEV, make(gen, lead=13, bias=True))
+    tensors = to_dev(DEV, make(gen, lead=13, bias=True))
     check(gen, tensors, torch.float32, impl="triton", beta=beta, ce_weight=0.4, temperature=1.7,
           memory_budget=0)  # the recompute kernels (test_distill_fused.py: the fused ones)
 
 
 def test_triton_shift_frozen_teacher_and_empty(gen):
     pytest.importorskip("triton")
-    hs, ws, bs, ht, wt, bt, t = _to(DEV, make(gen, lead=(2, 11), bias=True))
+    hs, ws, bs, ht, wt, bt, t = to_dev(DEV, make(gen, lead=(2, 11), bias=True))
     check(gen, (hs, ws, bs, ht, wt, bt, t), torch.float32, impl="triton", beta=0.5, shift=True)
     assert ht.grad is None and wt.grad is None
     loss = cutce.linear_distillation_loss(hs, ws, ht, wt, torch.full_like(t, -100), impl="triton")
@@ -113,7 +107,7 @@ def test_custom_ops_opcheck_and_compile(gen):
     """The three ops' schemas, fake impls and autograd registrations; a compiled call (aot_eager)
     of the Triton path equals the eager one."""
     pytest.importorskip("triton")
-    hs, ws, bs, ht, wt, _, t = _to(DEV, make(gen, lead=21, v=67, bias=True, ignore_frac=0.0))
+    hs, ws, bs, ht, wt, _, t = to_dev(DEV, make(gen, lead=21, v=67, bias=True, ignore_frac=0.0))
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     scal = (0.3, 1.5, 0.0, 3.0, 0.2)
     c = torch.full((21,), 1 / 21, device=DEV)
@@ -188,7 +182,7 @@ def test_triton_refuses_float16(gen):
     """float16's range flushes a distillation's small logit gradients on the GPU: Triton refuses
     it with the reason; 'auto' takes the exact torch path."""
     pytest.importorskip("triton")
-    hs, ws, bs, ht, wt, bt, t = _to(DEV, make(gen, dtype=torch.float16))
+    hs, ws, bs, ht, wt, bt, t = to_dev(DEV, make(gen, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="not float16"):
         cutce.linear_distillation_loss(hs, ws, ht, wt, t, impl="triton")
     check(gen, (hs, ws, bs, ht, wt, bt, t), torch.float16, impl="auto")
@@ -198,7 +192,7 @@ def test_triton_refuses_float16(gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_dtypes_options(gen, dtype, monkeypatch):
-    tensors = _to("cuda", make(gen, lead=(2, 509), ds=256, dt=512, v=32003, dtype=dtype, bias=True,
+    tensors = to_dev("cuda", make(gen, lead=(2, 509), ds=256, dt=512, v=32003, dtype=dtype, bias=True,
                                teacher_grad=True, ignore_frac=0.1))
     # the GPU rounds dz to 16 bits (the interpreter keeps it in float32)
     monkeypatch.setitem(TOL, dtype, {torch.float32: 1e-4, torch.float16: 5e-3,

@@ -7,21 +7,14 @@ accumulator, the chunk's X in dC's own bytes, and rows whose loss exceeds 80 nat
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of the kernels
-    os.environ["TRITON_INTERPRET"] = "1"
+import cutce
+from cutce import plan
+from reference import lowp_torch, make_inputs, oracle, rel_err
+from triton_support import DEV, IMPLS, requires_triton
 
-import pytest  # noqa: E402
-
-import cutce  # noqa: E402
-from cutce import plan  # noqa: E402
-
-from reference import lowp_torch, make_inputs, oracle, rel_err  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 GEMMA, LLAMA = (8192, 256000, 2304), (8192, 128256, 4096)
 
 
@@ -129,21 +122,18 @@ def test_torch_path_fused_matches_oracle(gen, monkeypatch, name, chunk):
     assert seen, "the fused strategy must have run"
 
 
-triton = pytest.importorskip("triton")
-
-
+@requires_triton
 @pytest.mark.parametrize("name", [k for k in OPTS if k != "smoothing"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chunk", [1000, 16], ids=["one-chunk", "chunks"])
-def test_triton_fused_matches_oracle(gen, monkeypatch, name, dtype, chunk):
-    from cutce.triton import configs
-    monkeypatch.setattr(configs, "POISON", True)
+def test_triton_fused_matches_oracle(gen, monkeypatch, poisoned, name, dtype, chunk):
     seen = _force(monkeypatch, plan.Plan("fused", chunk_n=chunk, dc_f32=chunk < 45))
     h, w, t, b, tw = _inputs(gen, dtype)
     _check(h, w, t, b, tw, OPTS[name], "triton")
     assert seen
 
 
+@requires_triton
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("weights", ["none", "strided", "all-ignored"])
 def test_row_prologue_kernel_matches_torch_coefs(gen, reduction, weights):
@@ -173,6 +163,7 @@ def test_row_prologue_kernel_matches_torch_coefs(gen, reduction, weights):
         assert rows.row_coefs(tb, tw, v, ii, 0.0, True)[1].item() == 1
 
 
+@requires_triton
 def test_triton_fused_bad_targets_raise(gen, monkeypatch):
     """A target outside [0, V) raises the api's error on the fused path too, whose targets
     check reads the prologue kernel's flag."""
@@ -193,23 +184,23 @@ def test_triton_fused_bad_targets_raise(gen, monkeypatch):
             cutce.linear_cross_entropy(h, w, tb, b, token_weights=tw, impl="triton")
 
 
+@requires_triton
 @pytest.mark.parametrize("name", ["plain", "zloss_softcap_scale"])
-def test_triton_fused_bulk_tile_store(gen, monkeypatch, name):
-    """X written by a bulk (TMA) store (configs.TILE_STORE; off by default for the loss since the
-    H200 A/B measured it within noise):
-    ragged rows and classes clipped, every entry written (poisoned buffers)."""
-    from cutce.triton import configs
-    monkeypatch.setattr(configs, "POISON", True)
-    monkeypatch.setattr(configs, "TILE_STORE", True)
+def test_triton_fused_bulk_tile_store(gen, monkeypatch, kernel_config, name):
+    """X written by a bulk (TMA) store (KernelConfig.loss_tile_store; off by default for the
+    loss since the H200 A/B measured it within noise): ragged rows and classes clipped, every
+    entry written (poisoned buffers)."""
+    kernel_config(poison=True, loss_tile_store=True)
     _force(monkeypatch, plan.Plan("fused", chunk_n=16, dc_f32=True))
     h, w, t, b, tw = _inputs(gen, torch.float32)
     _check(h, w, t, b, tw, OPTS[name], "triton")
 
 
-def test_triton_fused_x_in_weight_grad_bytes(gen, monkeypatch):
+@requires_triton
+def test_triton_fused_x_in_weight_grad_bytes(gen, monkeypatch, kernel_config):
     """16-bit X living in dC's own bytes until the float32 accumulator is copied in."""
-    from cutce.triton import configs, fused
-    monkeypatch.setattr(configs, "INTERPRETER_F32_WORKSPACE", False)
+    from cutce.triton import fused
+    kernel_config(interpreter_f32_workspace=False)
     _force(monkeypatch, plan.Plan("fused", chunk_n=16, dc_in_place=True, dc_f32=True))
     made = []
     real = fused._x_buffer
@@ -220,7 +211,7 @@ def test_triton_fused_x_in_weight_grad_bytes(gen, monkeypatch):
     assert made == [True]
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_fused_rows_with_huge_loss(gen, monkeypatch, impl):
     """A target 200 nats below its row's max: X = exp(z - z_target) would overflow, so the
     row is rewritten with c = its max (Triton); the gradients stay exact."""
@@ -239,7 +230,7 @@ def test_fused_rows_with_huge_loss(gen, monkeypatch, impl):
             _check(h, w, t, b, tw, dict(), impl)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_fused_backward_once_and_recompute_twice(gen, impl):
     h, w, t, b, _ = _inputs(gen, torch.float32)
     h.requires_grad_()

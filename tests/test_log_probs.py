@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 
 import torch
-
-if not torch.cuda.is_available():  # must precede the first import of the kernels
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 

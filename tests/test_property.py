@@ -10,22 +10,18 @@ float32 through the interpreter on CPU (relative ~1e-4). Reproduce one case with
 
 from __future__ import annotations
 
-import os
 import random
 
 import torch
-
-if not torch.cuda.is_available():  # must precede the first import of the kernels
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 
 import cutce  # noqa: E402
 import dense_ce  # noqa: E402
 from reference import distill_reference, rel_err  # noqa: E402
+from triton_support import DEV, requires_triton  # noqa: E402
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _tensors(rng, n, d, v, dtype, bias):
@@ -187,16 +183,19 @@ def test_torch_distill(seed):
     run_distill(seed, "torch")
 
 
+@requires_triton
 @pytest.mark.parametrize("seed", range(300, 320))
 def test_triton_ce(seed):
     run_ce(seed, "triton")
 
 
+@requires_triton
 @pytest.mark.parametrize("seed", range(400, 406))
 def test_triton_log_probs(seed):
     run_log_probs(seed, "triton")
 
 
+@requires_triton
 @pytest.mark.parametrize("seed", range(500, 508))
 def test_triton_distill(seed):
     run_distill(seed, "triton")

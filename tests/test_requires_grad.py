@@ -9,21 +9,16 @@ Triton path runs through the interpreter; on a GPU the same tests run on CUDA te
 from __future__ import annotations
 
 import itertools
-import os
 
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of the kernels
-    os.environ["TRITON_INTERPRET"] = "1"
+import pytest
 
-import pytest  # noqa: E402
+import cutce
 
-import cutce  # noqa: E402
+from reference import lowp_torch, make_inputs, oracle, rel_err
+from triton_support import DEV, IMPLS
 
-from reference import lowp_torch, make_inputs, oracle, rel_err  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = ["torch"] + (["triton"] if pytest.importorskip("triton") else [])
 COMBOS = list(itertools.product((False, True), repeat=3))
 FLOOR = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
 

@@ -9,73 +9,21 @@ Errors are measured against float64 and compared with PyTorch's own low-precisio
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of the kernels
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton")  # every test here runs the Triton path
 
 import cutce  # noqa: E402
 from cutce import ops, torch_impl  # noqa: E402
 from cutce.options import Options  # noqa: E402
 from cutce.triton import configs  # noqa: E402
 from cutce.triton import forward as tfwd  # noqa: E402
+from reference import make_inputs, oracle, rel_err  # noqa: E402
+from triton_cases import compare, to_dev  # noqa: E402
+from triton_support import DEV, gpu  # noqa: E402
 
-from reference import lowp_torch, make_inputs, oracle, rel_err  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(configs, "POISON", True)
-
-
-def _to(dev, *ts):
-    return [None if t is None else (t.detach().to(dev).requires_grad_(t.requires_grad)
-                                    if t.is_floating_point() else t.to(dev)) for t in ts]
-
-
-def _run(fn, h, w, b, with_lse):
-    loss, lse = fn(h, w, b)
-    g_out = torch.randn_like(loss) if loss.dim() else torch.ones_like(loss)
-    total = (loss * g_out).sum() + (0.3 * lse.sum() if with_lse else 0.0)
-    params = [t for t in (h, w, b) if t is not None]
-    return [loss, lse, *torch.autograd.grad(total, params)], g_out
-
-
-def _compare(h, w, t, b, tw, opts, with_lse=False, factor=1.5, floor=None):
-    """cutce(impl='triton') vs oracle, against lowp_torch vs oracle, same upstream gradients."""
-    dt = h.dtype
-    floor = floor if floor is not None else {torch.float32: 2e-5, torch.float16: 2e-3,
-                                             torch.bfloat16: 1e-2}[dt]
-    torch.manual_seed(0)
-    got, g = _run(lambda a, c, d: cutce.linear_cross_entropy(
-        a, c, t, d, token_weights=tw, return_lse=True, impl="triton", **opts), h, w, b, with_lse)
-    h64, w64, b64 = [None if x is None else x.detach().double().requires_grad_() for x in (h, w, b)]
-
-    def ref_fn(fn, a, c, d):
-        return fn(a, c, t, d, token_weights=tw, **opts)
-
-    def grads_with(fn, a, c, d):
-        loss, lse = ref_fn(fn, a, c, d)
-        total = (loss * g.to(loss.dtype)).sum() + (0.3 * lse.sum() if with_lse else 0.0)
-        return [loss, lse, *torch.autograd.grad(total, [x for x in (a, c, d) if x is not None])]
-
-    want = grads_with(oracle, h64, w64, b64)
-    hl, wl, bl = [None if x is None else x.detach().clone().requires_grad_() for x in (h, w, b)]
-    lowp = grads_with(lowp_torch, hl, wl, bl)
-    names = ["loss", "lse", "dE", "dC", "dbias"]
-    for name, a, lp, ref in zip(names, got, lowp, want):
-        assert torch.isfinite(a).all(), f"{name} has non-finite entries"
-        err, base = rel_err(a, ref), rel_err(lp, ref)
-        assert err <= factor * base + floor, f"{name}: error {err:.3g} vs torch {dt} {base:.3g}"
+pytestmark = pytest.mark.usefixtures("poisoned")  # conftest.py
 
 
 OPTION_SETS = {
@@ -95,21 +43,21 @@ def test_options_match_oracle(gen, dtype, name):
     h, w, t, b, tw = make_inputs(gen, 37, 29, 101, dtype, bias=name != "plain",
                                  token_weights=name in ("sum_ignore", "none_all"),
                                  ignore_frac=0.2, ignore_index=ignore)
-    h, w, t, b, tw = _to(DEV, h, w, t, b, tw)
-    _compare(h, w, t, b, tw, opts, with_lse=name in ("plain", "none_all"))
+    h, w, t, b, tw = to_dev(DEV, h, w, t, b, tw)
+    compare(h, w, t, b, tw, opts, with_lse=name in ("plain", "none_all"))
 
 
 def test_shift_batched_ragged(gen):
     h, w, t, b, tw = make_inputs(gen, (3, 17), 64, 257, torch.bfloat16, bias=True, token_weights=True,
                                  ignore_frac=0.1)
-    h, w, t, b, tw = _to(DEV, h, w, t, b, tw)
-    _compare(h, w, t, b, tw, dict(shift=True, softcap=4.0), with_lse=True)
+    h, w, t, b, tw = to_dev(DEV, h, w, t, b, tw)
+    compare(h, w, t, b, tw, dict(shift=True, softcap=4.0), with_lse=True)
 
 
 def test_vocab_splits_agree(gen):
     """The forward's split-and-combine gives the same values for any split count."""
     h, w, t, b, _ = make_inputs(gen, 45, 40, 300, torch.float32, bias=True, requires_grad=False)
-    h, w, t, b = _to(DEV, h, w, t, b)
+    h, w, t, b = to_dev(DEV, h, w, t, b)
     one = tfwd.forward(h, w, b, t, 1.0, 2.0, 1.0, True, True, n_splits=1)
     for s in (3, 7):
         many = tfwd.forward(h, w, b, t, 1.0, 2.0, 1.0, True, True, n_splits=s)
@@ -117,24 +65,25 @@ def test_vocab_splits_agree(gen):
             torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
-def test_target_logit_kernel_matches_tiles(gen, monkeypatch):
-    """zt from the separate gather kernel equals the tiles' target logit (summation order
-    aside); 0 for ignored and out-of-range targets."""
+def test_target_logit_kernel_matches_the_logits(gen):
+    """zt from the gather kernel equals the target's entry of the float32 logits (summation
+    order aside), scale, softcap and temperature applied; 0 for ignored and out-of-range
+    targets."""
     h, w, t, b, _ = make_inputs(gen, 53, 40, 211, torch.bfloat16, bias=True)
     t[:5] = torch.tensor([-100, 211, 500, 0, 210])
-    h, w, t, b = _to(DEV, h, w, t, b)
-    out = []
-    for flag in (True, False):
-        monkeypatch.setattr(configs, "ZT_IN_KERNEL", flag)
-        out.append(tfwd.forward(h, w, b, t, 0.9, 3.0, 1.1, False, False)[1])
-    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
-    assert (out[1][:3] == 0).all()
+    h, w, t, b = to_dev(DEV, h, w, t, b)
+    zt = tfwd.forward(h, w, b, t, 0.9, 3.0, 1.1, False, False)[1]
+    z = 3.0 * torch.tanh((h.float() @ w.float().T + b.float()) * 0.9 / 3.0) * 1.1
+    valid = (t >= 0) & (t < w.shape[0])
+    want = torch.where(valid, z.gather(1, torch.where(valid, t, 0)[:, None])[:, 0], 0.0)
+    torch.testing.assert_close(zt, want, rtol=1e-5, atol=1e-5)
+    assert (zt[:3] == 0).all()
 
 
 def test_entropy_part_matches_torch(gen):
     """pz = sum_j p_j z_j and its gradient (used by linear_log_probs) agree with the torch path."""
     h, w, t, b, _ = make_inputs(gen, 33, 24, 90, torch.float32, bias=True)
-    h, w, t, b = _to(DEV, h, w, t, b)
+    h, w, t, b = to_dev(DEV, h, w, t, b)
     opts = Options(need_entropy=True, softcap=4.0, temperature=0.7, logit_scale=1.2)
     res = []
     for impl in (ops, torch_impl):
@@ -153,35 +102,36 @@ def _loss_and_grads(h, w, t, b, **opts):
     return [loss, *torch.autograd.grad(loss, (hh, ww, bb))]
 
 
-def test_tma_and_pointer_loads_agree(gen, monkeypatch):
+def test_tma_and_pointer_loads_agree(gen, kernel_config):
     """Descriptor (bulk-copy) loads and pointer loads feed the same tiles: same results."""
     h, w, t, b, _ = make_inputs(gen, 45, 64, 300, torch.bfloat16, bias=True)
-    h, w, t, b = _to(DEV, h, w, t, b)
-    assert configs.use_tma(h, w) or DEV == "cuda" and torch.cuda.get_device_capability()[0] < 9
+    h, w, t, b = to_dev(DEV, h, w, t, b)
+    assert configs.use_tma(configs.current(DEV), h, w) \
+        or DEV == "cuda" and torch.cuda.get_device_capability()[0] < 9
     out = []
     for tma in (True, False):
-        monkeypatch.setattr(configs, "TMA", tma)
-        out.append(_loss_and_grads(h, w, t, b, softcap=5.0, label_smoothing=0.1))
+        with configs.override(tma=tma):
+            out.append(_loss_and_grads(h, w, t, b, softcap=5.0, label_smoothing=0.1))
     for a, c in zip(*out):
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7)
-    monkeypatch.setattr(configs, "TMA", True)
-    _compare(h, w, t, b, None, dict(softcap=5.0), with_lse=True)
+    kernel_config(tma=True)
+    compare(h, w, t, b, None, dict(softcap=5.0), with_lse=True)
 
 
-def test_dz_in_unwritten_weight_grad_rows(gen, monkeypatch):
+def test_dz_in_unwritten_weight_grad_rows(gen, monkeypatch, kernel_config):
     """Wide chunks keep their dz in the rows of dC not written yet; the last chunks use the
     separate workspace. Both kinds of chunk, and the hand-over, give the oracle's gradients."""
     from cutce.triton import workspace
     carved = []
     real = workspace._carve
     monkeypatch.setattr(workspace, "_carve", lambda *a: carved.append(a[2:4]) or real(*a))
-    bv = configs.backward_tile(torch.bfloat16).block_v
-    monkeypatch.setattr(configs, "MAX_CHUNK_V", 3 * bv)
+    bv = configs.current(DEV).tile("bwd", torch.bfloat16).block_v
+    kernel_config(max_chunk_v=3 * bv)
     monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: (n, bv))
     v = 9 * bv + 17
     h, w, t, b, _ = make_inputs(gen, 41, 64, v, torch.bfloat16, bias=True)
-    h, w, t, b = _to(DEV, h, w, t, b)
-    _compare(h, w, t, b, None, dict(z_loss=1e-3), with_lse=True)
+    h, w, t, b = to_dev(DEV, h, w, t, b)
+    compare(h, w, t, b, None, dict(z_loss=1e-3), with_lse=True)
     assert carved and len(carved) < triton.cdiv(v, bv), carved
 
 
@@ -190,23 +140,23 @@ def test_token_chunks_split_accumulator(gen, monkeypatch, chunk_n):
     """Token chunks: half of dE's float32 accumulator lives in dE's own rows, dC is accumulated
     over the chunks; ragged last chunk."""
     from cutce.triton import workspace
-    bv = configs.backward_tile(torch.bfloat16).block_v
+    bv = configs.current(DEV).tile("bwd", torch.bfloat16).block_v
     monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: (min(chunk_n, n), 2 * bv))
     h, w, t, b, _ = make_inputs(gen, 70, 48, 5 * bv + 3, torch.bfloat16, bias=True)
-    h, w, t, b = _to(DEV, h, w, t, b)
-    _compare(h, w, t, b, None, dict(label_smoothing=0.1), with_lse=True)
+    h, w, t, b = to_dev(DEV, h, w, t, b)
+    compare(h, w, t, b, None, dict(label_smoothing=0.1), with_lse=True)
 
 
 @pytest.mark.parametrize("gathered", [False, True])
-def test_token_chunks_sum_dc_in_float32(gen, monkeypatch, gathered):
+def test_token_chunks_sum_dc_in_float32(gen, monkeypatch, kernel_config, gathered):
     """Many token chunks: with the default budget the recompute backward sums dC in a float32
     accumulator, so its error stays below the per-chunk 16-bit sum's (memory_budget=0)."""
     from cutce.triton import workspace
-    bv = configs.backward_tile(torch.bfloat16).block_v
+    bv = configs.current(DEV).tile("bwd", torch.bfloat16).block_v
     monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: (min(8, n), 2 * bv))
-    monkeypatch.setattr(configs, "FILTER_DENSE_FRACTION", 1.0)  # gathered: keep every class
+    kernel_config(filter_dense_fraction=1.0)  # gathered: keep every class
     h, w, t, _, _ = make_inputs(gen, 123, 40, 2 * bv + 5, torch.bfloat16)
-    h, w, t = _to(DEV, h, w, t)
+    h, w, t = to_dev(DEV, h, w, t)
     w64 = w.detach().double().requires_grad_()
     oracle(h.detach().double(), w64, t, reduction="none")[0].sum().backward()
     errs = []
@@ -221,16 +171,16 @@ def test_token_chunks_sum_dc_in_float32(gen, monkeypatch, gathered):
     assert errs[0] < 0.8 * errs[1], f"float32 dC sum {errs[0]:.3g} vs 16-bit per chunk {errs[1]:.3g}"
 
 
-def test_filter_tiny_eps_is_exact(gen, monkeypatch):
+def test_filter_tiny_eps_is_exact(gen, monkeypatch, kernel_config):
     """A tiny eps keeps every class, through the filtered (gathered-classes) path itself: same
     gradients as the dense exact backward."""
     from cutce.triton import backward as tbwd
-    monkeypatch.setattr(configs, "FILTER_DENSE_FRACTION", 1.0)  # gather even if all are kept
+    kernel_config(filter_dense_fraction=1.0)  # gather even if all are kept
     seen = []
     real = tbwd._kept_classes
     monkeypatch.setattr(tbwd, "_kept_classes", lambda *a: seen.append(real(*a)) or seen[-1])
     h, w, t, b, _ = make_inputs(gen, 40, 32, 150, torch.float32, bias=True)
-    h, w, t, b = _to(DEV, h, w, t, b)
+    h, w, t, b = to_dev(DEV, h, w, t, b)
     out = []
     for eps in (None, 1e-30):
         hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
@@ -257,15 +207,15 @@ def test_fp32_matmul_precision_follows_torch():
         assert out.stdout.strip() == want, (setter, out.stdout, out.stderr[-2000:])
 
 
-def test_filter_drops_only_negligible_classes(gen, monkeypatch):
+def test_filter_drops_only_negligible_classes(gen, monkeypatch, kernel_config):
     """Filtering keeps every class with a non-negligible probability (exact dC rows) and drops
     the others whole (zero dC rows) -- the dropped rows' exact values are tiny."""
-    monkeypatch.setattr(configs, "FILTER_DENSE_FRACTION", 1.0)  # gather even if most are kept
+    kernel_config(filter_dense_fraction=1.0)  # gather even if most are kept
     h, w, t, _, _ = make_inputs(gen, 48, 32, 400, torch.float32, logit_std=6.0)
     # Peaked rows whose target is their top class (as in a trained model): the forward's bound
     # is then tight whatever the vocabulary split, so the test doesn't depend on the device.
     t = (h.detach() @ w.detach().T).argmax(1)
-    h, w, t = _to(DEV, h, w, t)
+    h, w, t = to_dev(DEV, h, w, t)
     eps = 1e-3
     grads = []
     for f in (None, eps):
@@ -289,7 +239,7 @@ def test_filter_keeping_most_classes_runs_dense_and_exact(gen, monkeypatch):
     real = tbwd._kept_classes
     monkeypatch.setattr(tbwd, "_kept_classes", lambda *a: seen.append(real(*a)) or seen[-1])
     h, w, t, b, _ = make_inputs(gen, 40, 32, 150, torch.float32, bias=True, logit_std=0.5)
-    h, w, t, b = _to(DEV, h, w, t, b)
+    h, w, t, b = to_dev(DEV, h, w, t, b)
     exact, filt = (_loss_and_grads(h, w, t, b, filter_eps=eps, memory_budget=0) for eps in (None, 1e-3))
     assert seen == [None]
     for a, c in zip(exact, filt):
@@ -298,12 +248,12 @@ def test_filter_keeping_most_classes_runs_dense_and_exact(gen, monkeypatch):
 
 def test_empty_and_ignored(gen):
     h, w, t, b, _ = make_inputs(gen, 0, 16, 50, torch.float32, bias=True)
-    h, w, t, b = _to(DEV, h, w, t, b)
+    h, w, t, b = to_dev(DEV, h, w, t, b)
     loss = cutce.linear_cross_entropy(h, w, t, b, impl="triton")
     assert loss.item() == 0.0
     loss.backward()
     h, w, t, b, _ = make_inputs(gen, 20, 16, 50, torch.float32, bias=True)
-    h, w, t, b = _to(DEV, h, w, t, b)
+    h, w, t, b = to_dev(DEV, h, w, t, b)
     loss = cutce.linear_cross_entropy(h, w, torch.full_like(t, -100), b, impl="triton")
     loss.backward()
     assert loss.item() == 0.0 and w.grad.abs().max().item() == 0.0

@@ -4,14 +4,8 @@ ragged-shape tests, which also run in Triton's interpreter on CPU, are in test_t
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():  # must precede the first import of the kernels
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -20,8 +14,10 @@ from cutce.bench import data as bench_data  # noqa: E402
 from cutce.triton import configs  # noqa: E402
 
 from reference import make_inputs, oracle, rel_err  # noqa: E402
-# poison: the autouse fixture that fills launcher allocations with NaN applies here too
-from test_triton import DEV, _compare, _to, gpu, poison  # noqa: E402, F401
+from triton_cases import compare, to_dev  # noqa: E402
+from triton_support import DEV, gpu  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("poisoned")  # conftest.py: NaN-filled launcher buffers
 
 
 def _zipf(n, d, v, dtype, seed=0):
@@ -53,10 +49,10 @@ def test_gpu_real_shapes_bf16(shape):
 def test_gpu_dtypes_options(dtype, gen):
     h, w, t, b, tw = make_inputs(gen, (4, 509), 2304, 32003, dtype, bias=True, token_weights=True,
                                  ignore_frac=0.1, logit_std=4.0)
-    h, w, t, b, tw = _to("cuda", h, w, t, b, tw)
+    h, w, t, b, tw = to_dev("cuda", h, w, t, b, tw)
     # float32 is IEEE by default (TF32 only if the user enables it for torch): a float32 floor
     # of 2e-5 tells the two apart (TF32's error here is ~1e-3).
-    _compare(h, w, t, b, tw, dict(shift=True, softcap=30.0, label_smoothing=0.1, z_loss=1e-4),
+    compare(h, w, t, b, tw, dict(shift=True, softcap=30.0, label_smoothing=0.1, z_loss=1e-4),
              with_lse=True, floor={torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype])
 
 
@@ -66,7 +62,7 @@ def test_gpu_fp32_tf32_is_the_users_choice(gen, monkeypatch):
     """With torch's float32 matmuls set to TF32 the kernels use TF32 too (larger error), and
     IEEE otherwise: the choice is PyTorch's documented flag, never ours."""
     h, w, t, _, _ = make_inputs(gen, 1024, 2304, 8192, torch.float32, logit_std=4.0)
-    h, w, t = _to("cuda", h, w, t)
+    h, w, t = to_dev("cuda", h, w, t)
     ref = oracle(h.detach().double().cpu(), w.detach().double().cpu(), t.cpu())[0]
     errs = {}
     for tf32 in (False, True):
@@ -156,7 +152,7 @@ def test_gpu_bad_targets_raise_after_queueing(gen, budget):
     """The targets' range check runs after the kernels are queued (no idle GPU during the
     call's Python): it still raises the clear error, for every strategy, and CUDA keeps working."""
     h, w, t, _, _ = make_inputs(gen, 300, 64, 1000, torch.bfloat16)
-    h, w, t = _to(DEV, h, w, t)
+    h, w, t = to_dev(DEV, h, w, t)
     h.requires_grad_()
     w.requires_grad_()
     for bad in (1000, -5):

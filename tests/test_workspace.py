@@ -1,7 +1,8 @@
 """The backward's memory plan at real sizes, without allocating them (meta tensors).
 
-The plan is a contract: peak memory <= gradients + BACKWARD_MEMORY_FRACTION, and a chunk's dz
-kept in dC's unwritten rows must never overlap rows a GEMM has written or will write for it.
+The plan is a contract: peak memory <= gradients + backward_memory_fraction of them, and a
+chunk's dz kept in dC's unwritten rows must never overlap rows a GEMM has written or will write
+for it.
 """
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from cutce.triton import configs, workspace
 
+KC = configs.HOPPER  # the GPU's values
 SHAPES = [(8192, 2304, 256000), (8192, 4096, 128256), (65536, 2304, 256000),
           (16384, 3584, 152064), (3001, 8192, 131071), (1024, 2304, 256000), (300, 64, 1000)]
 
@@ -19,7 +21,7 @@ def gpu_plan(monkeypatch):
 
 
 def _budget(n, v, d, elt=2):
-    return max(configs.BACKWARD_MEMORY_FRACTION * (n + v) * d * elt, 16 * 2**20)
+    return max(KC.backward_memory_fraction * (n + v) * d * elt, 16 * 2**20)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -29,17 +31,17 @@ def test_plan_fits_budget(shape, kept):
     n_cls = max(1, int(kept * v))
     gather = kept < 1
     cn, cv = workspace.chunk_sizes(n, n_cls, v, d, torch.bfloat16, True, True, True, not gather,
-                                   gather, 256)
-    assert 1 <= cn <= n and cv % 256 == 0 and cv >= min(configs.MIN_CHUNK_V, cv)
+                                   gather, 256, KC)
+    assert 1 <= cn <= n and cv % 256 == 0 and cv >= min(KC.min_chunk_v, cv)
     used = cn * (d // 2) * 4 + cn * cv * 2 + gather * cv * 2 * d * 2
     # the budget, or the smallest plan there is (one token block x the narrowest chunk)
-    assert used <= _budget(n, v, d) or (cn <= 128 and cv == configs.MIN_CHUNK_V), (cn, cv, used)
+    assert used <= _budget(n, v, d) or (cn <= 128 and cv == KC.min_chunk_v), (cn, cv, used)
 
 
 @pytest.mark.parametrize("shape", [(8192, 2304, 256000), (8192, 4096, 128256), (300, 64, 1000)])
 def test_one_token_chunk_at_the_bench_shapes(shape):
     n, d, v = shape
-    cn, _ = workspace.chunk_sizes(n, v, v, d, torch.bfloat16, True, True, True, True, False, 256)
+    cn, _ = workspace.chunk_sizes(n, v, v, d, torch.bfloat16, True, True, True, True, False, 256, KC)
     assert cn == n  # no dC accumulation passes, and dz may live in dC's unwritten rows
 
 
@@ -55,8 +57,8 @@ def test_dz_in_unwritten_rows_never_overlaps(shape, monkeypatch):
         return view, start
     monkeypatch.setattr(workspace, "_carve", spy)
     dw = torch.empty((v, d), dtype=torch.bfloat16, device="meta")
-    _, cv = workspace.chunk_sizes(n, v, v, d, torch.bfloat16, True, True, True, True, False, 256)
-    space = workspace.DzWorkspace(n, cv, torch.bfloat16, "meta", dw, 256)
+    _, cv = workspace.chunk_sizes(n, v, v, d, torch.bfloat16, True, True, True, True, False, 256, KC)
+    space = workspace.DzWorkspace(n, cv, torch.bfloat16, "meta", dw, 256, KC)
     row_bytes = d * 2
     c0 = 0
     while c0 < v:
@@ -66,6 +68,6 @@ def test_dz_in_unwritten_rows_never_overlaps(shape, monkeypatch):
         if len(carved) > before:  # this chunk's dz lives in dC's rows past the chunk's own
             start, nbytes = carved[-1]
             assert start >= (c0 + w) * row_bytes and start + nbytes <= v * row_bytes
-            assert w <= configs.MAX_CHUNK_V
+            assert w <= KC.max_chunk_v
         c0 += w
-    assert c0 == v and len(carved) >= v // configs.MAX_CHUNK_V // 2, len(carved)
+    assert c0 == v and len(carved) >= v // KC.max_chunk_v // 2, len(carved)

@@ -18,12 +18,14 @@ tests/test_gpu_compile.py runs both in CI.
 
 --spills also reads each cubin's registers and local-memory spills (cuobjdump, shipped with
 Triton): a tile whose epilogue spills is worth measuring against a smaller one on the GPU.
-The tiles are the ones the library's launch code picks (cutce.triton.configs).
+The tiles are the ones the library picks (cutce.triton.configs: HOPPER on sm_90, PRE_HOPPER on
+sm_80).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -100,11 +102,13 @@ def _install(record):
     JITFunction.run = compile_only
 
 
-def _gpu_choices():
+def _gpu_config():
+    """The target's preset, with the descriptor path forced on Hopper: the inputs here are CPU
+    tensors, for which the preset's tma=None would mean pointer loads."""
     from cutce.triton import configs
-    configs.TMA = ARCH >= 90  # the descriptor path on Hopper, pointers before it
-    configs.num_sms = lambda index: 132
-    configs.capability = lambda device: (ARCH // 10, 0)
+    if ARCH >= 90:
+        return dataclasses.replace(configs.HOPPER, tma=True)
+    return configs.PRE_HOPPER
 
 
 def _inputs(n, d, v, dtype, gen, bias=False):
@@ -135,10 +139,9 @@ def run_all():
                               True, eps, True, True, bias, dc_f32=True)
         coef = torch.ones(4, n, **f32)
         for store in (False, True) if dtype != torch.float16 else ():  # (not fused: see plan)
-            configs.TILE_STORE = store
-            fused.fused_loss(h, w, b, t, coef, 1.0, softcap, 128, dtype != torch.float32, True,
-                             True, bias)
-        configs.TILE_STORE = None
+            with configs.override(loss_tile_store=store):
+                fused.fused_loss(h, w, b, t, coef, 1.0, softcap, 128, dtype != torch.float32,
+                                 True, True, bias)
     rows.row_coefs(t, torch.rand(n), 1000, -100, 0.01, True)
     x = torch.empty(4096)
     fused._cast_scale_kernel[(1,)](x, x.to(torch.bfloat16), x, 4096, HAS_G=True, BLOCK=4096,
@@ -148,20 +151,19 @@ def run_all():
     ht, wt, bt, _ = _inputs(300, 256, 1000, torch.bfloat16, gen)
     for mode, beta in ((distill.FWD_KL, 0.0), (distill.JSD, 0.5), (distill.REV_KL, 1.0)):
         for bulk in (False, True):  # the recompute kernels' pointer and bulk loads
-            configs.DISTILL_RECOMPUTE_TMA = bulk
-            stats, *_ = distill.forward(hs, ws, bs, ht, wt, bt, t, mode, beta, 2.0, 0.0, 0.0,
-                                        True)
-            distill.backward(hs, ws, bs, ht, wt, bt, t, stats, torch.ones(300, **f32), mode,
-                             beta, 2.0, 0.0, 0.0, 0.1, (True, True, True, False, False, False))
-        configs.DISTILL_RECOMPUTE_TMA = None
+            with configs.override(distill_recompute_tma=bulk):
+                stats, *_ = distill.forward(hs, ws, bs, ht, wt, bt, t, mode, beta, 2.0, 0.0,
+                                            0.0, True)
+                distill.backward(hs, ws, bs, ht, wt, bt, t, stats, torch.ones(300, **f32), mode,
+                                 beta, 2.0, 0.0, 0.0, 0.1,
+                                 (True, True, True, False, False, False))
         # with the student's Xs stored too (no CE term: ce_weight 0), bulk and pointer stores
         for store, xs in ((False, False), (True, False), (False, True), (True, True)) \
                 if mode != distill.REV_KL else ():
-            configs.TILE_STORE, configs.DISTILL_STUDENT_X = store, xs
-            distill_fused.fused_total(hs, ws, bs, ht, wt, bt, t, torch.ones(300, **f32), mode,
-                                      beta, 2.0, 0.0, 0.0, 0.0 if xs else 0.1, 128, False, xs,
-                                      True, True, True)
-        configs.TILE_STORE = configs.DISTILL_STUDENT_X = None
+            with configs.override(distill_tile_store=store, distill_student_x=xs):
+                distill_fused.fused_total(hs, ws, bs, ht, wt, bt, t, torch.ones(300, **f32),
+                                          mode, beta, 2.0, 0.0, 0.0, 0.0 if xs else 0.1, 128,
+                                          False, xs, True, True, True)
 
 
 def main():
@@ -175,8 +177,9 @@ def main():
     ARCH = args.arch
     record = []
     _install(record)
-    _gpu_choices()
-    run_all()
+    from cutce.triton import configs
+    with configs.override(_gpu_config()):
+        run_all()
     over = [r for r in record if r["shared"] > SMEM_LIMIT[ARCH]]
     for r in record:
         kernel = r.pop("_compiled")

@@ -102,7 +102,7 @@ def _mm_f32(a, b, out=None):
     return r if out is None else out.copy_(r)
 
 
-def _kept_classes(ub, targets, eps):
+def _kept_classes(ub, targets, eps, dense_fraction):
     """Classes the filtered backward must visit, ascending (bound >= log(eps), or some row's
     target); None when they are most of the vocabulary (the dense path is then faster, and
     exact). One host sync (the count) per backward."""
@@ -112,7 +112,7 @@ def _kept_classes(ub, targets, eps):
     hit[torch.where(valid, targets, v)] = True  # slot v collects the rows with no target
     keep = hit[:v] | (ub >= math.log(eps))
     cls = torch.nonzero(keep).squeeze(1)
-    return None if cls.numel() > configs.FILTER_DENSE_FRACTION * v else cls
+    return None if cls.numel() > dense_fraction * v else cls
 
 
 def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
@@ -130,7 +130,8 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     v = weight.shape[0]
     dt = hidden.dtype
     dev = hidden.device
-    cfg = configs.backward_tile(dt)
+    kc = configs.current(dev)
+    cfg = kc.tile("bwd", dt)
 
     def empty():
         return hidden.new_empty(0)
@@ -138,7 +139,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     cls = None
     n_cls = v
     if ub.numel():  # the forward computed class bounds: filtering was asked for
-        cls = _kept_classes(ub, targets, filter_eps)
+        cls = _kept_classes(ub, targets, filter_eps, kc.filter_dense_fraction)
         n_cls = v if cls is None else cls.numel()
     # Exact: every row of dC is written by its chunk's GEMM (no zero fill needed); filtered: the
     # skipped classes' rows stay zero.
@@ -147,7 +148,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     dw = (torch.empty_like(weight) if cls is None and n > 0 else torch.zeros_like(weight)) \
         if need_w else empty()
     db32 = torch.zeros(v, device=dev, dtype=torch.float32) if need_b else empty()
-    if configs.POISON:  # what the backward leaves unwritten shows up as NaN
+    if kc.poison:  # what the backward leaves unwritten shows up as NaN
         if need_h and not f32:
             dh.fill_(float("nan"))
         if need_w and cls is None and n > 0:
@@ -159,22 +160,22 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     split = workspace.splits_hidden_acc(dh, need_h)
     tail = need_w and cls is None and dw.is_contiguous()  # dC rows written once, in order
     chunk_n, chunk_v = workspace.chunk_sizes(n, n_cls, v, d, dt, need_h, need_w, split, tail,
-                                             cls is not None, cfg.block_v)
+                                             cls is not None, cfg.block_v, kc)
     acc = workspace.HiddenGradAccumulator(dh, chunk_n, split) if need_h and not f32 else None
     # dC's running sum over token chunks: float32 when the budget allows, else dC itself
     dw_sum = dw
     if dc_f32 and need_w and not f32 and chunk_n < n:
         dw_sum = torch.zeros(dw.shape, device=dev, dtype=torch.float32) if cls is not None \
             else torch.empty(dw.shape, device=dev, dtype=torch.float32)
-    ws_dtype = configs.workspace_dtype(dt)  # the GPU's rounding in CPU tests, see configs
+    ws_dtype = configs.workspace_dtype(kc, dt)  # the GPU's rounding in CPU tests, see configs
     space = workspace.DzWorkspace(chunk_n, chunk_v, ws_dtype, dev,
-                                  dw if tail and chunk_n == n else None, cfg.block_v)
-    tma = cls is None and configs.use_tma(hidden, weight)
+                                  dw if tail and chunk_n == n else None, cfg.block_v, kc)
+    tma = cls is None and configs.use_tma(kc, hidden, weight)
     h_desc = tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden
     w_desc = tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight
     # Flattening pipelines descriptor loads across tiles; with pointer loads (gathered classes)
     # it stalled every K step: 30 ms instead of ~1 ms for 7% of Gemma's classes (H200).
-    flat = tma and configs.flatten()
+    flat = tma and kc.flatten
     for n0 in range(0, n, chunk_n):
         n1 = min(n0 + chunk_n, n)
         parts = acc.parts(n0, n1) if acc is not None else [(dh[n0:n1], 0, d)]
@@ -183,7 +184,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
             dz, width = space.next(c0, n_cls, n1 - n0)
             c1 = c0 + width
             tiles = triton.cdiv(n1 - n0, cfg.block_n) * triton.cdiv(width, cfg.block_v)
-            _dz_kernel[(configs.persistent_programs(tiles, dev),)](
+            _dz_kernel[(configs.persistent_programs(tiles, dev, kc.dz_programs_per_sm),)](
                 hidden, weight, h_desc, w_desc, bias if bias is not None else hidden,
                 cls if cls is not None else targets, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
                 class_weight if class_weight is not None else lse, dz, n0, n1, c0, c1, d, hidden.stride(0), weight.stride(0), dz.stride(0),

@@ -1,12 +1,23 @@
-"""Block sizes per device and dtype, and the knobs the launchers share.
+"""Every tuning value of the Triton kernels, as data: :class:`KernelConfig`, its presets per
+device, and the one way to change them for an experiment (:func:`override`).
 
 The interpreter (TRITON_INTERPRET=1) runs one program after another on the CPU, ~20-30 ms per
 loop iteration whatever the block size, and cannot autotune: small fixed blocks keep the CPU tests
 to seconds. On the GPU the tiles feed Hopper's tensor cores (128-wide, BLOCK_K 64).
+
+Launchers read the values through :func:`current` (one preset per device, cached); nothing here
+reads the environment except Triton's own TRITON_INTERPRET. To try other values::
+
+    from cutce.triton import configs
+    with configs.override(tma=False, fwd_tile=configs.TileConfig(128, 128, 64)):
+        loss = cutce.linear_cross_entropy(h, w, t, impl="triton")
+        loss.backward()
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import os
@@ -30,32 +41,169 @@ class TileConfig:
 INTERPRETER_TILE = TileConfig(16, 32, 16, num_warps=1, num_stages=1)
 
 
-def _env_tile(name):
-    """A tile from e.g. CUTCE_FWD_TILE="128,256,64,8,3" (for tuning runs only)."""
-    spec = os.environ.get(name)
-    return TileConfig(*map(int, spec.split(","))) if spec else None
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """The kernels' tuning values. ``*_tile`` serve 16-bit inputs, ``*_tile_f32`` float32 ones."""
+
+    # the loss's forward (recompute and fused strategies); measured on the H200 at the Gemma
+    # shape (docs/perf-notes.md): 128x256x64 beat 128x128
+    fwd_tile: TileConfig = TileConfig(128, 256, 64, num_warps=8, num_stages=3)
+    fwd_tile_f32: TileConfig = TileConfig(128, 64, 32, num_warps=8, num_stages=3)
+    # the loss's backward (dz kernel); None = the forward's tile
+    bwd_tile: TileConfig | None = None
+    bwd_tile_f32: TileConfig | None = None
+    # distillation's recompute kernels: two float32 tiles live at once (student's and teacher's),
+    # half the loss's width. 4 stages: 68.3 vs 74.1 ms (H200, Qwen 7B -> 0.5B pair, forward KL,
+    # budget 0); 5 would not fit an A100's shared memory
+    distill_tile: TileConfig = TileConfig(128, 128, 64, 8, 4)
+    distill_tile_f32: TileConfig = TileConfig(64, 64, 32, 4, 3)
+    # distillation's fused kernels (statistics and dz): the recompute tile (on the H200 at the
+    # Qwen pair also the fused kernels' best of 64x128, 128x256, 256x128, BLOCK_K 32 or 128 and
+    # 4 warps); Hopper takes 5 stages (see HOPPER)
+    distill_fused_tile: TileConfig = TileConfig(128, 128, 64, 8, 4)
+    distill_fused_tile_f32: TileConfig = TileConfig(64, 64, 32, 4, 3)
+    # (rows per program, warps) of the fused distillation's elementwise dz passes: memory-bound,
+    # so small tiles and many programs
+    dz_ew_tile: tuple[int, int] = (16, 4)
+    # (BLOCK_N, BLOCK_K, warps) of the target-logit gather kernel, (BLOCK_R, BLOCK_C, warps) of
+    # the fused strategy's row scaling, BLOCK of the row-coefficient kernel
+    target_tile: tuple[int, int, int] = (32, 128, 4)
+    row_scale_tile: tuple[int, int, int] = (16, 256, 4)
+    rows_block: int = 1024
+    # Tensor-memory-accelerator (descriptor) loads: None = wherever they can run (use_tma),
+    # False = pointer loads, True = wherever the operands' layout allows them
+    tma: bool | None = None
+    # Let the compiler flatten the tile loop with its K loop into one software pipeline, so the
+    # next tile's loads are in flight during a tile's softmax epilogue (descriptor loads only)
+    flatten: bool = True
+    # Write a 2-D tile of the fused strategies' X (or distillation's X / dz) by a bulk (TMA)
+    # store instead of a tile of 64-bit addresses, which spills ~2-4 KB of registers per thread
+    # on sm_90. Measured on the H200: distillation's JSD 72.0 -> 53.8 ms and forward KL 35.5 ->
+    # 34.9 ms with it; the loss's fused logit kernel within noise (Gemma 45.9 -> 45.3 ms, V=32k
+    # 19.7 -> 20.2 ms), so it stays off there
+    loss_tile_store: bool = False
+    distill_tile_store: bool = True
+    # Fused distillation without the student's recompute: the statistics kernel also writes the
+    # student's Xs = exp(z_s/T - its tile max) in 16 bits and the dz passes become elementwise
+    # (triton/distill_dz.py). One more chunk x V buffer, within the budget; calls with a CE term
+    # or a student softcap keep the product. H200, Qwen 7B -> 0.5B pair: JSD 45.8 -> 37.3 ms,
+    # forward KL 35.2 -> 31.8 ms at budget 6; at budget 3 faster (40.3 / 35.1 ms) and smaller
+    # (1079 vs 1314 MiB) than budget 4 without
+    distill_student_x: bool = True
+    # The distillation's recompute kernels by bulk loads where tma allows them. H200, Qwen pair,
+    # budget 0: forward KL 68.1 -> 61.5 ms, JSD 99.4 -> 90.2, reverse KL 68.5 -> 61.8
+    distill_recompute_tma: bool = True
+    # Programs per SM of the dz kernels' persistent launch, 0 = one program per tile (the
+    # distillation's fused dz: persistence not yet measured on the GPU, see docs/distillation.md)
+    dz_programs_per_sm: int = 1
+    distill_dz_programs_per_sm: int = 0
+    # Vocabulary splits per token block and token blocks per program group of the forward:
+    # None = the computed rules (vocab_splits, group_rows); group_rows 0 = one group of all
+    vocab_splits: int | None = None
+    group_rows: int | None = None
+    # Extra memory the loss's backward may use beyond the gradients, as a fraction of them
+    backward_memory_fraction: float = 0.08
+    # Filtering keeps going only while it skips enough: past this fraction of kept classes the
+    # backward visits all of them densely (faster than gathering them, and exact)
+    filter_dense_fraction: float = 0.5
+    # The loss backward's vocabulary chunks: never narrower than min_chunk_v (GEMM efficiency),
+    # at most max_chunk_v when dz lives in dC's not-yet-written rows (wider chunks mean fewer
+    # passes over the float32 dE accumulator); the distillation backward's narrowest chunk
+    min_chunk_v: int = 1024
+    max_chunk_v: int = 8192
+    distill_min_chunk_v: int = 512
+    # Test aids: tokens per chunk of the fused distillation (None = its plan's); fill every
+    # launcher allocation with NaN so that unwritten memory shows up; keep 16-bit workspaces in
+    # float32 in the interpreter, which truncates float32 -> 16-bit stores instead of rounding
+    # to nearest as the GPU does (off: walk the 16-bit-only code paths, at a truncation's error)
+    distill_chunk: int | None = None
+    poison: bool = False
+    interpreter_f32_workspace: bool = True
+
+    def tile(self, kernel: str, dtype: torch.dtype) -> TileConfig:
+        """The tile of `kernel` ("fwd", "bwd", "distill", "distill_fused") for inputs of dtype."""
+        suffix = "_f32" if dtype == torch.float32 else ""
+        t = getattr(self, f"{kernel}_tile{suffix}")
+        return t if t is not None else getattr(self, f"fwd_tile{suffix}")
 
 
-def forward_tile(dtype: torch.dtype) -> TileConfig:
+# Hopper and newer (sm_90+), measured on the H200. 5 stages for the fused distillation: 32.5 vs
+# 33.7 ms JSD, 31.1 vs 31.6-32.1 ms forward KL against 4 (3: 38.6 / 36.3); with bulk stores they
+# take 229 KB of shared memory in the dz kernel (the limit is 227 KiB: 6 do not fit)
+HOPPER = KernelConfig(distill_fused_tile=TileConfig(128, 128, 64, 8, 5))
+# CUDA GPUs before Hopper (e.g. A100): no descriptor loads, 4 stages fit its 163 KiB
+PRE_HOPPER = KernelConfig(tma=False)
+# Triton's interpreter on the CPU: small blocks (its time goes per loop iteration), the fused
+# distillation's a little wider
+INTERPRETER = KernelConfig(
+    fwd_tile=INTERPRETER_TILE, fwd_tile_f32=INTERPRETER_TILE,
+    distill_tile=INTERPRETER_TILE, distill_tile_f32=INTERPRETER_TILE,
+    distill_fused_tile=TileConfig(32, 64, 32, 1, 1),
+    distill_fused_tile_f32=TileConfig(32, 64, 32, 1, 1),
+    dz_ew_tile=(32, 4), target_tile=(16, 16, 1), row_scale_tile=(16, 32, 1), rows_block=64)
+
+# torch versions that stash the backward caller's context also remove it after the backward
+_STASHED_CONTEXT = hasattr(torch._C, "_remove_obj_from_tls") and hasattr(torch._C, "_is_key_in_tls")
+_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("cutce_kernel_config", default=None)
+
+
+def preset(device: torch.device | str | None) -> KernelConfig:
+    """The preset for tensors on `device`: INTERPRETER while Triton interprets, HOPPER on
+    sm_90+, else PRE_HOPPER."""
     if interpreting():
-        return INTERPRETER_TILE
-    if _env_tile("CUTCE_FWD_TILE"):
-        return _env_tile("CUTCE_FWD_TILE")
-    if dtype == torch.float32:
-        return TileConfig(128, 64, 32, num_warps=8, num_stages=3)
-    # Measured on the H200 at the Gemma shape (docs/perf-notes.md): 128x256x64 beat 128x128.
-    return TileConfig(128, 256, 64, num_warps=8, num_stages=3)
+        return INTERPRETER
+    device = torch.device(device if device is not None else "cpu")
+    if device.type != "cuda":
+        return PRE_HOPPER
+    return HOPPER if capability(device)[0] >= 9 else PRE_HOPPER
 
 
-def backward_tile(dtype: torch.dtype) -> TileConfig:
-    if not interpreting() and _env_tile("CUTCE_BWD_TILE"):
-        return _env_tile("CUTCE_BWD_TILE")
-    return forward_tile(dtype)
+def current(device: torch.device | str | None) -> KernelConfig:
+    """The configuration launches on `device` use: its preset, changed by any active override."""
+    change = _active_override()
+    base = preset(device)
+    return base if change is None else change(base)
+
+
+def _active_override():
+    change = _OVERRIDE.get()
+    if change is None and _STASHED_CONTEXT and torch._C._is_key_in_tls("context"):
+        # CUDA backward runs on autograd's device threads, which do not enter the caller's
+        # context: the engine stashes a copy of it for them, read here
+        ctx = torch._C._get_obj_in_tls("context")
+        if isinstance(ctx, contextvars.Context):
+            change = ctx.get(_OVERRIDE)
+    return change
+
+
+@contextlib.contextmanager
+def override(base: KernelConfig | None = None, /, **changes):
+    """Within the block, launches use `base` (default: the device's preset) with `changes`
+    (:class:`KernelConfig` field names: an unknown name raises TypeError). Scoped to the
+    current thread or task (a ContextVar); nested overrides apply in order."""
+    dataclasses.replace(base or HOPPER, **changes)  # reject unknown field names now
+    outer = _OVERRIDE.get()
+
+    def change(cfg: KernelConfig) -> KernelConfig:
+        if base is not None:
+            cfg = base
+        elif outer is not None:
+            cfg = outer(cfg)
+        return dataclasses.replace(cfg, **changes)
+    token = _OVERRIDE.set(change)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def vocab_splits(n_row_blocks: int, n_tiles: int, device: torch.device, group: int = 1) -> int:
@@ -68,10 +216,10 @@ def vocab_splits(n_row_blocks: int, n_tiles: int, device: torch.device, group: i
     """
     if device.type != "cuda":
         return 1 if n_row_blocks > 1 else min(2, n_tiles)  # exercise both paths on CPU
-    if os.environ.get("CUTCE_VOCAB_SPLITS"):  # tuning runs only
-        return max(1, min(n_tiles, int(os.environ["CUTCE_VOCAB_SPLITS"])))
-    sms = num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return _best_splits(n_row_blocks, n_tiles, sms, group)
+    forced = current(device).vocab_splits
+    if forced is not None:
+        return max(1, min(n_tiles, forced))
+    return _best_splits(n_row_blocks, n_tiles, num_sms(_index(device)), group)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -93,8 +241,9 @@ def group_rows(block_bytes: int, device: torch.device) -> int:
     L2 (at 65536 tokens, 512 distinct 0.6 MB blocks thrashed L2: forward 1.28x vs 1.07x)."""
     if device.type != "cuda":
         return 2  # exercise full and partial groups in the tests
-    if os.environ.get("CUTCE_GROUP_ROWS"):  # tuning runs; 0 = one group of all token blocks
-        return int(os.environ["CUTCE_GROUP_ROWS"]) or 1 << 30
+    forced = current(device).group_rows
+    if forced is not None:
+        return forced or 1 << 30
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     return max(1, l2 // 3 // block_bytes)
 
@@ -122,106 +271,32 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-# Tests set this to fill every launcher allocation with NaN, so unwritten memory shows up.
-POISON = False
-# The interpreter truncates float32 -> 16-bit stores instead of rounding to nearest as the GPU
-# does: workspaces of 16-bit values are kept in float32 there (tests may turn this off to walk
-# the 16-bit-only code paths, at a truncation's error).
-INTERPRETER_F32_WORKSPACE = True
+def workspace_dtype(cfg: KernelConfig, dtype: torch.dtype) -> torch.dtype:
+    """16-bit workspaces in float32 in the interpreter (cfg.interpreter_f32_workspace)."""
+    return torch.float32 if interpreting() and cfg.interpreter_f32_workspace else dtype
 
 
-def workspace_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if interpreting() and INTERPRETER_F32_WORKSPACE else dtype
-
-# Tensor-memory-accelerator loads: None = wherever they can run (see use_tma); tests and tuning
-# force True/False (env CUTCE_TMA=0/1 for tuning runs).
-TMA = None
-# Let the compiler flatten the tile loop with its K loop into one software pipeline, so the next
-# tile's loads are in flight during a tile's softmax epilogue (env CUTCE_FLATTEN=0/1 for tuning).
-FLATTEN = True
-# Compute each row's target logit inside the forward's epilogue (True) or by a separate small
-# gather kernel (False: one compare-select-reduce less per tile element).
-ZT_IN_KERNEL = False
-
-
-# Write a tile of the fused strategy's X (or distillation's X / dz) by a bulk (TMA) store instead
-# of a tile of 64-bit addresses: on sm_90 the address tile spills ~2-4 KB of registers per thread
-# (scripts/gpu_compile.py --spills). Measured on the H200 (`gpu_session.sh tune`, 2026-11-29):
-# distillation's JSD 72.0 -> 53.8 ms and forward KL 35.5 -> 34.9 ms with it; the loss's fused
-# logit kernel within noise (Gemma 45.9 -> 45.3 ms, V=32k 19.7 -> 20.2 ms), so it stays off there.
-# None = these per-kernel defaults; env CUTCE_TILE_STORE=0/1 overrides both (tuning); tests force
-# True/False to cover both paths.
-TILE_STORE = None
-TILE_STORE_DEFAULT = {"loss": False, "distill": True}
-
-
-def tile_store(kernel: str) -> bool:
-    """Whether `kernel` ("loss" or "distill") writes its 2-D tiles by bulk stores."""
-    if TILE_STORE is not None:
-        return TILE_STORE
-    env = os.environ.get("CUTCE_TILE_STORE")
-    return env == "1" if env else TILE_STORE_DEFAULT[kernel]
-
-
-# Fused distillation without the student's recompute: the statistics kernel also writes the
-# student's Xs = exp(z_s/T - its tile max) in 16 bits, and the dz passes become elementwise
-# (triton/distill_dz.py) instead of a second student product each. Costs one more chunk x V
-# buffer, within the budget (the plan then picks smaller chunks); calls with a CE term or a
-# student softcap keep the product. Measured on the H200 at the Qwen 7B -> 0.5B pair (eighth
-# session, docs/benchmarks.md): JSD 45.8 -> 37.3 ms, forward KL 35.2 -> 31.8 ms at budget 6;
-# at budget 3 faster (40.3 / 35.1 ms) and smaller (1079 vs 1314 MiB) than budget 4 without.
-# Env CUTCE_DISTILL_STUDENT_X=0 turns it off (A/Bs).
-DISTILL_STUDENT_X = None
-
-
-def distill_student_x() -> bool:
-    if DISTILL_STUDENT_X is not None:
-        return DISTILL_STUDENT_X
-    return os.environ.get("CUTCE_DISTILL_STUDENT_X", "1") != "0"
-
-
-# The distillation's recompute kernels (memory_budget=0, reduction "none", the reverse KL, a
-# teacher that needs gradients) by bulk (TMA) loads on Hopper, as the fused ones and the loss's
-# forward. Measured on the H200 at the Qwen 7B -> 0.5B pair, budget 0 (ninth session,
-# docs/perf-notes.md v9): forward KL 68.1 -> 61.5 ms, JSD 99.4 -> 90.2, reverse KL 68.5 -> 61.8.
-# On by default; env CUTCE_DISTILL_RECOMPUTE_TMA=0 turns it off (pointer loads, as on an A100).
-DISTILL_RECOMPUTE_TMA = None
-
-
-def distill_recompute_tma() -> bool:
-    if DISTILL_RECOMPUTE_TMA is not None:
-        return DISTILL_RECOMPUTE_TMA
-    return os.environ.get("CUTCE_DISTILL_RECOMPUTE_TMA", "1") != "0"
-
-
-def zt_in_kernel() -> bool:
-    env = os.environ.get("CUTCE_ZT_IN_KERNEL")
-    return env == "1" if env else ZT_IN_KERNEL
-
-
-def use_tma(*tensors) -> bool:
-    """Whether the kernels may load these 2-D tensors through tensor descriptors: Hopper or newer
-    (or the interpreter), unit inner stride, 16-byte aligned base and row stride, no empty
-    dimension (a descriptor's shape must be positive: an empty call, e.g. shift=True on
-    one-token sequences, takes the pointer path, whose launchers skip empty grids)."""
-    forced = TMA
-    if forced is None and os.environ.get("CUTCE_TMA"):
-        forced = os.environ["CUTCE_TMA"] == "1"
-    if forced is False:
+def use_tma(cfg: KernelConfig, *tensors) -> bool:
+    """Whether the kernels may load these 2-D tensors through tensor descriptors (cfg.tma; None:
+    Hopper or newer, or the interpreter): unit inner stride, 16-byte aligned base and row
+    stride, no empty dimension (a descriptor's shape must be positive: an empty call, e.g.
+    shift=True on one-token sequences, takes the pointer path, whose launchers skip empty
+    grids)."""
+    if cfg.tma is False:
         return False
     for t in tensors:
         if t.dim() != 2 or t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16 \
                 or (t.stride(0) * t.element_size()) % 16:
             return False
-    if forced or interpreting():
+    if cfg.tma or interpreting():
         return True
     t = tensors[0]
-    return t.is_cuda and _capability(t.device.index)[0] >= 9
+    return t.is_cuda and capability(t.device)[0] >= 9
 
 
 def capability(device: torch.device) -> tuple[int, int]:
     """(major, minor) compute capability of a CUDA device (cached)."""
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _capability(_index(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,34 +305,11 @@ def _capability(device_index):
     return torch.cuda.get_device_capability(device_index)
 
 
-def flatten() -> bool:
-    env = os.environ.get("CUTCE_FLATTEN")
-    return env == "1" if env else FLATTEN
-
-
-def persistent_programs(n_tiles: int, device: torch.device, env: str = "CUTCE_DZ_PROGRAMS_PER_SM",
-                        per_sm: int | None = None) -> int:
-    """Programs of a dz kernel's persistent launch: ``per_sm`` (default PROGRAMS_PER_SM; the
-    environment variable ``env`` overrides it) per SM, 0 = one program per tile (no
-    persistence); on the CPU a few, so that the tests walk the tile loop."""
+def persistent_programs(n_tiles: int, device: torch.device, per_sm: int) -> int:
+    """Programs of a dz kernel's persistent launch: ``per_sm`` per SM, 0 = one program per tile
+    (no persistence); on the CPU a few, so that the tests walk the tile loop."""
     if device.type != "cuda":
         return max(1, min(n_tiles, 3))
-    per_sm = int(os.environ.get(env, PROGRAMS_PER_SM if per_sm is None else per_sm))
     if per_sm <= 0:
         return n_tiles
-    sms = num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(n_tiles, per_sm * sms))
-
-
-PROGRAMS_PER_SM = 1
-
-# Extra memory the backward may use beyond the gradients themselves, as a fraction of them.
-BACKWARD_MEMORY_FRACTION = 0.08
-# Filtering keeps going only while it skips enough: past this fraction of kept classes the
-# backward visits all of them densely (faster than gathering them, and exact).
-FILTER_DENSE_FRACTION = 0.5
-# Never use vocabulary chunks narrower than this (GEMM efficiency), whatever the budget says.
-MIN_CHUNK_V = 1024
-# Widest vocabulary chunk when the chunk's dz can live in the not-yet-written rows of dC (wider
-# chunks mean fewer passes over the float32 dE accumulator).
-MAX_CHUNK_V = int(os.environ.get("CUTCE_MAX_CHUNK_V", "8192"))
+    return max(1, min(n_tiles, per_sm * num_sms(_index(device))))

@@ -19,14 +19,12 @@ fused one, :mod:`.distill_fused`, does not cover).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import configs
-from .configs import TileConfig as Tile
 from .backward import HiddenGrad, _mm_f32
 from .common import head_tile, tma_descriptor
 
@@ -208,25 +206,10 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_desc,
 
 # ---- launchers ------------------------------------------------------------------------------
 
-def tile(dtype: torch.dtype) -> Tile:
-    """Two float32 tiles live at once (student's and teacher's): half forward.py's width.
-    CUTCE_DISTILL_TILE="128,128,64,8,3" overrides it (tuning runs on the GPU)."""
-    if configs.interpreting():
-        return Tile(16, 32, 16, 1, 1)
-    if os.environ.get("CUTCE_DISTILL_TILE"):
-        return Tile(*map(int, os.environ["CUTCE_DISTILL_TILE"].split(",")))
-    if dtype == torch.float32:
-        return Tile(64, 64, 32, 4, 3)
-    # 4 stages: 68.3 vs 74.1 ms (H200, Qwen 7B -> 0.5B pair, forward KL, budget 0); 5 would
-    # not fit an A100's shared memory
-    return Tile(128, 128, 64, 8, 4)
-
-
 # The backward's memory beyond the student's gradients, as a fraction of them: dE's float32
 # half (HiddenGrad) and the N x chunk_v workspace share it (Qwen 7B -> 0.5B pair: 14 MiB +
 # 640 classes' 10 MiB = 8.9%; 5% + 1024 classes measured 12.8% on the H200).
 EXTRA_FRACTION = 0.09
-MIN_CHUNK_V = 512
 
 
 def descriptors(t, tma, hs, ws, ht, wt):
@@ -238,9 +221,10 @@ def descriptors(t, tma, hs, ws, ht, wt):
 
 def _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t):
     """(tile, the kernels' flags, the four descriptors): bulk (TMA) loads where the heads allow
-    them and configs.DISTILL_RECOMPUTE_TMA allows them (Hopper; on by default)."""
-    t = tile(hs.dtype)
-    tma = configs.distill_recompute_tma() and configs.use_tma(hs, ws, ht, wt)
+    them and KernelConfig.distill_recompute_tma allows them (Hopper; on by default)."""
+    kc = configs.current(hs.device)
+    t = kc.tile("distill", hs.dtype)
+    tma = kc.distill_recompute_tma and configs.use_tma(kc, hs, ws, ht, wt)
     return t, dict(HAS_BS=bs is not None, HAS_BT=bt is not None, CAP_S=cap_s > 0,
                    CAP_T=cap_t > 0, BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
                    UPCAST=configs.interpreting(), PRECISION=configs.dot_precision(hs.dtype),
@@ -252,7 +236,7 @@ def _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t):
 def _splits(n_row_blocks, n_tiles, device):
     """Vocabulary splits per token block: about one program per SM at a time (two float32
     tiles each), so the time goes as waves x tiles per program: the loss's rule
-    (:func:`configs.vocab_splits`, cached; CUTCE_VOCAB_SPLITS overrides both in tuning runs)
+    (:func:`configs.vocab_splits`, cached; KernelConfig.vocab_splits overrides both)
     without its minimum split count (one group of all token blocks)."""
     return configs.vocab_splits(n_row_blocks, n_tiles, device, group=n_row_blocks)
 
@@ -339,7 +323,8 @@ def backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode, beta, tempera
         budget -= 8 * n * 4  # the forward's statistics and the rows' upstream gradients
         cv = int(budget // (n * torch.finfo(ws_dtype).bits // 8 * (2 if need_t else 1)))
         cv = cv // t.block_v * t.block_v  # rounded down: the budget is a ceiling
-        cv = min(v, max(MIN_CHUNK_V if not configs.interpreting() else t.block_v, cv))
+        min_cv = configs.current(hs.device).distill_min_chunk_v
+        cv = min(v, max(min_cv if not configs.interpreting() else t.block_v, cv))
         dzs = torch.empty((n, cv), device=hs.device, dtype=ws_dtype)
         dzt = torch.empty((n, cv), device=hs.device, dtype=ws_dtype) if need_t else dzs
         log_b = math.log(beta) if 0.0 < beta < 1.0 else 0.0

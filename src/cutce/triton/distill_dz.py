@@ -2,16 +2,14 @@
 
 :func:`_dz_kernel` recomputes the student's logit tile, one product per pass. With the student's
 Xs = exp(z_s/T - ms) stored beside the teacher's X = exp(z_t/T - mt) by the statistics kernel
-(the default: :data:`cutce.triton.configs.DISTILL_STUDENT_X`; 16-bit, ms/mt each row's max over
-its vocabulary tile, float32 rows x tiles tables), :func:`_dz_ew_kernel` needs no product:
-q = Xs exp(ms - lse_s) and p = X exp(mt - lse_t), and each pass is one read of the two chunk x V
-buffers (and a write of dz over X). The formulas are the same; calls with a CE term or a student
+(the default: KernelConfig.distill_student_x; 16-bit, ms/mt each row's max over its vocabulary
+tile, float32 rows x tiles tables), :func:`_dz_ew_kernel` needs no product: q = Xs exp(ms -
+lse_s) and p = X exp(mt - lse_t), and each pass is one read of the two chunk x V buffers (and a
+write of dz over X). The formulas are the same; calls with a CE term or a student
 softcap keep the product form.
 """
 
 from __future__ import annotations
-
-import os
 
 import triton
 import triton.language as tl
@@ -51,7 +49,7 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, t
         lse_t = tl.load(st_ptr + rc + r_loc, mask=rmask, other=0.0)[:, None]
         c = tl.load(st_ptr + 3 * rc + r_loc, mask=rmask, other=0.0)[:, None]
         omask = rmask[:, None] & cmask[None, :]
-        if TILE_STORE:  # bulk load and store (configs.TILE_STORE): no tile of addresses
+        if TILE_STORE:  # bulk load and store (KernelConfig.distill_tile_store): no tile of addresses
             x = x_desc.load([rb * BLOCK_N, vt * BLOCK_V]).to(tl.float32)
         else:
             xp = x_ptr + r_loc[:, None] * stride_x + cols[None, :]
@@ -148,17 +146,8 @@ def dz_pass(x, xs, tbl, tbls, st, out, v, block_v, inv_temp, beta, mode, pass_):
     maxima, st (5, R) float32 per-row values; pass 1 (the JSD's) writes out (2, R, tiles)
     float32 with sum p (log q - log m) and sum q (log q - log m) per (row, tile)."""
     r = x.shape[0]
-    block_r, warps = ew_tile()
+    block_r, warps = configs.current(x.device).dz_ew_tile
     _dz_ew_kernel[(triton.cdiv(r, block_r), triton.cdiv(v, block_v))](
         x, xs, tbl, tbls, st, out, r, v, x.stride(0), tbl.stride(0), inv_temp, beta, MODE=mode,
         PASS=pass_, BLOCK_R=block_r, BLOCK_V=block_v, FAST_LOG=not configs.interpreting(),
         num_warps=warps)
-
-
-def ew_tile():
-    """(rows per program, warps) of the elementwise passes: memory-bound, so small tiles and
-    many programs; CUTCE_DZ_EW_TILE="rows,warps" overrides it (tuning runs)."""
-    if configs.interpreting():
-        return 32, 4
-    spec = os.environ.get("CUTCE_DZ_EW_TILE")
-    return tuple(map(int, spec.split(","))) if spec else (16, 4)

@@ -8,7 +8,7 @@ so (as the loss's fused strategy, :mod:`cutce.plan`) each chunk of tokens is fin
    KL(p||q)), and stores the teacher's X_ij = exp(z_t,ij - mt_i,tile) in 16 bits, where mt is
    the row's max over the tile (kept in a float32 rows x tiles table): X <= 1 never overflows,
    and once lse_t is known p_ij = X_ij exp(mt_i,tile - lse_t,i), exact up to X's 16-bit
-   rounding. With configs.DISTILL_STUDENT_X it stores the student's Xs the same way.
+   rounding. With KernelConfig.distill_student_x it stores the student's Xs the same way.
 2. The splits' statistics are combined per row (lse_s, lse_t, lse_1, the divergence).
 3. The dz passes (:mod:`cutce.triton.distill_dz`) write dz_s = c_i ((1 - w)/T (q - p) +
    w (softmax(z_s) - onehot)) (times the softcap's derivative) over X, in X's bytes, from a
@@ -33,9 +33,6 @@ float32 chunk result (chunk x Ds x 4); Xs and its table too when stored.
 
 from __future__ import annotations
 
-import dataclasses
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -43,23 +40,20 @@ import triton.language as tl
 from . import configs, distill_dz
 from .backward import _accumulate_f32, _mm_f32
 from .common import head_tile, tma_descriptor
-from .distill import (FWD_KL, Tile, _combine, _online, _splits, descriptors, init_online,
+from .distill import (FWD_KL, _combine, _online, _splits, descriptors, init_online,
                       store_online)
-from .distill import tile as _recompute_tile
 from .fused import copy_cast_
 
 # Fewer tokens per chunk than this and the recompute kernels are the better use of the memory
 # (each chunk costs a V x Ds x 8-byte pass over dC's float32 accumulator and small GEMMs).
 MIN_CHUNK = 256
-# Tests force a chunk (several chunks at tiny shapes); None = the plan's.
-FORCE_CHUNK = None
 
 
 @triton.jit
 def _store_tile(x_ptr, x_desc, x, rb, vt, r_loc, cols, rmask, cmask, stride_x,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, TILE_STORE: tl.constexpr):
     """A (BLOCK_N, BLOCK_V) tile into a chunk x V buffer, rows r_loc, columns cols."""
-    if TILE_STORE:  # bulk store (configs.TILE_STORE): clips the ragged edges itself
+    if TILE_STORE:  # bulk store (KernelConfig.distill_tile_store): clips the ragged edges itself
         x_desc.store([rb * BLOCK_N, vt * BLOCK_V], x.to(x_desc.dtype))
     else:
         omask = rmask[:, None] & cmask[None, :]
@@ -117,7 +111,7 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
                           CAP_T, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_KT, USE_TMA)
         zs_m = tl.where(cmask[None, :], zs, ninf)
         zt_m = tl.where(cmask[None, :], zt, ninf)
-        if STORE_S:  # the student's Xs too, as the teacher's X below (configs.DISTILL_STUDENT_X)
+        if STORE_S:  # the student's Xs too, as the teacher's X below (distill_student_x)
             m_s, s_s, xs, ms, _, _ = _x_online(m_s, s_s, zs_m)
             _store_tile(xs_ptr, xs_desc, xs, rb, vt, r_loc, cols, rmask, cmask, stride_x,
                         BLOCK_N, BLOCK_V, TILE_STORE)
@@ -143,26 +137,6 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
 
 
 # ---- plan ------------------------------------------------------------------------------------
-
-def tile(dtype: torch.dtype, device: torch.device) -> Tile:
-    """The recompute kernels' tile (128x128x64, 8 warps for 16-bit inputs; on the H200 at the
-    Qwen 7B -> 0.5B pair also the fused kernels' best: 64x128, 128x256, 256x128, BLOCK_K 32 or
-    128 and 4 warps were slower, docs/bench/tune_distill_v7.log) with 5 pipeline stages on
-    Hopper: 32.5 vs 33.7 ms JSD, 31.1 vs 31.6-32.1 ms forward KL against 4 (3: 38.6 / 36.3;
-    eighth session). 5 stages with bulk stores take 229 KB of shared memory in the dz kernel
-    (Hopper's limit 227 KiB, 6 stages do not fit; an A100's 163 KiB takes 4).
-    Wider in the interpreter (its time goes per loop iteration);
-    CUTCE_DISTILL_FUSED_TILE="128,128,64,8,4" overrides it on the GPU (tuning runs)."""
-    if configs.interpreting():
-        return Tile(32, 64, 32, 1, 1)
-    spec = os.environ.get("CUTCE_DISTILL_FUSED_TILE")
-    if spec:
-        return Tile(*map(int, spec.split(",")))
-    t = _recompute_tile(dtype)
-    if dtype != torch.float32 and configs.capability(device)[0] >= 9:
-        t = dataclasses.replace(t, num_stages=5)
-    return t
-
 
 def _elt(dtype):
     return torch.finfo(dtype).bits // 8
@@ -190,21 +164,25 @@ def gradient_bytes(n, v, ds, dtype, need_h, need_w):
     return (need_h * n + need_w * v) * ds * _elt(dtype)
 
 
-def stores_student_x(ce_weight: float, cap_s: float) -> bool:
+def stores_student_x(ce_weight: float, cap_s: float, device=None) -> bool:
     """Whether a fused call stores the student's Xs for elementwise dz passes
-    (configs.DISTILL_STUDENT_X; calls with a CE term or a student softcap recompute instead)."""
-    return configs.distill_student_x() and ce_weight <= 0 and cap_s == 0
+    (KernelConfig.distill_student_x; calls with a CE term or a student softcap recompute
+    instead). Every preset stores them: the device only matters under an override."""
+    return configs.current(device).distill_student_x and ce_weight <= 0 and cap_s == 0
 
 
-def plan(n, v, ds, dtype, need_h, need_w, memory_budget, xs=False):
+def plan(n, v, ds, dtype, need_h, need_w, memory_budget, xs=False, device=None):
     """(chunk, x_in_dc, xs) for the fused strategy, or None (recompute): the fewest token chunks
     whose :func:`extra_bytes` fit in memory_budget x the gradients' bytes; chunks of equal,
     128-multiple sizes (GEMM tiles) unless only the exact size fits. xs: the call would store
-    the student's Xs too (:func:`stores_student_x`); it does when a chunk fits with them."""
+    the student's Xs too (:func:`stores_student_x`); it does when a chunk fits with them.
+    KernelConfig.distill_chunk forces a chunk (no preset does: device only matters under an
+    override)."""
     if memory_budget <= 0 or n == 0:
         return None
-    if FORCE_CHUNK is not None:
-        c = min(FORCE_CHUNK, n)
+    forced = configs.current(device).distill_chunk
+    if forced is not None:
+        c = min(forced, n)
     else:
         c = _chunk(n, v, ds, dtype, need_h, need_w, memory_budget, True) if xs else None
         if c is None:
@@ -229,8 +207,8 @@ def _chunk(n, v, ds, dtype, need_h, need_w, memory_budget, xs):
 
 # ---- launcher --------------------------------------------------------------------------------
 
-def _flags(t, hs, ws, ht, wt, bs, bt, cap_s, cap_t):
-    tma = configs.use_tma(hs, ws, ht, wt)
+def _flags(kc, t, hs, ws, ht, wt, bs, bt, cap_s, cap_t):
+    tma = configs.use_tma(kc, hs, ws, ht, wt)
     return tma, dict(HAS_BS=bs is not None, CAP_S=cap_s > 0, BLOCK_N=t.block_n,
                      BLOCK_V=t.block_v, BLOCK_K=t.block_k, UPCAST=configs.interpreting(),
                      PRECISION=configs.dot_precision(hs.dtype), EVEN_KS=hs.shape[1] % t.block_k == 0,
@@ -254,7 +232,8 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
     v = ws.shape[0]
     dt = hs.dtype
     dev = hs.device
-    t = tile(dt, dev)
+    kc = configs.current(dev)
+    t = kc.tile("distill_fused", dt)
     f32 = dict(device=dev, dtype=torch.float32)
     rows_out = torch.empty(n, **f32)  # every chunk writes its rows
     dh = torch.empty_like(hs) if need_h else hs.new_empty(0)
@@ -264,7 +243,7 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
     acc = None  # dC's running sum: float32 across chunks (dw itself for float32 weights)
     if need_w and n_chunks > 1:
         acc = dw if dt == torch.float32 else torch.empty((v, ds), **f32)
-    x_dtype = configs.workspace_dtype(dt)
+    x_dtype = configs.workspace_dtype(kc, dt)
     rows_max = min(chunk, n)
     in_place = (x_in_dc and acc is not None and acc is not dw and x_dtype == dt
                 and rows_max * _v_pad(v) <= v * ds)
@@ -280,11 +259,11 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
     assert not (xs and (need_ce or cap_s)), "Xs serve calls without a CE term or student softcap"
     xs_all, tbls_all = (torch.empty_like(x_all), torch.empty_like(tbl_all)) if student_x \
         else (x_all, tbl_all)
-    if configs.POISON:
+    if kc.poison:
         for b in (x_all, tbl_all, xs_all, tbls_all):
             b.fill_(float("nan"))
-    tma, kw = _flags(t, hs, ws, ht, wt, bs, bt, cap_s, cap_t)
-    store = tma and configs.tile_store("distill") and configs.use_tma(x_all, xs_all)
+    tma, kw = _flags(kc, t, hs, ws, ht, wt, bs, bt, cap_s, cap_t)
+    store = tma and kc.distill_tile_store and configs.use_tma(kc, x_all, xs_all)
     descs = descriptors(t, tma, hs, ws, ht, wt)
     bs_, bt_ = (bs if bs is not None else hs), (bt if bt is not None else ht)
     for n0 in range(0, n, chunk):
@@ -315,12 +294,11 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         dz_args = (hs, ws, bs_, descs[0], descs[1], targets, x, x_desc, tbl, st)
         dz_scal = (n0, n1, v, ds, hs.stride(0), ws.stride(0), x.stride(0), tbl.stride(0), cap_s,
                    1.0 / temperature, temperature, beta, ce_weight, n_row_blocks)
-        # one program per tile unless CUTCE_DISTILL_DZ_PROGRAMS_PER_SM asks for a persistent
-        # launch (not yet measured on the GPU: see docs/distillation.md)
+        # one program per tile unless distill_dz_programs_per_sm asks for a persistent launch
         grid = (configs.persistent_programs(n_row_blocks * n_tiles, dev,
-                                            "CUTCE_DISTILL_DZ_PROGRAMS_PER_SM", 0),)
+                                            kc.distill_dz_programs_per_sm),)
         # one tile per program: no loop to flatten (today's code, measured)
-        flat = tma and configs.flatten() and grid[0] < n_row_blocks * n_tiles
+        flat = tma and kc.flatten and grid[0] < n_row_blocks * n_tiles
 
         def dz_pass(out, pass_):
             if student_x:

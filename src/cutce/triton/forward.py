@@ -1,4 +1,5 @@
-"""Forward: per-token log-sum-exp, target logit, sum of logits and E_p[z] in one pass.
+"""Forward: per-token log-sum-exp, sum of logits and E_p[z] in one pass (the target logit by a
+small gather kernel beside it).
 
 Each program owns BLOCK_N tokens and one contiguous split of the vocabulary; it streams the
 weight tile by tile through an online max/sum-exp, so global memory receives O(N * splits) floats.
@@ -18,15 +19,14 @@ from .common import _tanh, head_tile, tma_descriptor
 
 
 @triton.jit
-def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_ptr, ub_ptr, cw_ptr,
+def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub_ptr, cw_ptr,
                     N, V, D, stride_h, stride_w, scale, softcap, inv_temp,
                     tiles_per_split, n_row_blocks, group_rows,
                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
                     NEED_ENT: tl.constexpr, BOUND: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                    FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, NEED_ZT: tl.constexpr,
-                    HAS_CW: tl.constexpr):
+                    FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, HAS_CW: tl.constexpr):
     # Programs go in groups of group_rows token blocks x all splits, token blocks fastest: the
     # programs running together read few hidden blocks (they stay in L2 while every weight
     # tile streams past them) and few weight tiles (each read once for the whole group).
@@ -40,10 +40,8 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_
     split = within // rows_in_group
     rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
-    zt = tl.zeros((BLOCK_N,), tl.float32)
     zs = tl.zeros((BLOCK_N,), tl.float32)
     a = tl.zeros((BLOCK_N,), tl.float32)
     if BOUND:
@@ -77,8 +75,6 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_
                     zs += tl.sum(z0 * cw[None, :], 1)
                 else:
                     zs += tl.sum(z0, 1)
-        if NEED_ZT:
-            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
         if BOUND:
             # log p_ij = z_ij - lse_i <= z_ij - max(m_i so far, target logit): a per-class upper
             # bound of log-probability over this block's rows, merged by atomic max (order-free).
@@ -90,9 +86,8 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, floor_ptr, part_
     stride_q = n_splits * N
     tl.store(base, m, mask=rmask)
     tl.store(base + stride_q, s, mask=rmask)
-    tl.store(base + 2 * stride_q, zt, mask=rmask)
-    tl.store(base + 3 * stride_q, zs, mask=rmask)
-    tl.store(base + 4 * stride_q, a, mask=rmask)
+    tl.store(base + 2 * stride_q, zs, mask=rmask)
+    tl.store(base + 3 * stride_q, a, mask=rmask)
 
 
 def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_entropy,
@@ -113,7 +108,8 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
     """
     n, d = hidden.shape
     v = weight.shape[0]
-    cfg = configs.forward_tile(hidden.dtype)
+    kc = configs.current(hidden.device)
+    cfg = kc.tile("fwd", hidden.dtype)
     n_row_blocks = triton.cdiv(n, cfg.block_n)
     n_tiles = triton.cdiv(v, cfg.block_v)
     group_rows = configs.group_rows(cfg.block_n * d * hidden.element_size(), hidden.device)
@@ -123,27 +119,25 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    part = torch.empty((5, n_splits, n), **f32)
-    if configs.POISON:
+    part = torch.empty((4, n_splits, n), **f32)
+    if kc.poison:
         part.fill_(float("nan"))
-    need_zt = configs.zt_in_kernel()
-    # Each row's target logit, once: the row's lse is at least that (the bound's floor; +inf
-    # keeps rows without a target out of it, -inf lets the running max alone bound them), and
-    # unless the epilogue sums it, it is zt.
-    zt_rows = None
-    if bound or not need_zt:
-        zt_rows = target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp)
+    # Each row's target logit, by a separate gather kernel (summing it in the tiles' epilogue
+    # cost one compare-select-reduce per tile element): zt, and the row's lse is at least that
+    # (the bound's floor; +inf keeps rows without a target out of it, -inf lets the running max
+    # alone bound them).
+    zt_rows = target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp)
     floor = None
     if bound:
         floor = torch.where((targets >= 0) & (targets < v), zt_rows,
                             float("-inf") if bound_all_rows else float("inf"))
     ub = torch.full((v,), float("-inf"), **f32) if bound else torch.empty(0, **f32)
     if n > 0:
-        tma = configs.use_tma(hidden, weight)
+        tma = configs.use_tma(kc, hidden, weight)
         h_desc = tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden
         w_desc = tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight
         _forward_kernel[(n_row_blocks * n_splits,)](
-            hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets,
+            hidden, weight, h_desc, w_desc, bias if bias is not None else hidden,
             floor if bound else hidden, part, ub,
             class_weight if class_weight is not None else hidden,
             n, v, d, hidden.stride(0), weight.stride(0), scale, softcap, inv_temp,
@@ -152,12 +146,12 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
             NEED_ENT=need_entropy, BOUND=bound, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
             BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
             PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
-            USE_TMA=tma, FLATTEN=tma and configs.flatten(), EVEN_V=v % cfg.block_v == 0,
-            NEED_ZT=need_zt, HAS_CW=class_weight is not None,
+            USE_TMA=tma, FLATTEN=tma and kc.flatten, EVEN_V=v % cfg.block_v == 0,
+            HAS_CW=class_weight is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    m, s, zt, zs, a = part.unbind(0)
+    m, s, zs, a = part.unbind(0)
     lse, pz = combine_splits(m, s, a)
-    return lse, zt.sum(0) if need_zt else zt_rows, zs.sum(0), pz, ub
+    return lse, zt_rows, zs.sum(0), pz, ub
 
 
 def combine_splits(m, s, a=None):
@@ -198,10 +192,10 @@ def target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp):
     n, d = hidden.shape
     out = torch.empty(n, device=hidden.device, dtype=torch.float32)
     if n:
-        block_n, block_k = (16, 16) if configs.interpreting() else (32, 128)
+        block_n, block_k, warps = configs.current(hidden.device).target_tile
         _target_kernel[(triton.cdiv(n, block_n),)](
             hidden, weight, bias if bias is not None else hidden, targets, out, n,
             weight.shape[0], d, hidden.stride(0), weight.stride(0), scale, softcap, inv_temp,
             HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=1 if configs.interpreting() else 4)
+            num_warps=warps)
     return out

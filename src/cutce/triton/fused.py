@@ -113,7 +113,7 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_pt
         x = e
         if SOFTCAP:
             x = e * (1.0 - t * t)
-        if TILE_STORE:  # a bulk store (configs.TILE_STORE) clips the ragged edges itself
+        if TILE_STORE:  # a bulk store (KernelConfig.loss_tile_store) clips the ragged edges itself
             x_desc.store([rb * BLOCK_N, tile * BLOCK_V], x.to(x_desc.dtype))
         else:  # (and the refill launch, which writes its far rows only)
             out = x_ptr + (rows - n0).to(tl.int64)[:, None] * stride_x + cols[None, :]
@@ -226,10 +226,10 @@ def row_scale(dst, src, s):
     dst (R, C); unit inner strides."""
     r, c = src.shape
     if r and c:
-        br, bc = (16, 32) if configs.interpreting() else (16, 256)
+        br, bc, warps = configs.current(src.device).row_scale_tile
         _row_scale_kernel[(triton.cdiv(r, br), triton.cdiv(c, bc))](
             src, s, dst, r, c, src.stride(0), dst.stride(0), BLOCK_R=br, BLOCK_C=bc,
-            num_warps=1 if configs.interpreting() else 4)
+            num_warps=warps)
     return dst
 
 
@@ -263,14 +263,14 @@ def scale_(t, g):
     return t
 
 
-def _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg, n_splits,
-            tiles_per_split, refill, far_gap):
+def _launch(kc, hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg,
+            n_splits, tiles_per_split, refill, far_gap):
     v, d = weight.shape
     n_row_blocks = triton.cdiv(n1 - n0, cfg.block_n)
-    tma = configs.use_tma(hidden, weight, x)
+    tma = configs.use_tma(kc, hidden, weight, x)
     h_desc = tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden
     w_desc = tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight
-    store = tma and not refill and configs.tile_store("loss")
+    store = tma and not refill and kc.loss_tile_store
     x_desc = tma_descriptor(x[:, :v], cfg.block_n, cfg.block_v) if store else x
     _fused_logits_kernel[(n_row_blocks * n_splits,)](
         hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets, c, k, x,
@@ -280,7 +280,7 @@ def _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap
         HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_N=cfg.block_n,
         BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
         PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
-        USE_TMA=tma, FLATTEN=tma and configs.flatten(), EVEN_V=v % cfg.block_v == 0,
+        USE_TMA=tma, FLATTEN=tma and kc.flatten, EVEN_V=v % cfg.block_v == 0,
         REFILL=refill, TILE_STORE=store, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -317,7 +317,8 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     v = weight.shape[0]
     dt = hidden.dtype
     dev = hidden.device
-    cfg = configs.forward_tile(dt)
+    kc = configs.current(dev)
+    cfg = kc.tile("fwd", dt)
     f32 = dict(device=dev, dtype=torch.float32)
     # Host time before the first logit launch is GPU idle time in a call from an idle GPU:
     # the per-row masks and the total are formed inside the kernels, not by torch ops here.
@@ -327,11 +328,11 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     acc = None
     if need_w and chunks > 1:
         acc = dw if dt == torch.float32 else torch.empty((v, d), **f32)
-    x_dtype = configs.workspace_dtype(dt)
+    x_dtype = configs.workspace_dtype(kc, dt)
     in_place = (dc_in_place and acc is not None and acc is not dw and x_dtype == dt
                 and min(chunk_n, n) * _v_pad(v) <= v * d and dw.is_contiguous())
     x_all = _x_buffer(dw, min(chunk_n, n), v, x_dtype, in_place, dev)
-    if configs.POISON and not in_place:
+    if kc.poison and not in_place:
         x_all.fill_(float("nan"))
     k = coef
     # c_i: the gather kernel's target logit, known before the tiles (any value near lse works)
@@ -349,7 +350,7 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
         c = zt[n0:n1]
         # logits and X with c = the target logit; the far rows again with c = their max; then
         # lse, s, X's target entry and s * E
-        _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg,
+        _launch(kc, hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg,
                 n_splits, tps, False, FAR_GAP)
         if n0 == 0:
             # allocated once the first logit kernel is queued: their host time overlaps it
@@ -360,9 +361,9 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
             s_all = torch.empty(min(chunk_n, n), **f32)
             hs_all = (torch.empty((min(chunk_n, n), d), device=dev, dtype=x_dtype)
                       if need_w else None)
-            if configs.POISON and hs_all is not None:
+            if kc.poison and hs_all is not None:
                 hs_all.fill_(float("nan"))
-        _launch(hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg,
+        _launch(kc, hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg,
                 n_splits, tps, True, FAR_GAP)
         s = s_all[:rows]
         hs = hs_all[:rows] if need_w else s

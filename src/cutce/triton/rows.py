@@ -85,5 +85,5 @@ def row_coefs(targets, token_weights, vocab, ignore_index, z_loss, mean):
         _row_coefs_kernel[(1,)](
             targets, w, coef, bad, n, vocab, targets.stride(0), w.stride(0), coef.stride(0),
             ignore_index, float(z_loss), HAS_W=token_weights is not None, MEAN=bool(mean),
-            Z_LOSS=z_loss != 0, BLOCK=64 if configs.interpreting() else 1024, num_warps=4)
+            Z_LOSS=z_loss != 0, BLOCK=configs.current(targets.device).rows_block, num_warps=4)
     return coef, bad

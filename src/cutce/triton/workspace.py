@@ -1,10 +1,11 @@
 """Memory plan of the backward: chunk sizes, where each chunk's dz lives, the float32 dE.
 
-The backward may use BACKWARD_MEMORY_FRACTION of the gradients' size beyond the gradients. Two
-outputs are free memory until their rows are written, and the plan uses both:
+The backward may use a fraction (KernelConfig.backward_memory_fraction) of the gradients' size
+beyond the gradients. Two outputs are free memory until their rows are written, and the plan
+uses both:
 
 - rows of dC not written yet (the weight's size): a vocabulary chunk's dz can live there, behind
-  the chunk's own rows, so chunks can be MAX_CHUNK_V wide at no memory cost (fewer passes over
+  the chunk's own rows, so chunks can be max_chunk_v wide at no memory cost (fewer passes over
   the dE accumulator); the last chunks use a separate, budgeted buffer;
 - rows of dE not written yet: the float32 accumulator of a token chunk has twice the bytes of
   its 16-bit dE rows, so its first d/2 columns live in those rows and only the other half takes
@@ -39,7 +40,7 @@ def splits_hidden_acc(dh, need_h):
             and dh.shape[1] % 2 == 0 and dh.is_contiguous())
 
 
-def chunk_sizes(n, n_cls, v, d, dtype, need_h, need_w, split_acc, tail, gather, block_v):
+def chunk_sizes(n, n_cls, v, d, dtype, need_h, need_w, split_acc, tail, gather, block_v, kc):
     """(chunk_n, chunk_v): token and vocabulary chunk sizes within the budget, for n tokens and
     the n_cls classes visited of v (the gradients are (n + v) x d whatever is visited). With
     ``gather`` (filtered classes) each chunk also holds its gathered weight rows and its dC rows
@@ -48,22 +49,22 @@ def chunk_sizes(n, n_cls, v, d, dtype, need_h, need_w, split_acc, tail, gather, 
     Cost model (bytes of extra traffic; launches priced as bytes): the float32 dE accumulator is
     read and written once per vocabulary chunk (n*d*8 bytes each, whatever chunk_n), dC rows
     once more per extra token chunk, ~20 us per chunk. With one token chunk and ``tail`` (dz may
-    live in dC's unwritten rows) most chunks are MAX_CHUNK_V wide.
+    live in dC's unwritten rows) most chunks are kc.max_chunk_v wide.
     """
     if configs.interpreting():
         return n, 2 * block_v  # several chunks even at test sizes
     elt = _elt(dtype)
-    budget = max(configs.BACKWARD_MEMORY_FRACTION * (n + v) * d * elt, 16 * 2**20)
+    budget = max(kc.backward_memory_fraction * (n + v) * d * elt, 16 * 2**20)
     acc_row = 0 if not need_h or dtype == torch.float32 else (d // 2 if split_acc else d) * 4
     v_pad = triton.cdiv(n_cls, block_v) * block_v
     best = None
     for parts in range(1, min(n, 256) + 1):
         cn = triton.cdiv(n, parts)
         cv = int((budget - cn * acc_row) // ((cn + 2 * d * gather) * elt)) // block_v * block_v
-        if cv < configs.MIN_CHUNK_V and parts < min(n, 256) and cn > 128:
+        if cv < kc.min_chunk_v and parts < min(n, 256) and cn > 128:
             continue
-        cv = min(max(cv, configs.MIN_CHUNK_V), v_pad)
-        wide = max(cv, configs.MAX_CHUNK_V) if (tail and parts == 1) else cv
+        cv = min(max(cv, kc.min_chunk_v), v_pad)
+        wide = max(cv, kc.max_chunk_v) if (tail and parts == 1) else cv
         passes = math.ceil(n_cls / wide)
         cost = (need_h * n * d * 8 * passes + need_w * (parts - 1) * n_cls * d * elt * 2
                 + parts * passes * 80e6)
@@ -77,10 +78,10 @@ def chunk_sizes(n, n_cls, v, d, dtype, need_h, need_w, split_acc, tail, gather, 
 class DzWorkspace:
     """Where each vocabulary chunk's dz goes (see the module docstring)."""
 
-    def __init__(self, chunk_n, chunk_v, dtype, device, dw, block_v):
+    def __init__(self, chunk_n, chunk_v, dtype, device, dw, block_v, kc):
         self.chunk_n, self.chunk_v, self.dtype, self.device = chunk_n, chunk_v, dtype, device
         self.dw = dw  # None: no tail to use
-        self.block_v = block_v
+        self.block_v, self.kc = block_v, kc
         self.own = None
 
     def next(self, c0, n_cls, rows):
@@ -91,7 +92,7 @@ class DzWorkspace:
             total = self.dw.numel() * self.dw.element_size()
             # rows * w * elt + 16 <= (V - c0 - w) * row_bytes: dz stays behind the chunk's rows
             w = (left * row_bytes - 16) // (rows * _elt(self.dtype) + row_bytes)
-            w = min(w // self.block_v * self.block_v, configs.MAX_CHUNK_V, left)
+            w = min(w // self.block_v * self.block_v, self.kc.max_chunk_v, left)
             if w >= min(self.chunk_v, left) and w > 0:
                 view, start = _carve(self.dw, total, rows, w, self.dtype)
                 assert start >= (c0 + w) * row_bytes
@@ -99,7 +100,7 @@ class DzWorkspace:
         if self.own is None:
             self.own = torch.empty((self.chunk_n, self.chunk_v), device=self.device,
                                    dtype=self.dtype)
-            if configs.POISON:
+            if self.kc.poison:
                 self.own.fill_(float("nan"))
         w = min(self.chunk_v, left)
         return self.own[:rows, :w], w
