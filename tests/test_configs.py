@@ -79,4 +79,5 @@ def test_override_reaches_the_backward():
 
     with configs.override(max_chunk_v=7):
         Probe.apply(x).sum().backward()
-    assert seen == [7]
+    Probe.apply(x).sum().backward()  # and not after the block
+    assert seen == [7, configs.current(x.device).max_chunk_v] and seen[1] != 7

@@ -21,6 +21,7 @@ import contextvars
 import dataclasses
 import functools
 import os
+import threading
 
 import torch
 
@@ -142,8 +143,12 @@ INTERPRETER = KernelConfig(
     distill_fused_tile_f32=TileConfig(32, 64, 32, 1, 1),
     dz_ew_tile=(32, 4), target_tile=(16, 16, 1), row_scale_tile=(16, 32, 1), rows_block=64)
 
-# torch versions that stash the backward caller's context also remove it after the backward
+# torch that hands the backward caller's context to autograd's device threads (and removes it
+# from the calling thread after the backward)
 _STASHED_CONTEXT = hasattr(torch._C, "_remove_obj_from_tls") and hasattr(torch._C, "_is_key_in_tls")
+_OPEN: list = []  # the overrides open in any thread, innermost last
+_OPEN_LOCK = threading.Lock()
+_FOREIGN_THREAD = getattr(threading, "_DummyThread", ())
 _OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("cutce_kernel_config", default=None)
 
 
@@ -167,12 +172,16 @@ def current(device: torch.device | str | None) -> KernelConfig:
 
 def _active_override():
     change = _OVERRIDE.get()
-    if change is None and _STASHED_CONTEXT and torch._C._is_key_in_tls("context"):
-        # CUDA backward runs on autograd's device threads, which do not enter the caller's
-        # context: the engine stashes a copy of it for them, read here
-        ctx = torch._C._get_obj_in_tls("context")
-        if isinstance(ctx, contextvars.Context):
-            change = ctx.get(_OVERRIDE)
+    if change is None and isinstance(threading.current_thread(), _FOREIGN_THREAD):
+        # CUDA backward runs on autograd's device threads (not Python's), which do not enter
+        # the caller's context: torch >= 2.13 hands them a copy of it; older ones do not, and
+        # there the innermost override open in any thread applies
+        if _STASHED_CONTEXT and torch._C._is_key_in_tls("context"):
+            ctx = torch._C._get_obj_in_tls("context")
+            if isinstance(ctx, contextvars.Context):
+                return ctx.get(_OVERRIDE)
+        with _OPEN_LOCK:
+            change = _OPEN[-1] if _OPEN else None
     return change
 
 
@@ -180,7 +189,8 @@ def _active_override():
 def override(base: KernelConfig | None = None, /, **changes):
     """Within the block, launches use `base` (default: the device's preset) with `changes`
     (:class:`KernelConfig` field names: an unknown name raises TypeError). Scoped to the
-    current thread or task (a ContextVar); nested overrides apply in order."""
+    current thread or task (a ContextVar), and seen by the backward of what it launched;
+    nested overrides apply in order."""
     dataclasses.replace(base or HOPPER, **changes)  # reject unknown field names now
     outer = _OVERRIDE.get()
 
@@ -191,10 +201,14 @@ def override(base: KernelConfig | None = None, /, **changes):
             cfg = outer(cfg)
         return dataclasses.replace(cfg, **changes)
     token = _OVERRIDE.set(change)
+    with _OPEN_LOCK:
+        _OPEN.append(change)
     try:
         yield
     finally:
         _OVERRIDE.reset(token)
+        with _OPEN_LOCK:
+            _OPEN.remove(change)
 
 
 @functools.lru_cache(maxsize=None)
