@@ -39,13 +39,15 @@ def warn_torch_fallback(reason):
 
 def backend(impl, hidden):
     """The parts function for a validated ``impl`` ("auto" | "torch" | "triton")."""
-    if impl == "torch":
+    # "auto" never picks Triton for CPU tensors: answer before the import check, which
+    # torch.compile cannot trace when Triton is missing.
+    if impl == "torch" or (impl == "auto" and not hidden.is_cuda):
         return torch_impl.linear_lse_parts
     reason = triton_unavailable_reason(hidden)
     if impl == "triton" and reason is not None:
         raise RuntimeError(f"impl='triton' cannot run: {reason}")
-    if impl == "auto" and (reason is not None or not hidden.is_cuda):
-        if hidden.is_cuda and reason is not None and reason.startswith("Triton could not"):
+    if impl == "auto" and reason is not None:
+        if reason.startswith("Triton could not"):
             warn_torch_fallback(reason)
         return torch_impl.linear_lse_parts
     from . import ops

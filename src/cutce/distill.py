@@ -89,12 +89,14 @@ def _triton_reason(hs, ht):
 
 
 def _backend(impl, hs, ht):
-    if impl == "torch":
+    # "auto" never picks Triton for CPU tensors: answer before the import check, which
+    # torch.compile cannot trace when Triton is missing.
+    if impl == "torch" or (impl == "auto" and not hs.is_cuda):
         return torch_distill
     reason = _triton_reason(hs, ht)
     if impl == "triton" and reason is not None:
         raise RuntimeError(f"impl='triton' cannot run: {reason}")
-    if impl == "auto" and (reason is not None or not hs.is_cuda):
+    if impl == "auto" and reason is not None:
         return torch_distill
     from . import distill_ops
 
