@@ -3,7 +3,7 @@
 Without a GPU the real kernels run through Triton's interpreter (TRITON_INTERPRET=1, CPU
 tensors) at small ragged shapes; on a GPU the same tests run on CUDA tensors, and
 test_triton_gpu.py adds real sizes, determinism, N*V > 2**31 and torch.compile
-(``bash scripts/gpu_session.sh tests``).
+(``bash benchmarks/device.sh tests``).
 Errors are measured against float64 and compared with PyTorch's own low-precision path's error.
 """
 

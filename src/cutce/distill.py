@@ -148,8 +148,8 @@ def linear_distillation_loss(
             JSD; the backward only scales them, once: a second backward raises). The chunk
             follows from the budget; it needs ~2x the gradients at least (dC's float32
             accumulator) and runs faster with more. None: 5 (at a Qwen2.5 7B -> 0.5B pair with
-            8192 tokens, 6 chunks and a predicted peak of 1641 MiB with the gradients, below
-            Liger's and TRL's 1756 and 2084 MiB; see docs/distillation.md). 0: the recompute
+            8192 tokens: 6 chunks, about 6x the student's gradients in all; see
+            docs/benchmarks.md). 0: the recompute
             strategy (peak ~1.1x the gradients). The torch path ignores it.
 
     Returns:

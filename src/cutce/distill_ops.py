@@ -27,7 +27,7 @@ from .triton.fused import scale_ as _scale_
 # at that shape, a predicted peak of 1641 MiB with the gradients, under every peer's measured
 # there (Liger 1756 / 2646 MiB, TRL 2084 MiB). Budget 3 (chunks of 896 tokens, X in dC's own
 # bytes: 1073 MiB) is ~10% slower; budget 6 (1664 tokens) ~2% faster for 150 MiB more
-# (H200, eighth session, docs/benchmarks.md). 0 is the recompute strategy.
+# (H200). 0 is the recompute strategy.
 DEFAULT_MEMORY_BUDGET = 5.0
 
 

@@ -47,7 +47,7 @@ class KernelConfig:
     """The kernels' tuning values. ``*_tile`` serve 16-bit inputs, ``*_tile_f32`` float32 ones."""
 
     # the loss's forward (recompute and fused strategies); measured on the H200 at the Gemma
-    # shape (docs/perf-notes.md): 128x256x64 beat 128x128
+    # shape: 128x256x64 beat 128x128
     fwd_tile: TileConfig = TileConfig(128, 256, 64, num_warps=8, num_stages=3)
     fwd_tile_f32: TileConfig = TileConfig(128, 64, 32, num_warps=8, num_stages=3)
     # the loss's backward (dz kernel); None = the forward's tile
