@@ -7,8 +7,6 @@ cheaper rather than skipped here.
 
 from __future__ import annotations
 
-import os
-import pathlib
 import re
 import shlex
 import subprocess
@@ -16,28 +14,14 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from markdown_blocks import ROOT, example_env as _env
+from markdown_blocks import blocks as _blocks
+
 README = ROOT / "README.md"
-_FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
 def blocks(language):
-    """(heading, code) of every fenced block of ``language`` in README.md, in order."""
-    text = README.read_text(encoding="utf-8")
-    found = []
-    for m in _FENCE.finditer(text):
-        if m.group(1) == language:
-            headings = re.findall(r"^#+ +(.+)$", text[:m.start()], re.M)
-            found.append((headings[-1] if headings else "top", m.group(2)))
-    return found
-
-
-def _env():
-    env = dict(os.environ)
-    src = str(ROOT / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
-    env.setdefault("OMP_NUM_THREADS", "2")
-    return env
+    return _blocks(README, language)
 
 
 PYTHON_BLOCKS = blocks("python")
