@@ -122,7 +122,9 @@ def loss_section(docs, img_dir, img_rel) -> list[str]:
         r0, meta = rows[0], doc["meta"]
         ok = [r for r in rows if r.get("status") == "ok"]
         grads = (r0["n"] + r0["v"]) * r0["d"] * (4 if r0["dtype"] == "fp32" else 2) / 2**20
-        out += [f"### {r0['shape']}: N={r0['n']}, D={r0['d']}, V={r0['v']}, {r0['data']} data, {r0['dtype']}", ""]
+        # the commit in the heading tells apart runs of one shape (a full run and a later re-check)
+        out += [f"### {r0['shape']}: N={r0['n']}, D={r0['d']}, V={r0['v']}, {r0['data']} data, "
+                f"{r0['dtype']}; commit {meta.get('commit', 'n/a')}", ""]
         out += [f"One {r0['matmul_dtype']} matmul: {ms(r0['matmul_ms'])} ms; dE + dC alone take "
                 f"{grads:.0f} MiB; mean max-prob {r0['max_prob']:.2f}, entropy {r0['entropy']:.2f} nats; "
                 f"errors against {r0['reference']}.", ""]
@@ -132,7 +134,7 @@ def loss_section(docs, img_dir, img_rel) -> list[str]:
         out += table(["provider", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio", "peak MiB", "dE err",
                       "dC err"], cells)
         out += [f"  - {r['provider']}: {r['error']}" for r in rows if r.get("error")]
-        png = f"loss_{meta.get('device', 'dev')}_{r0['shape'].replace(',', 'x')}_{r0['data']}_{r0['dtype']}.png"
+        png = os.path.splitext(name)[0] + ".png"  # one plot per result file
         if ok and plot_loss(ok, meta, os.path.join(img_dir, png)):
             out += ["", f"![forward+backward time against peak memory, {r0['shape']}]({img_rel}/{png})"]
         providers = " ".join(dict.fromkeys(r["provider"] for r in rows))
@@ -222,7 +224,7 @@ def distill_section(docs) -> list[str]:
         rs = [r for r in files[name]["rows"] if r["beta"] == beta]
         r0 = rs[0]
         kind = {0.0: "forward KL", 1.0: "reverse KL"}.get(beta, "JSD")
-        out += [f"### beta = {beta:g} ({kind})", "",
+        out += [f"### beta = {beta:g} ({kind}); commit {meta.get('commit', 'n/a')}", "",
                 f"Student D={r0['ds']}, teacher D={r0['dt']}, V={r0['v']}, N={r0['n']} tokens, "
                 f"{r0['dtype']}, frozen teacher, temperature {r0['temperature']:g}; the student's "
                 f"gradients alone take {r0['grads_mib']:.0f} MiB; errors against cutce's torch path "
