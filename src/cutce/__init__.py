@@ -4,7 +4,8 @@ Cut Cross-Entropy (Wijmans et al., 2024): the log-sum-exp over the vocabulary is
 block and only the target logit is indexed, so the N x V logit matrix is never held in memory.
 """
 
-from .api import LinearCrossEntropyLoss, linear_cross_entropy
+from .api import linear_cross_entropy
+from .module import LinearCrossEntropyLoss
 from .distill import linear_distillation_loss
 from .log_probs import linear_log_probs
 from .options import Options

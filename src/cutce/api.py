@@ -8,10 +8,10 @@ dispatches to a backend that returns the O(N) parts of the backend contract (see
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import dispatch, distributed, loss, torch_impl
 from .options import AUTO_FILTER_EPS, IMPLS, REDUCTIONS, Options
@@ -387,37 +387,3 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     if check is not None:
         check()
     return Call(parts, t1, w1, out_shape, vocab, cw)
-
-
-class LinearCrossEntropyLoss(nn.Module):
-    """Module form of :func:`linear_cross_entropy`: the keyword options go to ``__init__``.
-
-    ``forward(hidden, weight, targets, bias=None, token_weights=None)`` returns what
-    ``linear_cross_entropy(hidden, weight, targets, bias, token_weights=token_weights, **options)``
-    returns.
-    """
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        if "token_weights" in options:
-            raise TypeError("token_weights is a forward() argument, not an option")
-        unknown = set(options) - _OPTION_KEYS - {"shift", "return_lse", "impl", "vocab_group",
-                                                 "vocab_start", "reduce_hidden_grad", "class_weight"}
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}")
-        # Validate now so that a bad option fails at construction, not at the first step
-        # (the dtype only resolves filter_eps="auto", which is redone per call).
-        make_options(torch.float32, **{k: v for k, v in options.items() if k in _OPTION_KEYS})
-        self.options = dict(options)
-
-    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
-                token_weights: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        return linear_cross_entropy(hidden, weight, targets, bias, token_weights=token_weights,
-                                    **self.options)
-
-    def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-
-_OPTION_KEYS = {"ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale",
-                "filter_eps", "chunk_bytes", "memory_budget"}

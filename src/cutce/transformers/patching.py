@@ -32,7 +32,8 @@ from torch import nn
 # a model instance or a model class: patch and unpatch return what they are given
 _M = TypeVar("_M")
 
-from ..api import LinearCrossEntropyLoss, linear_cross_entropy
+from ..api import linear_cross_entropy
+from ..module import LinearCrossEntropyLoss
 from .heads import UnsupportedModelError, head_apply, run_without_logits
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError"]
