@@ -95,7 +95,7 @@ class KernelConfig:
     # budget 0: forward KL 68.1 -> 61.5 ms, JSD 99.4 -> 90.2, reverse KL 68.5 -> 61.8
     distill_recompute_tma: bool = True
     # Programs per SM of the dz kernels' persistent launch, 0 = one program per tile (the
-    # distillation's fused dz: persistence not yet measured on the GPU, see docs/distillation.md)
+    # distillation's fused dz: persistence not yet measured on the GPU)
     dz_programs_per_sm: int = 1
     distill_dz_programs_per_sm: int = 0
     # Vocabulary splits per token block and token blocks per program group of the forward:
