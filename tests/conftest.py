@@ -41,8 +41,8 @@ def one_thread():
 @pytest.fixture
 def kernel_config():
     """``kernel_config(poison=True, tma=False)``: KernelConfig changes until the test ends
-    (cutce.triton.configs.override; a later call applies on top of earlier ones)."""
-    from cutce.triton import configs
+    (cutce.backends.triton.configs.override; a later call applies on top of earlier ones)."""
+    from cutce.backends.triton import configs
     with contextlib.ExitStack() as stack:
         yield lambda **changes: stack.enter_context(configs.override(**changes))
 

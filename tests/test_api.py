@@ -141,7 +141,9 @@ def test_impl_auto_warns_once_when_triton_cannot_import_on_cuda(monkeypatch):
     the weight and its gradient): say so once, naming the import error; explicit 'triton' raises."""
     import types
     import warnings
-    from cutce import api, dispatch, torch_impl
+    from cutce import api
+    from cutce.backends import select as dispatch
+    from cutce.backends.torch import ce as torch_impl
     dispatch.warn_torch_fallback.cache_clear()
     reason = "Triton could not be imported (No module named 'triton')"
     monkeypatch.setattr(dispatch, "triton_unavailable_reason", lambda h: reason)

@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from cutce.triton import configs  # noqa: E402
-from cutce.triton.configs import TileConfig  # noqa: E402
+from cutce.backends.triton import configs  # noqa: E402
+from cutce.backends.triton.configs import TileConfig  # noqa: E402
 
 
 def test_presets_keep_the_measured_values():

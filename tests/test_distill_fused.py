@@ -1,4 +1,4 @@
-"""The fused distillation strategy (cutce.triton.distill_fused) against the float64 oracle, in
+"""The fused distillation strategy (cutce.backends.triton.distill_fused) against the float64 oracle, in
 Triton's interpreter on CPU (CUDA on the device): several token chunks, poisoned buffers, every
 beta it covers, and the plan that picks it. Helpers are distill_cases.py's."""
 
@@ -14,8 +14,8 @@ from triton_support import DEV
 
 pytest.importorskip("triton")  # every test here runs the Triton path
 
-from cutce import distill_ops
-from cutce.triton import distill_fused as kf
+from cutce.backends.triton import distill_ops
+from cutce.backends.triton import distill_fused as kf
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_fused_student_x(gen, case, store, fused_calls, monkeypatch, kernel_conf
     jsd-other-ce (CE term) keeps the product. Bulk or pointer stores of Xs, poisoned buffers.
     (test_fused_matches_oracle runs the default; the product form without a CE term is
     test_fused_peaked_teacher's student_x=False.)"""
-    from cutce.triton import distill_dz
+    from cutce.backends.triton import distill_dz
     kernel_config(distill_student_x=True, distill_tile_store=store)
     passes = []
     real = distill_dz.dz_pass

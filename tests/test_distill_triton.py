@@ -46,7 +46,7 @@ def test_triton_recompute_bulk_loads(gen, beta, ds, dt, monkeypatch, kernel_conf
     pointers where one is not (29); a teacher with gradients (its dz too) and several vocabulary
     chunks in the backward (bulk loads past a chunk's end read real classes, masked)."""
     pytest.importorskip("triton")
-    from cutce.triton import configs
+    from cutce.backends.triton import configs
     kernel_config(distill_recompute_tma=True)
     seen = []
     real = configs.use_tma
@@ -60,7 +60,7 @@ def test_triton_recompute_pointer_loads(gen, monkeypatch, kernel_config):
     """KernelConfig.distill_recompute_tma off: pointer loads
     even where bulk loads would apply (aligned rows), the same results."""
     pytest.importorskip("triton")
-    from cutce.triton import configs
+    from cutce.backends.triton import configs
     kernel_config(distill_recompute_tma=False)
     monkeypatch.setattr(configs, "use_tma", lambda *t: pytest.fail("bulk loads asked for"))
     tensors = to_dev(DEV, make(gen, lead=37, ds=32, dt=48, v=290, bias=True, teacher_grad=True))
@@ -113,7 +113,7 @@ def test_custom_ops_opcheck_and_compile(gen):
     c = torch.full((21,), 1 / 21, device=DEV)
     torch.library.opcheck(torch.ops.cutce.distill_rows_triton, (hs, ws, bs, ht, wt, None, t, *scal),
                           test_utils=utils)
-    torch.library.opcheck(torch.ops.cutce.torch_distill,
+    torch.library.opcheck(torch.ops.cutce.backends.torch.distill,
                           (hs, ws, bs, ht, wt, None, t, c, *scal, True, True, True, False, False,
                            False), test_utils=utils)
     torch.library.opcheck(torch.ops.cutce.torch_distill_rows, (hs, ws, bs, ht, wt, None, t, c, *scal),
@@ -162,7 +162,7 @@ def test_gpu_qwen_pair_bf16_error_vs_eager(beta):
     # dE (N x Ds x 2 bytes) and a workspace, within the issue's 10% (EXTRA_FRACTION: 9%);
     # fused (the default budget): within it
     del got, want, ref
-    from cutce.distill_ops import DEFAULT_MEMORY_BUDGET
+    from cutce.backends.triton.distill_ops import DEFAULT_MEMORY_BUDGET
     for budget, most in ((0, 0.10), (None, DEFAULT_MEMORY_BUDGET)):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -206,7 +206,7 @@ def test_hidden_grad_split_result_in_row_steps(gen):
     """dE's float32 sums, half in dE's own bytes, come out right whatever the row step (the
     in-place conversion reads each step's rows before writing them)."""
     pytest.importorskip("triton")
-    from cutce.triton.backward import HiddenGrad
+    from cutce.backends.triton.backward import HiddenGrad
     h = torch.randn(11, 6, generator=gen).half()
     acc = HiddenGrad(h)
     assert acc.split
@@ -220,7 +220,7 @@ def test_hidden_grad_split_result_in_row_steps(gen):
 def test_hidden_grad_conversion_in_row_steps(gen):
     """dE's float32 sums, half of them in dE's own bytes, come out as the 16-bit gradient in
     row steps that read each step's bytes before writing them (10 rows in steps of 3)."""
-    from cutce.triton.backward import HiddenGrad
+    from cutce.backends.triton.backward import HiddenGrad
     h = torch.randn(10, 6, generator=gen).bfloat16()
     acc, ref = HiddenGrad(h), torch.zeros(10, 6)
     for _ in range(3):

@@ -138,9 +138,9 @@ def _layout_errors(group, sizes):
 def _entropy_parts(group, sizes):
     """combine_parts with entropy (for linear_log_probs) and temperature: all four parts and their
     gradients under arbitrary upstream gradients equal the unsplit backend's."""
-    import cutce.distributed as cd
-    from cutce.options import Options
-    from cutce.torch_impl import linear_lse_parts
+    import cutce.parallel.vocab as cd
+    from cutce.engine.options import Options
+    from cutce.backends.torch.ce import linear_lse_parts
 
     failures = []
     opts = Options(softcap=3.0, logit_scale=1.2, temperature=0.8, label_smoothing=0.1, need_entropy=True)
@@ -167,8 +167,8 @@ def _entropy_parts(group, sizes):
 def _comm_volume(group, sizes):
     """Forward communication: the layout (2 ints) and one all-gather of k x N floats (no weight,
     no logits)."""
-    import cutce.distributed as cd
-    from cutce import agreement
+    import cutce.parallel.vocab as cd
+    from cutce.parallel import agreement
 
     h, w, b, t, *_ = _inputs({})
     rank = dist.get_rank(group)

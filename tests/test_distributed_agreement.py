@@ -133,8 +133,8 @@ def test_group_in_step_after_disagreements(disagreements):
 
 
 def test_disagreement_message_groups_ranks():
-    from cutce import agreement
-    from cutce.options import Options
+    from cutce.parallel import agreement
+    from cutce.engine.options import Options
 
     codes = [agreement.call_codes(Options(label_smoothing=ls), False, False, True, _H, None)
              for ls in (0.1, 0.0, 0.0, 0.1, 0.2)]

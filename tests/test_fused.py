@@ -1,4 +1,4 @@
-"""The fused training strategy (cutce.plan): plans, and both backends against the float64 oracle.
+"""The fused training strategy (cutce.engine.planner): plans, and both backends against the float64 oracle.
 
 The Triton path runs through the interpreter on CPU (CUDA on a GPU). Plans are forced with
 monkeypatch so that tiny shapes walk every branch: one chunk, many chunks with the float32 dC
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cutce
-from cutce import plan
+from cutce.engine import planner as plan
 from reference import lowp_torch, make_inputs, oracle, rel_err
 from triton_support import DEV, IMPLS, requires_triton
 
@@ -137,10 +137,11 @@ def test_triton_fused_matches_oracle(gen, monkeypatch, poisoned, name, dtype, ch
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("weights", ["none", "strided", "all-ignored"])
 def test_row_prologue_kernel_matches_torch_coefs(gen, reduction, weights):
-    """The one-launch row coefficients and targets flag (cutce.triton.rows) against the torch
-    ops it replaces (cutce.loss.row_coefs and the api's check), over several of its blocks."""
-    from cutce import api, loss
-    from cutce.triton import rows
+    """The one-launch row coefficients and targets flag (cutce.backends.triton.rows) against the torch
+    ops it replaces (cutce.engine.loss.row_coefs and the api's check), over several of its blocks."""
+    from cutce import api
+    from cutce.engine import loss
+    from cutce.backends.triton import rows
     n, v, ii = 203, 50, -100
     t = torch.randint(0, v, (n,), generator=gen)
     t[torch.rand(n, generator=gen) < 0.3] = ii
@@ -167,7 +168,7 @@ def test_row_prologue_kernel_matches_torch_coefs(gen, reduction, weights):
 def test_triton_fused_bad_targets_raise(gen, monkeypatch):
     """A target outside [0, V) raises the api's error on the fused path too, whose targets
     check reads the prologue kernel's flag."""
-    from cutce.triton import rows
+    from cutce.backends.triton import rows
     _force(monkeypatch, plan.Plan("fused", chunk_n=16))
     ran = []
     real = rows.row_coefs
@@ -199,7 +200,7 @@ def test_triton_fused_bulk_tile_store(gen, monkeypatch, kernel_config, name):
 @requires_triton
 def test_triton_fused_x_in_weight_grad_bytes(gen, monkeypatch, kernel_config):
     """16-bit X living in dC's own bytes until the float32 accumulator is copied in."""
-    from cutce.triton import fused
+    from cutce.backends.triton import fused
     kernel_config(interpreter_f32_workspace=False)
     _force(monkeypatch, plan.Plan("fused", chunk_n=16, dc_in_place=True, dc_f32=True))
     made = []
@@ -224,7 +225,7 @@ def test_fused_rows_with_huge_loss(gen, monkeypatch, impl):
     h[3] *= 200.0 / float(logits[3].max() - logits[3].min())
     _check(h, w, t, b, tw, dict(), impl)
     if impl == "triton":  # the rewrite is what keeps that row finite
-        from cutce.triton import fused
+        from cutce.backends.triton import fused
         monkeypatch.setattr(fused, "FAR_GAP", 1e30)
         with pytest.raises(AssertionError):
             _check(h, w, t, b, tw, dict(), impl)

@@ -12,8 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cutce import linear_cross_entropy
-from cutce import torch_impl
-from cutce.options import Options
+from cutce.backends.torch import ce as torch_impl
+from cutce.engine.options import Options
 from reference import DTYPES, lowp_torch, make_inputs, oracle, rel_err
 
 SHAPES = {"37x29x101": ((37,), 29, 101), "3x17x64x257": ((3, 17), 64, 257)}

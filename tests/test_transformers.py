@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from cutce import transformers as ct  # noqa: E402
-from cutce.transformers import patching  # noqa: E402
+from cutce.integrations.transformers import patching  # noqa: E402
 from hf_models import FAMILIES, T, VOCAB, make_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

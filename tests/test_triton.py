@@ -15,10 +15,11 @@ import torch
 triton = pytest.importorskip("triton")  # every test here runs the Triton path
 
 import cutce  # noqa: E402
-from cutce import ops, torch_impl  # noqa: E402
-from cutce.options import Options  # noqa: E402
-from cutce.triton import configs  # noqa: E402
-from cutce.triton import forward as tfwd  # noqa: E402
+from cutce.backends.triton import ops  # noqa: E402
+from cutce.backends.torch import ce as torch_impl
+from cutce.engine.options import Options  # noqa: E402
+from cutce.backends.triton import configs  # noqa: E402
+from cutce.backends.triton import forward as tfwd  # noqa: E402
 from reference import make_inputs, oracle, rel_err  # noqa: E402
 from triton_cases import compare, to_dev  # noqa: E402
 from triton_support import DEV, gpu  # noqa: E402
@@ -121,7 +122,7 @@ def test_tma_and_pointer_loads_agree(gen, kernel_config):
 def test_dz_in_unwritten_weight_grad_rows(gen, monkeypatch, kernel_config):
     """Wide chunks keep their dz in the rows of dC not written yet; the last chunks use the
     separate workspace. Both kinds of chunk, and the hand-over, give the oracle's gradients."""
-    from cutce.triton import workspace
+    from cutce.backends.triton import workspace
     carved = []
     real = workspace._carve
     monkeypatch.setattr(workspace, "_carve", lambda *a: carved.append(a[2:4]) or real(*a))
@@ -139,7 +140,7 @@ def test_dz_in_unwritten_weight_grad_rows(gen, monkeypatch, kernel_config):
 def test_token_chunks_split_accumulator(gen, monkeypatch, chunk_n):
     """Token chunks: half of dE's float32 accumulator lives in dE's own rows, dC is accumulated
     over the chunks; ragged last chunk."""
-    from cutce.triton import workspace
+    from cutce.backends.triton import workspace
     bv = configs.current(DEV).tile("bwd", torch.bfloat16).block_v
     monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: (min(chunk_n, n), 2 * bv))
     h, w, t, b, _ = make_inputs(gen, 70, 48, 5 * bv + 3, torch.bfloat16, bias=True)
@@ -151,7 +152,7 @@ def test_token_chunks_split_accumulator(gen, monkeypatch, chunk_n):
 def test_token_chunks_sum_dc_in_float32(gen, monkeypatch, kernel_config, gathered):
     """Many token chunks: with the default budget the recompute backward sums dC in a float32
     accumulator, so its error stays below the per-chunk 16-bit sum's (memory_budget=0)."""
-    from cutce.triton import workspace
+    from cutce.backends.triton import workspace
     bv = configs.current(DEV).tile("bwd", torch.bfloat16).block_v
     monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: (min(8, n), 2 * bv))
     kernel_config(filter_dense_fraction=1.0)  # gathered: keep every class
@@ -174,7 +175,7 @@ def test_token_chunks_sum_dc_in_float32(gen, monkeypatch, kernel_config, gathere
 def test_filter_tiny_eps_is_exact(gen, monkeypatch, kernel_config):
     """A tiny eps keeps every class, through the filtered (gathered-classes) path itself: same
     gradients as the dense exact backward."""
-    from cutce.triton import backward as tbwd
+    from cutce.backends.triton import backward as tbwd
     kernel_config(filter_dense_fraction=1.0)  # gather even if all are kept
     seen = []
     real = tbwd._kept_classes
@@ -197,7 +198,7 @@ def test_fp32_matmul_precision_follows_torch():
     API set it (each case in a fresh process: mixing the APIs is itself an error in torch)."""
     import subprocess
     import sys
-    code = ("import torch; from cutce.triton import configs as c; p = c.dot_precision; "
+    code = ("import torch; from cutce.backends.triton import configs as c; p = c.dot_precision; "
             "r = [p(torch.float32), p(torch.bfloat16)]; {}; r.append(p(torch.float32)); print(r)")
     cases = {"torch.backends.cuda.matmul.fp32_precision = 'tf32'": "['ieee', 'tf32', 'tf32']",
              "torch.set_float32_matmul_precision('high')": "['ieee', 'tf32', 'tf32']"}
@@ -234,7 +235,7 @@ def test_filter_drops_only_negligible_classes(gen, monkeypatch, kernel_config):
 
 
 def test_filter_keeping_most_classes_runs_dense_and_exact(gen, monkeypatch):
-    from cutce.triton import backward as tbwd
+    from cutce.backends.triton import backward as tbwd
     seen = []
     real = tbwd._kept_classes
     monkeypatch.setattr(tbwd, "_kept_classes", lambda *a: seen.append(real(*a)) or seen[-1])

@@ -11,7 +11,7 @@ triton = pytest.importorskip("triton")
 
 import cutce  # noqa: E402
 from cutce.bench import data as bench_data  # noqa: E402
-from cutce.triton import configs  # noqa: E402
+from cutce.backends.triton import configs  # noqa: E402
 
 from reference import make_inputs, oracle, rel_err  # noqa: E402
 from triton_cases import compare, to_dev  # noqa: E402
@@ -176,7 +176,7 @@ def test_gpu_log_fast_subnormals_and_accuracy():
     inputs to -inf) against float64 logs from 2**-149 to 1: finite everywhere, ~1e-6 relative."""
     import triton.language as tl
 
-    from cutce.triton.common import log_fast
+    from cutce.backends.triton.common import log_fast
 
     @triton.jit
     def k(x_ptr, y_ptr, n, BLOCK: tl.constexpr):

@@ -8,7 +8,7 @@ for it.
 import pytest
 import torch
 
-from cutce.triton import configs, workspace
+from cutce.backends.triton import configs, workspace
 
 KC = configs.HOPPER  # the GPU's values
 SHAPES = [(8192, 2304, 256000), (8192, 4096, 128256), (65536, 2304, 256000),

@@ -18,7 +18,7 @@ tests/test_gpu_compile.py runs both in CI.
 
 --spills also reads each cubin's registers and local-memory spills (cuobjdump, shipped with
 Triton): a tile whose epilogue spills is worth measuring against a smaller one on the GPU.
-The tiles are the ones the library picks (cutce.triton.configs: HOPPER on sm_90, PRE_HOPPER on
+The tiles are the ones the library picks (cutce.backends.triton.configs: HOPPER on sm_90, PRE_HOPPER on
 sm_80).
 """
 
@@ -105,7 +105,7 @@ def _install(record):
 def _gpu_config():
     """The target's preset, with the descriptor path forced on Hopper: the inputs here are CPU
     tensors, for which the preset's tma=None would mean pointer loads."""
-    from cutce.triton import configs
+    from cutce.backends.triton import configs
     if ARCH >= 90:
         return dataclasses.replace(configs.HOPPER, tma=True)
     return configs.PRE_HOPPER
@@ -120,7 +120,7 @@ def _inputs(n, d, v, dtype, gen, bias=False):
 
 
 def run_all():
-    from cutce.triton import backward, configs, distill, distill_fused, forward, fused, rows
+    from cutce.backends.triton import backward, configs, distill, distill_fused, forward, fused, rows
     gen = torch.Generator().manual_seed(0)
     f32 = dict(dtype=torch.float32)
     # the loss: recompute forward and backward, the fused strategy, the small kernels
@@ -177,7 +177,7 @@ def main():
     ARCH = args.arch
     record = []
     _install(record)
-    from cutce.triton import configs
+    from cutce.backends.triton import configs
     with configs.override(_gpu_config()):
         run_all()
     over = [r for r in record if r["shared"] > SMEM_LIMIT[ARCH]]

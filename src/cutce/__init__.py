@@ -8,7 +8,7 @@ from .api import linear_cross_entropy
 from .module import LinearCrossEntropyLoss
 from .distill import linear_distillation_loss
 from .log_probs import linear_log_probs
-from .options import Options
+from .engine.options import Options
 
 __version__ = "0.1.0"
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "linear_log_probs", "linear_distillation_loss", "Options", "__version__"]

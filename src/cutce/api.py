@@ -2,7 +2,7 @@
 
 A call validates, applies autocast, shifts and flattens to (N, D), builds :class:`Options`,
 dispatches to a backend that returns the O(N) parts of the backend contract (see
-:mod:`cutce.torch_impl`), then forms the loss from them with ordinary differentiable torch code.
+:mod:`cutce.backends.torch.ce`), then forms the loss from them with ordinary differentiable torch code.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from . import dispatch, distributed, loss, torch_impl
-from .options import AUTO_FILTER_EPS, IMPLS, REDUCTIONS, Options
+from .backends import select as dispatch
+from .parallel import vocab as distributed
+from .engine import loss
+from .backends.torch import ce as torch_impl
+from .engine.options import AUTO_FILTER_EPS, IMPLS, REDUCTIONS, Options
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -242,10 +245,10 @@ def linear_cross_entropy(
             (retain_graph) raises; use memory_budget=0 for that. The recompute backward (Triton
             path, more than one token chunk) sums dC in float32 when the budget covers a
             V x D float32 buffer (the default always does), else rounds it per token chunk. See
-            :mod:`cutce.plan` and docs/benchmarks.md for time against budget.
+            :mod:`cutce.engine.planner` and docs/benchmarks.md for time against budget.
         chunk_bytes: memory budget of one chunk of logits on the torch path (default 256 MiB).
         vocab_group: a torch.distributed ProcessGroup over which the classifier is split by
-            vocabulary (see :mod:`cutce.distributed` and docs/distributed.md): ``weight``/``bias``
+            vocabulary (see :mod:`cutce.parallel.vocab` and docs/distributed.md): ``weight``/``bias``
             hold this rank's contiguous slice, slices in group-rank order tile [0, V); hidden,
             targets (global ids) and token_weights are the same on every rank; the result is the
             unsplit one on every rank. A weight that is a DTensor with Shard(0) is split over

@@ -2,7 +2,7 @@
 
 Validation reuses api.py's helpers (each head is checked as the loss checks its head, with the
 argument names prefixed ``student_``/``teacher_``); the chunk loops are in
-:mod:`cutce.torch_distill`.
+:mod:`cutce.backends.torch.distill`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import api, dispatch, torch_distill
-from .options import IMPLS
+from . import api
+from .backends import select as dispatch
+from .backends.torch import distill as torch_distill
+from .engine.options import IMPLS
 
 
 def _prefixed(prefix, fn, *args):
@@ -82,7 +84,7 @@ def _triton_reason(hs, ht):
     if reason is not None:
         return reason
     try:
-        from . import distill_ops  # noqa: F401  (the import is the check)
+        from .backends.triton import distill_ops  # noqa: F401  (the import is the check)
     except ImportError as e:
         return f"Triton could not be imported ({e})"
     return None
@@ -98,7 +100,7 @@ def _backend(impl, hs, ht):
         raise RuntimeError(f"impl='triton' cannot run: {reason}")
     if impl == "auto" and reason is not None:
         return torch_distill
-    from . import distill_ops
+    from .backends.triton import distill_ops
 
     return distill_ops
 
@@ -175,8 +177,8 @@ def linear_distillation_loss(
         logits computed once, nothing of the teacher kept for the backward, which may run
         once), for "none" it recomputes both heads' chunks in the backward. The Triton path
         keeps O(N) statistics and recomputes logit tiles in the backward (the teacher's
-        tensors are kept for it; :mod:`cutce.triton.distill`), or, within ``memory_budget``,
-        forms the student's gradients in the forward (:mod:`cutce.triton.distill_fused`).
+        tensors are kept for it; :mod:`cutce.backends.triton.distill`), or, within ``memory_budget``,
+        forms the student's gradients in the forward (:mod:`cutce.backends.triton.distill_fused`).
     """
     _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
     beta, temperature, (cap_s, cap_t), ce_weight = _check_scalars(

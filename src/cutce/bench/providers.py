@@ -143,7 +143,7 @@ PROVIDERS = {
     for p in (
         Provider("cutce-torch", True, _cutce("torch")),
         Provider("cutce-triton", True, _cutce("triton"), reason=_needs_cuda),
-        # the minimum-memory setting: the recompute strategy (see cutce.plan)
+        # the minimum-memory setting: the recompute strategy (see cutce.engine.planner)
         Provider("cutce-triton-recompute", True, _cutce("triton", memory_budget=0.0), reason=_needs_cuda,
                  off_by_default=lambda device: "the default cutce-triton's minimum-memory setting"),
         Provider("cutce-triton-filtered", False, _cutce("triton", filter_eps="auto"), reason=_needs_cuda),

@@ -1,4 +1,4 @@
-"""The fused distillation's dz passes (:mod:`cutce.triton.distill_fused`, step 3), in two forms.
+"""The fused distillation's dz passes (:mod:`cutce.backends.triton.distill_fused`, step 3), in two forms.
 
 :func:`_dz_kernel` recomputes the student's logit tile, one product per pass. With the student's
 Xs = exp(z_s/T - ms) stored beside the teacher's X = exp(z_t/T - mt) by the statistics kernel

@@ -9,7 +9,7 @@ option's gradient term falls out of autograd and the backends only see four upst
     zsum_i = sum_j z_ij            (0 unless opts.need_zsum)
     pz_i   = sum_j p_ij z_ij       (0 unless opts.need_entropy), p = softmax(z)
 
-with z the transformed logits of :class:`cutce.options.Options`. Here they are computed in float32
+with z the transformed logits of :class:`cutce.engine.options.Options`. Here they are computed in float32
 (float64 for float64 inputs) over chunks of tokens: the forward keeps only these O(N) values, the
 backward recomputes each chunk's logits. No tensor of N x V elements exists at any time; the peak
 extra memory is a chunk of logits (sized from ``opts.chunk_bytes``) plus, when the weight is not
@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import plan
-from .options import Options
+from ...engine import planner as plan
+from ...engine.options import Options
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # A chunk holds about this many N x V-sized float temporaries at once (z, p/dz, and one more
@@ -221,7 +221,7 @@ def _parts_op_backward(ctx, g_lse, g_zt, g_zsum, g_pz):
 _parts_op.register_autograd(_parts_op_backward, setup_context=_setup_context)
 
 
-# ---- fused strategy (see cutce.plan): gradients formed in the forward, scaled in the backward --
+# ---- fused strategy (see cutce.engine.planner): gradients formed in the forward, scaled in the backward --
 
 class _FusedCfg(NamedTuple):
     logit_scale: float
@@ -326,7 +326,7 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
         lse, -zt, -mean_j z (-(z @ class_weight) / V with class weights) and lse^2 in the total
         (0 for ignored rows; token weights, class weights, label
         smoothing, z-loss and "mean"'s 1/denominator folded in by the api). The chunk of tokens
-        comes from :func:`cutce.plan.plan` with opts.memory_budget.
+        comes from :func:`cutce.engine.planner.plan` with opts.memory_budget.
 
     Returns:
         (total, lse): total = sum_i k0 lse_i - k1 zt_i - k2 mean_j z_ij + k3 lse_i^2 (0-dim,

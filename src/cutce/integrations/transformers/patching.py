@@ -2,7 +2,7 @@
 
 Called without ``labels`` the patched forward is the original one, untouched. Called with
 ``labels`` it runs the original forward with ``labels=None`` through
-:func:`cutce.transformers.heads.run_without_logits` (the head's logits replaced by a checked
+:func:`cutce.integrations.transformers.heads.run_without_logits` (the head's logits replaced by a checked
 probe; see there), then computes the loss as ``linear_cross_entropy`` of the head's hidden states
 and the head's weight and bias, with the label handling of transformers' ``ForCausalLMLoss``
 (labels padded with the ignore index and shifted by one, ``shift_labels``, ``ignore_index``, mean
@@ -32,8 +32,8 @@ from torch import nn
 # a model instance or a model class: patch and unpatch return what they are given
 _M = TypeVar("_M")
 
-from ..api import linear_cross_entropy
-from ..module import LinearCrossEntropyLoss
+from ...api import linear_cross_entropy
+from ...module import LinearCrossEntropyLoss
 from .heads import UnsupportedModelError, head_apply, run_without_logits
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError"]

@@ -1,8 +1,8 @@
-"""The per-row prologue of a fused training call (see cutce.plan) in one launch: each row's
+"""The per-row prologue of a fused training call (see cutce.engine.planner) in one launch: each row's
 coefficients in the reduced loss and the flag of the targets check.
 
 In an eager call from an idle GPU, the GPU waits for the host until the first logit kernel is
-queued. The same work as torch ops (the targets check and :func:`cutce.loss.row_coefs`) was
+queued. The same work as torch ops (the targets check and :func:`cutce.engine.loss.row_coefs`) was
 ~12 small kernels, 0.9 ms of host time on the H200's host; one Triton launch takes ~0.1 ms.
 It covers the calls that the Triton fused strategy takes without class weights (no label
 smoothing there either); the others keep the torch ops.
@@ -40,7 +40,7 @@ def _row_coefs_kernel(t_ptr, w_ptr, coef_ptr, bad_ptr, N, V, stride_t, stride_w,
             cnt += (m & (t != ignore_index)).to(tl.int32)
         denom = tl.sum(tot, 0)
         # weights summing to 0: nothing valid gives coefficients 0 (loss 0); valid tokens of
-        # weight 0 give NaN (0/0, as F.cross_entropy; cutce.loss.mean_denominator)
+        # weight 0 give NaN (0/0, as F.cross_entropy; cutce.engine.loss.mean_denominator)
         denom = tl.where(denom == 0, tl.where(tl.sum(cnt, 0) > 0, float("nan"), 1.0), denom)
     bad = tl.zeros((BLOCK,), tl.int32)
     for i in range(0, N, BLOCK):
@@ -67,7 +67,7 @@ def _row_coefs_kernel(t_ptr, w_ptr, coef_ptr, bad_ptr, N, V, stride_t, stride_w,
 
 
 def row_coefs(targets, token_weights, vocab, ignore_index, z_loss, mean):
-    """(coef, bad): what ``cutce.loss.row_coefs(targets, token_weights, opts, float32, None,
+    """(coef, bad): what ``cutce.engine.loss.row_coefs(targets, token_weights, opts, float32, None,
     vocab)`` returns for label smoothing 0, and ``bad``, a (1,) int32 tensor that is 1 when a
     target is outside [0, vocab) and not ignore_index, else 0.
 

@@ -1,6 +1,6 @@
 """The one place that decides, per call, how a loss is computed: which strategy, which chunks.
 
-Two exact strategies share the backend contract (see :mod:`cutce.torch_impl`):
+Two exact strategies share the backend contract (see :mod:`cutce.backends.torch.ce`):
 
 - **recompute**: the forward keeps O(N) values, the backward recomputes the logit tiles. Four
   N x D x V products (forward, recompute, dE, dC); extra memory <= ~10% of the gradients at

@@ -1,5 +1,5 @@
 """The fingerprint of a vocabulary-parallel call, to check that every rank of the group made the
-same call before any collective whose size depends on it (see :mod:`cutce.distributed`).
+same call before any collective whose size depends on it (see :mod:`cutce.parallel.vocab`).
 
 :func:`call_codes` encodes a call as a fixed number of int64s; the ranks all-gather them with the
 layout and :func:`check` raises the same ValueError on every rank, naming the first field that
@@ -15,7 +15,7 @@ import struct
 
 import torch
 
-from .options import REDUCTIONS, Options
+from ..engine.options import REDUCTIONS, Options
 
 # The call's fingerprint: what must be the same on every rank of the split, because it decides
 # the size or the number of the collectives that follow (label smoothing and entropy add rows to

@@ -3,8 +3,8 @@
 ``cutce::distill_rows_triton`` gives the per-token losses and the O(N) statistics its backward
 needs; ``cutce::distill_backward_triton`` recomputes both heads' logit tiles from them (the
 recompute strategy). ``cutce::distill_fused_triton`` is the fused strategy
-(:mod:`cutce.triton.distill_fused`): a "mean"/"sum" call with a frozen teacher whose student
-gradients are formed in the forward, when :func:`fused_plan` says so. Same functions as :mod:`cutce.torch_distill` (``distill_total``, ``distill_rows``, ``compute_dtype``),
+(:mod:`cutce.backends.triton.distill_fused`): a "mean"/"sum" call with a frozen teacher whose student
+gradients are formed in the forward, when :func:`fused_plan` says so. Same functions as :mod:`cutce.backends.torch.distill` (``distill_total``, ``distill_rows``, ``compute_dtype``),
 so the api dispatches to either.
 """
 
@@ -15,10 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import plan as _plan
-from .triton import distill as _k
-from .triton import distill_fused as _kf
-from .triton.fused import scale_ as _scale_
+from ...engine import planner as _plan
+from . import distill as _k
+from . import distill_fused as _kf
+from .fused import scale_ as _scale_
 
 # Extra memory the fused strategy may use beyond the student's gradients, as a fraction of them,
 # when the call gives no memory_budget. Its float32 dC accumulator alone is V x Ds x 4 bytes
@@ -173,7 +173,7 @@ def fusable(hs, ws, bs, ht, wt, bt, beta, memory_budget):
 
 
 def fused_plan(hs, ws, bs, ht, wt, bt, beta, memory_budget):
-    """The plan (:func:`cutce.triton.distill_fused.plan`) when a "mean"/"sum" call takes the
+    """The plan (:func:`cutce.backends.triton.distill_fused.plan`) when a "mean"/"sum" call takes the
     fused strategy, else None: a :func:`fusable` call whose budget (None: the default) fits a
     chunk. Planned without the student's Xs: :func:`_fused_op` re-plans with them at run time,
     and a chunk fits with them or the plan drops them, so the answer here is the same."""

@@ -2,7 +2,7 @@
 
 What RL and preference loops (GRPO, PPO, DPO, KTO, ...) compute from ``model(...).logits``, here
 from the head's hidden states and weight by :func:`cutce.linear_log_probs`: the model runs through
-:func:`cutce.transformers.heads.run_without_logits` (its own forward, the head replaced by the
+:func:`cutce.integrations.transformers.heads.run_without_logits` (its own forward, the head replaced by the
 checked probe), so everything around the head, the logit transform included, is the model's own
 code or is refused.
 """
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import api
-from ..log_probs import linear_log_probs
+from ... import api
+from ...log_probs import linear_log_probs
 from .heads import UnsupportedModelError, head_apply, run_without_logits
 from .patching import _transformers_model
 

@@ -8,7 +8,7 @@ to seconds. On the GPU the tiles feed Hopper's tensor cores (128-wide, BLOCK_K 6
 Launchers read the values through :func:`current` (one preset per device, cached); nothing here
 reads the environment except Triton's own TRITON_INTERPRET. To try other values::
 
-    from cutce.triton import configs
+    from cutce.backends.triton import configs
     with configs.override(tma=False, fwd_tile=configs.TileConfig(128, 128, 64)):
         loss = cutce.linear_cross_entropy(h, w, t, impl="triton")
         loss.backward()

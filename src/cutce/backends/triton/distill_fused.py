@@ -1,7 +1,7 @@
 """Fused distillation strategy: the student's gradients formed in the forward, teacher computed once.
 
 For reduction "mean"/"sum" with a frozen teacher every row's weight c_i is known in the forward,
-so (as the loss's fused strategy, :mod:`cutce.plan`) each chunk of tokens is finished there:
+so (as the loss's fused strategy, :mod:`cutce.engine.planner`) each chunk of tokens is finished there:
 
 1. :func:`_stats_kernel` (row blocks x vocabulary splits) computes both heads' logit tiles, the
    online log-sum-exps of both (and at T = 1 for the CE term), Σ p (z_t - z_s) (hence
@@ -10,7 +10,7 @@ so (as the loss's fused strategy, :mod:`cutce.plan`) each chunk of tokens is fin
    and once lse_t is known p_ij = X_ij exp(mt_i,tile - lse_t,i), exact up to X's 16-bit
    rounding. With KernelConfig.distill_student_x it stores the student's Xs the same way.
 2. The splits' statistics are combined per row (lse_s, lse_t, lse_1, the divergence).
-3. The dz passes (:mod:`cutce.triton.distill_dz`) write dz_s = c_i ((1 - w)/T (q - p) +
+3. The dz passes (:mod:`cutce.backends.triton.distill_dz`) write dz_s = c_i ((1 - w)/T (q - p) +
    w (softmax(z_s) - onehot)) (times the softcap's derivative) over X, in X's bytes, from a
    recomputed student tile (a quarter of the teacher's product at the Qwen 7B -> 0.5B pair) or,
    with Xs stored, elementwise. For the JSD a first pass sums Σ p d and Σ q d per row,
@@ -18,10 +18,10 @@ so (as the loss's fused strategy, :mod:`cutce.plan`) each chunk of tokens is fin
 4. cuBLAS: dE[chunk] = dz @ W_s (float32 result, rounded once), dC += dz^T @ E[chunk] (float32
    accumulator across chunks, cast once at the end), dbias += column sums of dz.
 
-The backward only scales the gradients by the upstream scalar (:func:`cutce.plan.fused_backward`).
+The backward only scales the gradients by the upstream scalar (:func:`cutce.engine.planner.fused_backward`).
 Products of N x Ds x V (the student's): 4 + 1 (stats) + 1 (dz) + 2 (dE, dC) = 8 for the forward
 KL, 9 for the JSD (7 for both with Xs stored), against 12 and 17 for the recompute kernels
-(:mod:`cutce.triton.distill`). The reverse KL stays there: its gradient q (log q - log p - D)
+(:mod:`cutce.backends.triton.distill`). The reverse KL stays there: its gradient q (log q - log p - D)
 needs log p to any depth, which a 16-bit X cannot give where p underflows (the JSD's log m is
 bounded by log q + log(1 - beta)).
 

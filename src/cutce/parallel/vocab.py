@@ -3,7 +3,7 @@
 Each rank of ``group`` holds a contiguous slice ``weight[start:stop]`` (and ``bias[start:stop]``)
 of the classifier; the slices tile ``[0, V)``. Hidden states and targets are the same on every
 rank. Every rank runs the ordinary local backend on its slice, which yields the O(N) parts of the
-backend contract (see :mod:`cutce.torch_impl`) for its slice only::
+backend contract (see :mod:`cutce.backends.torch.ce`) for its slice only::
 
     lse_r, zt_r, zsum_r, pz_r        each (N,), over the classes start_r <= j < stop_r
 
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from . import agreement
-from .options import Options
+from ..engine.options import Options
 
 __all__ = ["VocabSlice", "combine_parts", "resolve_vocab_parallel", "vocab_parallel_parts", "vocab_slice"]
 
@@ -199,7 +199,7 @@ def _exchange(group, head, codes, device):
 def vocab_slice(group, local_vocab: int, vocab_start, device, reduce_hidden_grad=True,
                 codes=None) -> VocabSlice:
     """This rank's [start, stop) and the global V, from one all-gather of (start, size) pairs
-    and the call's fingerprint (``codes``, from :func:`cutce.agreement.call_codes`; None: all fields None).
+    and the call's fingerprint (``codes``, from :func:`cutce.parallel.agreement.call_codes`; None: all fields None).
 
     Done on every call (2 + 2 * len(agreement.FIELDS) int64 per rank, plus a host sync): a cache keyed by
     anything a rank knows alone (its slice size) is unsound, since a rank whose key hits would

@@ -1,6 +1,6 @@
 """The Triton path as torch.library custom ops (opaque to torch.compile) with fake impls and autograd.
 
-``cutce::lse_parts`` computes the backend contract (see :mod:`cutce.torch_impl`) and
+``cutce::lse_parts`` computes the backend contract (see :mod:`cutce.backends.torch.ce`) and
 ``cutce::lse_parts_backward`` its gradients. Both are opaque to torch.compile, so a compiled
 function that calls cutce has no graph break and no host sync around them; the exact backward is
 sync-free (CUDA-graph safe), the filtered one syncs once to count the classes it keeps.
@@ -13,11 +13,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import plan
-from .options import Options
-from .triton import backward as _bw
-from .triton import forward as _fw
-from .triton import fused as _fused
+from ...engine import planner as plan
+from ...engine.options import Options
+from . import backward as _bw
+from . import forward as _fw
+from . import fused as _fused
 
 
 @torch.library.custom_op("cutce::lse_parts", mutates_args=())
@@ -28,7 +28,7 @@ def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty),
     over every row with ``bound_all_rows`` (a returned lse), else over the rows with a target.
-    memory_budget only travels to the backward (its float32 dC accumulator, see cutce.plan)."""
+    memory_budget only travels to the backward (its float32 dC accumulator, see cutce.engine.planner)."""
     return _fw.forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum,
                        need_entropy, bound=filter_eps > 0, class_weight=class_weight,
                        bound_all_rows=bound_all_rows)
@@ -100,7 +100,7 @@ def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
                   need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A training call's (total, lse, dh, dw, db), gradients formed in the forward. The plan is
     made here, at run time, so that torch.compile never specializes on the number of tokens:
-    the fused strategy (cutce.triton.fused) when the budget allows it, else the recompute
+    the fused strategy (cutce.backends.triton.fused) when the budget allows it, else the recompute
     kernels run right away with the known upstream gradients."""
     n, d = hidden.shape
     p = plan.plan(n, weight.shape[0], d, hidden.dtype, "triton", True, memory_budget, need_h, need_w)
@@ -139,7 +139,7 @@ fused_loss_op.register_autograd(plan.fused_backward, setup_context=_fused_setup_
 
 
 def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None):
-    """A training call on the Triton path (same contract as :func:`cutce.torch_impl.fused_loss`;
+    """A training call on the Triton path (same contract as :func:`cutce.backends.torch.ce.fused_loss`;
     label smoothing 0, bfloat16 or float32)."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
@@ -153,7 +153,7 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
 
 def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None):
     """The backend contract on the Triton path (same signature and result as
-    :func:`cutce.torch_impl.linear_lse_parts`; float32 outputs)."""
+    :func:`cutce.backends.torch.ce.linear_lse_parts`; float32 outputs)."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()

@@ -1,4 +1,4 @@
-"""Fused strategy (see cutce.plan): each token chunk's logits are computed once, and dE, dC and
+"""Fused strategy (see cutce.engine.planner): each token chunk's logits are computed once, and dE, dC and
 dbias are formed from them in the forward; three N x D x V products instead of four.
 
 The softmax needs each row's lse, which is only known after the whole vocabulary, so the logit
@@ -41,7 +41,7 @@ from .forward import target_logits
 # A row whose max logit exceeds its reference c by more than FAR_GAP (a loss above ~60 nats)
 # could overflow exp(z - c) or its row sum (float32 and bf16 hold up to e^88; V terms of e^60
 # stay below): the refill launch rewrites it with c = the row max. float16 (max e^11) is not
-# fused: see cutce.plan.
+# fused: see cutce.engine.planner.
 FAR_GAP = 60.0
 # The chunk epilogue's rows per program and hidden columns per step.
 EPI_ROWS, EPI_COLS = 32, 128
@@ -298,7 +298,7 @@ def _x_buffer(dw, rows, v, dtype, in_place, device):
 
 def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_in_place,
                need_h, need_w, need_b):
-    """The fused strategy on the Triton path (label smoothing 0; see cutce.plan).
+    """The fused strategy on the Triton path (label smoothing 0; see cutce.engine.planner).
 
     Args: hidden (N, D), weight (V, D), bias (V,) or None: 16-bit or float32, unit inner stride;
     targets (N,) int64; coef (4, N) float32, unit inner stride: each row's coefficients
@@ -313,7 +313,7 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     (empty when not needed).
     """
     n, d = hidden.shape
-    assert n > 0, "cutce.plan never fuses an empty call"
+    assert n > 0, "cutce.engine.planner never fuses an empty call"
     v = weight.shape[0]
     dt = hidden.dtype
     dev = hidden.device

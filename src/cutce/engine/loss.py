@@ -1,7 +1,7 @@
-"""The reduced loss from the backend contract's parts (see :mod:`cutce.torch_impl`): token and
+"""The reduced loss from the backend contract's parts (see :mod:`cutce.backends.torch.ce`): token and
 class weights, label smoothing, z-loss, ignore_index and the reduction, as ordinary
 differentiable O(N) torch code; and the same loss as per-row coefficients for the fused strategy
-(see :mod:`cutce.plan`). Inputs are validated by :mod:`cutce.api` before they get here.
+(see :mod:`cutce.engine.planner`). Inputs are validated by :mod:`cutce.api` before they get here.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import distributed
+from ..parallel import vocab as distributed
 from .options import Options
 
 

@@ -121,7 +121,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     """Gradients of (lse, zt, zsum, pz) w.r.t. hidden, weight, bias given their upstream grads.
 
     ``dc_f32``: the budget allows a float32 V x D accumulator, so that with more than one token
-    chunk dC's running sum is not rounded to the weight's dtype between chunks (see cutce.plan).
+    chunk dC's running sum is not rounded to the weight's dtype between chunks (see cutce.engine.planner).
 
     Returns (dh, dw, db) in the inputs' dtypes; a gradient that is not needed is an empty tensor
     of its own (a custom op's outputs may not alias each other).

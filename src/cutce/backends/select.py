@@ -1,5 +1,5 @@
 """Which backend runs a validated call: the Triton path or the torch path, and whether a
-training call takes the fused strategy's function (see :mod:`cutce.plan`). api.py validates
+training call takes the fused strategy's function (see :mod:`cutce.engine.planner`). api.py validates
 the user's input before anything here runs; an explicit impl="triton" that cannot run raises
 here and says why (never a silent fallback).
 """
@@ -12,7 +12,8 @@ import warnings
 
 import torch
 
-from . import plan, torch_impl
+from ..engine import planner as plan
+from .torch import ce as torch_impl
 
 
 def triton_unavailable_reason(hidden) -> str | None:
@@ -23,7 +24,7 @@ def triton_unavailable_reason(hidden) -> str | None:
         return (f"the Triton kernels need CUDA tensors, got device {hidden.device} "
                 "(set TRITON_INTERPRET=1 to run them on CPU tensors through Triton's interpreter)")
     try:
-        from . import ops  # noqa: F401  (the import is the check)
+        from .triton import ops  # noqa: F401  (the import is the check)
     except ImportError as e:
         return f"Triton could not be imported ({e})"
     return None
@@ -50,13 +51,13 @@ def backend(impl, hidden):
         if reason.startswith("Triton could not"):
             warn_torch_fallback(reason)
         return torch_impl.linear_lse_parts
-    from . import ops
+    from .triton import ops
 
     return ops.linear_lse_parts
 
 
 def fused_backend(backend, h2, weight, bias, opts):
-    """The training-call function (gradients formed in the forward, see cutce.plan) when this
+    """The training-call function (gradients formed in the forward, see cutce.engine.planner) when this
     call can use it, else None. Under torch.compile only static facts decide (never the number
     of tokens, so that compile does not specialize on it) and the backend plans at run time,
     possibly running the recompute kernels inside; in eager code the plan decides here."""
@@ -76,14 +77,14 @@ def fused_backend(backend, h2, weight, bias, opts):
             return None
     if not triton_path:
         return torch_impl.fused_loss
-    from . import ops
+    from .triton import ops
     return ops.fused_loss
 
 
 def row_prologue(fused, opts, class_weight):
     """For a fused call on the Triton path in eager code without class weights: the one-launch
-    row coefficients and targets flag (cutce.triton.rows.row_coefs), else None (torch ops:
-    cutce.loss.row_coefs and the api's targets check). Under torch.compile the torch ops stay,
+    row coefficients and targets flag (cutce.backends.triton.rows.row_coefs), else None (torch ops:
+    cutce.engine.loss.row_coefs and the api's targets check). Under torch.compile the torch ops stay,
     for the compiler to fuse."""
     if (fused is None or fused is torch_impl.fused_loss or class_weight is not None
             or opts.label_smoothing or torch.compiler.is_compiling()):
