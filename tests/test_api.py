@@ -141,21 +141,19 @@ def test_impl_auto_warns_once_when_triton_cannot_import_on_cuda(monkeypatch):
     the weight and its gradient): say so once, naming the import error; explicit 'triton' raises."""
     import types
     import warnings
-    from cutce import api
-    from cutce.backends import select as dispatch
-    from cutce.backends.torch import ce as torch_impl
-    dispatch.warn_torch_fallback.cache_clear()
+    from cutce import api, backends
+    backends.warn_torch_fallback.cache_clear()
     reason = "Triton could not be imported (No module named 'triton')"
-    monkeypatch.setattr(dispatch, "triton_unavailable_reason", lambda h: reason)
+    monkeypatch.setattr(backends, "triton_reason", lambda *a, **k: reason)
     fake_cuda = types.SimpleNamespace(is_cuda=True)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for _ in range(3):
-            assert api._backend("auto", fake_cuda) is torch_impl.linear_lse_parts
+            assert api.choose_backend("auto", fake_cuda) == "torch"
     assert len(seen) == 1 and "No module named 'triton'" in str(seen[0].message)
     with pytest.raises(RuntimeError, match="No module named 'triton'"):
-        api._backend("triton", fake_cuda)
-    dispatch.warn_torch_fallback.cache_clear()
+        api.choose_backend("triton", fake_cuda)
+    backends.warn_torch_fallback.cache_clear()
 
 
 def test_deterministic_keyword_is_gone(inputs):

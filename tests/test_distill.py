@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cutce
-from cutce.backends.torch import distill as torch_distill
+from cutce.backends.pytorch import distill as torch_distill
 from distill_cases import check, make, to_dev
 from reference import distill_reference, rel_err
 from triton_support import DEV, IMPLS

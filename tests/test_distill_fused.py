@@ -16,6 +16,8 @@ pytest.importorskip("triton")  # every test here runs the Triton path
 
 from cutce.backends.triton import distill_ops
 from cutce.backends.triton import distill_fused as kf
+from cutce.engine import planner
+from cutce.engine.problem import Problem
 
 
 @pytest.fixture
@@ -136,36 +138,40 @@ def test_budget_zero_and_uncovered_calls_keep_the_recompute_path(gen, fused_call
     check(gen, (hs, ws, bs, ht, wt, bt, t), torch.float32, impl="triton", memory_budget=0)
     check(gen, (hs, ws, bs, ht, wt, bt, t), torch.float32, impl="triton", beta=1.0)
     assert fused_calls == []
-    args = (hs, ws, bs, ht, wt, bt)
-    assert distill_ops.fused_plan(*args, 0.0, None) is not None
-    assert distill_ops.fused_plan(*args, 0.5, 3.0) is not None
-    assert distill_ops.fused_plan(*args, 1.0, None) is None  # reverse KL
-    assert distill_ops.fused_plan(*args, 0.0, 0.0) is None
-    teacher = ht.detach().requires_grad_()
-    assert distill_ops.fused_plan(hs, ws, bs, teacher, wt, bt, 0.0, None) is None
-    with torch.no_grad():
-        assert distill_ops.fused_plan(*args, 0.0, None) is None
+    def fuses(beta=0.0, budget=None, teacher_grad=False, grad=True):
+        p = Problem(30, 130, 24, torch.float32, grad, grad, reduced=True, memory_budget=budget,
+                    dt=36, beta=beta, teacher_grad=teacher_grad)
+        return planner.plan(p, "triton").fused
+    assert fuses() and fuses(0.5, 3.0)
+    assert not fuses(1.0)  # reverse KL
+    assert not fuses(0.0, 0.0)
+    assert not fuses(teacher_grad=True)
+    assert not fuses(grad=False)  # torch.no_grad(): no gradient to form
 
 
 def test_plan_at_the_bench_shape():
-    """Qwen2.5 7B -> 0.5B, 8192 tokens, bf16: the default's chunks, the floor that keeps X in
-    dC's bytes, and the bytes within the budget."""
-    n, v, ds, bf16 = 8192, 151936, 896, torch.bfloat16
-    grads = kf.gradient_bytes(n, v, ds, bf16, True, True)
-    for budget, want in ((4.0, (1664, False, False)), (2.0, (896, True, False)),
-                         (8.0, (4096, False, False))):
-        got = kf.plan(n, v, ds, bf16, True, True, budget)
-        assert got == want, (budget, got)
-        assert kf.extra_bytes(n, v, ds, bf16, got[0], True, True) <= budget * grads
-    assert kf.plan(n, v, ds, bf16, True, True, 1.5) is None  # dC's accumulator alone is 1.9x
-    # the student's Xs too: a second chunk x V buffer, so smaller chunks within the same budget;
-    # without them where no chunk fits with them (budget 2)
-    for budget, want in ((2.0, (896, True, False)), (3.0, (896, True, True)),
-                         (4.0, (911, False, True)), (8.0, (2731, False, True))):
-        got = kf.plan(n, v, ds, bf16, True, True, budget, xs=True)
-        assert got == want, (budget, got)
-        assert kf.extra_bytes(n, v, ds, bf16, got[0], True, True, got[2]) <= budget * grads
-    assert kf.plan(n, v, ds, bf16, True, True, 0.0) is None
+    """Qwen2.5 7B -> 0.5B, 8192 tokens, bf16: the default's chunks (as before the budget counted
+    both heads' inputs), the floor that keeps X in dC's bytes, and the bytes within the budget."""
+    def prob(budget):
+        return Problem(8192, 151936, 896, torch.bfloat16, reduced=True, memory_budget=budget,
+                       dt=3584)
+    for budget, want in ((None, (1408, False, False)), (0.5, (896, True, False)),
+                         (8.0, (1408, False, False))):
+        got = planner.plan(prob(budget), "triton")
+        assert (got.chunk_n, got.dc_in_place, got.student_x) == want, (budget, got)
+        assert got.dc_f32
+        assert planner.distill_extra_bytes(prob(budget), got.chunk_n) <= \
+            (budget or 2.0) * prob(budget).input_bytes()
+    assert not planner.plan(prob(0.3), "triton").fused  # dC's accumulator alone is 0.4x
+    # the student's Xs too: a second chunk x V buffer, so smaller chunks within a small budget;
+    # without them where no chunk fits with them
+    for budget, want in ((None, (1408, False, True)), (0.5, (512, True, True)),
+                         (0.4, (896, True, False))):
+        got = planner.plan(prob(budget), "triton", student_x=True)
+        assert (got.chunk_n, got.dc_in_place, got.student_x) == want, (budget, got)
+        assert planner.distill_extra_bytes(prob(budget), got.chunk_n, got.student_x) <= \
+            (budget or 2.0) * prob(budget).input_bytes()
+    assert not planner.plan(prob(0.0), "triton").fused
 
 
 def test_memory_budget_validation_and_second_backward(gen):

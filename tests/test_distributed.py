@@ -140,7 +140,7 @@ def _entropy_parts(group, sizes):
     gradients under arbitrary upstream gradients equal the unsplit backend's."""
     import cutce.parallel.vocab as cd
     from cutce.engine.options import Options
-    from cutce.backends.torch.ce import linear_lse_parts
+    from cutce.backends.pytorch.ce import linear_lse_parts
 
     failures = []
     opts = Options(softcap=3.0, logit_scale=1.2, temperature=0.8, label_smoothing=0.1, need_entropy=True)

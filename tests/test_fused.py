@@ -12,6 +12,7 @@ import torch
 
 import cutce
 from cutce.engine import planner as plan
+from cutce.engine.problem import Problem
 from reference import lowp_torch, make_inputs, oracle, rel_err
 from triton_support import DEV, IMPLS, requires_triton
 
@@ -20,53 +21,60 @@ GEMMA, LLAMA = (8192, 256000, 2304), (8192, 128256, 4096)
 
 # ---- plans (pure arithmetic) --------------------------------------------------------------
 
+def _problem(n, v, d, dtype=torch.bfloat16, budget=None, reduced=True, **kw):
+    return Problem(n, v, d, dtype, reduced=reduced, memory_budget=budget, **kw)
+
+
 def test_plan_minimum_budget_is_recompute():
-    assert plan.plan(8192, 256000, 2304, torch.bfloat16, "triton", True, 0.0) == plan.RECOMPUTE
-    assert plan.plan(8192, 256000, 2304, torch.bfloat16, "triton", False, 2.0) == plan.RECOMPUTE
+    assert plan.plan(_problem(*GEMMA, budget=0.0), "triton") == plan.RECOMPUTE
+    assert plan.plan(_problem(*GEMMA, budget=2.0, reduced=False), "triton") == plan.RECOMPUTE
 
 
 @pytest.mark.parametrize("shape", [GEMMA, LLAMA, (65536, 256000, 2304), (16384, 32768, 4096)],
                          ids=["gemma", "llama", "gemma-65k", "v32k"])
 def test_default_plan_fuses_within_budget(shape):
-    n, v, d = shape
-    p = plan.plan(n, v, d, torch.bfloat16, "triton", True, None)
-    assert p.fused and p.dc_f32 and p.dc_in_place and 2048 <= p.chunk_n <= d
-    extra = plan.fused_extra_bytes(n, v, d, torch.bfloat16, p.chunk_n, True, "triton")
-    assert extra <= plan.DEFAULT_MEMORY_BUDGET["triton"] * plan.gradient_bytes(n, v, d, torch.bfloat16)
+    p = plan.plan(_problem(*shape), "triton")
+    assert p.fused and p.dc_f32 and p.dc_in_place and 2048 <= p.chunk_n <= shape[2]
+    extra = plan.fused_extra_bytes(_problem(*shape), p.chunk_n, "triton")
+    assert extra <= plan.DEFAULT_MEMORY_BUDGET["triton"] * _problem(*shape).gradient_bytes()
 
 
 def test_plan_chunks_are_even():
     """Same number of chunks as the largest that fits, equal sizes: no thin last chunk."""
-    p = plan.plan(*GEMMA, torch.bfloat16, "triton", True, None)
-    assert p.chunk_n == 2048  # 4 x 2048, not 3 x 2304 + 1280
+    assert plan.plan(_problem(*GEMMA), "triton").chunk_n == 2048  # 4 x 2048, not 3 x 2304 + 1280
     for n, chunk in ((4097, 4097), (5000, 2048), (9000, 2304), (70001, 2304), (66000, 2304)):
-        assert plan.plan(n, 256000, 2304, torch.bfloat16, "triton", True, None).chunk_n == chunk
+        assert plan.plan(_problem(n, 256000, 2304), "triton").chunk_n == chunk
 
 
-def test_plan_small_budget_or_frozen_head_recomputes():
+def test_plan_budget_is_a_fraction_of_the_inputs():
+    """memory_budget counts the inputs' bytes (hidden states and weights): for a loss that trains
+    both they are the gradients'; a frozen head (LoRA) keeps the same budget, and with no dC
+    to hold, chunks of X fit in it."""
     n, v, d = GEMMA
-    assert not plan.plan(n, v, d, torch.bfloat16, "triton", True, 1.0).fused
-    # LoRA: no dC to hold X, and the gradients (dE only) are small
-    assert not plan.plan(n, v, d, torch.bfloat16, "triton", True, 2.0, need_w=False).fused
+    assert not plan.plan(_problem(n, v, d, budget=1.0), "triton").fused
+    frozen = _problem(n, v, d, need_w=False)
+    assert frozen.input_bytes() == _problem(n, v, d).gradient_bytes()
+    p = plan.plan(frozen, "triton")
+    assert p.fused and not p.dc_f32 and not p.dc_in_place
+    assert plan.fused_extra_bytes(frozen, p.chunk_n, "triton") <= 2.0 * frozen.input_bytes()
 
 
 def test_plan_one_chunk_needs_no_accumulator():
-    p = plan.plan(1024, 32768, 4096, torch.bfloat16, "triton", True, 2.0)
+    p = plan.plan(_problem(1024, 32768, 4096, budget=2.0), "triton")
     assert p.fused and p.chunk_n == 1024 and not p.dc_f32 and not p.dc_in_place
 
 
 def test_plan_small_hidden_size_recomputes():
     """D=1024: the largest chunk living in dC's bytes is too thin to win (measured on the H200)."""
-    assert not plan.plan(4092, 128256, 1024, torch.bfloat16, "triton", True, None).fused
+    assert not plan.plan(_problem(4092, 128256, 1024), "triton").fused
 
 
 def test_torch_path_default_chunk_stays_within_native_memory():
     """The CPU case of the docs: chunk temporaries within the gradients' size (budget 1.0)."""
-    n, v, d = 4096, 65536, 512
-    p = plan.plan(n, v, d, torch.float32, "torch", True, None)
+    prob = _problem(4096, 65536, 512, torch.float32)
+    p = plan.plan(prob, "torch")
     assert p.fused and p.chunk_n == 256
-    assert plan.fused_extra_bytes(n, v, d, torch.float32, p.chunk_n, True, "torch") \
-        <= plan.gradient_bytes(n, v, d, torch.float32)
+    assert plan.fused_extra_bytes(prob, p.chunk_n, "torch") <= prob.gradient_bytes()
 
 
 # ---- numerics -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cutce import linear_cross_entropy
-from cutce.backends.torch import ce as torch_impl
+from cutce.backends.pytorch import ce as torch_impl
 from cutce.engine.options import Options
 from reference import DTYPES, lowp_torch, make_inputs, oracle, rel_err
 

@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")  # every test here runs the Triton path
 
 import cutce  # noqa: E402
 from cutce.backends.triton import ops  # noqa: E402
-from cutce.backends.torch import ce as torch_impl
+from cutce.backends.pytorch import ce as torch_impl
 from cutce.engine.options import Options  # noqa: E402
 from cutce.backends.triton import configs  # noqa: E402
 from cutce.backends.triton import forward as tfwd  # noqa: E402

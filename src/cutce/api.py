@@ -2,7 +2,7 @@
 
 A call validates, applies autocast, shifts and flattens to (N, D), builds :class:`Options`,
 dispatches to a backend that returns the O(N) parts of the backend contract (see
-:mod:`cutce.backends.torch.ce`), then forms the loss from them with ordinary differentiable torch code.
+:mod:`cutce.backends.pytorch.ce`), then forms the loss from them with ordinary differentiable torch code.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from .backends import select as dispatch
-from .parallel import vocab as distributed
-from .engine import loss
-from .backends.torch import ce as torch_impl
+from . import backends
+from .engine import loss, planner
 from .engine.options import AUTO_FILTER_EPS, IMPLS, REDUCTIONS, Options
+from .engine.problem import Problem
+from .parallel import vocab as distributed
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -163,10 +163,28 @@ def _check_targets(targets, vocab, ignore_index, defer=False, tname="targets"):
             else None)
 
 
-def _backend(impl, hidden):
+def choose_backend(impl, hidden, kind="loss", teacher=None, float16=True) -> str:
+    """The planner's backend ("torch" | "triton") for a validated call (see
+    :func:`cutce.engine.planner.choose_backend`); a broken Triton install warns once."""
     if impl not in IMPLS:
         _fail("impl", f"one of {IMPLS}", repr(impl))
-    return dispatch.backend(impl, hidden)
+    name, reason = planner.choose_backend(
+        impl, hidden.is_cuda, lambda: backends.triton_reason(hidden, kind, teacher, float16))
+    backends.fallback_notice(reason)
+    return name
+
+
+def _fused_loss(be, name, problem, opts):
+    """The backend's fused function when the plan fuses this call, else None. Under
+    torch.compile only static facts decide (never N, so that compile does not specialize on it)
+    and the op plans again at run time, possibly running the recompute kernels inside; in eager
+    code a call the plan would not fuse keeps the recompute strategy's own backward (gradients
+    allocated in the backward, not held from the forward on)."""
+    if not planner.may_fuse(problem, name, label_smoothing=opts.label_smoothing > 0):
+        return None
+    if not torch.compiler.is_compiling() and not planner.plan(problem, name).fused:
+        return None
+    return be.fused_loss
 
 
 def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, vocab=None,
@@ -367,15 +385,23 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
         hidden, weight, targets, bias, token_weights, shift, opts.ignore_index,
         vocab=None if vs is None else vs.vocab, check_targets=False, tname=tname)
     vocab = weight.shape[0] if vs is None else vs.vocab
-    cdt = torch_impl.compute_dtype(h2.dtype)
+    cdt = torch.float64 if h2.dtype == torch.float64 else torch.float32
     cw = None if class_weight is None else _class_weights(class_weight, t1, weight, vs, opts, cdt)
     zsum_cw = cw.local if cw is not None and opts.need_zsum else None  # only smoothing reads it
-    backend = _backend(impl, h2)
-    fused = dispatch.fused_backend(backend, h2, weight, bias, opts) if fusable and vs is None else None
-    prologue = dispatch.row_prologue(fused, opts, cw)
-    if prologue is not None:  # one launch for the check's flag and the coefficients
-        coef, bad = prologue(t1, w1, vocab, opts.ignore_index, opts.z_loss,
-                             opts.reduction == "mean")
+    name = choose_backend(impl, h2)
+    be = backends.load(name, "loss")
+    need_h, need_w = (t.requires_grad and torch.is_grad_enabled() for t in (h2, weight))
+    problem = Problem(h2.shape[0], weight.shape[0], h2.shape[1], h2.dtype, need_h, need_w,
+                      reduced=fusable and vs is None, memory_budget=opts.memory_budget,
+                      chunk_bytes=opts.chunk_bytes)
+    fused = _fused_loss(be, name, problem, opts)
+    if (fused is not None and name == "triton" and cw is None and not opts.label_smoothing
+            and not torch.compiler.is_compiling()):
+        # eager Triton training call: one launch for the targets check's flag and the row
+        # coefficients (under torch.compile the torch ops below stay, for the compiler to fuse)
+        from .backends.triton import rows
+        coef, bad = rows.row_coefs(t1, w1, vocab, opts.ignore_index, opts.z_loss,
+                                   opts.reduction == "mean")
         check = _check_flag(bad, t1, vocab, opts.ignore_index, defer=True, tname=tname)
     else:
         check = _check_targets(t1, vocab, opts.ignore_index, defer=True, tname=tname)
@@ -383,10 +409,10 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     if fused is not None:
         parts = _Fused(fused(h2, weight, bias, t1, coef, opts, class_weight=zsum_cw)[0])
     elif vs is None:
-        parts = backend(h2, weight, bias, t1, opts, class_weight=zsum_cw)
+        parts = be.linear_lse_parts(h2, weight, bias, t1, opts, class_weight=zsum_cw)
     else:
-        parts = distributed.vocab_parallel_parts(backend, h2, weight, bias, t1, opts, vs,
-                                                 class_weight=zsum_cw)
+        parts = distributed.vocab_parallel_parts(be.linear_lse_parts, h2, weight, bias, t1, opts,
+                                                 vs, class_weight=zsum_cw)
     if check is not None:
         check()
     return Call(parts, t1, w1, out_shape, vocab, cw)

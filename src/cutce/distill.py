@@ -1,8 +1,9 @@
 """Knowledge distillation between two linear heads that share a vocabulary, without logits.
 
 Validation reuses api.py's helpers (each head is checked as the loss checks its head, with the
-argument names prefixed ``student_``/``teacher_``); the chunk loops are in
-:mod:`cutce.backends.torch.distill`.
+argument names prefixed ``student_``/``teacher_``); the call is described as one
+:class:`~cutce.engine.problem.Problem` for the same planner as the loss's, and run by the torch
+(:mod:`cutce.backends.pytorch.distill`) or Triton (:mod:`cutce.backends.triton.distill_ops`) backend.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import api
-from .backends import select as dispatch
-from .backends.torch import distill as torch_distill
+from . import api, backends
+from .engine import planner
+from .engine.loss import mean_denominator
 from .engine.options import IMPLS
+from .engine.problem import Problem
 
 
 def _prefixed(prefix, fn, *args):
@@ -70,48 +72,14 @@ def _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight):
 F16_TRITON = False
 
 
-def _triton_reason(hs, ht):
-    """Why the Triton kernels cannot run this call (None if they can)."""
-    if hs.dtype != ht.dtype:
-        return (f"the Triton distillation kernels need both heads in one dtype, got student "
-                f"{hs.dtype} and teacher {ht.dtype}")
-    if hs.dtype == torch.float16 and not F16_TRITON:
-        # The kernels hand cuBLAS 16-bit logit gradients; a distillation's (q - p) / N entries are
-        # all small (no one-hot), and float16's range flushes them (H200: dE error 5e-2 vs 5e-3).
-        return ("the Triton distillation kernels support bfloat16 and float32, not float16 (its "
-                "range underflows the per-token logit gradients; use bfloat16 or impl='torch')")
-    reason = dispatch.triton_unavailable_reason(hs)  # float64, device, Triton's import
-    if reason is not None:
-        return reason
-    try:
-        from .backends.triton import distill_ops  # noqa: F401  (the import is the check)
-    except ImportError as e:
-        return f"Triton could not be imported ({e})"
-    return None
-
-
-def _backend(impl, hs, ht):
-    # "auto" never picks Triton for CPU tensors: answer before the import check, which
-    # torch.compile cannot trace when Triton is missing.
-    if impl == "torch" or (impl == "auto" and not hs.is_cuda):
-        return torch_distill
-    reason = _triton_reason(hs, ht)
-    if impl == "triton" and reason is not None:
-        raise RuntimeError(f"impl='triton' cannot run: {reason}")
-    if impl == "auto" and reason is not None:
-        return torch_distill
-    from .backends.triton import distill_ops
-
-    return distill_ops
-
-
 def linear_distillation_loss(
     student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
     targets: Tensor | None = None, *, student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None, beta: float = 0.0, temperature: float = 1.0,
     student_softcap: float | None = None, teacher_softcap: float | None = None,
     ignore_index: int = -100, ce_weight: float = 0.0, reduction: str = "mean", shift: bool = False,
-    impl: str = "auto", memory_budget: float | None = None,
+    impl: str = "auto", memory_budget: float | None = None, token_weights: Tensor | None = None,
+    student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
 ) -> Tensor:
     """Distillation loss between a teacher and a student head over one vocabulary, without logits.
 
@@ -142,26 +110,31 @@ def linear_distillation_loss(
         impl: "auto" (Triton kernels for CUDA tensors when they cover the call: both heads in
             one dtype, bfloat16/float32; else the torch path), "torch" or "triton" (an
             explicit choice that cannot run raises and says why).
-        memory_budget: None or >= 0: extra memory the Triton path may use beyond the student's
-            gradients, as a fraction of their size, for a "mean"/"sum" call with a frozen
-            teacher and beta < 1. Within it, the fused strategy forms the student's gradients
-            in the forward, token chunk by token chunk, computing the teacher's logits once
-            (8 products of N x Ds x V instead of 12 for the forward KL, 9 instead of 17 for the
-            JSD; the backward only scales them, once: a second backward raises). The chunk
-            follows from the budget; it needs ~2x the gradients at least (dC's float32
-            accumulator) and runs faster with more. None: 5 (at a Qwen2.5 7B -> 0.5B pair with
-            8192 tokens: 6 chunks, about 6x the student's gradients in all; see
-            docs/benchmarks.md). 0: the recompute
-            strategy (peak ~1.1x the gradients). The torch path ignores it.
+        memory_budget: extra memory a training call may use beyond the gradients, as a
+            fraction of the inputs' size (both heads' hidden states and weights), as in
+            :func:`cutce.linear_cross_entropy` (None: 2.0 on the Triton path, 1.0 on the torch
+            path). Within it, a "mean"/"sum" call (frozen teacher and beta < 1 on the Triton
+            path) forms the student's gradients in the forward, token chunk by token chunk,
+            computing the teacher's logits once (Triton: 8 products of N x Ds x V instead of 12
+            for the forward KL, 9 instead of 17 for the JSD); its backward only scales them,
+            once: a second backward raises. At the Qwen2.5 7B -> 0.5B pair with 8192 tokens the
+            default gives 6 chunks of 1408 tokens (see docs/benchmarks.md). 0: the recompute
+            strategy (peak ~1.1x the gradients), which may be backpropagated twice.
+        token_weights: (*) float per-token weights w_i (as the loss's), or None: each token's
+            loss is multiplied by w_i; "mean" divides by the valid tokens' sum of w_i.
+        student_logit_scale, teacher_logit_scale: > 0, multiply each head's logits before its
+            softcap (as the loss's ``logit_scale``). Applied to the hidden states and bias
+            before the product (one rounding in their dtype for 16-bit inputs).
 
     Returns:
         float32 tensor (float64 when both heads are float64): a scalar, or the per-token losses
         in targets' shape after shift (hidden's leading shape without targets) for "none".
-        "mean" with no valid token gives 0 with zero gradients. Equal, up to rounding, to::
+        "mean" with no valid token gives 0 with zero gradients; NaN when valid tokens exist
+        but their weights sum to 0 (as the loss). Equal, up to rounding, to::
 
             if shift: hs, ht, targets = hs[..., :-1, :], ht[..., :-1, :], targets[..., 1:]
-            zs = hs @ Ws.T + bs;  zs = cs * tanh(zs / cs) if student_softcap   # float32
-            zt = ht @ Wt.T + bt;  zt = ct * tanh(zt / ct) if teacher_softcap
+            zs = ss * (hs @ Ws.T + bs);  zs = cs * tanh(zs / cs) if student_softcap   # float32
+            zt = st * (ht @ Wt.T + bt);  zt = ct * tanh(zt / ct) if teacher_softcap
             log_q = log_softmax(zs / T, -1);  log_p = log_softmax(zt / T, -1)
             D = (log_p.exp() * (log_p - log_q)).sum(-1)                     # beta = 0
             D = (log_q.exp() * (log_q - log_p)).sum(-1)                     # beta = 1
@@ -169,8 +142,8 @@ def linear_distillation_loss(
             D = beta * (log_p.exp() * (log_p - log_m)).sum(-1) \\
                 + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
             loss = (1 - ce_weight) * D + ce_weight * F.cross_entropy(zs, targets, reduction="none")
-            loss = loss where targets != ignore_index, else 0
-            "mean": loss.sum() / (targets != ignore_index).sum(); "sum": loss.sum()
+            loss = w * loss where targets != ignore_index, else 0       # w: token_weights or 1
+            "mean": loss.sum() / w[targets != ignore_index].sum(); "sum": loss.sum()
 
         No N x V tensor exists at any time. The torch path holds float32 logits of a chunk of
         tokens at a time; for "mean"/"sum" it forms the gradients in the forward (both heads'
@@ -183,9 +156,10 @@ def linear_distillation_loss(
     _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
     beta, temperature, (cap_s, cap_t), ce_weight = _check_scalars(
         beta, temperature, student_softcap, teacher_softcap, ce_weight, targets, shift, impl)
-    if memory_budget is not None:
-        memory_budget = api._check_real("memory_budget", memory_budget, lo=0.0)
-    opts = api.make_options(torch.float32, ignore_index=ignore_index, reduction=reduction)
+    scale_s = api._check_real("student_logit_scale", student_logit_scale, lo=0.0, lo_open=True)
+    scale_t = api._check_real("teacher_logit_scale", teacher_logit_scale, lo=0.0, lo_open=True)
+    opts = api.make_options(torch.float32, ignore_index=ignore_index, reduction=reduction,
+                            memory_budget=memory_budget)
     lead = student_hidden.shape[:-1]
     given = targets is not None
     if not given:
@@ -193,30 +167,58 @@ def linear_distillation_loss(
         targets = torch.zeros(lead, dtype=torch.long, device=student_hidden.device)
     # One targets check for both heads (none for the zeros above), read after the kernels are
     # queued (no host sync first); the teacher's call only validates its tensors
-    hs, ws, bs, t1, _, out_shape, check = _prefixed(
-        "student_", api.prepare, student_hidden, student_weight, targets, student_bias, None,
-        shift, ignore_index, None, given)
+    hs, ws, bs, t1, w1, out_shape, check = _prefixed(
+        "student_", api.prepare, student_hidden, student_weight, targets, student_bias,
+        token_weights, shift, ignore_index, None, given)
     ht, wt, bt, _, _, _, _ = _prefixed("teacher_", api.prepare, teacher_hidden, teacher_weight,
                                        targets, teacher_bias, None, shift, ignore_index, None,
                                        False)
-    backend = _backend(impl, hs, ht)
+    hs, bs = _scaled(hs, bs, scale_s)
+    ht, bt = _scaled(ht, bt, scale_t)
+    name = api.choose_backend(impl, hs, "distill", ht, float16=F16_TRITON)
+    backend = backends.load(name, "distill")
     cdt = backend.compute_dtype(hs.dtype, ht.dtype)
     args = (hs, ws, bs, ht, wt, bt, t1)
     scalars = (beta, temperature, cap_s, cap_t, ce_weight)
+    valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
     if opts.reduction == "none":
-        valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
-        out = backend.distill_rows(*args, valid, *scalars).reshape(out_shape)
+        out = backend.distill_rows(*args, valid, *scalars)
+        out = (out if w1 is None else torch.where(valid, out * w1, 0.0)).reshape(out_shape)
     else:
-        if not given:  # every token counts: the weights are known on the host (one launch)
-            w = 1.0 / max(t1.numel(), 1) if opts.reduction == "mean" else 1.0
-            coef = torch.full(t1.shape, w, dtype=cdt, device=t1.device)
-        else:
-            valid = t1 != ignore_index
-            coef = valid.to(cdt)
-            if opts.reduction == "mean":  # all ignored: coef 0, loss 0, grads 0
-                coef = coef / valid.sum().clamp(min=1).to(cdt)
-        budget = {} if backend is torch_distill else dict(memory_budget=memory_budget)
-        out = backend.distill_total(*args, coef, *scalars, **budget)
+        grad = torch.is_grad_enabled()
+        weights_grad = w1 is not None and w1.requires_grad
+        problem = Problem(
+            hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, hs.requires_grad and grad,
+            ws.requires_grad and grad, reduced=not weights_grad, memory_budget=opts.memory_budget,
+            dt=ht.shape[1], teacher_dtype=ht.dtype, beta=beta,
+            teacher_grad=grad and any(t is not None and t.requires_grad for t in (ht, wt, bt)))
+        fused = planner.may_fuse(problem, name)
+        if fused and not torch.compiler.is_compiling():  # compile: the op plans at run time
+            fused = planner.plan(problem, name, **backend.plan_hints(ce_weight, cap_s, hs.device)).fused
+        coef = _coefficients(t1, w1, valid, given, opts.reduction, cdt)
+        out = backend.distill_total(*args, coef, *scalars, fused=fused,
+                                    memory_budget=opts.memory_budget)
     if check is not None:
         check()
     return out
+
+
+def _scaled(h, b, scale):
+    """A logit scale s folded into the head's inputs: s (h W^T + b) = (s h) W^T + s b."""
+    if scale == 1.0:
+        return h, b
+    cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return (h.to(cdt) * scale).to(h.dtype), None if b is None else (b.to(cdt) * scale).to(b.dtype)
+
+
+def _coefficients(t1, w1, valid, given, reduction, cdt):
+    """Each row's weight in the total: w_i on valid rows, 0 on ignored ones, divided by "mean"'s
+    denominator (the loss's rule: 0 with zero gradients when nothing is valid, NaN when the
+    valid rows' weights sum to 0). Differentiable in the token weights."""
+    if w1 is None and not given:  # every token counts: the weights are known on the host
+        w = 1.0 / max(t1.numel(), 1) if reduction == "mean" else 1.0
+        return torch.full(t1.shape, w, dtype=cdt, device=t1.device)
+    coef = valid.to(cdt) if w1 is None else torch.where(valid, w1.to(cdt), 0.0)
+    if reduction == "mean":
+        coef = coef / mean_denominator(coef.sum(), valid)
+    return coef

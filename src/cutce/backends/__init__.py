@@ -1,2 +1,74 @@
 """The backends that run a plan: ``torch`` (exact chunked; the CPU path and the oracle) and
-``triton`` (the GPU kernels). Neither imports the other; each reads the engine's plan."""
+``triton`` (the GPU kernels). Neither imports the other; the engine's planner decides, and this
+module only says whether Triton can run a call and hands out a backend's functions.
+
+Each backend offers, for the loss (``cutce.backends.<name>.ce`` / ``.ops``): ``linear_lse_parts``
+(the per-token parts, any upstream gradient) and ``fused_loss`` (a reduced call's total with its
+gradients formed in the forward); for distillation (``.distill`` / ``.distill_ops``):
+``distill_rows``, ``distill_total``, ``compute_dtype`` and ``plan_hints``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+def load(name: str, kind: str):
+    """The module of backend ``name`` ("torch" | "triton") for ``kind`` ("loss" | "distill");
+    the Triton ones import Triton. (Plain imports: torch.compile traces them, not importlib.)"""
+    if name == "torch":
+        if kind == "loss":
+            from .pytorch import ce as module
+        else:
+            from .pytorch import distill as module
+    elif kind == "loss":
+        from .triton import ops as module
+    else:
+        from .triton import distill_ops as module
+    return module
+
+
+def triton_reason(hidden, kind: str = "loss", teacher=None, float16: bool = True) -> str | None:
+    """Why the Triton kernels cannot run a call whose (student) hidden states are ``hidden``
+    (None if they can). Distillation also needs both heads in one dtype and, unless
+    ``float16``, not float16."""
+    if kind == "distill":
+        if teacher.dtype != hidden.dtype:
+            return (f"the Triton distillation kernels need both heads in one dtype, got student "
+                    f"{hidden.dtype} and teacher {teacher.dtype}")
+        if hidden.dtype == torch.float16 and not float16:
+            # The kernels hand cuBLAS 16-bit logit gradients; a distillation's (q - p) / N
+            # entries are all small (no one-hot), and float16's range flushes them (H200: dE
+            # error 5e-2 vs 5e-3).
+            return ("the Triton distillation kernels support bfloat16 and float32, not float16 "
+                    "(its range underflows the per-token logit gradients; use bfloat16 or "
+                    "impl='torch')")
+    if hidden.dtype == torch.float64:
+        return "the Triton kernels support float16, bfloat16 and float32, not float64 (use impl='torch')"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not hidden.is_cuda and not (interpret and hidden.device.type == "cpu"):
+        return (f"the Triton kernels need CUDA tensors, got device {hidden.device} "
+                "(set TRITON_INTERPRET=1 to run them on CPU tensors through Triton's interpreter)")
+    try:
+        load("triton", kind)  # the import is the check
+    except ImportError as e:
+        return f"Triton could not be imported ({e})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def warn_torch_fallback(reason):
+    # Once per reason: on CUDA the torch path copies the weight and its gradient to float32
+    # (~4.7 GB more at a 256k x 2304 head), which a user should hear about, but not every step.
+    warnings.warn(f"cutce: impl='auto' runs the torch path on CUDA tensors because {reason}; "
+                  "pass impl='torch' to silence this, or fix the Triton install", stacklevel=5)
+
+
+def fallback_notice(reason: str | None) -> None:
+    """impl="auto" on CUDA tensors that ran the torch path: a broken Triton install is worth a
+    warning (once); a call outside the kernels' coverage (float64, mixed dtypes) is not."""
+    if reason is not None and reason.startswith("Triton could not"):
+        warn_torch_fallback(reason)

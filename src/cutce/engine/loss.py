@@ -1,4 +1,4 @@
-"""The reduced loss from the backend contract's parts (see :mod:`cutce.backends.torch.ce`): token and
+"""The reduced loss from the backend contract's parts (see :mod:`cutce.backends.pytorch.ce`): token and
 class weights, label smoothing, z-loss, ignore_index and the reduction, as ordinary
 differentiable O(N) torch code; and the same loss as per-row coefficients for the fused strategy
 (see :mod:`cutce.engine.planner`). Inputs are validated by :mod:`cutce.api` before they get here.

@@ -16,11 +16,6 @@ IMPLS = ("auto", "torch", "triton")
 # treated as zero when filtering is asked for (roughly the dtype's rounding unit).
 AUTO_FILTER_EPS = {"bfloat16": 2.0**-12, "float16": 2.0**-15, "float32": 2.0**-24, "float64": 2.0**-24}
 
-# Extra memory a training call may use beyond the gradients, as a fraction of their size, per
-# backend when the user gives none (see cutce.engine.planner for why, docs/benchmarks.md for time against it).
-DEFAULT_MEMORY_BUDGET = {"triton": 2.0, "torch": 1.0}
-
-
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Loss options after validation.
@@ -45,7 +40,8 @@ class Options:
         need_entropy: the backend must also produce sum_j p_ij z_ij.
         chunk_bytes: memory budget of one chunk of logits on the torch path (None = default).
         memory_budget: extra memory of a training call beyond the gradients, as a fraction of
-            their size (None: the backend's default); picks the strategy (see cutce.engine.planner).
+            the inputs' size (None: the backend's default); picks the strategy (see
+            cutce.engine.planner).
         lse_out: the caller returns the lse, whose gradient may reach every row (ignored ones
             included): filtering must then bound the classes over all rows, not only over the
             rows with a target.

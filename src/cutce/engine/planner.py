@@ -1,33 +1,38 @@
-"""The one place that decides, per call, how a loss is computed: which strategy, which chunks.
+"""The one place that decides how a head computation runs: backend, strategy, chunks.
 
-Two exact strategies share the backend contract (see :mod:`cutce.backends.torch.ce`):
+Every public function describes its call as a :class:`~cutce.engine.problem.Problem`; the api
+asks :func:`choose_backend` and :func:`plan`, and the backends' custom ops call :func:`plan` again
+at run time (so that torch.compile never specializes on the number of tokens). Nothing else
+decides a strategy or a chunk.
 
-- **recompute**: the forward keeps O(N) values, the backward recomputes the logit tiles. Four
-  N x D x V products (forward, recompute, dE, dC); extra memory <= ~10% of the gradients at
-  ``memory_budget=0``; within a budget that covers it, its backward also sums dC in a float32
-  V x D buffer when it splits the tokens (:func:`recompute_dc_f32`). It serves any upstream
-  gradient (reduction "none", a returned lse, log-probs, entropy).
-- **fused**: for a training call whose upstream gradient is known up to one scalar (reduction
-  "mean"/"sum", no returned lse), the logits of a chunk of tokens are computed once, their
-  softmax gradient formed right away, and dE and dC produced from it in the forward: three
-  products. The backward only scales them by the upstream scalar.
+Two exact strategies, for the loss and the distillation alike:
 
-Memory of the fused strategy, beyond the gradients (16-bit inputs on the GPU):
-- the chunk's logit gradient, chunk_n x V values. It lives in the bytes of dC itself while
-  chunk_n <= D (dC is V x D and is only written at the end), else in its own buffer;
-- with more than one token chunk, a float32 accumulator of dC (V x D x 4 bytes), so that dC's
-  running sum is never rounded to the weight's dtype between chunks (exact at any N);
-- small per-chunk temporaries (chunk_n x D float32).
-On the torch path (float32 compute) the float32 dC is the gradient's own accumulator; the chunk
-holds a few float32 chunk_n x V temporaries.
+- **recompute**: the forward keeps O(N) values, the backward recomputes the logit tiles. It
+  serves any upstream gradient (reduction "none", a returned lse, log-probs, entropy). Loss:
+  four N x D x V products, extra memory <= ~10% of the gradients; within a budget that covers
+  it, its backward sums dC in a float32 V x D buffer when it splits the tokens
+  (:func:`recompute_dc_f32`).
+- **fused**: for a call whose upstream gradient is known up to one scalar
+  (``Problem.reduced``), each chunk of tokens is finished in the forward: its logits computed
+  once (the teacher's too), the logit gradient formed right away, dE and dC produced from it.
+  Loss: three products instead of four; distillation (frozen teacher, beta < 1): 8 student-sized
+  products instead of 12 (forward KL), 9 instead of 17 (JSD). The backward only scales them.
 
-``memory_budget`` (a user option) is the extra memory allowed beyond the gradients, as a fraction
-of the gradients' size. The plan takes the fused strategy with the fewest, largest chunks that
-fit, else the recompute strategy. ``memory_budget=0`` always gives the recompute strategy.
-Defaults: 2.0 on the Triton path (the float32 dC accumulator alone is ~2x dC's 16-bit bytes, so
-less would leave only the recompute strategy at large vocabularies); 1.0 on the torch path,
-which has no accumulator and whose CPU GEMMs are as fast with 256 rows as with 512 (measured:
-N=4096, D=512, V=65536, float32: 6.3 s at +287 MB vs 6.7-7.3 s at +406 MB).
+``memory_budget`` (a user option, the same for every function): the extra memory a call may use
+beyond its gradients, as a fraction of its inputs' size (hidden states and classifier weights of
+every head, :meth:`Problem.input_bytes`; for a loss that trains both, the gradients' size). The
+plan takes the fused strategy with the fewest, largest chunks that fit, else recompute; 0 always
+recomputes. Defaults: 2.0 on the Triton path (the float32 dC accumulator alone is ~2x dC's 16-bit
+bytes, so less would leave only the recompute strategy at large vocabularies); 1.0 on the torch
+path, whose CPU GEMMs are as fast with 256 rows as with 512 (N=4096, D=512, V=65536, float32:
+6.3 s at +287 MB vs 6.7-7.3 s at +406 MB).
+
+Fused memory, beyond the gradients (16-bit inputs on the GPU): the chunk's logit gradient
+(chunk x V; in dC's own bytes while it fits there, dC being written only at the end), with more
+than one chunk a float32 dC accumulator (V x D x 4 bytes, so dC is never rounded between
+chunks), small per-chunk temporaries; distillation adds the tile-max tables and, optionally, the
+student's own exponentials (``student_x``). On the torch path the float32 dC is the gradient's
+own accumulator and a chunk holds a few float32 chunk x V temporaries.
 """
 
 from __future__ import annotations
@@ -37,27 +42,36 @@ import math
 
 import torch
 
-from .options import DEFAULT_MEMORY_BUDGET
+from .problem import Problem, elt
 
-# Fewer tokens per chunk than this and the fused strategy loses to recompute on the GPU: the dE
-# product of a chunk (chunk x D outputs, K = V) gets too few output tiles and dC's float32
+DEFAULT_MEMORY_BUDGET = {"triton": 2.0, "torch": 1.0}
+
+# Fewer tokens per chunk than this and the loss's fused strategy loses to recompute on the GPU:
+# the dE product of a chunk (chunk x D outputs, K = V) gets too few output tiles and dC's float32
 # accumulator is passed over too often (H200, D=1024, V=128256, chunks of 1024: 24.3 ms vs
 # 22.1 ms per model step; chunks of 2304 and 4096 at the Gemma and Llama heads win 14-21%).
 MIN_FUSED_CHUNK = {"triton": 2048, "torch": 64}
 # Most tokens per chunk (the GEMMs gain nothing beyond; each chunk's dC pass costs V x D x 8 bytes).
 MAX_FUSED_CHUNK = 8192
+# Distillation (Triton): chunks of fewer tokens starve the dz passes; beyond ~1400 tokens a chunk
+# gains <= 2% for ~150 MiB more at the Qwen2.5 7B -> 0.5B pair (H200: 1664-token chunks 2%
+# faster than 1408, 896-token chunks 10% slower), so larger budgets keep this cap.
+MIN_DISTILL_CHUNK = 256
+MAX_DISTILL_CHUNK = 1536
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """strategy: "recompute" | "fused"; chunk_n: tokens per chunk of the fused strategy (0 for
-    recompute); dc_in_place: the chunk's logit gradient lives in dC's bytes; dc_f32: dC summed in
-    a float32 accumulator over token chunks (more than one chunk, 16-bit weight)."""
+    """strategy: "recompute" | "fused"; chunk_n: tokens per fused chunk (0 for recompute);
+    dc_in_place: the chunk's logit gradient lives in dC's bytes; dc_f32: dC summed in a float32
+    accumulator over token chunks (more than one chunk, 16-bit weight); student_x: the fused
+    distillation also stores the student's exponentials (elementwise dz passes)."""
 
     strategy: str
     chunk_n: int = 0
     dc_in_place: bool = False
     dc_f32: bool = False
+    student_x: bool = False
 
     @property
     def fused(self) -> bool:
@@ -67,52 +81,82 @@ class Plan:
 RECOMPUTE = Plan("recompute")
 
 
-def _elt(dtype):
-    return torch.finfo(dtype).bits // 8
+def budget_bytes(p: Problem, backend: str) -> float:
+    b = DEFAULT_MEMORY_BUDGET[backend] if p.memory_budget is None else p.memory_budget
+    return b * p.input_bytes()
 
 
-def gradient_bytes(n, v, d, dtype, need_h=True, need_w=True):
-    return (need_h * n + need_w * v) * d * _elt(dtype)
+# ---- which backend ---------------------------------------------------------------------------
+
+def choose_backend(impl: str, is_cuda: bool, triton_reason) -> tuple[str, str | None]:
+    """("torch" | "triton", why Triton was passed over on CUDA or None). ``triton_reason()``
+    says why the Triton backend cannot run the call (None if it can); it is asked only when
+    Triton is a candidate. "auto" never takes Triton for CPU tensors; an explicit "triton" that
+    cannot run raises (never a silent fallback)."""
+    if impl == "torch" or (impl == "auto" and not is_cuda):
+        return "torch", None
+    reason = triton_reason()
+    if reason is None:
+        return "triton", None
+    if impl == "triton":
+        raise RuntimeError(f"impl='triton' cannot run: {reason}")
+    return "torch", reason
 
 
-def fused_extra_bytes(n, v, d, dtype, chunk_n, need_w, backend):
-    """Extra bytes of the fused strategy with this chunk (see the module docstring)."""
-    elt = _elt(dtype)
-    if backend == "torch":  # compute-dtype temporaries; dC summed in the compute dtype
-        cdt = 8 if dtype == torch.float64 else 4
-        w_copy = 0 if elt == cdt else 2 * v * d * cdt  # float32 weight + its float32 gradient
-        return 2 * chunk_n * v * cdt + chunk_n * d * cdt + w_copy
-    chunks = math.ceil(n / chunk_n)
-    in_place = need_w and chunks > 1 and dtype != torch.float32 and chunk_n <= d
-    x = 0 if in_place else chunk_n * v * elt
-    acc = v * d * 4 if need_w and chunks > 1 and dtype != torch.float32 else 0
-    return x + acc + chunk_n * d * (4 + elt)
+def may_fuse(p: Problem, backend: str, *, label_smoothing: bool = False) -> bool:
+    """Whether a call may take the fused strategy at all, from static facts only (never N, so
+    that torch.compile does not specialize on it): a reduced call that needs a gradient, a
+    budget that is not 0; the Triton loss kernel covers neither label smoothing nor float16;
+    a distillation fuses only with a frozen teacher and beta < 1 on the Triton path (the reverse
+    KL's gradient needs log p beyond a 16-bit exponential's range)."""
+    if not p.reduced or p.memory_budget == 0 or not (p.need_h or p.need_w):
+        return False
+    if backend == "torch":
+        return True
+    if p.distill:
+        return not p.teacher_grad and p.beta != 1.0
+    return not label_smoothing and p.dtype in (torch.bfloat16, torch.float32)
 
 
-def plan(n, v, d, dtype, backend, fusable, memory_budget, need_h=True, need_w=True,
-         chunk_bytes=None) -> Plan:
-    """The strategy and chunk for a call of n tokens, v classes, d features.
+# ---- which strategy and chunk ----------------------------------------------------------------
 
-    ``backend``: "triton" or "torch". ``fusable``: the call's upstream gradient is known up to a
-    scalar (the api decides). ``memory_budget``: extra bytes allowed beyond the gradients, as a
-    fraction of their size. ``chunk_bytes`` (torch path) also caps its chunk's temporaries.
-    """
-    if memory_budget is None:
-        memory_budget = DEFAULT_MEMORY_BUDGET[backend]
-    if not fusable or memory_budget <= 0 or n == 0 or not (need_h or need_w):
+def plan(p: Problem, backend: str, *, student_x: bool = False, chunk: int | None = None) -> Plan:
+    """The strategy and chunk of a call that :func:`may_fuse` (or of any call: recompute when it
+    may not). ``student_x``: a fused distillation may store the student's exponentials too (it
+    does when a chunk fits with them); ``chunk``: a forced distillation chunk (experiments)."""
+    if not may_fuse(p, backend) or p.n == 0:
         return RECOMPUTE
-    budget = memory_budget * gradient_bytes(n, v, d, dtype, need_h, need_w)
+    if p.distill:
+        return _plan_distill(p, backend, student_x, chunk)
+    return _plan_loss(p, backend)
+
+
+def fused_extra_bytes(p: Problem, chunk_n: int, backend: str) -> int:
+    """Extra bytes of the loss's fused strategy with this chunk (see the module docstring)."""
+    n, v, d, e = p.n, p.v, p.d, elt(p.dtype)
+    if backend == "torch":  # compute-dtype temporaries; dC summed in the compute dtype
+        cdt = 8 if p.dtype == torch.float64 else 4
+        w_copy = 0 if e == cdt else 2 * v * d * cdt  # float32 weight + its float32 gradient
+        return 2 * chunk_n * v * cdt + chunk_n * d * cdt + w_copy
+    acc16 = p.need_w and math.ceil(n / chunk_n) > 1 and p.dtype != torch.float32
+    x = 0 if acc16 and chunk_n <= d else chunk_n * v * e
+    return x + (v * d * 4 if acc16 else 0) + chunk_n * d * (4 + e)
+
+
+def _plan_loss(p: Problem, backend: str) -> Plan:
+    n, v, d = p.n, p.v, p.d
+    budget = budget_bytes(p, backend)
     lo = min(n, MIN_FUSED_CHUNK[backend])
     hi = min(n, MAX_FUSED_CHUNK)
-    if backend == "torch" and chunk_bytes is not None:
-        hi = max(lo, min(hi, chunk_bytes // (2 * v * 4)))
+    if backend == "torch" and p.chunk_bytes is not None:
+        hi = max(lo, min(hi, p.chunk_bytes // (2 * v * 4)))
     best = None
     # Candidates: all tokens at once, the largest chunk that fits in dC's bytes (d), powers of
     # two. Fewest chunks wins (each chunk costs a pass over dC's accumulator), then the largest.
-    cands = {hi, min(hi, d)} | {1 << k for k in range(14) if lo <= 1 << k <= hi}
-    for c in sorted(cands, reverse=True):
+    for c in sorted({hi, min(hi, d)} | {1 << k for k in range(14) if lo <= 1 << k <= hi},
+                    reverse=True):
         c = max(c, lo)
-        if fused_extra_bytes(n, v, d, dtype, c, need_w, backend) > budget:
+        if fused_extra_bytes(p, c, backend) > budget:
             continue
         key = (math.ceil(n / c), -c)
         if best is None or key < best[0]:
@@ -125,49 +169,66 @@ def plan(n, v, d, dtype, backend, fusable, memory_budget, need_h=True, need_w=Tr
     # chunks of 2304 left a last chunk of 1280 whose three products ran at a lower rate.
     if backend == "triton":
         c = min(c, max(lo, -(-math.ceil(n / chunks) // 128) * 128))
-    acc16 = need_w and chunks > 1 and dtype != torch.float32
+    acc16 = p.need_w and chunks > 1 and p.dtype != torch.float32
     return Plan("fused", chunk_n=c, dc_in_place=backend == "triton" and acc16 and c <= d,
                 dc_f32=acc16)
 
 
-def recompute_dc_f32(n, v, d, dtype, memory_budget, need_h=True, need_w=True) -> bool:
+def v_pad(v: int) -> int:
+    return -(-v // 8) * 8  # 16-byte aligned rows of the 16-bit exponentials (cuBLAS operands)
+
+
+def distill_extra_bytes(p: Problem, chunk: int, student_x: bool = False, block_v: int = 128) -> int:
+    """Extra bytes of the fused distillation (Triton) with this chunk: the teacher's 16-bit
+    exponentials X (or 0 in dC's bytes), dC's float32 accumulator, the tile-max table and the
+    JSD's two per-tile sums, dE's float32 chunk result, the splits' partials (~512 bytes a row)
+    and per-token values; with ``student_x`` the student's exponentials and their table too."""
+    n, v, ds = p.n, p.v, p.d
+    chunks = -(-n // chunk)
+    acc = v * ds * 4 if p.need_w and chunks > 1 and p.dtype != torch.float32 else 0
+    in_place = acc > 0 and chunk * v_pad(v) <= v * ds
+    row = v_pad(v) * elt(p.dtype)
+    x = (0 if in_place else chunk * row) + student_x * chunk * row
+    tables = (3 + student_x) * -(-v // block_v) * 4
+    return x + acc + chunk * (tables + ds * 4 * p.need_h + 512) + n * 16
+
+
+def _plan_distill(p: Problem, backend: str, student_x: bool, forced: int | None) -> Plan:
+    if backend == "torch":  # the torch path's chunk follows its own temporaries' size
+        return Plan("fused")
+    n = p.n
+    if forced is not None:
+        c = min(forced, n)
+    else:
+        c = _distill_chunk(p, student_x) if student_x else None
+        if c is None:
+            c, student_x = _distill_chunk(p, False), False
+    if c is None:
+        return RECOMPUTE
+    acc16 = p.need_w and -(-n // c) > 1 and p.dtype != torch.float32
+    return Plan("fused", chunk_n=c, dc_in_place=acc16 and c * v_pad(p.v) <= p.v * p.d,
+                dc_f32=acc16, student_x=student_x)
+
+
+def _distill_chunk(p: Problem, student_x: bool) -> int | None:
+    # no cache: at most n / 256 steps of integer arithmetic (32 at 8192 tokens), and
+    # torch.compile traces through this function (it warns about lru_cache wrappers)
+    n = p.n
+    budget = budget_bytes(p, "triton")
+    for k in range(-(-n // MAX_DISTILL_CHUNK), -(-n // MIN_DISTILL_CHUNK) + 1):
+        exact = -(-n // max(k, 1))
+        for c in (min(n, -(-exact // 128) * 128), exact):
+            if distill_extra_bytes(p, c, student_x) <= budget:
+                return c
+    return None
+
+
+def recompute_dc_f32(p: Problem) -> bool:
     """Whether the recompute strategy's backward (Triton path) sums dC over token chunks in a
     float32 V x D accumulator: when the budget covers it (the default does at every shape, as
-    V x D x 4 bytes <= 2 x the gradients). Below that (``memory_budget`` < ~2, 0 included), dC
-    is rounded to the weight's dtype once per token chunk: its error grows with the number of
+    V x D x 4 bytes <= 2 x the inputs). Below that (``memory_budget`` < ~2, 0 included), dC is
+    rounded to the weight's dtype once per token chunk: its error grows with the number of
     chunks (docs/benchmarks.md measures it)."""
-    if memory_budget is None:
-        memory_budget = DEFAULT_MEMORY_BUDGET["triton"]
-    if not need_w or dtype == torch.float32 or memory_budget <= 0:
+    if not p.need_w or p.dtype == torch.float32 or p.memory_budget == 0:
         return False
-    return v * d * 4 <= memory_budget * gradient_bytes(n, v, d, dtype, need_h, need_w)
-
-
-# ---- the fused strategy's autograd, shared by both backends' fused ops -----------------------
-# Each op returns (total, lse, dh, dw, db): the gradients of total formed in its forward.
-
-def fused_setup_context(ctx, inputs, output):
-    # Not differentiable: no grad_fn, so ctx holding them makes no reference cycle.
-    ctx.mark_non_differentiable(*output[1:])
-    # Autograd would otherwise pass zero tensors as the upstream grads of the non-differentiable
-    # outputs, one of them dC-sized: a V x D memset in every backward (and its bytes at the peak).
-    ctx.set_materialize_grads(False)
-    ctx.grads = output[2:]
-    ctx.n_inputs = len(inputs)
-
-
-def fused_backward(ctx, g_total, *_):
-    """d(total)/d(hidden, weight, bias) = g_total * (the forward's gradients), scaled in place:
-    no second copy of dC. They are handed out once: a second backward through the same call
-    raises (use memory_budget=0 to backward twice)."""
-    grads = ctx.grads
-    if grads is None:
-        raise RuntimeError("cutce: this fused loss was already backpropagated (its gradients are "
-                           "formed in the forward and handed out once); use memory_budget=0 to "
-                           "backward through it twice")
-    ctx.grads = None
-    if g_total is None:  # no upstream gradient reached the loss (grads are not materialized)
-        return (None,) * ctx.n_inputs
-    mul_ = getattr(ctx, "scale_", None) or torch.Tensor.mul_  # a backend's faster in-place product
-    out = [mul_(g, g_total) if need else None for g, need in zip(grads, ctx.needs_input_grad)]
-    return (*out, *[None] * (ctx.n_inputs - 3))
+    return p.v * p.d * 4 <= budget_bytes(p, "triton")

@@ -3,7 +3,7 @@
 Each rank of ``group`` holds a contiguous slice ``weight[start:stop]`` (and ``bias[start:stop]``)
 of the classifier; the slices tile ``[0, V)``. Hidden states and targets are the same on every
 rank. Every rank runs the ordinary local backend on its slice, which yields the O(N) parts of the
-backend contract (see :mod:`cutce.backends.torch.ce`) for its slice only::
+backend contract (see :mod:`cutce.backends.pytorch.ce`) for its slice only::
 
     lse_r, zt_r, zsum_r, pz_r        each (N,), over the classes start_r <= j < stop_r
 

@@ -25,7 +25,7 @@ KL, 9 for the JSD (7 for both with Xs stored), against 12 and 17 for the recompu
 needs log p to any depth, which a 16-bit X cannot give where p underflows (the JSD's log m is
 bounded by log q + log(1 - beta)).
 
-Memory beyond the student's gradients (:func:`extra_bytes`): X, chunk x V 16-bit values, in dC's
+Memory beyond the student's gradients (:func:`cutce.engine.planner.distill_extra_bytes`): X, chunk x V 16-bit values, in dC's
 own bytes while chunk <= Ds (dC is only written at the end), the float32 dC accumulator
 (V x Ds x 4 bytes, with more than one chunk and 16-bit weights), the tile-max table and dE's
 float32 chunk result (chunk x Ds x 4); Xs and its table too when stored.
@@ -42,11 +42,8 @@ from .backward import _accumulate_f32, _mm_f32
 from .common import head_tile, tma_descriptor
 from .distill import (FWD_KL, _combine, _online, _splits, descriptors, init_online,
                       store_online)
+from ...engine.planner import v_pad
 from .fused import copy_cast_
-
-# Fewer tokens per chunk than this and the recompute kernels are the better use of the memory
-# (each chunk costs a V x Ds x 8-byte pass over dC's float32 accumulator and small GEMMs).
-MIN_CHUNK = 256
 
 
 @triton.jit
@@ -136,73 +133,13 @@ def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_de
     store_online(base + 2 * stride_q, stride_q, rmask, m_s, s_s, m_t, s_t, m_1, s_1)
 
 
-# ---- plan ------------------------------------------------------------------------------------
-
-def _elt(dtype):
-    return torch.finfo(dtype).bits // 8
-
-
-def _v_pad(v):
-    return -(-v // 8) * 8  # X's rows 16-byte aligned (cuBLAS operands)
-
-
-def extra_bytes(n, v, ds, dtype, chunk, need_h, need_w, xs=False, block_v=128):
-    """Bytes beyond the student's gradients: X (or 0 in dC's bytes), dC's float32 accumulator,
-    the tile-max table and the JSD's two per-tile sums (rows x tiles float32 each), dE's
-    float32 chunk result, the splits' partials (~512 bytes a row) and per-token values; with
-    xs (:func:`stores_student_x`) the student's Xs and its table too."""
-    chunks = -(-n // chunk)
-    acc = v * ds * 4 if need_w and chunks > 1 and dtype != torch.float32 else 0
-    in_place = acc > 0 and chunk * _v_pad(v) <= v * ds
-    row = _v_pad(v) * _elt(dtype)
-    x = (0 if in_place else chunk * row) + xs * chunk * row
-    tables = (3 + xs) * -(-v // block_v) * 4
-    return x + acc + chunk * (tables + ds * 4 * need_h + 512) + n * 16
-
-
-def gradient_bytes(n, v, ds, dtype, need_h, need_w):
-    return (need_h * n + need_w * v) * ds * _elt(dtype)
-
+# ---- plan inputs (the plan itself is cutce.engine.planner's) ----------------------------------
 
 def stores_student_x(ce_weight: float, cap_s: float, device=None) -> bool:
-    """Whether a fused call stores the student's Xs for elementwise dz passes
+    """Whether a fused call may store the student's Xs for elementwise dz passes
     (KernelConfig.distill_student_x; calls with a CE term or a student softcap recompute
     instead). Every preset stores them: the device only matters under an override."""
     return configs.current(device).distill_student_x and ce_weight <= 0 and cap_s == 0
-
-
-def plan(n, v, ds, dtype, need_h, need_w, memory_budget, xs=False, device=None):
-    """(chunk, x_in_dc, xs) for the fused strategy, or None (recompute): the fewest token chunks
-    whose :func:`extra_bytes` fit in memory_budget x the gradients' bytes; chunks of equal,
-    128-multiple sizes (GEMM tiles) unless only the exact size fits. xs: the call would store
-    the student's Xs too (:func:`stores_student_x`); it does when a chunk fits with them.
-    KernelConfig.distill_chunk forces a chunk (no preset does: device only matters under an
-    override)."""
-    if memory_budget <= 0 or n == 0:
-        return None
-    forced = configs.current(device).distill_chunk
-    if forced is not None:
-        c = min(forced, n)
-    else:
-        c = _chunk(n, v, ds, dtype, need_h, need_w, memory_budget, True) if xs else None
-        if c is None:
-            c, xs = _chunk(n, v, ds, dtype, need_h, need_w, memory_budget, False), False
-    if c is None:
-        return None
-    acc16 = need_w and -(-n // c) > 1 and dtype != torch.float32
-    return c, acc16 and c * _v_pad(v) <= v * ds, xs
-
-
-def _chunk(n, v, ds, dtype, need_h, need_w, memory_budget, xs):
-    # no cache: at most n / 256 steps of integer arithmetic (32 at 8192 tokens), and
-    # torch.compile traces through this function (it warns about lru_cache wrappers)
-    budget = memory_budget * gradient_bytes(n, v, ds, dtype, need_h, need_w)
-    for k in range(1, -(-n // MIN_CHUNK) + 1):
-        exact = -(-n // k)
-        for c in (min(n, -(-exact // 128) * 128), exact):
-            if extra_bytes(n, v, ds, dtype, c, need_h, need_w, xs) <= budget:
-                return c
-    return None
 
 
 # ---- launcher --------------------------------------------------------------------------------
@@ -246,11 +183,11 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
     x_dtype = configs.workspace_dtype(kc, dt)
     rows_max = min(chunk, n)
     in_place = (x_in_dc and acc is not None and acc is not dw and x_dtype == dt
-                and rows_max * _v_pad(v) <= v * ds)
+                and rows_max * v_pad(v) <= v * ds)
     if in_place:  # dC is written only at the end, from the accumulator
-        x_all = dw.view(-1)[: rows_max * _v_pad(v)].view(rows_max, _v_pad(v))
+        x_all = dw.view(-1)[: rows_max * v_pad(v)].view(rows_max, v_pad(v))
     else:
-        x_all = torch.empty((rows_max, _v_pad(v)), device=dev, dtype=x_dtype)
+        x_all = torch.empty((rows_max, v_pad(v)), device=dev, dtype=x_dtype)
     n_tiles = triton.cdiv(v, t.block_v)
     tbl_all = torch.empty((rows_max, n_tiles), **f32)
     need_ce = ce_weight > 0

@@ -4,8 +4,9 @@
 needs; ``cutce::distill_backward_triton`` recomputes both heads' logit tiles from them (the
 recompute strategy). ``cutce::distill_fused_triton`` is the fused strategy
 (:mod:`cutce.backends.triton.distill_fused`): a "mean"/"sum" call with a frozen teacher whose student
-gradients are formed in the forward, when :func:`fused_plan` says so. Same functions as :mod:`cutce.backends.torch.distill` (``distill_total``, ``distill_rows``, ``compute_dtype``),
-so the api dispatches to either.
+gradients are formed in the forward, when the planner (:mod:`cutce.engine.planner`) says so.
+Same functions as :mod:`cutce.backends.pytorch.distill` (``distill_total``, ``distill_rows``,
+``compute_dtype``, ``plan_hints``), so the api dispatches to either.
 """
 
 from __future__ import annotations
@@ -15,21 +16,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...engine import planner as _plan
+from ...engine import planner
+from ...engine.problem import Problem
+from .. import grads
+from . import configs
 from . import distill as _k
 from . import distill_fused as _kf
 from .fused import scale_ as _scale_
-
-# Extra memory the fused strategy may use beyond the student's gradients, as a fraction of them,
-# when the call gives no memory_budget. Its float32 dC accumulator alone is V x Ds x 4 bytes
-# (~1.9x the gradients at a 152k x 896 head with 8192 tokens); 5 leaves ~3x for one token
-# chunk's 16-bit exponentials of both heads (X and the student's Xs): 6 chunks of 1408 tokens
-# at that shape, a predicted peak of 1641 MiB with the gradients, under every peer's measured
-# there (Liger 1756 / 2646 MiB, TRL 2084 MiB). Budget 3 (chunks of 896 tokens, X in dC's own
-# bytes: 1073 MiB) is ~10% slower; budget 6 (1664 tokens) ~2% faster for 150 MiB more
-# (H200). 0 is the recompute strategy.
-DEFAULT_MEMORY_BUDGET = 5.0
-
 
 def mode_of(beta: float) -> int:
     return _k.FWD_KL if beta == 0.0 else _k.REV_KL if beta == 1.0 else _k.JSD
@@ -125,13 +118,15 @@ def _fused_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tens
     Planned here, at run time, so that torch.compile never specializes on the number of tokens:
     the fused strategy when the budget fits a chunk, else the recompute kernels run right away
     with the known per-row upstream gradients (coef)."""
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-    p = _kf.plan(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need_h, need_w, budget,
-                 _kf.stores_student_x(ce_weight, cap_s))
+    problem = Problem(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need_h, need_w, reduced=True,
+                      memory_budget=memory_budget, dt=ht.shape[1], teacher_dtype=ht.dtype,
+                      beta=beta)
+    p = planner.plan(problem, "triton", **plan_hints(ce_weight, cap_s, hs.device))
     mode = mode_of(beta)
-    if p is not None:
+    if p.fused:
         return _kf.fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature,
-                               cap_s, cap_t, ce_weight, *p, need_h, need_w, need_b)
+                               cap_s, cap_t, ce_weight, p.chunk_n, p.dc_in_place, p.student_x,
+                               need_h, need_w, need_b)
     stats, d, zt1 = _k.forward(hs, ws, bs, ht, wt, bt, targets, mode, beta, temperature, cap_s,
                                cap_t, ce_weight > 0)
     rows = (1.0 - ce_weight) * d
@@ -155,47 +150,28 @@ def _(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, cap_s, cap_t, ce
 
 
 def _fused_setup(ctx, inputs, output):
-    _plan.fused_setup_context(ctx, inputs, output)
+    grads.fused_setup_context(ctx, inputs, output)
     ctx.scale_ = _scale_
 
 
-_fused_op.register_autograd(_plan.fused_backward, setup_context=_fused_setup)
+_fused_op.register_autograd(grads.fused_backward, setup_context=_fused_setup)
 
 
-def fusable(hs, ws, bs, ht, wt, bt, beta, memory_budget):
-    """Whether a "mean"/"sum" call may take :func:`_fused_op` at all, from static facts only
-    (never N): the student needs a gradient (and autograd is on), the teacher none, beta is not
-    1 (the reverse KL's gradient needs log p beyond a 16-bit X's range), the budget is not 0."""
-    need = [t is not None and t.requires_grad for t in (hs, ws, bs)]
-    teacher = any(t is not None and t.requires_grad for t in (ht, wt, bt))
-    return (torch.is_grad_enabled() and any(need) and not teacher and beta != 1.0
-            and memory_budget != 0)
+def plan_hints(ce_weight: float, cap_s: float, device) -> dict:
+    """What this backend adds to the planner's distillation plan: whether a fused call may store
+    the student's exponentials, and a chunk forced by a KernelConfig override (experiments)."""
+    return dict(student_x=_kf.stores_student_x(ce_weight, cap_s, device),
+                chunk=configs.current(device).distill_chunk)
 
 
-def fused_plan(hs, ws, bs, ht, wt, bt, beta, memory_budget):
-    """The plan (:func:`cutce.backends.triton.distill_fused.plan`) when a "mean"/"sum" call takes the
-    fused strategy, else None: a :func:`fusable` call whose budget (None: the default) fits a
-    chunk. Planned without the student's Xs: :func:`_fused_op` re-plans with them at run time,
-    and a chunk fits with them or the plan drops them, so the answer here is the same."""
-    if not fusable(hs, ws, bs, ht, wt, bt, beta, memory_budget):
-        return None
-    need = [t is not None and t.requires_grad for t in (hs, ws, bs)]
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-    return _kf.plan(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need[0], need[1], budget)
-
-
-def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, memory_budget=None) -> Tensor:
-    """sum_i coef_i loss_i (0-dim float32), coef 0 for ignored rows (as torch_distill's); the
-    fused strategy when :func:`fused_plan` gives one, else the recompute kernels. Under
-    torch.compile only :func:`fusable` decides here and the op plans at run time (a call whose
-    budget fits no chunk then runs the recompute kernels inside it)."""
-    if torch.compiler.is_compiling():
-        fused = fusable(hs, ws, bs, ht, wt, bt, scalars[0], memory_budget)
-    else:
-        fused = fused_plan(hs, ws, bs, ht, wt, bt, scalars[0], memory_budget) is not None
+def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, fused=False,
+                  memory_budget=None) -> Tensor:
+    """sum_i coef_i loss_i (0-dim float32), coef 0 for ignored rows (as torch_distill's): the
+    fused op when the api's plan fuses (``fused``; under torch.compile the op plans again at
+    run time and may run the recompute kernels inside it), else the recompute kernels."""
     if not fused:
-        rows = _rows(hs, ws, bs, ht, wt, bt, targets, *scalars)
-        return torch.where(coef != 0, rows * coef.detach().float(), 0.0).sum()
+        rows = _rows(hs, ws, bs, ht, wt, bt, targets, *scalars)  # coef may carry a gradient
+        return torch.where(coef != 0, rows * coef.float(), 0.0).sum()
     need = [t is not None and t.requires_grad for t in (hs, ws, bs)]
     hs, ws, bs, ht, wt, bt = (None if t is None else t if t.stride(-1) == 1 else t.contiguous()
                               for t in (hs, ws, bs, ht, wt, bt))

@@ -1,6 +1,6 @@
 """The Triton path as torch.library custom ops (opaque to torch.compile) with fake impls and autograd.
 
-``cutce::lse_parts`` computes the backend contract (see :mod:`cutce.backends.torch.ce`) and
+``cutce::lse_parts`` computes the backend contract (see :mod:`cutce.backends.pytorch.ce`) and
 ``cutce::lse_parts_backward`` its gradients. Both are opaque to torch.compile, so a compiled
 function that calls cutce has no graph break and no host sync around them; the exact backward is
 sync-free (CUDA-graph safe), the filtered one syncs once to count the classes it keeps.
@@ -13,8 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...engine import planner as plan
+from ...engine import planner
 from ...engine.options import Options
+from ...engine.problem import Problem
+from .. import grads
 from . import backward as _bw
 from . import forward as _fw
 from . import fused as _fused
@@ -51,8 +53,8 @@ def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
                           filter_eps: float, need_h: bool, need_w: bool, need_b: bool,
                           memory_budget: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
     n, d = hidden.shape
-    dc_f32 = plan.recompute_dc_f32(n, weight.shape[0], d, hidden.dtype, memory_budget, need_h,
-                                   need_w)
+    dc_f32 = planner.recompute_dc_f32(Problem(n, weight.shape[0], d, hidden.dtype, need_h, need_w,
+                                              memory_budget=memory_budget))
     return _bw.backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
                         scale, softcap, inv_temp, need_zsum, need_entropy,
                         filter_eps, need_h, need_w, need_b, class_weight=class_weight,
@@ -103,7 +105,9 @@ def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
     the fused strategy (cutce.backends.triton.fused) when the budget allows it, else the recompute
     kernels run right away with the known upstream gradients."""
     n, d = hidden.shape
-    p = plan.plan(n, weight.shape[0], d, hidden.dtype, "triton", True, memory_budget, need_h, need_w)
+    problem = Problem(n, weight.shape[0], d, hidden.dtype, need_h, need_w, reduced=True,
+                      memory_budget=memory_budget)
+    p = planner.plan(problem, "triton")
     if p.fused:
         return _fused.fused_loss(hidden, weight, bias, targets, coef, scale, softcap,
                                  p.chunk_n, p.dc_in_place, need_h, need_w, need_b)
@@ -113,9 +117,7 @@ def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
     zeros = torch.zeros_like(lse)
     dh, dw, db = _bw.backward(hidden, weight, bias, targets, lse, pz, ub, k[0] + 2.0 * k[3] * lse,
                               -k[1], zeros, zeros, scale, softcap, 1.0, False, False, 0.0,
-                              need_h, need_w, need_b, dc_f32=plan.recompute_dc_f32(
-                                  n, weight.shape[0], d, hidden.dtype, memory_budget, need_h,
-                                  need_w))
+                              need_h, need_w, need_b, dc_f32=planner.recompute_dc_f32(problem))
     # a row counts when k0 or k3 is nonzero (class weight 0 keeps the z-loss term)
     total = torch.where((k[0] != 0) | (k[3] != 0), k[0] * lse - k[1] * zt + k[3] * lse.square(),
                         0.0).sum()
@@ -131,15 +133,15 @@ def _(hidden, weight, bias, targets, coef, scale, softcap, memory_budget, need_h
 
 
 def _fused_setup_context(ctx, inputs, output):
-    plan.fused_setup_context(ctx, inputs, output)
+    grads.fused_setup_context(ctx, inputs, output)
     ctx.scale_ = _fused.scale_
 
 
-fused_loss_op.register_autograd(plan.fused_backward, setup_context=_fused_setup_context)
+fused_loss_op.register_autograd(grads.fused_backward, setup_context=_fused_setup_context)
 
 
 def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None):
-    """A training call on the Triton path (same contract as :func:`cutce.backends.torch.ce.fused_loss`;
+    """A training call on the Triton path (same contract as :func:`cutce.backends.pytorch.ce.fused_loss`;
     label smoothing 0, bfloat16 or float32)."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
@@ -153,7 +155,7 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
 
 def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None):
     """The backend contract on the Triton path (same signature and result as
-    :func:`cutce.backends.torch.ce.linear_lse_parts`; float32 outputs)."""
+    :func:`cutce.backends.pytorch.ce.linear_lse_parts`; float32 outputs)."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()

@@ -26,8 +26,10 @@ from typing import NamedTuple
 
 import torch
 
-from ...engine import planner as plan
+from ...engine import planner
 from ...engine.options import Options
+from ...engine.problem import Problem
+from .. import grads
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # A chunk holds about this many N x V-sized float temporaries at once (z, p/dz, and one more
@@ -251,8 +253,9 @@ def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
     db = lse.new_zeros(vocab) if cfg.need_b else hidden.new_empty(0)
     # The plan is made at run time (compile never specializes on n); below the fused plan's
     # smallest chunk, the chunk of the recompute strategy (same temporaries) is used.
-    p = plan.plan(n, vocab, hidden.shape[1], hidden.dtype, "torch", True, cfg.memory_budget,
-                  cfg.need_h, cfg.need_w, cfg.chunk_bytes)
+    p = planner.plan(Problem(n, vocab, hidden.shape[1], hidden.dtype, cfg.need_h, cfg.need_w,
+                             reduced=True, memory_budget=cfg.memory_budget,
+                             chunk_bytes=cfg.chunk_bytes), "torch")
     rows = p.chunk_n if p.fused else chunk_rows(n, vocab, cdt, cfg.chunk_bytes)
     for s in range(0, n, rows):
         e = min(s + rows, n)
@@ -314,7 +317,7 @@ def _(hidden, weight, bias, targets, coef, cw, *cfg):
             torch.empty_like(bias) if c.need_b else hidden.new_empty(0))
 
 
-_fused_op.register_autograd(plan.fused_backward, setup_context=plan.fused_setup_context)
+_fused_op.register_autograd(grads.fused_backward, setup_context=grads.fused_setup_context)
 
 
 def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None):
