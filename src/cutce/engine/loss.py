@@ -10,7 +10,6 @@ from typing import NamedTuple
 
 import torch
 
-from ..parallel import vocab as distributed
 from .options import Options
 
 
@@ -23,17 +22,17 @@ class ClassWeights(NamedTuple):
     total: torch.Tensor
 
 
-def class_weight_terms(local, t1, ignore_index, vs=None) -> ClassWeights:
-    """The class weights' terms: ``local`` is this rank's slice (the whole vector without a
-    vocabulary split, ``vs`` None); under a split the per-token and total values are summed
-    over the group (one all-reduce of N + 1 values)."""
+def class_weight_terms(local, t1, ignore_index, start=0, group_sum=None) -> ClassWeights:
+    """The class weights' terms: ``local`` holds classes [start, start + len) (the whole vector
+    without a vocabulary split); under a split, ``group_sum`` sums the per-token and total
+    shares over the group (one all-reduce of N + 1 values)."""
     local_v = local.numel()
-    idx = t1 - (0 if vs is None else vs.start)
+    idx = t1 - start
     mine = (idx >= 0) & (idx < local_v) & (t1 != ignore_index)
     of_target = torch.where(mine, local[idx.clamp(0, max(local_v - 1, 0))], 0.0)
     total = local.sum()
-    if vs is not None:  # each rank holds its slice: sum the shares
-        both = distributed.sum_over_group(torch.cat([of_target, total[None]]), vs)
+    if group_sum is not None:  # each rank holds its slice: sum the shares
+        both = group_sum(torch.cat([of_target, total[None]]))
         of_target, total = both[:-1], both[-1]
     return ClassWeights(local, of_target, total)
 
@@ -63,6 +62,16 @@ def row_coefs(targets, token_weights, opts: Options, dtype, cw, vocab):
         zero = torch.zeros_like(w)
         return torch.stack([w, w, zero, zero if opts.z_loss == 0 else opts.z_loss * w])
     return torch.stack([w * ((1.0 - ls) * a + ls * s), (1.0 - ls) * a * w, ls * w, opts.z_loss * w])
+
+
+def live_rows(coef):
+    """The rows that enter a reduced total: those with any nonzero coefficient in ``coef``
+    (4, N) from :func:`row_coefs` (a target of class weight 0 keeps its z-loss and smoothing
+    terms; an ignored row has all four 0). Masking the others keeps a NaN/inf in an ignored
+    row's lse out of the total. The one rule of every backend; the Triton fused kernel's
+    in-kernel ``k0 != 0 or k3 != 0`` is the same set for its coefficients (k2 = 0 without label
+    smoothing, and k1 != 0 only where k0 != 0)."""
+    return (coef != 0).any(dim=0)
 
 
 def mean_denominator(denom, valid):

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from ...engine import planner
+from ...engine.loss import live_rows
 from ...engine.options import Options
 from ...engine.problem import Problem
 from .. import grads
@@ -275,9 +276,7 @@ def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
         loss = k[0] * l_rows - k[1] * zt + k[3] * l_rows.square()
         if zmean is not None:
             loss = loss - k[2] * zmean
-        # A row counts when any coefficient is nonzero: a target of class weight 0 keeps its
-        # z-loss (k3) and label smoothing (k2) terms; an ignored row has all four 0.
-        total += torch.where(valid & (k != 0).any(dim=0), loss, 0.0).sum()
+        total += torch.where(valid & live_rows(k), loss, 0.0).sum()
         # d loss_i / d z_ij = (k0 + 2 k3 lse_i) p_ij - k1 [j = t_i] - k2 / V
         dz = p.mul_((k[0] + 2.0 * k[3] * l_rows)[:, None])
         dz.scatter_add_(1, idx, torch.where(valid, -k[1], 0.0).unsqueeze(1))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ...engine import planner
+from ...engine.loss import live_rows
 from ...engine.options import Options
 from ...engine.problem import Problem
 from .. import grads
@@ -118,9 +119,7 @@ def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
     dh, dw, db = _bw.backward(hidden, weight, bias, targets, lse, pz, ub, k[0] + 2.0 * k[3] * lse,
                               -k[1], zeros, zeros, scale, softcap, 1.0, False, False, 0.0,
                               need_h, need_w, need_b, dc_f32=planner.recompute_dc_f32(problem))
-    # a row counts when k0 or k3 is nonzero (class weight 0 keeps the z-loss term)
-    total = torch.where((k[0] != 0) | (k[3] != 0), k[0] * lse - k[1] * zt + k[3] * lse.square(),
-                        0.0).sum()
+    total = torch.where(live_rows(k), k[0] * lse - k[1] * zt + k[3] * lse.square(), 0.0).sum()
     return total, lse, dh, dw, db
 
 
