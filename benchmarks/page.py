@@ -102,7 +102,7 @@ MODES = """\
 
 - `cutce-triton`: cutce's default on CUDA (`impl="auto"`, default `memory_budget`): the fused
   strategy, three GEMMs (logits, dE, dC) per chunk of tokens, dE and dC formed in the forward,
-  with extra memory within the budget (a multiple of the gradients' size).
+  with extra memory within the budget (a multiple of the inputs' size).
 - `cutce-triton-recompute`: `memory_budget=0`, the minimum-memory mode: the recompute strategy,
   the forward keeps O(N) values and the backward recomputes the logit tiles (four GEMMs).
 - `apple-cce`: Apple's Cut Cross-Entropy with its default gradient filtering (inexact gradients:

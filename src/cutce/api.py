@@ -93,8 +93,9 @@ def linear_cross_entropy(
             An explicit "triton" that cannot run raises and says why; "auto" with CUDA tensors
             whose Triton import fails warns once (naming the error) and runs the torch path.
         memory_budget: extra memory a training call may use beyond the gradients, as a
-            fraction of the gradients' size (None: 2.0 on the Triton path, 1.0 on the torch
-            path, whose chunks gain nothing from more). Within it, a call whose gradient is
+            fraction of the inputs' size (hidden and weight; for a call that trains both, the
+            gradients' size). None: 2.0 on the Triton path, 1.0 on the torch path, whose
+            chunks gain nothing from more. Within it, a call whose gradient is
             a scalar's (reduction "mean"/"sum", no return_lse, no filter_eps, no vocab_group;
             on the Triton path also no label_smoothing and bfloat16/float32 inputs)
             computes each token chunk's logits once and forms dE and dC right away (three

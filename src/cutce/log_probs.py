@@ -41,8 +41,9 @@ def linear_log_probs(
         impl: "auto" | "torch" | "triton" (as in :func:`cutce.linear_cross_entropy`).
         vocab_group, vocab_start, reduce_hidden_grad: vocabulary parallelism, as in
             :func:`cutce.linear_cross_entropy` (tokens are global ids).
-        memory_budget: extra memory beyond the gradients, as a fraction of their size (None:
-            2.0 on the Triton path). The backward recomputes the logits; when it splits the
+        memory_budget: extra memory beyond the gradients, as a fraction of the inputs' size
+            (hidden and weight), as in :func:`cutce.linear_cross_entropy` (None: 2.0 on the
+            Triton path). The backward recomputes the logits; when it splits the
             tokens into chunks (large N) and the budget covers a float32 V x D buffer, dC is
             summed in float32 across them (exact at any N); ``memory_budget=0`` keeps the
             memory floor (gradients + ~8%) and rounds dC to the weight's dtype once per chunk.
