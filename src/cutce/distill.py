@@ -8,6 +8,7 @@ argument names prefixed ``student_``/``teacher_``); the call is described as one
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -17,6 +18,10 @@ from .engine import planner
 from .engine.loss import mean_denominator
 from .engine.options import IMPLS
 from .engine.problem import Problem
+from .parallel import distill as vocab_parallel
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 def _prefixed(prefix, fn, *args):
@@ -56,15 +61,20 @@ def _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight):
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
         api._fail("teacher_hidden", f"shape {tuple(student_hidden.shape[:-1])} + (Dt,) "
                   "(student_hidden's token dimensions)", tuple(teacher_hidden.shape))
+    if teacher_hidden.device != student_hidden.device:
+        api._fail("teacher_hidden device", f"student_hidden's device {student_hidden.device}",
+                  teacher_hidden.device)
+
+
+def _check_vocab(student_hidden, student_weight, teacher_hidden, teacher_weight):
+    # Unsplit calls only: under a vocabulary split the ranks compare their rows together, so
+    # that a mismatch on some ranks raises on all of them.
     shaped = all(w.dim() == 2 and h.dim() >= 1 and w.shape[1] == h.shape[-1]
                  for h, w in ((student_hidden, student_weight), (teacher_hidden, teacher_weight)))
     if shaped and teacher_weight.shape[0] != student_weight.shape[0]:
         api._fail("teacher_weight", f"{student_weight.shape[0]} rows (student_weight's "
                   "vocabulary: the heads must share the vocabulary)",
                   f"shape {tuple(teacher_weight.shape)}")
-    if teacher_hidden.device != student_hidden.device:
-        api._fail("teacher_hidden device", f"student_hidden's device {student_hidden.device}",
-                  teacher_hidden.device)
 
 
 # Tests turn this on to walk the kernels' 16-bit code in Triton's interpreter, whose bfloat16
@@ -80,6 +90,8 @@ def linear_distillation_loss(
     ignore_index: int = -100, ce_weight: float = 0.0, reduction: str = "mean", shift: bool = False,
     impl: str = "auto", memory_budget: float | None = None, token_weights: Tensor | None = None,
     student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+    vocab_group: ProcessGroup | None = None, vocab_start: int | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> Tensor:
     """Distillation loss between a teacher and a student head over one vocabulary, without logits.
 
@@ -125,6 +137,14 @@ def linear_distillation_loss(
         student_logit_scale, teacher_logit_scale: > 0, multiply each head's logits before its
             softcap (as the loss's ``logit_scale``). Applied to the hidden states and bias
             before the product (one rounding in their dtype for 16-bit inputs).
+        vocab_group: a ProcessGroup over which both heads are split by vocabulary, alike (as
+            :func:`cutce.linear_cross_entropy`'s): each weight/bias holds this rank's rows,
+            hidden states, targets and token_weights are the same on every rank, the result is
+            the unsplit one. Shard(0) DTensor weights split over their mesh without it. Runs on
+            the torch path (:mod:`cutce.parallel.distill`; memory_budget does not apply).
+        vocab_start: this rank's first class id, when slices are not in group-rank order.
+        reduce_hidden_grad: with a split, sum both hidden states' gradients over the group in
+            backward (default); False leaves each rank its slice's share.
 
     Returns:
         float32 tensor (float64 when both heads are float64): a scalar, or the per-token losses
@@ -165,25 +185,45 @@ def linear_distillation_loss(
     if not given:
         # Every token counts: targets that are all class 0 pass the helpers' checks unchanged.
         targets = torch.zeros(lead, dtype=torch.long, device=student_hidden.device)
+    # A vocabulary split (vocab_group or Shard(0) DTensors) is located here; collective if split.
+    student, teacher, targets, token_weights, vs = _prefixed(
+        "student_", vocab_parallel.resolve_split, (student_hidden, student_weight, student_bias),
+        (teacher_hidden, teacher_weight, teacher_bias), targets, token_weights, vocab_group,
+        vocab_start, reduce_hidden_grad, opts, shift, impl,
+        {"beta": beta, "temperature": temperature, "student_softcap": cap_s,
+         "teacher_softcap": cap_t, "ce_weight": ce_weight, "student_logit_scale": scale_s,
+         "teacher_logit_scale": scale_t, "targets given": given})
+    student_hidden, student_weight, student_bias = student
+    teacher_hidden, teacher_weight, teacher_bias = teacher
+    if vs is None:
+        _check_vocab(student_hidden, student_weight, teacher_hidden, teacher_weight)
     # One targets check for both heads (none for the zeros above), read after the kernels are
     # queued (no host sync first); the teacher's call only validates its tensors
     hs, ws, bs, t1, w1, out_shape, check = _prefixed(
         "student_", api.prepare, student_hidden, student_weight, targets, student_bias,
-        token_weights, shift, ignore_index, None, given)
+        token_weights, shift, ignore_index, None if vs is None else vs.vocab, given)
     ht, wt, bt, _, _, _, _ = _prefixed("teacher_", api.prepare, teacher_hidden, teacher_weight,
                                        targets, teacher_bias, None, shift, ignore_index, None,
                                        False)
     hs, bs = _scaled(hs, bs, scale_s)
     ht, bt = _scaled(ht, bt, scale_t)
-    name = api.choose_backend(impl, hs, "distill", ht, float16=F16_TRITON)
+    # the vocabulary-parallel distillation is the torch path's, on any device
+    name = "torch" if vs is not None else api.choose_backend(impl, hs, "distill", ht,
+                                                             float16=F16_TRITON)
     backend = backends.load(name, "distill")
     cdt = backend.compute_dtype(hs.dtype, ht.dtype)
     args = (hs, ws, bs, ht, wt, bt, t1)
     scalars = (beta, temperature, cap_s, cap_t, ce_weight)
     valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
+    if vs is not None:
+        out = vocab_parallel.vocab_parallel_distill_rows(*args, valid, *scalars, vs)
     if opts.reduction == "none":
-        out = backend.distill_rows(*args, valid, *scalars)
+        out = backend.distill_rows(*args, valid, *scalars) if vs is None else out
         out = (out if w1 is None else torch.where(valid, out * w1, 0.0)).reshape(out_shape)
+    elif vs is not None:
+        # where on valid, not on coef != 0: a token weight of 0 still gets its row's gradient
+        coef = _coefficients(t1, w1, valid, given, opts.reduction, cdt)
+        out = torch.where(valid, out * coef.to(out.dtype), 0.0).sum()
     else:
         grad = torch.is_grad_enabled()
         weights_grad = w1 is not None and w1.requires_grad
