@@ -215,32 +215,42 @@ def linear_distillation_loss(
     args = (hs, ws, bs, ht, wt, bt, t1)
     scalars = (beta, temperature, cap_s, cap_t, ce_weight)
     valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
-    if vs is not None:
-        out = vocab_parallel.vocab_parallel_distill_rows(*args, valid, *scalars, vs)
-    if opts.reduction == "none":
-        out = backend.distill_rows(*args, valid, *scalars) if vs is None else out
-        out = (out if w1 is None else torch.where(valid, out * w1, 0.0)).reshape(out_shape)
-    elif vs is not None:
+    coef = None if opts.reduction == "none" else _coefficients(t1, w1, valid, given,
+                                                                  opts.reduction, cdt)
+    fused = vs is None and coef is not None and _fuses(
+        name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight, cap_s, opts.memory_budget)
+    if fused:
+        out = backend.distill_total(*args, coef, *scalars, memory_budget=opts.memory_budget)
+    else:  # per-token losses whose backward recomputes the logits (any upstream gradient)
+        if vs is None:
+            rows = backend.distill_rows(*args, valid, *scalars)
+        else:
+            rows = vocab_parallel.vocab_parallel_distill_rows(*args, valid, *scalars, vs)
         # where on valid, not on coef != 0: a token weight of 0 still gets its row's gradient
-        coef = _coefficients(t1, w1, valid, given, opts.reduction, cdt)
-        out = torch.where(valid, out * coef.to(out.dtype), 0.0).sum()
-    else:
-        grad = torch.is_grad_enabled()
-        weights_grad = w1 is not None and w1.requires_grad
-        problem = Problem(
-            hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, hs.requires_grad and grad,
-            ws.requires_grad and grad, reduced=not weights_grad, memory_budget=opts.memory_budget,
-            dt=ht.shape[1], teacher_dtype=ht.dtype, beta=beta,
-            teacher_grad=grad and any(t is not None and t.requires_grad for t in (ht, wt, bt)))
-        fused = planner.may_fuse(problem, name)
-        if fused and not torch.compiler.is_compiling():  # compile: the op plans at run time
-            fused = planner.plan(problem, name, **backend.plan_hints(ce_weight, cap_s, hs.device)).fused
-        coef = _coefficients(t1, w1, valid, given, opts.reduction, cdt)
-        out = backend.distill_total(*args, coef, *scalars, fused=fused,
-                                    memory_budget=opts.memory_budget)
+        if coef is None:
+            out = rows if w1 is None else torch.where(valid, rows * w1, 0.0)
+            out = out.reshape(out_shape)
+        else:
+            out = torch.where(valid, rows * coef.to(rows.dtype), 0.0).sum()
     if check is not None:
         check()
     return out
+
+
+def _fuses(name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight, cap_s, memory_budget):
+    """Whether a reduced call takes the fused strategy: the planner's answer (under
+    torch.compile only its static part; the op plans again at run time)."""
+    grad = torch.is_grad_enabled()
+    problem = Problem(
+        hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, hs.requires_grad and grad,
+        ws.requires_grad and grad, reduced=not (w1 is not None and w1.requires_grad),
+        memory_budget=memory_budget, dt=ht.shape[1], teacher_dtype=ht.dtype, beta=beta,
+        teacher_grad=grad and any(t is not None and t.requires_grad for t in (ht, wt, bt)))
+    if not planner.may_fuse(problem, name):
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    return planner.plan(problem, name, **backend.plan_hints(ce_weight, cap_s, hs.device)).fused
 
 
 def _scaled(h, b, scale):

@@ -296,21 +296,17 @@ def plan_hints(ce_weight: float, cap_s: float, device) -> dict:
 
 
 def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, softcap_s, softcap_t,
-                  ce_weight, fused=True, memory_budget=None) -> Tensor:
-    """sum_i coef_i loss_i (0-dim, float32; float64 when both heads are float64). ``fused``
-    (the planner's choice): gradients formed in the forward for the tensors that require grad,
-    the backward may run once; else (``memory_budget=0``) the per-token path, whose backward
-    recomputes both heads' chunks.
+                  ce_weight, memory_budget=None) -> Tensor:
+    """sum_i coef_i loss_i (0-dim, float32; float64 when both heads are float64), the fused
+    strategy: gradients formed in the forward for the tensors that require grad, the backward
+    may run once (the planner takes :func:`distill_rows` otherwise). ``memory_budget``: the
+    planner's; this path's chunk follows its temporaries' size.
 
     Args:
         hs (N, Ds), ws (V, Ds), bs (V,) or None: the student head; ht (N, Dt), wt (V, Dt), bt:
         the teacher's (each head in one float dtype). targets (N,) int64 in [0, V) (any value
         where ce_weight is 0), coef (N,) float (0 for ignored rows). softcaps: 0 = none.
     """
-    if not fused:
-        rows = distill_rows(hs, ws, bs, ht, wt, bt, targets, coef != 0, beta, temperature,
-                            softcap_s, softcap_t, ce_weight)
-        return torch.where(coef != 0, rows * coef.to(rows.dtype), 0.0).sum()  # coef may carry a gradient
     need = [t is not None and t.requires_grad and torch.is_grad_enabled()
             for t in (hs, ws, bs, ht, wt, bt)]
     return _distill_op(hs, ws, bs, ht, wt, bt, targets, coef.detach(), beta, temperature,

@@ -164,14 +164,10 @@ def plan_hints(ce_weight: float, cap_s: float, device) -> dict:
                 chunk=configs.current(device).distill_chunk)
 
 
-def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, fused=False,
-                  memory_budget=None) -> Tensor:
-    """sum_i coef_i loss_i (0-dim float32), coef 0 for ignored rows (as torch_distill's): the
-    fused op when the api's plan fuses (``fused``; under torch.compile the op plans again at
-    run time and may run the recompute kernels inside it), else the recompute kernels."""
-    if not fused:
-        rows = _rows(hs, ws, bs, ht, wt, bt, targets, *scalars)  # coef may carry a gradient
-        return torch.where(coef != 0, rows * coef.float(), 0.0).sum()
+def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, memory_budget=None) -> Tensor:
+    """sum_i coef_i loss_i (0-dim float32), coef 0 for ignored rows: the fused op, which plans
+    again at run time (under torch.compile the api knew only that the call may fuse; a budget
+    that fits no chunk then runs the recompute kernels inside the op)."""
     need = [t is not None and t.requires_grad for t in (hs, ws, bs)]
     hs, ws, bs, ht, wt, bt = (None if t is None else t if t.stride(-1) == 1 else t.contiguous()
                               for t in (hs, ws, bs, ht, wt, bt))
