@@ -31,7 +31,8 @@ from torch import Tensor
 from . import agreement
 from .vocab import (VocabSlice, _SumGradAcrossGroup, _check_replicated, _dtensor_cls,
                     _dtensor_slice, _fail, _fingerprint, _gather, _layout, resolve_vocab_parallel)
-from ..backends.pytorch.distill import _cap, _Head, chunk_rows, compute_dtype
+from ..backends.pytorch.common import compute_dtype, softcap_
+from ..backends.pytorch.distill import _Head, chunk_rows
 from ..engine.options import IMPLS
 
 __all__ = ["resolve_split", "vocab_parallel_distill_rows"]
@@ -44,7 +45,7 @@ def _logits(stu, tea, s, e, cfg):
     """A chunk's float logits of both heads after softcap (T = 1) and the softcaps' derivative
     factors (None without a softcap)."""
     ys, yt = stu.logits(s, e), tea.logits(s, e)
-    return ys, yt, _cap(ys, cfg.cap_s), _cap(yt, cfg.cap_t)
+    return ys, yt, softcap_(ys, cfg.cap_s), softcap_(yt, cfg.cap_t)
 
 
 def _log_m(log_q, log_p, beta):

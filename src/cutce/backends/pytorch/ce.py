@@ -31,6 +31,8 @@ from ...engine.loss import live_rows
 from ...engine.options import Options
 from ...engine.problem import Problem
 from .. import grads
+from . import common
+from .common import compute_dtype, softcap_  # noqa: F401  (compute_dtype: part of the backend's face)
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # A chunk holds about this many N x V-sized float temporaries at once (z, p/dz, and one more
@@ -38,32 +40,23 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 _TEMPS_PER_CHUNK = 3
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def chunk_rows(n_tokens: int, vocab: int, dtype: torch.dtype, chunk_bytes: int | None) -> int:
     """Tokens per chunk so that a chunk's logit temporaries fit in ``chunk_bytes``."""
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    per_row = max(vocab, 1) * torch.finfo(dtype).bits // 8 * _TEMPS_PER_CHUNK
-    return max(1, min(max(n_tokens, 1), budget // per_row))
+    return common.chunk_rows(n_tokens, vocab, dtype, budget, _TEMPS_PER_CHUNK)
 
 
 def _logits(h, w, b, opts):
-    """(z, capped) for one chunk: z as in Options; capped = tanh(y / softcap) (None without softcap)."""
+    """(z, dcap) for one chunk: z as in Options; dcap = the softcap's derivative (None without)."""
     y = h @ w.T
     if b is not None:
         y += b
     if opts.logit_scale != 1.0:
         y *= opts.logit_scale
-    capped = None
-    if opts.softcap is not None:
-        capped = torch.tanh(y / opts.softcap)
-        y = capped * opts.softcap
+    dcap = softcap_(y, opts.softcap)
     if opts.temperature != 1.0:
         y = y / opts.temperature
-    return y, capped
+    return y, dcap
 
 
 def _valid_targets(t, vocab):
@@ -136,7 +129,7 @@ def _backward(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g
     for s in range(0, n, rows):
         e = min(s + rows, n)
         h = hidden[s:e].to(cdt)
-        z, capped = _logits(h, w, b, opts)
+        z, dcap = _logits(h, w, b, opts)
         p = torch.exp(z - lse[s:e, None])
         if g_pz is not None and opts.need_entropy:
             # d(sum_j p_j z_j)/dz_k = p_k * (1 + z_k - sum_j p_j z_j)
@@ -150,8 +143,8 @@ def _backward(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g
         if g_zsum is not None and opts.need_zsum:
             dz += g_zsum[s:e, None] if cw is None else g_zsum[s:e, None] * cw
         scale = opts.logit_scale / opts.temperature
-        if capped is not None:
-            dz *= 1.0 - capped.square_()
+        if dcap is not None:
+            dz *= dcap
         if scale != 1.0:
             dz *= scale
         if need_h:
@@ -262,7 +255,7 @@ def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
         e = min(s + rows, n)
         h = hidden[s:e].to(cdt)
         k = coef[:, s:e].to(cdt)  # per-row coefficients of lse, -zt, -mean_j z, lse^2
-        z, capped = _logits(h, w, b, opts)
+        z, dcap = _logits(h, w, b, opts)
         idx, valid = _valid_targets(targets[s:e], vocab)
         zt = torch.where(valid, z.gather(1, idx).squeeze(1), 0.0)
         zmean = _zsum(z, cw) / vocab if cfg.need_zsum else None
@@ -282,8 +275,8 @@ def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
         dz.scatter_add_(1, idx, torch.where(valid, -k[1], 0.0).unsqueeze(1))
         if zmean is not None:
             dz -= k[2, :, None] / vocab if cw is None else k[2, :, None] * (cw / vocab)
-        if capped is not None:
-            dz *= 1.0 - capped.square_()
+        if dcap is not None:
+            dz *= dcap
         if cfg.logit_scale != 1.0:
             dz *= cfg.logit_scale
         if cfg.need_h:

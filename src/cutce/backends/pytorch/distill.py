@@ -37,20 +37,17 @@ import math
 import torch
 from torch import Tensor
 
+from . import common
+from .common import compute_dtype, softcap_  # noqa: F401  (compute_dtype: part of the backend's face)
+
 # Bytes of one chunk's float temporaries (about _TEMPS chunk x V tensors live at once). On the
 # GPU larger chunks keep the GEMMs efficient; on the CPU they gain nothing.
 CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
 _TEMPS = 10
 
 
-def compute_dtype(*dtypes) -> torch.dtype:
-    return torch.float64 if all(d == torch.float64 for d in dtypes) else torch.float32
-
-
 def chunk_rows(n: int, vocab: int, cdt: torch.dtype, device: torch.device) -> int:
-    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
-    per_row = max(vocab, 1) * torch.finfo(cdt).bits // 8 * _TEMPS
-    return max(1, min(max(n, 1), budget // per_row))
+    return common.chunk_rows(n, vocab, cdt, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]), _TEMPS)
 
 
 class _Head:
@@ -85,23 +82,14 @@ class _Head:
             acc.addmm_(dy.T, h.to(self.cdt))
 
 
-def _cap(y, softcap):
-    """softcap * tanh(y / softcap) in place; returns the derivative factor (None without)."""
-    if not softcap:
-        return None
-    t = torch.tanh(y.div_(softcap))
-    y.copy_(t).mul_(softcap)
-    return t.square_().neg_().add_(1.0)
-
-
 def _chunk(ys, yt, tgt, coef, cfg, want_grad, want_t):
     """Per-row losses of a chunk and (when want_grad) the gradients of sum_i coef_i loss_i with
     respect to the student's logits after softcap (before / T), and the teacher's if want_t
     (else None); ys, yt are consumed."""
     beta, temperature, ce_weight = cfg["beta"], cfg["temperature"], cfg["ce_weight"]
     inv_t = 1.0 / temperature
-    ds_cap = _cap(ys, cfg["softcap_s"])
-    dt_cap = _cap(yt, cfg["softcap_t"])
+    ds_cap = softcap_(ys, cfg["softcap_s"])
+    dt_cap = softcap_(yt, cfg["softcap_t"])
     loss = torch.zeros(ys.shape[0], dtype=ys.dtype, device=ys.device)
     g_s = torch.zeros_like(ys) if want_grad else None
     g_t = None
