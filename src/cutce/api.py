@@ -9,6 +9,7 @@ loss from the parts with ordinary differentiable torch code.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -37,15 +38,28 @@ def choose_backend(impl, hidden, kind="loss", teacher=None, float16=True) -> str
     return name
 
 
-def _fused_loss(be, name, problem, opts):
+def settle(problem, name, device, **hints):
+    """The planner's plan for this call, given the device's free memory (read once, in eager
+    code on CUDA; unknown under torch.compile): (plan, problem with its numeric budget). A plan
+    that does not fit falls back to the minimum and warns once."""
+    free = None if torch.compiler.is_compiling() else backends.free_memory(device)
+    plan, budget, why = planner.settle(problem, name, free, **hints)
+    if why is not None:
+        backends.warn_memory_fallback(why, (problem.memory_budget, name, problem.distill))
+    if budget != problem.memory_budget:
+        problem = dataclasses.replace(problem, memory_budget=budget)
+    return plan, problem
+
+
+def _fused_loss(be, name, problem, opts, plan):
     """The backend's fused function when the plan fuses this call, else None. Under
     torch.compile only static facts decide (never N, so that compile does not specialize on it)
     and the op plans again at run time, possibly running the recompute kernels inside; in eager
     code a call the plan would not fuse keeps the recompute strategy's own backward (gradients
     allocated in the backward, not held from the forward on)."""
-    if not planner.may_fuse(problem, name, label_smoothing=opts.label_smoothing > 0):
+    if not planner.may_fuse(problem, name):
         return None
-    if not torch.compiler.is_compiling() and not planner.plan(problem, name).fused:
+    if not torch.compiler.is_compiling() and not plan.fused:
         return None
     return be.fused_loss
 
@@ -55,7 +69,8 @@ def linear_cross_entropy(
     ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
     z_loss: float = 0.0, softcap: float | None = None, logit_scale: float = 1.0,
     token_weights: Tensor | None = None, shift: bool = False, return_lse: bool = False,
-    filter_eps: float | str | None = None, impl: str = "auto", memory_budget: float | None = None,
+    filter_eps: float | str | None = None, impl: str = "auto",
+    memory_budget: float | str | None = None,
     chunk_bytes: int | None = None, class_weight: Tensor | None = None,
     vocab_group: ProcessGroup | None = None, vocab_start: int | None = None,
     reduce_hidden_grad: bool = True,
@@ -104,7 +119,11 @@ def linear_cross_entropy(
             call's gradients are handed out once: backpropagating twice through the same loss
             (retain_graph) raises; use memory_budget=0 for that. The recompute backward (Triton
             path, more than one token chunk) sums dC in float32 when the budget covers a
-            V x D float32 buffer (the default always does), else rounds it per token chunk. See
+            V x D float32 buffer (the default always does), else rounds it per token chunk.
+            "auto": the budget the device's free memory leaves (read once per call, in eager
+            code on CUDA; the default's elsewhere): the fastest plan that fits. Whatever the
+            budget, a plan that the free memory cannot hold falls back to memory_budget=0 and
+            warns once. See
             :mod:`cutce.engine.planner` and docs/benchmarks.md for time against budget.
         chunk_bytes: memory budget of one chunk of logits on the torch path (default 256 MiB).
         vocab_group: a torch.distributed ProcessGroup over which the classifier is split by
@@ -238,8 +257,11 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     need_h, need_w = (t.requires_grad and torch.is_grad_enabled() for t in (h2, weight))
     problem = Problem(h2.shape[0], weight.shape[0], h2.shape[1], h2.dtype, need_h, need_w,
                       reduced=fusable and vs is None, memory_budget=opts.memory_budget,
-                      chunk_bytes=opts.chunk_bytes)
-    fused = _fused_loss(be, name, problem, opts)
+                      chunk_bytes=opts.chunk_bytes, smoothing=opts.label_smoothing > 0)
+    plan, problem = settle(problem, name, h2.device)
+    if problem.memory_budget != opts.memory_budget:  # "auto" resolved, or the fallback
+        opts = dataclasses.replace(opts, memory_budget=problem.memory_budget)
+    fused = _fused_loss(be, name, problem, opts, plan)
     if (fused is not None and name == "triton" and cw is None and not opts.label_smoothing
             and not torch.compiler.is_compiling()):
         # eager Triton training call: one launch for the targets check's flag and the row

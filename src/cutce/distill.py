@@ -8,6 +8,7 @@ argument names prefixed ``student_``/``teacher_``); the call is described as one
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,7 +89,8 @@ def linear_distillation_loss(
     teacher_bias: Tensor | None = None, beta: float = 0.0, temperature: float = 1.0,
     student_softcap: float | None = None, teacher_softcap: float | None = None,
     ignore_index: int = -100, ce_weight: float = 0.0, reduction: str = "mean", shift: bool = False,
-    impl: str = "auto", memory_budget: float | None = None, token_weights: Tensor | None = None,
+    impl: str = "auto", memory_budget: float | str | None = None,
+    token_weights: Tensor | None = None,
     student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
     vocab_group: ProcessGroup | None = None, vocab_start: int | None = None,
     reduce_hidden_grad: bool = True,
@@ -217,10 +219,12 @@ def linear_distillation_loss(
     valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
     coef = None if opts.reduction == "none" else _coefficients(t1, w1, valid, given,
                                                                   opts.reduction, cdt)
-    fused = vs is None and coef is not None and _fuses(
-        name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight, cap_s, opts.memory_budget)
+    fused, budget = False, opts.memory_budget
+    if vs is None and coef is not None:
+        fused, budget = _fuses(name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight, cap_s,
+                               opts.memory_budget)
     if fused:
-        out = backend.distill_total(*args, coef, *scalars, memory_budget=opts.memory_budget)
+        out = backend.distill_total(*args, coef, *scalars, memory_budget=budget)
     else:  # per-token losses whose backward recomputes the logits (any upstream gradient)
         if vs is None:
             rows = backend.distill_rows(*args, valid, *scalars)
@@ -238,19 +242,21 @@ def linear_distillation_loss(
 
 
 def _fuses(name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight, cap_s, memory_budget):
-    """Whether a reduced call takes the fused strategy: the planner's answer (under
-    torch.compile only its static part; the op plans again at run time)."""
+    """(whether a reduced call takes the fused strategy, the numeric budget it runs with): the
+    planner's answer for the device's free memory (under torch.compile only its static part;
+    the op plans again at run time)."""
     grad = torch.is_grad_enabled()
     problem = Problem(
         hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, hs.requires_grad and grad,
         ws.requires_grad and grad, reduced=not (w1 is not None and w1.requires_grad),
         memory_budget=memory_budget, dt=ht.shape[1], teacher_dtype=ht.dtype, beta=beta,
         teacher_grad=grad and any(t is not None and t.requires_grad for t in (ht, wt, bt)))
-    if not planner.may_fuse(problem, name):
-        return False
     if torch.compiler.is_compiling():
-        return True
-    return planner.plan(problem, name, **backend.plan_hints(ce_weight, cap_s, hs.device)).fused
+        budget = None if memory_budget == "auto" else memory_budget
+        return planner.may_fuse(dataclasses.replace(problem, memory_budget=budget), name), budget
+    plan, problem = api.settle(problem, name, hs.device,
+                               **backend.plan_hints(ce_weight, cap_s, hs.device))
+    return plan.fused, problem.memory_budget
 
 
 def _scaled(h, b, scale):

@@ -38,6 +38,14 @@ def _filter_eps(filter_eps, dtype):
     return _check_real("filter_eps", filter_eps, lo=0.0, lo_open=True, hi=1.0)
 
 
+def _memory_budget(budget):
+    if budget is None or budget == "auto":
+        return budget
+    if isinstance(budget, str):
+        _fail("memory_budget", 'None, "auto" or a number >= 0', repr(budget))
+    return _check_real("memory_budget", budget, lo=0.0)
+
+
 def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                  softcap=None, logit_scale=1.0, temperature=1.0, filter_eps=None,
                  need_entropy=False, chunk_bytes=None,
@@ -63,7 +71,7 @@ def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=
         filter_eps=_filter_eps(filter_eps, dtype),
         need_entropy=bool(need_entropy),
         chunk_bytes=chunk_bytes,
-        memory_budget=None if memory_budget is None else _check_real("memory_budget", memory_budget, lo=0.0),
+        memory_budget=_memory_budget(memory_budget),
         lse_out=bool(lse_out),
     )
 

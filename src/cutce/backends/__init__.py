@@ -72,3 +72,23 @@ def fallback_notice(reason: str | None) -> None:
     warning (once); a call outside the kernels' coverage (float64, mixed dtypes) is not."""
     if reason is not None and reason.startswith("Triton could not"):
         warn_torch_fallback(reason)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a call may still allocate on ``device``: the driver's free memory plus what
+    PyTorch's caching allocator holds unused; None off CUDA (no device memory to plan for)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+_MEMORY_WARNED: set = set()
+
+
+def warn_memory_fallback(why: str, key) -> None:
+    """Warn once per ``key`` (the budget asked for and the backend): a training loop repeats
+    the same call every step, with free memory that moves a little."""
+    if key not in _MEMORY_WARNED:
+        _MEMORY_WARNED.add(key)
+        warnings.warn(why, stacklevel=5)

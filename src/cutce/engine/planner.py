@@ -103,7 +103,7 @@ def choose_backend(impl: str, is_cuda: bool, triton_reason) -> tuple[str, str | 
     return "torch", reason
 
 
-def may_fuse(p: Problem, backend: str, *, label_smoothing: bool = False) -> bool:
+def may_fuse(p: Problem, backend: str) -> bool:
     """Whether a call may take the fused strategy at all, from static facts only (never N, so
     that torch.compile does not specialize on it): a reduced call that needs a gradient, a
     budget that is not 0; the Triton loss kernel covers neither label smoothing nor float16;
@@ -115,7 +115,7 @@ def may_fuse(p: Problem, backend: str, *, label_smoothing: bool = False) -> bool
         return True
     if p.distill:
         return not p.teacher_grad and p.beta != 1.0
-    return not label_smoothing and p.dtype in (torch.bfloat16, torch.float32)
+    return not p.smoothing and p.dtype in (torch.bfloat16, torch.float32)
 
 
 # ---- which strategy and chunk ----------------------------------------------------------------
@@ -232,3 +232,74 @@ def recompute_dc_f32(p: Problem) -> bool:
     if not p.need_w or p.dtype == torch.float32 or p.memory_budget == 0:
         return False
     return p.v * p.d * 4 <= budget_bytes(p, "triton")
+
+
+# ---- the device's free memory: memory_budget="auto", and a plan that does not fit ------------
+
+# Kept free of a call's estimate: the allocator's fragmentation and the call's small temporaries.
+SAFETY_FRACTION = 0.05
+SAFETY_BYTES = 256 * 2**20
+# The recompute strategy's extra memory beyond the gradients on the Triton path: its backward
+# workspace (<= 8% of the gradients, KernelConfig.backward_memory_fraction) and O(N) values.
+RECOMPUTE_EXTRA = 0.10
+
+
+def usable_bytes(free_bytes: int) -> int:
+    return max(0, int(free_bytes * (1.0 - SAFETY_FRACTION)) - SAFETY_BYTES)
+
+
+def need_bytes(p: Problem, pl: Plan, backend: str) -> int:
+    """Device memory a plan allocates beyond the call's inputs: its gradients and its extra."""
+    g = p.gradient_bytes()
+    if pl.fused and p.distill and backend == "torch":  # ~10 float32 chunk x V temporaries
+        return g + min(2 * 2**30, 10 * p.n * p.v * 4)
+    if pl.fused:
+        if p.distill:
+            return g + distill_extra_bytes(p, pl.chunk_n, pl.student_x)
+        return g + fused_extra_bytes(p, pl.chunk_n, backend)
+    if backend == "torch":  # float32 copies of the weight and its gradient, one chunk of logits
+        copies = 0 if p.dtype in (torch.float32, torch.float64) else 2 * p.v * p.d * 4
+        cdt = 8 if p.dtype == torch.float64 else 4
+        return g + copies + min(p.chunk_bytes or 256 * 2**20, 3 * p.n * p.v * cdt)
+    return g + int(RECOMPUTE_EXTRA * g) + (p.v * p.d * 4 if recompute_dc_f32(p) else 0)
+
+
+def auto_budget(p: Problem, free_bytes: int) -> float:
+    """memory_budget="auto": what the usable free memory leaves beyond the gradients, as a
+    fraction of the inputs' size."""
+    return max(0, usable_bytes(free_bytes) - p.gradient_bytes()) / max(p.input_bytes(), 1)
+
+
+def settle(p: Problem, backend: str, free_bytes: int | None, **hints) -> tuple[Plan, float | None, str | None]:
+    """(plan, the numeric memory_budget it runs with, why it fell back or None) for a call whose
+    device has ``free_bytes`` available (None: unknown, e.g. CPU tensors or under torch.compile).
+
+    ``memory_budget="auto"`` becomes the budget the free memory leaves (the default's when it is
+    unknown), so the plan is the fastest that fits and is the same for the same free memory. Any
+    budget whose plan needs more than the usable free memory falls back to the minimum
+    (recompute, dC rounded per token chunk: ``memory_budget=0``), and says why; when even that
+    needs more than is free, raises ``torch.OutOfMemoryError`` saying how much it needs."""
+    asked = budget = p.memory_budget
+    if budget == "auto":
+        budget = None if free_bytes is None else auto_budget(p, free_bytes)
+        p = dataclasses.replace(p, memory_budget=budget)
+    pl = plan(p, backend, **hints) if may_fuse(p, backend) else RECOMPUTE
+    if free_bytes is None or not (p.need_h or p.need_w):
+        return pl, budget, None
+    need, usable = need_bytes(p, pl, backend), usable_bytes(free_bytes)
+    if need <= usable:
+        return pl, budget, None
+    low = dataclasses.replace(p, memory_budget=0.0)
+    least = need_bytes(low, RECOMPUTE, backend)
+    if least > free_bytes:  # nothing fits: say so now, in numbers, not deep inside a kernel
+        raise torch.OutOfMemoryError(
+            f"cutce: this call needs about {least / 2**30:.2f} GiB of device memory even at "
+            f"memory_budget=0 (its gradients: {p.gradient_bytes() / 2**30:.2f} GiB), but only "
+            f"{free_bytes / 2**30:.2f} GiB are free; pass fewer tokens per call or free memory")
+    if least >= need:  # already the minimum (within the safety margin): let it try
+        return pl, budget, None
+    why = (f"cutce: memory_budget={asked!r} plans the {pl.strategy} strategy, which "
+           f"needs about {need / 2**30:.2f} GiB, but {usable / 2**30:.2f} GiB of device memory are "
+           f"usable; running the minimum-memory strategy instead (memory_budget=0, about "
+           f"{least / 2**30:.2f} GiB)")
+    return RECOMPUTE, 0.0, why

@@ -28,8 +28,10 @@ class Problem:
             upstream gradient is known up to one scalar, so the gradients may be formed in the
             forward (the fused strategy).
         memory_budget: extra bytes allowed beyond the gradients, as a fraction of
-            :meth:`input_bytes` (None: the backend's default, see cutce.engine.planner).
+            :meth:`input_bytes` (None: the backend's default; "auto": from the device's free
+            memory, resolved by :func:`cutce.engine.planner.settle`).
         chunk_bytes: the torch backend's cap on one chunk's logit temporaries (None: default).
+        smoothing: the loss has label smoothing (the Triton fused kernel does not cover it).
         dt, teacher_dtype: the teacher's features and dtype (dt 0: no teacher).
         teacher_grad: the teacher needs gradients too (distillation then never fuses).
         beta: the distillation's divergence (1: reverse KL, which never fuses).
@@ -42,8 +44,9 @@ class Problem:
     need_h: bool = True
     need_w: bool = True
     reduced: bool = False
-    memory_budget: float | None = None
+    memory_budget: float | str | None = None
     chunk_bytes: int | None = None
+    smoothing: bool = False
     dt: int = 0
     teacher_dtype: torch.dtype | None = None
     teacher_grad: bool = False
