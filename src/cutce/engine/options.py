@@ -45,6 +45,10 @@ class Options:
         lse_out: the caller returns the lse, whose gradient may reach every row (ignored ones
             included): filtering must then bound the classes over all rows, not only over the
             rows with a target.
+        need_stats: the backend must also produce, per token, lse2 = logsumexp_j(2 z_ij), the
+            largest logit max_j z_ij and its first index argmax_j z_ij (a global class id under
+            a vocabulary split), none of them differentiable; it also turns zsum on (the
+            metrics' mean logit is zsum / V). See cutce.backends.pytorch.ce.
     """
 
     ignore_index: int = -100
@@ -59,8 +63,9 @@ class Options:
     chunk_bytes: int | None = None
     memory_budget: float | None = None
     lse_out: bool = False
+    need_stats: bool = False
 
     @property
     def need_zsum(self) -> bool:
-        """Whether sum_j z_ij is needed (label smoothing)."""
-        return self.label_smoothing > 0.0
+        """Whether sum_j z_ij is needed (label smoothing, or the per-token statistics' mean logit)."""
+        return self.label_smoothing > 0.0 or self.need_stats

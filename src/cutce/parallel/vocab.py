@@ -14,6 +14,11 @@ are the same on every rank; plus 1 with label smoothing, plus 1 with entropy)::
     lse  = logsumexp_r lse_r            zt = sum_r zt_r  (only the owner's is non-zero)
     zsum = sum_r zsum_r                 pz = sum_r exp(lse_r - lse) * pz_r
 
+With the per-token statistics (``opts.need_stats``, not differentiable; +4 rows)::
+
+    lse2 = logsumexp_r lse2_r           zmax = max_r zmax_r
+    amax = the smallest global argmax amax_r among the ranks whose zmax_r == zmax
+
 The api then forms the loss from these replicated parts exactly as on one device, so every option
 (label smoothing, z-loss, token weights, reductions, ignore_index) is unchanged. Backward: autograd
 sends each rank the gradient of its own lse_r/zt_r/..., the local backend turns it into dC and
@@ -103,7 +108,9 @@ def combine_parts(parts, group, opts: Options, replicated=None):
 
     Args:
         parts: (lse_r, zt_r, zsum_r, pz_r), each (N,) float32/float64, this rank's slice's values
-            of the backend contract (zt_r = 0 where the target is not in the slice).
+            of the backend contract (zt_r = 0 where the target is not in the slice); with
+            ``opts.need_stats`` also (lse2_r, zmax_r, amax_r), amax_r as a *global* class id
+            (int64; :func:`vocab_parallel_parts` adds the slice's start).
         group: the ProcessGroup whose ranks hold the slices.
         opts: selects which parts are communicated (zsum only with label smoothing, pz only with
             entropy); the others are returned as zeros, as a backend would.
@@ -111,15 +118,23 @@ def combine_parts(parts, group, opts: Options, replicated=None):
             (see :func:`_fingerprint`); it rides along in the same all-gather and is checked.
 
     Returns:
-        (lse, zt, zsum, pz), each (N,), identical on every rank. One all-gather of k*N floats
-        (k = 2, +1 with label smoothing, +1 with entropy, +1 with ``replicated``).
+        (lse, zt, zsum, pz), each (N,), identical on every rank; with ``opts.need_stats`` also
+        (lse2, zmax, amax) of the whole vocabulary (not differentiable; amax the first global
+        argmax, as torch.argmax over the unsplit logits). One all-gather of k*N floats
+        (k = 2, +1 with label smoothing, +1 with entropy, +1 with ``replicated``, +4 with the
+        statistics: lse2_r, zmax_r and amax_r's high and low 24 bits, each exact in float32).
     """
-    lse_r, zt_r, zsum_r, pz_r = parts
+    lse_r, zt_r, zsum_r, pz_r = parts[:4]
     rows = [lse_r, zt_r]
     if opts.need_zsum:
         rows.append(zsum_r)
     if opts.need_entropy:
         rows.append(pz_r)
+    n_stats = 4 if opts.need_stats else 0
+    if opts.need_stats:
+        lse2_r, zmax_r, amax_r = (p.detach() for p in parts[4:7])
+        rows += [lse2_r, zmax_r, (amax_r >> _IDX_BITS).to(lse_r.dtype),
+                 (amax_r & (2**_IDX_BITS - 1)).to(lse_r.dtype)]
     if replicated is not None:
         rows.append(replicated.detach().to(lse_r.dtype))
     every = _AllGatherRows.apply(torch.stack(rows), group)  # (W, k, N)
@@ -134,7 +149,21 @@ def combine_parts(parts, group, opts: Options, replicated=None):
         pz = (torch.exp(lses - lse) * every[:, 2 + opts.need_zsum]).sum(dim=0)
     else:
         pz = torch.zeros_like(lse)
-    return lse, zt, zsum, pz
+    if not opts.need_stats:
+        return lse, zt, zsum, pz
+    k = every.shape[1] - n_stats - (replicated is not None)
+    st = every[:, k:k + n_stats].detach()  # (W, 4, N)
+    lse2 = torch.logsumexp(st[:, 0], dim=0)
+    zmax = st[:, 1].amax(dim=0)
+    ids = (st[:, 2].to(torch.int64) << _IDX_BITS) + st[:, 3].to(torch.int64)
+    # ties between ranks go to the smallest global index (the slices may be in any rank order)
+    amax = torch.where(st[:, 1] == zmax, ids, torch.iinfo(torch.int64).max).amin(dim=0)
+    return lse, zt, zsum, pz, lse2, zmax, amax
+
+
+# a global class id travels in the float all-gather as two halves of this many bits, each exact
+# in float32 (ids below 2**48)
+_IDX_BITS = 24
 
 
 def _fingerprint(hidden):
@@ -259,7 +288,8 @@ def vocab_parallel_parts(backend, hidden, weight, bias, targets, opts: Options, 
             the class weights (stop - start,) or None (weights the zsum part).
 
     Returns:
-        (lse, zt, zsum, pz), each (N,), equal on every rank to the unsplit backend's result.
+        (lse, zt, zsum, pz), each (N,), equal on every rank to the unsplit backend's result
+        (with ``opts.need_stats`` also lse2, zmax, amax; amax a global class id).
         Backward gives weight/bias their slice's gradient and hidden the full dE (the sum over
         ranks; only this rank's share if ``vs.reduce_hidden_grad`` is False).
     """
@@ -269,6 +299,8 @@ def vocab_parallel_parts(backend, hidden, weight, bias, targets, opts: Options, 
     # -1 for targets another rank owns (and ignore_index): the backend then gives zt_r = 0.
     local = torch.where(mine, targets - vs.start, -1)
     parts = backend(hidden, weight, bias, local, opts, class_weight=class_weight)
+    if opts.need_stats:  # the local argmax as a global class id
+        parts = (*parts[:6], parts[6] + vs.start)
     return combine_parts(parts, vs.group, opts, replicated=_fingerprint(hidden))
 
 

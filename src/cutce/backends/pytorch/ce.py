@@ -15,6 +15,15 @@ backward recomputes each chunk's logits. No tensor of N x V elements exists at a
 extra memory is a chunk of logits (sized from ``opts.chunk_bytes``) plus, when the weight is not
 already in the compute dtype, one float32 copy of it and of its gradient accumulator.
 
+With ``opts.need_stats`` (the per-token metrics of :func:`cutce.linear_log_probs`) the parts are
+seven, the three more not differentiable (marked so), computed in the same pass:
+
+    lse2_i = logsumexp_j 2 z_ij    (log sum_j p_ij^2 = lse2_i - 2 lse_i)
+    zmax_i = max_j z_ij
+    amax_i = argmax_j z_ij         int64, the first index of the max (torch.argmax's rule)
+
+Without it the parts are the four above (every caller that unpacks four is unchanged).
+
 The forward and backward chunk loops are ``torch.library`` custom ops (``cutce::torch_lse_parts``
 and its backward) with fake implementations, so ``torch.compile`` sees one opaque node: no graph
 break, no unrolled loop, and no specialization on the number of tokens.
@@ -73,10 +82,11 @@ class _Cfg(NamedTuple):
     need_zsum: bool
     need_entropy: bool
     chunk_bytes: int | None
+    need_stats: bool
 
 
 _CFG_SCHEMA = ("float logit_scale, float? softcap, float temperature, bool need_zsum, "
-               "bool need_entropy, int? chunk_bytes")
+               "bool need_entropy, int? chunk_bytes, bool need_stats")
 
 
 def _zsum(z, cw):
@@ -93,6 +103,10 @@ def _forward(hidden, weight, bias, targets, cw, opts: _Cfg):
     zt = torch.zeros_like(lse)
     zsum = torch.zeros_like(lse)
     pz = torch.zeros_like(lse)
+    # the statistics' parts: empty (never written) without need_stats
+    k = n if opts.need_stats else 0
+    lse2, zmax = lse.new_empty(k), lse.new_empty(k)
+    amax = hidden.new_empty(k, dtype=torch.int64)
     rows = chunk_rows(n, vocab, cdt, opts.chunk_bytes)
     for s in range(0, n, rows):
         e = min(s + rows, n)
@@ -101,16 +115,23 @@ def _forward(hidden, weight, bias, targets, cw, opts: _Cfg):
         zt[s:e] = torch.where(valid, z.gather(1, idx).squeeze(1), 0.0)
         if opts.need_zsum:
             zsum[s:e] = _zsum(z, cw)
+        if opts.need_stats:
+            amax[s:e] = z.argmax(dim=1)  # the first index of the max
         # lse = m + log(sum exp(z - m)), not torch.logsumexp: a row with an infinite logit gives
         # NaN (inf - inf), as PyTorch's log_softmax / cross_entropy do, where logsumexp gives
         # inf (and a finite-looking inf loss). In place: z becomes exp(z - m).
         m = z.amax(dim=1, keepdim=True)
         tot = z.sub_(m).exp_().sum(dim=1, keepdim=True)
         lse[s:e] = (m + tot.log()).squeeze(1)
+        if opts.need_stats:
+            # logsumexp(2 z) = 2 m + log sum (exp(z - m))^2, a row-wise dot: no chunk temporary
+            sq = (z.unsqueeze(1) @ z.unsqueeze(2)).view(-1)
+            lse2[s:e] = 2.0 * m.squeeze(1) + sq.log()
+            zmax[s:e] = m.squeeze(1)
         if opts.need_entropy:
             z.div_(tot)  # z now holds p; (p * z).sum = (p * (log p + lse)).sum
             pz[s:e] = torch.xlogy(z, z).sum(dim=1) + lse[s:e]
-    return lse, zt, zsum, pz
+    return lse, zt, zsum, pz, lse2, zmax, amax
 
 
 def _backward(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g_pz,
@@ -167,7 +188,7 @@ def _backward(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g
 @torch.library.custom_op(
     "cutce::torch_lse_parts", mutates_args=(),
     schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? cw, {_CFG_SCHEMA})"
-           " -> (Tensor, Tensor, Tensor, Tensor)")
+           " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _parts_op(hidden, weight, bias, targets, cw, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
         return _forward(hidden, weight, bias, targets, cw, _Cfg(*cfg))
@@ -176,7 +197,9 @@ def _parts_op(hidden, weight, bias, targets, cw, *cfg):
 @_parts_op.register_fake
 def _(hidden, weight, bias, targets, cw, *cfg):
     lse = hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype))
-    return lse, torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
+    k = lse.shape[0] if _Cfg(*cfg).need_stats else 0
+    return (lse, torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse),
+            lse.new_empty(k), lse.new_empty(k), hidden.new_empty(k, dtype=torch.int64))
 
 
 @torch.library.custom_op(
@@ -202,10 +225,11 @@ def _(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g_pz, nee
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, cw, *cfg = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, cw, output[0], output[3])
+    ctx.mark_non_differentiable(*output[4:])  # the statistics (metrics)
     ctx.cfg = cfg
 
 
-def _parts_op_backward(ctx, g_lse, g_zt, g_zsum, g_pz):
+def _parts_op_backward(ctx, g_lse, g_zt, g_zsum, g_pz, *_g_stats):
     hidden, weight, bias, targets, cw, lse, pz = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     dh, dw, db = _parts_backward_op(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum,
@@ -239,7 +263,7 @@ def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
     n, vocab = hidden.shape[0], weight.shape[0]
     w = weight.to(cdt)
     b = None if bias is None else bias.to(cdt)
-    opts = _Cfg(cfg.logit_scale, cfg.softcap, 1.0, False, False, None)
+    opts = _Cfg(cfg.logit_scale, cfg.softcap, 1.0, False, False, None, False)
     total = hidden.new_zeros((), dtype=cdt)
     lse = hidden.new_empty(n, dtype=cdt)
     dh = torch.empty_like(hidden) if cfg.need_h else hidden.new_empty(0)
@@ -354,8 +378,13 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
             zsum = z.sum(-1); pz = (z.softmax(-1) * z).sum(-1)
 
         With ``class_weight`` (V,), zsum = z @ class_weight (class-weighted label smoothing).
+        With ``opts.need_stats``, (lse, zt, zsum, pz, lse2, zmax, amax): three more (N,), not
+        differentiable::
+
+            lse2 = torch.logsumexp(2 * z, -1); zmax = z.amax(-1); amax = z.argmax(-1)  # int64
     """
     cfg = _Cfg(float(opts.logit_scale), opts.softcap, float(opts.temperature), opts.need_zsum,
-               opts.need_entropy, opts.chunk_bytes)
+               opts.need_entropy, opts.chunk_bytes, opts.need_stats)
     cw = None if class_weight is None else class_weight.to(compute_dtype(hidden.dtype))
-    return _parts_op(hidden, weight, bias, targets, cw, *cfg)
+    parts = _parts_op(hidden, weight, bias, targets, cw, *cfg)
+    return parts if opts.need_stats else parts[:4]

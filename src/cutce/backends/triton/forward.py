@@ -1,5 +1,6 @@
 """Forward: per-token log-sum-exp, sum of logits and E_p[z] in one pass (the target logit by a
-small gather kernel beside it).
+small gather kernel beside it); on request (NEED_STATS, a compile-time flag: the loss's kernel is
+unchanged) also the log-sum-exp of 2z and the first argmax, for the per-token metrics.
 
 Each program owns BLOCK_N tokens and one contiguous split of the vocabulary; it streams the
 weight tile by tile through an online max/sum-exp, so global memory receives O(N * splits) floats.
@@ -26,7 +27,8 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub
                     NEED_ENT: tl.constexpr, BOUND: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                    FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, HAS_CW: tl.constexpr):
+                    FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, HAS_CW: tl.constexpr,
+                    NEED_STATS: tl.constexpr):
     # Programs go in groups of group_rows token blocks x all splits, token blocks fastest: the
     # programs running together read few hidden blocks (they stay in L2 while every weight
     # tile streams past them) and few weight tiles (each read once for the whole group).
@@ -49,6 +51,12 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub
         floor = tl.load(floor_ptr + rows, mask=rmask, other=float("inf"))
     n_tiles = tl.cdiv(V, BLOCK_V)
     t_lo = split * tiles_per_split
+    if NEED_STATS:
+        # sum_j exp(z_j - m)^2 (rescaled by alpha^2 as s is by alpha), and the first column of
+        # the running max: a tile's (first) argmax replaces it only if its max is strictly
+        # larger, and the tiles come in increasing order, so ties keep the earliest column
+        s2 = tl.zeros((BLOCK_N,), tl.float32)
+        best = tl.zeros((BLOCK_N,), tl.int32) + t_lo * BLOCK_V
     t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
     for tile in tl.range(t_lo, t_hi, flatten=FLATTEN):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -61,10 +69,17 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub
             zm = z
         else:
             zm = tl.where(cmask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(zm, 1))
+        if NEED_STATS:
+            tile_max, tile_arg = tl.max(zm, 1, return_indices=True, return_indices_tie_break_left=True)
+            best = tl.where(tile_max > m, tile * BLOCK_V + tile_arg, best)
+            m_new = tl.maximum(m, tile_max)
+        else:
+            m_new = tl.maximum(m, tl.max(zm, 1))
         alpha = tl.exp(m - m_new)
         e = tl.exp(zm - m_new[:, None])
         s = s * alpha + tl.sum(e, 1)
+        if NEED_STATS:
+            s2 = s2 * (alpha * alpha) + tl.sum(e * e, 1)
         if NEED_ENT or NEED_ZSUM:
             z0 = tl.where(cmask[None, :], z, 0.0)
             if NEED_ENT:
@@ -88,10 +103,14 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub
     tl.store(base + stride_q, s, mask=rmask)
     tl.store(base + 2 * stride_q, zs, mask=rmask)
     tl.store(base + 3 * stride_q, a, mask=rmask)
+    if NEED_STATS:
+        tl.store(base + 4 * stride_q, s2, mask=rmask)
+        # the int32 column rides in the float32 buffer bit for bit (read back by a view)
+        tl.store(base + 5 * stride_q, best.to(tl.float32, bitcast=True), mask=rmask)
 
 
 def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_entropy,
-            bound=False, n_splits=None, class_weight=None, bound_all_rows=False):
+            bound=False, n_splits=None, class_weight=None, bound_all_rows=False, need_stats=False):
     """Launch the forward kernel.
 
     Args:
@@ -102,9 +121,12 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
             ``bound_all_rows`` (a returned lse carries a gradient from ignored rows too).
         n_splits: vocabulary splits (None: enough to fill the device).
         class_weight: (V,) float or None: zsum becomes sum_j class_weight_j * z_j.
+        need_stats: also return lse2 = logsumexp_j 2 z_j, zmax = max_j z_j (N,) float32 and
+            amax = the first argmax_j z_j (N,) int64 (same pass; zsum is not implied here).
 
     Returns:
-        lse, zt, zsum, pz: (N,) float32; ub: (V,) float32 or an empty tensor.
+        lse, zt, zsum, pz: (N,) float32; ub: (V,) float32 or an empty tensor; with need_stats,
+        then lse2, zmax, amax.
     """
     n, d = hidden.shape
     v = weight.shape[0]
@@ -119,7 +141,9 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    part = torch.empty((4, n_splits, n), **f32)
+    # with need_stats two more rows: s2 and the argmax (int32 bits: V < 2**31, as the tiles'
+    # int32 offsets assume)
+    part = torch.empty((6 if need_stats else 4, n_splits, n), **f32)
     if kc.poison:
         part.fill_(float("nan"))
     # Each row's target logit, by a separate gather kernel (summing it in the tiles' epilogue
@@ -147,11 +171,23 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
             BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
             PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
             USE_TMA=tma, FLATTEN=tma and kc.flatten, EVEN_V=v % cfg.block_v == 0,
-            HAS_CW=class_weight is not None,
+            HAS_CW=class_weight is not None, NEED_STATS=need_stats,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    m, s, zs, a = part.unbind(0)
+    m, s, zs, a = part[:4].unbind(0)
     lse, pz = combine_splits(m, s, a)
-    return lse, zt_rows, zs.sum(0), pz, ub
+    if not need_stats:
+        return lse, zt_rows, zs.sum(0), pz, ub
+    return (lse, zt_rows, zs.sum(0), pz, ub, *combine_stats(m, part[4], part[5].view(torch.int32)))
+
+
+def combine_stats(m, s2, arg):
+    """Per row, from its vocabulary splits' running max m, sum of exp(z - m)^2 s2 and first
+    argmax arg (each (splits, N), splits in vocabulary order): logsumexp_j 2 z_j, max_j z_j and
+    the first argmax_j z_j (int64), the split of the max with the smallest index winning ties."""
+    mx = m.amax(0)
+    lse2 = 2.0 * mx + torch.log((s2 * torch.exp(2.0 * (m - mx))).sum(0))
+    first = (m == mx).to(torch.uint8).argmax(0, keepdim=True)  # the first split holding the max
+    return lse2, mx, arg.gather(0, first)[0].to(torch.int64)
 
 
 def combine_splits(m, s, a=None):

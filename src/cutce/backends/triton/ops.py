@@ -27,23 +27,31 @@ from . import fused as _fused
 def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                  class_weight: Optional[Tensor], scale: float, softcap: float, inv_temp: float,
                  need_zsum: bool, need_entropy: bool, filter_eps: float,
-                 memory_budget: Optional[float], bound_all_rows: bool
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 memory_budget: Optional[float], bound_all_rows: bool, need_stats: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty),
     over every row with ``bound_all_rows`` (a returned lse), else over the rows with a target.
-    memory_budget only travels to the backward (its float32 dC accumulator, see cutce.engine.planner)."""
-    return _fw.forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum,
-                       need_entropy, bound=filter_eps > 0, class_weight=class_weight,
-                       bound_all_rows=bound_all_rows)
+    memory_budget only travels to the backward (its float32 dC accumulator, see cutce.engine.planner).
+    The last three outputs are the statistics' lse2, zmax (float32) and amax (int64), (N,) with
+    ``need_stats``, else empty; not differentiable."""
+    out = _fw.forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum,
+                      need_entropy, bound=filter_eps > 0, class_weight=class_weight,
+                      bound_all_rows=bound_all_rows, need_stats=need_stats)
+    if need_stats:
+        return out
+    f = hidden.new_empty(0, dtype=torch.float32)
+    return (*out, f, f.clone(), hidden.new_empty(0, dtype=torch.int64))
 
 
 @lse_parts_op.register_fake
 def _(hidden, weight, bias, targets, class_weight, scale, softcap, inv_temp, need_zsum,
-      need_entropy, filter_eps, memory_budget, bound_all_rows):
+      need_entropy, filter_eps, memory_budget, bound_all_rows, need_stats=False):
     bound = filter_eps > 0
     n, v = hidden.shape[0], weight.shape[0]
     f = hidden.new_empty(n, dtype=torch.float32)
-    return f, f.clone(), f.clone(), f.clone(), hidden.new_empty(v if bound else 0, dtype=torch.float32)
+    k = n if need_stats else 0
+    return (f, f.clone(), f.clone(), f.clone(), hidden.new_empty(v if bound else 0, dtype=torch.float32),
+            f.new_empty(k), f.new_empty(k), hidden.new_empty(k, dtype=torch.int64))
 
 
 @torch.library.custom_op("cutce::lse_parts_backward", mutates_args=())
@@ -74,14 +82,15 @@ def _(hidden, weight, bias, targets, class_weight, lse, pz, ub, g_lse, g_zt, g_z
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, cw, scale, softcap, inv_temp, need_zsum, need_entropy, eps, \
-        budget, _ = inputs
-    lse, _, _, pz, ub = output
+        budget, *_ = inputs
+    lse, _, _, pz, ub, *stats = output
     ctx.save_for_backward(hidden, weight, bias, targets, cw, lse, pz, ub)
+    ctx.mark_non_differentiable(*stats)  # the statistics (metrics)
     ctx.scalars = (scale, softcap, inv_temp, need_zsum, need_entropy, eps)
     ctx.budget = budget
 
 
-def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub):
+def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
     hidden, weight, bias, targets, cw, lse, pz, ub = ctx.saved_tensors
     scale, softcap, inv_temp, need_zsum, need_entropy, eps = ctx.scalars
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -91,7 +100,7 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub):
         hidden, weight, bias, targets, cw, lse, pz, ub, *grads, scale, softcap, inv_temp,
         need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b, ctx.budget)
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
-            None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None)
 
 
 lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -154,7 +163,8 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
 
 def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None):
     """The backend contract on the Triton path (same signature and result as
-    :func:`cutce.backends.pytorch.ce.linear_lse_parts`; float32 outputs)."""
+    :func:`cutce.backends.pytorch.ce.linear_lse_parts`; float32 outputs, and with
+    ``opts.need_stats`` the three statistics after the four parts)."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -163,9 +173,10 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
     # Filtering skips classes by their bound; label smoothing's gradient touches every class, so
     # with it the backward stays exact (documented on filter_eps).
     filt = opts.filter_eps is not None and wants_grad and not opts.need_zsum
-    return lse_parts_op(
+    out = lse_parts_op(
         hidden, weight, bias, targets.contiguous(),
         None if class_weight is None else class_weight.float().contiguous(),
         opts.logit_scale, opts.softcap or 0.0,
         1.0 / opts.temperature, opts.need_zsum, opts.need_entropy,
-        opts.filter_eps if filt else 0.0, opts.memory_budget, opts.lse_out)[:4]
+        opts.filter_eps if filt else 0.0, opts.memory_budget, opts.lse_out, opts.need_stats)
+    return (*out[:4], *out[5:]) if opts.need_stats else out[:4]
