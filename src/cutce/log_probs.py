@@ -1,12 +1,14 @@
 """Per-token log-probabilities and entropy (RL fine-tuning) on the same backends as the loss.
 
 Validation and dispatch are api.py's; this module only turns the backend contract's parts into
-log p(token) = zt - lse and H = lse - sum_j p_j z_j.
+log p(token) = zt - lse and H = lse - sum_j p_j z_j (and, with ``return_stats``, the per-token
+metrics of :class:`TokenStats`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,13 +19,27 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 
+class TokenStats(NamedTuple):
+    """What :func:`linear_log_probs` returns with ``return_stats=True``: per token, float32
+    (float64 for float64 inputs; ``is_top1`` bool) with tokens' shape after shift, 0 (False) at
+    ignored positions. ``log_probs`` and ``entropy`` are differentiable, the other three are
+    metrics (detached). See :func:`linear_log_probs` for the exact expressions."""
+
+    log_probs: Tensor
+    entropy: Tensor
+    is_top1: Tensor
+    mean_logits: Tensor
+    log_sum_sq_probs: Tensor
+
+
 def linear_log_probs(
     hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None = None, *,
     temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
     shift: bool = False, ignore_index: int = -100, return_entropy: bool = False,
+    return_stats: bool = False,
     impl: str = "auto", vocab_group: ProcessGroup | None = None, vocab_start: int | None = None,
     reduce_hidden_grad: bool = True, memory_budget: float | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | tuple[Tensor, Tensor] | TokenStats:
     """Log-probability of given tokens (and the entropy) under a linear head, without logits.
 
     Args:
@@ -38,6 +54,9 @@ def linear_log_probs(
             first position to ``ignore_index``, so that no position is scored on the next
             sequence's first token (it gets log-prob and entropy 0).
         return_entropy: also return the per-token entropy.
+        return_stats: return a :class:`TokenStats` (log-probs, entropy and three per-token
+            metrics, computed in the same pass over the vocabulary) instead, whatever
+            ``return_entropy`` is.
         impl: "auto" | "torch" | "triton" (as in :func:`cutce.linear_cross_entropy`).
         vocab_group, vocab_start, reduce_hidden_grad: vocabulary parallelism, as in
             :func:`cutce.linear_cross_entropy` (tokens are global ids).
@@ -59,20 +78,46 @@ def linear_log_probs(
             logp = torch.log_softmax(z, -1).gather(-1, tokens[..., None])[..., 0]
             entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
 
+        With ``return_stats=True``, ``TokenStats(logp, entropy, is_top1, mean_logits,
+        log_sum_sq_probs)``, the last three detached (no gradient), over the whole vocabulary
+        V (all ranks' under a vocabulary split), with valid = tokens != ignore_index::
+
+            is_top1 = (z.argmax(-1) == tokens) & valid             # bool
+            mean_logits = z.mean(-1)
+            log_sum_sq_probs = torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
+                             # = torch.log((z.softmax(-1) ** 2).sum(-1))
+
+        then 0 where not valid. argmax takes the first index of the max, so a token whose logit
+        ties with an earlier class's is not a hit (one that ties with a later class's is);
+        ties are exact on the torch path and, within float32 rounding of the logits, on the
+        Triton path.
+
         No N x V tensor is created in the forward or the backward.
     """
     dtype = api._autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else torch.float32
     opts = api.make_options(dtype, ignore_index=ignore_index,
                             reduction="none", softcap=softcap, logit_scale=logit_scale,
-                            temperature=temperature, need_entropy=bool(return_entropy),
+                            temperature=temperature,
+                            need_entropy=bool(return_entropy) or return_stats is True,
                             memory_budget=memory_budget)
     if not isinstance(return_entropy, bool):
         api._fail("return_entropy", "a bool", repr(return_entropy))
+    if not isinstance(return_stats, bool):
+        api._fail("return_stats", "a bool", repr(return_stats))
+    if return_stats:  # make_options has no keyword for it (Options is frozen: a replaced copy)
+        opts = dataclasses.replace(opts, need_stats=True)
     call = api.compute_parts(hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group,
                              vocab_start, reduce_hidden_grad, tname="tokens")
-    (lse, zt, _, pz), t1, out_shape = call.parts, call.targets, call.out_shape
+    (lse, zt, zsum, pz, *stats), t1, out_shape = call.parts, call.targets, call.out_shape
     valid = t1 != ignore_index
     logp = torch.where(valid, zt - lse, 0.0).reshape(out_shape)
-    if not return_entropy:
+    if not (return_entropy or return_stats):
         return logp
-    return logp, torch.where(valid, lse - pz, 0.0).reshape(out_shape)
+    entropy = torch.where(valid, lse - pz, 0.0).reshape(out_shape)
+    if not return_stats:
+        return logp, entropy
+    lse2, _, amax = stats  # metrics: no gradient (zsum and lse detached in them too)
+    return TokenStats(
+        logp, entropy, ((amax == t1) & valid).reshape(out_shape),
+        torch.where(valid, zsum.detach() / call.vocab, 0.0).reshape(out_shape),
+        torch.where(valid, lse2 - 2.0 * lse.detach(), 0.0).reshape(out_shape))
