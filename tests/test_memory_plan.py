@@ -92,10 +92,11 @@ def _free_for(usable):
 
 
 @requires_triton
-def test_api_falls_back_warns_once_and_matches_the_minimum(gen, free):
-    """The Triton fused strategy holds a chunk of logit gradients beyond the recompute
-    strategy's: with free memory between the two, the call runs the minimum, warns once, and
-    gives the minimum's results."""
+def test_auto_picks_what_fits_without_a_warning(gen, free):
+    """"auto" with free memory between the Triton fused strategy's need (it holds a chunk of
+    logit gradients) and the recompute strategy's: the call plans the recompute strategy (what
+    fits: nothing to warn about) and gives memory_budget=0's results bit for bit; an explicit
+    budget whose plan the known free memory cannot hold would warn (planner tests above)."""
     h, w, t, _, _ = make_inputs(gen, 61, 24, 307, torch.float32, ignore_frac=0.2)
     h, w, t = h.to(DEV), w.to(DEV), t.to(DEV)
     p = Problem(61, 307, 24, torch.float32, reduced=True, memory_budget=100.0)
@@ -109,10 +110,32 @@ def test_api_falls_back_warns_once_and_matches_the_minimum(gen, free):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for _ in range(3):
-            got = _loss_and_grads(h, w, t, "triton", memory_budget=100.0)
+            got = _loss_and_grads(h, w, t, "triton", memory_budget="auto")
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert len([x for x in seen if "minimum-memory" in str(x.message)]) == 1
+    assert not [x for x in seen if "memory" in str(x.message)]
+    free["bytes"] = _free_for(2 * need)  # ample: the fused strategy, the same loss
+    got = _loss_and_grads(h, w, t, "triton", memory_budget="auto")
+    torch.testing.assert_close(got[0], want[0])
+
+
+def test_numeric_budgets_read_no_memory_and_fall_back_on_oom(gen, free, monkeypatch):
+    """A numeric budget costs no memory reading per call; when its fused strategy runs out of
+    memory, the call reruns at the minimum, warns once and gives memory_budget=0's results."""
+    from cutce.backends.pytorch import ce
+    h, w, t, _, _ = make_inputs(gen, 61, 24, 307, torch.float32, ignore_frac=0.2)
+    monkeypatch.setattr(backends, "free_memory", lambda device: pytest.fail("memory read"))
+    want = _loss_and_grads(h, w, t, memory_budget=0)
+
+    def out_of_memory(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(ce, "fused_loss", out_of_memory)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for a, b in zip(_loss_and_grads(h, w, t, memory_budget=100.0), want):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len([x for x in seen if "ran out of device memory" in str(x.message)]) == 1
 
 
 def test_api_auto_runs_and_raises_when_nothing_fits(gen, free):
@@ -123,9 +146,9 @@ def test_api_auto_runs_and_raises_when_nothing_fits(gen, free):
         torch.testing.assert_close(a, b)
     free["bytes"] = 1000
     with pytest.raises(torch.OutOfMemoryError, match="even at memory_budget=0"):
-        _loss_and_grads(h, w, t)
+        _loss_and_grads(h, w, t, memory_budget="auto")
     with torch.no_grad():  # no gradients to hold: runs
-        cutce.linear_cross_entropy(h, w, t, impl="torch")
+        cutce.linear_cross_entropy(h, w, t, impl="torch", memory_budget="auto")
 
 
 def test_api_distillation_and_log_probs_accept_auto(gen, free):
@@ -151,9 +174,9 @@ def test_bad_memory_budget_string_raises(gen):
 @pytest.mark.gpu
 def test_gpu_ballast_falls_back_then_raises(monkeypatch):
     """Most of the device's memory taken by a ballast tensor: the default plan (fused, with its
-    float32 dC accumulator) cannot fit, so the call runs the minimum strategy, warns once and
-    gives memory_budget=0's loss and gradients bit for bit; with too little even for that, it
-    raises torch.OutOfMemoryError saying how much it needs."""
+    float32 dC accumulator) runs out of memory, so the call reruns at the minimum strategy,
+    warns once and gives memory_budget=0's loss and gradients bit for bit; with too little even
+    for that, it raises torch.OutOfMemoryError saying how much it needs."""
     monkeypatch.setattr(backends, "_MEMORY_WARNED", set())
     g = torch.Generator(device="cuda").manual_seed(0)
     n, d, v = 4096, 2304, 128000
@@ -173,7 +196,8 @@ def test_gpu_ballast_falls_back_then_raises(monkeypatch):
         return torch.empty(backends.free_memory(torch.device("cuda")) - target, dtype=torch.uint8,
                            device="cuda")
 
-    ballast = leave((least + need) // 2)
+    assert need > 2 * least
+    ballast = leave(int(least * 1.2))  # the default's float32 dC accumulator alone cannot fit
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for _ in range(2):

@@ -39,10 +39,17 @@ def choose_backend(impl, hidden, kind="loss", teacher=None, float16=True) -> str
 
 
 def settle(problem, name, device, **hints):
-    """The planner's plan for this call, given the device's free memory (read once, in eager
-    code on CUDA; unknown under torch.compile): (plan, problem with its numeric budget). A plan
-    that does not fit falls back to the minimum and warns once."""
-    free = None if torch.compiler.is_compiling() else backends.free_memory(device)
+    """(plan, problem with a numeric budget) for an eager call. Only ``memory_budget="auto"``
+    reads the device's free memory (once; the allocator's statistics cost ~0.1 ms, paid only by
+    those who ask); a plan that the free memory cannot hold then falls back to the minimum and
+    warns once. Other budgets are planned as given and fall back only if the device actually
+    runs out (:func:`fallback_on_oom`). Under torch.compile: (None, problem), "auto" as the
+    default, since the ops plan again at run time and N must not be specialized on."""
+    if torch.compiler.is_compiling():
+        if problem.memory_budget == "auto":
+            problem = dataclasses.replace(problem, memory_budget=None)
+        return None, problem
+    free = backends.free_memory(device) if problem.memory_budget == "auto" else None
     plan, budget, why = planner.settle(problem, name, free, **hints)
     if why is not None:
         backends.warn_memory_fallback(why, (problem.memory_budget, name, problem.distill))
@@ -59,9 +66,23 @@ def _fused_loss(be, name, problem, opts, plan):
     allocated in the backward, not held from the forward on)."""
     if not planner.may_fuse(problem, name):
         return None
-    if not torch.compiler.is_compiling() and not plan.fused:
+    if plan is not None and not plan.fused:
         return None
     return be.fused_loss
+
+
+def fallback_on_oom(err, problem, name):
+    """A fused call ran out of device memory: say so once; the caller reruns at the minimum.
+    Re-raises under torch.compile (no second plan inside a graph)."""
+    if torch.compiler.is_compiling():
+        raise err
+    least = planner.need_bytes(dataclasses.replace(problem, memory_budget=0.0), planner.RECOMPUTE,
+                               name)
+    backends.warn_memory_fallback(
+        f"cutce: memory_budget={problem.memory_budget!r} planned the fused strategy, which ran out "
+        f"of device memory ({str(err).splitlines()[0][:120]}); running the minimum-memory "
+        f"strategy instead (memory_budget=0, about {least / 2**30:.2f} GiB)",
+        (problem.memory_budget, name, problem.distill))
 
 
 def linear_cross_entropy(
@@ -273,11 +294,16 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     else:
         check = _check_targets(t1, vocab, opts.ignore_index, defer=True, tname=tname)
         coef = None if fused is None else loss.row_coefs(t1, w1, opts, cdt, cw, vocab)
+    parts = None
     if fused is not None:
-        parts = _Fused(fused(h2, weight, bias, t1, coef, opts, class_weight=zsum_cw)[0])
-    elif vs is None:
+        try:
+            parts = _Fused(fused(h2, weight, bias, t1, coef, opts, class_weight=zsum_cw)[0])
+        except torch.OutOfMemoryError as err:
+            fallback_on_oom(err, problem, name)
+            opts = dataclasses.replace(opts, memory_budget=0.0)
+    if parts is None and vs is None:
         parts = be.linear_lse_parts(h2, weight, bias, t1, opts, class_weight=zsum_cw)
-    else:
+    elif parts is None:
         parts = distributed.vocab_parallel_parts(be.linear_lse_parts, h2, weight, bias, t1, opts,
                                                  vs, class_weight=zsum_cw)
     if check is not None:

@@ -224,8 +224,12 @@ def linear_distillation_loss(
         fused, budget = _fuses(name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight, cap_s,
                                opts.memory_budget)
     if fused:
-        out = backend.distill_total(*args, coef, *scalars, memory_budget=budget)
-    else:  # per-token losses whose backward recomputes the logits (any upstream gradient)
+        try:
+            out = backend.distill_total(*args, coef, *scalars, memory_budget=budget)
+        except torch.OutOfMemoryError as err:
+            api.fallback_on_oom(err, _problem(hs, ws, ht, wt, bt, w1, beta, opts.memory_budget), name)
+            fused = False
+    if not fused:  # per-token losses whose backward recomputes the logits (any upstream gradient)
         if vs is None:
             rows = backend.distill_rows(*args, valid, *scalars)
         else:
@@ -241,16 +245,20 @@ def linear_distillation_loss(
     return out
 
 
-def _fuses(name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight, cap_s, memory_budget):
-    """(whether a reduced call takes the fused strategy, the numeric budget it runs with): the
-    planner's answer for the device's free memory (under torch.compile only its static part;
-    the op plans again at run time)."""
+def _problem(hs, ws, ht, wt, bt, w1, beta, memory_budget):
     grad = torch.is_grad_enabled()
-    problem = Problem(
+    return Problem(
         hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, hs.requires_grad and grad,
         ws.requires_grad and grad, reduced=not (w1 is not None and w1.requires_grad),
         memory_budget=memory_budget, dt=ht.shape[1], teacher_dtype=ht.dtype, beta=beta,
         teacher_grad=grad and any(t is not None and t.requires_grad for t in (ht, wt, bt)))
+
+
+def _fuses(name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight, cap_s, memory_budget):
+    """(whether a reduced call takes the fused strategy, the numeric budget it runs with): the
+    planner's answer for the device's free memory (under torch.compile only its static part;
+    the op plans again at run time)."""
+    problem = _problem(hs, ws, ht, wt, bt, w1, beta, memory_budget)
     if torch.compiler.is_compiling():
         budget = None if memory_budget == "auto" else memory_budget
         return planner.may_fuse(dataclasses.replace(problem, memory_budget=budget), name), budget

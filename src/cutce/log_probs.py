@@ -38,7 +38,7 @@ def linear_log_probs(
     shift: bool = False, ignore_index: int = -100, return_entropy: bool = False,
     return_stats: bool = False,
     impl: str = "auto", vocab_group: ProcessGroup | None = None, vocab_start: int | None = None,
-    reduce_hidden_grad: bool = True, memory_budget: float | None = None,
+    reduce_hidden_grad: bool = True, memory_budget: float | str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor] | TokenStats:
     """Log-probability of given tokens (and the entropy) under a linear head, without logits.
 

@@ -16,6 +16,8 @@ import warnings
 
 import torch
 
+from ..engine import planner
+
 def load(name: str, kind: str):
     """The module of backend ``name`` ("torch" | "triton") for ``kind`` ("loss" | "distill");
     the Triton ones import Triton. (Plain imports: torch.compile traces them, not importlib.)"""
@@ -92,3 +94,16 @@ def warn_memory_fallback(why: str, key) -> None:
     if key not in _MEMORY_WARNED:
         _MEMORY_WARNED.add(key)
         warnings.warn(why, stacklevel=5)
+
+
+def out_of_memory(err: Exception, problem, backend: str) -> torch.OutOfMemoryError:
+    """The error to raise when a call at its minimum (recompute) strategy ran out of device
+    memory: how much it needs and how much was free, instead of an allocator's message from
+    deep inside a kernel launcher."""
+    least = planner.need_bytes(problem, planner.RECOMPUTE, backend)
+    free = free_memory(torch.device("cuda")) if torch.cuda.is_available() else None
+    have = "" if free is None else f"; {free / 2**30:.2f} GiB were free"
+    return torch.OutOfMemoryError(
+        f"cutce: this call needs about {least / 2**30:.2f} GiB of device memory even at "
+        f"memory_budget=0 (its gradients: {problem.gradient_bytes() / 2**30:.2f} GiB){have}; "
+        f"pass fewer tokens per call or free memory ({str(err).splitlines()[0][:160]})")

@@ -40,8 +40,8 @@ class Options:
         need_entropy: the backend must also produce sum_j p_ij z_ij.
         chunk_bytes: memory budget of one chunk of logits on the torch path (None = default).
         memory_budget: extra memory of a training call beyond the gradients, as a fraction of
-            the inputs' size (None: the backend's default); picks the strategy (see
-            cutce.engine.planner).
+            the inputs' size (None: the backend's default; "auto": from the device's free
+            memory, resolved per call); picks the strategy (see cutce.engine.planner).
         lse_out: the caller returns the lse, whose gradient may reach every row (ignored ones
             included): filtering must then bound the classes over all rows, not only over the
             rows with a target.
@@ -61,7 +61,7 @@ class Options:
     filter_eps: float | None = None
     need_entropy: bool = False
     chunk_bytes: int | None = None
-    memory_budget: float | None = None
+    memory_budget: float | str | None = None
     lse_out: bool = False
     need_stats: bool = False
 

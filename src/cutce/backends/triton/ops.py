@@ -17,7 +17,7 @@ from ...engine import planner
 from ...engine.loss import live_rows
 from ...engine.options import Options
 from ...engine.problem import Problem
-from .. import grads
+from .. import grads, out_of_memory
 from . import backward as _bw
 from . import forward as _fw
 from . import fused as _fused
@@ -96,9 +96,14 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     z = torch.zeros_like(lse)
     grads = [z if g is None else g.contiguous() for g in (g_lse, g_zt, g_zsum, g_pz)]
-    dh, dw, db = lse_parts_backward_op(
-        hidden, weight, bias, targets, cw, lse, pz, ub, *grads, scale, softcap, inv_temp,
-        need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b, ctx.budget)
+    try:
+        dh, dw, db = lse_parts_backward_op(
+            hidden, weight, bias, targets, cw, lse, pz, ub, *grads, scale, softcap, inv_temp,
+            need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b, ctx.budget)
+    except torch.OutOfMemoryError as err:
+        raise out_of_memory(err, Problem(hidden.shape[0], weight.shape[0], hidden.shape[1],
+                                         hidden.dtype, need_h, need_w, memory_budget=ctx.budget),
+                            "triton") from None
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
             None, None, None, None, None, None, None, None, None, None, None)
 
