@@ -7,7 +7,6 @@ metrics of :class:`TokenStats`).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -99,13 +98,11 @@ def linear_log_probs(
                             reduction="none", softcap=softcap, logit_scale=logit_scale,
                             temperature=temperature,
                             need_entropy=bool(return_entropy) or return_stats is True,
-                            memory_budget=memory_budget)
+                            memory_budget=memory_budget, need_stats=return_stats is True)
     if not isinstance(return_entropy, bool):
         api._fail("return_entropy", "a bool", repr(return_entropy))
     if not isinstance(return_stats, bool):
         api._fail("return_stats", "a bool", repr(return_stats))
-    if return_stats:  # make_options has no keyword for it (Options is frozen: a replaced copy)
-        opts = dataclasses.replace(opts, need_stats=True)
     call = api.compute_parts(hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group,
                              vocab_start, reduce_hidden_grad, tname="tokens")
     (lse, zt, zsum, pz, *stats), t1, out_shape = call.parts, call.targets, call.out_shape

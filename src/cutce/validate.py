@@ -49,7 +49,7 @@ def _memory_budget(budget):
 def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                  softcap=None, logit_scale=1.0, temperature=1.0, filter_eps=None,
                  need_entropy=False, chunk_bytes=None,
-                 memory_budget=None, lse_out=False) -> Options:
+                 memory_budget=None, lse_out=False, need_stats=False) -> Options:
     """Validate scalar options and bundle them (``dtype`` resolves ``filter_eps="auto"``)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         _fail("ignore_index", "an int", repr(ignore_index))
@@ -73,6 +73,7 @@ def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=
         chunk_bytes=chunk_bytes,
         memory_budget=_memory_budget(memory_budget),
         lse_out=bool(lse_out),
+        need_stats=bool(need_stats),
     )
 
 

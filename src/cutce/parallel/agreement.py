@@ -25,11 +25,13 @@ from ..engine.options import REDUCTIONS, Options
 # the call's other keywords and the hidden states' layout. The list is fixed, so the exchange
 # that carries it has the same size on every rank whatever the options: it cannot mismatch.
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
-_CHOICES = {"reduction": REDUCTIONS, "hidden dtype": _DTYPES, "torch.autocast": _DTYPES}
+_CHOICES = {"reduction": REDUCTIONS, "hidden dtype": _DTYPES, "torch.autocast": _DTYPES,
+            "memory_budget": ("auto",)}
 # lse_out is return_lse as the backends see it: compared as return_lse, so that a disagreement
-# names the caller's argument, not an internal field.
+# names the caller's argument, not an internal field; need_stats is named return_stats likewise.
 _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(Options) if f.name != "lse_out")
-FIELDS = _OPTION_FIELDS + (
+_CALLER_NAMES = {"need_stats": "return_stats"}
+FIELDS = tuple(_CALLER_NAMES.get(f, f) for f in _OPTION_FIELDS) + (
     "shift", "return_lse", "reduce_hidden_grad", "token_weights given", "class_weight given",
     "grad mode (torch.is_grad_enabled())", "hidden.requires_grad", "hidden dtype", "torch.autocast",
     "hidden size D", "tokens (hidden rows after shift)")
