@@ -162,6 +162,15 @@ def test_api_distillation_and_log_probs_accept_auto(gen, free):
     torch.testing.assert_close(lp, cutce.linear_log_probs(h, w, t, impl="torch"))
 
 
+def test_the_plan_is_visible_in_a_debug_log(gen, free, caplog):
+    h, w, t, _, _ = make_inputs(gen, 29, 16, 131, torch.float32)
+    free["bytes"] = 64 * GiB
+    with caplog.at_level("DEBUG", logger="cutce"):
+        cutce.linear_cross_entropy(h, w, t, impl="torch", memory_budget="auto")
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cutce plan")]
+    assert "loss N=29 V=131 D=16" in line and "memory_budget='auto' ->" in line and "fused" in line
+
+
 def test_bad_memory_budget_string_raises(gen):
     h, w, t, _, _ = make_inputs(gen, 5, 8, 11, torch.float32)
     with pytest.raises(ValueError, match='memory_budget: expected None, "auto" or a number'):

@@ -10,6 +10,7 @@ loss from the parts with ordinary differentiable torch code.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -25,6 +26,8 @@ from .validate import (_autocast_dtype, _check_flag, _check_real, _check_targets
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+_log = logging.getLogger("cutce")
 
 
 def choose_backend(impl, hidden, kind="loss", teacher=None, float16=True) -> str:
@@ -51,6 +54,11 @@ def settle(problem, name, device, **hints):
         return None, problem
     free = backends.free_memory(device) if problem.memory_budget == "auto" else None
     plan, budget, why = planner.settle(problem, name, free, **hints)
+    if _log.isEnabledFor(logging.DEBUG):  # the plan made visible: logging.getLogger("cutce")
+        _log.debug("cutce plan: %s N=%d V=%d D=%d%s %s, memory_budget=%r -> %r, free=%s: %s",
+                   "distillation" if problem.distill else "loss", problem.n, problem.v,
+                   problem.d, f" Dt={problem.dt}" if problem.distill else "", problem.dtype,
+                   problem.memory_budget, budget, free, plan)
     if why is not None:
         backends.warn_memory_fallback(why, (problem.memory_budget, name, problem.distill))
     if budget != problem.memory_budget:
