@@ -317,6 +317,21 @@ def test_no_logits_sized_tensor_in_a_patched_step(monkeypatch):
     assert rows["cutce"] <= 32, rows  # chunks of 16 tokens, and V x D = 32 "rows" of V
 
 
+def test_no_logits_sized_tensor_in_a_patched_sft_training_step(monkeypatch, patched):
+    """The whole training step (forward, backward, optimizer) of SFTTrainer after patch()."""
+    import trl_models
+    from cutce.backends.pytorch import ce
+
+    pytest.importorskip("tokenizers")
+    vocab = 1000
+    monkeypatch.setattr(ce, "DEFAULT_CHUNK_BYTES", 8 * vocab * 4 * ce._TEMPS_PER_CHUNK)  # 8 rows
+    mode = _VocabSized(vocab)
+    logs, _, trainer = trl_models.train("sft", steps=1, model_config=dict(vocab_size=vocab),
+                                        during=mode, per_device_train_batch_size=8)
+    assert logs[0]["num_tokens"] >= 8 * 6  # 8 rows of >= 6 tokens: N x V >= 48 "rows" of V
+    assert 0 < mode.rows <= 32, mode.rows  # the V x D weight, its gradient and state; 8-token chunks
+
+
 # --- (b) real trainers ------------------------------------------------------------------------
 
 

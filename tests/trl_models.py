@@ -59,13 +59,16 @@ def low_word_reward(completions, **_):
     return out
 
 
-def train(kind, family="llama", steps=2, **config):
-    """Build a model from the seed, train ``steps`` steps with TRL's ``kind`` trainer ("sft", "dpo"
-    with LoRA, "grpo" with a reference model); returns (logged dicts, {name: trainable parameter
-    after training}, the trainer)."""
+def train(kind, family="llama", steps=2, model_config=None, during=None, **config):
+    """Build a model from the seed (``model_config``: overrides of its config), train ``steps``
+    steps with TRL's ``kind`` trainer ("sft", "dpo" with LoRA, "grpo" with a reference model),
+    inside the context manager ``during`` if given; returns (logged dicts, {name: trainable
+    parameter after training}, the trainer)."""
+    import contextlib
+
     import trl
 
-    model = make_model(family)
+    model = make_model(family, **(model_config or {}))
     # Reference models are loaded from the policy's path: give it one on disk.
     path = tempfile.mkdtemp(prefix="cutce-trl-")
     model.save_pretrained(path)
@@ -93,7 +96,8 @@ def train(kind, family="llama", steps=2, **config):
                                   processing_class=tok, reward_funcs=low_word_reward)
     else:
         raise ValueError(kind)
-    trainer.train()
+    with during or contextlib.nullcontext():
+        trainer.train()
     logs = [{k: v for k, v in h.items() if k not in TIMING}
             for h in trainer.state.log_history if "loss" in h]
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
