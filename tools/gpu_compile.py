@@ -131,6 +131,7 @@ def run_all():
         h, w, b, t = _inputs(300, d, 1000, dtype, gen, bias)
         n = h.shape[0]
         lse, _, _, pz, ub = forward.forward(h, w, b, t, 1.0, softcap, 1.0, True, True, bound=True)
+        forward.forward(h, w, b, t, 1.0, softcap, 0.7, True, True, need_stats=True)  # RL metrics
         forward.target_logits(h, w, b, t, 1.0, softcap, 1.0)
         g = torch.ones(n, **f32)
         for eps in (0.0, 1e-3):
