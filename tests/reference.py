@@ -117,26 +117,31 @@ def rel_err(a, b):
 
 def distill_reference(hs, ws, ht, wt, targets=None, *, bs=None, bt=None, beta=0.0, temperature=1.0,
                       student_softcap=None, teacher_softcap=None, ignore_index=-100, ce_weight=0.0,
-                      reduction="mean", shift=False, dtype=torch.float64, logit_dtype=None):
+                      reduction="mean", shift=False, dtype=torch.float64, logit_dtype=None,
+                      token_weights=None, student_logit_scale=1.0, teacher_logit_scale=1.0):
     """Distillation loss from both heads' dense logits, straight from the definition: p the
     teacher's and q the student's softmax at temperature T, m = beta p + (1 - beta) q,
     D = KL(p||q) (beta 0), KL(q||p) (beta 1), else beta KL(p||m) + (1 - beta) KL(q||m);
-    loss = (1 - ce_weight) D + ce_weight CE(student at T = 1); mean over valid tokens.
-    ``logit_dtype`` (default ``dtype``): the products' dtype (bf16: what a PyTorch user writes)."""
+    loss = w (1 - ce_weight) D + w ce_weight CE(student at T = 1) on valid tokens (w the token
+    weight, 1 without); "mean" divides by the valid tokens' sum of w. Logit scales multiply each
+    head's logits before its softcap. ``logit_dtype`` (default ``dtype``): the products' dtype
+    (bf16: what a PyTorch user writes). Differentiable w.r.t. every tensor given."""
     if shift:
         hs, ht = hs[..., :-1, :], ht[..., :-1, :]
         targets = None if targets is None else targets[..., 1:]
+        token_weights = None if token_weights is None else token_weights[..., 1:]
     out_shape = hs.shape[:-1]
 
-    def logits(h, w, b, cap):
+    def logits(h, w, b, scale, cap):
         ld = logit_dtype or dtype
         z = h.reshape(-1, h.shape[-1]).to(ld) @ w.to(ld).T
         if b is not None:
             z = z + b.to(ld)
-        z = z.to(dtype)
+        z = scale * z.to(dtype)
         return z if cap is None else cap * torch.tanh(z / cap)
 
-    zs, zt = logits(hs, ws, bs, student_softcap), logits(ht, wt, bt, teacher_softcap)
+    zs = logits(hs, ws, bs, student_logit_scale, student_softcap)
+    zt = logits(ht, wt, bt, teacher_logit_scale, teacher_softcap)
     q, p = torch.softmax(zs / temperature, -1), torch.softmax(zt / temperature, -1)
 
     def kl(a, b):
@@ -157,9 +162,10 @@ def distill_reference(hs, ws, ht, wt, targets=None, *, bs=None, bt=None, beta=0.
         valid = t != ignore_index
         ce = torch.logsumexp(zs, -1) - zs.gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
         loss = (1.0 - ce_weight) * d + ce_weight * ce
-    loss = torch.where(valid, loss, 0.0)
+    w = torch.ones_like(d) if token_weights is None else token_weights.reshape(-1).to(dtype)
+    loss = torch.where(valid, w * loss, 0.0)
     if reduction == "none":
         return loss.reshape(out_shape)
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / valid.sum() if bool(valid.any()) else loss.sum() * 0.0
+    return loss.sum() / w[valid].sum() if bool(valid.any()) else loss.sum() * 0.0

@@ -8,16 +8,14 @@ own error against float64."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import cutce
 from cutce.backends.pytorch import distill as torch_distill
 from distill_cases import make, to_dev
-from reference import rel_err
+from reference import distill_reference, rel_err
 from triton_support import DEV, requires_triton
 
 F64 = torch.float64
@@ -27,52 +25,10 @@ IGNORE = -100
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: one thread is as fast
 
 
-def reference(hs, ws, ht, wt, targets=None, *, bs=None, bt=None, beta=0.0, temperature=1.0,
-              student_softcap=None, teacher_softcap=None, ignore_index=IGNORE, ce_weight=0.0,
-              reduction="mean", shift=False, token_weights=None, student_logit_scale=1.0,
-              teacher_logit_scale=1.0):
+def reference(*args, **opts):
     """The docstring's expression in float64 on dense logits, differentiable w.r.t. every given
-    tensor (token weights included). Token weights are shifted as targets (the loss's rule)."""
-    if shift:
-        hs, ht = hs[..., :-1, :], ht[..., :-1, :]
-        targets = None if targets is None else targets[..., 1:]
-        token_weights = None if token_weights is None else token_weights[..., 1:]
-    out_shape = hs.shape[:-1]
-
-    def logits(h, w, b, scale, cap):
-        z = h.reshape(-1, h.shape[-1]).to(F64) @ w.to(F64).T
-        if b is not None:
-            z = z + b.to(F64)
-        z = scale * z
-        return z if cap is None else cap * torch.tanh(z / cap)
-
-    zs = logits(hs, ws, bs, student_logit_scale, student_softcap)
-    zt = logits(ht, wt, bt, teacher_logit_scale, teacher_softcap)
-    log_q = torch.log_softmax(zs / temperature, -1)
-    log_p = torch.log_softmax(zt / temperature, -1)
-    if beta == 0.0:
-        d = (log_p.exp() * (log_p - log_q)).sum(-1)
-    elif beta == 1.0:
-        d = (log_q.exp() * (log_q - log_p)).sum(-1)
-    else:
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
-        d = (beta * (log_p.exp() * (log_p - log_m)).sum(-1)
-             + (1.0 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1))
-    if targets is None:
-        valid = torch.ones(d.shape, dtype=torch.bool, device=d.device)
-        loss = d
-    else:
-        t = targets.reshape(-1)
-        valid = t != ignore_index
-        ce = F.cross_entropy(zs, torch.where(valid, t, 0), reduction="none")
-        loss = (1.0 - ce_weight) * d + ce_weight * ce
-    w = torch.ones_like(d) if token_weights is None else token_weights.reshape(-1).to(F64)
-    loss = torch.where(valid, w * loss, 0.0)
-    if reduction == "none":
-        return loss.reshape(out_shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / w[valid].sum() if bool(valid.any()) else loss.sum() * 0.0
+    tensor (token weights included; shifted as targets, the loss's rule)."""
+    return distill_reference(*args, dtype=F64, **opts)
 
 
 def weights(gen, lead, dtype, grad=False):
