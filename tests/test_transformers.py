@@ -238,3 +238,16 @@ def test_demo_pieces_run(tmp_path):
     summary = dict(runs=runs, last_k=2, device="cpu", config=spec)
     demo.plot(summary, tmp_path / "demo.png")
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_trainer_example_runs():
+    """examples/hf_trainer.py: transformers.Trainer with the patch, its loss checked first."""
+    import os
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, str(root / "examples" / "hf_trainer.py")], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.rstrip().endswith("OK") and "4 steps with cutce's loss" in proc.stdout
