@@ -41,14 +41,30 @@ are covered without a list); modules imported later take it from ``trl.trainer.u
 ``patch()`` before the trainer is built: a model hooked earlier keeps TRL's head, and
 ``unpatch()`` does not unhook models already hooked by cutce's.
 
+Distributed heads
+-----------------
+FSDP2 (``fully_shard``), the head in the root unit or in its own, with or without a PEFT adapter
+on the backbone: inside the model's forward the root unit's parameters are gathered, so the head
+cutce reads is the unsharded weight; a head unit of its own gathers its weight for cutce's
+computation, re-gathers it in backward and reduce-scatters its gradient, as for its own forward
+(:func:`cutce.integrations.transformers.heads.head_apply`). Tensor parallel: a head weight that is
+a DTensor sharded by vocabulary (``Shard(0)`` on one mesh dimension, as ``ColwiseParallel`` on
+``lm_head`` makes it; its input/output hooks do not run, cutce's probe takes the head's place) is
+passed as it is to ``linear_log_probs``, which computes the head vocabulary-parallel over that
+mesh dimension's group (no ``vocab_group``) and returns its gradient as a DTensor of the same
+layout; a ``Replicate`` DTensor acts as the full weight. The hidden states must then be the same
+on every rank of that group: cutce compares a fingerprint of them across the group and raises
+``ValueError`` otherwise (for example a data-parallel batch that differs per rank).
+
 What raises instead of computing something else (``UnsupportedModelError`` / ``ValueError``): an
 ``outputs`` name TRL's contract does not have, ``logits_to_keep`` in a fused call (TRL's hook
 scores every position), a head that is not a plain ``nn.Linear`` (LoRA on ``lm_head``, where TRL's
-head drops the adapter's share of the logits; quantized heads), a partitioned (ZeRO-3) or DTensor
-(FSDP2 without its own head unit) weight, a forward that transforms the logits differently from
-its config, and hidden states not aligned with the labels. A TRL whose hook does not have the
-signature and output class read here raises :class:`UnsupportedTRLError`. TRL is imported lazily:
-``import cutce`` does not import it.
+head drops the adapter's share of the logits; quantized heads), a partitioned (ZeRO-3) weight, a
+DTensor weight with another layout (``RowwiseParallel``'s ``Shard(1)``, several ``Shard(0)``
+mesh dimensions), hidden states that differ across a vocabulary-sharded head's ranks, a forward
+that transforms the logits differently from its config, and hidden states not aligned with the
+labels. A TRL whose hook does not have the signature and output class read here raises
+:class:`UnsupportedTRLError`. TRL is imported lazily: ``import cutce`` does not import it.
 """
 
 from __future__ import annotations
@@ -367,11 +383,7 @@ def _fused_call(model, output_class, hook, call_original, args, kwargs, labels, 
 
 def _head(hidden, weight, bias, targets, shift, softcap, scale, hook):
     """The per-token outputs in _OUTPUTS order (None where not computed)."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is not None and isinstance(weight, dtensor.DTensor):
-        raise UnsupportedModelError("the LM head's weight is a DTensor outside an FSDP2 unit of its "
-                                    "own: cutce.trl does not gather it (shard the head as its own "
-                                    "fully_shard unit)")
+    _check_dtensor_head(weight, bias)
     targets = targets.to(hidden.device)
     ctx = contextlib.nullcontext()
     if hook.fp32:
@@ -388,3 +400,23 @@ def _head(hidden, weight, bias, targets, shift, softcap, scale, hook):
             return (*linear_log_probs(hidden, weight, targets, bias, return_entropy=True, **kw),
                     None, None, None)
         return linear_log_probs(hidden, weight, targets, bias, **kw), None, None, None, None
+
+
+def _check_dtensor_head(weight, bias):
+    """A DTensor head weight must be one that linear_log_probs computes vocabulary-parallel (Shard(0)
+    on one mesh dimension: tensor parallel ColwiseParallel) or as a plain tensor (Replicate)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None or not isinstance(weight, dtensor.DTensor):
+        return
+    placements = tuple(weight.placements)
+    shard0 = [p for p in placements if type(p) is dtensor.Shard and p.dim == 0]
+    if len(shard0) > 1 or any(not (p in shard0 or isinstance(p, dtensor.Replicate))
+                              for p in placements):
+        raise UnsupportedModelError(
+            f"the LM head's weight is a DTensor with placements {placements}: cutce.trl computes a "
+            "head sharded by vocabulary (Shard(0) on one mesh dimension, as ColwiseParallel makes "
+            "it) or replicated, not others (RowwiseParallel's Shard(1), or Shard(0) on several "
+            "mesh dimensions)")
+    if bias is not None and isinstance(bias, dtensor.DTensor) and tuple(bias.placements) != placements:
+        raise UnsupportedModelError(f"the LM head's bias has placements {tuple(bias.placements)}, "
+                                    f"its weight {placements}")
