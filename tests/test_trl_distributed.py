@@ -6,8 +6,8 @@ fused outputs equal TRL's own hook in one process on that rank's batch, and ever
 gradient (``full_tensor``) equals the mean over ranks of the single-process gradients, for two
 steps. (b) Tensor parallel: ``ColwiseParallel`` on ``lm_head`` (a Shard(0) weight over the 2-rank
 mesh), the same batch on both ranks: the outputs, the head's gathered gradient and the backbone's
-gradients equal the single-process ones; hidden states that differ per rank raise on both ranks;
-``RowwiseParallel`` (Shard(1)) is refused.
+gradients equal the single-process ones, as do those of a Replicate DTensor head; hidden states
+that differ per rank raise on both ranks; ``RowwiseParallel`` (Shard(1)) is refused.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _fsdp_case(layout, lora, mesh, rank, failures):
 
 
 def _tp_case(mesh, rank, failures):
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Shard, distribute_module
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     import cutce.trl as ctrl
@@ -168,6 +168,14 @@ def _tp_case(mesh, rank, failures):
     except ValueError as e:
         if "same hidden states on every rank" not in str(e):
             failures.append(f"{what}, different hidden states: {e}")
+    rep = _model(False)  # a Replicate weight acts as the whole head
+    distribute_module(rep.lm_head, mesh)
+    ctrl.add_fused_lm_head(rep, **HOOK)
+    batch = _batch(35)
+    want_out, want = _reference(ref_model, batch)
+    got, grads = _fused(rep, batch)
+    _compare("Replicate head", want_out, got, failures)
+    _compare_grads("Replicate head", want, grads, failures)
     row = _model(False)
     parallelize_module(row.lm_head, mesh, RowwiseParallel())
     ctrl.add_fused_lm_head(row, **HOOK)
