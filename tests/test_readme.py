@@ -53,7 +53,13 @@ def test_vocab_parallel_example_torchrun():
     argv = shlex.split(lines[0])
     env = _env()
     env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU even on a GPU machine: the test stays cheap
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *argv[1:]], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *argv[1:]],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        # A rank that has printed its checked result can still abort in gloo's process-group
+        # teardown ("terminate called without an active exception", a few runs in a hundred on
+        # a loaded 2-core machine): the run is repeated once then, never a wrong result.
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "world=2" in proc.stdout and "OK" in proc.stdout, proc.stdout
