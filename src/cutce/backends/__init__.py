@@ -96,14 +96,9 @@ def warn_memory_fallback(why: str, key) -> None:
         warnings.warn(why, stacklevel=5)
 
 
-def out_of_memory(err: Exception, problem, backend: str) -> torch.OutOfMemoryError:
+def out_of_memory(err: Exception, problem, backend: str, device: torch.device) -> torch.OutOfMemoryError:
     """The error to raise when a call at its minimum (recompute) strategy ran out of device
-    memory: how much it needs and how much was free, instead of an allocator's message from
-    deep inside a kernel launcher."""
-    least = planner.need_bytes(problem, planner.RECOMPUTE, backend)
-    free = free_memory(torch.device("cuda")) if torch.cuda.is_available() else None
-    have = "" if free is None else f"; {free / 2**30:.2f} GiB were free"
-    return torch.OutOfMemoryError(
-        f"cutce: this call needs about {least / 2**30:.2f} GiB of device memory even at "
-        f"memory_budget=0 (its gradients: {problem.gradient_bytes() / 2**30:.2f} GiB){have}; "
-        f"pass fewer tokens per call or free memory ({str(err).splitlines()[0][:160]})")
+    memory: the planner's account of what it needs and what was free, instead of an
+    allocator's message from deep inside a kernel launcher (kept at the end)."""
+    msg = planner.out_of_memory_message(problem, backend, free_memory(device))
+    return torch.OutOfMemoryError(f"{msg} ({str(err).splitlines()[0][:160]})")

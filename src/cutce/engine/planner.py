@@ -270,6 +270,16 @@ def auto_budget(p: Problem, free_bytes: int) -> float:
     return max(0, usable_bytes(free_bytes) - p.gradient_bytes()) / max(p.input_bytes(), 1)
 
 
+def out_of_memory_message(p: Problem, backend: str, free_bytes: int | None) -> str:
+    """What a call that cannot fit even at memory_budget=0 says: how much it needs (the
+    minimum's need_bytes), its gradients' share, and what was free (when known)."""
+    least = need_bytes(dataclasses.replace(p, memory_budget=0.0), RECOMPUTE, backend)
+    free = "" if free_bytes is None else f", but only {free_bytes / 2**30:.2f} GiB are free"
+    return (f"cutce: this call needs about {least / 2**30:.2f} GiB of device memory even at "
+            f"memory_budget=0 (its gradients: {p.gradient_bytes() / 2**30:.2f} GiB){free}; "
+            f"pass fewer tokens per call or free memory")
+
+
 def settle(p: Problem, backend: str, free_bytes: int | None, **hints) -> tuple[Plan, float | None, str | None]:
     """(plan, the numeric memory_budget it runs with, why it fell back or None) for a call whose
     device has ``free_bytes`` available (None: unknown, e.g. CPU tensors or under torch.compile).
@@ -292,10 +302,7 @@ def settle(p: Problem, backend: str, free_bytes: int | None, **hints) -> tuple[P
     low = dataclasses.replace(p, memory_budget=0.0)
     least = need_bytes(low, RECOMPUTE, backend)
     if least > free_bytes:  # nothing fits: say so now, in numbers, not deep inside a kernel
-        raise torch.OutOfMemoryError(
-            f"cutce: this call needs about {least / 2**30:.2f} GiB of device memory even at "
-            f"memory_budget=0 (its gradients: {p.gradient_bytes() / 2**30:.2f} GiB), but only "
-            f"{free_bytes / 2**30:.2f} GiB are free; pass fewer tokens per call or free memory")
+        raise torch.OutOfMemoryError(out_of_memory_message(p, backend, free_bytes))
     if least >= need:  # already the minimum (within the safety margin): let it try
         return pl, budget, None
     why = (f"cutce: memory_budget={asked!r} plans the {pl.strategy} strategy, which "

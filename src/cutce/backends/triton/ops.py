@@ -103,7 +103,7 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
     except torch.OutOfMemoryError as err:
         raise out_of_memory(err, Problem(hidden.shape[0], weight.shape[0], hidden.shape[1],
                                          hidden.dtype, need_h, need_w, memory_budget=ctx.budget),
-                            "triton") from None
+                            "triton", hidden.device) from None
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
             None, None, None, None, None, None, None, None, None, None, None)
 
