@@ -8,6 +8,7 @@
 #   bash benchmarks/device.sh distill        # distillation vs TRL, Liger, eager, compile (beta 0, 0.5)
 #   bash benchmarks/device.sh hf-step        # HF training step: original vs patched, eager vs compiled
 #   bash benchmarks/device.sh multi-gpu      # vocabulary-parallel on every GPU of the host
+#   bash benchmarks/device.sh trainers       # TRL's SFT/DPO/GRPO steps: TRL's head, plain logits, cutce
 # Peers (liger-kernel, cut-cross-entropy, trl, ...) come as wheels in .whl/, installed without
 # the network. Then: copy $OUT/*.json into benchmarks/results/ and run python benchmarks/page.py.
 set -euo pipefail
@@ -45,6 +46,8 @@ case "${1:-}" in
     python benchmarks/hf_step.py --out "$OUT" 2>&1 | tee "$OUT/hf-step.log" ;;
   multi-gpu)
     python benchmarks/multi_gpu.py --out "$OUT" 2>&1 | tee "$OUT/multi-gpu.log" ;;
+  trainers)
+    python benchmarks/trainers.py --out "$OUT" 2>&1 | tee "$OUT/trainers.log" ;;
   *)
-    echo "usage: $0 tests|tests-distill|loss|log-probs|distill|hf-step|multi-gpu"; exit 2 ;;
+    echo "usage: $0 tests|tests-distill|loss|log-probs|distill|hf-step|multi-gpu|trainers"; exit 2 ;;
 esac

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # source tree, not an installed cutce.
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
-KINDS = ("loss", "log_probs", "distill", "multi_gpu", "hf_step")
+KINDS = ("loss", "log_probs", "distill", "multi_gpu", "hf_step", "trainers")
 DPI = 90
 
 
@@ -274,6 +274,39 @@ def hf_step_section(docs) -> list[str]:
     return out
 
 
+def trainers_section(docs) -> list[str]:
+    out = ["## TRL trainers: one training step", ""]
+    for name, doc in docs:
+        meta, rows = doc["meta"], doc["rows"]
+        s = meta.get("setting", {})
+        out += [f"Random weights with the models' shapes, {s.get('dtype')}, gradient checkpointing "
+                f"{'on' if s.get('grad_ckpt') else 'off'}; SFT {s.get('sft_batch')} x {s.get('sft_seq')} "
+                f"tokens, DPO {s.get('dpo_pairs')} pairs x {s.get('dpo_seq')}, GRPO {s.get('grpo_gens')} "
+                f"completions of {s.get('grpo_prompt')} + {s.get('grpo_completion')} tokens; median of "
+                f"{s.get('steps')} steps. `trl-fused`: TRL's fused LM head; `trl-plain`: TRL's log-probs "
+                "from the model's full logits; `cutce`: `cutce.trl.patch()`. Peak memory: all that is "
+                "allocated (weights, gradients, DPO's reference model); logp err: the max abs error of "
+                "the policy's per-token log-probs against float32 from the same hidden states.", ""]
+        fused = {(r["trainer"], r["model"]): r["ms"] for r in rows
+                 if r["mode"] == "trl-fused" and r.get("ms")}
+        cells = []
+        for r in rows:
+            base = fused.get((r["trainer"], r["model"]))
+            ok = r["status"] == "ok"
+            cells.append([r["trainer"], r["model"], r["mode"], r.get("tokens") or "",
+                          ms(r["ms"]) if ok else r["status"], ratio(r["ms"] / base) if ok and base else "",
+                          mib(r.get("peak_mib")), "" if r.get("loss") is None else f"{r['loss']:.4f}",
+                          err(r.get("logp_err"))])
+        out += table(["trainer", "model", "head", "tokens", "ms/step", "vs trl-fused", "peak MiB", "loss",
+                      "logp err"], cells, text=(0, 1, 2))
+        flags = ""
+        if name.count("_") > 1:  # a run split by --models / --trainers (trainers.py names its file so)
+            flags = "".join(f" --{k}s " + ",".join(dict.fromkeys(r[k] for r in rows))
+                            for k in ("model", "trainer"))
+        out += ["", source(meta, name), "", f"Reproduce: `python benchmarks/trainers.py{flags}`", ""]
+    return out
+
+
 def render(results_dir, out_md, img_dir) -> str:
     found = load(results_dir)
     img_rel = os.path.relpath(img_dir, os.path.dirname(os.path.abspath(out_md)))
@@ -294,6 +327,8 @@ def render(results_dir, out_md, img_dir) -> str:
         lines += multi_gpu_section(found["multi_gpu"])
     if found["hf_step"]:
         lines += hf_step_section(found["hf_step"])
+    if found["trainers"]:
+        lines += trainers_section(found["trainers"])
     os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
     with open(out_md, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
