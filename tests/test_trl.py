@@ -1,9 +1,9 @@
 """cutce.trl: TRL's LM-head hook replaced by cutce (float32 CPU, tiny random models, offline).
 
 (a) cutce's add_fused_lm_head against TRL's own on the same model and batch: every output and the
-parameters' gradients; (b) TRL's SFT, DPO (LoRA) and GRPO trainers for a few steps with and
-without cutce.trl.patch(): logged losses / rewards / metrics and the trained parameters; (c) no
-(batch, seq, vocab) tensor in a patched step; the binding, the version checks and the refusals.
+parameters' gradients; (b) the binding, the version checks and the refusals; (c) no (batch, seq,
+vocab) tensor in a fused step. TRL's trainers with and without cutce.trl.patch() are
+test_trl_trainers.py.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ import torch
 
 trl = pytest.importorskip("trl")
 pytest.importorskip("transformers")
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from trl.trainer import utils as trl_utils  # noqa: E402
 
 import cutce.trl as ctrl  # noqa: E402
-from cutce.integrations import trl as integration  # noqa: E402
 from hf_models import T, VOCAB, make_model  # noqa: E402
+from trl_cases import HIDDEN, VocabSized, chunk_rows  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -32,13 +31,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 ALL = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 FIELDS = ("loss",) + ALL + ("label_mask", "aux_loss")
 TRL_HOOK = trl_utils.add_fused_lm_head  # TRL's own (cutce never patches at import)
-
-
-@pytest.fixture
-def patched():
-    ctrl.patch()
-    yield
-    ctrl.unpatch()
 
 
 def padded_batch(seed=0, b=2, t=T):
@@ -202,7 +194,7 @@ def test_calls_without_the_flag_run_the_original_forward():
     assert not torch.allclose(a, b)
 
 
-# --- refusals and version checks --------------------------------------------------------------
+# --- (b) refusals, version checks, the binding ----------------------------------------------
 
 
 def test_refusals():
@@ -278,30 +270,13 @@ print("OK")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr
 
 
-# --- (c) no (batch, seq, vocab) tensor ----------------------------------------------------------
-
-
-class _VocabSized(TorchDispatchMode):
-    """Records, over every op's outputs, the largest numel / V of a tensor with a dimension V."""
-
-    def __init__(self, vocab):
-        super().__init__()
-        self.vocab, self.rows = vocab, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(x, torch.Tensor) and self.vocab in x.shape:
-                self.rows = max(self.rows, x.numel() // self.vocab)
-        return out
+# --- (c) no (batch, seq, vocab) tensor in a fused step ------------------------------------------
 
 
 def test_no_logits_sized_tensor_in_a_patched_step(monkeypatch):
-    from cutce.backends.pytorch import ce
-
     vocab, b, t = 1000, 4, 24  # n = 92 scored positions > hidden 32: a V x D tensor is not N x V
     n = b * (t - 1)
-    monkeypatch.setattr(ce, "DEFAULT_CHUNK_BYTES", 16 * vocab * 4 * ce._TEMPS_PER_CHUNK)  # 16 rows
+    chunk_rows(monkeypatch, 16, vocab)
     model = make_model("llama", vocab_size=vocab)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (b, t), generator=g)
@@ -309,92 +284,12 @@ def test_no_logits_sized_tensor_in_a_patched_step(monkeypatch):
     for name, hook in (("trl", TRL_HOOK), ("cutce", ctrl.add_fused_lm_head)):
         twin = copy.deepcopy(model)
         hook(twin, temperature=0.7, outputs=ALL)
-        with _VocabSized(vocab) as mode:
+        with VocabSized(vocab) as mode:
             out = twin(input_ids=ids, labels=ids, fused_lm_head=True)
             (out.loss + out.entropy.sum()).backward()
         rows[name] = mode.rows
     assert rows["trl"] >= n  # the detector sees TRL's CPU head score all positions at once
-    assert rows["cutce"] <= 32, rows  # chunks of 16 tokens, and V x D = 32 "rows" of V
-
-
-def test_no_logits_sized_tensor_in_a_patched_sft_training_step(monkeypatch, patched):
-    """The whole training step (forward, backward, optimizer) of SFTTrainer after patch()."""
-    import trl_models
-    from cutce.backends.pytorch import ce
-
-    pytest.importorskip("tokenizers")
-    vocab = 1000
-    monkeypatch.setattr(ce, "DEFAULT_CHUNK_BYTES", 8 * vocab * 4 * ce._TEMPS_PER_CHUNK)  # 8 rows
-    mode = _VocabSized(vocab)
-    logs, _, trainer = trl_models.train("sft", steps=1, model_config=dict(vocab_size=vocab),
-                                        during=mode, per_device_train_batch_size=8)
-    assert logs[0]["num_tokens"] >= 8 * 6  # 8 rows of >= 6 tokens: N x V >= 48 "rows" of V
-    assert 0 < mode.rows <= 32, mode.rows  # the V x D weight, its gradient and state; 8-token chunks
-
-
-# --- (b) real trainers ------------------------------------------------------------------------
-
-
-def _trainer_runs(monkeypatch, kind, family, **config):
-    import trl_models
-
-    pytest.importorskip("tokenizers")
-    calls = []
-    real = integration.linear_log_probs
-    reference = trl_models.train(kind, family, **config)
-    ctrl.patch()
-    try:
-        monkeypatch.setattr(integration, "linear_log_probs",
-                            lambda *a, **k: calls.append(1) or real(*a, **k))
-
-        class NoTRLHead:
-            @staticmethod
-            def apply(*args):
-                raise AssertionError("TRL's head ran in a patched step")
-
-        monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", NoTRLHead)
-        patched = trl_models.train(kind, family, **config)
-    finally:
-        ctrl.unpatch()
-        monkeypatch.undo()
-    assert calls, "cutce's head never ran"
-    (logs_a, params_a, _), (logs_b, params_b, trainer) = reference, patched
-    assert len(logs_a) == len(logs_b) == config.get("steps", 2)
-    for a, b in zip(logs_a, logs_b):
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(torch.tensor(b[key], dtype=torch.float64),
-                                       torch.tensor(a[key], dtype=torch.float64),
-                                       rtol=1e-4, atol=1e-5, msg=key)
-    assert params_a.keys() == params_b.keys() and params_a
-    for name, p in params_a.items():
-        torch.testing.assert_close(params_b[name], p, rtol=1e-5, atol=1e-5, msg=name)
-    return logs_b, trainer
-
-
-def test_sft_trainer_packed(monkeypatch):
-    """Packing: padding-free rows with position_ids and flash-attention varlen kwargs."""
-    logs, _ = _trainer_runs(monkeypatch, "sft", "qwen2", steps=3, packing=True)
-    assert {"loss", "entropy", "mean_token_accuracy"} <= logs[0].keys()
-
-
-def test_sft_trainer(monkeypatch):
-    logs, _ = _trainer_runs(monkeypatch, "sft", "llama", loss_type="dft")
-    assert logs[0]["loss"] > 0
-
-
-def test_dpo_trainer_lora(monkeypatch):
-    """LoRA: the reference log-probs come from the same hooked model with the adapter disabled;
-    use_weighting adds log_sum_sq_probs."""
-    logs, _ = _trainer_runs(monkeypatch, "dpo", "llama", use_weighting=True)
-    assert {"rewards/chosen", "rewards/margins", "logps/chosen", "logits/chosen"} <= logs[-1].keys()
-    assert logs[-1]["rewards/margins"] != 0.0
-
-
-def test_grpo_trainer(monkeypatch):
-    """Sampled completions, a reward, temperature in the head, a reference model (beta > 0)."""
-    logs, _ = _trainer_runs(monkeypatch, "grpo", "qwen2", beta=0.1, temperature=0.8)
-    assert {"reward", "kl", "entropy"} <= logs[-1].keys() and logs[-1]["kl"] > 0
+    assert rows["cutce"] <= HIDDEN, rows  # chunks of 16 tokens, and V x D
 
 
 # --- the example ------------------------------------------------------------------------------

@@ -46,6 +46,11 @@ def datasets_for(kind, n=8):
     if kind == "dpo":
         return datasets.Dataset.from_dict({"prompt": texts(n, 3, 6, 1), "chosen": texts(n, 3, 7, 2),
                                            "rejected": texts(n, 2, 6, 3)})
+    if kind == "kto":  # unpaired: desirable and undesirable completions alternate
+        # the leading space keeps the prompt's last word and the completion's first apart
+        completions = [" " + t for t in texts(n, 2, 7, 6)]
+        return datasets.Dataset.from_dict({"prompt": texts(n, 3, 6, 5), "completion": completions,
+                                           "label": [i % 2 == 0 for i in range(n)]})
     return datasets.Dataset.from_dict({"prompt": texts(n, 3, 6, 4)})
 
 
@@ -61,9 +66,10 @@ def low_word_reward(completions, **_):
 
 def train(kind, family="llama", steps=2, model_config=None, during=None, **config):
     """Build a model from the seed (``model_config``: overrides of its config), train ``steps``
-    steps with TRL's ``kind`` trainer ("sft", "dpo" with LoRA, "grpo" with a reference model),
-    inside the context manager ``during`` if given; returns (logged dicts, {name: trainable
-    parameter after training}, the trainer)."""
+    steps with TRL's ``kind`` trainer ("sft"; "dpo" with LoRA; "grpo", "rloo" sampling from
+    prompts with low_word_reward; "kto" on unpaired labelled completions) inside the context
+    manager ``during`` if given; returns (logged dicts, {name: trainable parameter after
+    training}, the trainer)."""
     import contextlib
 
     import trl
@@ -90,10 +96,16 @@ def train(kind, family="llama", steps=2, model_config=None, during=None, **confi
         lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
         trainer = trl.DPOTrainer(model=model, args=args, train_dataset=datasets_for(kind),
                                  processing_class=tok, peft_config=lora)
-    elif kind == "grpo":
-        args = trl.GRPOConfig(num_generations=4, max_completion_length=6, **common)
-        trainer = trl.GRPOTrainer(model=model, args=args, train_dataset=datasets_for(kind),
-                                  processing_class=tok, reward_funcs=low_word_reward)
+    elif kind in ("grpo", "rloo"):
+        config_cls, trainer_cls = ((trl.GRPOConfig, trl.GRPOTrainer) if kind == "grpo"
+                                   else (trl.RLOOConfig, trl.RLOOTrainer))
+        args = config_cls(num_generations=4, max_completion_length=6, **common)
+        trainer = trainer_cls(model=model, args=args, train_dataset=datasets_for(kind),
+                              processing_class=tok, reward_funcs=low_word_reward)
+    elif kind == "kto":
+        args = trl.KTOConfig(max_length=16, **common)
+        trainer = trl.KTOTrainer(model=model, args=args, train_dataset=datasets_for(kind),
+                                 processing_class=tok)
     else:
         raise ValueError(kind)
     with during or contextlib.nullcontext():
