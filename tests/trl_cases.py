@@ -12,7 +12,7 @@ from trl.trainer import utils as trl_utils
 import cutce.trl as ctrl
 import trl_models
 from cutce.backends.pytorch import ce
-from cutce.integrations import trl as integration
+from cutce.integrations import trl_forward
 
 HIDDEN = 32  # hf_models' hidden size: a V x D weight (or its gradient) is 32 "rows" of V
 
@@ -61,7 +61,7 @@ def trainer_runs(monkeypatch, kind, family, vocab=None, **config):
     runs go through VocabSized. Returns (patched logs, patched trainer, {"trl": rows, "cutce":
     rows}: the largest vocabulary-sized tensor per run, in rows of V; empty without ``vocab``)."""
     calls, rows = [], {}
-    real = integration.linear_log_probs
+    real = trl_forward.linear_log_probs
     if vocab is not None:
         config["model_config"] = dict(config.get("model_config") or {}, vocab_size=vocab)
 
@@ -76,7 +76,7 @@ def trainer_runs(monkeypatch, kind, family, vocab=None, **config):
     ctrl.patch()
     try:
         with monkeypatch.context() as m:
-            m.setattr(integration, "linear_log_probs",
+            m.setattr(trl_forward, "linear_log_probs",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
             m.setattr(trl_utils, "_ChunkedLogProbFunction", _NoTRLHead)
             patched = run("cutce")
