@@ -7,35 +7,30 @@ Random weights from a config (nothing downloaded) with the shapes of Qwen2.5-0.5
 Llama-3.2-1B (V=128256), tied embeddings, bf16, TRL's default gradient checkpointing
 (``--no-grad-ckpt``). The same model, weights and batch go through three heads, a trainer each:
 
-* ``trl-fused``: TRL's own ``add_fused_lm_head`` (``trl.kernels.ChunkedLogProbFunction``). TRL
-  1.16 has no option that turns it off (every trainer hooks its models unconditionally;
-  ``use_liger_kernel`` only swaps layer kernels), hence the next mode;
-* ``trl-plain``: a hook of the same contract, bound where TRL's is, that runs the model's own
-  forward (so the (B, T, V) bf16 logits exist) and takes the per-token outputs from them with
-  TRL's ``selective_log_softmax_and_entropy`` (its Triton kernel on CUDA); the no-grad metrics
-  come from the same logits;
+* ``trl-fused``: TRL's own ``add_fused_lm_head`` (``trl.kernels.ChunkedLogProbFunction``); TRL 1.16
+  cannot turn it off (every trainer hooks its models unconditionally; ``use_liger_kernel`` only
+  swaps layer kernels), hence the next mode;
+* ``trl-plain``: a hook of the same contract, bound where TRL's is, computing every output from the
+  model's own (B, T, V) bf16 logits (TRL's ``selective_log_softmax_and_entropy``, Triton on CUDA);
 * ``cutce``: ``cutce.trl.patch()`` before the trainer is built, ``cutce.trl.unpatch()`` after.
 
-Timed, after --warmup steps, on one fixed batch on the device (gradients set to None before each
-step, outside the timing; ``torch.cuda.synchronize()`` around each step):
+Timed after --warmup steps, on one fixed batch on the device, gradients set to None before each
+step (outside the timing), ``torch.cuda.synchronize()`` around it:
 
-* SFT, DPO: ``trainer.training_step(model, inputs)`` (forward, loss, backward; no optimizer step)
-  on the first batch of the trainer's own dataloader; DPO's includes its reference model's
-  forward (a frozen copy of the policy);
-* GRPO: ``trainer.compute_loss(model, inputs)`` + ``trainer.accelerator.backward(loss)`` (its
-  ``training_step`` less ``_prepare_inputs``, which would generate again) on the micro-batch that
-  ``trainer._prepare_inputs`` made once, from GRPO's ``rollout_func`` (random prompt and
-  completion ids of fixed lengths: no generation) and TRL's own reward and advantage code. The
-  policy is its own old policy and the group's advantages sum to 0: the loss is 0, not its gradient.
+* SFT, DPO: ``trainer.training_step`` (forward, loss, backward; no optimizer step) on the first
+  batch of the trainer's own dataloader; DPO's includes its reference model (a frozen copy);
+* GRPO: ``trainer.compute_loss`` + ``trainer.accelerator.backward`` (its ``training_step`` less
+  ``_prepare_inputs``, which would generate again) on the micro-batch ``_prepare_inputs`` made
+  once from GRPO's ``rollout_func`` (random ids of fixed lengths: no generation) and TRL's reward
+  and advantage code. The policy is its own old policy and the group's advantages sum to 0: the
+  loss is 0, not its gradient.
 
 Per row: median ms per step; the CUDA allocator's peak over the timed steps (all of it: weights,
 gradients, DPO's reference, the batch); the last loss; ``logp_err``, the max abs difference over
-the batch's scored tokens between the log-probs the hooked policy returns (``model(...,
-fused_lm_head=True).log_probs`` under no_grad: this mode's head) and float32
-``(h.float() @ W.float().T / temperature).log_softmax(-1)`` at the labels, h the backbone's final
-hidden states for the same input. Out of memory: status "oom". Writes trainers_<device>.json
-under --out after every row (``trainers_<device>_<models>_<trainers>.json`` when filtered, so that
-split runs do not overwrite each other).
+the scored tokens between this mode's ``model(..., fused_lm_head=True).log_probs`` (no_grad) and
+float32 ``(h @ W.T / temperature).log_softmax(-1)`` at the labels, h the backbone's final hidden
+states. Out of memory: status "oom". Writes trainers_<device>.json under --out after every row
+(``trainers_<device>_<models>_<trainers>.json`` when filtered: split runs keep their files).
 """
 
 from __future__ import annotations
@@ -44,7 +39,9 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
+import importlib
 import os
 import statistics
 import sys
@@ -147,40 +144,30 @@ def plain_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("
             extra = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
             return original(*a, **kw, **{k: v for k, v in extra.items() if v is not None})
         logits = original(*a, **dict(kw, use_cache=False)).logits
-        if shift_labels is None:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        else:
-            labels = shift_labels
-        if cast_lm_head_to_fp32:
-            logits = logits.float()
+        logits, labels = (logits[:, :-1], labels[:, 1:]) if shift_labels is None else (logits, shift_labels)
+        logits = logits.float() if cast_lm_head_to_fp32 else logits
         mask = labels != -100
         logp, entropy = selective_log_softmax_and_entropy(
             logits, labels.clamp(min=0), entropy_requires_grad="entropy" in outputs,
             temperature=temperature, row_mask=mask)
-        logp = logp.masked_fill(~mask, 0.0)
-        fields = dict(log_probs=logp,
+        fields = dict(log_probs=logp.masked_fill(~mask, 0.0),
                       entropy=entropy.masked_fill(~mask, 0.0) if "entropy" in outputs else None)
+        metrics = dict(mean_logits=lambda z: (z.float() / temperature).mean(-1),
+                       log_sum_sq_probs=lambda z: (2 * (z.float() / temperature).log_softmax(-1)).logsumexp(-1))
         with torch.no_grad():
-            if "mean_logits" in outputs:
-                fields["mean_logits"] = _by_chunk(logits, lambda z: (z.float() / temperature).mean(-1), mask)
-            if "log_sum_sq_probs" in outputs:
-                fields["log_sum_sq_probs"] = _by_chunk(
-                    logits, lambda z: (2 * (z.float() / temperature).log_softmax(-1)).logsumexp(-1), mask)
+            fields.update({k: _by_chunk(logits, fn, mask) for k, fn in metrics.items() if k in outputs})
             if "is_top1" in outputs:
                 fields["is_top1"] = (logits.argmax(-1) == labels) & mask
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-logp.sum() / denom, label_mask=mask, **fields)
+        return FusedCausalLMOutput(loss=-fields["log_probs"].sum() / denom, label_mask=mask, **fields)
 
     model.forward = types.MethodType(forward, model)
 
 
 def _by_chunk(logits, fn, mask, rows=1024):
     """fn over (rows, V) pieces of (B, T, V) logits: float32 temporaries stay a piece's size."""
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
-    for b in range(logits.shape[0]):
-        for s in range(0, logits.shape[1], rows):
-            out[b, s:s + rows] = fn(logits[b, s:s + rows])
-    return out.masked_fill(~mask, 0.0)
+    out = torch.cat([fn(piece) for row in logits for piece in row.split(rows)])
+    return out.view(mask.shape).masked_fill(~mask, 0.0)
 
 
 def _rebind(old, new):
@@ -199,17 +186,14 @@ def head_mode(mode, args):
     import cutce.trl
 
     trl_hook = trl.trainer.utils.add_fused_lm_head
-    if mode == "trl-plain":
-        _rebind(trl_hook, plain_lm_head)
-    elif mode == "cutce":
-        cutce.trl.patch(impl=args.impl, memory_budget=args.memory_budget)
-    try:
-        yield
-    finally:
+    with contextlib.ExitStack() as undo:
         if mode == "trl-plain":
-            _rebind(plain_lm_head, trl_hook)
+            _rebind(trl_hook, plain_lm_head)
+            undo.callback(_rebind, plain_lm_head, trl_hook)
         elif mode == "cutce":
-            cutce.trl.unpatch()
+            cutce.trl.patch(impl=args.impl, memory_budget=args.memory_budget)
+            undo.callback(cutce.trl.unpatch)
+        yield
 
 
 def trainer_and_batch(kind, model, ref_model, tok, args, device):
@@ -256,8 +240,7 @@ def trainer_and_batch(kind, model, ref_model, tok, args, device):
     # checkpointing that train() switches on (transformers 5 does it there, not in __init__).
     trainer.current_gradient_accumulation_steps = 1
     if args.grad_ckpt:
-        kw = getattr(cfg, "activation_checkpointing_kwargs", None) or cfg.gradient_checkpointing_kwargs
-        kw = kw or None
+        kw = getattr(cfg, "activation_checkpointing_kwargs", None) or cfg.gradient_checkpointing_kwargs or None
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
@@ -299,30 +282,21 @@ def check_hooked(model, mode):
         raise RuntimeError(f"{mode}: the policy's forward runs {where or 'its class'}, not {want}")
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(step, model, args, device):
-    """(median ms, peak MiB or None, last loss)."""
-    for _ in range(args.warmup):
+    """(median ms, peak MiB or None, last loss) of the steps after the warmup ones."""
+    cuda, times = device.type == "cuda", []
+    sync = functools.partial(torch.cuda.synchronize, device) if cuda else (lambda: None)
+    for i in range(args.warmup + args.steps):
         model.zero_grad(set_to_none=True)
-        step()
-    model.zero_grad(set_to_none=True)
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.steps):
-        model.zero_grad(set_to_none=True)
-        sync(device)
+        sync()
+        if i == args.warmup and cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         loss = step()
-        sync(device)
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return statistics.median(times), peak, float(loss)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    return statistics.median(times[args.warmup:]), peak, float(loss)
 
 
 @torch.no_grad()
@@ -384,19 +358,17 @@ def main(argv=None):
     import datasets
     import transformers
     import trl
-    # loaded before a head is rebound in them
-    import trl.trainer.dpo_trainer  # noqa: F401
-    import trl.trainer.grpo_trainer  # noqa: F401
-    import trl.trainer.sft_trainer  # noqa: F401
 
+    for kind in TRAINERS:  # loaded before a head is rebound in them
+        importlib.import_module(f"trl.trainer.{kind}_trainer")
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)  # renames inside TRL, once per trainer
     device = torch.device(args.device)
     meta = report.run_metadata(device)
     keys = (*GPU, "grad_ckpt", "impl", "memory_budget", "warmup", "steps")
-    meta["setting"] = {k: getattr(args, k) for k in keys}
-    meta["setting"]["dtype"] = "bfloat16" if device.type == "cuda" else "float32"
+    meta["setting"] = {**{k: getattr(args, k) for k in keys},
+                       "dtype": "bfloat16" if device.type == "cuda" else "float32"}
     print(f"{meta['device_name']}; torch {meta['torch']}, transformers {transformers.__version__}, "
           f"trl {trl.__version__}; {meta['setting']}", flush=True)
     filtered = (len(args.models), len(args.trainers)) != (len(MODELS), len(TRAINERS))
