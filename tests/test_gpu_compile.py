@@ -30,7 +30,8 @@ def test_every_kernel_compiles_for_the_gpu(tmp_path, arch):
     names = {(k["module"], k["kernel"]) for k in json.loads(out.read_text())}
     # every kernel of the package, compiled at least once
     assert names == {("forward", "_forward_kernel"), ("forward", "_target_kernel"),
-                     ("backward", "_dz_kernel"), ("fused", "_fused_logits_kernel"),
+                     ("backward", "_dz_kernel"), ("kept", "_kept_dz_kernel"),
+                     ("fused", "_fused_logits_kernel"),
                      ("fused", "_chunk_epilogue_kernel"), ("fused", "_cast_scale_kernel"),
                      ("fused", "_row_scale_kernel"),
                      ("rows", "_row_coefs_kernel"), ("distill", "_fwd_kernel"),

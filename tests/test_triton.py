@@ -21,19 +21,20 @@ from cutce.engine.options import Options  # noqa: E402
 from cutce.backends.triton import configs  # noqa: E402
 from cutce.backends.triton import forward as tfwd  # noqa: E402
 from reference import make_inputs, oracle, rel_err  # noqa: E402
-from triton_cases import compare, to_dev  # noqa: E402
+from triton_cases import OPTION_SETS, compare, to_dev  # noqa: E402
 from triton_support import DEV, gpu  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poisoned")  # conftest.py
 
 
-OPTION_SETS = {
-    "plain": dict(),
-    "bias_scale_softcap": dict(logit_scale=0.8, softcap=3.0),
-    "smoothing_zloss": dict(label_smoothing=0.1, z_loss=1e-3),
-    "sum_ignore": dict(reduction="sum", ignore_index=-1),
-    "none_all": dict(reduction="none", label_smoothing=0.2, z_loss=1e-2, softcap=5.0, logit_scale=1.3),
-}
+@pytest.fixture(autouse=True)
+def recompute(monkeypatch):
+    """These tests check the recompute kernels: per-token calls whose logits would fit the
+    budget keep them instead (test_kept_logits.py checks that strategy on the same cases)."""
+    from cutce.engine import planner
+    monkeypatch.setattr(planner, "may_keep", lambda *a: False)
+
+
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -22,6 +22,16 @@ def _run(fn, h, w, b, with_lse):
     return [loss, lse, *torch.autograd.grad(total, params)], g_out
 
 
+# Loss option sets the Triton tests run through compare(), one strategy each.
+OPTION_SETS = {
+    "plain": dict(),
+    "bias_scale_softcap": dict(logit_scale=0.8, softcap=3.0),
+    "smoothing_zloss": dict(label_smoothing=0.1, z_loss=1e-3),
+    "sum_ignore": dict(reduction="sum", ignore_index=-1),
+    "none_all": dict(reduction="none", label_smoothing=0.2, z_loss=1e-2, softcap=5.0, logit_scale=1.3),
+}
+
+
 def compare(h, w, t, b, tw, opts, with_lse=False, factor=1.5, floor=None):
     """cutce(impl='triton') vs oracle, against lowp_torch vs oracle, same upstream gradients."""
     dt = h.dtype

@@ -120,7 +120,8 @@ def _inputs(n, d, v, dtype, gen, bias=False):
 
 
 def run_all():
-    from cutce.backends.triton import backward, configs, distill, distill_fused, forward, fused, rows
+    from cutce.backends.triton import (backward, configs, distill, distill_fused, forward, fused,
+                                       kept, rows)
     gen = torch.Generator().manual_seed(0)
     f32 = dict(dtype=torch.float32)
     # the loss: recompute forward and backward, the fused strategy, the small kernels
@@ -133,6 +134,11 @@ def run_all():
         lse, _, _, pz, ub = forward.forward(h, w, b, t, 1.0, softcap, 1.0, True, True, bound=True)
         forward.forward(h, w, b, t, 1.0, softcap, 0.7, True, True, need_stats=True)  # RL metrics
         forward.target_logits(h, w, b, t, 1.0, softcap, 1.0)
+        keep = kept.buffer(n, 1000, dtype, h.device)  # the strategy "keep": its store, its dz pass
+        forward.forward(h, w, b, t, 1.0, softcap, 0.7, True, True, keep=keep)
+        g = torch.ones(n, **f32)
+        kept.backward(keep, h, w, b, t, lse, lse, pz, g, -g, g, g, 1.0, softcap, 0.7, True,
+                      True, True, True, b is not None, class_weight=torch.ones(1000, **f32))
         g = torch.ones(n, **f32)
         for eps in (0.0, 1e-3):
             backward.backward(h, w, b, t, lse, pz, ub if eps else ub[:0], g, -g, g, g, 1.0,

@@ -144,8 +144,11 @@ def linear_cross_entropy(
             on the Triton path also no label_smoothing and bfloat16/float32 inputs)
             computes each token chunk's logits once and forms dE and dC right away (three
             N x D x V products instead of four: faster, same exactness); below what that needs,
-            or at 0, the backward recomputes the logits (memory: gradients + ~8%). A fused
-            call's gradients are handed out once: backpropagating twice through the same loss
+            or at 0, the backward recomputes the logits (memory: gradients + ~8%). A call with
+            per-token outputs (reduction "none", return_lse) on the Triton path whose budget
+            holds all N x V logits in the inputs' dtype keeps them from the forward to the
+            backward instead (eager calls): one product fewer. A fused call's gradients, and
+            kept logits, are handed out once: backpropagating twice through the same outputs
             (retain_graph) raises; use memory_budget=0 for that. The recompute backward (Triton
             path, more than one token chunk) sums dC in float32 when the budget covers a
             V x D float32 buffer (the default always does), else rounds it per token chunk.
@@ -286,7 +289,8 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     need_h, need_w = (t.requires_grad and torch.is_grad_enabled() for t in (h2, weight))
     problem = Problem(h2.shape[0], weight.shape[0], h2.shape[1], h2.dtype, need_h, need_w,
                       reduced=fusable and vs is None, memory_budget=opts.memory_budget,
-                      chunk_bytes=opts.chunk_bytes, smoothing=opts.label_smoothing > 0)
+                      chunk_bytes=opts.chunk_bytes, smoothing=opts.label_smoothing > 0,
+                      filtered=opts.filter_eps is not None)
     plan, problem = settle(problem, name, h2.device)
     if problem.memory_budget != opts.memory_budget:  # "auto" resolved, or the fallback
         opts = dataclasses.replace(opts, memory_budget=problem.memory_budget)

@@ -5,7 +5,7 @@ asks :func:`choose_backend` and :func:`plan`, and the backends' custom ops call 
 at run time (so that torch.compile never specializes on the number of tokens). Nothing else
 decides a strategy or a chunk.
 
-Two exact strategies, for the loss and the distillation alike:
+Three exact strategies (the first two for the loss and the distillation alike):
 
 - **recompute**: the forward keeps O(N) values, the backward recomputes the logit tiles. It
   serves any upstream gradient (reduction "none", a returned lse, log-probs, entropy). Loss:
@@ -17,6 +17,13 @@ Two exact strategies, for the loss and the distillation alike:
   once (the teacher's too), the logit gradient formed right away, dE and dC produced from it.
   Loss: three products instead of four; distillation (frozen teacher, beta < 1): 8 student-sized
   products instead of 12 (forward KL), 9 instead of 17 (JSD). The backward only scales them.
+- **keep**: for a call with per-token outputs (not ``reduced``: log-probs, entropy, reduction
+  "none", a returned lse) on the Triton path, when the budget holds every logit: the forward
+  stores them (N x V in the inputs' dtype, held until the backward), the backward turns them
+  into the logit gradient in place. Three products instead of four, at the rounding of a 16-bit
+  logit gradient as in the other strategies. All tokens or none: a call whose logits do not fit
+  recomputes (no partial keep), so the default budget keeps the recompute strategy's memory at
+  large N x V.
 
 ``memory_budget`` (a user option, the same for every function): the extra memory a call may use
 beyond its gradients, as a fraction of its inputs' size (hidden states and classifier weights of
@@ -67,7 +74,7 @@ class Plan:
     accumulator over token chunks (more than one chunk, 16-bit weight); student_x: the fused
     distillation also stores the student's exponentials (elementwise dz passes)."""
 
-    strategy: str
+    strategy: str  # "recompute" | "fused" | "keep"
     chunk_n: int = 0
     dc_in_place: bool = False
     dc_f32: bool = False
@@ -79,6 +86,7 @@ class Plan:
 
 
 RECOMPUTE = Plan("recompute")
+KEEP = Plan("keep")
 
 
 def budget_bytes(p: Problem, backend: str) -> float:
@@ -124,11 +132,29 @@ def plan(p: Problem, backend: str, *, student_x: bool = False, chunk: int | None
     """The strategy and chunk of a call that :func:`may_fuse` (or of any call: recompute when it
     may not). ``student_x``: a fused distillation may store the student's exponentials too (it
     does when a chunk fits with them); ``chunk``: a forced distillation chunk (experiments)."""
-    if not may_fuse(p, backend) or p.n == 0:
+    if p.n == 0:
+        return RECOMPUTE
+    if may_keep(p, backend):
+        return KEEP if kept_bytes(p) <= budget_bytes(p, backend) else RECOMPUTE
+    if not may_fuse(p, backend):
         return RECOMPUTE
     if p.distill:
         return _plan_distill(p, backend, student_x, chunk)
     return _plan_loss(p, backend)
+
+
+def may_keep(p: Problem, backend: str) -> bool:
+    """Whether a call may keep its logits (the strategy "keep"), from static facts: a call
+    with per-token outputs that needs a gradient, on the Triton path, without filtering (whose
+    backward skips classes instead), a budget that is not 0."""
+    return (backend == "triton" and not p.reduced and not p.distill and not p.filtered
+            and (p.need_h or p.need_w) and p.memory_budget != 0)
+
+
+def kept_bytes(p: Problem) -> int:
+    """Bytes of the kept logits: N x V in the inputs' dtype, rows padded to 16 bytes."""
+    pad = 16 // elt(p.dtype)
+    return p.n * -(-p.v // pad) * pad * elt(p.dtype)
 
 
 def fused_extra_bytes(p: Problem, chunk_n: int, backend: str) -> int:
@@ -253,6 +279,8 @@ def need_bytes(p: Problem, pl: Plan, backend: str) -> int:
     g = p.gradient_bytes()
     if pl.fused and p.distill and backend == "torch":  # ~10 float32 chunk x V temporaries
         return g + min(2 * 2**30, 10 * p.n * p.v * 4)
+    if pl.strategy == "keep":
+        return g + kept_bytes(p)
     if pl.fused:
         if p.distill:
             return g + distill_extra_bytes(p, pl.chunk_n, pl.student_x)
@@ -293,7 +321,7 @@ def settle(p: Problem, backend: str, free_bytes: int | None, **hints) -> tuple[P
     if budget == "auto":
         budget = None if free_bytes is None else auto_budget(p, free_bytes)
         p = dataclasses.replace(p, memory_budget=budget)
-    pl = plan(p, backend, **hints) if may_fuse(p, backend) else RECOMPUTE
+    pl = plan(p, backend, **hints) if may_fuse(p, backend) or may_keep(p, backend) else RECOMPUTE
     if free_bytes is None or not (p.need_h or p.need_w):
         return pl, budget, None
     need, usable = need_bytes(p, pl, backend), usable_bytes(free_bytes)

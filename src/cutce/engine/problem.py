@@ -35,6 +35,7 @@ class Problem:
         dt, teacher_dtype: the teacher's features and dtype (dt 0: no teacher).
         teacher_grad: the teacher needs gradients too (distillation then never fuses).
         beta: the distillation's divergence (1: reverse KL, which never fuses).
+        filtered: the backward may skip classes (filter_eps): it never keeps the logits.
     """
 
     n: int
@@ -51,6 +52,7 @@ class Problem:
     teacher_dtype: torch.dtype | None = None
     teacher_grad: bool = False
     beta: float = 0.0
+    filtered: bool = False
 
     @property
     def distill(self) -> bool:

@@ -70,6 +70,9 @@ class KernelConfig:
     # the fused strategy's row scaling, BLOCK of the row-coefficient kernel
     target_tile: tuple[int, int, int] = (32, 128, 4)
     row_scale_tile: tuple[int, int, int] = (16, 256, 4)
+    # (BLOCK_N, BLOCK_V, warps) of the kept-logits backward's elementwise dz pass: memory-bound;
+    # 8 x 512 compiles to ~105 registers and no spills on sm_90 (32 x 256: 255 and spills)
+    kept_tile: tuple[int, int, int] = (8, 512, 8)
     rows_block: int = 1024
     # Tensor-memory-accelerator (descriptor) loads: None = wherever they can run (use_tma),
     # False = pointer loads, True = wherever the operands' layout allows them
@@ -141,7 +144,8 @@ INTERPRETER = KernelConfig(
     distill_tile=INTERPRETER_TILE, distill_tile_f32=INTERPRETER_TILE,
     distill_fused_tile=TileConfig(32, 64, 32, 1, 1),
     distill_fused_tile_f32=TileConfig(32, 64, 32, 1, 1),
-    dz_ew_tile=(32, 4), target_tile=(16, 16, 1), row_scale_tile=(16, 32, 1), rows_block=64)
+    dz_ew_tile=(32, 4), target_tile=(16, 16, 1), row_scale_tile=(16, 32, 1), rows_block=64,
+    kept_tile=(16, 32, 1))
 
 # torch that hands the backward caller's context to autograd's device threads (and removes it
 # from the calling thread after the backward)

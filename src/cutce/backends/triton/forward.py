@@ -21,14 +21,15 @@ from .common import _tanh, head_tile, tma_descriptor
 
 @triton.jit
 def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub_ptr, cw_ptr,
-                    N, V, D, stride_h, stride_w, scale, softcap, inv_temp,
+                    zk_ptr, zk_desc, zt_ptr, N, V, D, stride_h, stride_w, stride_zk, scale, softcap,
+                    inv_temp,
                     tiles_per_split, n_row_blocks, group_rows,
                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
                     NEED_ENT: tl.constexpr, BOUND: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
                     FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, HAS_CW: tl.constexpr,
-                    NEED_STATS: tl.constexpr):
+                    NEED_STATS: tl.constexpr, KEEP: tl.constexpr, KEEP_BULK: tl.constexpr):
     # Programs go in groups of group_rows token blocks x all splits, token blocks fastest: the
     # programs running together read few hidden blocks (they stay in L2 while every weight
     # tile streams past them) and few weight tiles (each read once for the whole group).
@@ -49,6 +50,11 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub
     if BOUND:
         # A lower bound of each row's lse (its target logit; +inf for rows that take no part).
         floor = tl.load(floor_ptr + rows, mask=rmask, other=float("inf"))
+    if KEEP:
+        # The kept logits are stored relative to the row's target logit: the classes that carry
+        # most of the softmax sit near it, and a 16-bit value near 0 keeps more of their digits.
+        zt = tl.load(zt_ptr + rows, mask=rmask, other=0.0)
+        zk_rows = zk_ptr + rows.to(tl.int64)[:, None] * stride_zk
     n_tiles = tl.cdiv(V, BLOCK_V)
     t_lo = split * tiles_per_split
     if NEED_STATS:
@@ -65,6 +71,12 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub
                          cols, rmask, cmask, D, stride_h, stride_w, scale, softcap, inv_temp,
                          HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K,
                          USE_TMA)
+        if KEEP:  # (the strategy "keep", see cutce.engine.planner: the backward reads them back)
+            if KEEP_BULK:  # a bulk store clips the ragged edges itself, with no 64-bit addresses
+                zk_desc.store([rb * BLOCK_N, tile * BLOCK_V], (z - zt[:, None]).to(zk_desc.dtype))
+            else:
+                tl.store(zk_rows + cols[None, :], (z - zt[:, None]).to(zk_ptr.dtype.element_ty),
+                         mask=rmask[:, None] & cmask[None, :])
         if EVEN_V:  # no class past V in any tile: no masking in the epilogue
             zm = z
         else:
@@ -110,7 +122,8 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub
 
 
 def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_entropy,
-            bound=False, n_splits=None, class_weight=None, bound_all_rows=False, need_stats=False):
+            bound=False, n_splits=None, class_weight=None, bound_all_rows=False, need_stats=False,
+            keep=None):
     """Launch the forward kernel.
 
     Args:
@@ -123,6 +136,8 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
         class_weight: (V,) float or None: zsum becomes sum_j class_weight_j * z_j.
         need_stats: also return lse2 = logsumexp_j 2 z_j, zmax = max_j z_j (N,) float32 and
             amax = the first argmax_j z_j (N,) int64 (same pass; zsum is not implied here).
+        keep: None, or an (N, >= V) 16-bit or float32 buffer that receives z - zt (each row's
+            logits less its target logit) in its first V columns.
 
     Returns:
         lse, zt, zsum, pz: (N,) float32; ub: (V,) float32 or an empty tensor; with need_stats,
@@ -160,18 +175,23 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
         tma = configs.use_tma(kc, hidden, weight)
         h_desc = tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden
         w_desc = tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight
+        keep_bulk = tma and keep is not None and keep.dtype == hidden.dtype
+        keep_desc = tma_descriptor(keep[:, :v], cfg.block_n, cfg.block_v) if keep_bulk else part
         _forward_kernel[(n_row_blocks * n_splits,)](
             hidden, weight, h_desc, w_desc, bias if bias is not None else hidden,
             floor if bound else hidden, part, ub,
             class_weight if class_weight is not None else hidden,
-            n, v, d, hidden.stride(0), weight.stride(0), scale, softcap, inv_temp,
+            keep if keep is not None else part, keep_desc, zt_rows,
+            n, v, d, hidden.stride(0), weight.stride(0), 0 if keep is None else keep.stride(0),
+            scale, softcap, inv_temp,
             tiles_per_split, n_row_blocks, group_rows,
             HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum,
             NEED_ENT=need_entropy, BOUND=bound, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
             BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
             PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
             USE_TMA=tma, FLATTEN=tma and kc.flatten, EVEN_V=v % cfg.block_v == 0,
-            HAS_CW=class_weight is not None, NEED_STATS=need_stats,
+            HAS_CW=class_weight is not None, NEED_STATS=need_stats, KEEP=keep is not None,
+            KEEP_BULK=keep_bulk,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     m, s, zs, a = part[:4].unbind(0)
     lse, pz = combine_splits(m, s, a)

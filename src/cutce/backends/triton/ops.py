@@ -21,37 +21,45 @@ from .. import grads, out_of_memory
 from . import backward as _bw
 from . import forward as _fw
 from . import fused as _fused
+from . import kept as _kept
 
 
 @torch.library.custom_op("cutce::lse_parts", mutates_args=())
 def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                  class_weight: Optional[Tensor], scale: float, softcap: float, inv_temp: float,
                  need_zsum: bool, need_entropy: bool, filter_eps: float,
-                 memory_budget: Optional[float], bound_all_rows: bool, need_stats: bool = False
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 memory_budget: Optional[float], bound_all_rows: bool, need_stats: bool = False,
+                 keep: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty),
     over every row with ``bound_all_rows`` (a returned lse), else over the rows with a target.
     memory_budget only travels to the backward (its float32 dC accumulator, see cutce.engine.planner).
-    The last three outputs are the statistics' lse2, zmax (float32) and amax (int64), (N,) with
-    ``need_stats``, else empty; not differentiable."""
+    Then the statistics' lse2, zmax (float32) and amax (int64), (N,) with ``need_stats``, else
+    empty; not differentiable. Last, with ``keep`` (the strategy "keep": eager calls only, see
+    linear_lse_parts), the kept logits for the backward (:mod:`.kept`), else empty."""
+    kept = _kept.buffer(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device) \
+        if keep else hidden.new_empty(0)
     out = _fw.forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum,
                       need_entropy, bound=filter_eps > 0, class_weight=class_weight,
-                      bound_all_rows=bound_all_rows, need_stats=need_stats)
+                      bound_all_rows=bound_all_rows, need_stats=need_stats,
+                      keep=kept if keep else None)
     if need_stats:
-        return out
+        return (*out, kept)
     f = hidden.new_empty(0, dtype=torch.float32)
-    return (*out, f, f.clone(), hidden.new_empty(0, dtype=torch.int64))
+    return (*out, f, f.clone(), hidden.new_empty(0, dtype=torch.int64), kept)
 
 
 @lse_parts_op.register_fake
 def _(hidden, weight, bias, targets, class_weight, scale, softcap, inv_temp, need_zsum,
-      need_entropy, filter_eps, memory_budget, bound_all_rows, need_stats=False):
+      need_entropy, filter_eps, memory_budget, bound_all_rows, need_stats=False, keep=False):
     bound = filter_eps > 0
     n, v = hidden.shape[0], weight.shape[0]
     f = hidden.new_empty(n, dtype=torch.float32)
     k = n if need_stats else 0
+    pad = 128 // torch.finfo(hidden.dtype).bits
+    kept = hidden.new_empty((n, -(-v // pad) * pad)) if keep else hidden.new_empty(0)
     return (f, f.clone(), f.clone(), f.clone(), hidden.new_empty(v if bound else 0, dtype=torch.float32),
-            f.new_empty(k), f.new_empty(k), hidden.new_empty(k, dtype=torch.int64))
+            f.new_empty(k), f.new_empty(k), hidden.new_empty(k, dtype=torch.int64), kept)
 
 
 @torch.library.custom_op("cutce::lse_parts_backward", mutates_args=())
@@ -83,11 +91,14 @@ def _(hidden, weight, bias, targets, class_weight, lse, pz, ub, g_lse, g_zt, g_z
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, cw, scale, softcap, inv_temp, need_zsum, need_entropy, eps, \
         budget, *_ = inputs
-    lse, _, _, pz, ub, *stats = output
+    lse, zt, _, pz, ub, *stats, kept = output
     ctx.save_for_backward(hidden, weight, bias, targets, cw, lse, pz, ub)
-    ctx.mark_non_differentiable(*stats)  # the statistics (metrics)
+    ctx.mark_non_differentiable(*stats, kept)  # the statistics (metrics), the kept logits
     ctx.scalars = (scale, softcap, inv_temp, need_zsum, need_entropy, eps)
     ctx.budget = budget
+    # Held outside save_for_backward: the backward overwrites them, and drops them after use.
+    ctx.keeps = kept.numel() > 0
+    ctx.kept = (kept, zt) if ctx.keeps else None
 
 
 def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
@@ -96,6 +107,19 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     z = torch.zeros_like(lse)
     grads = [z if g is None else g.contiguous() for g in (g_lse, g_zt, g_zsum, g_pz)]
+    if ctx.keeps:
+        if ctx.kept is None:
+            raise RuntimeError(
+                "cutce: this call kept its logits for the backward (its memory_budget allowed "
+                "it) and a backward through it already consumed them; to backpropagate through "
+                "the same outputs more than once (retain_graph), pass memory_budget=0")
+        (kept, zt), ctx.kept = ctx.kept, None
+        dh, dw, db = _kept.backward(
+            kept, hidden, weight, bias, targets, zt, lse, pz, *grads, scale, softcap, inv_temp,
+            need_zsum, need_entropy and g_pz is not None, need_h, need_w, need_b, cw)
+        del kept
+        return (dh if need_h else None, dw if need_w else None, db if need_b else None,
+                *[None] * 12)
     try:
         dh, dw, db = lse_parts_backward_op(
             hidden, weight, bias, targets, cw, lse, pz, ub, *grads, scale, softcap, inv_temp,
@@ -105,7 +129,7 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
                                          hidden.dtype, need_h, need_w, memory_budget=ctx.budget),
                             "triton", hidden.device) from None
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
-            None, None, None, None, None, None, None, None, None, None, None)
+            *[None] * 12)
 
 
 lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -178,10 +202,24 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
     # Filtering skips classes by their bound; label smoothing's gradient touches every class, so
     # with it the backward stays exact (documented on filter_eps).
     filt = opts.filter_eps is not None and wants_grad and not opts.need_zsum
+    keep = wants_grad and _keeps(hidden, weight, bias, opts, filt)
     out = lse_parts_op(
         hidden, weight, bias, targets.contiguous(),
         None if class_weight is None else class_weight.float().contiguous(),
         opts.logit_scale, opts.softcap or 0.0,
         1.0 / opts.temperature, opts.need_zsum, opts.need_entropy,
-        opts.filter_eps if filt else 0.0, opts.memory_budget, opts.lse_out, opts.need_stats)
-    return (*out[:4], *out[5:]) if opts.need_stats else out[:4]
+        opts.filter_eps if filt else 0.0, opts.memory_budget, opts.lse_out, opts.need_stats,
+        keep)
+    return (*out[:4], *out[5:8]) if opts.need_stats else out[:4]
+
+
+def _keeps(hidden, weight, bias, opts, filt) -> bool:
+    """Whether this call keeps its logits (the planner's strategy "keep"). Eager calls only:
+    the decision reads N, on which torch.compile must not specialize, and a compiled graph's
+    backward may not run the forward's buffers in place."""
+    if torch.compiler.is_compiling() or isinstance(opts.memory_budget, str):
+        return False
+    p = Problem(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype,
+                hidden.requires_grad, weight.requires_grad or (bias is not None and bias.requires_grad),
+                memory_budget=opts.memory_budget, filtered=filt)
+    return planner.plan(p, "triton").strategy == "keep"

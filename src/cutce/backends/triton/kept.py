@@ -1,0 +1,78 @@
+"""The "keep" strategy's backward (see cutce.engine.planner): the forward stored every logit
+(less its row's target logit, in the inputs' dtype); the backward turns them into the logit
+gradient in place, by one elementwise pass, and hands that to cuBLAS:
+
+    dz  = dz_tile(z)                 (N, V) over the kept buffer's own bytes
+    dE  = dz @ C                     (N, D)
+    dC  = dz^T @ E                   (V, D)
+    db  = dz.sum(0)
+
+Three N x D x V products in all (the forward's and these two) where recompute takes four, for
+N x V 16-bit values held from the forward to the backward. The buffer is consumed: a second
+backward through the same call cannot run (it raises).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .backward import dz_tile
+
+
+@triton.jit
+def _kept_dz_kernel(zk_ptr, zt_ptr, t_ptr, lse_ptr, pz_ptr, glse_ptr, gzt_ptr, gzs_ptr, gpz_ptr,
+                    cw_ptr, N, V, stride_zk, scale, softcap, inv_temp, SOFTCAP: tl.constexpr,
+                    NEED_ZSUM: tl.constexpr, NEED_ENT: tl.constexpr, HAS_CW: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    rows = (pid % n_row_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = (pid // n_row_blocks) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = rows < N
+    cmask = cols < V
+    mask = rmask[:, None] & cmask[None, :]
+    ptr = zk_ptr + rows.to(tl.int64)[:, None] * stride_zk + cols[None, :]
+    zt = tl.load(zt_ptr + rows, mask=rmask, other=0.0)
+    z = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) + zt[:, None]
+    t = z
+    if SOFTCAP:  # z = softcap * tanh(y / softcap) / temperature
+        t = z / (softcap * inv_temp)
+    dz = dz_tile(z, t, rows, cols, rmask, cmask, t_ptr, lse_ptr, pz_ptr, glse_ptr, gzt_ptr,
+                 gzs_ptr, gpz_ptr, cw_ptr, scale, inv_temp, SOFTCAP, NEED_ZSUM, NEED_ENT, HAS_CW)
+    tl.store(ptr, dz.to(zk_ptr.dtype.element_ty), mask=mask)
+
+
+def buffer(n, v, dtype, device):
+    """The kept logits' buffer: (N, V) with rows padded to 16 bytes (cuBLAS operands)."""
+    kc = configs.current(device)
+    ws = configs.workspace_dtype(kc, dtype)
+    pad = 128 // torch.finfo(ws).bits
+    out = torch.empty((n, -(-v // pad) * pad), device=device, dtype=ws)
+    if kc.poison:
+        out.fill_(float("nan"))
+    return out
+
+
+def backward(kept, hidden, weight, bias, targets, zt, lse, pz, g_lse, g_zt, g_zsum, g_pz, scale,
+             softcap, inv_temp, need_zsum, need_entropy, need_h, need_w, need_b,
+             class_weight=None):
+    """(dh, dw, db) from the kept logits (consumed), as :func:`.backward.backward` returns them."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    if n > 0:
+        block_n, block_v, warps = configs.current(hidden.device).kept_tile
+        grid = (triton.cdiv(n, block_n) * triton.cdiv(v, block_v),)
+        _kept_dz_kernel[grid](
+            kept, zt, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
+            class_weight if class_weight is not None else lse, n, v, kept.stride(0), scale,
+            softcap, inv_temp, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum, NEED_ENT=need_entropy,
+            HAS_CW=class_weight is not None, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps)
+    dz = kept[:, :v].to(hidden.dtype)  # (a copy only in the interpreter's float32 workspace)
+    empty = hidden.new_empty(0)
+    dh = torch.mm(dz, weight) if need_h else empty
+    dw = torch.mm(dz.T, hidden) if need_w else empty.clone()
+    db = dz.sum(0, dtype=torch.float32).to(bias.dtype) if need_b else empty.clone()
+    return dh, dw, db
