@@ -6,7 +6,8 @@ torch.compile, then an end-to-end step of a small HF model.
 
 1. Head at a Qwen2.5-7B shape (N=16384, D=3584, V=152064, bf16, temperature 0.9), trained-model-
    like data (cutce.bench.data "zipf"). Providers, each computing per-token log-probs and entropy:
-   ``cutce.linear_log_probs``; TRL's ``trl.kernels.ChunkedLogProbFunction`` (with the vocabulary
+   ``cutce.linear_log_probs`` (default budget, and ``memory_budget="auto"``, which keeps the
+   logits from the forward when the free memory holds them); TRL's ``trl.kernels.ChunkedLogProbFunction`` (with the vocabulary
    chunk its ``add_fused_lm_head`` uses); torch eager ``log_softmax((h @ w.T).float() / T)``;
    ``torch.compile`` of it; plus log-probs-only rows of cutce and TRL. For each: forward time,
    forward+backward time of ``(logp * g1 + entropy * g2).sum()`` (random per-token upstream
@@ -127,8 +128,9 @@ def reference(h, w, t, temperature, g1, g2, chunk):
 
 
 def head_providers(t, temperature, trl_fn, trl_chunk, compile_backend):
-    def cutce_fn(h, w, entropy=True):
-        return cutce.linear_log_probs(h, w, t, temperature=temperature, return_entropy=entropy)
+    def cutce_fn(h, w, entropy=True, budget=None):
+        return cutce.linear_log_probs(h, w, t, temperature=temperature, return_entropy=entropy,
+                                      memory_budget=budget)
 
     def trl(h, w, entropy=True):
         out = trl_fn.apply(h, w, None, t, temperature, trl_chunk, None, 1.0,
@@ -138,10 +140,12 @@ def head_providers(t, temperature, trl_fn, trl_chunk, compile_backend):
     compiled = torch.compile(lambda h, w: eager(h, w, t, temperature), backend=compile_backend)
     return {
         "cutce": cutce_fn,
+        "cutce, memory_budget=auto": lambda h, w: cutce_fn(h, w, budget="auto"),
         "trl": trl,
         "torch-eager": lambda h, w: eager(h, w, t, temperature),
         f"torch-compile ({compile_backend})": compiled,
         "cutce, logp only": lambda h, w: cutce_fn(h, w, False),
+        "cutce, logp only, auto": lambda h, w: cutce_fn(h, w, False, "auto"),
         "trl, logp only": lambda h, w: trl(h, w, False),
     }
 

@@ -110,6 +110,7 @@ def test_results_are_in_the_envelope():
     assert files
     for path in files:
         doc = json.loads(path.read_text())
-        assert doc["benchmark"] in ("loss", "log_probs", "distill", "multi_gpu", "hf_step"), path
+        assert doc["benchmark"] in ("loss", "log_probs", "distill", "multi_gpu", "hf_step",
+                                   "trainers"), path
         assert {"date", "device", "device_name", "torch", "triton", "cutce", "commit"} <= doc["meta"].keys()
         assert doc["rows"], path

@@ -192,7 +192,7 @@ def test_bench_script_cpu_smoke(tmp_path):
     doc = json.loads((tmp_path / "log_probs_cpu.json").read_text())
     assert doc["benchmark"] == "log_probs" and doc["meta"]["device"] == "cpu"
     rows = doc["rows"]
-    assert len(rows) == 4 and [r["provider"] for r in rows].count("cutce") == 1, rows  # 4 providers
+    assert len(rows) == 6 and [r["provider"] for r in rows].count("cutce") == 1, rows  # 6 providers
     cutce_row = next(r for r in rows if r["provider"] == "cutce")
     assert cutce_row["fwd_ratio"] > 0 and cutce_row["dE_err"] < 1e-2  # bf16 inputs
     assert "| head | cutce | 512 |" in proc.stdout, proc.stdout
