@@ -32,7 +32,7 @@ case "${1:-}" in
   loss)
     for s in gemma2-2b llama3-8b; do
       python -m cutce.cli bench --device cuda --shape "$s" --data zipf \
-        --providers cutce-triton cutce-triton-recompute torch torch-compile liger apple-cce apple-cce-exact \
+        --providers cutce-triton cutce-triton-auto cutce-triton-recompute torch torch-compile liger apple-cce apple-cce-exact \
         --repeats 5 --warmup 2 --out "$OUT" --no-plot
     done 2>&1 | tee "$OUT/loss.log" ;;
   log-probs)

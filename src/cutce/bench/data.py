@@ -16,6 +16,9 @@ import torch
 SHAPES = {
     "gemma2-2b": (8192, 2304, 256000),
     "llama3-8b": (8192, 4096, 128256),
+    # Long context at a big vocabulary (a Gemma-3-4B-like head, 64k tokens): float32 logits
+    # alone are 64 GiB, the case other libraries run out of memory on
+    "gemma3-64k": (65536, 2560, 262144),
     # The default with no GPU. fp32 logits (512 MiB) are 7x the gradients dE + dC (72 MiB), about
     # the ratio of Gemma 2's head at 8192 tokens, so the memory that fusing saves shows; the
     # whole `cutce bench` (4 default providers, the float64 reference, warm-up and repeats)

@@ -146,6 +146,9 @@ PROVIDERS = {
         # the minimum-memory setting: the recompute strategy (see cutce.engine.planner)
         Provider("cutce-triton-recompute", True, _cutce("triton", memory_budget=0.0), reason=_needs_cuda,
                  off_by_default=lambda device: "the default cutce-triton's minimum-memory setting"),
+        # the budget the device's free memory leaves (read once per call): the fastest plan that fits
+        Provider("cutce-triton-auto", True, _cutce("triton", memory_budget="auto"), reason=_needs_cuda,
+                 off_by_default=lambda device: "cutce-triton at memory_budget='auto'"),
         Provider("cutce-triton-filtered", False, _cutce("triton", filter_eps="auto"), reason=_needs_cuda),
         Provider("torch", True, lambda device: eager_loss),
         Provider("torch-compile", True, _build_compile, off_by_default=_compile_off),
