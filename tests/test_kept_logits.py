@@ -14,8 +14,7 @@ from cutce.backends import triton_reason
 from cutce.engine import planner
 from cutce.engine.problem import Problem
 from reference import make_inputs, oracle, rel_err
-from triton_cases import OPTION_SETS, compare, to_dev
-from triton_support import DEV
+from triton_cases import OPTION_SETS, compare_option_set
 
 N, D, V = 67, 40, 203
 BIG = 1e4  # a budget that holds every logit of these shapes
@@ -64,13 +63,7 @@ def test_options_within_torch_error(gen, poisoned, kept_calls, dtype, name):
     """test_triton's option sets (every call returns its lse: per-token) against float64, within
     1.5x PyTorch's own low-precision error, by the kept logits (the default budget holds them at
     this size)."""
-    opts = OPTION_SETS[name]
-    ignore = opts.get("ignore_index", -100)
-    h, w, t, b, tw = make_inputs(gen, 37, 29, 101, dtype, bias=name != "plain",
-                                 token_weights=name in ("sum_ignore", "none_all"),
-                                 ignore_frac=0.2, ignore_index=ignore)
-    h, w, t, b, tw = to_dev(DEV, h, w, t, b, tw)
-    compare(h, w, t, b, tw, opts, with_lse=name in ("plain", "none_all"))
+    compare_option_set(gen, dtype, name)
     assert len(kept_calls) == 1
 
 

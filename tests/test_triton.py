@@ -21,7 +21,7 @@ from cutce.engine.options import Options  # noqa: E402
 from cutce.backends.triton import configs  # noqa: E402
 from cutce.backends.triton import forward as tfwd  # noqa: E402
 from reference import make_inputs, oracle, rel_err  # noqa: E402
-from triton_cases import OPTION_SETS, compare, to_dev  # noqa: E402
+from triton_cases import OPTION_SETS, compare, compare_option_set, to_dev  # noqa: E402
 from triton_support import DEV, gpu  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poisoned")  # conftest.py
@@ -40,13 +40,7 @@ def recompute(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", list(OPTION_SETS))
 def test_options_match_oracle(gen, dtype, name):
-    opts = dict(OPTION_SETS[name])
-    ignore = opts.get("ignore_index", -100)
-    h, w, t, b, tw = make_inputs(gen, 37, 29, 101, dtype, bias=name != "plain",
-                                 token_weights=name in ("sum_ignore", "none_all"),
-                                 ignore_frac=0.2, ignore_index=ignore)
-    h, w, t, b, tw = to_dev(DEV, h, w, t, b, tw)
-    compare(h, w, t, b, tw, opts, with_lse=name in ("plain", "none_all"))
+    compare_option_set(gen, dtype, name)
 
 
 def test_shift_batched_ragged(gen):

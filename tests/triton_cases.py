@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 import cutce
-from reference import lowp_torch, oracle, rel_err
+from reference import lowp_torch, make_inputs, oracle, rel_err
+from triton_support import DEV
 
 
 def to_dev(dev, *ts):
@@ -30,6 +31,16 @@ OPTION_SETS = {
     "sum_ignore": dict(reduction="sum", ignore_index=-1),
     "none_all": dict(reduction="none", label_smoothing=0.2, z_loss=1e-2, softcap=5.0, logit_scale=1.3),
 }
+
+
+def compare_option_set(gen, dtype, name):
+    """One of OPTION_SETS at a small ragged shape (37 x 29 x 101), through compare()."""
+    opts = OPTION_SETS[name]
+    h, w, t, b, tw = make_inputs(gen, 37, 29, 101, dtype, bias=name != "plain",
+                                 token_weights=name in ("sum_ignore", "none_all"),
+                                 ignore_frac=0.2, ignore_index=opts.get("ignore_index", -100))
+    h, w, t, b, tw = to_dev(DEV, h, w, t, b, tw)
+    compare(h, w, t, b, tw, opts, with_lse=name in ("plain", "none_all"))
 
 
 def compare(h, w, t, b, tw, opts, with_lse=False, factor=1.5, floor=None):
