@@ -173,3 +173,26 @@ def test_planner_keeps_only_what_fits():
             == planner.RECOMPUTE
     assert planner.plan(small, "torch") == planner.RECOMPUTE
     assert planner.plan(Problem(1024, 152064, 3584, torch.bfloat16, reduced=True), "triton").fused
+
+
+def test_out_of_memory_recomputes_and_warns_once(gen, monkeypatch, kept_calls):
+    """Kept logits that do not fit beside what the device holds: the call recomputes instead,
+    with the same values and gradients, and warns once."""
+    from cutce import backends
+    from cutce.backends.triton import kept
+
+    def no_room(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
+
+    h, w, t, _, _ = make_inputs(gen, N, D, V, torch.float32)
+    want = cutce.linear_log_probs(h, w, t, impl="triton", memory_budget=0)
+    want.sum().backward()
+    want_g = h.grad.clone()
+    h.grad = None
+    monkeypatch.setattr(kept, "buffer", no_room)
+    monkeypatch.setattr(backends, "_MEMORY_WARNED", set())
+    with pytest.warns(UserWarning, match="recomputing them in the backward"):
+        got = cutce.linear_log_probs(h, w, t, impl="triton", memory_budget=BIG)
+    got.sum().backward()
+    assert kept_calls == [] and torch.equal(got, want)
+    torch.testing.assert_close(h.grad, want_g, rtol=1e-6, atol=1e-7)

@@ -17,7 +17,7 @@ from ...engine import planner
 from ...engine.loss import live_rows
 from ...engine.options import Options
 from ...engine.problem import Problem
-from .. import grads, out_of_memory
+from .. import grads, out_of_memory, warn_memory_fallback
 from . import backward as _bw
 from . import forward as _fw
 from . import fused as _fused
@@ -203,13 +203,24 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
     # with it the backward stays exact (documented on filter_eps).
     filt = opts.filter_eps is not None and wants_grad and not opts.need_zsum
     keep = wants_grad and _keeps(hidden, weight, bias, opts, filt)
-    out = lse_parts_op(
-        hidden, weight, bias, targets.contiguous(),
-        None if class_weight is None else class_weight.float().contiguous(),
-        opts.logit_scale, opts.softcap or 0.0,
-        1.0 / opts.temperature, opts.need_zsum, opts.need_entropy,
-        opts.filter_eps if filt else 0.0, opts.memory_budget, opts.lse_out, opts.need_stats,
-        keep)
+    args = (hidden, weight, bias, targets.contiguous(),
+            None if class_weight is None else class_weight.float().contiguous(),
+            opts.logit_scale, opts.softcap or 0.0,
+            1.0 / opts.temperature, opts.need_zsum, opts.need_entropy,
+            opts.filter_eps if filt else 0.0, opts.memory_budget, opts.lse_out, opts.need_stats)
+    try:
+        out = lse_parts_op(*args, keep)
+    except torch.OutOfMemoryError as err:
+        if not keep:
+            raise
+        # The kept logits did not fit beside what the device holds: recompute instead (the
+        # minimum's forward keeps O(N)), and say so once, as the fused strategy's fallback does.
+        warn_memory_fallback(
+            f"cutce: memory_budget={opts.memory_budget!r} planned to keep this call's logits, "
+            f"which ran out of device memory ({str(err).splitlines()[0][:120]}); recomputing "
+            f"them in the backward instead (the recompute strategy)",
+            (opts.memory_budget, "triton", "keep"))
+        out = lse_parts_op(*args, False)
     return (*out[:4], *out[5:8]) if opts.need_stats else out[:4]
 
 
