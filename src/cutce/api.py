@@ -147,9 +147,10 @@ def linear_cross_entropy(
             or at 0, the backward recomputes the logits (memory: gradients + ~8%). A call with
             per-token outputs (reduction "none", return_lse) on the Triton path whose budget
             holds all N x V logits in the inputs' dtype keeps them from the forward to the
-            backward instead (eager calls): one product fewer. A fused call's gradients, and
-            kept logits, are handed out once: backpropagating twice through the same outputs
-            (retain_graph) raises; use memory_budget=0 for that. The recompute backward (Triton
+            backward instead (eager calls): one product fewer (a second backward through the
+            same outputs recomputes them). A fused call's gradients are handed out once:
+            backpropagating twice through the same loss (retain_graph) raises; use
+            memory_budget=0 for that. The recompute backward (Triton
             path, more than one token chunk) sums dC in float32 when the budget covers a
             V x D float32 buffer (the default always does), else rounds it per token chunk.
             "auto": the budget the device's free memory leaves (read once per call, in eager

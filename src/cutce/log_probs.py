@@ -63,7 +63,7 @@ def linear_log_probs(
             (hidden and weight), as in :func:`cutce.linear_cross_entropy` (None: 2.0 on the
             Triton path). When the budget holds all N x V logits in the inputs' dtype (Triton
             path, eager calls) the forward keeps them and the backward runs one N x D x V
-            product fewer (one backward per call). Otherwise the backward recomputes the
+            product fewer (a second backward recomputes). Otherwise the backward recomputes the
             logits; when it splits the
             tokens into chunks (large N) and the budget covers a float32 V x D buffer, dC is
             summed in float32 across them (exact at any N); ``memory_budget=0`` keeps the

@@ -23,7 +23,7 @@ Three exact strategies (the first two for the loss and the distillation alike):
   into the logit gradient in place. Three products instead of four, at the rounding of a 16-bit
   logit gradient as in the other strategies. All tokens or none: a call whose logits do not fit
   recomputes (no partial keep), so the default budget keeps the recompute strategy's memory at
-  large N x V.
+  large N x V. A second backward through the same outputs recomputes.
 
 ``memory_budget`` (a user option, the same for every function): the extra memory a call may use
 beyond its gradients, as a fraction of its inputs' size (hidden states and classifier weights of

@@ -9,7 +9,7 @@ gradient in place, by one elementwise pass, and hands that to cuBLAS:
 
 Three N x D x V products in all (the forward's and these two) where recompute takes four, for
 N x V 16-bit values held from the forward to the backward. The buffer is consumed: a second
-backward through the same call cannot run (it raises).
+backward through the same call (retain_graph) recomputes the logits instead (ops.py).
 """
 
 from __future__ import annotations

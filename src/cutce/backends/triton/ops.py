@@ -97,8 +97,7 @@ def _setup_context(ctx, inputs, output):
     ctx.scalars = (scale, softcap, inv_temp, need_zsum, need_entropy, eps)
     ctx.budget = budget
     # Held outside save_for_backward: the backward overwrites them, and drops them after use.
-    ctx.keeps = kept.numel() > 0
-    ctx.kept = (kept, zt) if ctx.keeps else None
+    ctx.kept = (kept, zt) if kept.numel() else None
 
 
 def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
@@ -107,12 +106,9 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     z = torch.zeros_like(lse)
     grads = [z if g is None else g.contiguous() for g in (g_lse, g_zt, g_zsum, g_pz)]
-    if ctx.keeps:
-        if ctx.kept is None:
-            raise RuntimeError(
-                "cutce: this call kept its logits for the backward (its memory_budget allowed "
-                "it) and a backward through it already consumed them; to backpropagate through "
-                "the same outputs more than once (retain_graph), pass memory_budget=0")
+    if ctx.kept is not None:
+        # The first backward consumes the kept logits in place; a second one (retain_graph)
+        # finds them gone and recomputes them from the saved inputs below.
         (kept, zt), ctx.kept = ctx.kept, None
         dh, dw, db = _kept.backward(
             kept, hidden, weight, bias, targets, zt, lse, pz, *grads, scale, softcap, inv_temp,
