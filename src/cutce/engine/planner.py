@@ -151,10 +151,15 @@ def may_keep(p: Problem, backend: str) -> bool:
             and (p.need_h or p.need_w) and p.memory_budget != 0)
 
 
+def kept_width(v: int, dtype: torch.dtype) -> int:
+    """Columns of a kept-logits row: V padded to 16 bytes (cuBLAS operands)."""
+    pad = 16 // elt(dtype)
+    return -(-v // pad) * pad
+
+
 def kept_bytes(p: Problem) -> int:
     """Bytes of the kept logits: N x V in the inputs' dtype, rows padded to 16 bytes."""
-    pad = 16 // elt(p.dtype)
-    return p.n * -(-p.v // pad) * pad * elt(p.dtype)
+    return p.n * kept_width(p.v, p.dtype) * elt(p.dtype)
 
 
 def fused_extra_bytes(p: Problem, chunk_n: int, backend: str) -> int:

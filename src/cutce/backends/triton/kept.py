@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...engine import planner
 from . import configs
 from .backward import dz_tile
 
@@ -49,8 +50,7 @@ def buffer(n, v, dtype, device):
     """The kept logits' buffer: (N, V) with rows padded to 16 bytes (cuBLAS operands)."""
     kc = configs.current(device)
     ws = configs.workspace_dtype(kc, dtype)
-    pad = 128 // torch.finfo(ws).bits
-    out = torch.empty((n, -(-v // pad) * pad), device=device, dtype=ws)
+    out = torch.empty((n, planner.kept_width(v, ws)), device=device, dtype=ws)
     if kc.poison:
         out.fill_(float("nan"))
     return out
@@ -59,8 +59,8 @@ def buffer(n, v, dtype, device):
 def backward(kept, hidden, weight, bias, targets, zt, lse, pz, g_lse, g_zt, g_zsum, g_pz, scale,
              softcap, inv_temp, need_zsum, need_entropy, need_h, need_w, need_b,
              class_weight=None):
-    """(dh, dw, db) from the kept logits (consumed), as :func:`.backward.backward` returns them."""
-    n, d = hidden.shape
+    """(dh, dw, db) from the kept logits (consumed); None for a gradient not asked for."""
+    n = hidden.shape[0]
     v = weight.shape[0]
     if n > 0:
         block_n, block_v, warps = configs.current(hidden.device).kept_tile
@@ -71,8 +71,7 @@ def backward(kept, hidden, weight, bias, targets, zt, lse, pz, g_lse, g_zt, g_zs
             softcap, inv_temp, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum, NEED_ENT=need_entropy,
             HAS_CW=class_weight is not None, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps)
     dz = kept[:, :v].to(hidden.dtype)  # (a copy only in the interpreter's float32 workspace)
-    empty = hidden.new_empty(0)
-    dh = torch.mm(dz, weight) if need_h else empty
-    dw = torch.mm(dz.T, hidden) if need_w else empty.clone()
-    db = dz.sum(0, dtype=torch.float32).to(bias.dtype) if need_b else empty.clone()
+    dh = torch.mm(dz, weight) if need_h else None
+    dw = torch.mm(dz.T, hidden) if need_w else None
+    db = dz.sum(0, dtype=torch.float32).to(bias.dtype) if need_b else None
     return dh, dw, db

@@ -56,8 +56,7 @@ def _(hidden, weight, bias, targets, class_weight, scale, softcap, inv_temp, nee
     n, v = hidden.shape[0], weight.shape[0]
     f = hidden.new_empty(n, dtype=torch.float32)
     k = n if need_stats else 0
-    pad = 128 // torch.finfo(hidden.dtype).bits
-    kept = hidden.new_empty((n, -(-v // pad) * pad)) if keep else hidden.new_empty(0)
+    kept = hidden.new_empty((n, planner.kept_width(v, hidden.dtype))) if keep else hidden.new_empty(0)
     return (f, f.clone(), f.clone(), f.clone(), hidden.new_empty(v if bound else 0, dtype=torch.float32),
             f.new_empty(k), f.new_empty(k), hidden.new_empty(k, dtype=torch.int64), kept)
 
@@ -114,8 +113,7 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
             kept, hidden, weight, bias, targets, zt, lse, pz, *grads, scale, softcap, inv_temp,
             need_zsum, need_entropy and g_pz is not None, need_h, need_w, need_b, cw)
         del kept
-        return (dh if need_h else None, dw if need_w else None, db if need_b else None,
-                *[None] * 12)
+        return dh, dw, db, *[None] * 12
     try:
         dh, dw, db = lse_parts_backward_op(
             hidden, weight, bias, targets, cw, lse, pz, ub, *grads, scale, softcap, inv_temp,
