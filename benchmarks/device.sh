@@ -4,6 +4,7 @@
 #   bash benchmarks/device.sh tests          # the loss's GPU tests (~5.5 minutes on an H200)
 #   bash benchmarks/device.sh tests-distill  # the distillation's GPU tests (~4 minutes)
 #   bash benchmarks/device.sh loss           # cutce bench at gemma2-2b and llama3-8b, every peer
+#   bash benchmarks/device.sh long           # cutce bench at gemma3-64k (65536 tokens, V=262144)
 #   bash benchmarks/device.sh log-probs      # log-probs + entropy vs TRL, token_log_probs end to end
 #   bash benchmarks/device.sh distill        # distillation vs TRL, Liger, eager, compile (beta 0, 0.5)
 #   bash benchmarks/device.sh hf-step        # HF training step: original vs patched, eager vs compiled
@@ -35,6 +36,11 @@ case "${1:-}" in
         --providers cutce-triton cutce-triton-auto cutce-triton-recompute torch torch-compile liger apple-cce apple-cce-exact \
         --repeats 5 --warmup 2 --out "$OUT" --no-plot
     done 2>&1 | tee "$OUT/loss.log" ;;
+  long)
+    # eager torch needs the 64 GiB float32 logits: its row shows the OOM
+    python -m cutce.cli bench --device cuda --shape gemma3-64k --data zipf \
+      --providers cutce-triton cutce-triton-auto cutce-triton-recompute torch torch-compile liger apple-cce \
+      --repeats 3 --warmup 1 --out "$OUT" --no-plot 2>&1 | tee "$OUT/long.log" ;;
   log-probs)
     python benchmarks/log_probs.py --out "$OUT" 2>&1 | tee "$OUT/log-probs.log" ;;
   distill)
@@ -49,5 +55,5 @@ case "${1:-}" in
   trainers)
     python benchmarks/trainers.py --out "$OUT" 2>&1 | tee "$OUT/trainers.log" ;;
   *)
-    echo "usage: $0 tests|tests-distill|loss|log-probs|distill|hf-step|multi-gpu|trainers"; exit 2 ;;
+    echo "usage: $0 tests|tests-distill|loss|long|log-probs|distill|hf-step|multi-gpu|trainers"; exit 2 ;;
 esac

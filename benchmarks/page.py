@@ -103,6 +103,8 @@ MODES = """\
 - `cutce-triton`: cutce's default on CUDA (`impl="auto"`, default `memory_budget`): the fused
   strategy, three GEMMs (logits, dE, dC) per chunk of tokens, dE and dC formed in the forward,
   with extra memory within the budget (a multiple of the inputs' size).
+- `cutce-triton-auto`: `memory_budget="auto"`: the budget is what the device's free memory leaves
+  (less a margin), so the fused strategy takes larger chunks when memory is there.
 - `cutce-triton-recompute`: `memory_budget=0`, the minimum-memory mode: the recompute strategy,
   the forward keeps O(N) values and the backward recomputes the logit tiles (four GEMMs).
 - `apple-cce`: Apple's Cut Cross-Entropy with its default gradient filtering (inexact gradients:
