@@ -1,10 +1,10 @@
 """cutce.trl's hook on distributed heads (gloo, 2 CPU ranks, one spawn for every case).
 
 (a) FSDP2 (``fully_shard`` on every decoder layer and the root; the head in the root unit or in a
-unit of its own; with and without a LoRA adapter on the backbone), data parallel: each rank's
-fused outputs equal TRL's own hook in one process on that rank's batch, and every gathered
-gradient (``full_tensor``) equals the mean over ranks of the single-process gradients, for two
-steps. (b) Tensor parallel: ``ColwiseParallel`` on ``lm_head`` (a Shard(0) weight over the 2-rank
+unit of its own; with and without a LoRA adapter on the backbone), data parallel, trained: each
+rank's fused outputs equal TRL's own hook in one process on that rank's batch, every gathered
+gradient (``full_tensor``) equals the mean over ranks of the single-process gradients, and an SGD
+step on the sharded parameters matches the same step in one process, for two steps. (b) Tensor parallel: ``ColwiseParallel`` on ``lm_head`` (a Shard(0) weight over the 2-rank
 mesh), the same batch on both ranks: the outputs, the head's gathered gradient and the backbone's
 gradients equal the single-process ones, as do those of a Replicate DTensor head; hidden states
 that differ per rank raise on both ranks; ``RowwiseParallel`` (Shard(1)) is refused.
@@ -30,6 +30,7 @@ WORLD = 2
 ALL = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 HOOK = dict(temperature=0.8, outputs=ALL)
 TOL = dict(rtol=1e-5, atol=1e-5)
+LR = 0.5
 
 
 def _model(lora):
@@ -127,6 +128,7 @@ def _fsdp_case(layout, lora, mesh, rank, failures):
     if layout == "head unit":
         fully_shard(base.lm_head, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     for step in range(2):
         batches = [_batch(10 * step + r) for r in range(WORLD)]  # data parallel: one per rank
         want = {}
@@ -139,6 +141,11 @@ def _fsdp_case(layout, lora, mesh, rank, failures):
         got, grads = _fused(model, batches[rank])
         _compare(f"{what}, step {step}", want_out, got, failures)
         _compare_grads(f"{what}, step {step}", want, grads, failures)
+        opt.step()  # the next step's outputs and gradients then check the update too
+        with torch.no_grad():
+            for n, p in ref_model.named_parameters():
+                if n in want:
+                    p -= LR * want[n]
 
 
 def _tp_case(mesh, rank, failures):
