@@ -2,7 +2,7 @@
 holds every logit stores them in the forward and turns them into the logit gradient in place in
 the backward. Checked against float64 on materialized logits and against the recompute strategy
 (memory_budget=0) through Triton's interpreter, at ragged shapes, with every launcher buffer
-poisoned; the planner's choice on its own."""
+poisoned (on the GPU when there is one); the planner's choice on its own."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from cutce.backends import triton_reason
 from cutce.engine import planner
 from cutce.engine.problem import Problem
 from reference import make_inputs, oracle, rel_err
-from triton_cases import OPTION_SETS, compare_option_set
+from triton_cases import OPTION_SETS, compare_option_set, to_dev
+from triton_support import DEV
 
 N, D, V = 67, 40, 203
 BIG = 1e4  # a budget that holds every logit of these shapes
 
-pytestmark = pytest.mark.skipif(triton_reason(torch.empty(0)) is not None,
+pytestmark = pytest.mark.skipif(triton_reason(torch.empty(0, device=DEV)) is not None,
                                 reason="the Triton backend cannot run here")
 
 
@@ -36,6 +37,11 @@ def kept_calls(monkeypatch):
 
     monkeypatch.setattr(kept, "backward", spy)
     return calls
+
+
+def _inputs(*args, **kwargs):
+    """reference.make_inputs on the test device (CPU tensors run through the interpreter)."""
+    return to_dev(DEV, *make_inputs(*args, **kwargs))
 
 
 def _log_probs_ref(h, w, b, t, temperature, softcap, scale):
@@ -72,9 +78,9 @@ def test_options_within_torch_error(gen, poisoned, kept_calls, dtype, name):
 def test_log_probs_entropy_match_float64_and_recompute(gen, poisoned, kernel_config, kept_calls,
                                                        dtype, f32_ws):
     kernel_config(interpreter_f32_workspace=f32_ws)  # False: the 16-bit buffer's own path
-    h, w, t, b, _ = make_inputs(gen, N, D, V, dtype, bias=True, ignore_frac=0.1)
+    h, w, t, b, _ = _inputs(gen, N, D, V, dtype, bias=True, ignore_frac=0.1)
     opts = dict(temperature=0.7, softcap=4.0, logit_scale=1.3, return_entropy=True, impl="triton")
-    up = [torch.randn(N, generator=gen, dtype=torch.float64) for _ in range(2)]
+    up = [torch.randn(N, generator=gen, dtype=torch.float64).to(DEV) for _ in range(2)]
     ref = _log_probs_ref(h, w, b, t, 0.7, 4.0, 1.3)
     ref_g = _grads(ref, up, h, w, b)
     kept = cutce.linear_log_probs(h, w, t, b, memory_budget=BIG, **opts)
@@ -94,12 +100,12 @@ def test_log_probs_entropy_match_float64_and_recompute(gen, poisoned, kernel_con
 
 
 def test_cross_entropy_none_with_smoothing_class_weight_lse(gen, poisoned, kept_calls):
-    h, w, t, b, tw = make_inputs(gen, N, D, V, torch.float32, bias=True, token_weights=True,
+    h, w, t, b, tw = _inputs(gen, N, D, V, torch.float32, bias=True, token_weights=True,
                                  ignore_frac=0.1)
-    cw = torch.rand(V, generator=gen) + 0.5
+    cw = (torch.rand(V, generator=gen) + 0.5).to(DEV)
     opts = dict(reduction="none", label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
                 return_lse=True, token_weights=tw)
-    up = [torch.randn(N, generator=gen, dtype=torch.float64) for _ in range(2)]
+    up = [torch.randn(N, generator=gen, dtype=torch.float64).to(DEV) for _ in range(2)]
     got = cutce.linear_cross_entropy(h, w, t, b, class_weight=cw, impl="triton",
                                      memory_budget=BIG, **opts)
     got_g = _grads(got, up, h, w, b)
@@ -116,10 +122,10 @@ def test_cross_entropy_none_with_smoothing_class_weight_lse(gen, poisoned, kept_
 
 
 def test_plain_loss_none_matches_oracle(gen, poisoned, kept_calls):
-    h, w, t, _, _ = make_inputs(gen, (3, 29), D, V, torch.float32, ignore_frac=0.2)
+    h, w, t, _, _ = _inputs(gen, (3, 29), D, V, torch.float32, ignore_frac=0.2)
     loss = cutce.linear_cross_entropy(h, w, t, reduction="none", shift=True, impl="triton",
                                       memory_budget=BIG)
-    up = torch.randn(loss.shape, generator=gen)
+    up = torch.randn(loss.shape, generator=gen).to(DEV)
     (loss * up).sum().backward()
     assert len(kept_calls) == 1
     hh, ww = (x.detach().double().requires_grad_() for x in (h, w))
@@ -131,7 +137,7 @@ def test_plain_loss_none_matches_oracle(gen, poisoned, kept_calls):
 
 @pytest.mark.parametrize("which", ["hidden", "weight"])
 def test_one_side_trains(gen, kept_calls, which):
-    h, w, t, _, _ = make_inputs(gen, N, D, V, torch.float32)
+    h, w, t, _, _ = _inputs(gen, N, D, V, torch.float32)
     (h if which == "weight" else w).requires_grad_(False)
     lp = cutce.linear_log_probs(h, w, t, impl="triton", memory_budget=BIG)
     lp.sum().backward()
@@ -145,7 +151,7 @@ def test_one_side_trains(gen, kept_calls, which):
 def test_second_backward_recomputes(gen, kept_calls):
     """The first backward consumes the kept logits; a second one through the same outputs
     (retain_graph) recomputes them and gives the same gradients."""
-    h, w, t, _, _ = make_inputs(gen, N, D, V, torch.float32)
+    h, w, t, _, _ = _inputs(gen, N, D, V, torch.float32)
     lp = cutce.linear_log_probs(h, w, t, impl="triton", memory_budget=BIG)
     lp.sum().backward(retain_graph=True)
     first = h.grad.clone()
@@ -156,7 +162,7 @@ def test_second_backward_recomputes(gen, kept_calls):
 
 
 def test_no_grad_and_empty_keep_nothing(gen, kept_calls):
-    h, w, t, _, _ = make_inputs(gen, N, D, V, torch.float32)
+    h, w, t, _, _ = _inputs(gen, N, D, V, torch.float32)
     with torch.no_grad():
         cutce.linear_log_probs(h, w, t, impl="triton", memory_budget=BIG)
     lp = cutce.linear_log_probs(h[:0], w, t[:0], impl="triton", memory_budget=BIG)
@@ -189,7 +195,7 @@ def test_out_of_memory_recomputes_and_warns_once(gen, monkeypatch, kept_calls):
     def no_room(*a):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
 
-    h, w, t, _, _ = make_inputs(gen, N, D, V, torch.float32)
+    h, w, t, _, _ = _inputs(gen, N, D, V, torch.float32)
     want = cutce.linear_log_probs(h, w, t, impl="triton", memory_budget=0)
     want.sum().backward()
     want_g = h.grad.clone()
