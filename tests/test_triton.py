@@ -22,7 +22,7 @@ from cutce.backends.triton import configs  # noqa: E402
 from cutce.backends.triton import forward as tfwd  # noqa: E402
 from reference import make_inputs, oracle, rel_err  # noqa: E402
 from triton_cases import OPTION_SETS, compare, compare_option_set, to_dev  # noqa: E402
-from triton_support import DEV, gpu  # noqa: E402
+from triton_support import DEV  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poisoned")  # conftest.py
 

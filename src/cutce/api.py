@@ -150,9 +150,9 @@ def linear_cross_entropy(
             backward instead (eager calls): one product fewer (a second backward through the
             same outputs recomputes them). A fused call's gradients are handed out once:
             backpropagating twice through the same loss (retain_graph) raises; use
-            memory_budget=0 for that. The recompute backward (Triton
-            path, more than one token chunk) sums dC in float32 when the budget covers a
-            V x D float32 buffer (the default always does), else rounds it per token chunk.
+            memory_budget=0 for that. The recompute backward (Triton path, more than one token
+            chunk) sums dC in float32 when the budget covers a V x D float32 buffer (the
+            default always does), else rounds it per token chunk.
             "auto": the budget the device's free memory leaves (read once per call, in eager
             code on CUDA; the default's elsewhere): the fastest plan that fits. Whatever the
             budget, a plan that the free memory cannot hold falls back to memory_budget=0 and
