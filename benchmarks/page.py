@@ -286,7 +286,8 @@ def trainers_section(docs) -> list[str]:
                 f"tokens, DPO {s.get('dpo_pairs')} pairs x {s.get('dpo_seq')}, GRPO {s.get('grpo_gens')} "
                 f"completions of {s.get('grpo_prompt')} + {s.get('grpo_completion')} tokens; median of "
                 f"{s.get('steps')} steps. `trl-fused`: TRL's fused LM head; `trl-plain`: TRL's log-probs "
-                "from the model's full logits; `cutce`: `cutce.trl.patch()`. Peak memory: all that is "
+                "from the model's full logits; `cutce`: `cutce.trl.patch()`; `cutce-auto`: "
+                "`cutce.trl.patch(memory_budget=\"auto\")`. Peak memory: all that is "
                 "allocated (weights, gradients, DPO's reference model); logp err: the max abs error of "
                 "the policy's per-token log-probs against float32 from the same hidden states.", ""]
         fused = {(r["trainer"], r["model"]): r["ms"] for r in rows

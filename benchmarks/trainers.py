@@ -61,12 +61,16 @@ MODELS = {  # name -> (transformers classes, (hidden, layers, heads, kv heads, i
 TINY = (64, 2, 4, 2, 128, 1000)
 SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
          "intermediate_size", "vocab_size")
-TRAINERS, MODES = ("sft", "dpo", "grpo"), ("trl-fused", "trl-plain", "cutce")
+TRAINERS, MODES = ("sft", "dpo", "grpo"), ("trl-fused", "trl-plain", "cutce", "cutce-auto")
 GPU = dict(sft_batch=8, sft_seq=4096, dpo_pairs=4, dpo_seq=4096, grpo_gens=8, grpo_prompt=512,
            grpo_completion=1536)
 CPU = dict(sft_batch=2, sft_seq=32, dpo_pairs=2, dpo_seq=32, grpo_gens=4, grpo_prompt=8,
            grpo_completion=16)
 SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0-2; "w<i>" is id i + 3; the last id is <unk>
+
+
+def _budget(text):
+    return text if text == "auto" else float(text)
 
 
 def parse(argv=None):
@@ -80,7 +84,8 @@ def parse(argv=None):
     ap.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                     help="without TRL's default gradient checkpointing")
     ap.add_argument("--impl", default="auto", help="cutce impl")
-    ap.add_argument("--memory-budget", type=float, default=None, help="cutce memory_budget")
+    ap.add_argument("--memory-budget", type=_budget, default=None,
+                    help="the cutce mode's memory_budget (cutce-auto: 'auto')")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
@@ -190,8 +195,9 @@ def head_mode(mode, args):
         if mode == "trl-plain":
             _rebind(trl_hook, plain_lm_head)
             undo.callback(_rebind, plain_lm_head, trl_hook)
-        elif mode == "cutce":
-            cutce.trl.patch(impl=args.impl, memory_budget=args.memory_budget)
+        elif mode.startswith("cutce"):
+            budget = "auto" if mode == "cutce-auto" else args.memory_budget
+            cutce.trl.patch(impl=args.impl, memory_budget=budget)
             undo.callback(cutce.trl.unpatch)
         yield
 
@@ -271,7 +277,7 @@ def check_hooked(model, mode):
     """A TRL that stopped hooking the policy, or a rebinding that missed a trainer module, would
     time another head than the row's name says."""
     want = {"trl-fused": os.path.join("trl", "trainer", "utils.py"), "trl-plain": os.path.abspath(__file__),
-            "cutce": os.path.join("cutce", "integrations", "trl")}[mode]
+            "cutce": os.path.join("cutce", "integrations", "trl")}[mode.removesuffix("-auto")]
     # The hooks copy the class forward's name and module (functools.wraps), so their code's file
     # tells them apart, along a chain of wrappers (accelerate's autocast one, say).
     fn, where = getattr(vars(model).get("forward"), "__func__", None), []

@@ -43,7 +43,7 @@ def test_trainers_cpu_smoke_dpo(tmp_path):
     doc = report.read_json(results / "trainers_cpu_qwen2.5-0.5b_dpo.json")
     assert doc["benchmark"] == "trainers" and doc["meta"]["setting"]["dtype"] == "float32"
     rows = {r["mode"]: r for r in doc["rows"]}
-    assert list(rows) == ["trl-fused", "trl-plain", "cutce"]
+    assert list(rows) == ["trl-fused", "trl-plain", "cutce", "cutce-auto"]
     for r in rows.values():
         assert r["status"] == "ok" and r["trainer"] == "dpo" and r["grad_ckpt"] is True
         assert r["tokens"] == 2 * 2 * 32 and 0 < r["scored"] < r["tokens"] and r["ms"] > 0
