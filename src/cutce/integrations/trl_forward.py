@@ -10,8 +10,9 @@ kwargs, multimodal inputs), PEFT adapters inside the model, router logits and th
 auxiliary loss are the model's own code, and the logit transform the forward applies (softcap,
 scale) is checked against what cutce computes, or the call raises. The head's hidden states and
 parameters then go to ``linear_log_probs`` (``return_stats=True`` when a metric is asked for) with
-the labels shifted by one (or ``shift_labels`` as given), ``ignore_index=-100`` and the hook's
-temperature; no (batch, seq, vocab) tensor is created, forward or backward.
+the labels shifted by one (or ``shift_labels`` as given) and the hook's temperature, for the
+labelled positions only (label != -100, as TRL's own head on the GPU); the outputs are 0 at the
+others. No (batch, seq, vocab) tensor is created, forward or backward.
 
 Distributed heads
 -----------------
@@ -178,21 +179,31 @@ def _head(hidden, weight, bias, targets, shift, softcap, scale, hook):
     """The per-token outputs in OUTPUTS order (None where not computed)."""
     _check_dtensor_head(weight, bias)
     targets = targets.to(hidden.device)
+    if shift:
+        hidden, targets = hidden[:, :-1], targets[:, 1:]
+    # Only labelled positions go through the head, as in TRL's own: a DPO or GRPO batch's prompts
+    # and padding are about a quarter of its positions, and the head's products are the largest
+    # of the step at these vocabularies. The outputs are scattered back (0 elsewhere), connected
+    # to the graph also when no position is labelled.
+    mask = targets != _IGNORE
+    hidden, targets = hidden[mask], targets[mask]
     ctx = contextlib.nullcontext()
     if hook.fp32:
         hidden, weight = hidden.float(), weight.float()
         bias = None if bias is None else bias.float()
         ctx = torch.autocast(hidden.device.type, enabled=False)
-    kw = dict(temperature=hook.temperature, softcap=softcap, logit_scale=scale, shift=shift,
+    kw = dict(temperature=hook.temperature, softcap=softcap, logit_scale=scale,
               ignore_index=_IGNORE, impl=hook.impl, memory_budget=hook.memory_budget)
     with ctx:
         if hook.outputs & set(_METRICS):
             s = linear_log_probs(hidden, weight, targets, bias, return_stats=True, **kw)
-            return s.log_probs, s.entropy, s.log_sum_sq_probs, s.mean_logits, s.is_top1
-        if "entropy" in hook.outputs:
-            return (*linear_log_probs(hidden, weight, targets, bias, return_entropy=True, **kw),
-                    None, None, None)
-        return linear_log_probs(hidden, weight, targets, bias, **kw), None, None, None, None
+            out = (s.log_probs, s.entropy, s.log_sum_sq_probs, s.mean_logits, s.is_top1)
+        elif "entropy" in hook.outputs:
+            out = (*linear_log_probs(hidden, weight, targets, bias, return_entropy=True, **kw),
+                   None, None, None)
+        else:
+            out = (linear_log_probs(hidden, weight, targets, bias, **kw), None, None, None, None)
+    return tuple(None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in out)
 
 
 def _check_dtensor_head(weight, bias):
