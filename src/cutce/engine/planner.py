@@ -9,9 +9,10 @@ Three exact strategies (the first two for the loss and the distillation alike):
 
 - **recompute**: the forward keeps O(N) values, the backward recomputes the logit tiles. It
   serves any upstream gradient (reduction "none", a returned lse, log-probs, entropy). Loss:
-  four N x D x V products, extra memory <= ~10% of the gradients; within a budget that covers
-  it, its backward sums dC in a float32 V x D buffer when it splits the tokens
-  (:func:`recompute_dc_f32`).
+  four N x D x V products, extra memory <= ~10% of the gradients at ``memory_budget=0``; within
+  a budget that covers it, its backward sums dC in a float32 V x D buffer when it splits the
+  tokens (:func:`recompute_dc_f32`) and spends the rest on fewer, larger chunks
+  (:func:`recompute_spare_bytes`).
 - **fused**: for a call whose upstream gradient is known up to one scalar
   (``Problem.reduced``), each chunk of tokens is finished in the forward: its logits computed
   once (the teacher's too), the logit gradient formed right away, dE and dC produced from it.
@@ -265,13 +266,26 @@ def recompute_dc_f32(p: Problem) -> bool:
     return p.v * p.d * 4 <= budget_bytes(p, "triton")
 
 
+def recompute_spare_bytes(p: Problem) -> int:
+    """Bytes of the budget that the recompute strategy's backward may spend on its workspace
+    (the logit-gradient chunks, dE's float32 accumulator; Triton path): what is left after dC's
+    float32 accumulator (:func:`recompute_dc_f32`), 0 at ``memory_budget=0``. At the default
+    budget and a 16-bit weight that is N x D x 4 bytes, room for all tokens in one chunk, so dC
+    is written in one pass instead of one per token chunk."""
+    if p.memory_budget == 0 or not (p.need_h or p.need_w):
+        return 0
+    dc = p.v * p.d * 4 if recompute_dc_f32(p) else 0
+    return max(0, int(budget_bytes(p, "triton")) - dc)
+
+
 # ---- the device's free memory: memory_budget="auto", and a plan that does not fit ------------
 
 # Kept free of a call's estimate: the allocator's fragmentation and the call's small temporaries.
 SAFETY_FRACTION = 0.05
 SAFETY_BYTES = 256 * 2**20
 # The recompute strategy's extra memory beyond the gradients on the Triton path: its backward
-# workspace (<= 8% of the gradients, KernelConfig.backward_memory_fraction) and O(N) values.
+# workspace (<= 8% of the gradients, KernelConfig.backward_memory_fraction, or the budget's spare
+# bytes) and O(N) values.
 RECOMPUTE_EXTRA = 0.10
 
 
@@ -294,7 +308,8 @@ def need_bytes(p: Problem, pl: Plan, backend: str) -> int:
         copies = 0 if p.dtype in (torch.float32, torch.float64) else 2 * p.v * p.d * 4
         cdt = 8 if p.dtype == torch.float64 else 4
         return g + copies + min(p.chunk_bytes or 256 * 2**20, 3 * p.n * p.v * cdt)
-    return g + int(RECOMPUTE_EXTRA * g) + (p.v * p.d * 4 if recompute_dc_f32(p) else 0)
+    work = max(int(RECOMPUTE_EXTRA * g), recompute_spare_bytes(p))  # O(N) values: in the margin
+    return g + work + (p.v * p.d * 4 if recompute_dc_f32(p) else 0)
 
 
 def auto_budget(p: Problem, free_bytes: int) -> float:

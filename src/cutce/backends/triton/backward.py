@@ -130,11 +130,12 @@ def _kept_classes(ub, targets, eps, dense_fraction):
 
 def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
              scale, softcap, inv_temp, need_zsum, need_entropy, filter_eps,
-             need_h, need_w, need_b, class_weight=None, dc_f32=False):
+             need_h, need_w, need_b, class_weight=None, dc_f32=False, spare=0):
     """Gradients of (lse, zt, zsum, pz) w.r.t. hidden, weight, bias given their upstream grads.
 
     ``dc_f32``: the budget allows a float32 V x D accumulator, so that with more than one token
     chunk dC's running sum is not rounded to the weight's dtype between chunks (see cutce.engine.planner).
+    ``spare``: bytes the call's budget leaves for the workspace beyond that (see workspace.py).
 
     Returns (dh, dw, db) in the inputs' dtypes; a gradient that is not needed is an empty tensor
     of its own (a custom op's outputs may not alias each other).
@@ -173,7 +174,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     split = workspace.splits_hidden_acc(dh, need_h)
     tail = need_w and cls is None and dw.is_contiguous()  # dC rows written once, in order
     chunk_n, chunk_v = workspace.chunk_sizes(n, n_cls, v, d, dt, need_h, need_w, split, tail,
-                                             cls is not None, cfg.block_v, kc)
+                                             cls is not None, cfg.block_v, kc, spare)
     acc = workspace.HiddenGradAccumulator(dh, chunk_n, split) if need_h and not f32 else None
     # dC's running sum over token chunks: float32 when the budget allows, else dC itself
     dw_sum = dw

@@ -1,7 +1,10 @@
 """Memory plan of the backward: chunk sizes, where each chunk's dz lives, the float32 dE.
 
 The backward may use a fraction (KernelConfig.backward_memory_fraction) of the gradients' size
-beyond the gradients. Two outputs are free memory until their rows are written, and the plan
+beyond the gradients, or what the call's memory_budget leaves if more. Below ~N x D x 2 bytes
+(the float32 dE's half that does not fit in dE's rows) the tokens are split into chunks, each a
+pass over dC: at N=24576, D=896, V=151936 the 8% made 15 of them, and that backward took 1.5x
+TRL's. Two outputs are free memory until their rows are written, and the plan
 uses both:
 
 - rows of dC not written yet (the weight's size): a vocabulary chunk's dz can live there, behind
@@ -40,9 +43,12 @@ def splits_hidden_acc(dh, need_h):
             and dh.shape[1] % 2 == 0 and dh.is_contiguous())
 
 
-def chunk_sizes(n, n_cls, v, d, dtype, need_h, need_w, split_acc, tail, gather, block_v, kc):
+def chunk_sizes(n, n_cls, v, d, dtype, need_h, need_w, split_acc, tail, gather, block_v, kc,
+                spare=0):
     """(chunk_n, chunk_v): token and vocabulary chunk sizes within the budget, for n tokens and
-    the n_cls classes visited of v (the gradients are (n + v) x d whatever is visited). With
+    the n_cls classes visited of v (the gradients are (n + v) x d whatever is visited). The
+    budget: kc.backward_memory_fraction of the gradients, or ``spare`` bytes if more (what the
+    call's memory_budget leaves, :func:`cutce.engine.planner.recompute_spare_bytes`). With
     ``gather`` (filtered classes) each chunk also holds its gathered weight rows and its dC rows
     before they are scattered: 2 * d values per class.
 
@@ -54,7 +60,7 @@ def chunk_sizes(n, n_cls, v, d, dtype, need_h, need_w, split_acc, tail, gather, 
     if configs.interpreting():
         return n, 2 * block_v  # several chunks even at test sizes
     elt = _elt(dtype)
-    budget = max(kc.backward_memory_fraction * (n + v) * d * elt, 16 * 2**20)
+    budget = max(kc.backward_memory_fraction * (n + v) * d * elt, spare, 16 * 2**20)
     acc_row = 0 if not need_h or dtype == torch.float32 else (d // 2 if split_acc else d) * 4
     v_pad = triton.cdiv(n_cls, block_v) * block_v
     best = None
