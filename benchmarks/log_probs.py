@@ -332,6 +332,9 @@ def main(argv=None):
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     args = ap.parse_args(argv)
+    # the flags this run was given, for the page's "Reproduce" line
+    flags = {f"--{k.replace('_', '-')}": " ".join(v) if isinstance(v, list) else v
+             for k, v in vars(args).items() if k != "out" and v != ap.get_default(k)}
     if args.cpu_smoke:
         device = torch.device("cpu")
         args.shape = args.shape or "512,64,3000"
@@ -346,7 +349,7 @@ def main(argv=None):
     shape = tuple(int(x) for x in args.shape.split(","))
     bench = Bench(device, args.reps, args.warmup)
     trl_fn, trl_chunk, trl_note = load_trl()
-    meta = dict(results.run_metadata(device), trl_note=trl_note)
+    meta = dict(results.run_metadata(device), trl_note=trl_note, flags=flags)
     env = (f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, "
            f"peers {results.format_peers(meta['peers'])}; {trl_note}; {meta['date']}")
     print(f"# {env}", flush=True)

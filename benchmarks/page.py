@@ -14,6 +14,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +42,13 @@ def load(results_dir) -> dict:
 
 def ms(x):
     return "" if x is None else (f"{x:.3g}" if x < 100 else f"{x:.0f}")
+
+
+def brief(error: str) -> str:
+    """An error cell's gist: an out-of-memory row says how much it asked for, once (the
+    allocator's message repeats per pass and runs to several lines)."""
+    m = re.search(r"OutOfMemoryError: CUDA out of memory\. Tried to allocate ([\d.]+ [GM]iB)", error)
+    return f"out of memory (tried to allocate {m.group(1)})" if m else error
 
 
 def ratio(x):
@@ -135,7 +143,7 @@ def loss_section(docs, img_dir, img_rel) -> list[str]:
                   err(r["dc_err"])] for r in rows]
         out += table(["provider", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio", "peak MiB", "dE err",
                       "dC err"], cells)
-        out += [f"  - {r['provider']}: {r['error']}" for r in rows if r.get("error")]
+        out += [f"  - {r['provider']}: {brief(r['error'])}" for r in rows if r.get("error")]
         png = os.path.splitext(name)[0] + ".png"  # one plot per result file
         if ok and plot_loss(ok, meta, os.path.join(img_dir, png)):
             out += ["", f"![forward+backward time against peak memory, {r0['shape']}]({img_rel}/{png})"]
@@ -212,7 +220,8 @@ def log_probs_section(docs) -> list[str]:
                            mib(r.get("peak_mib")), r["note"].split("logits_to_keep=")[1].split(",")[0]]
                           for r in e2e], text=(0, 5))
         note = f" ({meta['trl_note']})" if meta.get("trl_note") else ""
-        out += ["", source(meta, name) + note, "", "Reproduce: `python benchmarks/log_probs.py`", ""]
+        flags = "".join(f" {k} {v}" if v is not True else f" {k}" for k, v in (meta.get("flags") or {}).items())
+        out += ["", source(meta, name) + note, "", f"Reproduce: `python benchmarks/log_probs.py{flags}`", ""]
     return out
 
 
