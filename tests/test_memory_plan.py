@@ -201,14 +201,21 @@ def test_gpu_ballast_falls_back_then_raises(monkeypatch):
     want = [x.cpu() for x in _loss_and_grads(h, w, t, "triton", memory_budget=0)]
 
     def leave(usable):
+        """Ballast pieces that leave about ``usable`` bytes of what a call may allocate: one
+        piece short of the driver's free bytes (all of them in one piece fail to allocate), then
+        smaller ones out of the rest and of the blocks the allocator caches beside live tensors
+        (empty_cache cannot return those, and a call may use them)."""
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        target = _free_for(usable)
-        # the driver's free bytes in one piece fail to allocate (its own rounding, the context):
-        # keep 128 MiB of them, well below the minimum strategy's need (0.62 GiB)
-        size = min(backends.free_memory(torch.device("cuda")) - target,
-                   torch.cuda.mem_get_info()[0] - 128 * 2**20)
-        return torch.empty(size, dtype=torch.uint8, device="cuda")
+        target, held = _free_for(usable), []
+        piece = torch.cuda.mem_get_info()[0] - 64 * 2**20
+        while piece >= 2**20 and (extra := backends.free_memory(torch.device("cuda")) - target) > 0:
+            try:
+                held.append(torch.empty(min(piece, extra), dtype=torch.uint8, device="cuda"))
+            except torch.OutOfMemoryError:
+                piece //= 2
+            piece = min(piece, 32 * 2**20)
+        return held
 
     assert need > 2 * least
     ballast = leave(int(least * 1.2))  # the default's float32 dC accumulator alone cannot fit
