@@ -61,3 +61,37 @@ def test_log_probs_validation():
         cutce.linear_log_probs(h, w, torch.zeros(4, dtype=torch.long), temperature=0.0)
     with pytest.raises(ValueError, match="tokens: expected"):
         cutce.linear_log_probs(h, w, torch.full((4,), 10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("need", ["both", "hidden", "weight"])
+def test_recompute_chunks_of_the_budget(gen, monkeypatch, dtype, need):
+    """The recompute backward's chunks when the budget holds them (several token and vocabulary
+    chunks at the interpreter's chunk size, a whole float32 dE per token chunk): the gradients
+    of log-probs and entropy match float64, nothing left unwritten (poisoned workspaces)."""
+    pytest.importorskip("triton")
+    from cutce.backends.triton import backward, configs, workspace
+    from cutce.engine import planner
+
+    monkeypatch.setattr(planner, "recompute_spare_bytes", lambda p: 2**40)
+    monkeypatch.setattr(workspace, "chunk_sizes", lambda *a, **k: pytest.fail("not the budget's chunks"))
+    calls = []
+    run = backward.backward
+    monkeypatch.setattr(backward, "backward", lambda *a, **k: calls.append(1) or run(*a, **k))
+    # 13 features: N x V logits far beyond the budget, so the forward does not keep them
+    h, w, t, _, _ = make_inputs(gen, (2, 126), 13, 507, dtype, ignore_frac=0.2)
+    h, w = h.detach().to(DEV).requires_grad_(need != "weight"), w.detach().to(DEV).requires_grad_(need != "hidden")
+    t = t.to(DEV)
+    with configs.override(poison=True):
+        logp, ent = cutce.linear_log_probs(h, w, t, return_entropy=True, impl="triton", temperature=0.8)
+        g1, g2 = torch.randn_like(logp), torch.randn_like(ent)
+        leaves = [x for x in (h, w) if x.requires_grad]
+        got = torch.autograd.grad((logp * g1 + ent * g2).sum(), leaves)
+    h64, w64 = [x.detach().double().requires_grad_(x.requires_grad) for x in (h, w)]
+    rlogp, rent = _oracle(h64, w64, t, None, 0.8, None, 1.0, False)
+    want = torch.autograd.grad((rlogp * g1.double() + rent * g2.double()).sum(),
+                               [x for x in (h64, w64) if x.requires_grad])
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}[dtype]
+    assert calls  # the recompute backward ran (not the kept logits')
+    for a, r in zip(got, want):
+        assert torch.isfinite(a).all() and rel_err(a, r) < tol

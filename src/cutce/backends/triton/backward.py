@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...engine import planner
+from ...engine.problem import Problem
 from . import configs
 from . import workspace
 from .common import head_tile, tma_descriptor
@@ -171,10 +173,16 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
         if need_h and not f32:
             dh.zero_()
         return dh, dw, (db32.to(bias.dtype) if need_b else empty())
-    split = workspace.splits_hidden_acc(dh, need_h)
     tail = need_w and cls is None and dw.is_contiguous()  # dC rows written once, in order
-    chunk_n, chunk_v = workspace.chunk_sizes(n, n_cls, v, d, dt, need_h, need_w, split, tail,
-                                             cls is not None, cfg.block_v, kc, spare)
+    problem = Problem(n, v, d, dt, need_h, need_w)
+    if cls is None and spare >= planner.recompute_chunk_bytes(problem):
+        split = False  # a whole float32 dE chunk: one product per vocabulary chunk, not two
+        chunk_n = min(n, kc.recompute_chunk[0])
+        chunk_v = min(triton.cdiv(n_cls, cfg.block_v) * cfg.block_v, kc.recompute_chunk[1])
+    else:
+        split = workspace.splits_hidden_acc(dh, need_h)
+        chunk_n, chunk_v = workspace.chunk_sizes(n, n_cls, v, d, dt, need_h, need_w, split, tail,
+                                                 cls is not None, cfg.block_v, kc, spare)
     acc = workspace.HiddenGradAccumulator(dh, chunk_n, split) if need_h and not f32 else None
     # dC's running sum over token chunks: float32 when the budget allows, else dC itself
     dw_sum = dw

@@ -115,6 +115,9 @@ class KernelConfig:
     # passes over the float32 dE accumulator); the distillation backward's narrowest chunk
     min_chunk_v: int = 1024
     max_chunk_v: int = 8192
+    # (tokens, classes) per chunk of the recompute backward wherever the budget is above 0
+    # (cutce.engine.planner.RECOMPUTE_CHUNK says why; the planner sizes the budget for it)
+    recompute_chunk: tuple[int, int] = (4096, 32768)
     distill_min_chunk_v: int = 512
     # Test aids: tokens per chunk of the fused distillation (None = its plan's); fill every
     # launcher allocation with NaN so that unwritten memory shows up; keep 16-bit workspaces in
@@ -145,7 +148,7 @@ INTERPRETER = KernelConfig(
     distill_fused_tile=TileConfig(32, 64, 32, 1, 1),
     distill_fused_tile_f32=TileConfig(32, 64, 32, 1, 1),
     dz_ew_tile=(32, 4), target_tile=(16, 16, 1), row_scale_tile=(16, 32, 1), rows_block=64,
-    kept_tile=(16, 32, 1))
+    kept_tile=(16, 32, 1), recompute_chunk=(32, 64))  # several chunks at test sizes
 
 # torch that hands the backward caller's context to autograd's device threads (and removes it
 # from the calling thread after the backward)
