@@ -69,10 +69,6 @@ CPU = dict(sft_batch=2, sft_seq=32, dpo_pairs=2, dpo_seq=32, grpo_gens=4, grpo_p
 SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0-2; "w<i>" is id i + 3; the last id is <unk>
 
 
-def _budget(text):
-    return text if text == "auto" else float(text)
-
-
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -84,7 +80,7 @@ def parse(argv=None):
     ap.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                     help="without TRL's default gradient checkpointing")
     ap.add_argument("--impl", default="auto", help="cutce impl")
-    ap.add_argument("--memory-budget", type=_budget, default=None,
+    ap.add_argument("--memory-budget", type=lambda x: x if x == "auto" else float(x), default=None,
                     help="the cutce mode's memory_budget (cutce-auto: 'auto')")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
