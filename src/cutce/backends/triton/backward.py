@@ -24,8 +24,7 @@ import triton.language as tl
 
 from ...engine import planner
 from ...engine.problem import Problem
-from . import configs
-from . import workspace
+from . import configs, workspace
 from .common import head_tile, tma_descriptor
 
 
