@@ -77,8 +77,7 @@ def parse(argv=None):
         ap.add_argument(f"--{name}", default=",".join(allowed), help="comma-separated subset")
     for key, value in GPU.items():
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"default {value}, {CPU[key]} on cpu")
-    ap.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
-                    help="without TRL's default gradient checkpointing")
+    ap.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="no gradient checkpointing")
     ap.add_argument("--impl", default="auto", help="cutce impl")
     ap.add_argument("--memory-budget", type=lambda x: x if x == "auto" else float(x), default=None,
                     help="the cutce mode's memory_budget (cutce-auto: 'auto')")
