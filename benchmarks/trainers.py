@@ -1,18 +1,19 @@
-"""One training step of TRL's SFT, DPO and GRPO trainers with three LM heads, on one GPU.
+"""One training step of TRL's SFT, DPO and GRPO trainers with four LM heads, on one GPU.
 
     PYTHONPATH=src python benchmarks/trainers.py --out bench-out   # CUDA, bf16, real model shapes
     PYTHONPATH=src python benchmarks/trainers.py --cpu-smoke       # tiny float32 CPU run
 
 Random weights from a config (nothing downloaded) with the shapes of Qwen2.5-0.5B (V=151936) and
 Llama-3.2-1B (V=128256), tied embeddings, bf16, TRL's default gradient checkpointing
-(``--no-grad-ckpt``). The same model, weights and batch go through three heads, a trainer each:
+(``--no-grad-ckpt``). The same model, weights and batch go through four heads, a trainer each:
 
 * ``trl-fused``: TRL's own ``add_fused_lm_head`` (``trl.kernels.ChunkedLogProbFunction``); TRL 1.16
   cannot turn it off (every trainer hooks its models unconditionally; ``use_liger_kernel`` only
   swaps layer kernels), hence the next mode;
 * ``trl-plain``: a hook of the same contract, bound where TRL's is, computing every output from the
   model's own (B, T, V) bf16 logits (TRL's ``selective_log_softmax_and_entropy``, Triton on CUDA);
-* ``cutce``: ``cutce.trl.patch()`` before the trainer is built, ``cutce.trl.unpatch()`` after.
+* ``cutce``: ``cutce.trl.patch()`` before the trainer is built, ``cutce.trl.unpatch()`` after;
+* ``cutce-auto``: the same with ``memory_budget="auto"`` (logits kept where free memory holds them).
 
 Timed after --warmup steps, on one fixed batch on the device, gradients set to None before each
 step (outside the timing), ``torch.cuda.synchronize()`` around it:
@@ -191,8 +192,7 @@ def head_mode(mode, args):
             _rebind(trl_hook, plain_lm_head)
             undo.callback(_rebind, plain_lm_head, trl_hook)
         elif mode.startswith("cutce"):
-            budget = "auto" if mode == "cutce-auto" else args.memory_budget
-            cutce.trl.patch(impl=args.impl, memory_budget=budget)
+            cutce.trl.patch(impl=args.impl, memory_budget="auto" if mode == "cutce-auto" else args.memory_budget)
             undo.callback(cutce.trl.unpatch)
         yield
 
