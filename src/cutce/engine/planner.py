@@ -279,7 +279,7 @@ def recompute_chunk_bytes(p: Problem) -> int:
     """Bytes of the recompute backward's :data:`RECOMPUTE_CHUNK` (Triton path): its logit
     gradients in the inputs' dtype and its float32 dE rows (~290 MB at D=2048, bf16)."""
     rows = min(p.n, RECOMPUTE_CHUNK[0])
-    cols = min(-(-p.v // 256) * 256, RECOMPUTE_CHUNK[1])
+    cols = min(-(-p.v // 256) * 256, RECOMPUTE_CHUNK[1])  # whole 256-class tiles (Hopper bwd)
     return rows * cols * elt(p.dtype) + rows * p.d * 4 * p.need_h
 
 

@@ -1,10 +1,11 @@
 """Memory plan of the backward: chunk sizes, where each chunk's dz lives, the float32 dE.
 
-The backward may use a fraction (KernelConfig.backward_memory_fraction) of the gradients' size
-beyond the gradients, or what the call's memory_budget leaves if more. Below ~N x D x 2 bytes
-(the float32 dE's half that does not fit in dE's rows) the tokens are split into chunks, each a
-pass over dC: at N=24576, D=896, V=151936 the 8% made 15 of them, and that backward took 1.5x
-TRL's. Two outputs are free memory until their rows are written, and the plan
+Used where the budget does not hold the backward's preferred chunk (KernelConfig.recompute_chunk,
+see cutce.engine.planner.RECOMPUTE_CHUNK): memory_budget=0, small explicit budgets, filtered
+classes. The backward may then use a fraction (KernelConfig.backward_memory_fraction) of the
+gradients' size beyond the gradients, or what the call's budget leaves if more; below ~N x D x 2
+bytes (the float32 dE's half that does not fit in dE's rows) the tokens are split into chunks,
+each a pass over dC. Two outputs are free memory until their rows are written, and the plan
 uses both:
 
 - rows of dC not written yet (the weight's size): a vocabulary chunk's dz can live there, behind
