@@ -35,6 +35,14 @@ def recompute(monkeypatch):
     monkeypatch.setattr(planner, "may_keep", lambda *a: False)
 
 
+def workspace_chunks(monkeypatch, sizes):
+    """The backward's (chunk_n, chunk_v) come from ``sizes(n)``: the budget-sized workspace's
+    path, which the default budget skips where it holds the preferred recompute chunk (on the
+    GPU at these sizes; test_log_probs.py checks that path)."""
+    from cutce.backends.triton import workspace
+    from cutce.engine import planner
+    monkeypatch.setattr(planner, "recompute_chunk_bytes", lambda p: float("inf"))
+    monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: sizes(n))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -123,7 +131,7 @@ def test_dz_in_unwritten_weight_grad_rows(gen, monkeypatch, kernel_config):
     monkeypatch.setattr(workspace, "_carve", lambda *a: carved.append(a[2:4]) or real(*a))
     bv = configs.current(DEV).tile("bwd", torch.bfloat16).block_v
     kernel_config(max_chunk_v=3 * bv)
-    monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: (n, bv))
+    workspace_chunks(monkeypatch, lambda n: (n, bv))
     v = 9 * bv + 17
     h, w, t, b, _ = make_inputs(gen, 41, 64, v, torch.bfloat16, bias=True)
     h, w, t, b = to_dev(DEV, h, w, t, b)
@@ -135,9 +143,8 @@ def test_dz_in_unwritten_weight_grad_rows(gen, monkeypatch, kernel_config):
 def test_token_chunks_split_accumulator(gen, monkeypatch, chunk_n):
     """Token chunks: half of dE's float32 accumulator lives in dE's own rows, dC is accumulated
     over the chunks; ragged last chunk."""
-    from cutce.backends.triton import workspace
     bv = configs.current(DEV).tile("bwd", torch.bfloat16).block_v
-    monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: (min(chunk_n, n), 2 * bv))
+    workspace_chunks(monkeypatch, lambda n: (min(chunk_n, n), 2 * bv))
     h, w, t, b, _ = make_inputs(gen, 70, 48, 5 * bv + 3, torch.bfloat16, bias=True)
     h, w, t, b = to_dev(DEV, h, w, t, b)
     compare(h, w, t, b, None, dict(label_smoothing=0.1), with_lse=True)
@@ -147,9 +154,8 @@ def test_token_chunks_split_accumulator(gen, monkeypatch, chunk_n):
 def test_token_chunks_sum_dc_in_float32(gen, monkeypatch, kernel_config, gathered):
     """Many token chunks: with the default budget the recompute backward sums dC in a float32
     accumulator, so its error stays below the per-chunk 16-bit sum's (memory_budget=0)."""
-    from cutce.backends.triton import workspace
     bv = configs.current(DEV).tile("bwd", torch.bfloat16).block_v
-    monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: (min(8, n), 2 * bv))
+    workspace_chunks(monkeypatch, lambda n: (min(8, n), 2 * bv))
     kernel_config(filter_dense_fraction=1.0)  # gathered: keep every class
     h, w, t, _, _ = make_inputs(gen, 123, 40, 2 * bv + 5, torch.bfloat16)
     h, w, t = to_dev(DEV, h, w, t)
