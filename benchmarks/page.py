@@ -71,6 +71,13 @@ def table(header, rows, text=(0,)) -> list[str]:
     return out
 
 
+def card(meta) -> str:
+    """The GPU's short name for headings ("H100" from "NVIDIA H100 80GB HBM3"): runs of one
+    shape on two cards differ by a few percent, so a table names its card."""
+    name = meta.get("device_name") or meta.get("device") or "n/a"
+    return next((w for w in name.split() if w[:1] in "ABHL" and w[1:4].isdigit()), name)
+
+
 def source(meta, name) -> str:
     """The line under every table: where its numbers come from."""
     peers = meta.get("peers") or {}
@@ -125,6 +132,9 @@ MODES = """\
 
 def loss_section(docs, img_dir, img_rel) -> list[str]:
     out = ["## Loss: linear + cross-entropy", ""]
+    # one shape's runs together, by card, then oldest first
+    docs = sorted(docs, key=lambda nd: (nd[1]["rows"][0]["shape"] if nd[1]["rows"] else "",
+                                        card(nd[1]["meta"]), nd[1]["meta"].get("date", "")))
     for name, doc in docs:
         rows = [r for r in doc["rows"] if r.get("status") != "skipped"]
         if not rows:
@@ -133,7 +143,7 @@ def loss_section(docs, img_dir, img_rel) -> list[str]:
         ok = [r for r in rows if r.get("status") == "ok"]
         grads = (r0["n"] + r0["v"]) * r0["d"] * (4 if r0["dtype"] == "fp32" else 2) / 2**20
         # the commit in the heading tells apart runs of one shape (a full run and a later re-check)
-        out += [f"### {r0['shape']}: N={r0['n']}, D={r0['d']}, V={r0['v']}, {r0['data']} data, "
+        out += [f"### {r0['shape']} on {card(meta)}: N={r0['n']}, D={r0['d']}, V={r0['v']}, {r0['data']} data, "
                 f"{r0['dtype']}; commit {meta.get('commit', 'n/a')}", ""]
         out += [f"One {r0['matmul_dtype']} matmul: {ms(r0['matmul_ms'])} ms; dE + dC alone take "
                 f"{grads:.0f} MiB; mean max-prob {r0['max_prob']:.2f}, entropy {r0['entropy']:.2f} nats; "
@@ -196,7 +206,8 @@ def log_probs_section(docs) -> list[str]:
         e2e = [r for r in rows if r["section"] == "e2e"]
         if head:
             h = head[0]
-            out += [f"Head: N={h['n']}, D={h['d']}, V={h['v']}, {h['dtype']}, temperature "
+            out += [f"### {card(meta)}: N={h['n']}, D={h['d']}, V={h['v']}", "",
+                    f"Head: N={h['n']}, D={h['d']}, V={h['v']}, {h['dtype']}, temperature "
                     f"{h['temperature']}; per-token log-probs and entropy, forward+backward of "
                     "`(logp * g1 + entropy * g2).sum()`; errors against float32 from materialized logits.", ""]
             header = ["provider", "fwd ms", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio", "peak MiB",
