@@ -18,6 +18,8 @@ def test_presets_keep_the_measured_values():
     h = configs.HOPPER
     assert h.tile("fwd", torch.bfloat16) == TileConfig(128, 256, 64, 8, 3)
     assert h.tile("bwd", torch.bfloat16) == h.tile("fwd", torch.bfloat16)
+    assert h.tile("bwd_entropy", torch.bfloat16) == TileConfig(128, 128, 64, 8, 4)
+    assert h.tile("bwd_entropy", torch.float32) == h.tile("fwd", torch.float32)  # via bwd
     assert h.tile("fwd", torch.float32) == TileConfig(128, 64, 32, 8, 3)
     assert h.tile("distill", torch.bfloat16) == TileConfig(128, 128, 64, 8, 4)
     assert h.tile("distill_fused", torch.bfloat16) == TileConfig(128, 128, 64, 8, 5)
@@ -26,9 +28,11 @@ def test_presets_keep_the_measured_values():
     assert (h.dz_programs_per_sm, h.distill_dz_programs_per_sm) == (1, 0)
     a = configs.PRE_HOPPER
     assert a.tma is False and a.tile("distill_fused", torch.bfloat16).num_stages == 4
-    assert dataclasses.replace(a, tma=None, distill_fused_tile=h.distill_fused_tile) == h
+    assert dataclasses.replace(a, tma=None, distill_fused_tile=h.distill_fused_tile,
+                               bwd_entropy_tile=h.bwd_entropy_tile) == h
     i = configs.INTERPRETER
     assert i.tile("bwd", torch.float32) == configs.INTERPRETER_TILE
+    assert i.tile("bwd_entropy", torch.bfloat16) == configs.INTERPRETER_TILE
     if configs.interpreting():
         assert configs.current("cpu") is configs.INTERPRETER
 

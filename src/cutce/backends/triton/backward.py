@@ -146,7 +146,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     dt = hidden.dtype
     dev = hidden.device
     kc = configs.current(dev)
-    cfg = kc.tile("bwd", dt)
+    cfg = kc.tile("bwd_entropy" if need_entropy else "bwd", dt)
 
     def empty():
         return hidden.new_empty(0)

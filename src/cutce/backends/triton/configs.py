@@ -53,6 +53,10 @@ class KernelConfig:
     # the loss's backward (dz kernel); None = the forward's tile
     bwd_tile: TileConfig | None = None
     bwd_tile_f32: TileConfig | None = None
+    # the dz kernel when it also takes the entropy's gradient, whose epilogue holds more
+    # tile-sized values; None = bwd_tile (see HOPPER)
+    bwd_entropy_tile: TileConfig | None = None
+    bwd_entropy_tile_f32: TileConfig | None = None
     # distillation's recompute kernels: two float32 tiles live at once (student's and teacher's),
     # half the loss's width. 4 stages: 68.3 vs 74.1 ms (H200, Qwen 7B -> 0.5B pair, forward KL,
     # budget 0); 5 would not fit an A100's shared memory
@@ -128,16 +132,23 @@ class KernelConfig:
     interpreter_f32_workspace: bool = True
 
     def tile(self, kernel: str, dtype: torch.dtype) -> TileConfig:
-        """The tile of `kernel` ("fwd", "bwd", "distill", "distill_fused") for inputs of dtype."""
+        """The tile of `kernel` ("fwd", "bwd", "bwd_entropy", "distill", "distill_fused") for
+        inputs of dtype; an unset one is its fallback's ("bwd_entropy" -> "bwd" -> "fwd")."""
         suffix = "_f32" if dtype == torch.float32 else ""
-        t = getattr(self, f"{kernel}_tile{suffix}")
-        return t if t is not None else getattr(self, f"fwd_tile{suffix}")
+        while (t := getattr(self, f"{kernel}_tile{suffix}")) is None:
+            kernel = {"bwd_entropy": "bwd"}.get(kernel, "fwd")
+        return t
 
 
 # Hopper and newer (sm_90+), measured on the H200. 5 stages for the fused distillation: 32.5 vs
 # 33.7 ms JSD, 31.1 vs 31.6-32.1 ms forward KL against 4 (3: 38.6 / 36.3); with bulk stores they
-# take 229 KB of shared memory in the dz kernel (the limit is 227 KiB: 6 do not fit)
-HOPPER = KernelConfig(distill_fused_tile=TileConfig(128, 128, 64, 8, 5))
+# take 229 KB of shared memory in the dz kernel (the limit is 227 KiB: 6 do not fit).
+# The entropy's dz tile, on an H100 (bf16 log-probs + entropy, fwd+bwd ms, 128x256 -> 128x128):
+# N x D x V 24576x896x151936 56.0 -> 48.4, 8192x2304x256000 66.7 -> 62.7, 32768x2048x128256
+# 115.0 -> 110.8, 16384x3584x152064 111.5 -> 111.7; without the entropy 128x256 stays ahead
+# (46.1 vs 47.2, 110.0 vs 114.0 ms), so only the entropy's backward takes it
+HOPPER = KernelConfig(distill_fused_tile=TileConfig(128, 128, 64, 8, 5),
+                      bwd_entropy_tile=TileConfig(128, 128, 64, 8, 4))
 # CUDA GPUs before Hopper (e.g. A100): no descriptor loads, 4 stages fit its 163 KiB
 PRE_HOPPER = KernelConfig(tma=False)
 # Triton's interpreter on the CPU: small blocks (its time goes per loop iteration), the fused
