@@ -122,6 +122,7 @@ def _inputs(n, d, v, dtype, gen, bias=False):
 def run_all():
     from cutce.backends.triton import (backward, configs, distill, distill_fused, forward, fused,
                                        kept, rows)
+    from cutce.engine.problem import Problem
     gen = torch.Generator().manual_seed(0)
     f32 = dict(dtype=torch.float32)
     # the loss: recompute forward and backward, the fused strategy, the small kernels
@@ -143,7 +144,7 @@ def run_all():
         for eps in (0.0, 1e-3):
             backward.backward(h, w, b, t, lse, pz, ub if eps else ub[:0], g, -g, g, g, 1.0,
                               softcap, 1.0, True,
-                              True, eps, True, True, bias, dc_f32=True)
+                              True, eps, True, True, bias, Problem(n, 1000, d, dtype, True, True))
         coef = torch.ones(4, n, **f32)
         for store in (False, True) if dtype != torch.float16 else ():  # (not fused: see plan)
             with configs.override(loss_tile_store=store):

@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from ...engine import planner
-from ...engine.problem import Problem
 from . import configs, workspace
 from .common import head_tile, tma_descriptor
 
@@ -131,12 +130,12 @@ def _kept_classes(ub, targets, eps, dense_fraction):
 
 def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
              scale, softcap, inv_temp, need_zsum, need_entropy, filter_eps,
-             need_h, need_w, need_b, class_weight=None, dc_f32=False, spare=0):
+             need_h, need_w, need_b, problem, class_weight=None):
     """Gradients of (lse, zt, zsum, pz) w.r.t. hidden, weight, bias given their upstream grads.
 
-    ``dc_f32``: the budget allows a float32 V x D accumulator, so that with more than one token
-    chunk dC's running sum is not rounded to the weight's dtype between chunks (see cutce.engine.planner).
-    ``spare``: bytes the call's budget leaves for the workspace beyond that (see workspace.py).
+    ``problem``: the call's (its memory_budget included); the planner derives from it whether
+    dC's running sum over token chunks is a float32 V x D accumulator (:func:`recompute_dc_f32`)
+    and what the workspace may spend beyond it (:func:`recompute_spare_bytes`, workspace.py).
 
     Returns (dh, dw, db) in the inputs' dtypes; a gradient that is not needed is an empty tensor
     of its own (a custom op's outputs may not alias each other).
@@ -173,7 +172,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
             dh.zero_()
         return dh, dw, (db32.to(bias.dtype) if need_b else empty())
     tail = need_w and cls is None and dw.is_contiguous()  # dC rows written once, in order
-    problem = Problem(n, v, d, dt, need_h, need_w)
+    spare = planner.recompute_spare_bytes(problem)
     if cls is None and spare >= planner.recompute_chunk_bytes(problem):
         split = False  # a whole float32 dE chunk: one product per vocabulary chunk, not two
         chunk_n = min(n, kc.recompute_chunk[0])
@@ -185,7 +184,7 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     acc = workspace.HiddenGradAccumulator(dh, chunk_n, split) if need_h and not f32 else None
     # dC's running sum over token chunks: float32 when the budget allows, else dC itself
     dw_sum = dw
-    if dc_f32 and need_w and not f32 and chunk_n < n:
+    if need_w and not f32 and chunk_n < n and planner.recompute_dc_f32(problem):
         dw_sum = torch.zeros(dw.shape, device=dev, dtype=torch.float32) if cls is not None \
             else torch.empty(dw.shape, device=dev, dtype=torch.float32)
     ws_dtype = configs.workspace_dtype(kc, dt)  # the GPU's rounding in CPU tests, see configs

@@ -25,6 +25,8 @@ import threading
 
 import torch
 
+from ...engine import planner
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -119,9 +121,9 @@ class KernelConfig:
     # passes over the float32 dE accumulator); the distillation backward's narrowest chunk
     min_chunk_v: int = 1024
     max_chunk_v: int = 8192
-    # (tokens, classes) per chunk of the recompute backward wherever the budget is above 0
-    # (cutce.engine.planner.RECOMPUTE_CHUNK says why; the planner sizes the budget for it)
-    recompute_chunk: tuple[int, int] = (4096, 32768)
+    # (tokens, classes) per chunk of the recompute backward wherever the budget holds it: the
+    # planner's, which sizes the budget for it and says why
+    recompute_chunk: tuple[int, int] = planner.RECOMPUTE_CHUNK
     distill_min_chunk_v: int = 512
     # Test aids: tokens per chunk of the fused distillation (None = its plan's); fill every
     # launcher allocation with NaN so that unwritten memory shows up; keep 16-bit workspaces in

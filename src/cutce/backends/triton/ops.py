@@ -72,9 +72,7 @@ def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     problem = Problem(n, weight.shape[0], d, hidden.dtype, need_h, need_w, memory_budget=memory_budget)
     return _bw.backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
                         scale, softcap, inv_temp, need_zsum, need_entropy,
-                        filter_eps, need_h, need_w, need_b, class_weight=class_weight,
-                        dc_f32=planner.recompute_dc_f32(problem),
-                        spare=planner.recompute_spare_bytes(problem))
+                        filter_eps, need_h, need_w, need_b, problem, class_weight=class_weight)
 
 
 @lse_parts_backward_op.register_fake
@@ -150,8 +148,7 @@ def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
     zeros = torch.zeros_like(lse)
     dh, dw, db = _bw.backward(hidden, weight, bias, targets, lse, pz, ub, k[0] + 2.0 * k[3] * lse,
                               -k[1], zeros, zeros, scale, softcap, 1.0, False, False, 0.0,
-                              need_h, need_w, need_b, dc_f32=planner.recompute_dc_f32(problem),
-                              spare=planner.recompute_spare_bytes(problem))
+                              need_h, need_w, need_b, problem)
     total = torch.where(live_rows(k), k[0] * lse - k[1] * zt + k[3] * lse.square(), 0.0).sum()
     return total, lse, dh, dw, db
 
