@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ALL = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 FIELDS = ("loss",) + ALL + ("label_mask", "aux_loss")
-TRL_HOOK = trl_utils.add_fused_lm_head  # TRL's own (cutce never patches at import)
+TRL_HOOK = trl_utils.add_fused_lm_head  # TRL's own (collected before any test patches a model)
 
 
 def padded_batch(seed=0, b=2, t=T):
@@ -216,6 +216,7 @@ def test_unsupported_trl_versions(monkeypatch):
     def other_signature(model, temperature=1.0, outputs=("log_probs",)):
         pass
 
+    bound = trl_utils.add_fused_lm_head  # TRL's, or cutce's hook while a model is patched
     monkeypatch.setattr(trl_utils, "add_fused_lm_head", other_signature)
     with pytest.raises(ctrl.UnsupportedTRLError, match=r"parameters .*TRL >= 1\.15.*1\.16\.0"):
         ctrl.patch()
@@ -234,20 +235,30 @@ def test_unsupported_trl_versions(monkeypatch):
     monkeypatch.setattr(trl, "__version__", "1.14.2")
     with pytest.raises(ctrl.UnsupportedTRLError, match=r"TRL 1\.14\.2 is not supported.*TRL >= 1\.15"):
         ctrl.patch()
-    assert not ctrl.is_patched() and trl_utils.add_fused_lm_head is TRL_HOOK
+    assert not ctrl.is_patched() and trl_utils.add_fused_lm_head is bound
 
 
 def test_patch_binds_in_every_trainer_module_and_unpatch_restores():
-    """In a fresh interpreter: import cutce.trl imports no TRL; trainer modules imported before
-    and after patch() both get cutce's hook; unpatch() gives TRL's back everywhere."""
+    """In a fresh interpreter: import cutce.trl imports no TRL; a class patched by
+    cutce.transformers before TRL is imported has cutce's hook bound as TRL loads (without
+    importing TRL itself), its unpatch gives TRL's back; trainer modules imported before and after
+    patch() both get cutce's hook; unpatch() gives TRL's back everywhere."""
     script = r"""
 import sys
-import cutce, cutce.trl
+import cutce, cutce.trl, cutce.transformers
 assert "trl" not in sys.modules and "transformers" not in sys.modules
 assert not cutce.trl.is_patched()
+from transformers import LlamaForCausalLM
+cutce.transformers.patch(LlamaForCausalLM)
+assert "trl" not in sys.modules
 from trl import DPOTrainer  # imported before the patch
 import trl.trainer.utils as u
+assert getattr(u.add_fused_lm_head, "_cutce_trl_hook", False) and not cutce.trl.is_patched()
+assert sys.modules["trl.trainer.dpo_trainer"].add_fused_lm_head is u.add_fused_lm_head
+cutce.transformers.unpatch(LlamaForCausalLM)
 original = u.add_fused_lm_head
+assert original.__module__ == "trl.trainer.utils"
+assert sys.modules["trl.trainer.dpo_trainer"].add_fused_lm_head is original
 cutce.trl.patch()
 from trl import SFTTrainer, GRPOTrainer, RLOOTrainer, KTOTrainer  # after
 names = ["trl.trainer.utils"] + [f"trl.trainer.{k}_trainer" for k in ("sft", "dpo", "grpo", "rloo", "kto")]

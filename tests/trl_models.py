@@ -64,17 +64,20 @@ def low_word_reward(completions, **_):
     return out
 
 
-def train(kind, family="llama", steps=2, model_config=None, during=None, **config):
-    """Build a model from the seed (``model_config``: overrides of its config), train ``steps``
-    steps with TRL's ``kind`` trainer ("sft"; "dpo" with LoRA; "grpo", "rloo" sampling from
-    prompts with low_word_reward; "kto" on unpaired labelled completions) inside the context
-    manager ``during`` if given; returns (logged dicts, {name: trainable parameter after
-    training}, the trainer)."""
+def train(kind, family="llama", steps=2, model_config=None, during=None, prepare=None, **config):
+    """Build a model from the seed (``model_config``: overrides of its config; ``prepare``: a
+    function of it that returns the model to train, e.g. a patch), train ``steps`` steps with
+    TRL's ``kind`` trainer ("sft"; "dpo" with LoRA; "grpo", "rloo" sampling from prompts with
+    low_word_reward; "kto" on unpaired labelled completions) inside the context manager
+    ``during`` if given; returns (logged dicts, {name: trainable parameter after training}, the
+    trainer)."""
     import contextlib
 
     import trl
 
     model = make_model(family, **(model_config or {}))
+    if prepare is not None:
+        model = prepare(model)
     # Reference models are loaded from the policy's path: give it one on disk.
     path = tempfile.mkdtemp(prefix="cutce-trl-")
     model.save_pretrained(path)

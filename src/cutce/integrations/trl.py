@@ -1,8 +1,9 @@
 """TRL: every LM-head quantity of TRL's trainers computed by cutce, by one call before the trainer.
 
-``patch()`` replaces TRL's LM-head hook, ``trl.trainer.utils.add_fused_lm_head``, with
-:func:`add_fused_lm_head` below, which honours the same contract with
-:func:`cutce.linear_log_probs`; ``unpatch()`` puts TRL's back; ``is_patched()`` says which is bound.
+``patch()`` replaces TRL's LM-head hook, ``trl.trainer.utils.add_fused_lm_head``, with cutce's,
+which does for every model what :func:`add_fused_lm_head` below does for one: the same contract
+computed with :func:`cutce.linear_log_probs`; ``unpatch()`` puts TRL's back; ``is_patched()``
+says whether ``patch()`` is in effect.
 
 Why this hook
 -------------
@@ -23,11 +24,18 @@ from config attribute names and, off Triton devices, projects every position.
 
 Where it is bound
 -----------------
-Trainer modules import the function by name, so ``patch()`` rebinds it in ``trl.trainer.utils``
+Trainer modules import the function by name, so cutce's hook is bound in ``trl.trainer.utils``
 and in every loaded ``trl.*`` module holding TRL's function (found by identity, so new modules
 are covered without a list); modules imported later take it from ``trl.trainer.utils``. Call
 ``patch()`` before the trainer is built: a model hooked earlier keeps TRL's head, and
 ``unpatch()`` does not unhook models already hooked by cutce's.
+
+One hook serves both routes: ``cutce.transformers.patch`` binds it too, while a model or class is
+patched (:mod:`cutce.integrations.trl_route`), so that TRL's fused call on a patched model runs
+cutce's head. At hook time it picks the head per model: a model patched by
+``cutce.transformers.patch`` gets cutce's with that patch's ``impl`` and ``memory_budget`` (over
+``patch()``'s); any other model gets cutce's with ``patch()``'s options while ``patch()`` is in
+effect, else TRL's own. TRL's own hook is bound again when neither route needs cutce's.
 
 The fused forward
 -----------------
@@ -49,8 +57,12 @@ import torch
 
 from ..engine.options import IMPLS
 from ..validate import _fail, make_options
+from . import trl_route
 from .transformers.heads import UnsupportedModelError
-from .trl_forward import MARK, bind
+from .transformers.patching import ROUTE as TRANSFORMERS_ROUTE
+from .transformers.patching import _transformers_model, patch_options
+from .trl_forward import MARK
+from .trl_forward import bind as bind_forward
 
 __all__ = ["patch", "unpatch", "is_patched", "add_fused_lm_head", "UnsupportedTRLError",
            "UnsupportedModelError", "SUPPORTED"]
@@ -71,14 +83,22 @@ class UnsupportedTRLError(RuntimeError):
 
 @dataclasses.dataclass
 class _State:
-    original: object          # TRL's add_fused_lm_head
-    output_class: type        # TRL's FusedCausalLMOutput
-    replacement: object       # the function bound in TRL's modules while patched
+    """patch()'s options, while it is in effect."""
+
     impl: str
     memory_budget: object
 
 
+@dataclasses.dataclass
+class _Bound:
+    """TRL's own hook and output class, while cutce's hook is bound in their place."""
+
+    original: object          # TRL's add_fused_lm_head
+    output_class: type        # TRL's FusedCausalLMOutput
+
+
 _STATE: _State | None = None
+_BOUND: _Bound | None = None
 
 
 def patch(*, impl: str = "auto", memory_budget: float | str | None = None) -> None:
@@ -86,7 +106,8 @@ def patch(*, impl: str = "auto", memory_budget: float | str | None = None) -> No
     trainer.
 
     Args:
-        impl, memory_budget: passed to :func:`cutce.linear_log_probs` on every fused call.
+        impl, memory_budget: passed to :func:`cutce.linear_log_probs` on every fused call (a
+            model patched by ``cutce.transformers.patch`` with its own keeps those).
 
     Raises:
         UnsupportedTRLError: TRL is not installed, or its ``add_fused_lm_head`` /
@@ -99,32 +120,32 @@ def patch(*, impl: str = "auto", memory_budget: float | str | None = None) -> No
     make_options(torch.float32, reduction="none", memory_budget=memory_budget)  # validates it
     utils = _trl_utils()
     current = getattr(utils, _NAME, None)
-    if _STATE is not None or getattr(current, MARK, False):
+    if _STATE is not None or (getattr(current, MARK, False) and current is not _hook):
         raise ValueError("TRL is already patched by cutce (cutce.trl.unpatch() first)")
-    original, output_class = _check_trl(utils)
-    state = _State(original, output_class, None, impl, memory_budget)
-    state.replacement = _make_replacement(state)
-    _rebind(original, state.replacement)
-    _STATE = state
+    bind_hook(utils)
+    _STATE = _State(impl, memory_budget)
 
 
 def unpatch() -> None:
-    """Bind TRL's own ``add_fused_lm_head`` again wherever :func:`patch` bound cutce's. Models
-    already hooked keep the head they were given.
+    """End :func:`patch`: TRL's own ``add_fused_lm_head`` is bound again wherever cutce's was,
+    unless a model or class patched by ``cutce.transformers.patch`` still needs cutce's (which
+    then gives every other model TRL's own head). Models already hooked keep the head they were
+    given.
 
     Raises ValueError when TRL is not patched.
     """
     global _STATE
     if _STATE is None:
         raise ValueError("TRL is not patched by cutce")
-    _rebind(_STATE.replacement, _STATE.original)
     _STATE = None
+    release_hook()
 
 
 def is_patched() -> bool:
-    """Whether ``trl.trainer.utils.add_fused_lm_head`` is cutce's (does not import TRL)."""
+    """Whether :func:`patch` is in effect: ``trl.trainer.utils.add_fused_lm_head`` is cutce's and
+    gives every model cutce's head (does not import TRL)."""
     utils = sys.modules.get("trl.trainer.utils")
-    return _STATE is not None and utils is not None and getattr(utils, _NAME, None) is _STATE.replacement
+    return _STATE is not None and utils is not None and getattr(utils, _NAME, None) is _hook
 
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
@@ -148,11 +169,60 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         outputs: among "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1".
         impl, memory_budget: passed to :func:`cutce.linear_log_probs`.
     """
-    state = _STATE
-    if state is None:
-        original, output_class = _check_trl(_trl_utils())
-        state = _State(original, output_class, None, "auto", None)
-    bind(state.output_class, model, temperature, cast_lm_head_to_fp32, outputs, impl, memory_budget)
+    bind_forward(_bound().output_class, model, temperature, cast_lm_head_to_fp32, outputs, impl,
+                 memory_budget, "cutce.trl.add_fused_lm_head")
+
+
+# --- the hook bound in TRL's modules ------------------------------------------------------------
+
+
+def _hook(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
+    bound = _bound()
+    route = _route(model)
+    if route is None:
+        return bound.original(model, temperature, cast_lm_head_to_fp32, outputs)
+    bind_forward(bound.output_class, model, temperature, cast_lm_head_to_fp32, outputs, *route)
+
+
+_hook.__name__ = _hook.__qualname__ = _NAME
+_hook.__doc__ = ("cutce's add_fused_lm_head, bound in TRL's modules by cutce.trl.patch() or "
+                 "cutce.transformers.patch: cutce's fused head for the models they cover, TRL's own "
+                 "for the others; see cutce.integrations.trl.")
+setattr(_hook, MARK, True)
+
+
+def _route(model):
+    """(impl, memory_budget, route name) of cutce's head for a model TRL hooks; None: TRL's."""
+    options = patch_options(model)
+    if options is not None:
+        carried = trl_route.fused_options(options, _transformers_model(model))
+        chosen = {"impl": "auto", "memory_budget": None, **(vars(_STATE) if _STATE else {}), **carried}
+        return chosen["impl"], chosen["memory_budget"], TRANSFORMERS_ROUTE
+    if _STATE is not None:
+        return _STATE.impl, _STATE.memory_budget, "cutce.trl.patch"
+    return None
+
+
+def bind_hook(utils) -> None:
+    """Bind cutce's hook in every loaded TRL module in place of TRL's own, after checking TRL
+    (``utils``: the loaded ``trl.trainer.utils``); a no-op where it is bound already."""
+    global _BOUND
+    _check_version(sys.modules["trl"])
+    original, output_class = _check_trl(utils)
+    _rebind(original, _hook)
+    _BOUND = _Bound(original, output_class)
+
+
+def release_hook() -> None:
+    """Bind TRL's own hook again when neither :func:`patch` nor a transformers patch needs ours."""
+    global _BOUND
+    if _BOUND is not None and _STATE is None and not trl_route.wanted():
+        _rebind(_hook, _BOUND.original)
+        _BOUND = None
+
+
+def _bound() -> _Bound:
+    return _BOUND if _BOUND is not None else _Bound(*_check_trl(_trl_utils()))
 
 
 # --- TRL's side -------------------------------------------------------------------------------
@@ -164,6 +234,11 @@ def _trl_utils():
         from trl.trainer import utils
     except ImportError as e:
         raise UnsupportedTRLError(f"cutce.trl needs TRL installed ({SUPPORTED}): {e}") from e
+    _check_version(trl)
+    return utils
+
+
+def _check_version(trl):
     version = _version_tuple(getattr(trl, "__version__", "0"))
     if version < _MIN:
         raise UnsupportedTRLError(f"TRL {trl.__version__} is not supported by cutce.trl: it needs "
@@ -171,8 +246,7 @@ def _trl_utils():
     if version >= _BELOW:
         warnings.warn(f"TRL {trl.__version__} is newer than cutce.trl supports ({SUPPORTED}); its "
                       f"{_NAME} has the same signature and output class, so cutce replaces it",
-                      stacklevel=3)
-    return utils
+                      stacklevel=4)
 
 
 def _version_tuple(text):
@@ -184,8 +258,8 @@ def _version_tuple(text):
 def _check_trl(utils):
     """(TRL's add_fused_lm_head, FusedCausalLMOutput), checked to be the supported contract."""
     original = getattr(utils, _NAME, None)
-    if getattr(original, MARK, False) and _STATE is not None:
-        original = _STATE.original
+    if original is _hook and _BOUND is not None:
+        original = _BOUND.original  # bound by cutce: check TRL's own, and its output class now
     where = "trl.trainer.utils"
     if original is None or not callable(original):
         raise UnsupportedTRLError(f"{where} has no {_NAME}: cutce.trl supports {SUPPORTED}")
@@ -217,15 +291,3 @@ def _rebind(old, new):
     for module in _trl_modules():
         if vars(module).get(_NAME) is old:
             setattr(module, _NAME, new)
-
-
-def _make_replacement(state):
-    def add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
-        bind(state.output_class, model, temperature, cast_lm_head_to_fp32, outputs, state.impl,
-             state.memory_budget)
-
-    add_fused_lm_head.__doc__ = ("cutce's replacement of TRL's add_fused_lm_head (cutce.trl.patch()); "
-                                 "see cutce.integrations.trl.add_fused_lm_head.")
-    add_fused_lm_head.__module__ = __name__
-    setattr(add_fused_lm_head, MARK, True)
-    return add_fused_lm_head

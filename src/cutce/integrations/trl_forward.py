@@ -74,11 +74,13 @@ class _Hook:
     outputs: frozenset
     impl: str
     memory_budget: object
+    route: str  # which cutce entry point hooked the model
 
 
-def bind(output_class, model, temperature, fp32, outputs, impl, memory_budget):
+def bind(output_class, model, temperature, fp32, outputs, impl, memory_budget, route):
     """Rebind ``model.forward`` to the fused forward (add_fused_lm_head's work, its arguments
-    validated here); ``output_class`` is TRL's FusedCausalLMOutput."""
+    validated here); ``output_class`` is TRL's FusedCausalLMOutput, ``route`` names the cutce
+    entry point that hooks the model."""
     make_options(torch.float32, reduction="none", temperature=temperature,
                  memory_budget=memory_budget)  # validates them
     if impl not in IMPLS:
@@ -97,7 +99,8 @@ def bind(output_class, model, temperature, fp32, outputs, impl, memory_budget):
         raise UnsupportedModelError(f"{_NAME}: expected a transformers PreTrainedModel (or a PEFT "
                                     f"model wrapping one), got {type(base).__name__}")
     output_head(base)  # a head cutce can use, checked now rather than at the first step
-    hook = _Hook(float(temperature), fp32, frozenset(outputs) | {"log_probs"}, impl, memory_budget)
+    hook = _Hook(float(temperature), fp32, frozenset(outputs) | {"log_probs"}, impl, memory_budget,
+                 route)
     call_original = _original_forward(model)
 
     @functools.wraps(type(model).forward)  # the original signature: generate() validates against it

@@ -34,6 +34,7 @@ _M = TypeVar("_M")
 
 from ...api import linear_cross_entropy
 from ...module import LinearCrossEntropyLoss
+from .. import trl_route
 from .heads import UnsupportedModelError, head_apply, run_without_logits
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError"]
@@ -42,6 +43,7 @@ __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError"]
 _ADAPTER_OWNED = ("ignore_index", "reduction", "softcap", "logit_scale", "shift", "return_lse",
                   "token_weights", "bias")
 _MARK = "_cutce_patch"
+ROUTE = "cutce.transformers.patch"
 
 
 class _Patch:
@@ -84,6 +86,7 @@ def patch(model_or_class: _M, **loss_options: Any) -> _M:
             raise ValueError(f"{cls.__name__} (or a base class) is already patched by cutce")
         state = _Patch(cls.forward, options, cls.__dict__.get("forward"), "forward" in cls.__dict__)
         cls.forward = _make_forward(state)
+        trl_route.patched(cls)
         return cls
     model = model_or_class
     if not isinstance(model, nn.Module):
@@ -105,6 +108,7 @@ def patch(model_or_class: _M, **loss_options: Any) -> _M:
     state = _Patch(original, options, previous, previous is not None)
     # A bound method (not a closure over the model): deepcopy rebinds it to the copy.
     model.forward = types.MethodType(_make_forward(state), model)
+    trl_route.patched(model)
     return given
 
 
@@ -127,6 +131,7 @@ def unpatch(model_or_class: _M) -> _M:
         setattr(where, "forward", state.previous)
     else:
         delattr(where, "forward")
+    trl_route.unpatched(where)
     return given
 
 
@@ -134,6 +139,13 @@ def is_patched(model_or_class) -> bool:
     """Whether calls with labels on this class or instance (or PEFT model) use cutce's loss."""
     model_or_class = _transformers_model(model_or_class)
     return _patch_of(getattr(model_or_class, "forward", None)) is not None
+
+
+def patch_options(model_or_class) -> dict | None:
+    """The loss options a patched class or instance (or PEFT model) was patched with; None when
+    it is not patched."""
+    state = _patch_of(getattr(_transformers_model(model_or_class), "forward", None))
+    return None if state is None else dict(state.options)
 
 
 def _transformers_model(obj):
