@@ -1,16 +1,20 @@
-"""cutce.transformers.patch under TRL's trainers (float32 CPU, tiny random models, offline).
+"""cutce.transformers.patch under TRL's trainers, and the log line that says cutce is on (float32
+CPU, tiny random models, offline).
 
 A model patched by cutce.transformers.patch (an instance, a class, a PEFT model) that TRL hooks
 gets cutce's fused head: SFTTrainer trains it to the same logs and weights as TRL's own head,
 and TRL's kernel never runs. The patch's options under TRL's head; the binding of cutce's hook
 beside cutce.trl.patch()/unpatch() and cutce.transformers.unpatch(); a TRL that cutce does not
-support warns. (The binding in a fresh interpreter, TRL imported after the patch:
+support warns. The INFO line of the "cutce" logger: once per model and route, with the planner's
+backend and strategy. (The binding in a fresh interpreter, TRL imported after the patch:
 test_trl.py.)
 """
 
 from __future__ import annotations
 
 import gc
+import logging
+import re
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 from trl.trainer import utils as trl_utils  # noqa: E402
 
+import cutce  # noqa: E402
 import cutce.transformers as ct  # noqa: E402
 import cutce.trl as ctrl  # noqa: E402
 import trl_models  # noqa: E402
@@ -29,6 +34,13 @@ from hf_models import T, VOCAB, make_model  # noqa: E402
 from trl_cases import _NoTRLHead, assert_logs_match  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+LINE = re.compile(r"cutce computes (\w+)'s LM head \(([\w.]+), ([^)]*)\): (\d+) tokens x D=(\d+) "
+                  r"x V=(\d+), (\w+), backend=(torch|triton), strategy=(recompute|fused|keep)$")
+
+
+def cutce_lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "cutce" and r.levelno == logging.INFO]
 
 
 def batch(seed=0):
@@ -70,13 +82,22 @@ def assert_same_training(reference, logs, params):
 # --- SFTTrainer on a patched model --------------------------------------------------------------
 
 
-def test_sft_trainer_on_a_patched_instance_runs_cutce_head(monkeypatch, trl_reference):
+def test_sft_trainer_on_a_patched_instance_runs_cutce_head(monkeypatch, caplog, trl_reference):
+    caplog.set_level(logging.INFO, logger="cutce")
     models = []
     logs, params, trainer, calls = sft_without_trl_head(
         monkeypatch, prepare=lambda m: models.append(ct.patch(m)) or m)
     assert calls >= 1  # cutce's head ran; TRL's would have raised
     assert hooked_by_cutce(models[0]).route == "cutce.transformers.patch"
     assert_same_training(trl_reference, logs, params)
+    lines = cutce_lines(caplog)
+    assert len(lines) == 1, lines  # one model, one route, one line
+    match = LINE.match(lines[0])
+    assert match, lines[0]
+    model, route, what, _, d, v, dtype, backend, strategy = match.groups()
+    assert (model, route, d, v, dtype, backend) == ("LlamaForCausalLM", "cutce.transformers.patch",
+                                                    "32", str(VOCAB), "float32", "torch")
+    assert what == "TRL's fused LM head: log_probs, entropy, is_top1" and strategy == "recompute"
 
 
 def test_sft_trainer_on_a_patched_class_runs_cutce_head(monkeypatch, trl_reference):
@@ -162,3 +183,43 @@ def test_unsupported_trl_warns_naming_the_trl_route(monkeypatch):
     with pytest.warns(UserWarning, match=r"TRL 1\.14\.2 is not supported.*cutce\.trl\.patch\(\)"):
         model = ct.patch(make_model("llama"))
     ct.unpatch(model)
+
+
+# --- the log line -------------------------------------------------------------------------------
+
+
+def test_log_line_once_per_model_and_route(caplog):
+    model = ct.patch(make_model("llama"))
+    with caplog.at_level(logging.WARNING, logger="cutce"):
+        model(**batch())
+    assert cutce_lines(caplog) == []  # nothing while INFO is off, and nothing recorded
+    caplog.set_level(logging.INFO, logger="cutce")
+    model(**batch())
+    model(**batch(1))
+    model(input_ids=batch()["input_ids"])  # no labels: the original forward, no head by cutce
+    hidden, weight = torch.randn(6, 8, requires_grad=True), torch.randn(40, 8)
+    cutce.linear_cross_entropy(hidden, weight, torch.randint(0, 40, (6,)))  # no route: no line
+    other = ct.patch(make_model("llama"))
+    other(**batch())
+    lines = cutce_lines(caplog)
+    assert len(lines) == 2, lines
+    for line in lines:
+        match = LINE.match(line)
+        assert match, line
+        assert match.group(2, 3) == ("cutce.transformers.patch", "the loss")
+        assert int(match.group(4)) == 2 * T and match.group(8) == "torch"  # every position
+
+    caplog.clear()
+    ctrl.patch()
+    try:
+        hooked = make_model("qwen2")
+        trl_utils.add_fused_lm_head(hooked, temperature=0.7)
+        hooked(**batch(), fused_lm_head=True)
+        hooked(**batch(), fused_lm_head=True)
+    finally:
+        ctrl.unpatch()
+    (line,) = cutce_lines(caplog)
+    match = LINE.match(line)
+    assert match and match.group(1, 2, 3) == ("Qwen2ForCausalLM", "cutce.trl.patch",
+                                              "TRL's fused LM head: log_probs")
+    assert int(match.group(4)) == int((batch()["labels"][:, 1:] != -100).sum())  # labelled only

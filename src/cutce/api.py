@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from . import backends
+from . import announce, backends
 from .engine import loss, planner
 from .engine.options import IMPLS, Options
 from .engine.problem import Problem
@@ -308,12 +308,16 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
         check = _check_targets(t1, vocab, opts.ignore_index, defer=True, tname=tname)
         coef = None if fused is None else loss.row_coefs(t1, w1, opts, cdt, cw, vocab)
     parts = None
+    strategy = None if plan is None else plan.strategy  # None: traced, planned again at run time
     if fused is not None:
         try:
             parts = _Fused(fused(h2, weight, bias, t1, coef, opts, class_weight=zsum_cw)[0])
         except torch.OutOfMemoryError as err:
             fallback_on_oom(err, problem, name)
             opts = dataclasses.replace(opts, memory_budget=0.0)
+            strategy = "recompute"
+    if strategy is not None:  # a route's first call says that cutce runs, and how
+        announce.planned(problem, name, strategy, vocab)
     if parts is None and vs is None:
         parts = be.linear_lse_parts(h2, weight, bias, t1, opts, class_weight=zsum_cw)
     elif parts is None:

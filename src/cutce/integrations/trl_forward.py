@@ -12,7 +12,8 @@ scale) is checked against what cutce computes, or the call raises. The head's hi
 parameters then go to ``linear_log_probs`` (``return_stats=True`` when a metric is asked for) with
 the labels shifted by one (or ``shift_labels`` as given) and the hook's temperature, for the
 labelled positions only (label != -100, as TRL's own head on the GPU); the outputs are 0 at the
-others. No (batch, seq, vocab) tensor is created, forward or backward.
+others. No (batch, seq, vocab) tensor is created, forward or backward. A hooked model's first
+fused call logs one INFO line on the ``"cutce"`` logger (:mod:`cutce.announce`).
 
 Distributed heads
 -----------------
@@ -49,6 +50,7 @@ import types
 
 import torch
 
+from .. import announce
 from ..engine.options import IMPLS
 from ..log_probs import linear_log_probs
 from ..validate import _fail, make_options
@@ -74,13 +76,13 @@ class _Hook:
     outputs: frozenset
     impl: str
     memory_budget: object
-    route: str  # which cutce entry point hooked the model
+    route: str  # which cutce entry point hooked the model, for the first call's log line
 
 
 def bind(output_class, model, temperature, fp32, outputs, impl, memory_budget, route):
     """Rebind ``model.forward`` to the fused forward (add_fused_lm_head's work, its arguments
     validated here); ``output_class`` is TRL's FusedCausalLMOutput, ``route`` names the cutce
-    entry point that hooks the model."""
+    entry point in the first call's log line."""
     make_options(torch.float32, reduction="none", temperature=temperature,
                  memory_budget=memory_budget)  # validates them
     if impl not in IMPLS:
@@ -157,7 +159,9 @@ def _fused_call(model, output_class, hook, call_original, args, kwargs, labels, 
                                     f"{tuple(hidden.shape)}, not aligned with the labels "
                                     f"{tuple(targets.shape)}")
     shift = shift_labels is None
-    per_token = head_apply(call, _head, targets, shift, call.softcap, call.scale, hook)
+    what = "TRL's fused LM head: " + ", ".join(o for o in OUTPUTS if o in hook.outputs)
+    with announce.first_call(base, hook.route, what):
+        per_token = head_apply(call, _head, targets, shift, call.softcap, call.scale, hook)
     log_probs = per_token[0]
     mask = (targets[:, 1:] if shift else targets).to(log_probs.device) != _IGNORE
     denom = mask.sum().clamp(min=1) if num_items is None else num_items

@@ -16,6 +16,10 @@ a tuple (``return_dict=False``) it is ``output.to_tuple()``, which leaves out ``
 
 A PEFT model (``peft.PeftModel``, e.g. LoRA) is patched through the transformers model it wraps
 (``get_base_model()``); its forward reaches that model's forward with the labels.
+
+A model's first call with labels logs one INFO line on the ``"cutce"`` logger (shape, backend,
+strategy: :mod:`cutce.announce`). While a model or class is patched, TRL's fused LM-head calls on
+it run cutce's head too (:mod:`cutce.integrations.trl_route`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import nn
 # a model instance or a model class: patch and unpatch return what they are given
 _M = TypeVar("_M")
 
+from ... import announce
 from ...api import linear_cross_entropy
 from ...module import LinearCrossEntropyLoss
 from .. import trl_route
@@ -248,8 +253,9 @@ def _forward_with_labels(model, state, labels, kwargs):
     kwargs.update(labels=None, return_dict=True)
     call = run_without_logits(model, state.original, kwargs)
     targets = _shifted_targets(call.hidden, labels, kwargs)
-    loss = head_apply(call, _causal_lm_loss, targets, kwargs.get("ignore_index", -100),
-                      kwargs.get("num_items_in_batch"), call.softcap, call.scale, state.options)
+    with announce.first_call(model, ROUTE, "the loss"):
+        loss = head_apply(call, _causal_lm_loss, targets, kwargs.get("ignore_index", -100),
+                          kwargs.get("num_items_in_batch"), call.softcap, call.scale, state.options)
     out = call.output
     aux = getattr(out, "aux_loss", None)
     if aux is not None:
