@@ -16,8 +16,9 @@ its reference and old-policy models and every loss type they build on top (NLL, 
 weightings, GRPO's entropy bonus and masks), without touching their loss code, which changes from
 release to release, while calls without the flag (generation, label smoothing, evaluation
 metrics that need logits) keep the model's original forward. The alternatives cover less or hold
-on to more private surface: cutce.transformers.patch(model) only replaces the loss, not the
-per-token outputs that the RL and preference trainers need; patching each trainer's
+on to more private surface: the loss of cutce.transformers.patch(model) is not what the RL and
+preference trainers read (they reach a patched model's head through this same hook); patching
+each trainer's
 log-prob method means one private method per trainer and release; replacing TRL's kernel
 (``ChunkedLogProbFunction``) keeps TRL's head code around it, which reads the logit transform
 from config attribute names and, off Triton devices, projects every position.
