@@ -148,7 +148,7 @@ def test_peft_model_and_options_under_trl_hook():
 def test_binding_follows_both_routes():
     """cutce's hook is bound while either route needs it, and gives every other model TRL's."""
     gc.collect()  # patched models that earlier tests dropped no longer hold the hook
-    assert not trl_route.wanted()
+    assert not trl_route.wanted(), "an earlier test keeps a patched model or class alive"
     ours = hook_module._hook
     original = trl_utils.add_fused_lm_head
     original = hook_module._BOUND.original if original is ours else original

@@ -131,7 +131,10 @@ def _show(value) -> str:
 def _trl_installed() -> bool:
     global _TRL_INSTALLED
     if _TRL_INSTALLED is None:  # asked once: find_spec reads the file system
-        _TRL_INSTALLED = importlib.util.find_spec("trl") is not None
+        try:
+            _TRL_INSTALLED = "trl" in sys.modules or importlib.util.find_spec("trl") is not None
+        except (ImportError, ValueError):  # a broken or spec-less "trl" on the path
+            _TRL_INSTALLED = False
     return _TRL_INSTALLED
 
 
