@@ -18,10 +18,9 @@ release to release, while calls without the flag (generation, label smoothing, e
 metrics that need logits) keep the model's original forward. The alternatives cover less or hold
 on to more private surface: the loss of cutce.transformers.patch(model) is not what the RL and
 preference trainers read (they reach a patched model's head through this same hook); patching
-each trainer's
-log-prob method means one private method per trainer and release; replacing TRL's kernel
-(``ChunkedLogProbFunction``) keeps TRL's head code around it, which reads the logit transform
-from config attribute names and, off Triton devices, projects every position.
+each trainer's log-prob method means one private method per trainer and release; replacing TRL's
+kernel (``ChunkedLogProbFunction``) keeps TRL's head code around it, which reads the logit
+transform from config attribute names and, off Triton devices, projects every position.
 
 Where it is bound
 -----------------
