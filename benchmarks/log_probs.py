@@ -82,30 +82,25 @@ def rel(x, ref):
 
 
 def load_trl():
-    """(ChunkedLogProbFunction or None, vocabulary chunk, note)."""
+    """(ChunkedLogProbFunction or None, vocabulary chunk, why TRL's rows are missing or "")."""
     try:
         from trl.kernels import ChunkedLogProbFunction
     except Exception as e:  # noqa: BLE001 -- any import failure is reported, not fatal
         return None, TRL_CHUNK, f"trl not importable: {type(e).__name__}: {e}"[:200]
-    import trl
-
-    note = f"trl {trl.__version__}"
     try:
         from trl.trainer import utils as trl_utils
 
         chunk = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", TRL_CHUNK)
-    except Exception as e:  # noqa: BLE001
+    except Exception:  # noqa: BLE001
         # Its backward imports maybe_gather_lm_head_ctx from trl.trainer.utils, whose imports
         # (pandas, datasets, ...) may be missing here. Without DeepSpeed ZeRO-3 that function
-        # returns a nullcontext, so a stand-in with exactly that behaviour changes nothing.
+        # returns a nullcontext, so a stand-in with exactly that behaviour changes none of TRL's
+        # numbers: the rows carry no note about it.
         stub = types.ModuleType("trl.trainer.utils")
         stub.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
         sys.modules["trl.trainer.utils"] = stub
         chunk = TRL_CHUNK
-        cause = e.__cause__ or e
-        note += (f"; trl.trainer.utils not importable ({type(cause).__name__}: {str(cause)[:60]}), its "
-                 "ZeRO-3 gather context stubbed by the nullcontext it returns without DeepSpeed")
-    return ChunkedLogProbFunction, chunk, note
+    return ChunkedLogProbFunction, chunk, ""
 
 
 def eager(h, w, t, temperature):
@@ -349,9 +344,9 @@ def main(argv=None):
     shape = tuple(int(x) for x in args.shape.split(","))
     bench = Bench(device, args.reps, args.warmup)
     trl_fn, trl_chunk, trl_note = load_trl()
-    meta = dict(results.run_metadata(device), trl_note=trl_note, flags=flags)
+    meta = dict(results.run_metadata(device), flags=flags)
     env = (f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, "
-           f"peers {results.format_peers(meta['peers'])}; {trl_note}; {meta['date']}")
+           f"peers {results.format_peers(meta['peers'])}; {meta['date']}")
     print(f"# {env}", flush=True)
     rows = []
     run_head(bench, args, shape, trl_fn, trl_chunk, trl_note, rows)
