@@ -11,7 +11,7 @@
 #   bash benchmarks/device.sh multi-gpu      # vocabulary-parallel on every GPU of the host
 #   bash benchmarks/device.sh trainers       # TRL's SFT/DPO/GRPO steps: TRL's head, plain logits, cutce
 # Peers (liger-kernel, cut-cross-entropy, trl, ...) come as wheels in .whl/, installed without
-# the network. Then: copy $OUT/*.json into benchmarks/results/ and run python benchmarks/page.py.
+# the network. Then publish the JSON in $OUT as benchmarks/README.md says ("The results page").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
