@@ -134,6 +134,27 @@ def test_page_has_one_table_per_benchmark_and_card(tmp_path):
     assert "log_probs_cuda_h100.json and log_probs_cuda_h100_again.json" in proc.stderr
 
 
+def _fsdp_run(world, seed, losses):
+    return dict(world=world, seed=seed, ms_per_step=100.0 + seed, peak_mib_rank0=700.0 / world, losses=losses)
+
+
+def test_page_shows_fsdp_runs_against_the_seed_noise(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "benchmarks.md"
+    base = [3.0 - 0.05 * i for i in range(30)]
+    _write(results / "fsdp_cuda_x2.json", "fsdp",
+           [_fsdp_run(1, 0, base), _fsdp_run(1, 1, [x + 0.01 for x in base]),
+            _fsdp_run(2, 0, [x + 0.001 for x in base])],
+           world=2, backend="nccl", reproduce="bash fsdp.sh 2",
+           setting=dict(model="Llama", hidden=64, layers=2, vocab=1000, tied_head=False, batch=4, seq=32,
+                        steps=30, optimizer="AdamW", autocast="bfloat16", patch="cutce.transformers.patch"))
+    run("page.py", "--results", str(results), "--out", str(out))
+    page = out.read_text()
+    assert "## Multi-GPU" in page and "### FSDP2 training on 2 x Test GPU" in page
+    assert "2 GPUs against 1 GPU with the same seed: 1.0e-03" in page
+    assert "1 GPU with seed 1 against seed 0: 1.0e-02" in page
+    assert "Reproduce: `bash fsdp.sh 2`" in page
+
+
 def test_the_committed_page_is_generated_from_the_committed_results(tmp_path):
     # A hand edit of docs/benchmarks.md, or a result file without its page, shows up here.
     pytest.importorskip("matplotlib")
@@ -147,14 +168,16 @@ def test_results_are_in_the_envelope():
     assert files
     for path in files:
         doc = json.loads(path.read_text())
-        assert doc["benchmark"] in ("loss", "log_probs", "distill", "multi_gpu", "hf_step", "trainers"), path
+        assert doc["benchmark"] in ("loss", "log_probs", "distill", "multi_gpu", "hf_step", "trainers",
+                                    "fsdp"), path
         assert {"date", "device", "device_name", "torch", "triton", "cutce", "commit"} <= doc["meta"].keys()
         assert doc["rows"], path
 
 
 def test_the_committed_page_is_for_users():
     page = (ROOT / "docs" / "benchmarks.md").read_text()
-    for heading in ("## Long context", "## TRL trainers: one training step"):
+    for heading in ("## Multi-GPU", "### Vocabulary-parallel loss on 2 x H200", "### FSDP2 training on 2 x H200",
+                    "## Long context", "## TRL trainers: one training step"):
         assert heading in page
     # lab notes stay out of the data and the page; one run per table, no re-checks beside it
     data = [p.read_text() for p in (ROOT / "benchmarks" / "results").glob("*.json")]
