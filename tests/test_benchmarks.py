@@ -101,6 +101,7 @@ def test_page_renders_from_a_results_folder(tmp_path):
     assert page.index("forward KL (beta 0)") < page.index("JSD (beta 0.5)")
     assert ("Reproduce: `python benchmarks/distill.py --betas 0`; "
             "`python benchmarks/distill.py --betas 0.5`") in page
+    assert "no result file here repeats a measurement yet" in page  # no repeats file: no noise claim
     assert "[Distillation](#distillation)" in page and "Multi-GPU" not in page
     (png,) = (tmp_path / "docs" / "img").glob("*.png")
     assert png.read_bytes()[:8] == PNG_MAGIC and f"](img/{png.name})" in page
@@ -155,6 +156,42 @@ def test_page_shows_fsdp_runs_against_the_seed_noise(tmp_path):
     assert "Reproduce: `bash fsdp.sh 2`" in page
 
 
+def test_repeated_runs_make_the_noise_statement(tmp_path):
+    runs = tmp_path / "runs"
+    for i, (compiled, unit) in enumerate([(10.0, 1.0), (10.5, 1.1), (11.0, 1.0)]):
+        _write(runs / f"r{i}" / "bench_cuda_tiny.json", "loss",
+               [_loss_row("cutce-triton", fwdbwd_ms=5.0 + 0.1 * (i == 2), matmul_ms=unit),
+                _loss_row("torch-compile", fwdbwd_ms=compiled, matmul_ms=unit)],
+               date=f"2026-01-02T03:0{i}:00+00:00")
+    results = tmp_path / "results"
+    run("repeats.py", "--title", "one machine", "--how", "3 runs one after another",
+        "--out", str(results / "repeats_cuda_test.json"), *map(str, sorted(runs.glob("r*/*.json"))))
+    doc = report.read_json(results / "repeats_cuda_test.json")
+    assert doc["benchmark"] == "repeats" and [r["date"][:16] for r in doc["meta"]["runs"]] == [
+        "2026-01-02T03:00", "2026-01-02T03:01", "2026-01-02T03:02"]
+    assert {(r["provider"], r["run"]) for r in doc["rows"]} == {
+        (p, i) for p in ("cutce-triton", "torch-compile", "bf16 matmul") for i in range(3)}
+    out = tmp_path / "benchmarks.md"
+    run("page.py", "--results", str(results), "--out", str(out))
+    page = out.read_text()
+    # spreads: torch-compile 1.0/10.5, cutce-triton 0.1/5.0, so the median is 5.8%
+    assert "moved by a median of 5.8% and by at most 9.5%" in page
+    # the matmul moved by 0.1/1.0, and the ratios with it
+    assert ("up to 10.0% (tiny, zipf, bf16 on the Test GPU): torch-compile at tiny, zipf, bf16 on the "
+            "Test GPU took 10, 10.5 and 11 ms, read as 10.00x, 9.55x and 11.00x") in page
+    assert "### Test GPU: one machine" in page and "3 runs: 3 runs one after another." in page
+    assert "| loss | tiny, zipf, bf16 | cutce-triton | cutce at `abc1234` | 3 | 5 | 2.0% | 11.1% |" in page
+    # runs of two cards are not repeats of each other
+    _write(runs / "r9" / "bench_cuda_tiny.json", "loss", [_loss_row("torch-compile")],
+           device_name="NVIDIA H100 80GB HBM3", date="2026-01-03T00:00:00+00:00")
+    _write(runs / "r8" / "bench_cuda_tiny.json", "loss", [_loss_row("torch-compile")],
+           device_name="NVIDIA H100 80GB HBM3", date="2026-01-03T01:00:00+00:00")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "repeats.py"), "--how", "x", "--out",
+                           str(tmp_path / "x.json"), *map(str, sorted(runs.glob("r*/*.json")))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "one card" in proc.stderr
+
+
 def test_the_committed_page_is_generated_from_the_committed_results(tmp_path):
     # A hand edit of docs/benchmarks.md, or a result file without its page, shows up here.
     pytest.importorskip("matplotlib")
@@ -169,7 +206,7 @@ def test_results_are_in_the_envelope():
     for path in files:
         doc = json.loads(path.read_text())
         assert doc["benchmark"] in ("loss", "log_probs", "distill", "multi_gpu", "hf_step", "trainers",
-                                    "fsdp"), path
+                                    "fsdp", "repeats"), path
         assert {"date", "device", "device_name", "torch", "triton", "cutce", "commit"} <= doc["meta"].keys()
         assert doc["rows"], path
 
@@ -177,8 +214,10 @@ def test_results_are_in_the_envelope():
 def test_the_committed_page_is_for_users():
     page = (ROOT / "docs" / "benchmarks.md").read_text()
     for heading in ("## Multi-GPU", "### Vocabulary-parallel loss on 2 x H200", "### FSDP2 training on 2 x H200",
-                    "## Long context", "## TRL trainers: one training step"):
+                    "## Long context", "## Run-to-run spread", "## TRL trainers: one training step"):
         assert heading in page
+    # the spread is computed from repeated runs, not stated
+    assert "**Run-to-run spread**: the same code on the same card" in page
     # lab notes stay out of the data and the page; one run per table, no re-checks beside it
     data = [p.read_text() for p in (ROOT / "benchmarks" / "results").glob("*.json")]
     for word in ("shimmed", "stubbed"):
