@@ -7,8 +7,10 @@ block and only the target logit is indexed, so the N x V logit matrix is never h
 from .api import linear_cross_entropy
 from .module import LinearCrossEntropyLoss
 from .distill import linear_distillation_loss
+from .sparse_distill import linear_sparse_distillation_loss
 from .log_probs import TokenStats, linear_log_probs
 from .engine.options import Options
 
 __version__ = "0.1.0"
-__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "linear_log_probs", "TokenStats", "linear_distillation_loss", "Options", "__version__"]
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "linear_log_probs", "TokenStats", "linear_distillation_loss",
+           "linear_sparse_distillation_loss", "Options", "__version__"]

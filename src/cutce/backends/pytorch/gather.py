@@ -1,0 +1,97 @@
+"""A few logits per token: ``y_ij = scale * (hidden_i . weight[idx_ij] + bias[idx_ij])``.
+
+The stored-teacher distillation (:mod:`cutce.sparse_distill`) needs each token's logits at its K
+candidate ids only. Gathering ``weight[idx]`` for all tokens at once would be an (N, K, D)
+tensor, K times the hidden states; here it exists for a chunk of tokens at a time, and the
+backward scatters the weight's gradient into a (V, D) accumulator with ``index_add_`` instead of
+keeping anything of the gathered rows. Cost: O(N K D) reads and multiply-adds each way, on any
+device, no N x V tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .common import compute_dtype
+
+# Bytes of one chunk's gathered rows in the compute dtype (a chunk x K x D tensor, plus as much
+# again for the backward's products). Larger chunks only save Python overhead.
+GATHER_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
+
+
+def _step(n: int, k: int, d: int, cdt: torch.dtype, device: torch.device) -> int:
+    per_row = 2 * max(k * d, 1) * torch.finfo(cdt).bits // 8
+    return max(1, min(max(n, 1), GATHER_BYTES.get(device.type, GATHER_BYTES["cpu"]) // per_row))
+
+
+def _rows(weight: Tensor, idx: Tensor, cdt: torch.dtype) -> Tensor:
+    """weight[idx] for an (c, K) chunk of indices, as (c, K, D) in ``cdt``."""
+    c, k = idx.shape
+    return weight.index_select(0, idx.reshape(-1)).to(cdt).view(c, k, weight.shape[1])
+
+
+class _GatherLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, idx, scale):
+        cdt = compute_dtype(hidden.dtype)
+        n, k = idx.shape
+        live = idx >= 0
+        safe = torch.where(live, idx, 0)
+        out = torch.empty(n, k, dtype=cdt, device=hidden.device)
+        step = _step(n, k, hidden.shape[1], cdt, hidden.device)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            out[s:e] = torch.bmm(_rows(weight, safe[s:e], cdt), hidden[s:e, :, None].to(cdt))[..., 0]
+        if bias is not None:
+            out += bias.to(cdt)[safe]
+        # where, not a product: a padded id's row may hold anything
+        out = torch.where(live, out * scale, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, safe, live)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        hidden, weight, bias, safe, live = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        cdt = compute_dtype(hidden.dtype)
+        g = torch.where(live, grad.to(cdt) * ctx.scale, 0.0)
+        n, k = safe.shape
+        dh = torch.empty(n, hidden.shape[1], dtype=cdt, device=hidden.device) if need_h else None
+        # the weight's gradient summed in the compute dtype (a 16-bit one takes one rounding)
+        dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        step = _step(n, k, hidden.shape[1], cdt, hidden.device)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            if need_h:
+                dh[s:e] = torch.bmm(g[s:e, None, :], _rows(weight, safe[s:e], cdt))[:, 0]
+            if need_w:
+                prod = g[s:e, :, None] * hidden[s:e, None, :].to(cdt)  # (c, K, D)
+                dw.index_add_(0, safe[s:e].reshape(-1), prod.view(-1, hidden.shape[1]))
+        db = None
+        if need_b and bias is not None:
+            db = torch.zeros(bias.shape, dtype=cdt, device=bias.device)
+            db = db.index_add_(0, safe.reshape(-1), g.reshape(-1)).to(bias.dtype)
+        return (None if dh is None else dh.to(hidden.dtype),
+                None if dw is None else dw.to(weight.dtype), db, None, None)
+
+
+def gather_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Tensor,
+                  scale: float = 1.0) -> Tensor:
+    """Logits of each token at a few classes, differentiable w.r.t. hidden, weight and bias.
+
+    Args:
+        hidden: (N, D) float16/bfloat16/float32/float64. weight: (V, D) in hidden's dtype.
+        bias: (V,) or None. idx: (N, K) int64 row indices into weight, or -1 (no class: the
+            logit is 0 and gets no gradient). scale: multiplies the logits.
+
+    Returns:
+        (N, K) float32 (float64 for float64 inputs): ``scale * (hidden[i] . weight[idx[i, j]]
+        + bias[idx[i, j]])``, 0 where idx is -1. The backward adds into the weight's gradient
+        with ``index_add_`` (on CUDA a float atomic add, whose order and so last bits vary from
+        run to run unless ``torch.use_deterministic_algorithms(True)``).
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _GatherLogits.apply(hidden, weight, bias, idx, float(scale))

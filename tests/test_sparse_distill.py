@@ -1,0 +1,389 @@
+"""linear_sparse_distillation_loss against a float64 reference written here from materialized
+logits (the docstring's expression: log_softmax over the whole vocabulary, gathered at the
+teacher's ids), on fresh ragged inputs: teacher ids from a real top-K, padded to a ragged length
+with ignore_index at random columns (NaN log-probs there), one token with no id at all.
+
+The torch path runs in float64 with tight tolerances over seeded random option combinations; the
+Triton path (the interpreter on CPU: a few small cases) in float32, within 1.5x the float32 torch
+path's own error against float64.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cutce
+from cutce.backends.pytorch import gather
+from markdown_blocks import ROOT, example_env
+from reference import rel_err
+from triton_support import DEV, requires_triton
+
+F64 = torch.float64
+D, V = 53, 211
+IGNORE = -100
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: one thread is as fast
+
+
+def reference(h, w, ids, lp, targets=None, *, bias=None, tail="drop", temperature=1.0,
+              softcap=None, logit_scale=1.0, ignore_index=IGNORE, ce_weight=0.0,
+              reduction="mean", shift=False, token_weights=None, **_):
+    """The loss from the student's dense float64 logits, computed on the tokens that count only
+    (so that a token without ids cannot put a NaN into a gradient)."""
+    if shift:
+        h, ids, lp = h[..., :-1, :], ids[..., :-1, :], lp[..., :-1, :]
+        targets = None if targets is None else targets[..., 1:]
+        token_weights = None if token_weights is None else token_weights[..., 1:]
+    lead, k = h.shape[:-1], ids.shape[-1]
+    ids, lp = ids.reshape(-1, k).long(), lp.reshape(-1, k).to(F64)
+    z = h.reshape(-1, h.shape[-1]).to(F64) @ w.to(F64).T
+    if bias is not None:
+        z = z + bias.to(F64)
+    z = logit_scale * z
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    pad = ids == ignore_index
+    valid = (~pad).any(-1)
+    if targets is not None:
+        t = targets.reshape(-1).long()
+        valid = valid & (t != ignore_index)
+    rows = valid.nonzero()[:, 0]
+    zv, padv = z[rows], pad[rows]
+    lpv = lp[rows].masked_fill(padv, 0.0)
+    lq = torch.log_softmax(zv / temperature, -1).gather(1, ids[rows].masked_fill(padv, 0))
+    p = lpv.exp().masked_fill(padv, 0.0)
+    mass = p.sum(-1)
+
+    def kl(p, lp, lq):
+        return torch.where(p > 0, p * (lp - lq), 0.0).sum(-1)
+
+    if tail == "drop":
+        d = kl(p, lpv, lq)
+    elif tail == "renormalize":
+        lqk = lq - torch.logsumexp(lq.masked_fill(padv, -math.inf), -1, keepdim=True)
+        d = kl(p / mass[:, None], lpv - mass.log()[:, None], lqk)
+    else:
+        r = (1.0 - mass).clamp(min=0.0)
+        q_mass = lq.exp().masked_fill(padv, 0.0).sum(-1)
+        d = kl(p, lpv, lq) + torch.where(r > 0, r * (r.log() - torch.log(1.0 - q_mass)), 0.0)
+    loss = (1.0 - ce_weight) * d
+    if ce_weight:
+        loss = loss + ce_weight * F.cross_entropy(zv, t[rows], reduction="none")
+    n = ids.shape[0]
+    wt = torch.ones(n, dtype=F64) if token_weights is None else token_weights.reshape(-1).to(F64)
+    out = torch.zeros(n, dtype=F64).index_put((rows,), wt[rows] * loss)
+    if reduction == "none":
+        return out.reshape(lead)
+    if reduction == "sum":
+        return out.sum()
+    return out.sum() / wt[valid].sum() if bool(valid.any()) else out.sum() * 0.0
+
+
+def make(gen, lead, k, dtype=F64, *, bias=True, lp_grad=False, ignore_frac=0.2):
+    """Leaves (hidden, weight, bias), a teacher's top-k (ids, log-probs) made ragged, targets."""
+    lead = (lead,) if isinstance(lead, int) else tuple(lead)
+    h = torch.randn(*lead, D, generator=gen, dtype=F64)
+    w = torch.randn(V, D, generator=gen, dtype=F64) * (2.5 / D**0.5)
+    b = torch.randn(V, generator=gen, dtype=F64) if bias else None
+    teacher = (torch.randn(*lead, V, generator=gen, dtype=F64) * 3.0).log_softmax(-1)
+    lp, ids = teacher.topk(k, dim=-1)
+    keep = torch.randint(1, k + 1, (*lead, 1), generator=gen)
+    pad = torch.arange(k) >= keep  # a ragged length per token ...
+    pad.view(-1, k)[3] = True  # ... and a token with no id
+    cols = torch.rand(*lead, k, generator=gen).argsort(-1)  # padding at any column
+    ids = torch.where(pad, IGNORE, ids).gather(-1, cols)
+    lp = torch.where(pad, math.nan, lp).gather(-1, cols)
+    t = torch.randint(0, V, lead, generator=gen)
+    t = torch.where(torch.rand(lead, generator=gen) < ignore_frac, IGNORE, t)
+    t.view(-1)[[1, 6]] = IGNORE
+    t.view(-1)[-1] = 7
+
+    def leaf(x, grad=True):
+        return None if x is None else x.to(dtype).to(DEV).requires_grad_(grad)
+
+    return leaf(h), leaf(w), leaf(b), ids.to(DEV), leaf(lp, lp_grad), t.to(DEV)
+
+
+def weights(gen, lead, dtype, grad=False):
+    """Fresh token weights in [0.25, 1.75) (never zero), a leaf."""
+    return (torch.rand(lead, generator=gen) * 1.5 + 0.25).to(dtype).to(DEV).requires_grad_(grad)
+
+
+def values(out, leaves, g):
+    """(out, d(out . g)/d leaf for each leaf) as float64 (zeros for a leaf the loss does not
+    use: the teacher's log-probs at ce_weight=1)."""
+    grads = torch.autograd.grad((out.double() * g).sum(), leaves, allow_unused=True)
+    return [out.detach().double()] + [torch.zeros_like(x, dtype=F64) if d is None else d.double()
+                                      for x, d in zip(leaves, grads)]
+
+
+def as_f64(x):
+    if x is None or not x.is_floating_point():
+        return x
+    return x.detach().to(F64).requires_grad_(x.requires_grad)
+
+
+def run(impl, tensors, tw, opts):
+    h, w, b, ids, lp, t = tensors
+    return cutce.linear_sparse_distillation_loss(
+        h, w, ids, lp, t if opts.get("with_targets", True) else None, bias=b, token_weights=tw,
+        impl=impl, **{k: v for k, v in opts.items() if k != "with_targets"})
+
+
+def run_reference(tensors, tw, opts):
+    h, w, b, ids, lp, t = tensors
+    return reference(h, w, ids, lp, t if opts.get("with_targets", True) else None, bias=b,
+                     token_weights=tw, **opts)
+
+
+# ---- torch path, float64: seeded random option combinations --------------------------------
+
+def draw(seed):
+    """One combination of options (seeded; the first few are fixed corners)."""
+    r = random.Random(seed)
+    opts = dict(
+        tail=("drop", "renormalize", "bucket")[seed % 3],
+        reduction=("mean", "sum", "none")[(seed // 3) % 3],
+        temperature=r.choice([1.0, 1.0, 0.7, 1.9]),
+        ce_weight=r.choice([0.0, 0.0, 0.3, 1.0]),
+        softcap=r.choice([None, None, 4.0]),
+        logit_scale=r.choice([1.0, 1.0, 0.6]),
+        shift=r.random() < 0.4,
+        memory_budget=r.choice([None, 0, 8.0]),  # 8: the fused pass at these tiny shapes
+        with_targets=r.random() < 0.7,
+    )
+    if opts["ce_weight"] > 0:
+        opts["with_targets"] = True
+    extra = dict(k=r.randint(5, 9), bias=r.random() < 0.6, lp_grad=r.random() < 0.3,
+                 tw=r.choice(["no-w", "w", "w-grad"]), chunked=r.random() < 0.5)
+    return opts, extra
+
+
+@pytest.mark.parametrize("seed", range(36))
+def test_torch_float64_matches_reference(gen, seed, monkeypatch):
+    """Loss and the gradients of hidden, weight, bias, differentiable token weights and
+    teacher log-probs, for an upstream gradient of random values."""
+    opts, extra = draw(seed)
+    if extra["chunked"]:  # a few tokens per gathered chunk: the chunk loops
+        monkeypatch.setitem(gather.GATHER_BYTES, DEV, 2 * extra["k"] * D * 8 * 5)
+    lead = (3, 13) if opts["shift"] else 37
+    tensors = make(gen, lead, extra["k"], bias=extra["bias"], lp_grad=extra["lp_grad"])
+    tw = None if extra["tw"] == "no-w" else weights(gen, tensors[-1].shape, F64,
+                                                    grad=extra["tw"] == "w-grad")
+    leaves = [x for x in (*tensors[:3], tensors[4], tw) if x is not None and x.requires_grad]
+    ref = run_reference(tensors, tw, opts)
+    g = torch.randn(ref.shape, generator=gen, dtype=F64)
+    want = values(ref, leaves, g)
+    assert torch.isfinite(want[0]).all() and want[0].abs().max() > 0
+    out = run("torch", tensors, tw, opts)
+    assert out.dtype == F64 and out.shape == ref.shape
+    for i, (a, r) in enumerate(zip(values(out, leaves, g), want)):
+        assert rel_err(a, r) < 1e-10, (opts, extra, i, rel_err(a, r))
+
+
+@pytest.mark.parametrize("tail", ["drop", "bucket"])
+def test_fused_and_zero_budget_agree(gen, tail):
+    """"mean" with a budget that fuses the pass ("drop": gradients formed in the forward, one
+    backward) and at 0 (may be backpropagated twice): the same loss and gradients."""
+    h, w, b, ids, lp, t = make(gen, 37, 6)
+    leaves = [h, w, b]
+
+    def call(budget):
+        return cutce.linear_sparse_distillation_loss(h, w, ids, lp, t, bias=b, tail=tail,
+                                                     ce_weight=0.3, memory_budget=budget,
+                                                     impl="torch")
+
+    zero = call(0)
+    first = torch.autograd.grad(zero, leaves, retain_graph=True)
+    second = torch.autograd.grad(zero, leaves)
+    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    fused = call(8.0)
+    assert rel_err(fused, zero) < 1e-13
+    again = torch.autograd.grad(fused, leaves, retain_graph=True)
+    assert all(rel_err(x, y) < 1e-12 for x, y in zip(again, first))
+    if tail == "drop":
+        with pytest.raises(RuntimeError, match="already backpropagated"):
+            torch.autograd.grad(fused, leaves)
+    else:  # the bucket's per-token path
+        torch.autograd.grad(fused, leaves)
+
+
+def test_bfloat16_inputs(gen):
+    """16-bit heads: the loss in float32 within float32 rounding of the reference on the same
+    (rounded) values; gradients in bfloat16."""
+    tensors = make(gen, (3, 13), 8, dtype=torch.bfloat16)
+    opts = dict(tail="bucket", ce_weight=0.3, temperature=1.9, shift=True)
+    out = run("torch", tensors, None, opts)
+    assert out.dtype == torch.float32
+    assert rel_err(out, run_reference([as_f64(x) for x in tensors], None, opts)) < 1e-5
+    got = torch.autograd.grad(out, tensors[:3])
+    t64 = [as_f64(x) for x in tensors]
+    want = torch.autograd.grad(run_reference(t64, None, opts), t64[:3])
+    for a, r in zip(got, want):
+        assert a.dtype == torch.bfloat16 and rel_err(a, r) < 1e-2
+
+
+# ---- the Triton path (the interpreter on CPU), float32 ----------------------------------------
+
+TRITON_CASES = {
+    # "mean", T = 1, the CE term in the same pass: the fused kernels at the default budget
+    "drop-mean-merged": dict(tail="drop", ce_weight=0.3, softcap=5.0, logit_scale=0.6,
+                             tw="w", memory_budget=8.0),
+    # per-token lse at T and at 1 (two passes), shifted rows
+    "bucket-none-shift": dict(tail="bucket", reduction="none", ce_weight=0.3, temperature=1.7,
+                              shift=True, tw="w-grad"),
+    # no full-vocabulary pass for D: the CE's only
+    "renorm-sum": dict(tail="renormalize", reduction="sum", ce_weight=0.3, temperature=0.7),
+    "drop-sum-T": dict(tail="drop", reduction="sum", temperature=1.9, with_targets=False),
+}
+
+
+@requires_triton
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_triton_matches_reference(gen, case):
+    opts = dict(TRITON_CASES[case])
+    tw_kind = opts.pop("tw", "no-w")
+    lead = (3, 13) if opts.get("shift") else 37
+    tensors = make(gen, lead, 7, dtype=torch.float32)
+    tw = None if tw_kind == "no-w" else weights(gen, tensors[-1].shape, torch.float32,
+                                                grad=tw_kind == "w-grad")
+    leaves = [x for x in (*tensors[:3], tw) if x is not None and x.requires_grad]
+    t64, tw64 = [as_f64(x) for x in tensors], as_f64(tw)
+    ref = run_reference(t64, tw64, opts)
+    g = torch.randn(ref.shape, generator=gen, dtype=F64).to(DEV)
+    want = values(ref, [x for x in (*t64[:3], tw64) if x is not None and x.requires_grad], g)
+    base = values(run("torch", tensors, tw, opts), leaves, g)
+    out = run("triton", tensors, tw, opts)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    for i, (a, b, r) in enumerate(zip(values(out, leaves, g), base, want)):
+        torch_err = rel_err(b, r)
+        assert torch_err < 1e-4, (i, torch_err)
+        assert rel_err(a, r) <= 1.5 * torch_err + 2e-6, (i, rel_err(a, r), torch_err)
+
+
+# ---- edge cases -------------------------------------------------------------------------------
+
+def test_nothing_counts_gives_zero_and_zero_gradients(gen):
+    h, w, b, ids, lp, t = make(gen, 11, 5)
+    for targets, idx in ((torch.full_like(t, IGNORE), ids), (t, torch.full_like(ids, IGNORE))):
+        for tail in ("drop", "renormalize", "bucket"):
+            out = cutce.linear_sparse_distillation_loss(h, w, idx, lp, targets, bias=b, tail=tail,
+                                                        ce_weight=0.3, impl="torch")
+            assert out.item() == 0.0
+            grads = torch.autograd.grad(out, (h, w, b))
+            assert all((x == 0).all() for x in grads), tail
+
+
+def test_mean_with_zero_weights_is_nan(gen):
+    h, w, b, ids, lp, t = make(gen, 11, 5)
+    tw = torch.zeros(11, dtype=F64)
+    out = cutce.linear_sparse_distillation_loss(h, w, ids, lp, t, token_weights=tw, impl="torch")
+    assert torch.isnan(out)
+    out = cutce.linear_sparse_distillation_loss(h, w, ids, lp, t, token_weights=tw,
+                                                reduction="sum", impl="torch")
+    assert out.item() == 0.0
+
+
+def test_zero_probability_and_full_mass(gen):
+    """A -inf log-prob is an id of probability 0: for "drop" the same as padding it; for the
+    others the id still belongs to the student's K (renormalization, its mass Q); finite
+    gradients. A teacher whose mass on its ids reaches 1 has an empty bucket (the bucket loss
+    is the drop loss)."""
+    h, w, b, ids, lp, t = make(gen, 11, 6, ignore_frac=0.0)
+    live = (ids != IGNORE).nonzero()
+    row, col = live[live[:, 0] != 3][0].tolist()
+    lp_inf, ids_pad = lp.clone(), ids.clone()
+    lp_inf[row, col], ids_pad[row, col] = -math.inf, IGNORE
+    for tail in ("drop", "renormalize", "bucket"):
+        a = cutce.linear_sparse_distillation_loss(h, w, ids, lp_inf, t, bias=b, tail=tail,
+                                                  reduction="none", impl="torch")
+        ref = reference(h, w, ids, lp_inf, t, bias=b, tail=tail, reduction="none")
+        g = torch.randn(a.shape, generator=gen, dtype=F64)
+        for x, y in zip(values(a, [h, w, b], g), values(ref, [h, w, b], g)):
+            assert torch.isfinite(x).all() and rel_err(x, y) < 1e-10, tail
+        if tail == "drop":
+            padded = cutce.linear_sparse_distillation_loss(h, w, ids_pad, lp, t, bias=b,
+                                                           reduction="none", impl="torch")
+            assert rel_err(a, padded) < 1e-13
+    full = torch.where(ids != IGNORE, math.log(0.6), lp)  # sum of p >= 1 where >= 2 ids
+    outs = [cutce.linear_sparse_distillation_loss(h, w, ids, full, t, bias=b, tail=tail,
+                                                  reduction="none", impl="torch")
+            for tail in ("drop", "bucket")]
+    several = ((ids != IGNORE).sum(-1) >= 2) & (t != IGNORE)
+    assert several.any() and torch.equal(outs[0][several], outs[1][several])
+    assert all(torch.isfinite(x).all() for x in torch.autograd.grad(outs[1].sum(), (h, w, b)))
+
+
+def test_int32_ids_and_targets(gen):
+    h, w, b, ids, lp, t = make(gen, 11, 5)
+    a = cutce.linear_sparse_distillation_loss(h, w, ids.int(), lp, t.int(), ce_weight=0.3,
+                                              impl="torch")
+    assert a == cutce.linear_sparse_distillation_loss(h, w, ids, lp, t, ce_weight=0.3, impl="torch")
+
+
+def test_bad_inputs_raise(gen):
+    h, w, b, ids, lp, t = make(gen, (2, 6), 5)
+    call = cutce.linear_sparse_distillation_loss
+    bad = [
+        (dict(teacher_ids=ids.float()), r"teacher_ids dtype: expected torch.int64 or torch.int32"),
+        (dict(teacher_ids=ids[:, :5]), r"teacher_ids: expected shape \(2, 6\) \+ \(K,\) with K >= 1"),
+        (dict(teacher_ids=ids[..., :0], teacher_logprobs=lp[..., :0]),
+         r"teacher_ids: expected shape .* got \(2, 6, 0\)"),
+        (dict(teacher_logprobs=lp[..., :4]), r"teacher_logprobs: expected teacher_ids' shape"),
+        (dict(teacher_logprobs=ids), r"teacher_logprobs dtype: expected a float dtype"),
+        (dict(teacher_ids=[1, 2]), r"teacher_ids: expected a torch.Tensor, got list"),
+        (dict(tail="top"), r"tail: expected one of \('drop', 'renormalize', 'bucket'\), got 'top'"),
+        (dict(temperature=0.0), r"temperature: expected a number > 0.0, got 0.0"),
+        (dict(ce_weight=1.5), r"ce_weight: expected a number <= 1.0, got 1.5"),
+        (dict(ce_weight=0.3, targets=None), r"targets: expected a tensor of class indices when ce_weight > 0"),
+        (dict(reduction="avg"), r"reduction: expected one of"),
+        (dict(impl="cuda"), r"impl: expected one of"),
+        (dict(softcap=-1.0), r"softcap: expected a number > 0.0"),
+        (dict(token_weights=torch.ones(2, 5, dtype=F64)), r"token_weights: expected targets' shape"),
+        (dict(targets=t[:, :5]), r"targets: expected shape \(2, 6\)"),
+        (dict(weight=w[:, :7]), r"weight: expected shape \(V, 53\)"),
+    ]
+    for change, message in bad:
+        args = {**dict(hidden=h, weight=w, teacher_ids=ids, teacher_logprobs=lp, targets=t),
+                **change}
+        impl = args.pop("impl", "torch")
+        with pytest.raises(ValueError, match=message):
+            call(args.pop("hidden"), args.pop("weight"), args.pop("teacher_ids"),
+                 args.pop("teacher_logprobs"), args.pop("targets"), impl=impl, **args)
+    # an explicit impl="triton" that cannot run raises, also where no pass would use it
+    with pytest.raises(RuntimeError, match="impl='triton' cannot run.*float64"):
+        call(h, w, ids, lp, tail="renormalize", impl="triton")
+
+
+def test_bad_ids_raise(gen):
+    h, w, b, ids, lp, t = make(gen, (2, 6), 5)
+    live = (ids != IGNORE).nonzero()
+    i, j, k = live[0].tolist()
+    for value, message in ((V, rf"teacher_ids: expected class ids in \[0, {V}\) or ignore_index=-100, got {V}"),
+                           (-1, r"teacher_ids: expected class ids .* got -1")):
+        bad = ids.clone()
+        bad[i, j, k] = value
+        with pytest.raises(ValueError, match=message):
+            cutce.linear_sparse_distillation_loss(h, w, bad, lp, t, impl="torch")
+    row = ((ids != IGNORE).sum(-1) >= 2).nonzero()[0].tolist()
+    cols = (ids[row[0], row[1]] != IGNORE).nonzero()[:, 0]
+    bad = ids.clone()
+    bad[row[0], row[1], cols[1]] = bad[row[0], row[1], cols[0]]
+    with pytest.raises(ValueError, match=r"teacher_ids: expected distinct ids in each token's list"):
+        cutce.linear_sparse_distillation_loss(h, w, bad, lp, t, impl="torch")
+    # an id equal to ignore_index repeated is padding, not a repeat
+    cutce.linear_sparse_distillation_loss(h, w, ids, lp, t, impl="torch")
+
+
+def test_example_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "sparse_distillation.py")],
+                          cwd=ROOT, env=example_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.stdout.rstrip().endswith("OK"), proc.stdout
