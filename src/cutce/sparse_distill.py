@@ -85,8 +85,11 @@ def linear_sparse_distillation_loss(
             any device.
         memory_budget: the cross-entropy pass's (see :func:`cutce.linear_cross_entropy`).
             Within it a "mean"/"sum" call with tail "drop" (or "renormalize" with ce_weight > 0)
-            takes the fused three-GEMM strategy, whose backward runs once; "none", "bucket",
-            differentiable token weights or teacher log-probs take the per-token path.
+            takes the fused three-GEMM strategy, whose backward runs once (differentiable token
+            weights or teacher log-probs take the recompute strategy); "none" and "bucket" take
+            the per-token path. Apart from the budget, the K logits' backward forms their
+            weight gradient as a V x D float32 tensor (for 16-bit weights: twice the weight's
+            size) before adding it to the pass's.
         vocab_group, vocab_start, reduce_hidden_grad: vocabulary parallelism, as
             :func:`cutce.linear_cross_entropy`'s (a Shard(0) DTensor weight splits without
             vocab_group). teacher_ids and targets hold global ids; hidden, teacher_ids,
@@ -133,6 +136,8 @@ def linear_sparse_distillation_loss(
         api._fail("tail", f"one of {TAILS}", repr(tail))
     if impl not in IMPLS:
         api._fail("impl", f"one of {IMPLS}", repr(impl))
+    if not isinstance(shift, bool):
+        api._fail("shift", "a bool", repr(shift))
     opts = api.make_options(torch.float32, ignore_index=ignore_index, reduction=reduction,
                             softcap=softcap, logit_scale=logit_scale, temperature=temperature,
                             memory_budget=memory_budget)
@@ -152,15 +157,19 @@ def linear_sparse_distillation_loss(
     api.choose_backend(impl, h2)  # an explicit impl that cannot run raises, passes or not
     k = ids.shape[-1]
     ids, lp = ids.reshape(-1, k).long(), lp.reshape(-1, k)
-    check_ids = _check_ids(ids, weight.shape[0] if vs is None else vs.vocab, ignore_index)
     cdt = torch.float64 if h2.dtype == torch.float64 else torch.float32
-    cand = ids != ignore_index
+    vocab = weight.shape[0] if vs is None else vs.vocab
+    check_ids = _check_ids(ids, vocab, ignore_index)
+    # ids (and targets) out of range count as padding (ignored) until their deferred checks
+    # raise: no out-of-bounds index reaches the device
+    cand = (ids != ignore_index) & (ids >= 0) & (ids < vocab)
     valid = cand.any(dim=1) & (t1 != ignore_index)
 
     # the student's logits at the K ids (and at the target, for the CE term), after softcap
     cols = torch.where(cand, ids, -1)
     if ce_weight > 0.0:
-        cols = torch.cat([cols, torch.where(valid, t1, -1)[:, None]], dim=1)
+        owned = valid & (t1 >= 0) & (t1 < vocab)
+        cols = torch.cat([cols, torch.where(owned, t1, -1)[:, None]], dim=1)
     if vs is None:
         z = gather_logits(h2, weight, bias, cols, opts.logit_scale)
     else:
