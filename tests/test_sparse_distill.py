@@ -23,7 +23,7 @@ import cutce
 from cutce.backends.pytorch import gather
 from markdown_blocks import ROOT, example_env
 from reference import rel_err
-from triton_support import DEV, requires_triton
+from triton_support import DEV, gpu, requires_triton
 
 F64 = torch.float64
 D, V = 53, 211
@@ -77,8 +77,9 @@ def reference(h, w, ids, lp, targets=None, *, bias=None, tail="drop", temperatur
     if ce_weight:
         loss = loss + ce_weight * F.cross_entropy(zv, t[rows], reduction="none")
     n = ids.shape[0]
-    wt = torch.ones(n, dtype=F64) if token_weights is None else token_weights.reshape(-1).to(F64)
-    out = torch.zeros(n, dtype=F64).index_put((rows,), wt[rows] * loss)
+    wt = (torch.ones(n, dtype=F64, device=z.device) if token_weights is None
+          else token_weights.reshape(-1).to(F64))
+    out = torch.zeros(n, dtype=F64, device=z.device).index_put((rows,), wt[rows] * loss)
     if reduction == "none":
         return out.reshape(lead)
     if reduction == "sum":
@@ -345,6 +346,7 @@ def test_bad_inputs_raise(gen):
         (dict(ce_weight=0.3, targets=None), r"targets: expected a tensor of class indices when ce_weight > 0"),
         (dict(reduction="avg"), r"reduction: expected one of"),
         (dict(impl="cuda"), r"impl: expected one of"),
+        (dict(shift=1), r"shift: expected a bool, got 1"),
         (dict(softcap=-1.0), r"softcap: expected a number > 0.0"),
         (dict(token_weights=torch.ones(2, 5, dtype=F64)), r"token_weights: expected targets' shape"),
         (dict(targets=t[:, :5]), r"targets: expected shape \(2, 6\)"),
@@ -382,8 +384,49 @@ def test_bad_ids_raise(gen):
     cutce.linear_sparse_distillation_loss(h, w, ids, lp, t, impl="torch")
 
 
+# ---- CUDA (skipped on CPU): bfloat16 through the Triton kernels at a moderate shape -----------
+
+@gpu
+@pytest.mark.parametrize("tail", ["drop", "renormalize", "bucket"])
+def test_cuda_bfloat16(tail):
+    """bf16 heads, impl="auto" (Triton): within float32 rounding of float64 on the same rounded
+    inputs for the loss, within bf16 rounding for the gradients."""
+    g = torch.Generator().manual_seed(0)
+    n, d, v, k = 2048, 256, 8192, 64
+    h = torch.randn(n, d, generator=g).bfloat16().cuda().requires_grad_()
+    w = (torch.randn(v, d, generator=g) * (3.0 / d**0.5)).bfloat16().cuda().requires_grad_()
+    lp, ids = (torch.randn(n, v, generator=g) * 4.0).log_softmax(-1).topk(k)
+    ids, lp, t = ids.cuda(), lp.cuda(), torch.randint(0, v, (n,), generator=g).cuda()
+    opts = dict(tail=tail, temperature=1.5, ce_weight=0.2)
+    out = cutce.linear_sparse_distillation_loss(h, w, ids, lp, t, **opts)
+    got = [out] + list(torch.autograd.grad(out, (h, w)))
+    h64, w64 = (x.detach().double().requires_grad_() for x in (h, w))
+    ref = reference(h64, w64, ids, lp, t, **opts)
+    want = [ref] + list(torch.autograd.grad(ref, (h64, w64)))
+    assert rel_err(got[0], want[0]) < 1e-4
+    assert all(rel_err(a, b) < 1e-2 for a, b in zip(got[1:], want[1:]))
+
+
 def test_example_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "sparse_distillation.py")],
                           cwd=ROOT, env=example_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.stdout.rstrip().endswith("OK"), proc.stdout
+
+
+def test_benchmark_cpu_smoke(tmp_path):
+    """The GPU benchmark's logic at tiny sizes: every tail and provider row, exact errors."""
+    import json
+
+    proc = subprocess.run([sys.executable, "benchmarks/sparse_distill.py", "--cpu-smoke", "--out",
+                           str(tmp_path)], cwd=ROOT, env=example_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    doc = json.loads((tmp_path / "sparse_distill_cpu.json").read_text())
+    assert doc["benchmark"] == "sparse_distill" and doc["meta"]["device"] == "cpu"
+    rows = doc["rows"]
+    assert {(r["tail"], r["provider"]) for r in rows} == {
+        (t, p) for t in ("drop", "renormalize", "bucket") for p in ("cutce", "torch", "cutce-torch")}
+    for r in rows:
+        assert r["status"] == "ok" and r["ms"] > 0, r
+        assert max(r["loss_err"], r["dE_err"], r["dC_err"]) < 1e-5, r
