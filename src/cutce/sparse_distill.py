@@ -238,7 +238,8 @@ def linear_sparse_distillation_loss(
             rows = rows + ce_weight * (lse_1 - z_ce)
         rows = torch.where(valid, rows, 0.0)
         if opts.reduction == "none":
-            out = (rows if w1 is None else torch.where(valid, rows * w1.to(cdt), 0.0)).reshape(out_shape)
+            out = rows if w1 is None else torch.where(valid, rows * w1.to(cdt), 0.0)
+            out = out.reshape(out_shape)
         else:
             out = (rows * _coefficients(valid, w1, opts.reduction, cdt)).sum()
     for pending in (check, check_ids):

@@ -26,9 +26,22 @@ def _step(n: int, k: int, d: int, cdt: torch.dtype, device: torch.device) -> int
 
 
 def _rows(weight: Tensor, idx: Tensor, cdt: torch.dtype) -> Tensor:
-    """weight[idx] for an (c, K) chunk of indices, as (c, K, D) in ``cdt``."""
+    """weight[idx] for an (c, K) chunk of indices, as (c, K, D): in the weight's own dtype where
+    CUDA multiplies it into float32 results (16-bit; no float32 copy), else in ``cdt``."""
     c, k = idx.shape
-    return weight.index_select(0, idx.reshape(-1)).to(cdt).view(c, k, weight.shape[1])
+    rows = weight.index_select(0, idx.reshape(-1)).view(c, k, weight.shape[1])
+    return rows if _mixed(weight) else rows.to(cdt)
+
+
+def _mixed(t: Tensor) -> bool:
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+
+
+def _bmm(a: Tensor, b: Tensor, cdt: torch.dtype) -> Tensor:
+    """a @ b in ``cdt``; 16-bit CUDA operands go in as they are, with float32 results."""
+    if _mixed(b):
+        return torch.bmm(a.to(b.dtype), b, out_dtype=torch.float32)
+    return torch.bmm(a.to(cdt), b.to(cdt))
 
 
 class _GatherLogits(torch.autograd.Function):
@@ -42,7 +55,7 @@ class _GatherLogits(torch.autograd.Function):
         step = _step(n, k, hidden.shape[1], cdt, hidden.device)
         for s in range(0, n, step):
             e = min(s + step, n)
-            out[s:e] = torch.bmm(_rows(weight, safe[s:e], cdt), hidden[s:e, :, None].to(cdt))[..., 0]
+            out[s:e] = _bmm(_rows(weight, safe[s:e], cdt), hidden[s:e, :, None], cdt)[..., 0]
         if bias is not None:
             out += bias.to(cdt)[safe]
         # where, not a product: a padded id's row may hold anything
@@ -66,7 +79,7 @@ class _GatherLogits(torch.autograd.Function):
         for s in range(0, n, step):
             e = min(s + step, n)
             if need_h:
-                dh[s:e] = torch.bmm(g[s:e, None, :], _rows(weight, safe[s:e], cdt))[:, 0]
+                dh[s:e] = _bmm(g[s:e, None, :], _rows(weight, safe[s:e], cdt), cdt)[:, 0]
             if need_w:
                 prod = g[s:e, :, None] * hidden[s:e, None, :].to(cdt)  # (c, K, D)
                 dw.index_add_(0, safe[s:e].reshape(-1), prod.view(-1, hidden.shape[1]))
