@@ -384,6 +384,19 @@ def test_bad_ids_raise(gen):
     cutce.linear_sparse_distillation_loss(h, w, ids, lp, t, impl="torch")
 
 
+def test_torch_compile_aot_eager(gen):
+    """Under torch.compile (aot_eager: seconds on CPU) the loss and gradients are eager's."""
+    h, w, b, ids, lp, t = make(gen, 37, 6, dtype=torch.float32)
+
+    def f(h, w, b):
+        return cutce.linear_sparse_distillation_loss(h, w, ids, lp, t, bias=b, ce_weight=0.3,
+                                                     temperature=1.5, tail="bucket", impl="torch")
+
+    got = values(torch.compile(f, backend="aot_eager")(h, w, b), [h, w, b], 1.0)
+    want = values(f(h, w, b), [h, w, b], 1.0)
+    assert all(rel_err(a, r) < 1e-6 for a, r in zip(got, want))
+
+
 # ---- CUDA (skipped on CPU): bfloat16 through the Triton kernels at a moderate shape -----------
 
 @gpu
