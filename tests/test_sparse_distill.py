@@ -180,7 +180,7 @@ def test_torch_float64_matches_reference(gen, seed, monkeypatch):
                                                     grad=extra["tw"] == "w-grad")
     leaves = [x for x in (*tensors[:3], tensors[4], tw) if x is not None and x.requires_grad]
     ref = run_reference(tensors, tw, opts)
-    g = torch.randn(ref.shape, generator=gen, dtype=F64)
+    g = torch.randn(ref.shape, generator=gen, dtype=F64).to(DEV)
     want = values(ref, leaves, g)
     assert torch.isfinite(want[0]).all() and want[0].abs().max() > 0
     out = run("torch", tensors, tw, opts)
@@ -284,7 +284,7 @@ def test_nothing_counts_gives_zero_and_zero_gradients(gen):
 
 def test_mean_with_zero_weights_is_nan(gen):
     h, w, b, ids, lp, t = make(gen, 11, 5)
-    tw = torch.zeros(11, dtype=F64)
+    tw = torch.zeros(11, dtype=F64, device=DEV)
     out = cutce.linear_sparse_distillation_loss(h, w, ids, lp, t, token_weights=tw, impl="torch")
     assert torch.isnan(out)
     out = cutce.linear_sparse_distillation_loss(h, w, ids, lp, t, token_weights=tw,
@@ -306,7 +306,7 @@ def test_zero_probability_and_full_mass(gen):
         a = cutce.linear_sparse_distillation_loss(h, w, ids, lp_inf, t, bias=b, tail=tail,
                                                   reduction="none", impl="torch")
         ref = reference(h, w, ids, lp_inf, t, bias=b, tail=tail, reduction="none")
-        g = torch.randn(a.shape, generator=gen, dtype=F64)
+        g = torch.randn(a.shape, generator=gen, dtype=F64).to(DEV)
         for x, y in zip(values(a, [h, w, b], g), values(ref, [h, w, b], g)):
             assert torch.isfinite(x).all() and rel_err(x, y) < 1e-10, tail
         if tail == "drop":
