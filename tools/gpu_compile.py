@@ -1,25 +1,28 @@
-"""Compile every Triton kernel as the GPU path launches it, for Hopper (sm_90) or Ampere (sm_80),
-without a GPU.
+"""Compile every Triton kernel as the GPU path launches it, for one NVIDIA architecture, without
+a GPU.
 
 CI has no GPU and time on one is scarce: a kernel that Triton cannot compile
-for the GPU (the interpreter runs no compiler passes), or whose pipeline stages overflow shared
-memory on an H100/H200 or an A100, should fail here, not in the first device call or on a
-user's machine. The launchers run on CPU tensors with the GPU's choices (TMA descriptors on
-sm_90, flattened loops, GPU tiles); each launch is compiled by Triton's own ``compile`` for the
-target and not run (the launchers' torch code then works on uninitialized buffers, which is
-fine: only the compiled kernels are checked).
+for the GPU (the interpreter runs no compiler passes), or whose pipeline stages overflow the
+shared memory of the parts it serves, should fail here, not in the first device call or on a
+user's machine. The launchers run on CPU tensors with the GPU's choices (TMA descriptors where
+the preset uses them, flattened loops, GPU tiles); each launch is compiled by Triton's own
+``compile`` for the target and not run (the launchers' torch code then works on uninitialized
+buffers, which is fine: only the compiled kernels are checked).
 
-    python tools/gpu_compile.py [--arch 90|80] [--json OUT] [--spills]   # TRITON_INTERPRET unset
+    python tools/gpu_compile.py [--arch 80|86|89|90|100|120] [--json OUT] [--spills]
+    # TRITON_INTERPRET unset
 
-Prints one line per compiled kernel variant (name, shared memory bytes, stages, warps) and
-exits 1 when one needs more shared memory than a block may use on that architecture (227 KiB
-on sm_90, 163 KiB on sm_80). Takes ~1.5 minutes per architecture on 2 CPU cores;
-tests/test_gpu_compile.py runs both in CI.
+The targets and their facts are cutce.engine.device.TARGETS; each compiles with the preset its
+facts give (cutce.backends.triton.configs.preset_for: HOPPER on sm_90/sm_100, PRE_HOPPER on
+sm_80/86/89/120). Prints one line per compiled kernel variant (name, shared memory bytes,
+stages, warps), then the largest against the target's limit, and exits 1 when one needs more
+shared memory than a block may use there (227 KiB on sm_90/sm_100, 163 KiB on sm_80, 99 KiB on
+sm_86/89/120). Triton's bundled ptxas compiles sm_80-sm_90, its ptxas-blackwell sm_100 and
+sm_120. Takes 2-6 minutes per architecture on 2 busy CPU cores (docs/support.md);
+tests/test_gpu_compile.py runs sm_90 and sm_80 by default and the others as slow tests.
 
 --spills also reads each cubin's registers and local-memory spills (cuobjdump, shipped with
 Triton): a tile whose epilogue spills is worth measuring against a smaller one on the GPU.
-The tiles are the ones the library picks (cutce.backends.triton.configs: HOPPER on sm_90, PRE_HOPPER on
-sm_80).
 """
 
 from __future__ import annotations
@@ -38,9 +41,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-# bytes of dynamic shared memory one block may use: sm_90 (H100/H200), sm_80 (A100)
-SMEM_LIMIT = {90: 232448, 80: 166912}
-ARCH = 90
+ARCH = 90  # the target of this run (--arch)
 _VARIANT_KEYS = ("MODE", "PASS", "REFILL", "SOFTCAP", "CAP_S", "TILE_STORE", "STORE_S", "BLOCK_N",
                  "BLOCK_V", "BLOCK_K")  # the constexprs printed per compiled variant
 
@@ -102,13 +103,17 @@ def _install(record):
     JITFunction.run = compile_only
 
 
+def _facts():
+    from cutce.engine.device import TARGETS
+    return TARGETS[ARCH][0]
+
+
 def _gpu_config():
-    """The target's preset, with the descriptor path forced on Hopper: the inputs here are CPU
-    tensors, for which the preset's tma=None would mean pointer loads."""
+    """The preset the target's facts give, with the descriptor path forced where it has TMA: the
+    inputs here are CPU tensors, for which the preset's tma=None would mean pointer loads."""
     from cutce.backends.triton import configs
-    if ARCH >= 90:
-        return dataclasses.replace(configs.HOPPER, tma=True)
-    return configs.PRE_HOPPER
+    cfg = configs.preset_for(_facts())
+    return dataclasses.replace(cfg, tma=True) if _facts().tma and cfg.tma is not False else cfg
 
 
 def _inputs(n, d, v, dtype, gen, bias=False):
@@ -178,8 +183,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None, help="write the compiled variants here")
     ap.add_argument("--spills", action="store_true", help="registers and spills per variant")
-    ap.add_argument("--arch", type=int, choices=sorted(SMEM_LIMIT), default=90,
-                    help="compute capability x10: 90 (H100/H200, TMA), 80 (A100, no TMA)")
+    from cutce.engine.device import TARGETS
+    ap.add_argument("--arch", type=int, choices=sorted(TARGETS), default=90,
+                    help="compute capability x10: " + "; ".join(
+                        f"{a} ({parts})" for a, (_, parts) in sorted(TARGETS.items())))
     args = ap.parse_args()
     global ARCH
     ARCH = args.arch
@@ -188,7 +195,10 @@ def main():
     from cutce.backends.triton import configs
     with configs.override(_gpu_config()):
         run_all()
-    over = [r for r in record if r["shared"] > SMEM_LIMIT[ARCH]]
+    limit = _facts().shared_memory
+    over = [r for r in record if r["shared"] > limit]
+    cfg = configs.preset_for(_facts())
+    name = next(n for n in ("HOPPER", "PRE_HOPPER", *dir(configs)) if getattr(configs, n) is cfg)
     for r in record:
         kernel = r.pop("_compiled")
         if args.spills:
@@ -198,6 +208,10 @@ def main():
         print(f"{r['module']}.{r['kernel']} [{r['variant']}]: {r['shared']} B shared, "
               f"{r['stages']} stages, {r['warps']} warps{extra}"
               f"{'  OVER THE LIMIT' if r in over else ''}")
+    top = max(record, key=lambda r: r["shared"], default=None)
+    if top is not None:
+        print(f"sm_{ARCH} ({TARGETS[ARCH][1]}): preset {name}, largest kernel "
+              f"{top['module']}.{top['kernel']} {top['shared']} B of the {limit} B a block may use")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f)

@@ -26,6 +26,7 @@ import threading
 import torch
 
 from ...engine import planner
+from ...engine.device import DeviceFacts, facts
 
 
 def interpreting() -> bool:
@@ -151,7 +152,8 @@ class KernelConfig:
 # (46.1 vs 47.2, 110.0 vs 114.0 ms), so only the entropy's backward takes it
 HOPPER = KernelConfig(distill_fused_tile=TileConfig(128, 128, 64, 8, 5),
                       bwd_entropy_tile=TileConfig(128, 128, 64, 8, 4))
-# CUDA GPUs before Hopper (e.g. A100): no descriptor loads, 4 stages fit its 163 KiB
+# The NVIDIA GPUs without Hopper's shared memory (the A100; the 99 KiB parts: A10, L4, L40S,
+# RTX 30/40/50): pointer loads, the distillation's 4 stages (see PRESETS for the bytes)
 PRE_HOPPER = KernelConfig(tma=False)
 # Triton's interpreter on the CPU: small blocks (its time goes per loop iteration), the fused
 # distillation's a little wider
@@ -163,6 +165,14 @@ INTERPRETER = KernelConfig(
     dz_ew_tile=(32, 4), target_tile=(16, 16, 1), row_scale_tile=(16, 32, 1), rows_block=64,
     kept_tile=(16, 32, 1), recompute_chunk=(32, 64))  # several chunks at test sizes
 
+# The presets a GPU may take, fastest first: (preset, the shared memory per block its largest
+# kernel takes, whether it needs tensor descriptors). Compiled by tools/gpu_compile.py, whose
+# test holds every target to these: HOPPER's distillation dz kernel 229,432 bytes on sm_90,
+# 229,448 on sm_100; the A100's tiles 98,304 on sm_80/86/89/120 (pointer loads keep stages - 1
+# operand buffers), so they fit the 99 KiB parts too, where the descriptor path's barriers and
+# staging tiles would not (the Hopper tiles take 102-197 KB on sm_120).
+PRESETS = ((HOPPER, 229448, True), (PRE_HOPPER, 98304, False))
+
 # torch that hands the backward caller's context to autograd's device threads (and removes it
 # from the calling thread after the backward)
 _STASHED_CONTEXT = hasattr(torch._C, "_remove_obj_from_tls") and hasattr(torch._C, "_is_key_in_tls")
@@ -172,15 +182,24 @@ _FOREIGN_THREAD = getattr(threading, "_DummyThread", ())
 _OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("cutce_kernel_config", default=None)
 
 
+def preset_for(f: DeviceFacts) -> KernelConfig:
+    """The preset of a GPU with these facts (a pure function: testable without the GPU): the
+    first of :data:`PRESETS` that fits its shared memory and its TMA, else the last."""
+    for cfg, need, tma in PRESETS:
+        if need <= f.shared_memory and (f.tma or not tma):
+            return cfg
+    return PRESETS[-1][0]
+
+
 def preset(device: torch.device | str | None) -> KernelConfig:
-    """The preset for tensors on `device`: INTERPRETER while Triton interprets, HOPPER on
-    sm_90+, else PRE_HOPPER."""
+    """The preset for tensors on `device`: INTERPRETER while Triton interprets, else the one
+    its facts give (:func:`preset_for`; PRE_HOPPER off CUDA)."""
     if interpreting():
         return INTERPRETER
     device = torch.device(device if device is not None else "cpu")
     if device.type != "cuda":
         return PRE_HOPPER
-    return HOPPER if capability(device)[0] >= 9 else PRE_HOPPER
+    return preset_for(facts(device))
 
 
 def current(device: torch.device | str | None) -> KernelConfig:
@@ -325,7 +344,7 @@ def use_tma(cfg: KernelConfig, *tensors) -> bool:
     if cfg.tma or interpreting():
         return True
     t = tensors[0]
-    return t.is_cuda and capability(t.device)[0] >= 9
+    return t.is_cuda and facts(t.device).tma
 
 
 def capability(device: torch.device) -> tuple[int, int]:
