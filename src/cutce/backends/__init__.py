@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from ..engine import device as _device
 from ..engine import planner
 
 def load(name: str, kind: str):
@@ -33,27 +34,39 @@ def load(name: str, kind: str):
     return module
 
 
+class _Coverage(str):
+    """A reason that is the call's (its dtypes), not the machine's: no notice under "auto"."""
+
+
 def triton_reason(hidden, kind: str = "loss", teacher=None, float16: bool = True) -> str | None:
     """Why the Triton kernels cannot run a call whose (student) hidden states are ``hidden``
     (None if they can). Distillation also needs both heads in one dtype and, unless
-    ``float16``, not float16."""
+    ``float16``, not float16. The GPU must be an NVIDIA one of compute capability 8.0 or newer
+    (docs/support.md)."""
     if kind == "distill":
         if teacher.dtype != hidden.dtype:
-            return (f"the Triton distillation kernels need both heads in one dtype, got student "
-                    f"{hidden.dtype} and teacher {teacher.dtype}")
+            return _Coverage(
+                f"the Triton distillation kernels need both heads in one dtype, got student "
+                f"{hidden.dtype} and teacher {teacher.dtype}")
         if hidden.dtype == torch.float16 and not float16:
             # The kernels hand cuBLAS 16-bit logit gradients; a distillation's (q - p) / N
             # entries are all small (no one-hot), and float16's range flushes them (H200: dE
             # error 5e-2 vs 5e-3).
-            return ("the Triton distillation kernels support bfloat16 and float32, not float16 "
-                    "(its range underflows the per-token logit gradients; use bfloat16 or "
-                    "impl='torch')")
+            return _Coverage(
+                "the Triton distillation kernels support bfloat16 and float32, not float16 "
+                "(its range underflows the per-token logit gradients; use bfloat16 or "
+                "impl='torch')")
     if hidden.dtype == torch.float64:
-        return "the Triton kernels support float16, bfloat16 and float32, not float64 (use impl='torch')"
+        return _Coverage("the Triton kernels support float16, bfloat16 and float32, not float64 "
+                         "(use impl='torch')")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not hidden.is_cuda and not (interpret and hidden.device.type == "cpu"):
         return (f"the Triton kernels need CUDA tensors, got device {hidden.device} "
                 "(set TRITON_INTERPRET=1 to run them on CPU tensors through Triton's interpreter)")
+    if hidden.is_cuda:
+        why = gpu_reason(hidden.device)
+        if why is not None:
+            return why
     try:
         load("triton", kind)  # the import is the check
     except ImportError as e:
@@ -61,18 +74,36 @@ def triton_reason(hidden, kind: str = "loss", teacher=None, float16: bool = True
     return None
 
 
+def gpu_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on this CUDA device (None if they can). AMD GPUs
+    (a ROCm build of torch, whose tensors are "cuda" ones) are not served: the kernels use
+    NVIDIA-only features (TMA tensor descriptors, bulk stores, NVIDIA tile and stage choices);
+    NVIDIA GPUs before Ampere lack the bfloat16 tensor-core dots they are written around."""
+    if _device.rocm():
+        return (f"the Triton kernels expect an NVIDIA GPU (a CUDA build of torch), got an AMD "
+                f"GPU (ROCm {torch.version.hip}, {_device.facts(device).name or device})")
+    f = _device.facts(device)
+    if f.capability < _device.MIN_CAPABILITY:
+        want = "%d.%d" % _device.MIN_CAPABILITY
+        return (f"the Triton kernels expect an NVIDIA GPU of compute capability {want} or newer, "
+                f"got {f.capability[0]}.{f.capability[1]} ({f.name or device})")
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def warn_torch_fallback(reason):
     # Once per reason: on CUDA the torch path copies the weight and its gradient to float32
     # (~4.7 GB more at a 256k x 2304 head), which a user should hear about, but not every step.
+    fix = ", or fix the Triton install" if reason.startswith("Triton could not") else ""
     warnings.warn(f"cutce: impl='auto' runs the torch path on CUDA tensors because {reason}; "
-                  "pass impl='torch' to silence this, or fix the Triton install", stacklevel=5)
+                  f"pass impl='torch' to silence this{fix}", stacklevel=5)
 
 
 def fallback_notice(reason: str | None) -> None:
-    """impl="auto" on CUDA tensors that ran the torch path: a broken Triton install is worth a
-    warning (once); a call outside the kernels' coverage (float64, mixed dtypes) is not."""
-    if reason is not None and reason.startswith("Triton could not"):
+    """impl="auto" on CUDA tensors that ran the torch path: a machine the kernels cannot serve
+    (a broken Triton install, an AMD or pre-Ampere GPU) is worth a warning (once); a call
+    outside the kernels' coverage (float64, mixed dtypes) is not."""
+    if reason is not None and not isinstance(reason, _Coverage):
         warn_torch_fallback(reason)
 
 
