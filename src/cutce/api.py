@@ -263,6 +263,7 @@ def _class_weights(class_weight, t1, weight, vs, opts, dtype):
                                    lambda x: distributed.sum_over_group(x, vs))
 
 
+@backends.torch_if_kernels_do_not_fit
 def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opts: Options,
                   vocab_group=None, vocab_start=None, reduce_hidden_grad=True, return_lse=False,
                   fusable=False, class_weight=None, tname="targets") -> Call:

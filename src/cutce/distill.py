@@ -83,6 +83,7 @@ def _check_vocab(student_hidden, student_weight, teacher_hidden, teacher_weight)
 F16_TRITON = False
 
 
+@backends.torch_if_kernels_do_not_fit
 def linear_distillation_loss(
     student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
     targets: Tensor | None = None, *, student_bias: Tensor | None = None,

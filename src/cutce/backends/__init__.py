@@ -11,6 +11,7 @@ gradients formed in the forward); for distillation (``.distill`` / ``.distill_op
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import warnings
 
@@ -105,6 +106,47 @@ def fallback_notice(reason: str | None) -> None:
     outside the kernels' coverage (float64, mixed dtypes) is not."""
     if reason is not None and not isinstance(reason, _Coverage):
         warn_torch_fallback(reason)
+
+
+class KernelResourceError(RuntimeError):
+    """A Triton kernel needed more of the GPU (shared memory, registers) than it has, even at
+    the smallest tile (:mod:`cutce.backends.triton.fit`). ``reason``: why, as a clause."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"cutce: {reason}; pass impl='torch' to run this call on the torch path")
+        self.reason = reason
+
+
+def torch_after_resource_error(err: KernelResourceError, impl: str) -> str:
+    """The backend a call whose Triton kernels fit no tile of this GPU runs instead: "torch"
+    under impl="auto" (eager calls; warned once per message), else ``err`` is raised: an
+    explicit impl="triton" never becomes the torch path, and a compiled graph cannot re-plan."""
+    if impl != "auto" or torch.compiler.is_compiling():
+        raise err
+    warn_torch_fallback(err.reason)
+    return "torch"
+
+
+def torch_if_kernels_do_not_fit(fn):
+    """Decorate a function with an ``impl`` argument that dispatches to a backend (the api's
+    entry points): when the Triton kernels raise :class:`KernelResourceError` in its forward,
+    call it again with impl="torch" under impl="auto" (see :func:`torch_after_resource_error`).
+    Nothing of the failed call is kept: the kernels fail at a launch, before they run, and the
+    ops allocate their outputs themselves."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except KernelResourceError as err:
+            call = sig.bind(*args, **kwargs)
+            call.apply_defaults()
+            call.arguments["impl"] = torch_after_resource_error(err, call.arguments["impl"])
+        return fn(*call.args, **call.kwargs)
+    return run
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -43,6 +43,9 @@ class TileConfig:
 
 
 INTERPRETER_TILE = TileConfig(16, 32, 16, num_warps=1, num_stages=1)
+# The last step of a kernel that does not fit its device (triton/fit.py): the smallest tile
+# tl.dot takes, a few KB of shared memory on any GPU
+MINIMAL_TILE = TileConfig(16, 16, 16, num_warps=1, num_stages=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +187,8 @@ _OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("cutce_kernel_config"
 
 def preset_for(f: DeviceFacts) -> KernelConfig:
     """The preset of a GPU with these facts (a pure function: testable without the GPU): the
-    first of :data:`PRESETS` that fits its shared memory and its TMA, else the last."""
+    first of :data:`PRESETS` that fits its shared memory and its TMA, else the last (whose
+    kernels then shrink at their first launch: triton/fit.py)."""
     for cfg, need, tma in PRESETS:
         if need <= f.shared_memory and (f.tma or not tma):
             return cfg

@@ -22,6 +22,7 @@ from .. import grads
 from . import configs
 from . import distill as _k
 from . import distill_fused as _kf
+from . import fit
 from .fused import scale_ as _scale_
 
 def mode_of(beta: float) -> int:
@@ -29,6 +30,7 @@ def mode_of(beta: float) -> int:
 
 
 @torch.library.custom_op("cutce::distill_rows_triton", mutates_args=())
+@fit.fits
 def _rows_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,
              bt: Optional[Tensor], targets: Tensor, beta: float, temperature: float,
              cap_s: float, cap_t: float, ce_weight: float) -> tuple[Tensor, Tensor]:
@@ -48,6 +50,7 @@ def _(hs, ws, bs, ht, wt, bt, targets, beta, temperature, cap_s, cap_t, ce_weigh
 
 
 @torch.library.custom_op("cutce::distill_backward_triton", mutates_args=())
+@fit.fits
 def _backward_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,
                  bt: Optional[Tensor], targets: Tensor, stats: Tensor, g_rows: Tensor,
                  beta: float, temperature: float, cap_s: float, cap_t: float, ce_weight: float,
@@ -107,6 +110,7 @@ def distill_rows(hs, ws, bs, ht, wt, bt, targets, valid, *scalars) -> Tensor:
 
 
 @torch.library.custom_op("cutce::distill_fused_triton", mutates_args=())
+@fit.fits
 def _fused_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,
               bt: Optional[Tensor], targets: Tensor, coef: Tensor, beta: float, temperature: float,
               cap_s: float, cap_t: float, ce_weight: float, memory_budget: Optional[float],

@@ -20,11 +20,13 @@ from ...engine.problem import Problem
 from .. import grads, out_of_memory, warn_memory_fallback
 from . import backward as _bw
 from . import forward as _fw
+from . import fit
 from . import fused as _fused
 from . import kept as _kept
 
 
 @torch.library.custom_op("cutce::lse_parts", mutates_args=())
+@fit.fits
 def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                  class_weight: Optional[Tensor], scale: float, softcap: float, inv_temp: float,
                  need_zsum: bool, need_entropy: bool, filter_eps: float,
@@ -62,6 +64,7 @@ def _(hidden, weight, bias, targets, class_weight, scale, softcap, inv_temp, nee
 
 
 @torch.library.custom_op("cutce::lse_parts_backward", mutates_args=())
+@fit.fits
 def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                           class_weight: Optional[Tensor], lse: Tensor, pz: Tensor, ub: Tensor,
                           g_lse: Tensor, g_zt: Tensor, g_zsum: Tensor, g_pz: Tensor, scale: float,
@@ -128,6 +131,7 @@ lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("cutce::fused_loss", mutates_args=())
+@fit.fits
 def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                   coef: Tensor, scale: float, softcap: float, memory_budget: Optional[float], need_h: bool, need_w: bool,
                   need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
