@@ -212,3 +212,16 @@ def test_no_tile_fits_auto_distillation_runs_the_torch_path(gen, launch_limit, n
     assert len(notices()) == 1 and "torch path" in notices()[0], notices()
     with pytest.raises(backends.KernelResourceError):
         distill_check(gen, tensors, torch.float32, impl="triton", beta=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_floor_tile_matches_the_oracle(gen, kernel_config, dtype):
+    """The last step of the ladder (MINIMAL_TILE for every matrix tile) is a working tile
+    wherever the kernels run, descriptor loads and bulk stores included."""
+    kernel_config(**{name: configs.MINIMAL_TILE for name in fit.GEMM_TILES})
+    h, w, t, b, tw = make_inputs(gen, 37, 29, 101, dtype, bias=True, ignore_frac=0.2)
+    h, w, t, b, tw = to_dev(DEV, h, w, t, b, tw)
+    compare(h, w, t, b, tw, dict(reduction="none", softcap=3.0), with_lse=True)
+    compare(h, w, t, b, tw, dict())
+    tensors = distill_to_dev(DEV, distill_make(gen, bias=True, dtype=dtype))
+    distill_check(gen, tensors, dtype, impl="triton", beta=0.5)
