@@ -43,11 +43,13 @@ SHARED_MEMORY_OPTIN = {(7, 0): 98304, (7, 5): 65536, (8, 0): 166912, (8, 6): 101
 
 def nvidia_facts(capability: tuple[int, int], name: str = "",
                  shared_memory: int | None = None) -> DeviceFacts:
-    """An NVIDIA GPU's facts from its capability (and its reported shared memory, if known)."""
+    """An NVIDIA GPU's facts from its capability and its reported shared memory (None: the
+    table's, or for a capability it lacks the 48 KiB every GPU offers, which takes the
+    smallest preset)."""
+    capability = tuple(capability)
     if shared_memory is None:
-        shared_memory = SHARED_MEMORY_OPTIN.get(tuple(capability), 101376 if capability >= (12, 0)
-                                                else 232448 if capability >= (9, 0) else 49152)
-    return DeviceFacts(tuple(capability), shared_memory, tuple(capability) >= (9, 0), name)
+        shared_memory = SHARED_MEMORY_OPTIN.get(capability, 49152)
+    return DeviceFacts(capability, shared_memory, capability >= (9, 0), name)
 
 
 # The architectures tools/gpu_compile.py compiles every kernel for, with example parts.
