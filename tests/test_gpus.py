@@ -204,7 +204,8 @@ def test_no_tile_fits_auto_runs_the_torch_path(gen, launch_limit, notices, monke
         cutce.linear_cross_entropy(h, w, t, b, reduction=reduction, impl="triton")
 
 
-def test_no_tile_fits_auto_distillation_runs_the_torch_path(gen, launch_limit, notices, monkeypatch):
+def test_no_tile_fits_auto_distillation_runs_the_torch_path(gen, launch_limit, notices,
+                                                             monkeypatch):
     _triton_under_auto(monkeypatch)
     launch_limit(0)
     tensors = distill_to_dev(DEV, distill_make(gen))
