@@ -18,10 +18,10 @@ from torch import Tensor
 
 from . import announce, backends
 from .engine import loss, planner
-from .engine.options import IMPLS, Options
+from .engine.options import Options
 from .engine.problem import Problem
 from .parallel import vocab as distributed
-from .validate import (_autocast_dtype, _check_flag, _check_real, _check_targets, _fail,  # noqa: F401
+from .validate import (autocast_dtype, check_flag, check_impl, check_target_range, fail,
                        make_options, prepare)
 
 if TYPE_CHECKING:
@@ -33,8 +33,7 @@ _log = logging.getLogger("cutce")
 def choose_backend(impl, hidden, kind="loss", teacher=None, float16=True) -> str:
     """The planner's backend ("torch" | "triton") for a validated call (see
     :func:`cutce.engine.planner.choose_backend`); a broken Triton install warns once."""
-    if impl not in IMPLS:
-        _fail("impl", f"one of {IMPLS}", repr(impl))
+    check_impl(impl)
     name, reason = planner.choose_backend(
         impl, hidden.is_cuda, lambda: backends.triton_reason(hidden, kind, teacher, float16))
     backends.fallback_notice(reason)
@@ -206,8 +205,8 @@ def linear_cross_entropy(
     ``hidden.masked_fill(~valid[..., None], 0)``.
     """
     if not isinstance(return_lse, bool):
-        _fail("return_lse", "a bool", repr(return_lse))
-    opts = make_options(_autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else torch.float32,
+        fail("return_lse", "a bool", repr(return_lse))
+    opts = make_options(autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else torch.float32,
                         ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                         logit_scale=logit_scale, filter_eps=filter_eps,
@@ -248,15 +247,15 @@ def _class_weights(class_weight, t1, weight, vs, opts, dtype):
     """Validate class_weight (this rank's slice under a vocabulary split) and derive its terms."""
     local_v = weight.shape[0]
     if not isinstance(class_weight, torch.Tensor) or not class_weight.is_floating_point():
-        _fail("class_weight", "None or a float tensor", getattr(class_weight, "dtype", type(class_weight)))
+        fail("class_weight", "None or a float tensor", getattr(class_weight, "dtype", type(class_weight)))
     if class_weight.shape != (local_v,):
         what = "this rank's vocabulary slice" if vs is not None else "weight's rows"
-        _fail("class_weight", f"shape ({local_v},) ({what})", tuple(class_weight.shape))
+        fail("class_weight", f"shape ({local_v},) ({what})", tuple(class_weight.shape))
     if class_weight.device != weight.device:
-        _fail("class_weight device", f"weight's device {weight.device}", class_weight.device)
+        fail("class_weight device", f"weight's device {weight.device}", class_weight.device)
     if class_weight.requires_grad:
-        _fail("class_weight", "a tensor that does not require grad (it is not differentiated)",
-              "requires_grad=True")
+        fail("class_weight", "a tensor that does not require grad (it is not differentiated)",
+             "requires_grad=True")
     if vs is None:
         return loss.class_weight_terms(class_weight.detach().to(dtype), t1, opts.ignore_index)
     return loss.class_weight_terms(class_weight.detach().to(dtype), t1, opts.ignore_index, vs.start,
@@ -304,9 +303,9 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
         from .backends.triton import rows
         coef, bad = rows.row_coefs(t1, w1, vocab, opts.ignore_index, opts.z_loss,
                                    opts.reduction == "mean")
-        check = _check_flag(bad, t1, vocab, opts.ignore_index, defer=True, tname=tname)
+        check = check_flag(bad, t1, vocab, opts.ignore_index, defer=True, tname=tname)
     else:
-        check = _check_targets(t1, vocab, opts.ignore_index, defer=True, tname=tname)
+        check = check_target_range(t1, vocab, opts.ignore_index, defer=True, tname=tname)
         coef = None if fused is None else loss.row_coefs(t1, w1, opts, cdt, cw, vocab)
     parts = None
     strategy = None if plan is None else plan.strategy  # None: traced, planned again at run time

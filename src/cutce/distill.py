@@ -1,6 +1,6 @@
 """Knowledge distillation between two linear heads that share a vocabulary, without logits.
 
-Validation reuses api.py's helpers (each head is checked as the loss checks its head, with the
+Validation reuses validate.py's helpers (each head is checked as the loss checks its head, with the
 argument names prefixed ``student_``/``teacher_``); the call is described as one
 :class:`~cutce.engine.problem.Problem` for the same planner as the loss's, and run by the torch
 (:mod:`cutce.backends.pytorch.distill`) or Triton (:mod:`cutce.backends.triton.distill_ops`) backend.
@@ -17,9 +17,9 @@ from torch import Tensor
 from . import api, backends
 from .engine import planner
 from .engine.loss import mean_denominator
-from .engine.options import IMPLS
 from .engine.problem import Problem
 from .parallel import distill as vocab_parallel
+from .validate import check_impl, check_real, fail, make_options
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -38,19 +38,18 @@ def _prefixed(prefix, fn, *args):
 
 def _check_scalars(beta, temperature, student_softcap, teacher_softcap, ce_weight, targets,
                    shift, impl):
-    beta = api._check_real("beta", beta, lo=0.0, hi=1.0)
-    temperature = api._check_real("temperature", temperature, lo=0.0, lo_open=True)
-    caps = [0.0 if c is None else api._check_real(name, c, lo=0.0, lo_open=True)
+    beta = check_real("beta", beta, lo=0.0, hi=1.0)
+    temperature = check_real("temperature", temperature, lo=0.0, lo_open=True)
+    caps = [0.0 if c is None else check_real(name, c, lo=0.0, lo_open=True)
             for name, c in (("student_softcap", student_softcap),
                             ("teacher_softcap", teacher_softcap))]
-    ce_weight = api._check_real("ce_weight", ce_weight, lo=0.0, hi=1.0)
+    ce_weight = check_real("ce_weight", ce_weight, lo=0.0, hi=1.0)
     if ce_weight > 0.0 and targets is None:
-        api._fail("targets", f"a tensor of class indices when ce_weight > 0 (ce_weight={ce_weight})",
-                  "None")
+        fail("targets", f"a tensor of class indices when ce_weight > 0 (ce_weight={ce_weight})",
+             "None")
     if not isinstance(shift, bool):
-        api._fail("shift", "a bool", repr(shift))
-    if impl not in IMPLS:
-        api._fail("impl", f"one of {IMPLS}", repr(impl))
+        fail("shift", "a bool", repr(shift))
+    check_impl(impl)
     return beta, temperature, caps, ce_weight
 
 
@@ -58,13 +57,13 @@ def _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight):
     for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         if not isinstance(t, torch.Tensor):
-            api._fail(name, "a torch.Tensor", type(t).__name__)
+            fail(name, "a torch.Tensor", type(t).__name__)
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        api._fail("teacher_hidden", f"shape {tuple(student_hidden.shape[:-1])} + (Dt,) "
-                  "(student_hidden's token dimensions)", tuple(teacher_hidden.shape))
+        fail("teacher_hidden", f"shape {tuple(student_hidden.shape[:-1])} + (Dt,) "
+             "(student_hidden's token dimensions)", tuple(teacher_hidden.shape))
     if teacher_hidden.device != student_hidden.device:
-        api._fail("teacher_hidden device", f"student_hidden's device {student_hidden.device}",
-                  teacher_hidden.device)
+        fail("teacher_hidden device", f"student_hidden's device {student_hidden.device}",
+             teacher_hidden.device)
 
 
 def _check_vocab(student_hidden, student_weight, teacher_hidden, teacher_weight):
@@ -73,9 +72,9 @@ def _check_vocab(student_hidden, student_weight, teacher_hidden, teacher_weight)
     shaped = all(w.dim() == 2 and h.dim() >= 1 and w.shape[1] == h.shape[-1]
                  for h, w in ((student_hidden, student_weight), (teacher_hidden, teacher_weight)))
     if shaped and teacher_weight.shape[0] != student_weight.shape[0]:
-        api._fail("teacher_weight", f"{student_weight.shape[0]} rows (student_weight's "
-                  "vocabulary: the heads must share the vocabulary)",
-                  f"shape {tuple(teacher_weight.shape)}")
+        fail("teacher_weight", f"{student_weight.shape[0]} rows (student_weight's "
+             "vocabulary: the heads must share the vocabulary)",
+             f"shape {tuple(teacher_weight.shape)}")
 
 
 # Tests turn this on to walk the kernels' 16-bit code in Triton's interpreter, whose bfloat16
@@ -179,10 +178,10 @@ def linear_distillation_loss(
     _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
     beta, temperature, (cap_s, cap_t), ce_weight = _check_scalars(
         beta, temperature, student_softcap, teacher_softcap, ce_weight, targets, shift, impl)
-    scale_s = api._check_real("student_logit_scale", student_logit_scale, lo=0.0, lo_open=True)
-    scale_t = api._check_real("teacher_logit_scale", teacher_logit_scale, lo=0.0, lo_open=True)
-    opts = api.make_options(torch.float32, ignore_index=ignore_index, reduction=reduction,
-                            memory_budget=memory_budget)
+    scale_s = check_real("student_logit_scale", student_logit_scale, lo=0.0, lo_open=True)
+    scale_t = check_real("teacher_logit_scale", teacher_logit_scale, lo=0.0, lo_open=True)
+    opts = make_options(torch.float32, ignore_index=ignore_index, reduction=reduction,
+                        memory_budget=memory_budget)
     lead = student_hidden.shape[:-1]
     given = targets is not None
     if not given:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import api
+from .validate import autocast_dtype, fail, make_options
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -96,16 +97,16 @@ def linear_log_probs(
 
         No N x V tensor is created in the forward or the backward.
     """
-    dtype = api._autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else torch.float32
-    opts = api.make_options(dtype, ignore_index=ignore_index,
-                            reduction="none", softcap=softcap, logit_scale=logit_scale,
-                            temperature=temperature,
-                            need_entropy=bool(return_entropy) or return_stats is True,
-                            memory_budget=memory_budget, need_stats=return_stats is True)
+    dtype = autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else torch.float32
+    opts = make_options(dtype, ignore_index=ignore_index,
+                        reduction="none", softcap=softcap, logit_scale=logit_scale,
+                        temperature=temperature,
+                        need_entropy=bool(return_entropy) or return_stats is True,
+                        memory_budget=memory_budget, need_stats=return_stats is True)
     if not isinstance(return_entropy, bool):
-        api._fail("return_entropy", "a bool", repr(return_entropy))
+        fail("return_entropy", "a bool", repr(return_entropy))
     if not isinstance(return_stats, bool):
-        api._fail("return_stats", "a bool", repr(return_stats))
+        fail("return_stats", "a bool", repr(return_stats))
     call = api.compute_parts(hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group,
                              vocab_start, reduce_hidden_grad, tname="tokens")
     (lse, zt, zsum, pz, *stats), t1, out_shape = call.parts, call.targets, call.out_shape

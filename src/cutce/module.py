@@ -5,10 +5,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .api import linear_cross_entropy, make_options
+from .api import linear_cross_entropy
+from .validate import check_options, make_options
 
 # Derived from the signatures, so that a new option of linear_cross_entropy is accepted here
 # without a second list: every keyword-only option is a module option (token_weights is per call),
@@ -35,7 +35,7 @@ class LinearCrossEntropyLoss(nn.Module):
             raise TypeError(f"unknown option(s) {sorted(unknown)}")
         # Validate now so that a bad option fails at construction, not at the first step
         # (the dtype only resolves filter_eps="auto", which is redone per call).
-        make_options(torch.float32, **{k: v for k, v in options.items() if k in _SCALAR_OPTIONS})
+        check_options(**{k: v for k, v in options.items() if k in _SCALAR_OPTIONS})
         self.options = dict(options)
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,

@@ -27,6 +27,7 @@ from .engine.loss import mean_denominator
 from .engine.options import IMPLS
 from .parallel import sparse as sparse_parallel
 from .parallel import vocab as vocab_parallel
+from .validate import check_impl, check_real, fail, make_options
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -127,20 +128,19 @@ def linear_sparse_distillation_loss(
         last bits from run to run unless ``torch.use_deterministic_algorithms(True)``).
     """
     ids, lp = _check_teacher(hidden, teacher_ids, teacher_logprobs, shift)
-    temperature = api._check_real("temperature", temperature, lo=0.0, lo_open=True)
-    ce_weight = api._check_real("ce_weight", ce_weight, lo=0.0, hi=1.0)
+    temperature = check_real("temperature", temperature, lo=0.0, lo_open=True)
+    ce_weight = check_real("ce_weight", ce_weight, lo=0.0, hi=1.0)
     if ce_weight > 0.0 and targets is None:
-        api._fail("targets", f"a tensor of class indices when ce_weight > 0 (ce_weight={ce_weight})",
-                  "None")
+        fail("targets", f"a tensor of class indices when ce_weight > 0 (ce_weight={ce_weight})",
+             "None")
     if tail not in TAILS:
-        api._fail("tail", f"one of {TAILS}", repr(tail))
-    if impl not in IMPLS:
-        api._fail("impl", f"one of {IMPLS}", repr(impl))
+        fail("tail", f"one of {TAILS}", repr(tail))
+    check_impl(impl)
     if not isinstance(shift, bool):
-        api._fail("shift", "a bool", repr(shift))
-    opts = api.make_options(torch.float32, ignore_index=ignore_index, reduction=reduction,
-                            softcap=softcap, logit_scale=logit_scale, temperature=temperature,
-                            memory_budget=memory_budget)
+        fail("shift", "a bool", repr(shift))
+    opts = make_options(torch.float32, ignore_index=ignore_index, reduction=reduction,
+                        softcap=softcap, logit_scale=logit_scale, temperature=temperature,
+                        memory_budget=memory_budget)
     given = targets is not None
     if not given:  # zeros pass the helpers' checks; nothing is ignored by them
         targets = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
@@ -296,20 +296,20 @@ def _check_teacher(hidden, ids, lp, shift):
     """Types and shapes of the teacher's tensors against hidden's; returns them after shift."""
     for name, t in (("hidden", hidden), ("teacher_ids", ids), ("teacher_logprobs", lp)):
         if not isinstance(t, torch.Tensor):
-            api._fail(name, "a torch.Tensor", type(t).__name__)
+            fail(name, "a torch.Tensor", type(t).__name__)
     if ids.dtype not in (torch.int64, torch.int32):
-        api._fail("teacher_ids dtype", "torch.int64 or torch.int32", ids.dtype)
+        fail("teacher_ids dtype", "torch.int64 or torch.int32", ids.dtype)
     lead = tuple(hidden.shape[:-1])
     if ids.dim() != hidden.dim() or tuple(ids.shape[:-1]) != lead or ids.shape[-1] < 1:
-        api._fail("teacher_ids", f"shape {lead} + (K,) with K >= 1 (hidden's without D)",
-                  tuple(ids.shape))
+        fail("teacher_ids", f"shape {lead} + (K,) with K >= 1 (hidden's without D)",
+             tuple(ids.shape))
     if not lp.is_floating_point():
-        api._fail("teacher_logprobs dtype", "a float dtype", lp.dtype)
+        fail("teacher_logprobs dtype", "a float dtype", lp.dtype)
     if lp.shape != ids.shape:
-        api._fail("teacher_logprobs", f"teacher_ids' shape {tuple(ids.shape)}", tuple(lp.shape))
+        fail("teacher_logprobs", f"teacher_ids' shape {tuple(ids.shape)}", tuple(lp.shape))
     for name, t in (("teacher_ids", ids), ("teacher_logprobs", lp)):
         if t.device != hidden.device:
-            api._fail(f"{name} device", f"hidden's device {hidden.device}", t.device)
+            fail(f"{name} device", f"hidden's device {hidden.device}", t.device)
     if shift and ids.dim() >= 2:
         ids, lp = ids[..., :-1, :], lp[..., :-1, :]
     return ids, lp
@@ -328,13 +328,13 @@ def _check_ids(ids, vocab, ignore_index):
         torch._assert_async(~flags.any(), "cutce: teacher_ids outside [0, V) or repeated")
         return None
 
-    def fail():
+    def raise_bad():
         if bool(flags[0]):
-            api._fail("teacher_ids", f"class ids in [0, {vocab}) or ignore_index={ignore_index}",
-                      f"{ids[out][0].item()}")
+            fail("teacher_ids", f"class ids in [0, {vocab}) or ignore_index={ignore_index}",
+                 f"{ids[out][0].item()}")
         row = dup.any(dim=1).nonzero()[0, 0].item()
-        api._fail("teacher_ids", f"distinct ids in each token's list (ignore_index={ignore_index} "
-                  "pads)", f"{ids[row].tolist()} at flat token {row}")
+        fail("teacher_ids", f"distinct ids in each token's list (ignore_index={ignore_index} "
+             "pads)", f"{ids[row].tolist()} at flat token {row}")
 
     if flags.is_cuda:
         pinned = torch.empty(2, dtype=torch.bool, pin_memory=True)
@@ -345,8 +345,8 @@ def _check_ids(ids, vocab, ignore_index):
         def check():
             done.synchronize()
             if pinned.any():
-                fail()
+                raise_bad()
         return check
     if bool(flags.any()):
-        fail()
+        raise_bad()
     return None

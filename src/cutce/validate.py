@@ -1,7 +1,8 @@
 """Input validation of the public functions: every check and its message lives here.
 
 Errors read "name: expected X, got Y". :func:`prepare` validates a head's tensors, applies
-autocast and the shift, and flattens to (N, D); :func:`make_options` validates the scalar options.
+autocast and the shift, and flattens to (N, D); :func:`make_options` validates the scalar options
+and bundles them, :func:`check_options` only validates them.
 """
 
 from __future__ import annotations
@@ -10,23 +11,23 @@ import math
 
 import torch
 
-from .engine.options import AUTO_FILTER_EPS, REDUCTIONS, Options
+from .engine.options import AUTO_FILTER_EPS, IMPLS, REDUCTIONS, Options
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _fail(what, expected, got):
+def fail(what, expected, got):
     raise ValueError(f"{what}: expected {expected}, got {got}")
 
 
-def _check_real(name, value, lo=None, lo_open=False, hi=None):
+def check_real(name, value, lo=None, lo_open=False, hi=None):
     # Comparisons, not math.isfinite: under torch.compile(dynamic=True) floats may be symbolic.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < math.inf:
-        _fail(name, "a finite number", repr(value))
+        fail(name, "a finite number", repr(value))
     if lo is not None and (value <= lo if lo_open else value < lo):
-        _fail(name, f"a number {'>' if lo_open else '>='} {lo}", repr(value))
+        fail(name, f"a number {'>' if lo_open else '>='} {lo}", repr(value))
     if hi is not None and value > hi:
-        _fail(name, f"a number <= {hi}", repr(value))
+        fail(name, f"a number <= {hi}", repr(value))
     return float(value)
 
 
@@ -35,15 +36,15 @@ def _filter_eps(filter_eps, dtype):
         return None
     if filter_eps == "auto":
         return AUTO_FILTER_EPS[str(dtype).removeprefix("torch.")]
-    return _check_real("filter_eps", filter_eps, lo=0.0, lo_open=True, hi=1.0)
+    return check_real("filter_eps", filter_eps, lo=0.0, lo_open=True, hi=1.0)
 
 
 def _memory_budget(budget):
     if budget is None or budget == "auto":
         return budget
     if isinstance(budget, str):
-        _fail("memory_budget", 'None, "auto" or a number >= 0', repr(budget))
-    return _check_real("memory_budget", budget, lo=0.0)
+        fail("memory_budget", 'None, "auto" or a number >= 0', repr(budget))
+    return check_real("memory_budget", budget, lo=0.0)
 
 
 def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
@@ -52,22 +53,22 @@ def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=
                  memory_budget=None, lse_out=False, need_stats=False) -> Options:
     """Validate scalar options and bundle them (``dtype`` resolves ``filter_eps="auto"``)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        _fail("ignore_index", "an int", repr(ignore_index))
+        fail("ignore_index", "an int", repr(ignore_index))
     if reduction not in REDUCTIONS:
-        _fail("reduction", f"one of {REDUCTIONS}", repr(reduction))
+        fail("reduction", f"one of {REDUCTIONS}", repr(reduction))
     if softcap is not None:
-        softcap = _check_real("softcap", softcap, lo=0.0, lo_open=True)
+        softcap = check_real("softcap", softcap, lo=0.0, lo_open=True)
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                     or chunk_bytes < 1):
-        _fail("chunk_bytes", "None or a positive int", repr(chunk_bytes))
+        fail("chunk_bytes", "None or a positive int", repr(chunk_bytes))
     return Options(
         ignore_index=ignore_index,
         reduction=reduction,
-        label_smoothing=_check_real("label_smoothing", label_smoothing, lo=0.0, hi=1.0),
-        z_loss=_check_real("z_loss", z_loss, lo=0.0),
+        label_smoothing=check_real("label_smoothing", label_smoothing, lo=0.0, hi=1.0),
+        z_loss=check_real("z_loss", z_loss, lo=0.0),
         softcap=softcap,
-        logit_scale=_check_real("logit_scale", logit_scale, lo=0.0, lo_open=True),
-        temperature=_check_real("temperature", temperature, lo=0.0, lo_open=True),
+        logit_scale=check_real("logit_scale", logit_scale, lo=0.0, lo_open=True),
+        temperature=check_real("temperature", temperature, lo=0.0, lo_open=True),
         filter_eps=_filter_eps(filter_eps, dtype),
         need_entropy=bool(need_entropy),
         chunk_bytes=chunk_bytes,
@@ -77,7 +78,18 @@ def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=
     )
 
 
-def _autocast_dtype(t):
+def check_options(**options) -> None:
+    """Validate scalar options (:func:`make_options`'s keywords) where nothing is computed yet:
+    a module's construction, a patch's options; a bad one fails there, not at the first step."""
+    make_options(torch.float32, **options)
+
+
+def check_impl(impl) -> None:
+    if impl not in IMPLS:
+        fail("impl", f"one of {IMPLS}", repr(impl))
+
+
+def autocast_dtype(t):
     """The dtype F.linear would compute ``t`` in: the autocast dtype if autocast is on for t's
     device and t is a floating tensor other than float64 (autocast leaves float64 alone)."""
     if t is None or not t.is_floating_point() or t.dtype == torch.float64:
@@ -88,12 +100,12 @@ def _autocast_dtype(t):
 
 def _autocast(hidden, weight, bias):
     """Cast as F.linear would under torch.autocast; then (as F.linear) demand one dtype."""
-    hidden, weight = hidden.to(_autocast_dtype(hidden)), weight.to(_autocast_dtype(weight))
-    bias = None if bias is None else bias.to(_autocast_dtype(bias))
+    hidden, weight = hidden.to(autocast_dtype(hidden)), weight.to(autocast_dtype(weight))
+    bias = None if bias is None else bias.to(autocast_dtype(bias))
     if weight.dtype != hidden.dtype:
-        _fail("weight dtype", f"hidden's dtype {hidden.dtype} (or use torch.autocast)", weight.dtype)
+        fail("weight dtype", f"hidden's dtype {hidden.dtype} (or use torch.autocast)", weight.dtype)
     elif bias is not None and bias.dtype != hidden.dtype:
-        _fail("bias dtype", f"hidden's dtype {hidden.dtype}", bias.dtype)
+        fail("bias dtype", f"hidden's dtype {hidden.dtype}", bias.dtype)
     return hidden, weight, bias
 
 
@@ -101,36 +113,36 @@ def _check_tensors(hidden, weight, targets, bias, token_weights, shift, tname="t
     # tname: the user's name of the targets argument (linear_log_probs calls it "tokens")
     for name, t in (("hidden", hidden), ("weight", weight), (tname, targets)):
         if not isinstance(t, torch.Tensor):
-            _fail(name, "a torch.Tensor", type(t).__name__)
+            fail(name, "a torch.Tensor", type(t).__name__)
     if hidden.dtype not in _FLOAT_DTYPES:
-        _fail("hidden dtype", "float16, bfloat16, float32 or float64", hidden.dtype)
+        fail("hidden dtype", "float16, bfloat16, float32 or float64", hidden.dtype)
     if hidden.dim() < (2 if shift else 1):
-        _fail("hidden", "shape (*, T, D) with shift=True" if shift else "shape (*, D)", tuple(hidden.shape))
+        fail("hidden", "shape (*, T, D) with shift=True" if shift else "shape (*, D)", tuple(hidden.shape))
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
-        _fail("weight", f"shape (V, {hidden.shape[-1]}) with V >= 1", tuple(weight.shape))
+        fail("weight", f"shape (V, {hidden.shape[-1]}) with V >= 1", tuple(weight.shape))
     if targets.dtype not in (torch.int64, torch.int32):
-        _fail(f"{tname} dtype", "torch.int64 or torch.int32", targets.dtype)
+        fail(f"{tname} dtype", "torch.int64 or torch.int32", targets.dtype)
     if targets.shape != hidden.shape[:-1]:
-        _fail(tname, f"shape {tuple(hidden.shape[:-1])} (hidden's without D)", tuple(targets.shape))
+        fail(tname, f"shape {tuple(hidden.shape[:-1])} (hidden's without D)", tuple(targets.shape))
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
-        _fail("bias", f"None or a tensor of shape ({weight.shape[0]},)",
-              tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__)
+        fail("bias", f"None or a tensor of shape ({weight.shape[0]},)",
+             tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__)
     if token_weights is not None:
         if not isinstance(token_weights, torch.Tensor) or not token_weights.is_floating_point():
-            _fail("token_weights", "None or a float tensor", getattr(token_weights, "dtype", type(token_weights)))
+            fail("token_weights", "None or a float tensor", getattr(token_weights, "dtype", type(token_weights)))
         if token_weights.shape != targets.shape:
-            _fail("token_weights", f"{tname}' shape {tuple(targets.shape)}", tuple(token_weights.shape))
+            fail("token_weights", f"{tname}' shape {tuple(targets.shape)}", tuple(token_weights.shape))
     for name, t in (("weight", weight), (tname, targets), ("bias", bias), ("token_weights", token_weights)):
         if t is not None and t.device != hidden.device:
-            _fail(f"{name} device", f"hidden's device {hidden.device}", t.device)
+            fail(f"{name} device", f"hidden's device {hidden.device}", t.device)
 
 
 def _fail_targets(targets, vocab, ignore_index, tname="targets"):
     first = targets[(targets.clamp(0, vocab - 1) != targets) & (targets != ignore_index)][0].item()
-    _fail(tname, f"class indices in [0, {vocab}) or ignore_index={ignore_index}", f"{first}")
+    fail(tname, f"class indices in [0, {vocab}) or ignore_index={ignore_index}", f"{first}")
 
 
-def _check_flag(bad, targets, vocab, ignore_index, defer=False, tname="targets"):
+def check_flag(bad, targets, vocab, ignore_index, defer=False, tname="targets"):
     """Raise when the one-element 0/1 tensor ``bad`` is set; with ``defer`` and a CUDA flag,
     return a function that raises instead, reading the flag (copied to pinned memory now) once
     the caller has queued its kernels: no host sync that idles the GPU during the call's Python
@@ -151,14 +163,14 @@ def _check_flag(bad, targets, vocab, ignore_index, defer=False, tname="targets")
     return None
 
 
-def _check_targets(targets, vocab, ignore_index, defer=False, tname="targets"):
-    """Raise for a target outside [0, V) that is not ignore_index (see _check_flag for
+def check_target_range(targets, vocab, ignore_index, defer=False, tname="targets"):
+    """Raise for a target outside [0, V) that is not ignore_index (see check_flag for
     ``defer``; under torch.compile an async assert)."""
     bad = (targets.clamp(0, vocab - 1) != targets) & (targets != ignore_index)
     if torch.compiler.is_compiling():  # (before numel(): no guard on the token count)
         torch._assert_async(~bad.any(), f"cutce: {tname} outside [0, V) that are not ignore_index")
         return None
-    return (_check_flag(bad.any(), targets, vocab, ignore_index, defer, tname) if targets.numel()
+    return (check_flag(bad.any(), targets, vocab, ignore_index, defer, tname) if targets.numel()
             else None)
 
 
@@ -166,7 +178,7 @@ def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, v
             check_targets=True, tname="targets"):
     """Validate tensors, apply autocast and shift, flatten to (N, D). Returns the flat tensors,
     the output shape (targets' shape after shift) and the targets' range check to run once the
-    kernels are queued (None when none is pending, see _check_flag). ``vocab``: the global V
+    kernels are queued (None when none is pending, see check_flag). ``vocab``: the global V
     that targets are checked against when ``weight`` is one rank's vocabulary slice (default:
     weight's rows). ``check_targets=False``: the caller checks the flat targets itself.
     ``tname``: the user's name of the targets argument, for error messages."""
@@ -177,8 +189,8 @@ def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, v
         token_weights = None if token_weights is None else token_weights[..., 1:]
     check = None
     if check_targets:
-        check = _check_targets(targets, weight.shape[0] if vocab is None else vocab, ignore_index,
-                               defer=True, tname=tname)
+        check = check_target_range(targets, weight.shape[0] if vocab is None else vocab,
+                                   ignore_index, defer=True, tname=tname)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     w1 = None if token_weights is None else token_weights.reshape(-1)
     return h2, weight, bias, targets.reshape(-1).long(), w1, targets.shape, check

@@ -53,10 +53,8 @@ import re
 import sys
 import warnings
 
-import torch
 
-from ..engine.options import IMPLS
-from ..validate import _fail, make_options
+from ..validate import check_impl, check_options
 from . import trl_route
 from .transformers.heads import UnsupportedModelError
 from .transformers.patching import ROUTE as TRANSFORMERS_ROUTE
@@ -115,9 +113,8 @@ def patch(*, impl: str = "auto", memory_budget: float | str | None = None) -> No
         ValueError: already patched, or an invalid option.
     """
     global _STATE
-    if impl not in IMPLS:
-        _fail("impl", f"one of {IMPLS}", repr(impl))
-    make_options(torch.float32, reduction="none", memory_budget=memory_budget)  # validates it
+    check_impl(impl)
+    check_options(reduction="none", memory_budget=memory_budget)
     utils = _trl_utils()
     current = getattr(utils, _NAME, None)
     if _STATE is not None or (getattr(current, MARK, False) and current is not _hook):

@@ -51,9 +51,8 @@ import types
 import torch
 
 from .. import announce
-from ..engine.options import IMPLS
 from ..log_probs import linear_log_probs
-from ..validate import _fail, make_options
+from ..validate import check_impl, check_options, fail
 from .transformers.heads import UnsupportedModelError, head_apply, output_head, run_without_logits
 from .transformers.patching import _transformers_model
 
@@ -83,17 +82,15 @@ def bind(output_class, model, temperature, fp32, outputs, impl, memory_budget, r
     """Rebind ``model.forward`` to the fused forward (add_fused_lm_head's work, its arguments
     validated here); ``output_class`` is TRL's FusedCausalLMOutput, ``route`` names the cutce
     entry point in the first call's log line."""
-    make_options(torch.float32, reduction="none", temperature=temperature,
-                 memory_budget=memory_budget)  # validates them
-    if impl not in IMPLS:
-        _fail("impl", f"one of {IMPLS}", repr(impl))
+    check_options(reduction="none", temperature=temperature, memory_budget=memory_budget)
+    check_impl(impl)
     if not isinstance(fp32, bool):
-        _fail("cast_lm_head_to_fp32", "a bool", repr(fp32))
+        fail("cast_lm_head_to_fp32", "a bool", repr(fp32))
     if isinstance(outputs, str) or not all(isinstance(o, str) for o in outputs):
-        _fail("outputs", f"a tuple of names among {OUTPUTS}", repr(outputs))
+        fail("outputs", f"a tuple of names among {OUTPUTS}", repr(outputs))
     unknown = sorted(set(outputs) - set(OUTPUTS))
     if unknown:
-        _fail("outputs", f"names among {OUTPUTS} (what TRL's FusedCausalLMOutput holds)", unknown)
+        fail("outputs", f"names among {OUTPUTS} (what TRL's FusedCausalLMOutput holds)", unknown)
     from transformers import PreTrainedModel
 
     base = _transformers_model(model)
@@ -140,13 +137,13 @@ def _fused_call(model, output_class, hook, call_original, args, kwargs, labels, 
     name = type(base).__name__
     targets = labels if shift_labels is None else shift_labels
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
-        _fail("labels" if shift_labels is None else "shift_labels",
-              "a (batch, seq) tensor in a call with fused_lm_head=True",
-              type(targets).__name__ if not isinstance(targets, torch.Tensor) else tuple(targets.shape))
+        fail("labels" if shift_labels is None else "shift_labels",
+             "a (batch, seq) tensor in a call with fused_lm_head=True",
+             type(targets).__name__ if not isinstance(targets, torch.Tensor) else tuple(targets.shape))
     keep = kwargs.pop("logits_to_keep", None)
     if keep not in (None, 0):
-        _fail("logits_to_keep", "None or 0 with fused_lm_head=True (every labelled position is "
-              "scored; mask the others with -100)", repr(keep))
+        fail("logits_to_keep", "None or 0 with fused_lm_head=True (every labelled position is "
+             "scored; mask the others with -100)", repr(keep))
     kwargs.pop("return_dict", None)
     text_config = base.config.get_text_config()
     if getattr(text_config, "output_router_logits", False):

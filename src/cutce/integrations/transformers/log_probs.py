@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ... import api
 from ...log_probs import linear_log_probs
+from ...validate import check_options, fail
 from .heads import UnsupportedModelError, head_apply, run_without_logits
 from .patching import _transformers_model
 
@@ -111,25 +111,25 @@ def _head_log_probs(hidden, weight, bias, tokens, softcap, scale, temperature, r
 def _check_args(input_ids, attention_mask, logits_to_keep, temperature, return_entropy, model_kwargs):
     """Validate before running the model; returns (B, T)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-        api._fail("input_ids", "an int64 or int32 tensor",
-                  getattr(input_ids, "dtype", type(input_ids).__name__))
+        fail("input_ids", "an int64 or int32 tensor",
+             getattr(input_ids, "dtype", type(input_ids).__name__))
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
-        api._fail("input_ids", "shape (B, T) with T >= 2", tuple(input_ids.shape))
+        fail("input_ids", "shape (B, T) with T >= 2", tuple(input_ids.shape))
     shape = tuple(input_ids.shape)
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                        or tuple(attention_mask.shape) != shape):
-        api._fail("attention_mask", f"None or a tensor of input_ids' shape {shape}",
-                  tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor)
-                  else type(attention_mask).__name__)
+        fail("attention_mask", f"None or a tensor of input_ids' shape {shape}",
+             tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor)
+             else type(attention_mask).__name__)
     if logits_to_keep is not None and (isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int)
                                        or not 0 <= logits_to_keep <= shape[1] - 1):
-        api._fail("logits_to_keep", f"None or an int in [0, {shape[1] - 1}] (T - 1 scored positions)",
-                  repr(logits_to_keep))
+        fail("logits_to_keep", f"None or an int in [0, {shape[1] - 1}] (T - 1 scored positions)",
+             repr(logits_to_keep))
     if not isinstance(return_entropy, bool):
-        api._fail("return_entropy", "a bool", repr(return_entropy))
-    api.make_options(torch.float32, reduction="none", temperature=temperature)  # validates it
+        fail("return_entropy", "a bool", repr(return_entropy))
+    check_options(reduction="none", temperature=temperature)
     refused = sorted(set(model_kwargs) & set(_REFUSED_KWARGS))
     if refused:
-        api._fail("model_kwargs", "no labels, shift_labels, inputs_embeds or num_items_in_batch (the "
-                  "scored tokens are input_ids[:, 1:])", refused)
+        fail("model_kwargs", "no labels, shift_labels, inputs_embeds or num_items_in_batch (the "
+             "scored tokens are input_ids[:, 1:])", refused)
     return shape
