@@ -31,8 +31,8 @@ from torch import Tensor
 from . import agreement
 from .vocab import (VocabSlice, _SumGradAcrossGroup, _check_replicated, _dtensor_cls,
                     _dtensor_slice, _fail, _fingerprint, _gather, _layout, resolve_vocab_parallel)
-from ..backends.pytorch.common import compute_dtype, softcap_
-from ..backends.pytorch.distill import _Head, chunk_rows
+from ..backends.pytorch.common import Head, compute_dtype, softcap_
+from ..backends.pytorch.distill import chunk_rows
 from ..engine.options import IMPLS
 
 __all__ = ["resolve_split", "vocab_parallel_distill_rows"]
@@ -64,7 +64,7 @@ class _DistillRows(torch.autograd.Function):
     def forward(ctx, hs, ws, bs, ht, wt, bt, targets, valid, cfg, vs):
         cdt = compute_dtype(hs.dtype, ht.dtype)
         n = hs.shape[0]
-        stu, tea = _Head(hs, ws, bs, cdt), _Head(ht, wt, bt, cdt)
+        stu, tea = Head(hs, ws, bs, cdt), Head(ht, wt, bt, cdt)
         step = chunk_rows(n, ws.shape[0], cdt, hs.device)
         ce, div, inv_t = cfg.ce_weight > 0.0, cfg.ce_weight < 1.0, 1.0 / cfg.temperature
         mine, local = _owned(targets, valid, vs)
@@ -111,7 +111,7 @@ class _DistillRows(torch.autograd.Function):
         inputs = (hs, ws, bs, ht, wt, bt)
         need = [on and t is not None for on, t in zip(ctx.needs_input_grad[:6], inputs)]
         cdt = stats.dtype
-        stu, tea = _Head(hs, ws, bs, cdt), _Head(ht, wt, bt, cdt)
+        stu, tea = Head(hs, ws, bs, cdt), Head(ht, wt, bt, cdt)
         grads = [t.new_zeros(t.shape, dtype=cdt) if on else None for t, on in zip(inputs, need)]
         # where, not a product: the upstream gradient of an ignored row may be anything
         coef = torch.where(valid, g_rows.to(cdt), 0.0)

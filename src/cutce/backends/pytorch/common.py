@@ -1,5 +1,6 @@
-"""What the torch backend's loss and distillation share: the compute dtype, the chunk of tokens
-that fits a byte budget, and the softcap with its derivative."""
+"""What the torch backend's loss and distillation (and the vocabulary-parallel distillation, which
+runs on this backend) share: the compute dtype, the chunk of tokens that fits a byte budget, the
+softcap with its derivative, and one head's chunked products."""
 
 from __future__ import annotations
 
@@ -26,3 +27,35 @@ def softcap_(y: torch.Tensor, softcap: float | None) -> torch.Tensor | None:
     t = torch.tanh(y.div_(softcap))
     y.copy_(t).mul_(softcap)
     return t.square_().neg_().add_(1.0)
+
+
+class Head:
+    """One head's matmuls in float32 (float64) results without a float32 copy on CUDA."""
+
+    def __init__(self, hidden, weight, bias, cdt):
+        self.hidden, self.cdt = hidden, cdt
+        # CUDA multiplies 16-bit operands into float32 outputs directly; elsewhere (CPU, or
+        # float32/64 inputs) the weight is converted once.
+        self.mixed = hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
+        self.weight = weight if self.mixed else weight.to(cdt)
+        self.bias = None if bias is None else bias.to(cdt)
+
+    def logits(self, s, e):
+        h = self.hidden[s:e]
+        if self.mixed:
+            y = torch.mm(h, self.weight.T, out_dtype=torch.float32)
+        else:
+            y = h.to(self.cdt) @ self.weight.T
+        return y if self.bias is None else y.add_(self.bias)
+
+    def grad_hidden(self, dy):
+        if self.mixed:
+            return torch.mm(dy.to(self.weight.dtype), self.weight, out_dtype=torch.float32)
+        return dy @ self.weight
+
+    def add_grad_weight(self, acc, dy, s, e):
+        h = self.hidden[s:e]
+        if self.mixed:
+            torch.addmm(acc, dy.T.to(h.dtype), h, out_dtype=torch.float32, out=acc)
+        else:
+            acc.addmm_(dy.T, h.to(self.cdt))

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import common
-from .common import compute_dtype, softcap_  # noqa: F401  (compute_dtype: part of the backend's face)
+from .common import Head, compute_dtype, softcap_  # noqa: F401  (compute_dtype: part of the backend's face)
 
 # Bytes of one chunk's float temporaries (about _TEMPS chunk x V tensors live at once). On the
 # GPU larger chunks keep the GEMMs efficient; on the CPU they gain nothing.
@@ -48,38 +48,6 @@ _TEMPS = 10
 
 def chunk_rows(n: int, vocab: int, cdt: torch.dtype, device: torch.device) -> int:
     return common.chunk_rows(n, vocab, cdt, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]), _TEMPS)
-
-
-class _Head:
-    """One head's matmuls in float32 (float64) results without a float32 copy on CUDA."""
-
-    def __init__(self, hidden, weight, bias, cdt):
-        self.hidden, self.cdt = hidden, cdt
-        # CUDA multiplies 16-bit operands into float32 outputs directly; elsewhere (CPU, or
-        # float32/64 inputs) the weight is converted once.
-        self.mixed = hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
-        self.weight = weight if self.mixed else weight.to(cdt)
-        self.bias = None if bias is None else bias.to(cdt)
-
-    def logits(self, s, e):
-        h = self.hidden[s:e]
-        if self.mixed:
-            y = torch.mm(h, self.weight.T, out_dtype=torch.float32)
-        else:
-            y = h.to(self.cdt) @ self.weight.T
-        return y if self.bias is None else y.add_(self.bias)
-
-    def grad_hidden(self, dy):
-        if self.mixed:
-            return torch.mm(dy.to(self.weight.dtype), self.weight, out_dtype=torch.float32)
-        return dy @ self.weight
-
-    def add_grad_weight(self, acc, dy, s, e):
-        h = self.hidden[s:e]
-        if self.mixed:
-            torch.addmm(acc, dy.T.to(h.dtype), h, out_dtype=torch.float32, out=acc)
-        else:
-            acc.addmm_(dy.T, h.to(self.cdt))
 
 
 def _chunk(ys, yt, tgt, coef, cfg, want_grad, want_t):
@@ -147,7 +115,7 @@ def _run(hs, ws, bs, ht, wt, bt, targets, coef, cfg, need):
     gradients w.r.t. the tensors flagged in ``need`` (empty tensors for the others)."""
     cdt = compute_dtype(hs.dtype, ht.dtype)
     n, vocab = hs.shape[0], ws.shape[0]
-    stu, tea = _Head(hs, ws, bs, cdt), _Head(ht, wt, bt, cdt)
+    stu, tea = Head(hs, ws, bs, cdt), Head(ht, wt, bt, cdt)
     n_s, n_t = need[:3], need[3:]
     want = any(need)
     rows = hs.new_zeros(n, dtype=cdt)
