@@ -56,9 +56,9 @@ import warnings
 
 from ..validate import check_impl, check_options
 from . import trl_route
-from .transformers.heads import UnsupportedModelError
+from .transformers.heads import UnsupportedModelError, transformers_model
 from .transformers.patching import ROUTE as TRANSFORMERS_ROUTE
-from .transformers.patching import _transformers_model, patch_options
+from .transformers.patching import patch_options
 from .trl_forward import MARK
 from .trl_forward import bind as bind_forward
 
@@ -192,7 +192,7 @@ def _route(model):
     """(impl, memory_budget, route name) of cutce's head for a model TRL hooks; None: TRL's."""
     options = patch_options(model)
     if options is not None:
-        carried = trl_route.fused_options(options, _transformers_model(model))
+        carried = trl_route.fused_options(options, transformers_model(model))
         chosen = {"impl": "auto", "memory_budget": None, **(vars(_STATE) if _STATE else {}), **carried}
         return chosen["impl"], chosen["memory_budget"], TRANSFORMERS_ROUTE
     if _STATE is not None:

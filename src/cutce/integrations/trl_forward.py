@@ -53,8 +53,8 @@ import torch
 from .. import announce
 from ..log_probs import linear_log_probs
 from ..validate import check_impl, check_options, fail
-from .transformers.heads import UnsupportedModelError, head_apply, output_head, run_without_logits
-from .transformers.patching import _transformers_model
+from .transformers.heads import (UnsupportedModelError, head_apply, output_head, run_without_logits,
+                                 transformers_model)
 
 _NAME = "add_fused_lm_head"
 # Per-token outputs, in the order linear_log_probs' metrics are unpacked below.
@@ -93,7 +93,7 @@ def bind(output_class, model, temperature, fp32, outputs, impl, memory_budget, r
         fail("outputs", f"names among {OUTPUTS} (what TRL's FusedCausalLMOutput holds)", unknown)
     from transformers import PreTrainedModel
 
-    base = _transformers_model(model)
+    base = transformers_model(model)
     if not isinstance(base, PreTrainedModel):
         raise UnsupportedModelError(f"{_NAME}: expected a transformers PreTrainedModel (or a PEFT "
                                     f"model wrapping one), got {type(base).__name__}")
@@ -133,7 +133,7 @@ def _original_forward(model):
 
 def _fused_call(model, output_class, hook, call_original, args, kwargs, labels, shift_labels,
                 num_items):
-    base = _transformers_model(model)
+    base = transformers_model(model)
     name = type(base).__name__
     targets = labels if shift_labels is None else shift_labels
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:

@@ -15,6 +15,8 @@ loss patch, :func:`cutce.transformers.token_log_probs` and the distillation loop
   the head is its own FSDP2 ``fully_shard`` unit it does so as one of the head's forward methods
   (``register_fsdp_forward_method``), so that FSDP2 gathers the weight for it, re-gathers it for
   its backward and reduce-scatters its gradient, as for the head's own forward.
+* :func:`transformers_model` unwraps a PEFT model or a ``torch.compile`` module to the
+  transformers model that the loss patch, the log-probs and the TRL hook act on.
 
 Why a module swap and not a stand-in ``lm_head.forward``: assigning and deleting a module's
 ``forward`` attribute does not trace under ``torch.compile``, while replacing a submodule does, and
@@ -218,3 +220,23 @@ def _check_logit_transform(logits: torch.Tensor, softcap: float, scale: float,
 @_check_logit_transform.register_fake
 def _(logits, softcap, scale, model):
     return logits.new_empty((), dtype=torch.float32)
+
+
+def transformers_model(obj):
+    """The transformers model that a PEFT model or torch.compile's module wraps; else ``obj``."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(obj, eval_frame.OptimizedModule):
+        obj = obj._orig_mod  # patching it makes the compiled module retrace with the patch
+    peft = sys.modules.get("peft")  # a PeftModel exists only if peft was imported
+    if peft is None:
+        return obj
+    if isinstance(obj, type) and issubclass(obj, peft.PeftModel):
+        raise UnsupportedModelError(f"{obj.__name__}: expected a PEFT model instance or a "
+                                    "transformers class, got a PEFT class")
+    if isinstance(obj, peft.PeftModel):
+        base = obj.get_base_model()
+        if base is obj or isinstance(base, peft.PeftModel):
+            raise UnsupportedModelError(f"{type(obj).__name__}: get_base_model() returned "
+                                        f"{type(base).__name__}, expected a transformers model")
+        return base
+    return obj

@@ -17,8 +17,7 @@ from torch import nn
 
 from ...log_probs import linear_log_probs
 from ...validate import check_options, fail
-from .heads import UnsupportedModelError, head_apply, run_without_logits
-from .patching import _transformers_model
+from .heads import UnsupportedModelError, head_apply, run_without_logits, transformers_model
 
 __all__ = ["token_log_probs"]
 
@@ -75,7 +74,7 @@ def token_log_probs(
     """
     shape = _check_args(input_ids, attention_mask, logits_to_keep, temperature, return_entropy,
                         model_kwargs)
-    base = _transformers_model(model)
+    base = transformers_model(model)
     from transformers import PreTrainedModel
 
     if not isinstance(base, PreTrainedModel):

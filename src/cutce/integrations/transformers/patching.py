@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 import types
 from typing import Any, TypeVar
 
@@ -40,7 +39,7 @@ from ... import announce
 from ...api import linear_cross_entropy
 from ...module import LinearCrossEntropyLoss
 from .. import trl_route
-from .heads import UnsupportedModelError, head_apply, run_without_logits
+from .heads import UnsupportedModelError, head_apply, run_without_logits, transformers_model
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError"]
 
@@ -83,7 +82,7 @@ def patch(model_or_class: _M, **loss_options: Any) -> _M:
         ValueError: already patched (class or instance).
     """
     options = _check_options(loss_options)
-    given, model_or_class = model_or_class, _transformers_model(model_or_class)
+    given, model_or_class = model_or_class, transformers_model(model_or_class)
     if isinstance(model_or_class, type):
         cls = model_or_class
         _check_class(cls)
@@ -123,7 +122,7 @@ def unpatch(model_or_class: _M) -> _M:
     Raises ValueError when it is not patched, or when its forward was wrapped again after the patch
     (unwrapping then would drop that later wrapper). A PEFT model: its base model's forward.
     """
-    given, model_or_class = model_or_class, _transformers_model(model_or_class)
+    given, model_or_class = model_or_class, transformers_model(model_or_class)
     if isinstance(model_or_class, type):
         where, what = model_or_class, model_or_class.__name__
     else:
@@ -142,35 +141,15 @@ def unpatch(model_or_class: _M) -> _M:
 
 def is_patched(model_or_class) -> bool:
     """Whether calls with labels on this class or instance (or PEFT model) use cutce's loss."""
-    model_or_class = _transformers_model(model_or_class)
+    model_or_class = transformers_model(model_or_class)
     return _patch_of(getattr(model_or_class, "forward", None)) is not None
 
 
 def patch_options(model_or_class) -> dict | None:
     """The loss options a patched class or instance (or PEFT model) was patched with; None when
     it is not patched."""
-    state = _patch_of(getattr(_transformers_model(model_or_class), "forward", None))
+    state = _patch_of(getattr(transformers_model(model_or_class), "forward", None))
     return None if state is None else dict(state.options)
-
-
-def _transformers_model(obj):
-    """The transformers model that a PEFT model or torch.compile's module wraps; else ``obj``."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    if eval_frame is not None and isinstance(obj, eval_frame.OptimizedModule):
-        obj = obj._orig_mod  # patching it makes the compiled module retrace with the patch
-    peft = sys.modules.get("peft")  # a PeftModel exists only if peft was imported
-    if peft is None:
-        return obj
-    if isinstance(obj, type) and issubclass(obj, peft.PeftModel):
-        raise UnsupportedModelError(f"{obj.__name__}: expected a PEFT model instance or a "
-                                    "transformers class, got a PEFT class")
-    if isinstance(obj, peft.PeftModel):
-        base = obj.get_base_model()
-        if base is obj or isinstance(base, peft.PeftModel):
-            raise UnsupportedModelError(f"{type(obj).__name__}: get_base_model() returned "
-                                        f"{type(base).__name__}, expected a transformers model")
-        return base
-    return obj
 
 
 def _patch_of(forward):
