@@ -199,7 +199,7 @@ def test_out_of_memory_recomputes_and_warns_once(gen, monkeypatch, kept_calls):
     want_g = h.grad.clone()
     h.grad = None
     monkeypatch.setattr(kept, "buffer", no_room)
-    monkeypatch.setattr(backends, "_MEMORY_WARNED", set())
+    monkeypatch.setattr(backends.resources, "_MEMORY_WARNED", set())
     with pytest.warns(UserWarning, match="recomputing them in the backward"):
         got = cutce.linear_log_probs(h, w, t, impl="triton", memory_budget=BIG)
     got.sum().backward()

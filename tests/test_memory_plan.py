@@ -80,7 +80,7 @@ def free(monkeypatch):
     """Set the free device memory the api reads (bytes); the warn-once memory is reset."""
     state = {"bytes": None}
     monkeypatch.setattr(backends, "free_memory", lambda device: state["bytes"])
-    monkeypatch.setattr(backends, "_MEMORY_WARNED", set())
+    monkeypatch.setattr(backends.resources, "_MEMORY_WARNED", set())
     return state
 
 

@@ -18,7 +18,11 @@ import warnings
 import torch
 
 from ..engine import device as _device
-from ..engine import planner
+# The names the api and the tests reach through this package; they live in .resources so
+# that the Triton modules, which this module loads, import them without importing it back.
+from .resources import (KernelResourceError, free_memory, out_of_memory,  # noqa: F401
+                        warn_memory_fallback)
+
 
 def load(name: str, kind: str):
     """The module of backend ``name`` ("torch" | "triton") for ``kind`` ("loss" | "distill");
@@ -108,15 +112,6 @@ def fallback_notice(reason: str | None) -> None:
         warn_torch_fallback(reason)
 
 
-class KernelResourceError(RuntimeError):
-    """A Triton kernel needed more of the GPU (shared memory, registers) than it has, even at
-    the smallest tile (:mod:`cutce.backends.triton.fit`). ``reason``: why, as a clause."""
-
-    def __init__(self, reason: str):
-        super().__init__(f"cutce: {reason}; pass impl='torch' to run this call on the torch path")
-        self.reason = reason
-
-
 def torch_after_resource_error(err: KernelResourceError, impl: str) -> str:
     """The backend a call whose Triton kernels fit no tile of this GPU runs instead: "torch"
     under impl="auto" (eager calls; warned once per message), else ``err`` is raised: an
@@ -147,31 +142,3 @@ def torch_if_kernels_do_not_fit(fn):
             call.arguments["impl"] = torch_after_resource_error(err, call.arguments["impl"])
         return fn(*call.args, **call.kwargs)
     return run
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes a call may still allocate on ``device``: the driver's free memory plus what
-    PyTorch's caching allocator holds unused; None off CUDA (no device memory to plan for)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
-_MEMORY_WARNED: set = set()
-
-
-def warn_memory_fallback(why: str, key) -> None:
-    """Warn once per ``key`` (the budget asked for and the backend): a training loop repeats
-    the same call every step, with free memory that moves a little."""
-    if key not in _MEMORY_WARNED:
-        _MEMORY_WARNED.add(key)
-        warnings.warn(why, stacklevel=5)
-
-
-def out_of_memory(err: Exception, problem, backend: str, device: torch.device) -> torch.OutOfMemoryError:
-    """The error to raise when a call at its minimum (recompute) strategy ran out of device
-    memory: the planner's account of what it needs and what was free, instead of an
-    allocator's message from deep inside a kernel launcher (kept at the end)."""
-    msg = planner.out_of_memory_message(problem, backend, free_memory(device))
-    return torch.OutOfMemoryError(f"{msg} ({str(err).splitlines()[0][:160]})")

@@ -22,7 +22,7 @@ import warnings
 import torch
 from triton.runtime.errors import OutOfResources
 
-from .. import KernelResourceError
+from ..resources import KernelResourceError
 from . import configs
 
 # the KernelConfig fields that hold a matrix (tl.dot) tile: the ones that take shared memory

@@ -17,7 +17,8 @@ from ...engine import planner
 from ...engine.loss import live_rows
 from ...engine.options import Options
 from ...engine.problem import Problem
-from .. import grads, out_of_memory, warn_memory_fallback
+from .. import grads
+from ..resources import out_of_memory, warn_memory_fallback
 from . import backward as _bw
 from . import forward as _fw
 from . import fit
