@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import time
+import traceback
 
 import pytest
 import torch.distributed as dist
@@ -57,3 +58,17 @@ def finish_worker(rank, outdir, payload):
         json.dump(payload, f)
     dist.destroy_process_group()
     os._exit(0)
+
+
+def expect_value_error(name, fn, needle, failures):
+    """In a worker: ``fn()`` must raise ValueError saying ``needle``; anything else is recorded in
+    ``failures`` (a worker reports failures instead of raising, so every rank still finishes)."""
+    try:
+        fn()
+    except ValueError as e:
+        if needle not in str(e):
+            failures.append(f"{name}: wrong message {e}")
+    except Exception:
+        failures.append(f"{name}: {traceback.format_exc(limit=4)}")
+    else:
+        failures.append(f"{name} did not raise")

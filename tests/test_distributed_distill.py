@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 import cutce
 from cutce.backends.pytorch import distill as torch_distill
+from spawn import expect_value_error as _raises
 from spawn import finish_worker, run_workers
 
 WORLD = 3
@@ -161,17 +162,6 @@ def _zero_token_weight(group, sizes):
     _check("zero token weight: d/dw", got[1][6], 1.3 * rows, failures)
     return failures
 
-
-def _raises(name, fn, needle, failures):
-    try:
-        fn()
-    except ValueError as e:
-        if needle not in str(e):
-            failures.append(f"{name}: wrong message {e}")
-    except Exception:
-        failures.append(f"{name}: {traceback.format_exc(limit=4)}")
-    else:
-        failures.append(f"{name} did not raise")
 
 
 def _errors(group, sizes):

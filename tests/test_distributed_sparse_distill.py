@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import cutce
+from spawn import expect_value_error as _raises
 from spawn import finish_worker, run_workers
 
 WORLD = 2
@@ -115,17 +116,6 @@ def _vocab_cases(group):
             failures.append(f"{name}: {traceback.format_exc(limit=4)}")
     return failures
 
-
-def _raises(name, fn, needle, failures):
-    try:
-        fn()
-    except ValueError as e:
-        if needle not in str(e):
-            failures.append(f"{name}: wrong message {e}")
-    except Exception:
-        failures.append(f"{name}: {traceback.format_exc(limit=4)}")
-    else:
-        failures.append(f"{name} did not raise")
 
 
 def _errors(group):
