@@ -85,12 +85,6 @@ def providers(args, device):
             "compile": compiled}
 
 
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    den = b.norm().item()
-    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="16384,3584,152064,64", help="N,D,V,K")
@@ -168,7 +162,7 @@ def _measure(fn, tail, h, w, ids, lp, ref, device, args, row):
         return (loss.detach(), *torch.autograd.grad(loss, (a, c)))
 
     out = step()  # the first call also compiles
-    row["loss_err"], row["dE_err"], row["dC_err"] = (rel(x, r) for x, r in zip(out, ref))
+    row["loss_err"], row["dE_err"], row["dC_err"] = (measure.rel_err(x, r) for x, r in zip(out, ref))
     del out
     row["ms"] = measure.median_ms(step, device, args.warmup, args.reps)
     row["peak_mib"] = measure.peak_extra_mb(step, device)
