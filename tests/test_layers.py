@@ -6,11 +6,6 @@ import pathlib
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "cutce"
 
-# trl_route binds TRL's hook from transformers' patch and, only once the user has imported TRL,
-# imports integrations.trl (which reads the patch's options): TRL stays unimported until then.
-KNOWN_LAZY_CYCLES = [{"cutce.integrations.transformers.patching", "cutce.integrations.trl",
-                      "cutce.integrations.trl_route"}]
-
 
 def _modules():
     out = {}
@@ -94,4 +89,4 @@ def test_no_import_cycle():
     edges, _ = _scan()
     assert _cycles(edges, with_lazy=False) == []
     # A function-level import hides a cycle from import time, not from the design.
-    assert [c for c in _cycles(edges, with_lazy=True) if c not in KNOWN_LAZY_CYCLES] == []
+    assert _cycles(edges, with_lazy=True) == []

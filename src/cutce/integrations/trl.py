@@ -55,11 +55,10 @@ import warnings
 
 
 from ..validate import check_impl, check_options
-from . import trl_route
 from .transformers.heads import UnsupportedModelError, transformers_model
-from .transformers.patching import ROUTE as TRANSFORMERS_ROUTE
-from .transformers.patching import patch_options
-from .trl_forward import MARK
+from .transformers.patch_state import ROUTE as TRANSFORMERS_ROUTE
+from .transformers.patch_state import patch_options, wanted
+from .trl_forward import MARK, fused_options
 from .trl_forward import bind as bind_forward
 
 __all__ = ["patch", "unpatch", "is_patched", "add_fused_lm_head", "UnsupportedTRLError",
@@ -192,7 +191,7 @@ def _route(model):
     """(impl, memory_budget, route name) of cutce's head for a model TRL hooks; None: TRL's."""
     options = patch_options(model)
     if options is not None:
-        carried = trl_route.fused_options(options, transformers_model(model))
+        carried = fused_options(options, transformers_model(model))
         chosen = {"impl": "auto", "memory_budget": None, **(vars(_STATE) if _STATE else {}), **carried}
         return chosen["impl"], chosen["memory_budget"], TRANSFORMERS_ROUTE
     if _STATE is not None:
@@ -213,7 +212,7 @@ def bind_hook(utils) -> None:
 def release_hook() -> None:
     """Bind TRL's own hook again when neither :func:`patch` nor a transformers patch needs ours."""
     global _BOUND
-    if _BOUND is not None and _STATE is None and not trl_route.wanted():
+    if _BOUND is not None and _STATE is None and not wanted():
         _rebind(_hook, _BOUND.original)
         _BOUND = None
 

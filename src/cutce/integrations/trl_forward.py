@@ -38,6 +38,16 @@ DTensor weight with another layout (``RowwiseParallel``'s ``Shard(1)``, several 
 mesh dimensions), hidden states that differ across a vocabulary-sharded head's ranks, a forward
 that transforms the logits differently from its config, and hidden states not aligned with the
 labels.
+
+The patch's options under TRL's fused head
+------------------------------------------
+TRL's trainers build their losses from the hook's per-token log-probs, not from the model's loss.
+``impl`` and ``memory_budget`` carry over. ``filter_eps`` and ``chunk_bytes`` tune the loss's
+speed and memory only; the fused head has no counterpart, computes the exact values without them
+and says so in a warning. Options that change the loss (``label_smoothing``, ``z_loss``,
+``class_weight``) or the head (``vocab_group``, ``vocab_start``, ``reduce_hidden_grad``) have no
+place in per-token log-probs: hooking such a model raises ``ValueError``
+(:func:`fused_options`).
 """
 
 from __future__ import annotations
@@ -45,8 +55,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import sys
 import types
+import warnings
 
 import torch
 
@@ -64,6 +76,9 @@ _IGNORE = -100
 # An attribute of cutce's hook and of the forwards it binds: patch() refuses to patch over its own
 # hook, and a forward carries the settings it was bound with.
 MARK = "_cutce_trl_hook"
+# The options of cutce.transformers.patch that the fused head takes over, and those it drops.
+CARRIED = ("impl", "memory_budget")
+TUNING = ("filter_eps", "chunk_bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,3 +243,40 @@ def _check_dtensor_head(weight, bias):
     if bias is not None and isinstance(bias, dtensor.DTensor) and tuple(bias.placements) != placements:
         raise UnsupportedModelError(f"the LM head's bias has placements {tuple(bias.placements)}, "
                                     f"its weight {placements}")
+
+
+def fused_options(options: dict, model) -> dict:
+    """The patch's options that TRL's fused head uses (``impl``, ``memory_budget``): a warning
+    for the tuning options it has no counterpart for, ``ValueError`` for those that change what
+    is computed, when set to other than their default."""
+    from ..api import linear_cross_entropy
+
+    params = inspect.signature(linear_cross_entropy).parameters
+    given = {k: v for k, v in options.items() if k not in params or not _is_default(v, params[k].default)}
+    name = type(model).__name__
+    refused = sorted(set(given) - set(CARRIED) - set(TUNING))
+    if refused:
+        got = ", ".join(f"{k}={_show(given[k])}" for k in refused)
+        raise ValueError(
+            f"{name}: TRL's trainers build their losses from the per-token log-probs of its fused "
+            f"LM head, where cutce.transformers.patch's {refused} have no place; expected a model "
+            f"patched without them under TRL (label smoothing there: the trainer's "
+            f"label_smoothing_factor), got {got}")
+    dropped = sorted(set(given) & set(TUNING))
+    if dropped:
+        warnings.warn(f"{name}: cutce.transformers.patch's {dropped} tune the loss; TRL's fused LM "
+                      "head computed by cutce has no such option and computes exact values "
+                      "without them", stacklevel=4)
+    return {k: v for k, v in options.items() if k in CARRIED}
+
+
+def _is_default(value, default) -> bool:
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
+        return value is default
+    return isinstance(value, bool) == isinstance(default, bool) and value == default
+
+
+def _show(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)

@@ -17,42 +17,31 @@ utilities are not loaded yet, a finder on ``sys.meta_path`` binds the hook right
 installed nothing happens. A TRL whose hook cutce does not support gets a warning that names
 ``cutce.trl.patch()``, never a silent fall-back to TRL's head.
 
-The patch's options under TRL's fused head
-------------------------------------------
-TRL's trainers build their losses from the hook's per-token log-probs, not from the model's loss.
-``impl`` and ``memory_budget`` carry over. ``filter_eps`` and ``chunk_bytes`` tune the loss's
-speed and memory only; the fused head has no counterpart, computes the exact values without them
-and says so in a warning. Options that change the loss (``label_smoothing``, ``z_loss``,
-``class_weight``) or the head (``vocab_group``, ``vocab_start``, ``reduce_hidden_grad``) have no
-place in per-token log-probs: hooking such a model raises ``ValueError``.
+The patch's options that TRL's fused head carries, warns about or refuses:
+:func:`cutce.integrations.trl_forward.fused_options`.
 """
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.util
-import inspect
 import sys
 import warnings
-import weakref
 
-import torch
+from .transformers import patch_state
+from .transformers.patch_state import wanted
+# Still importable from here; they live beside the fused forward so that TRL's hook, which this
+# module binds, needs nothing of it.
+from .trl_forward import CARRIED, TUNING, fused_options  # noqa: F401
 
 _UTILS = "trl.trainer.utils"
-CARRIED = ("impl", "memory_budget")
-TUNING = ("filter_eps", "chunk_bytes")
-
-# What is patched now: classes by strong reference (unpatch() removes them), instances weakly,
-# so that a model dropped without unpatch() stops holding TRL's hook once it is collected.
-_CLASSES: set = set()
-_INSTANCES: weakref.WeakSet = weakref.WeakSet()
 _TRL_INSTALLED: bool | None = None
 
 
 def patched(obj) -> None:
     """``cutce.transformers.patch`` patched ``obj`` (a class or an instance): bind cutce's hook in
     TRL now if TRL's utilities are loaded, else when they load."""
-    (_CLASSES if isinstance(obj, type) else _INSTANCES).add(obj)
+    patch_state.add(obj)
     utils = sys.modules.get(_UTILS)
     if utils is not None:
         bind(utils, stacklevel=4)
@@ -63,17 +52,12 @@ def patched(obj) -> None:
 def unpatched(obj) -> None:
     """``cutce.transformers.unpatch`` undid ``obj``'s patch: TRL's own hook comes back once no
     patch is left and ``cutce.trl.patch()`` is not in effect."""
-    (_CLASSES if isinstance(obj, type) else _INSTANCES).discard(obj)
+    patch_state.discard(obj)
     if not wanted():
         _disarm()
         trl = sys.modules.get("cutce.integrations.trl")
         if trl is not None:
             trl.release_hook()
-
-
-def wanted() -> bool:
-    """Whether a class or a live instance is patched by ``cutce.transformers.patch``."""
-    return bool(_CLASSES) or len(_INSTANCES) > 0
 
 
 def bind(utils, stacklevel: int) -> None:
@@ -89,43 +73,6 @@ def bind(utils, stacklevel: int) -> None:
             "head itself (a fused or chunked loss) bypasses it. cutce.trl.patch() is the route for "
             f"TRL's trainers ({trl.SUPPORTED}); the INFO line of the 'cutce' logger shows when "
             "cutce computes a model's head", stacklevel=stacklevel + 1)
-
-
-def fused_options(options: dict, model) -> dict:
-    """The patch's options that TRL's fused head uses (``impl``, ``memory_budget``): a warning
-    for the tuning options it has no counterpart for, ``ValueError`` for those that change what
-    is computed, when set to other than their default."""
-    from ..api import linear_cross_entropy
-
-    params = inspect.signature(linear_cross_entropy).parameters
-    given = {k: v for k, v in options.items() if k not in params or not _is_default(v, params[k].default)}
-    name = type(model).__name__
-    refused = sorted(set(given) - set(CARRIED) - set(TUNING))
-    if refused:
-        got = ", ".join(f"{k}={_show(given[k])}" for k in refused)
-        raise ValueError(
-            f"{name}: TRL's trainers build their losses from the per-token log-probs of its fused "
-            f"LM head, where cutce.transformers.patch's {refused} have no place; expected a model "
-            f"patched without them under TRL (label smoothing there: the trainer's "
-            f"label_smoothing_factor), got {got}")
-    dropped = sorted(set(given) & set(TUNING))
-    if dropped:
-        warnings.warn(f"{name}: cutce.transformers.patch's {dropped} tune the loss; TRL's fused LM "
-                      "head computed by cutce has no such option and computes exact values "
-                      "without them", stacklevel=4)
-    return {k: v for k, v in options.items() if k in CARRIED}
-
-
-def _is_default(value, default) -> bool:
-    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
-        return value is default
-    return isinstance(value, bool) == isinstance(default, bool) and value == default
-
-
-def _show(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return repr(value)
 
 
 def _trl_installed() -> bool:

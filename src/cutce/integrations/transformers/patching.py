@@ -40,14 +40,14 @@ from ...api import linear_cross_entropy
 from ...module import LinearCrossEntropyLoss
 from .. import trl_route
 from .heads import UnsupportedModelError, head_apply, run_without_logits, transformers_model
+# patch_options stays importable beside patch and unpatch; TRL's hook reads it from patch_state.
+from .patch_state import _MARK, ROUTE, _patch_of, patch_options  # noqa: F401
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError"]
 
 # The adapter derives these from the model; a user value would make the loss differ from the model's.
 _ADAPTER_OWNED = ("ignore_index", "reduction", "softcap", "logit_scale", "shift", "return_lse",
                   "token_weights", "bias")
-_MARK = "_cutce_patch"
-ROUTE = "cutce.transformers.patch"
 
 
 class _Patch:
@@ -143,17 +143,6 @@ def is_patched(model_or_class) -> bool:
     """Whether calls with labels on this class or instance (or PEFT model) use cutce's loss."""
     model_or_class = transformers_model(model_or_class)
     return _patch_of(getattr(model_or_class, "forward", None)) is not None
-
-
-def patch_options(model_or_class) -> dict | None:
-    """The loss options a patched class or instance (or PEFT model) was patched with; None when
-    it is not patched."""
-    state = _patch_of(getattr(transformers_model(model_or_class), "forward", None))
-    return None if state is None else dict(state.options)
-
-
-def _patch_of(forward):
-    return getattr(getattr(forward, "__func__", forward), _MARK, None)
 
 
 def _check_options(options):
