@@ -30,9 +30,6 @@ import warnings
 
 from .transformers import patch_state
 from .transformers.patch_state import wanted
-# Still importable from here; they live beside the fused forward so that TRL's hook, which this
-# module binds, needs nothing of it.
-from .trl_forward import CARRIED, TUNING, fused_options  # noqa: F401
 
 _UTILS = "trl.trainer.utils"
 _TRL_INSTALLED: bool | None = None

@@ -40,8 +40,7 @@ from ...api import linear_cross_entropy
 from ...module import LinearCrossEntropyLoss
 from .. import trl_route
 from .heads import UnsupportedModelError, head_apply, run_without_logits, transformers_model
-# patch_options stays importable beside patch and unpatch; TRL's hook reads it from patch_state.
-from .patch_state import _MARK, ROUTE, _patch_of, patch_options  # noqa: F401
+from .patch_state import _MARK, ROUTE, _patch_of
 
 __all__ = ["patch", "unpatch", "is_patched", "UnsupportedModelError"]
 
