@@ -243,16 +243,8 @@ def _measure(fn, beta, hs, ws, ht, wt, ref, device, args, row):
         row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def _fmt(x, spec):
-    return "" if x is None else format(x, spec)
-
-
 def _print(row, grads_mib):
-    ratio = f"{row['peak_mib'] / grads_mib:.2f}x" if row["peak_mib"] else ""
-    note = row["note"] if row["status"] == "ok" else f"{row['status']}: {row['note']}"
-    errs = " | ".join(_fmt(row[k], ".1e") for k in ("loss_err", "dE_err", "dC_err"))
-    print(f"| {row['beta']:g} | {row['provider']} | {_fmt(row['ms'], '.2f')} | "
-          f"{_fmt(row['peak_mib'], '.0f')} | {ratio} | {errs} | {note} |", flush=True)
+    print(report.progress_row(f"{row['beta']:g}", row, grads_mib), flush=True)
 
 
 def _write_json(rows, device, dtype, shape, grads_mib, args):

@@ -19,7 +19,7 @@ from .engine import planner
 from .engine.loss import mean_denominator
 from .engine.problem import Problem
 from .parallel import distill as vocab_parallel
-from .validate import check_impl, check_real, fail, make_options
+from .validate import check_ce_weight, check_impl, check_real, fail, make_options
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -43,10 +43,7 @@ def _check_scalars(beta, temperature, student_softcap, teacher_softcap, ce_weigh
     caps = [0.0 if c is None else check_real(name, c, lo=0.0, lo_open=True)
             for name, c in (("student_softcap", student_softcap),
                             ("teacher_softcap", teacher_softcap))]
-    ce_weight = check_real("ce_weight", ce_weight, lo=0.0, hi=1.0)
-    if ce_weight > 0.0 and targets is None:
-        fail("targets", f"a tensor of class indices when ce_weight > 0 (ce_weight={ce_weight})",
-             "None")
+    ce_weight = check_ce_weight(ce_weight, targets)
     if not isinstance(shift, bool):
         fail("shift", "a bool", repr(shift))
     check_impl(impl)

@@ -27,7 +27,7 @@ from .engine.loss import mean_denominator
 from .engine.options import IMPLS
 from .parallel import sparse as sparse_parallel
 from .parallel import vocab as vocab_parallel
-from .validate import check_impl, check_real, fail, make_options
+from .validate import check_ce_weight, check_impl, check_real, fail, make_options
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -129,10 +129,7 @@ def linear_sparse_distillation_loss(
     """
     ids, lp = _check_teacher(hidden, teacher_ids, teacher_logprobs, shift)
     temperature = check_real("temperature", temperature, lo=0.0, lo_open=True)
-    ce_weight = check_real("ce_weight", ce_weight, lo=0.0, hi=1.0)
-    if ce_weight > 0.0 and targets is None:
-        fail("targets", f"a tensor of class indices when ce_weight > 0 (ce_weight={ce_weight})",
-             "None")
+    ce_weight = check_ce_weight(ce_weight, targets)
     if tail not in TAILS:
         fail("tail", f"one of {TAILS}", repr(tail))
     check_impl(impl)

@@ -31,6 +31,15 @@ def check_real(name, value, lo=None, lo_open=False, hi=None):
     return float(value)
 
 
+
+def check_ce_weight(ce_weight, targets) -> float:
+    """A distillation's CE-term weight in [0, 1]; a weight above 0 needs the targets it is on."""
+    ce_weight = check_real("ce_weight", ce_weight, lo=0.0, hi=1.0)
+    if ce_weight > 0.0 and targets is None:
+        fail("targets", f"a tensor of class indices when ce_weight > 0 (ce_weight={ce_weight})",
+             "None")
+    return ce_weight
+
 def _filter_eps(filter_eps, dtype):
     if filter_eps is None:
         return None

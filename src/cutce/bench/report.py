@@ -147,6 +147,19 @@ def fmt_ms(x) -> str:
 _ms = fmt_ms
 
 
+def progress_row(key, row, grads_mb) -> str:
+    """One markdown row a benchmark prints as each measurement lands: ``key`` (the row's own
+    first column), provider, ms, peak MiB and its multiple of the gradients' size, the loss / dE /
+    dC errors, and the note (with the status when it is not "ok")."""
+    def f(x, spec):
+        return "" if x is None else format(x, spec)
+    ratio = f"{row['peak_mib'] / grads_mb:.2f}x" if row["peak_mib"] else ""
+    note = row["note"] if row["status"] == "ok" else f"{row['status']}: {row['note']}"
+    errs = " | ".join(f(row[k], ".1e") for k in ("loss_err", "dE_err", "dC_err"))
+    return (f"| {key} | {row['provider']} | {f(row['ms'], '.2f')} | {f(row['peak_mib'], '.0f')} "
+            f"| {ratio} | {errs} | {note} |")
+
+
 def gradients_mb(n, d, v, dtype_name) -> float:
     """MiB of dE and dC in the run's dtype: the least that forward+backward must allocate."""
     itemsize = 4 if dtype_name == "fp32" else 2
