@@ -89,7 +89,10 @@ def test_fused_and_zero_budget_agree(gen, tail):
     zero = call(0)
     first = torch.autograd.grad(zero, leaves, retain_graph=True)
     second = torch.autograd.grad(zero, leaves)
-    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    if h.is_cuda:  # index_add_'s float atomics (documented): equal up to the sum's order
+        assert all(rel_err(x, y) < 1e-13 for x, y in zip(first, second))
+    else:
+        assert all(torch.equal(x, y) for x, y in zip(first, second))
     fused = call(8.0)
     assert rel_err(fused, zero) < 1e-13
     again = torch.autograd.grad(fused, leaves, retain_graph=True)
