@@ -190,7 +190,7 @@ def test_fused_op_opcheck(gen):
                                              ignore_frac=0.0))
     c = torch.full((21,), 1 / 21, device=DEV)
     torch.library.opcheck(torch.ops.cutce.distill_fused_triton,
-                          (hs, ws, bs, ht, wt, None, t, c, 0.5, 1.5, 0.0, 3.0, 0.2, None,
+                          (hs, ws, bs, ht, wt, None, t, c, 0.5, 1.5, 0.0, 3.0, 0.2, None, [],
                            True, True, True),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))

@@ -70,11 +70,12 @@ def test_recompute_chunks_of_the_budget(gen, monkeypatch, dtype, need):
     chunks at the interpreter's chunk size, a whole float32 dE per token chunk): the gradients
     of log-probs and entropy match float64, nothing left unwritten (poisoned workspaces)."""
     pytest.importorskip("triton")
-    from cutce.backends.triton import backward, configs, workspace
+    from cutce.backends.triton import backward, configs
     from cutce.engine import planner
 
     monkeypatch.setattr(planner, "recompute_spare_bytes", lambda p: 2**40)
-    monkeypatch.setattr(workspace, "chunk_sizes", lambda *a, **k: pytest.fail("not the budget's chunks"))
+    monkeypatch.setattr(backward, "workspace_chunks",
+                        lambda *a, **k: pytest.fail("not the budget's chunks"))
     calls = []
     run = backward.backward
     monkeypatch.setattr(backward, "backward", lambda *a, **k: calls.append(1) or run(*a, **k))

@@ -194,7 +194,8 @@ def test_triton_op_opcheck():
     h, w, b = (x.float().requires_grad_() for x in (h, w, b))
     for need_stats in (True, False):
         torch.library.opcheck(torch.ops.cutce.lse_parts, (h, w, b, t, None, 1.3, 4.0, 1 / 0.7, True,
-                                                          True, 0.0, None, False, need_stats))
+                                                          True, 0.0, None, [], False,
+                                                          need_stats))
 
 
 def test_triton_forward_tiles_and_splits(kernel_config):

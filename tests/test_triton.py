@@ -39,10 +39,10 @@ def workspace_chunks(monkeypatch, sizes):
     """The backward's (chunk_n, chunk_v) come from ``sizes(n)``: the budget-sized workspace's
     path, which the default budget skips where it holds the preferred recompute chunk (on the
     GPU at these sizes; test_log_probs.py checks that path)."""
-    from cutce.backends.triton import workspace
+    from cutce.backends.triton import backward
     from cutce.engine import planner
     monkeypatch.setattr(planner, "recompute_chunk_bytes", lambda p: float("inf"))
-    monkeypatch.setattr(workspace, "chunk_sizes", lambda n, *a: sizes(n))
+    monkeypatch.setattr(backward, "workspace_chunks", lambda n, *a: sizes(n))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

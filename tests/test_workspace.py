@@ -1,6 +1,7 @@
 """The backward's memory plan at real sizes, without allocating them (meta tensors).
 
-The plan is a contract: peak memory <= gradients + backward_memory_fraction of them, and a
+The plan is a contract: peak memory <= gradients + the workspace every recompute backward has
+(cutce.engine.chunks.workspace_floor), and a
 chunk's dz kept in dC's unwritten rows must never overlap rows a GEMM has written or will write
 for it.
 """
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from cutce.backends.triton import configs, workspace
+from cutce.engine import chunks
 
 KC = configs.HOPPER  # the GPU's values
 SHAPES = [(8192, 2304, 256000), (8192, 4096, 128256), (65536, 2304, 256000),
@@ -20,8 +22,13 @@ def gpu_plan(monkeypatch):
     monkeypatch.setattr(configs, "interpreting", lambda: False)  # the GPU's plan, on any machine
 
 
-def _budget(n, v, d, elt=2):
-    return max(KC.backward_memory_fraction * (n + v) * d * elt, 16 * 2**20)
+def _budget(n, v, d):
+    return chunks.workspace_floor(n, v, d, torch.bfloat16)
+
+
+def _sizes(n, n_cls, v, d, tail, gather):
+    return chunks.recompute_chunks(n, n_cls, v, d, torch.bfloat16, True, True, True, tail, gather,
+                                   256, KC.min_chunk_v, KC.max_chunk_v, _budget(n, v, d))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -30,8 +37,7 @@ def test_plan_fits_budget(shape, kept):
     n, d, v = shape
     n_cls = max(1, int(kept * v))
     gather = kept < 1
-    cn, cv = workspace.chunk_sizes(n, n_cls, v, d, torch.bfloat16, True, True, True, not gather,
-                                   gather, 256, KC)
+    cn, cv = _sizes(n, n_cls, v, d, not gather, gather)
     assert 1 <= cn <= n and cv % 256 == 0 and cv >= min(KC.min_chunk_v, cv)
     used = cn * (d // 2) * 4 + cn * cv * 2 + gather * cv * 2 * d * 2
     # the budget, or the smallest plan there is (one token block x the narrowest chunk)
@@ -41,7 +47,7 @@ def test_plan_fits_budget(shape, kept):
 @pytest.mark.parametrize("shape", [(8192, 2304, 256000), (8192, 4096, 128256), (300, 64, 1000)])
 def test_one_token_chunk_at_the_bench_shapes(shape):
     n, d, v = shape
-    cn, _ = workspace.chunk_sizes(n, v, v, d, torch.bfloat16, True, True, True, True, False, 256, KC)
+    cn, _ = _sizes(n, v, v, d, True, False)
     assert cn == n  # no dC accumulation passes, and dz may live in dC's unwritten rows
 
 
@@ -57,7 +63,7 @@ def test_dz_in_unwritten_rows_never_overlaps(shape, monkeypatch):
         return view, start
     monkeypatch.setattr(workspace, "_carve", spy)
     dw = torch.empty((v, d), dtype=torch.bfloat16, device="meta")
-    _, cv = workspace.chunk_sizes(n, v, v, d, torch.bfloat16, True, True, True, True, False, 256, KC)
+    _, cv = _sizes(n, v, v, d, True, False)
     space = workspace.DzWorkspace(n, cv, torch.bfloat16, "meta", dw, 256, KC)
     row_bytes = d * 2
     c0 = 0

@@ -127,6 +127,7 @@ def _inputs(n, d, v, dtype, gen, bias=False):
 def run_all():
     from cutce.backends.triton import (backward, configs, distill, distill_fused, forward, fused,
                                        kept, rows)
+    from cutce.engine import planner
     from cutce.engine.problem import Problem
     gen = torch.Generator().manual_seed(0)
     f32 = dict(dtype=torch.float32)
@@ -146,10 +147,11 @@ def run_all():
         kept.backward(keep, h, w, b, t, lse, lse, pz, g, -g, g, g, 1.0, softcap, 0.7, True,
                       True, True, True, b is not None, class_weight=torch.ones(1000, **f32))
         g = torch.ones(n, **f32)
+        recompute = planner.recompute_plan(Problem(n, 1000, d, dtype, True, True), "triton")
         for eps in (0.0, 1e-3):
             backward.backward(h, w, b, t, lse, pz, ub if eps else ub[:0], g, -g, g, g, 1.0,
                               softcap, 1.0, True,
-                              True, eps, True, True, bias, Problem(n, 1000, d, dtype, True, True))
+                              True, eps, True, True, bias, recompute)
         coef = torch.ones(4, n, **f32)
         for store in (False, True) if dtype != torch.float16 else ():  # (not fused: see plan)
             with configs.override(loss_tile_store=store):

@@ -10,6 +10,7 @@ loss from the parts with ordinary differentiable torch code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -311,18 +312,21 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     strategy = None if plan is None else plan.strategy  # None: traced, planned again at run time
     if fused is not None:
         try:
-            parts = _Fused(fused(h2, weight, bias, t1, coef, opts, class_weight=zsum_cw)[0])
+            parts = _Fused(fused(h2, weight, bias, t1, coef, opts, class_weight=zsum_cw,
+                                 plan=plan)[0])
         except torch.OutOfMemoryError as err:
             fallback_on_oom(err, problem, name)
             opts = dataclasses.replace(opts, memory_budget=0.0)
-            strategy = "recompute"
+            plan = planner.plan(dataclasses.replace(problem, memory_budget=0.0), name)
+            strategy = plan.strategy
     if strategy is not None:  # a route's first call says that cutce runs, and how
         announce.planned(problem, name, strategy, vocab)
     if parts is None and vs is None:
-        parts = be.linear_lse_parts(h2, weight, bias, t1, opts, class_weight=zsum_cw)
+        parts = be.linear_lse_parts(h2, weight, bias, t1, opts, class_weight=zsum_cw, plan=plan)
     elif parts is None:
-        parts = distributed.vocab_parallel_parts(be.linear_lse_parts, h2, weight, bias, t1, opts,
-                                                 vs, class_weight=zsum_cw)
+        parts = distributed.vocab_parallel_parts(
+            functools.partial(be.linear_lse_parts, plan=plan), h2, weight, bias, t1, opts, vs,
+            class_weight=zsum_cw)
     if check is not None:
         check()
     return Call(parts, t1, w1, out_shape, vocab, cw)

@@ -216,13 +216,13 @@ def linear_distillation_loss(
     valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
     coef = None if opts.reduction == "none" else _coefficients(t1, w1, valid, given,
                                                                   opts.reduction, cdt)
-    fused, budget = False, opts.memory_budget
+    fused, budget, plan = False, opts.memory_budget, None
     if vs is None and coef is not None:
-        fused, budget = _fuses(name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight, cap_s,
-                               opts.memory_budget)
+        fused, budget, plan = _fuses(name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight,
+                                     cap_s, opts.memory_budget)
     if fused:
         try:
-            out = backend.distill_total(*args, coef, *scalars, memory_budget=budget)
+            out = backend.distill_total(*args, coef, *scalars, memory_budget=budget, plan=plan)
         except torch.OutOfMemoryError as err:
             api.fallback_on_oom(err, _problem(hs, ws, ht, wt, bt, w1, beta, opts.memory_budget), name)
             fused = False
@@ -252,16 +252,17 @@ def _problem(hs, ws, ht, wt, bt, w1, beta, memory_budget):
 
 
 def _fuses(name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight, cap_s, memory_budget):
-    """(whether a reduced call takes the fused strategy, the numeric budget it runs with): the
-    planner's answer for the device's free memory (under torch.compile only its static part;
-    the op plans again at run time)."""
+    """(whether a reduced call takes the fused strategy, the numeric budget it runs with, the
+    plan): the planner's answer for the device's free memory (under torch.compile only its
+    static part, and no plan: the op plans at run time)."""
     problem = _problem(hs, ws, ht, wt, bt, w1, beta, memory_budget)
     if torch.compiler.is_compiling():
         budget = None if memory_budget == "auto" else memory_budget
-        return planner.may_fuse(dataclasses.replace(problem, memory_budget=budget), name), budget
+        fuses = planner.may_fuse(dataclasses.replace(problem, memory_budget=budget), name)
+        return fuses, budget, None
     plan, problem = api.settle(problem, name, hs.device,
                                **backend.plan_hints(ce_weight, cap_s, hs.device))
-    return plan.fused, problem.memory_budget
+    return plan.fused, problem.memory_budget, plan
 
 
 def _scaled(h, b, scale):

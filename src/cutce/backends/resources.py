@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from ..engine import planner
+from ..engine.problem import Problem
 
 
 class KernelResourceError(RuntimeError):
@@ -42,9 +43,13 @@ def warn_memory_fallback(why: str, key) -> None:
         warnings.warn(why, stacklevel=5)
 
 
-def out_of_memory(err: Exception, problem, backend: str, device: torch.device) -> torch.OutOfMemoryError:
-    """The error to raise when a call at its minimum (recompute) strategy ran out of device
-    memory: the planner's account of what it needs and what was free, instead of an
-    allocator's message from deep inside a kernel launcher (kept at the end)."""
-    msg = planner.out_of_memory_message(problem, backend, free_memory(device))
+def out_of_memory(err: Exception, hidden, weight, need_h: bool, need_w: bool, memory_budget,
+                  backend: str) -> torch.OutOfMemoryError:
+    """The error to raise when a call of these (N, D) hidden states and (V, D) weight at its
+    minimum (recompute) strategy ran out of device memory: the planner's account of what it
+    needs and what was free, instead of an allocator's message from deep inside a kernel
+    launcher (kept at the end)."""
+    problem = Problem(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype, need_h,
+                      need_w, memory_budget=memory_budget)
+    msg = planner.out_of_memory_message(problem, backend, free_memory(hidden.device))
     return torch.OutOfMemoryError(f"{msg} ({str(err).splitlines()[0][:160]})")

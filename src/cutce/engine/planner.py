@@ -1,9 +1,11 @@
 """The one place that decides how a head computation runs: backend, strategy, chunks.
 
 Every public function describes its call as a :class:`~cutce.engine.problem.Problem`; the api
-asks :func:`choose_backend` and :func:`plan`, and the backends' custom ops call :func:`plan` again
-at run time (so that torch.compile never specializes on the number of tokens). Nothing else
-decides a strategy or a chunk.
+asks :func:`choose_backend` and :func:`settle` once and hands the :class:`Plan` to the backend,
+which runs it (its chunk sizes come from :mod:`cutce.engine.chunks`). Under torch.compile the
+api plans nothing: the number of tokens is symbolic while tracing, and the backends' custom ops,
+which run with real shapes, plan once each at run time (:func:`plan_in_op`), so the graph never
+specializes on N. Nothing else decides a strategy or a chunk.
 
 Three exact strategies (the first two for the loss and the distillation alike):
 
@@ -50,33 +52,36 @@ import math
 
 import torch
 
+from . import chunks
+from .chunks import (MAX_DISTILL_CHUNK, MAX_FUSED_CHUNK, MIN_DISTILL_CHUNK,  # noqa: F401
+                     MIN_FUSED_CHUNK, RECOMPUTE_CHUNK)
 from .problem import Problem, elt
 
 DEFAULT_MEMORY_BUDGET = {"triton": 2.0, "torch": 1.0}
 
-# Fewer tokens per chunk than this and the loss's fused strategy loses to recompute on the GPU:
-# the dE product of a chunk (chunk x D outputs, K = V) gets too few output tiles and dC's float32
-# accumulator is passed over too often (H200, D=1024, V=128256, chunks of 1024: 24.3 ms vs
-# 22.1 ms per model step; chunks of 2304 and 4096 at the Gemma and Llama heads win 14-21%).
-MIN_FUSED_CHUNK = {"triton": 2048, "torch": 64}
-# Most tokens per chunk (the GEMMs gain nothing beyond; each chunk's dC pass costs V x D x 8 bytes).
-MAX_FUSED_CHUNK = 8192
-# Distillation (Triton): chunks of fewer tokens starve the dz passes; beyond ~1400 tokens a chunk
-# gains <= 2% for ~150 MiB more at the Qwen2.5 7B -> 0.5B pair (H200: 1664-token chunks 2%
-# faster than 1408, 896-token chunks 10% slower), so larger budgets keep this cap.
-MIN_DISTILL_CHUNK = 256
-MAX_DISTILL_CHUNK = 1536
-
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """strategy: "recompute" | "fused"; chunk_n: tokens per fused chunk (0 for recompute);
-    dc_in_place: the chunk's logit gradient lives in dC's bytes; dc_f32: dC summed in a float32
-    accumulator over token chunks (more than one chunk, 16-bit weight); student_x: the fused
-    distillation also stores the student's exponentials (elementwise dz passes)."""
+    """Everything a backend needs to run a call, decided once.
 
-    strategy: str  # "recompute" | "fused" | "keep"
+    strategy: "recompute" | "fused" | "keep".
+    chunk_n: tokens per chunk: the fused strategy's; the recompute backward's (Triton) where the
+        budget holds :data:`~cutce.engine.chunks.RECOMPUTE_CHUNK` (0: its chunks are sized at run
+        time within ``workspace``, by :func:`cutce.engine.chunks.recompute_chunks`, because a
+        filtered backward learns only then how many classes it visits).
+    chunk_v: classes per chunk of the recompute backward where ``chunk_n`` is set (else 0).
+    workspace: bytes the recompute backward may spend on its chunks beyond the gradients.
+    dc_in_place: the fused chunk's logit gradient lives in dC's bytes.
+    dc_f32: dC is summed in a float32 accumulator over token chunks (fused: more than one chunk,
+        16-bit weight; recompute: allowed by the budget, used when the tokens are split).
+    student_x: the fused distillation also stores the student's exponentials (elementwise dz
+        passes).
+    """
+
+    strategy: str
     chunk_n: int = 0
+    chunk_v: int = 0
+    workspace: int = 0
     dc_in_place: bool = False
     dc_f32: bool = False
     student_x: bool = False
@@ -84,6 +89,23 @@ class Plan:
     @property
     def fused(self) -> bool:
         return self.strategy == "fused"
+
+    def encode(self) -> list[int]:
+        """The plan as the integers a custom op's ``int[]`` argument carries (see :func:`decode`)."""
+        return [_STRATEGIES.index(self.strategy), self.chunk_n, self.chunk_v, self.workspace,
+                int(self.dc_in_place), int(self.dc_f32), int(self.student_x)]
+
+
+_STRATEGIES = ("recompute", "fused", "keep")
+
+
+def decode(code) -> Plan | None:
+    """The plan a backend op received from :meth:`Plan.encode`, or None for an empty code: the
+    api planned nothing because the call is traced by torch.compile (see :func:`plan_in_op`)."""
+    if not code:
+        return None
+    s, cn, cv, ws, in_place, f32, sx = code
+    return Plan(_STRATEGIES[s], cn, cv, ws, bool(in_place), bool(f32), bool(sx))
 
 
 RECOMPUTE = Plan("recompute")
@@ -135,13 +157,45 @@ def plan(p: Problem, backend: str, *, student_x: bool = False, chunk: int | None
     does when a chunk fits with them); ``chunk``: a forced distillation chunk (experiments)."""
     if p.n == 0:
         return RECOMPUTE
-    if may_keep(p, backend):
-        return KEEP if kept_bytes(p) <= budget_bytes(p, backend) else RECOMPUTE
-    if not may_fuse(p, backend):
+    if may_keep(p, backend) and kept_bytes(p) <= budget_bytes(p, backend):
+        # with the recompute plan's numbers: a second backward through the same outputs, or a
+        # forward whose kept logits did not fit after all, recomputes
+        return dataclasses.replace(recompute_plan(p, backend), strategy="keep")
+    pl = None
+    if may_fuse(p, backend):
+        pl = _plan_distill(p, backend, student_x, chunk) if p.distill else _plan_loss(p, backend)
+    return pl if pl is not None else recompute_plan(p, backend)
+
+
+def recompute_plan(p: Problem, backend: str) -> Plan:
+    """The recompute strategy's plan. Triton: the backward's workspace (the budget's spare bytes
+    or :func:`~cutce.engine.chunks.workspace_floor`, whichever is more), its chunk where the budget
+    holds :data:`RECOMPUTE_CHUNK` (unfiltered calls), and whether dC may be summed in float32.
+    The torch path's chunks follow its temporaries' size (``chunk_bytes``)."""
+    if backend == "torch" or p.n == 0 or p.distill:
         return RECOMPUTE
-    if p.distill:
-        return _plan_distill(p, backend, student_x, chunk)
-    return _plan_loss(p, backend)
+    spare = recompute_spare_bytes(p)
+    # never more than the whole backward could use: all logit gradients and a float32 dE
+    whole = p.n * (p.v * elt(p.dtype) + p.d * 4)
+    work = min(max(spare, chunks.workspace_floor(p.n, p.v, p.d, p.dtype)), whole)
+    dc_f32 = recompute_dc_f32(p)
+    if not p.filtered and spare >= recompute_chunk_bytes(p):
+        return Plan("recompute", chunk_n=min(p.n, RECOMPUTE_CHUNK[0]), chunk_v=RECOMPUTE_CHUNK[1],
+                    workspace=work, dc_f32=dc_f32)
+    return Plan("recompute", workspace=work, dc_f32=dc_f32)
+
+
+def plan_in_op(backend: str, n: int, v: int, d: int, dtype: torch.dtype, need_h: bool,
+               need_w: bool, memory_budget, *, recompute: bool = False, **facts) -> Plan:
+    """The plan of a call that torch.compile traced: the api planned nothing then (the number of
+    tokens is symbolic while tracing, and a plan read off it would specialize the graph on N),
+    so the backend's custom op, which runs with real shapes, asks here with its own N and the
+    call's static facts (the ones :class:`Problem` takes beyond the shapes). Eager calls never
+    come here: the api plans once and hands the plan down (:meth:`Plan.encode`). ``recompute``:
+    the recompute strategy's plan (a backward op's)."""
+    hints = {k: facts.pop(k) for k in ("student_x", "chunk") if k in facts}
+    p = Problem(n, v, d, dtype, need_h, need_w, memory_budget=memory_budget, **facts)
+    return recompute_plan(p, backend) if recompute else plan(p, backend, **hints)
 
 
 def may_keep(p: Problem, backend: str) -> bool:
@@ -194,7 +248,7 @@ def _plan_loss(p: Problem, backend: str) -> Plan:
         if best is None or key < best[0]:
             best = (key, c)
     if best is None:
-        return RECOMPUTE
+        return None
     c = best[1]
     chunks = math.ceil(n / c)
     # Same number of chunks, equal sizes (a multiple of 128, the GEMMs' tile): 8192 tokens in
@@ -225,9 +279,16 @@ def distill_extra_bytes(p: Problem, chunk: int, student_x: bool = False, block_v
     return x + acc + chunk * (tables + ds * 4 * p.need_h + 512) + n * 16
 
 
-def _plan_distill(p: Problem, backend: str, student_x: bool, forced: int | None) -> Plan:
-    if backend == "torch":  # the torch path's chunk follows its own temporaries' size
-        return Plan("fused")
+# The torch path's fused distillation holds about this many float32 chunk x V temporaries
+TORCH_DISTILL_TEMPS = 10
+
+
+def _plan_distill(p: Problem, backend: str, student_x: bool, forced: int | None) -> Plan | None:
+    if backend == "torch":
+        # its chunk x V temporaries within the budget (the device's default chunk bytes at
+        # most: the CPU gains nothing from more); below one token's row, recompute
+        rows = int(budget_bytes(p, "torch")) // (TORCH_DISTILL_TEMPS * max(p.v, 1) * 4)
+        return Plan("fused", chunk_n=min(p.n, rows)) if rows >= 1 else None
     n = p.n
     if forced is not None:
         c = min(forced, n)
@@ -236,7 +297,7 @@ def _plan_distill(p: Problem, backend: str, student_x: bool, forced: int | None)
         if c is None:
             c, student_x = _distill_chunk(p, False), False
     if c is None:
-        return RECOMPUTE
+        return None
     acc16 = p.need_w and -(-n // c) > 1 and p.dtype != torch.float32
     return Plan("fused", chunk_n=c, dc_in_place=acc16 and c * v_pad(p.v) <= p.v * p.d,
                 dc_f32=acc16, student_x=student_x)
@@ -266,21 +327,9 @@ def recompute_dc_f32(p: Problem) -> bool:
     return p.v * p.d * 4 <= budget_bytes(p, "triton")
 
 
-# The recompute backward's chunk (tokens, classes) wherever a budget above 0 holds it (with dC's
-# float32 accumulator when it splits the tokens): its dE product fills the GPU and the float32
-# dC is passed over once per 4096 tokens. H100, log-probs + entropy forward+backward: 54.3 /
-# 114.5 / 117.9 ms at N x D x V = 24576 x 896 x 151936, 32768 x 2048 x 128256, 16384 x 3584 x
-# 152064, against 58.0 / 127.7 / 121.8 ms for the chunks of an 8%-of-the-gradients workspace
-# (TRL's fused head, whose chunks these are: 52.6 / 115.4 / 116.3 ms).
-RECOMPUTE_CHUNK = (4096, 32768)
-
-
 def recompute_chunk_bytes(p: Problem) -> int:
-    """Bytes of the recompute backward's :data:`RECOMPUTE_CHUNK` (Triton path): its logit
-    gradients in the inputs' dtype and its float32 dE rows (~290 MB at D=2048, bf16)."""
-    rows = min(p.n, RECOMPUTE_CHUNK[0])
-    cols = min(-(-p.v // 256) * 256, RECOMPUTE_CHUNK[1])  # whole 256-class tiles (Hopper bwd)
-    return rows * cols * elt(p.dtype) + rows * p.d * 4 * p.need_h
+    """Bytes of the recompute backward's :data:`RECOMPUTE_CHUNK` (Triton path)."""
+    return chunks.recompute_chunk_bytes(p.n, p.v, p.d, p.dtype, p.need_h)
 
 
 def recompute_spare_bytes(p: Problem) -> int:
@@ -306,10 +355,6 @@ def recompute_spare_bytes(p: Problem) -> int:
 # Kept free of a call's estimate: the allocator's fragmentation and the call's small temporaries.
 SAFETY_FRACTION = 0.05
 SAFETY_BYTES = 256 * 2**20
-# The recompute strategy's extra memory beyond the gradients on the Triton path: its backward
-# workspace (<= 8% of the gradients, KernelConfig.backward_memory_fraction, or the budget's spare
-# bytes) and O(N) values.
-RECOMPUTE_EXTRA = 0.10
 
 
 def usable_bytes(free_bytes: int) -> int:
@@ -319,8 +364,8 @@ def usable_bytes(free_bytes: int) -> int:
 def need_bytes(p: Problem, pl: Plan, backend: str) -> int:
     """Device memory a plan allocates beyond the call's inputs: its gradients and its extra."""
     g = p.gradient_bytes()
-    if pl.fused and p.distill and backend == "torch":  # ~10 float32 chunk x V temporaries
-        return g + min(2 * 2**30, 10 * p.n * p.v * 4)
+    if pl.fused and p.distill and backend == "torch":  # float32 chunk x V temporaries
+        return g + TORCH_DISTILL_TEMPS * pl.chunk_n * p.v * 4
     if pl.strategy == "keep":
         return g + kept_bytes(p)
     if pl.fused:
@@ -331,8 +376,9 @@ def need_bytes(p: Problem, pl: Plan, backend: str) -> int:
         copies = 0 if p.dtype in (torch.float32, torch.float64) else 2 * p.v * p.d * 4
         cdt = 8 if p.dtype == torch.float64 else 4
         return g + copies + min(p.chunk_bytes or 256 * 2**20, 3 * p.n * p.v * cdt)
-    work = max(int(RECOMPUTE_EXTRA * g), recompute_spare_bytes(p))  # O(N) values: in the margin
-    return g + work + (p.v * p.d * 4 if recompute_dc_f32(p) else 0)
+    pl = recompute_plan(p, backend)
+    # O(N) values (lse, parts, upstream gradients) are left to the safety margin
+    return g + pl.workspace + (p.v * p.d * 4 if pl.dc_f32 else 0)
 
 
 def auto_budget(p: Problem, free_bytes: int) -> float:
@@ -364,7 +410,8 @@ def settle(p: Problem, backend: str, free_bytes: int | None, **hints) -> tuple[P
     if budget == "auto":
         budget = None if free_bytes is None else auto_budget(p, free_bytes)
         p = dataclasses.replace(p, memory_budget=budget)
-    pl = plan(p, backend, **hints) if may_fuse(p, backend) or may_keep(p, backend) else RECOMPUTE
+    fast = may_fuse(p, backend) or may_keep(p, backend)
+    pl = plan(p, backend, **hints) if fast else recompute_plan(p, backend)
     if free_bytes is None or not (p.need_h or p.need_w):
         return pl, budget, None
     need, usable = need_bytes(p, pl, backend), usable_bytes(free_bytes)
@@ -380,4 +427,4 @@ def settle(p: Problem, backend: str, free_bytes: int | None, **hints) -> tuple[P
            f"needs about {need / 2**30:.2f} GiB, but {usable / 2**30:.2f} GiB of device memory are "
            f"usable; running the minimum-memory strategy instead (memory_budget=0, about "
            f"{least / 2**30:.2f} GiB)")
-    return RECOMPUTE, 0.0, why
+    return plan(low, backend), 0.0, why

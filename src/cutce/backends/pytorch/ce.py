@@ -38,7 +38,6 @@ import torch
 from ...engine import planner
 from ...engine.loss import live_rows
 from ...engine.options import Options
-from ...engine.problem import Problem
 from .. import grads
 from . import common
 from .common import compute_dtype, softcap_  # noqa: F401  (compute_dtype: part of the backend's face)
@@ -249,13 +248,14 @@ class _FusedCfg(NamedTuple):
     need_zsum: bool
     memory_budget: float | None
     chunk_bytes: int | None
+    plan: list
     need_h: bool
     need_w: bool
     need_b: bool
 
 
 _FUSED_SCHEMA = ("float logit_scale, float? softcap, bool need_zsum, float? memory_budget, "
-                 " int? chunk_bytes, bool need_h, bool need_w, bool need_b")
+                 " int? chunk_bytes, int[] plan, bool need_h, bool need_w, bool need_b")
 
 
 def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
@@ -269,11 +269,11 @@ def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
     dh = torch.empty_like(hidden) if cfg.need_h else hidden.new_empty(0)
     dw = torch.zeros_like(w) if cfg.need_w else hidden.new_empty(0)
     db = lse.new_zeros(vocab) if cfg.need_b else hidden.new_empty(0)
-    # The plan is made at run time (compile never specializes on n); below the fused plan's
-    # smallest chunk, the chunk of the recompute strategy (same temporaries) is used.
-    p = planner.plan(Problem(n, vocab, hidden.shape[1], hidden.dtype, cfg.need_h, cfg.need_w,
-                             reduced=True, memory_budget=cfg.memory_budget,
-                             chunk_bytes=cfg.chunk_bytes), "torch")
+    # The api's plan; traced calls plan here, at run time (compile never specializes on n).
+    # Below the fused plan's smallest chunk, the recompute strategy's chunk (same temporaries).
+    p = planner.decode(cfg.plan) or planner.plan_in_op(
+        "torch", n, vocab, hidden.shape[1], hidden.dtype, cfg.need_h, cfg.need_w,
+        cfg.memory_budget, reduced=True, chunk_bytes=cfg.chunk_bytes)
     rows = p.chunk_n if p.fused else chunk_rows(n, vocab, cdt, cfg.chunk_bytes)
     for s in range(0, n, rows):
         e = min(s + rows, n)
@@ -336,7 +336,7 @@ def _(hidden, weight, bias, targets, coef, cw, *cfg):
 _fused_op.register_autograd(grads.fused_backward, setup_context=grads.fused_setup_context)
 
 
-def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None):
+def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None, plan=None):
     """A training call on the torch path: the loss's total and its gradients in one pass.
 
     Args:
@@ -345,7 +345,7 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
         lse, -zt, -mean_j z (-(z @ class_weight) / V with class weights) and lse^2 in the total
         (0 for ignored rows; token weights, class weights, label
         smoothing, z-loss and "mean"'s 1/denominator folded in by the api). The chunk of tokens
-        comes from :func:`cutce.engine.planner.plan` with opts.memory_budget.
+        comes from ``plan`` (the api's :class:`~cutce.engine.planner.Plan`; None when traced).
 
     Returns:
         (total, lse): total = sum_i k0 lse_i - k1 zt_i - k2 mean_j z_ij + k3 lse_i^2 (0-dim,
@@ -354,13 +354,14 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
     """
     need = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias)]
     cfg = _FusedCfg(float(opts.logit_scale), opts.softcap, opts.need_zsum,
-                    opts.memory_budget, opts.chunk_bytes, *need)
+                    opts.memory_budget, opts.chunk_bytes, [] if plan is None else plan.encode(),
+                    *need)
     cw = None if class_weight is None else class_weight.to(compute_dtype(hidden.dtype))
     total, lse, *_ = _fused_op(hidden, weight, bias, targets, coef.detach(), cw, *cfg)
     return total, lse
 
 
-def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None):
+def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None, plan=None):
     """The backend contract on the torch path.
 
     Args:

@@ -37,6 +37,7 @@ import math
 import torch
 from torch import Tensor
 
+from ...engine import planner
 from . import common
 from .common import Head, compute_dtype, softcap_  # noqa: F401  (compute_dtype: part of the backend's face)
 
@@ -110,9 +111,10 @@ def _chunk(ys, yt, tgt, coef, cfg, want_grad, want_t):
     return loss, g_s, g_t
 
 
-def _run(hs, ws, bs, ht, wt, bt, targets, coef, cfg, need):
+def _run(hs, ws, bs, ht, wt, bt, targets, coef, cfg, need, chunk=0):
     """(total, rows, dhs, dws, dbs, dht, dwt, dbt): total = sum_i coef_i rows_i and its
-    gradients w.r.t. the tensors flagged in ``need`` (empty tensors for the others)."""
+    gradients w.r.t. the tensors flagged in ``need`` (empty tensors for the others); ``chunk``:
+    the plan's tokens per chunk (0: the device's default chunk bytes decide; never more)."""
     cdt = compute_dtype(hs.dtype, ht.dtype)
     n, vocab = hs.shape[0], ws.shape[0]
     stu, tea = Head(hs, ws, bs, cdt), Head(ht, wt, bt, cdt)
@@ -128,6 +130,7 @@ def _run(hs, ws, bs, ht, wt, bt, targets, coef, cfg, need):
     dhs, dws, dbs = buf(hs, n_s[0], False), buf(ws, n_s[1], True), buf(ws[:, 0], n_s[2], True)
     dht, dwt, dbt = buf(ht, n_t[0], False), buf(wt, n_t[1], True), buf(wt[:, 0], n_t[2], True)
     step = chunk_rows(n, vocab, cdt, hs.device)
+    step = min(step, chunk) if chunk > 0 else step
     for s in range(0, n, step):
         e = min(s + step, n)
         c = coef[s:e].to(cdt)
@@ -173,17 +176,17 @@ def _cfg(beta, temperature, softcap_s, softcap_t, ce_weight):
 
 
 @torch.library.custom_op("cutce::torch_distill", mutates_args=(),
-                         schema=f"({_ARGS}, {_NEED}) -> {_OUT}")
+                         schema=f"({_ARGS}, int chunk, {_NEED}) -> {_OUT}")
 def _distill_op(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, softcap_s, softcap_t,
-                ce_weight, *need):
+                ce_weight, chunk, *need):
     with torch.autocast(hs.device.type, enabled=False):
         return _run(hs, ws, bs, ht, wt, bt, targets, coef,
-                    _cfg(beta, temperature, softcap_s, softcap_t, ce_weight), need)
+                    _cfg(beta, temperature, softcap_s, softcap_t, ce_weight), need, chunk)
 
 
 @_distill_op.register_fake
 def _(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, softcap_s, softcap_t, ce_weight,
-      *need):
+      chunk, *need):
     cdt = compute_dtype(hs.dtype, ht.dtype)
     rows = hs.new_empty(hs.shape[0], dtype=cdt)
     outs = [torch.empty_like(t) if on and t is not None else hs.new_empty(0)
@@ -209,7 +212,7 @@ def _fused_backward(ctx, g_total, *_):
     if g_total is None:
         return (None,) * ctx.n_inputs
     out = [g.mul_(g_total) if on else None for g, on in zip(grads, ctx.needs_input_grad)]
-    return (*out, *[None] * (ctx.n_inputs - 6))
+    return (*out, *[None] * (ctx.n_inputs - 6))  # the rest: no gradients
 
 
 _distill_op.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -239,7 +242,7 @@ def _rows_backward(ctx, g_rows):
     need = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad[:6],
                                                       (hs, ws, bs, ht, wt, bt))]
     # coef marks the valid rows (1) and the ignored ones (0); the upstream gradient weights them.
-    grads = _distill_op(hs, ws, bs, ht, wt, bt, targets, coef * g_rows, *ctx.cfg, *need)[2:]
+    grads = _distill_op(hs, ws, bs, ht, wt, bt, targets, coef * g_rows, *ctx.cfg, 0, *need)[2:]
     return (*[g if on else None for g, on in zip(grads, need)], *[None] * (len(ctx.cfg) + 2))
 
 
@@ -252,11 +255,11 @@ def plan_hints(ce_weight: float, cap_s: float, device) -> dict:
 
 
 def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, softcap_s, softcap_t,
-                  ce_weight, memory_budget=None) -> Tensor:
+                  ce_weight, memory_budget=None, plan=None) -> Tensor:
     """sum_i coef_i loss_i (0-dim, float32; float64 when both heads are float64), the fused
     strategy: gradients formed in the forward for the tensors that require grad, the backward
-    may run once (the planner takes :func:`distill_rows` otherwise). ``memory_budget``: the
-    planner's; this path's chunk follows its temporaries' size.
+    may run once (the planner takes :func:`distill_rows` otherwise). ``plan``: the api's, whose
+    chunk keeps the temporaries within ``memory_budget`` (None when traced: planned here).
 
     Args:
         hs (N, Ds), ws (V, Ds), bs (V,) or None: the student head; ht (N, Dt), wt (V, Dt), bt:
@@ -265,8 +268,15 @@ def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, soft
     """
     need = [t is not None and t.requires_grad and torch.is_grad_enabled()
             for t in (hs, ws, bs, ht, wt, bt)]
+    if plan is None:
+        plan = planner.plan_in_op("torch", hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype,
+                                  need[0], need[1], memory_budget, reduced=True, dt=ht.shape[1],
+                                  teacher_dtype=ht.dtype, beta=beta)
+    # traced with a budget that holds no chunk's temporaries (eager calls take distill_rows
+    # then): the default chunk, not one op per token
+    chunk = plan.chunk_n if plan.fused else 0
     return _distill_op(hs, ws, bs, ht, wt, bt, targets, coef.detach(), beta, temperature,
-                       softcap_s, softcap_t, ce_weight, *need)[0]
+                       softcap_s, softcap_t, ce_weight, chunk, *need)[0]
 
 
 def distill_rows(hs, ws, bs, ht, wt, bt, targets, valid, beta, temperature, softcap_s, softcap_t,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...engine import planner
+from ...engine import chunks
 from . import configs, workspace
 from .common import head_tile, tma_descriptor
 
@@ -130,12 +130,13 @@ def _kept_classes(ub, targets, eps, dense_fraction):
 
 def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
              scale, softcap, inv_temp, need_zsum, need_entropy, filter_eps,
-             need_h, need_w, need_b, problem, class_weight=None):
+             need_h, need_w, need_b, plan, class_weight=None):
     """Gradients of (lse, zt, zsum, pz) w.r.t. hidden, weight, bias given their upstream grads.
 
-    ``problem``: the call's (its memory_budget included); the planner derives from it whether
-    dC's running sum over token chunks is a float32 V x D accumulator (:func:`recompute_dc_f32`)
-    and what the workspace may spend beyond it (:func:`recompute_spare_bytes`, workspace.py).
+    ``plan``: the call's :class:`~cutce.engine.planner.Plan`: its chunk (where the budget holds
+    the preferred one), else its workspace bytes, within which the chunks are sized here for the
+    classes this backward visits (:func:`cutce.engine.chunks.recompute_chunks`); whether dC's
+    running sum over token chunks may be a float32 V x D accumulator.
 
     Returns (dh, dw, db) in the inputs' dtypes; a gradient that is not needed is an empty tensor
     of its own (a custom op's outputs may not alias each other).
@@ -172,19 +173,19 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
             dh.zero_()
         return dh, dw, (db32.to(bias.dtype) if need_b else empty())
     tail = need_w and cls is None and dw.is_contiguous()  # dC rows written once, in order
-    spare = planner.recompute_spare_bytes(problem)
-    if cls is None and spare >= planner.recompute_chunk_bytes(problem):
+    if cls is None and plan.chunk_n:
         split = False  # a whole float32 dE chunk: one product per vocabulary chunk, not two
-        chunk_n = min(n, kc.recompute_chunk[0])
-        chunk_v = min(triton.cdiv(n_cls, cfg.block_v) * cfg.block_v, kc.recompute_chunk[1])
+        cap_n, cap_v = kc.recompute_chunk_cap or (plan.chunk_n, plan.chunk_v)
+        chunk_n = min(n, plan.chunk_n, cap_n)
+        chunk_v = min(triton.cdiv(n_cls, cfg.block_v) * cfg.block_v, plan.chunk_v, cap_v)
     else:
         split = workspace.splits_hidden_acc(dh, need_h)
-        chunk_n, chunk_v = workspace.chunk_sizes(n, n_cls, v, d, dt, need_h, need_w, split, tail,
-                                                 cls is not None, cfg.block_v, kc, spare)
+        chunk_n, chunk_v = workspace_chunks(n, n_cls, v, d, dt, need_h, need_w, split, tail,
+                                            cls is not None, cfg.block_v, kc, plan.workspace)
     acc = workspace.HiddenGradAccumulator(dh, chunk_n, split) if need_h and not f32 else None
     # dC's running sum over token chunks: float32 when the budget allows, else dC itself
     dw_sum = dw
-    if need_w and not f32 and chunk_n < n and planner.recompute_dc_f32(problem):
+    if need_w and not f32 and chunk_n < n and plan.dc_f32:
         dw_sum = torch.zeros(dw.shape, device=dev, dtype=torch.float32) if cls is not None \
             else torch.empty(dw.shape, device=dev, dtype=torch.float32)
     ws_dtype = configs.workspace_dtype(kc, dt)  # the GPU's rounding in CPU tests, see configs
@@ -235,6 +236,16 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
     if dw_sum is not dw:
         dw.copy_(dw_sum)
     return dh, dw, (db32.to(bias.dtype) if need_b else empty())
+
+
+def workspace_chunks(n, n_cls, v, d, dtype, need_h, need_w, split, tail, gather, block_v, kc,
+                     budget):
+    """(chunk_n, chunk_v) within the plan's workspace bytes (:func:`cutce.engine.chunks.recompute_chunks`
+    with this kernel's tile and KernelConfig's vocabulary-chunk limits)."""
+    if configs.interpreting():
+        return n, 2 * block_v  # several chunks even at test sizes
+    return chunks.recompute_chunks(n, n_cls, v, d, dtype, need_h, need_w, split, tail, gather,
+                                   block_v, kc.min_chunk_v, kc.max_chunk_v, budget)
 
 
 def _accumulate_dw(dw, cls, c0, c1, dz, h_chunk, first):

@@ -25,7 +25,6 @@ import threading
 
 import torch
 
-from ...engine import planner
 from ...engine.device import DeviceFacts, facts
 
 
@@ -115,8 +114,6 @@ class KernelConfig:
     # None = the computed rules (vocab_splits, group_rows); group_rows 0 = one group of all
     vocab_splits: int | None = None
     group_rows: int | None = None
-    # Extra memory the loss's backward may use beyond the gradients, as a fraction of them
-    backward_memory_fraction: float = 0.08
     # Filtering keeps going only while it skips enough: past this fraction of kept classes the
     # backward visits all of them densely (faster than gathering them, and exact)
     filter_dense_fraction: float = 0.5
@@ -125,15 +122,15 @@ class KernelConfig:
     # passes over the float32 dE accumulator); the distillation backward's narrowest chunk
     min_chunk_v: int = 1024
     max_chunk_v: int = 8192
-    # (tokens, classes) per chunk of the recompute backward wherever the budget holds it: the
-    # planner's, which sizes the budget for it and says why
-    recompute_chunk: tuple[int, int] = planner.RECOMPUTE_CHUNK
     distill_min_chunk_v: int = 512
     # Test aids: tokens per chunk of the fused distillation (None = its plan's); fill every
     # launcher allocation with NaN so that unwritten memory shows up; keep 16-bit workspaces in
     # float32 in the interpreter, which truncates float32 -> 16-bit stores instead of rounding
     # to nearest as the GPU does (off: walk the 16-bit-only code paths, at a truncation's error)
     distill_chunk: int | None = None
+    # Test aid: at most (tokens, classes) per chunk of the recompute backward where its plan
+    # names the preferred chunk (None: the plan's, cutce.engine.chunks.RECOMPUTE_CHUNK)
+    recompute_chunk_cap: tuple[int, int] | None = None
     poison: bool = False
     interpreter_f32_workspace: bool = True
 
@@ -166,7 +163,7 @@ INTERPRETER = KernelConfig(
     distill_fused_tile=TileConfig(32, 64, 32, 1, 1),
     distill_fused_tile_f32=TileConfig(32, 64, 32, 1, 1),
     dz_ew_tile=(32, 4), target_tile=(16, 16, 1), row_scale_tile=(16, 32, 1), rows_block=64,
-    kept_tile=(16, 32, 1), recompute_chunk=(32, 64))  # several chunks at test sizes
+    kept_tile=(16, 32, 1), recompute_chunk_cap=(32, 64))  # several chunks at test sizes
 
 # The presets a GPU may take, fastest first: (preset, the shared memory per block its largest
 # kernel takes, whether it needs tensor descriptors). Compiled by tools/gpu_compile.py, whose

@@ -11,8 +11,8 @@ p (log p - log m) and q (log q - log m) once both lse are known.
 Backward (:func:`backward`): per vocabulary chunk, a kernel recomputes both tiles and writes the
 student's logit gradient (and the teacher's, if it requires grad) into an N x chunk_v workspace;
 cuBLAS forms dE += dz @ C (float32 sums, half in dE's own bytes) and dC[chunk] = dz^T @ E, each
-row written once (all tokens in one product). Memory beyond the gradients: within
-EXTRA_FRACTION of them. This is the minimum-memory strategy (``memory_budget=0``, and what the
+row written once (all tokens in one product). Memory beyond the gradients: within the
+workspace every recompute backward has (:func:`cutce.engine.chunks.workspace_floor`). This is the minimum-memory strategy (``memory_budget=0``, and what the
 fused one, :mod:`.distill_fused`, does not cover).
 """
 
@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...engine import chunks
 from . import configs
 from .backward import HiddenGrad, _mm_f32
 from .common import head_tile, tma_descriptor
@@ -206,12 +207,6 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_desc,
 
 # ---- launchers ------------------------------------------------------------------------------
 
-# The backward's memory beyond the student's gradients, as a fraction of them: dE's float32
-# half (HiddenGrad) and the N x chunk_v workspace share it (Qwen 7B -> 0.5B pair: 14 MiB +
-# 640 classes' 10 MiB = 8.9%; 5% + 1024 classes measured 12.8% on the H200).
-EXTRA_FRACTION = 0.09
-
-
 def descriptors(t, tma, hs, ws, ht, wt):
     """The four heads' operands as the kernels take them: tensor descriptors of (BLOCK_N,
     BLOCK_K) hidden and (BLOCK_V, BLOCK_K) weight tiles when ``tma``, else the tensors."""
@@ -318,13 +313,13 @@ def backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode, beta, tempera
              out(wt, need[4], False), out(wt[:, 0], need[5], True)]
     if n > 0 and any(need):
         ws_dtype = torch.float32 if configs.interpreting() else dt
-        budget = EXTRA_FRACTION * (v * hs.shape[1] + n * hs.shape[1]) * hs.element_size()
-        budget -= sum(g.extra_bytes for g in grads if isinstance(g, HiddenGrad))
-        budget -= 8 * n * 4  # the forward's statistics and the rows' upstream gradients
-        cv = int(budget // (n * torch.finfo(ws_dtype).bits // 8 * (2 if need_t else 1)))
-        cv = cv // t.block_v * t.block_v  # rounded down: the budget is a ceiling
-        min_cv = configs.current(hs.device).distill_min_chunk_v
-        cv = min(v, max(min_cv if not configs.interpreting() else t.block_v, cv))
+        # the workspace beside dE's float32 halves, the forward's statistics and the rows'
+        # upstream gradients; in the interpreter one tile a chunk (several at test sizes)
+        held = sum(g.extra_bytes for g in grads if isinstance(g, HiddenGrad)) + 8 * n * 4
+        cv = t.block_v if configs.interpreting() else chunks.distill_chunk_v(
+            n, v, chunks.workspace_floor(n, v, hs.shape[1], hs.dtype), held,
+            torch.finfo(ws_dtype).bits // 8 * (2 if need_t else 1), t.block_v,
+            configs.current(hs.device).distill_min_chunk_v)
         dzs = torch.empty((n, cv), device=hs.device, dtype=ws_dtype)
         dzt = torch.empty((n, cv), device=hs.device, dtype=ws_dtype) if need_t else dzs
         log_b = math.log(beta) if 0.0 < beta < 1.0 else 0.0

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from ...engine import planner
-from ...engine.problem import Problem
 from .. import grads
 from . import configs
 from . import distill as _k
@@ -114,18 +113,18 @@ def distill_rows(hs, ws, bs, ht, wt, bt, targets, valid, *scalars) -> Tensor:
 def _fused_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,
               bt: Optional[Tensor], targets: Tensor, coef: Tensor, beta: float, temperature: float,
               cap_s: float, cap_t: float, ce_weight: float, memory_budget: Optional[float],
-              need_h: bool, need_w: bool,
+              plan: list[int], need_h: bool, need_w: bool,
               need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(total, rows, dhs, dws, dbs): sum_i coef_i loss_i, the per-token losses and total's
     gradients w.r.t. the student's head (formed in the forward; empty where not needed).
 
-    Planned here, at run time, so that torch.compile never specializes on the number of tokens:
-    the fused strategy when the budget fits a chunk, else the recompute kernels run right away
-    with the known per-row upstream gradients (coef)."""
-    problem = Problem(hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need_h, need_w, reduced=True,
-                      memory_budget=memory_budget, dt=ht.shape[1], teacher_dtype=ht.dtype,
-                      beta=beta)
-    p = planner.plan(problem, "triton", **plan_hints(ce_weight, cap_s, hs.device))
+    By ``plan`` (the api's; when traced, planned here at run time, so that torch.compile never
+    specializes on the number of tokens): the fused strategy when the budget fits a chunk, else
+    the recompute kernels run right away with the known per-row upstream gradients (coef)."""
+    p = planner.decode(plan) or planner.plan_in_op(
+        "triton", hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need_h, need_w, memory_budget,
+        reduced=True, dt=ht.shape[1], teacher_dtype=ht.dtype, beta=beta,
+        **plan_hints(ce_weight, cap_s, hs.device))
     mode = mode_of(beta)
     if p.fused:
         return _kf.fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature,
@@ -147,7 +146,7 @@ def _fused_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tens
 
 @_fused_op.register_fake
 def _(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, cap_s, cap_t, ce_weight,
-      memory_budget, need_h, need_w, need_b):
+      memory_budget, plan, need_h, need_w, need_b):
     f = hs.new_empty(hs.shape[0], dtype=torch.float32)
     return (f.new_empty(()), f, *[torch.empty_like(t) if on else hs.new_empty(0)
                                   for t, on in ((hs, need_h), (ws, need_w), (bs, need_b))])
@@ -168,13 +167,14 @@ def plan_hints(ce_weight: float, cap_s: float, device) -> dict:
                 chunk=configs.current(device).distill_chunk)
 
 
-def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, memory_budget=None) -> Tensor:
-    """sum_i coef_i loss_i (0-dim float32), coef 0 for ignored rows: the fused op, which plans
-    again at run time (under torch.compile the api knew only that the call may fuse; a budget
-    that fits no chunk then runs the recompute kernels inside the op)."""
+def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, memory_budget=None,
+                  plan=None) -> Tensor:
+    """sum_i coef_i loss_i (0-dim float32), coef 0 for ignored rows: the fused op, by the api's
+    ``plan`` (None under torch.compile, where the api knew only that the call may fuse: the op
+    plans at run time, and a budget that fits no chunk runs the recompute kernels inside it)."""
     need = [t is not None and t.requires_grad for t in (hs, ws, bs)]
     hs, ws, bs, ht, wt, bt = (None if t is None else t if t.stride(-1) == 1 else t.contiguous()
                               for t in (hs, ws, bs, ht, wt, bt))
     return _fused_op(hs, ws, bs, ht, wt, bt, targets.contiguous(), coef.detach().float(),
                      *map(float, scalars), None if memory_budget is None else float(memory_budget),
-                     *need)[0]
+                     [] if plan is None else plan.encode(), *need)[0]

@@ -16,7 +16,6 @@ from torch import Tensor
 from ...engine import planner
 from ...engine.loss import live_rows
 from ...engine.options import Options
-from ...engine.problem import Problem
 from .. import grads
 from ..resources import out_of_memory, warn_memory_fallback
 from . import backward as _bw
@@ -31,13 +30,13 @@ from . import kept as _kept
 def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                  class_weight: Optional[Tensor], scale: float, softcap: float, inv_temp: float,
                  need_zsum: bool, need_entropy: bool, filter_eps: float,
-                 memory_budget: Optional[float], bound_all_rows: bool, need_stats: bool = False,
-                 keep: bool = False
+                 memory_budget: Optional[float], plan: list[int], bound_all_rows: bool,
+                 need_stats: bool = False, keep: bool = False
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty),
     over every row with ``bound_all_rows`` (a returned lse), else over the rows with a target.
-    memory_budget only travels to the backward (its float32 dC accumulator, see cutce.engine.planner).
-    Then the statistics' lse2, zmax (float32) and amax (int64), (N,) with ``need_stats``, else
+    ``plan`` (:meth:`cutce.engine.planner.Plan.encode`, empty when traced) and memory_budget
+    only travel to the backward. Then the statistics' lse2, zmax (float32) and amax (int64), (N,) with ``need_stats``, else
     empty; not differentiable. Last, with ``keep`` (the strategy "keep": eager calls only, see
     linear_lse_parts), the kept logits for the backward (:mod:`.kept`), else empty."""
     kept = _kept.buffer(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device) \
@@ -54,7 +53,7 @@ def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
 
 @lse_parts_op.register_fake
 def _(hidden, weight, bias, targets, class_weight, scale, softcap, inv_temp, need_zsum,
-      need_entropy, filter_eps, memory_budget, bound_all_rows, need_stats=False, keep=False):
+      need_entropy, filter_eps, memory_budget, plan, bound_all_rows, need_stats=False, keep=False):
     bound = filter_eps > 0
     n, v = hidden.shape[0], weight.shape[0]
     f = hidden.new_empty(n, dtype=torch.float32)
@@ -71,18 +70,22 @@ def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
                           g_lse: Tensor, g_zt: Tensor, g_zsum: Tensor, g_pz: Tensor, scale: float,
                           softcap: float, inv_temp: float, need_zsum: bool, need_entropy: bool,
                           filter_eps: float, need_h: bool, need_w: bool, need_b: bool,
-                          memory_budget: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
-    n, d = hidden.shape
-    problem = Problem(n, weight.shape[0], d, hidden.dtype, need_h, need_w, memory_budget=memory_budget)
+                          memory_budget: Optional[float],
+                          plan: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The contract's gradients, by the recompute strategy of ``plan`` (the api's; planned here
+    from memory_budget when the call was traced)."""
+    p = planner.decode(plan) or planner.plan_in_op(
+        "triton", hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype, need_h, need_w,
+        memory_budget, recompute=True, filtered=filter_eps > 0)
     return _bw.backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
                         scale, softcap, inv_temp, need_zsum, need_entropy,
-                        filter_eps, need_h, need_w, need_b, problem, class_weight=class_weight)
+                        filter_eps, need_h, need_w, need_b, p, class_weight=class_weight)
 
 
 @lse_parts_backward_op.register_fake
 def _(hidden, weight, bias, targets, class_weight, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz, scale,
       softcap, inv_temp, need_zsum, need_entropy, filter_eps, need_h, need_w, need_b,
-      memory_budget):
+      memory_budget, plan):
     # distinct empties: a custom op's outputs may not alias each other
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else hidden.new_empty(0),
@@ -91,12 +94,12 @@ def _(hidden, weight, bias, targets, class_weight, lse, pz, ub, g_lse, g_zt, g_z
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, cw, scale, softcap, inv_temp, need_zsum, need_entropy, eps, \
-        budget, *_ = inputs
+        budget, plan, *_ = inputs
     lse, zt, _, pz, ub, *stats, kept = output
     ctx.save_for_backward(hidden, weight, bias, targets, cw, lse, pz, ub)
     ctx.mark_non_differentiable(*stats, kept)  # the statistics (metrics), the kept logits
     ctx.scalars = (scale, softcap, inv_temp, need_zsum, need_entropy, eps)
-    ctx.budget = budget
+    ctx.budget, ctx.plan = budget, plan
     # Held outside save_for_backward: the backward overwrites them, and drops them after use.
     ctx.kept = (kept, zt) if kept.numel() else None
 
@@ -115,17 +118,16 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
             kept, hidden, weight, bias, targets, zt, lse, pz, *grads, scale, softcap, inv_temp,
             need_zsum, need_entropy and g_pz is not None, need_h, need_w, need_b, cw)
         del kept
-        return dh, dw, db, *[None] * 12
+        return dh, dw, db, *[None] * 13
     try:
         dh, dw, db = lse_parts_backward_op(
             hidden, weight, bias, targets, cw, lse, pz, ub, *grads, scale, softcap, inv_temp,
-            need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b, ctx.budget)
+            need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b, ctx.budget,
+            ctx.plan)
     except torch.OutOfMemoryError as err:
-        raise out_of_memory(err, Problem(hidden.shape[0], weight.shape[0], hidden.shape[1],
-                                         hidden.dtype, need_h, need_w, memory_budget=ctx.budget),
-                            "triton", hidden.device) from None
+        raise out_of_memory(err, hidden, weight, need_h, need_w, ctx.budget, "triton") from None
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
-            *[None] * 12)
+            *[None] * 13)
 
 
 lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -134,16 +136,17 @@ lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("cutce::fused_loss", mutates_args=())
 @fit.fits
 def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                  coef: Tensor, scale: float, softcap: float, memory_budget: Optional[float], need_h: bool, need_w: bool,
+                  coef: Tensor, scale: float, softcap: float, memory_budget: Optional[float],
+                  plan: list[int], need_h: bool, need_w: bool,
                   need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """A training call's (total, lse, dh, dw, db), gradients formed in the forward. The plan is
-    made here, at run time, so that torch.compile never specializes on the number of tokens:
-    the fused strategy (cutce.backends.triton.fused) when the budget allows it, else the recompute
-    kernels run right away with the known upstream gradients."""
+    """A training call's (total, lse, dh, dw, db), gradients formed in the forward, by ``plan``
+    (the api's; when the call was traced, planned here at run time, so that torch.compile never
+    specializes on the number of tokens): the fused strategy (cutce.backends.triton.fused), or,
+    when the budget holds no fused chunk, the recompute kernels right away with the known
+    upstream gradients."""
     n, d = hidden.shape
-    problem = Problem(n, weight.shape[0], d, hidden.dtype, need_h, need_w, reduced=True,
-                      memory_budget=memory_budget)
-    p = planner.plan(problem, "triton")
+    p = planner.decode(plan) or planner.plan_in_op(
+        "triton", n, weight.shape[0], d, hidden.dtype, need_h, need_w, memory_budget, reduced=True)
     if p.fused:
         return _fused.fused_loss(hidden, weight, bias, targets, coef, scale, softcap,
                                  p.chunk_n, p.dc_in_place, need_h, need_w, need_b)
@@ -153,13 +156,14 @@ def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
     zeros = torch.zeros_like(lse)
     dh, dw, db = _bw.backward(hidden, weight, bias, targets, lse, pz, ub, k[0] + 2.0 * k[3] * lse,
                               -k[1], zeros, zeros, scale, softcap, 1.0, False, False, 0.0,
-                              need_h, need_w, need_b, problem)
+                              need_h, need_w, need_b, p)
     total = torch.where(live_rows(k), k[0] * lse - k[1] * zt + k[3] * lse.square(), 0.0).sum()
     return total, lse, dh, dw, db
 
 
 @fused_loss_op.register_fake
-def _(hidden, weight, bias, targets, coef, scale, softcap, memory_budget, need_h, need_w, need_b):
+def _(hidden, weight, bias, targets, coef, scale, softcap, memory_budget, plan, need_h, need_w,
+      need_b):
     f = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
     return (f.new_empty(()), f, torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else hidden.new_empty(0),
@@ -174,7 +178,7 @@ def _fused_setup_context(ctx, inputs, output):
 fused_loss_op.register_autograd(grads.fused_backward, setup_context=_fused_setup_context)
 
 
-def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None):
+def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None, plan=None):
     """A training call on the Triton path (same contract as :func:`cutce.backends.pytorch.ce.fused_loss`;
     label smoothing 0, bfloat16 or float32)."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
@@ -183,14 +187,16 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
     need = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias)]
     total, lse, *_ = fused_loss_op(hidden, weight, bias, targets.contiguous(),
                                    coef.detach().float().contiguous(), opts.logit_scale,
-                                   opts.softcap or 0.0, opts.memory_budget, *need)
+                                   opts.softcap or 0.0, opts.memory_budget,
+                                   [] if plan is None else plan.encode(), *need)
     return total, lse
 
 
-def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None):
+def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None, plan=None):
     """The backend contract on the Triton path (same signature and result as
     :func:`cutce.backends.pytorch.ce.linear_lse_parts`; float32 outputs, and with
-    ``opts.need_stats`` the three statistics after the four parts)."""
+    ``opts.need_stats`` the three statistics after the four parts). ``plan``: the api's (None
+    when traced: the backward op plans at run time); the strategy "keep" stores the logits."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -199,12 +205,13 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
     # Filtering skips classes by their bound; label smoothing's gradient touches every class, so
     # with it the backward stays exact (documented on filter_eps).
     filt = opts.filter_eps is not None and wants_grad and not opts.need_zsum
-    keep = wants_grad and _keeps(hidden, weight, bias, opts, filt)
+    keep = wants_grad and plan is not None and plan.strategy == "keep" and not filt
     args = (hidden, weight, bias, targets.contiguous(),
             None if class_weight is None else class_weight.float().contiguous(),
             opts.logit_scale, opts.softcap or 0.0,
             1.0 / opts.temperature, opts.need_zsum, opts.need_entropy,
-            opts.filter_eps if filt else 0.0, opts.memory_budget, opts.lse_out, opts.need_stats)
+            opts.filter_eps if filt else 0.0, opts.memory_budget,
+            [] if plan is None else plan.encode(), opts.lse_out, opts.need_stats)
     try:
         out = lse_parts_op(*args, keep)
     except torch.OutOfMemoryError as err:
@@ -219,15 +226,3 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
             (opts.memory_budget, "triton", "keep"))
         out = lse_parts_op(*args, False)
     return (*out[:4], *out[5:8]) if opts.need_stats else out[:4]
-
-
-def _keeps(hidden, weight, bias, opts, filt) -> bool:
-    """Whether this call keeps its logits (the planner's strategy "keep"). Eager calls only:
-    the decision reads N, on which torch.compile must not specialize, and a compiled graph's
-    backward may not run the forward's buffers in place."""
-    if torch.compiler.is_compiling() or isinstance(opts.memory_budget, str):
-        return False
-    p = Problem(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype,
-                hidden.requires_grad, weight.requires_grad or (bias is not None and bias.requires_grad),
-                memory_budget=opts.memory_budget, filtered=filt)
-    return planner.plan(p, "triton").strategy == "keep"

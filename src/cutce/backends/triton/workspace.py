@@ -1,12 +1,10 @@
-"""Memory plan of the backward: chunk sizes, where each chunk's dz lives, the float32 dE.
+"""Where the backward's chunks live: each chunk's dz, the float32 dE.
 
-Used where the budget does not hold the backward's preferred chunk (KernelConfig.recompute_chunk,
-see cutce.engine.planner.RECOMPUTE_CHUNK): memory_budget=0, small explicit budgets, filtered
-classes. The backward may then use a fraction (KernelConfig.backward_memory_fraction) of the
-gradients' size beyond the gradients, or what the call's budget leaves if more; below ~N x D x 2
-bytes (the float32 dE's half that does not fit in dE's rows) the tokens are split into chunks,
-each a pass over dC. Two outputs are free memory until their rows are written, and the plan
-uses both:
+The chunk sizes are the plan's (:mod:`cutce.engine.chunks`): where the budget does not hold the
+backward's preferred chunk (memory_budget=0, small explicit budgets, filtered classes) they are
+sized within the plan's workspace bytes; below ~N x D x 2 bytes (the float32 dE's half that does
+not fit in dE's rows) the tokens are split into chunks, each a pass over dC. Two outputs are
+free memory until their rows are written, and the workspace uses both:
 
 - rows of dC not written yet (the weight's size): a vocabulary chunk's dz can live there, behind
   the chunk's own rows, so chunks can be max_chunk_v wide at no memory cost (fewer passes over
@@ -18,12 +16,7 @@ uses both:
 
 from __future__ import annotations
 
-import math
-
 import torch
-import triton
-
-from . import configs
 
 
 def _elt(dtype):
@@ -42,44 +35,6 @@ def splits_hidden_acc(dh, need_h):
     """Whether dE's float32 accumulator can keep half its columns in dE's own rows."""
     return (need_h and dh.dtype != torch.float32 and _elt(dh.dtype) == 2
             and dh.shape[1] % 2 == 0 and dh.is_contiguous())
-
-
-def chunk_sizes(n, n_cls, v, d, dtype, need_h, need_w, split_acc, tail, gather, block_v, kc,
-                spare=0):
-    """(chunk_n, chunk_v): token and vocabulary chunk sizes within the budget, for n tokens and
-    the n_cls classes visited of v (the gradients are (n + v) x d whatever is visited). The
-    budget: kc.backward_memory_fraction of the gradients, or ``spare`` bytes if more (what the
-    call's memory_budget leaves, :func:`cutce.engine.planner.recompute_spare_bytes`). With
-    ``gather`` (filtered classes) each chunk also holds its gathered weight rows and its dC rows
-    before they are scattered: 2 * d values per class.
-
-    Cost model (bytes of extra traffic; launches priced as bytes): the float32 dE accumulator is
-    read and written once per vocabulary chunk (n*d*8 bytes each, whatever chunk_n), dC rows
-    once more per extra token chunk, ~20 us per chunk. With one token chunk and ``tail`` (dz may
-    live in dC's unwritten rows) most chunks are kc.max_chunk_v wide.
-    """
-    if configs.interpreting():
-        return n, 2 * block_v  # several chunks even at test sizes
-    elt = _elt(dtype)
-    budget = max(kc.backward_memory_fraction * (n + v) * d * elt, spare, 16 * 2**20)
-    acc_row = 0 if not need_h or dtype == torch.float32 else (d // 2 if split_acc else d) * 4
-    v_pad = triton.cdiv(n_cls, block_v) * block_v
-    best = None
-    for parts in range(1, min(n, 256) + 1):
-        cn = triton.cdiv(n, parts)
-        cv = int((budget - cn * acc_row) // ((cn + 2 * d * gather) * elt)) // block_v * block_v
-        if cv < kc.min_chunk_v and parts < min(n, 256) and cn > 128:
-            continue
-        cv = min(max(cv, kc.min_chunk_v), v_pad)
-        wide = max(cv, kc.max_chunk_v) if (tail and parts == 1) else cv
-        passes = math.ceil(n_cls / wide)
-        cost = (need_h * n * d * 8 * passes + need_w * (parts - 1) * n_cls * d * elt * 2
-                + parts * passes * 80e6)
-        if best is None or cost < best[0]:
-            best = (cost, cn, cv)
-        if cv >= v_pad:
-            break
-    return best[1], best[2]
 
 
 class DzWorkspace:
