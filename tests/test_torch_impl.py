@@ -228,7 +228,8 @@ def test_backend_contract_parts_and_gradcheck(gen):
            z.sum(-1), (z.softmax(-1) * z).sum(-1)]
     for a, r in zip((lse, zt, zsum, pz), exp):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda h, w, b: torch_impl.linear_lse_parts(h, w, b, t, opts), (h, w, b))
+    assert torch.autograd.gradcheck(lambda h, w, b: tuple(torch_impl.linear_lse_parts(h, w, b, t, opts)),
+                                    (h, w, b))
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import announce, backends
 from .engine import loss, planner
+from .engine.contract import Parts, StatParts
 from .engine.options import Options
 from .engine.problem import Problem
 from .parallel import vocab as distributed
@@ -225,7 +226,7 @@ def linear_cross_entropy(
     out = loss.loss_from_parts(call.parts, call.targets, call.token_weights, opts, call.vocab,
                                call.class_weight)
     out = out.reshape(call.out_shape) if opts.reduction == "none" else out
-    return (out, call.parts[0].reshape(call.out_shape)) if return_lse else out
+    return (out, call.parts.lse.reshape(call.out_shape)) if return_lse else out
 
 
 class _Fused(NamedTuple):
@@ -236,7 +237,7 @@ class Call(NamedTuple):
     """What :func:`compute_parts` returns: the parts (or ``_Fused``), flat targets and token
     weights, the output shape, the global V and the class weights (None without)."""
 
-    parts: object
+    parts: Parts | StatParts | _Fused
     targets: torch.Tensor
     token_weights: torch.Tensor | None
     out_shape: torch.Size

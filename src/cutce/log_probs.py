@@ -109,7 +109,8 @@ def linear_log_probs(
         fail("return_stats", "a bool", repr(return_stats))
     call = api.compute_parts(hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group,
                              vocab_start, reduce_hidden_grad, tname="tokens")
-    (lse, zt, zsum, pz, *stats), t1, out_shape = call.parts, call.targets, call.out_shape
+    parts, t1, out_shape = call.parts, call.targets, call.out_shape
+    lse, zt, zsum, pz = parts.lse, parts.zt, parts.zsum, parts.pz
     valid = t1 != ignore_index
     logp = torch.where(valid, zt - lse, 0.0).reshape(out_shape)
     if not (return_entropy or return_stats):
@@ -117,7 +118,7 @@ def linear_log_probs(
     entropy = torch.where(valid, lse - pz, 0.0).reshape(out_shape)
     if not return_stats:
         return logp, entropy
-    lse2, _, amax = stats  # metrics: no gradient (zsum and lse detached in them too)
+    lse2, amax = parts.lse2, parts.amax  # metrics: no gradient (zsum and lse detached in them too)
     return TokenStats(
         logp, entropy, ((amax == t1) & valid).reshape(out_shape),
         torch.where(valid, zsum.detach() / call.vocab, 0.0).reshape(out_shape),

@@ -2,10 +2,11 @@
 ``triton`` (the GPU kernels). Neither imports the other; the engine's planner decides, and this
 module only says whether Triton can run a call and hands out a backend's functions.
 
-Each backend offers, for the loss (``cutce.backends.<name>.ce`` / ``.ops``): ``linear_lse_parts``
-(the per-token parts, any upstream gradient) and ``fused_loss`` (a reduced call's total with its
-gradients formed in the forward); for distillation (``.distill`` / ``.distill_ops``):
-``distill_rows``, ``distill_total``, ``compute_dtype`` and ``plan_hints``.
+Each backend implements the typed contract of :mod:`cutce.engine.contract`: for the loss and
+log-probs (``cutce.backends.<name>.ce`` / ``.ops``) a :class:`~cutce.engine.contract.LossBackend`
+(per-token :class:`~cutce.engine.contract.Parts`, and a reduced call's fused total), for
+distillation (``.distill`` / ``.distill_ops``) a :class:`~cutce.engine.contract.DistillBackend`.
+Both run the :class:`~cutce.engine.planner.Plan` the api hands them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The fused strategy's autograd, shared by both backends' fused ops (loss and distillation).
+"""What every custom op's autograd shares: gradients returned by argument name
+(:func:`by_name`), and the fused strategy's backward (loss and distillation).
 
 Each fused op returns (total, <non-differentiable values>, *gradients): the gradients of total
 formed in its forward. The backward only scales them by the upstream scalar.
@@ -6,7 +7,24 @@ formed in its forward. The backward only scales them by the upstream scalar.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _arguments(op) -> tuple[str, ...]:
+    return tuple(a.name for a in op._opoverload._schema.arguments)
+
+
+def by_name(op, **grads) -> tuple:
+    """A custom op's backward result: the gradients given by argument name, in the op's
+    argument order, None for every other argument (so that an argument added to the op cannot
+    shift a gradient onto the wrong input, or leave one short)."""
+    names = _arguments(op)
+    unknown = set(grads) - set(names)
+    assert not unknown, f"{op._name} has no argument {sorted(unknown)}"
+    return tuple(grads.get(n) for n in names)
 
 
 def fused_setup_context(ctx, inputs, output):
@@ -32,5 +50,6 @@ def fused_backward(ctx, g_total, *_):
     if g_total is None:  # no upstream gradient reached the loss (grads are not materialized)
         return (None,) * ctx.n_inputs
     mul_ = getattr(ctx, "scale_", None) or torch.Tensor.mul_  # a backend's faster in-place product
+    # the fused ops' first three arguments are the head (hidden, weight, bias), in this order
     out = [mul_(g, g_total) if need else None for g, need in zip(grads, ctx.needs_input_grad)]
-    return (*out, *[None] * (ctx.n_inputs - 3))
+    return (*out, *[None] * (ctx.n_inputs - len(out)))

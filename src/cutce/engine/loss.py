@@ -85,7 +85,7 @@ def loss_from_parts(parts, targets, token_weights, opts: Options, vocab, cw=None
     """Per token, with a = class_weight[target] and S = sum(class_weight) (a = 1, S = V without):
     (1 - ls) a (lse - zt) + ls (S lse - zsum) / V + z_loss lse^2, times the token weight w;
     "mean" divides by sum(w a) over valid tokens (F.cross_entropy's weight= semantics)."""
-    lse, zt, zsum, _ = parts
+    lse, zt, zsum = parts.lse, parts.zt, parts.zsum
     ls = opts.label_smoothing
     if cw is None:
         loss = lse - zt if ls == 0.0 else (1.0 - ls) * (lse - zt) + ls * (lse - zsum / vocab)

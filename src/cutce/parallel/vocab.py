@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from . import agreement
+from ..engine.contract import Parts, StatParts
 from ..engine.options import Options
 
 __all__ = ["VocabSlice", "combine_parts", "resolve_vocab_parallel", "vocab_parallel_parts", "vocab_slice"]
@@ -124,7 +125,7 @@ def combine_parts(parts, group, opts: Options, replicated=None):
         (k = 2, +1 with label smoothing, +1 with entropy, +1 with ``replicated``, +4 with the
         statistics: lse2_r, zmax_r and amax_r's high and low 24 bits, each exact in float32).
     """
-    lse_r, zt_r, zsum_r, pz_r = parts[:4]
+    lse_r, zt_r, zsum_r, pz_r = parts.lse, parts.zt, parts.zsum, parts.pz
     rows = [lse_r, zt_r]
     if opts.need_zsum:
         rows.append(zsum_r)
@@ -132,7 +133,7 @@ def combine_parts(parts, group, opts: Options, replicated=None):
         rows.append(pz_r)
     n_stats = 4 if opts.need_stats else 0
     if opts.need_stats:
-        lse2_r, zmax_r, amax_r = (p.detach() for p in parts[4:7])
+        lse2_r, zmax_r, amax_r = (p.detach() for p in (parts.lse2, parts.zmax, parts.amax))
         rows += [lse2_r, zmax_r, (amax_r >> _IDX_BITS).to(lse_r.dtype),
                  (amax_r & (2**_IDX_BITS - 1)).to(lse_r.dtype)]
     if replicated is not None:
@@ -150,7 +151,7 @@ def combine_parts(parts, group, opts: Options, replicated=None):
     else:
         pz = torch.zeros_like(lse)
     if not opts.need_stats:
-        return lse, zt, zsum, pz
+        return Parts(lse, zt, zsum, pz)
     k = every.shape[1] - n_stats - (replicated is not None)
     st = every[:, k:k + n_stats].detach()  # (W, 4, N)
     lse2 = torch.logsumexp(st[:, 0], dim=0)
@@ -158,7 +159,7 @@ def combine_parts(parts, group, opts: Options, replicated=None):
     ids = (st[:, 2].to(torch.int64) << _IDX_BITS) + st[:, 3].to(torch.int64)
     # ties between ranks go to the smallest global index (the slices may be in any rank order)
     amax = torch.where(st[:, 1] == zmax, ids, torch.iinfo(torch.int64).max).amin(dim=0)
-    return lse, zt, zsum, pz, lse2, zmax, amax
+    return StatParts(lse, zt, zsum, pz, lse2, zmax, amax)
 
 
 # a global class id travels in the float all-gather as two halves of this many bits, each exact
@@ -300,7 +301,7 @@ def vocab_parallel_parts(backend, hidden, weight, bias, targets, opts: Options, 
     local = torch.where(mine, targets - vs.start, -1)
     parts = backend(hidden, weight, bias, local, opts, class_weight=class_weight)
     if opts.need_stats:  # the local argmax as a global class id
-        parts = (*parts[:6], parts[6] + vs.start)
+        parts = parts._replace(amax=parts.amax + vs.start)
     return combine_parts(parts, vs.group, opts, replicated=_fingerprint(hidden))
 
 

@@ -1,8 +1,9 @@
 """Exact chunked PyTorch implementation: the CPU path and the oracle of the kernels.
 
-Every backend computes the same four per-token quantities (the *backend contract*); the api turns
-them into a loss (or log-probabilities) with ordinary differentiable O(N) torch code, so that every
-option's gradient term falls out of autograd and the backends only see four upstream vectors.
+Every backend computes the same four per-token quantities (the *backend contract*,
+:mod:`cutce.engine.contract`); the api turns them into a loss (or log-probabilities) with ordinary
+differentiable O(N) torch code, so that every option's gradient term falls out of autograd and the
+backends only see four upstream vectors.
 
     lse_i  = logsumexp_j z_ij
     zt_i   = z_{i, t_i}            (0 where t_i is not in [0, V), e.g. ignore_index)
@@ -37,6 +38,7 @@ import torch
 
 from ...engine import planner
 from ...engine.loss import live_rows
+from ...engine.contract import Parts, StatParts
 from ...engine.options import Options
 from .. import grads
 from . import common
@@ -233,8 +235,8 @@ def _parts_op_backward(ctx, g_lse, g_zt, g_zsum, g_pz, *_g_stats):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     dh, dw, db = _parts_backward_op(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum,
                                     g_pz, need_h, need_w, need_b and bias is not None, *ctx.cfg)
-    return (dh if need_h else None, dw if need_w else None,
-            db if need_b and bias is not None else None) + (None,) * (2 + len(ctx.cfg))
+    return grads.by_name(_parts_op, hidden=dh if need_h else None, weight=dw if need_w else None,
+                         bias=db if need_b and bias is not None else None)
 
 
 _parts_op.register_autograd(_parts_op_backward, setup_context=_setup_context)
@@ -388,4 +390,4 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
                opts.need_entropy, opts.chunk_bytes, opts.need_stats)
     cw = None if class_weight is None else class_weight.to(compute_dtype(hidden.dtype))
     parts = _parts_op(hidden, weight, bias, targets, cw, *cfg)
-    return parts if opts.need_stats else parts[:4]
+    return StatParts(*parts) if opts.need_stats else Parts(*parts[:4])

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ...engine import planner
+from ..grads import by_name
 from . import common
 from .common import Head, compute_dtype, softcap_  # noqa: F401  (compute_dtype: part of the backend's face)
 
@@ -164,6 +165,7 @@ def _run(hs, ws, bs, ht, wt, bt, targets, coef, cfg, need, chunk=0):
 
 
 _OUT = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+_HEADS = ("hs", "ws", "bs", "ht", "wt", "bt")  # the ops' differentiable arguments, in order
 _ARGS = ("Tensor hs, Tensor ws, Tensor? bs, Tensor ht, Tensor wt, Tensor? bt, Tensor targets, "
          "Tensor coef, float beta, float temperature, float softcap_s, float softcap_t, "
          "float ce_weight")
@@ -212,7 +214,7 @@ def _fused_backward(ctx, g_total, *_):
     if g_total is None:
         return (None,) * ctx.n_inputs
     out = [g.mul_(g_total) if on else None for g, on in zip(grads, ctx.needs_input_grad)]
-    return (*out, *[None] * (ctx.n_inputs - 6))  # the rest: no gradients
+    return by_name(_distill_op, **dict(zip(_HEADS, out)))
 
 
 _distill_op.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -243,7 +245,7 @@ def _rows_backward(ctx, g_rows):
                                                       (hs, ws, bs, ht, wt, bt))]
     # coef marks the valid rows (1) and the ignored ones (0); the upstream gradient weights them.
     grads = _distill_op(hs, ws, bs, ht, wt, bt, targets, coef * g_rows, *ctx.cfg, 0, *need)[2:]
-    return (*[g if on else None for g, on in zip(grads, need)], *[None] * (len(ctx.cfg) + 2))
+    return by_name(_rows_op, **{k: g for k, g, on in zip(_HEADS, grads, need) if on})
 
 
 _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ...engine import planner
 from .. import grads
+from ..grads import by_name
 from . import configs
 from . import distill as _k
 from . import distill_fused as _kf
@@ -81,10 +82,11 @@ def _backward(ctx, g_rows, _g_stats):
     need = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad[:6],
                                                       (hs, ws, bs, ht, wt, bt))]
     if g_rows is None or not any(need):
-        return (None,) * (7 + len(ctx.scalars))
+        return by_name(_rows_op)
     grads = _backward_op(hs, ws, bs, ht, wt, bt, targets, stats, g_rows.float().contiguous(),
                          *ctx.scalars, *need)
-    return (*[g if on else None for g, on in zip(grads, need)], *[None] * (1 + len(ctx.scalars)))
+    return by_name(_rows_op, **{k: g for k, g, on in zip(("hs", "ws", "bs", "ht", "wt", "bt"),
+                                                          grads, need) if on})
 
 
 _rows_op.register_autograd(_backward, setup_context=_setup)

@@ -15,8 +15,10 @@ from torch import Tensor
 
 from ...engine import planner
 from ...engine.loss import live_rows
+from ...engine.contract import Parts, StatParts
 from ...engine.options import Options
 from .. import grads
+from ..grads import by_name
 from ..resources import out_of_memory, warn_memory_fallback
 from . import backward as _bw
 from . import forward as _fw
@@ -118,7 +120,7 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
             kept, hidden, weight, bias, targets, zt, lse, pz, *grads, scale, softcap, inv_temp,
             need_zsum, need_entropy and g_pz is not None, need_h, need_w, need_b, cw)
         del kept
-        return dh, dw, db, *[None] * 13
+        return by_name(lse_parts_op, hidden=dh, weight=dw, bias=db)
     try:
         dh, dw, db = lse_parts_backward_op(
             hidden, weight, bias, targets, cw, lse, pz, ub, *grads, scale, softcap, inv_temp,
@@ -126,8 +128,8 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
             ctx.plan)
     except torch.OutOfMemoryError as err:
         raise out_of_memory(err, hidden, weight, need_h, need_w, ctx.budget, "triton") from None
-    return (dh if need_h else None, dw if need_w else None, db if need_b else None,
-            *[None] * 13)
+    return by_name(lse_parts_op, hidden=dh if need_h else None,
+                         weight=dw if need_w else None, bias=db if need_b else None)
 
 
 lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -225,4 +227,4 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
             f"them in the backward instead (the recompute strategy)",
             (opts.memory_budget, "triton", "keep"))
         out = lse_parts_op(*args, False)
-    return (*out[:4], *out[5:8]) if opts.need_stats else out[:4]
+    return StatParts(*out[:4], *out[5:8]) if opts.need_stats else Parts(*out[:4])
