@@ -29,7 +29,8 @@ from . import kept as _kept
 @torch.library.custom_op("cutce::lse_parts", mutates_args=())
 @fit.fits
 def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                 class_weight: Optional[Tensor], scale: float, softcap: float, inv_temp: float,
+                 class_weight: Optional[Tensor], row_inv_temp: Optional[Tensor],
+                 scale: float, softcap: float, inv_temp: float,
                  need_zsum: bool, need_entropy: bool, filter_eps: float,
                  memory_budget: Optional[float], bound_all_rows: bool, need_stats: bool = False,
                  keep: bool = False
@@ -39,13 +40,14 @@ def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
     memory_budget only travels to the backward (its float32 dC accumulator, see cutce.engine.planner).
     Then the statistics' lse2, zmax (float32) and amax (int64), (N,) with ``need_stats``, else
     empty; not differentiable. Last, with ``keep`` (the strategy "keep": eager calls only, see
-    linear_lse_parts), the kept logits for the backward (:mod:`.kept`), else empty."""
+    linear_lse_parts), the kept logits for the backward (:mod:`.kept`), else empty.
+    row_inv_temp: None or (N,) float32, each row's logits times it (after inv_temp)."""
     kept = _kept.buffer(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device) \
         if keep else hidden.new_empty(0)
     out = _fw.forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum,
                       need_entropy, bound=filter_eps > 0, class_weight=class_weight,
                       bound_all_rows=bound_all_rows, need_stats=need_stats,
-                      keep=kept if keep else None)
+                      keep=kept if keep else None, row_inv_temp=row_inv_temp)
     if need_stats:
         return (*out, kept)
     f = hidden.new_empty(0, dtype=torch.float32)
@@ -53,8 +55,9 @@ def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
 
 
 @lse_parts_op.register_fake
-def _(hidden, weight, bias, targets, class_weight, scale, softcap, inv_temp, need_zsum,
-      need_entropy, filter_eps, memory_budget, bound_all_rows, need_stats=False, keep=False):
+def _(hidden, weight, bias, targets, class_weight, row_inv_temp, scale, softcap, inv_temp,
+      need_zsum, need_entropy, filter_eps, memory_budget, bound_all_rows, need_stats=False,
+      keep=False):
     bound = filter_eps > 0
     n, v = hidden.shape[0], weight.shape[0]
     f = hidden.new_empty(n, dtype=torch.float32)
@@ -67,7 +70,8 @@ def _(hidden, weight, bias, targets, class_weight, scale, softcap, inv_temp, nee
 @torch.library.custom_op("cutce::lse_parts_backward", mutates_args=())
 @fit.fits
 def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                          class_weight: Optional[Tensor], lse: Tensor, pz: Tensor, ub: Tensor,
+                          class_weight: Optional[Tensor], row_inv_temp: Optional[Tensor],
+                          lse: Tensor, pz: Tensor, ub: Tensor,
                           g_lse: Tensor, g_zt: Tensor, g_zsum: Tensor, g_pz: Tensor, scale: float,
                           softcap: float, inv_temp: float, need_zsum: bool, need_entropy: bool,
                           filter_eps: float, need_h: bool, need_w: bool, need_b: bool,
@@ -76,12 +80,13 @@ def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     problem = Problem(n, weight.shape[0], d, hidden.dtype, need_h, need_w, memory_budget=memory_budget)
     return _bw.backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
                         scale, softcap, inv_temp, need_zsum, need_entropy,
-                        filter_eps, need_h, need_w, need_b, problem, class_weight=class_weight)
+                        filter_eps, need_h, need_w, need_b, problem, class_weight=class_weight,
+                        row_inv_temp=row_inv_temp)
 
 
 @lse_parts_backward_op.register_fake
-def _(hidden, weight, bias, targets, class_weight, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz, scale,
-      softcap, inv_temp, need_zsum, need_entropy, filter_eps, need_h, need_w, need_b,
+def _(hidden, weight, bias, targets, class_weight, row_inv_temp, lse, pz, ub, g_lse, g_zt, g_zsum,
+      g_pz, scale, softcap, inv_temp, need_zsum, need_entropy, filter_eps, need_h, need_w, need_b,
       memory_budget):
     # distinct empties: a custom op's outputs may not alias each other
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
@@ -90,10 +95,10 @@ def _(hidden, weight, bias, targets, class_weight, lse, pz, ub, g_lse, g_zt, g_z
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, cw, scale, softcap, inv_temp, need_zsum, need_entropy, eps, \
-        budget, *_ = inputs
+    hidden, weight, bias, targets, cw, rit, scale, softcap, inv_temp, need_zsum, need_entropy, \
+        eps, budget, *_ = inputs
     lse, zt, _, pz, ub, *stats, kept = output
-    ctx.save_for_backward(hidden, weight, bias, targets, cw, lse, pz, ub)
+    ctx.save_for_backward(hidden, weight, bias, targets, cw, rit, lse, pz, ub)
     ctx.mark_non_differentiable(*stats, kept)  # the statistics (metrics), the kept logits
     ctx.scalars = (scale, softcap, inv_temp, need_zsum, need_entropy, eps)
     ctx.budget = budget
@@ -102,7 +107,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
-    hidden, weight, bias, targets, cw, lse, pz, ub = ctx.saved_tensors
+    hidden, weight, bias, targets, cw, rit, lse, pz, ub = ctx.saved_tensors
     scale, softcap, inv_temp, need_zsum, need_entropy, eps = ctx.scalars
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     z = torch.zeros_like(lse)
@@ -113,19 +118,20 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
         (kept, zt), ctx.kept = ctx.kept, None
         dh, dw, db = _kept.backward(
             kept, hidden, weight, bias, targets, zt, lse, pz, *grads, scale, softcap, inv_temp,
-            need_zsum, need_entropy and g_pz is not None, need_h, need_w, need_b, cw)
+            need_zsum, need_entropy and g_pz is not None, need_h, need_w, need_b, cw,
+            row_inv_temp=rit)
         del kept
-        return dh, dw, db, *[None] * 12
+        return dh, dw, db, *[None] * 13
     try:
         dh, dw, db = lse_parts_backward_op(
-            hidden, weight, bias, targets, cw, lse, pz, ub, *grads, scale, softcap, inv_temp,
+            hidden, weight, bias, targets, cw, rit, lse, pz, ub, *grads, scale, softcap, inv_temp,
             need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b, ctx.budget)
     except torch.OutOfMemoryError as err:
         raise out_of_memory(err, Problem(hidden.shape[0], weight.shape[0], hidden.shape[1],
                                          hidden.dtype, need_h, need_w, memory_budget=ctx.budget),
                             "triton", hidden.device) from None
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
-            *[None] * 12)
+            *[None] * 13)
 
 
 lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -187,7 +193,7 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
     return total, lse
 
 
-def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None):
+def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None, inv_temp=None):
     """The backend contract on the Triton path (same signature and result as
     :func:`cutce.backends.pytorch.ce.linear_lse_parts`; float32 outputs, and with
     ``opts.need_stats`` the three statistics after the four parts)."""
@@ -202,6 +208,7 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
     keep = wants_grad and _keeps(hidden, weight, bias, opts, filt)
     args = (hidden, weight, bias, targets.contiguous(),
             None if class_weight is None else class_weight.float().contiguous(),
+            None if inv_temp is None else inv_temp.detach().float().contiguous(),
             opts.logit_scale, opts.softcap or 0.0,
             1.0 / opts.temperature, opts.need_zsum, opts.need_entropy,
             opts.filter_eps if filt else 0.0, opts.memory_budget, opts.lse_out, opts.need_stats)
