@@ -170,8 +170,9 @@ def _per_token_temperature(group, sizes):
     with the statistics: values and gradients equal the unsplit call's."""
     failures = []
     h, w, b, t, *_ = _inputs({"bias": True}, seed=3)
-    temp = torch.rand(B, T, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 1.7 + 0.3
-    up = torch.randn(2, B, T - 1, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    temp = torch.rand(B, T, generator=g, dtype=torch.float64) * 1.7 + 0.3
+    up = torch.randn(2, B, T - 1, generator=g, dtype=torch.float64)
     rank = dist.get_rank(group)
     sl = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
     kw = dict(temperature=temp, softcap=3.0, shift=True, return_stats=True, impl="torch")

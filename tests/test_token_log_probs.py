@@ -5,8 +5,8 @@ trainable parameter through both are compared, for families with and without a l
 (softcap: Gemma 2; scale: Cohere multiplies, Granite divides), a MoE model, padding in the
 attention mask, ``logits_to_keep`` set and not, temperature != 1 (a float, per token, per
 sequence), a PEFT LoRA model, and the refusals. Tiny random-init models from tests/hf_models.py's
-configs. Also runs the examples built on it (examples/grpo_step.py, examples/dpo_loss.py) and the GPU benchmark's CPU smoke
-mode (benchmarks/log_probs.py).
+configs. Also runs the examples built on it (examples/grpo_step.py, examples/dpo_loss.py) and the
+GPU benchmark's CPU smoke mode (benchmarks/log_probs.py).
 """
 
 from __future__ import annotations

@@ -193,8 +193,8 @@ def test_triton_op_opcheck():
     h, w, b, t = make_case(seed=7, n=9)
     h, w, b = (x.float().requires_grad_() for x in (h, w, b))
     for need_stats in (True, False):
-        torch.library.opcheck(torch.ops.cutce.lse_parts, (h, w, b, t, None, None, 1.3, 4.0, 1 / 0.7, True,
-                                                          True, 0.0, None, False, need_stats))
+        torch.library.opcheck(torch.ops.cutce.lse_parts, (h, w, b, t, None, None, 1.3, 4.0, 1 / 0.7,
+                                                          True, True, 0.0, None, False, need_stats))
 
 
 def test_triton_forward_tiles_and_splits(kernel_config):

@@ -90,8 +90,8 @@ def _disabled(fn):
 # Host-side bookkeeping, run eagerly under torch.compile (which would trace struct's bytes and
 # the option floats symbolically); its all-gather is a graph break anyway (a host sync).
 @eager
-def call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weights, class_weight=None,
-               temperature=None):
+def call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weights,
+               class_weight=None, temperature=None):
     """This rank's call as 2 * len(FIELDS) int64s (all None when ``opts`` is None)."""
     if opts is None:
         return [0] * (2 * len(FIELDS))

@@ -113,7 +113,8 @@ def _forward(hidden, weight, bias, targets, cw, inv_temp, opts: _Cfg):
     rows = chunk_rows(n, vocab, cdt, opts.chunk_bytes)
     for s in range(0, n, rows):
         e = min(s + rows, n)
-        z, _ = _logits(hidden[s:e].to(cdt), w, b, opts, _rows(inv_temp, s, e))
+        inv = None if inv_temp is None else inv_temp[s:e]
+        z, _ = _logits(hidden[s:e].to(cdt), w, b, opts, inv)
         idx, valid = _valid_targets(targets[s:e], vocab)
         zt[s:e] = torch.where(valid, z.gather(1, idx).squeeze(1), 0.0)
         if opts.need_zsum:
@@ -137,10 +138,6 @@ def _forward(hidden, weight, bias, targets, cw, inv_temp, opts: _Cfg):
     return lse, zt, zsum, pz, lse2, zmax, amax
 
 
-def _rows(inv_temp, s, e):
-    return None if inv_temp is None else inv_temp[s:e]
-
-
 def _backward(hidden, weight, bias, targets, cw, inv_temp, lse, pz, g_lse, g_zt, g_zsum, g_pz,
               need_h, need_w, need_b, opts: _Cfg):
     cdt = lse.dtype
@@ -157,7 +154,7 @@ def _backward(hidden, weight, bias, targets, cw, inv_temp, lse, pz, g_lse, g_zt,
     for s in range(0, n, rows):
         e = min(s + rows, n)
         h = hidden[s:e].to(cdt)
-        z, dcap = _logits(h, w, b, opts, _rows(inv_temp, s, e))
+        z, dcap = _logits(h, w, b, opts, None if inv_temp is None else inv_temp[s:e])
         p = torch.exp(z - lse[s:e, None])
         if g_pz is not None and opts.need_entropy:
             # d(sum_j p_j z_j)/dz_k = p_k * (1 + z_k - sum_j p_j z_j)
@@ -197,7 +194,8 @@ def _backward(hidden, weight, bias, targets, cw, inv_temp, lse, pz, g_lse, g_zt,
 @torch.library.custom_op(
     "cutce::torch_lse_parts", mutates_args=(),
     schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? cw, "
-           f"Tensor? inv_temp, {_CFG_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+           f"Tensor? inv_temp, {_CFG_SCHEMA})"
+           " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _parts_op(hidden, weight, bias, targets, cw, inv_temp, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
         return _forward(hidden, weight, bias, targets, cw, inv_temp, _Cfg(*cfg))
@@ -371,7 +369,8 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
     return total, lse
 
 
-def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None, inv_temp=None):
+def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None,
+                     inv_temp=None):
     """The backend contract on the torch path.
 
     Args:

@@ -193,7 +193,8 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
     return total, lse
 
 
-def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None, inv_temp=None):
+def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None,
+                     inv_temp=None):
     """The backend contract on the Triton path (same signature and result as
     :func:`cutce.backends.pytorch.ce.linear_lse_parts`; float32 outputs, and with
     ``opts.need_stats`` the three statistics after the four parts)."""
