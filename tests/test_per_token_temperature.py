@@ -191,11 +191,11 @@ def test_bad_temperatures():
     _bad(h, w, t, ok.clone().requires_grad_(),
          r"temperature: expected a tensor that does not require grad .*, got requires_grad=True")
     _bad(h, w, t, ok.to("meta"), r"temperature device: expected hidden's device cpu, got meta")
-    for value in (0.0, -0.5, float("inf"), float("nan")):
+    for value in (0.0, -0.5, float("inf"), float("nan"), 1e-40):  # 1e-40: 1 / T overflows
         scored = ok.clone()
         scored[1, 3] = value
-        _bad(h, w, t, scored, rf"temperature: expected finite values > 0 where tokens != "
-             rf"ignore_index, got {value}")
+        _bad(h, w, t, scored, rf"temperature: expected finite values > 0 with a finite inverse "
+             rf"in torch.float32 where tokens != ignore_index, got {scored[1, 3].item()}")
     shifted_out = ok.clone()
     shifted_out[:, 0] = 0.0  # position 0 scores nothing with shift: not read
     cutce.linear_log_probs(h, w, t, temperature=shifted_out, shift=True, impl="torch")

@@ -238,8 +238,10 @@ def row_temperatures(temperature, targets, hidden, t1, shift, ignore_index, dtyp
              "requires_grad=True")
     flat = _shifted_flat(temperature.detach(), shift)
     valid = t1 != ignore_index
-    bad = valid & ~((flat > 0) & (flat < math.inf))
-    inv = torch.where(valid, 1.0 / flat.to(dtype), 1.0)
+    inv = 1.0 / flat.to(dtype)
+    # (a subnormal temperature is > 0 but its inverse overflows: the logits would be inf)
+    bad = valid & ~((flat > 0) & (flat < math.inf) & (inv < math.inf))
+    inv = torch.where(valid, inv, 1.0)
     if torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), "cutce: temperature not finite and > 0 at a scored token")
         return inv, None
@@ -247,6 +249,6 @@ def row_temperatures(temperature, targets, hidden, t1, shift, ignore_index, dtyp
         return inv, None
 
     def first_bad():
-        fail("temperature", f"finite values > 0 where {tname} != ignore_index",
-             f"{flat[bad][0].item()}")
+        fail("temperature", f"finite values > 0 with a finite inverse in {dtype} where "
+             f"{tname} != ignore_index", f"{flat[bad][0].item()}")
     return inv, defer_flag(bad.any(), first_bad, defer=True)
