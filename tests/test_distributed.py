@@ -105,7 +105,8 @@ def _vocab_cases(group, sizes):
                 _check(f"{name} dbias", got[4], want[4][sl], failures)
         except Exception:
             failures.append(f"{name}: {traceback.format_exc(limit=3)}")
-    return failures + _layout_errors(group, sizes) + _entropy_parts(group, sizes)
+    return (failures + _layout_errors(group, sizes) + _entropy_parts(group, sizes)
+            + _per_token_temperature(group, sizes))
 
 
 def _layout_errors(group, sizes):
@@ -161,6 +162,34 @@ def _entropy_parts(group, sizes):
     _check("entropy parts dE", hs.grad, hf.grad, failures)
     _check("entropy parts dC", ws.grad, wf.grad[sl], failures)
     _check("entropy parts dbias", bs.grad, bf.grad[sl], failures)
+    return failures
+
+
+def _per_token_temperature(group, sizes):
+    """linear_log_probs with per-token temperatures (the same tensor on every rank), shifted,
+    with the statistics: values and gradients equal the unsplit call's."""
+    failures = []
+    h, w, b, t, *_ = _inputs({"bias": True}, seed=3)
+    g = torch.Generator().manual_seed(4)
+    temp = torch.rand(B, T, generator=g, dtype=torch.float64) * 1.7 + 0.3
+    up = torch.randn(2, B, T - 1, generator=g, dtype=torch.float64)
+    rank = dist.get_rank(group)
+    sl = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    kw = dict(temperature=temp, softcap=3.0, shift=True, return_stats=True, impl="torch")
+    outs = []
+    for weight, bias, extra in ((w, b, {}), (w[sl], b[sl], {"vocab_group": group})):
+        hl, wl, bl = _leaf(h), _leaf(weight), _leaf(bias)
+        st = cutce.linear_log_probs(hl, wl, t, bl, **kw, **extra)
+        ((st.log_probs * up[0]).sum() + (st.entropy * up[1]).sum()).backward()
+        outs.append((st, hl.grad, wl.grad, bl.grad))
+    (want, dh, dw, db), (got, gh, gw, gb) = outs
+    for name in ("log_probs", "entropy", "mean_logits", "log_sum_sq_probs"):
+        _check(f"temperature tensor {name}", getattr(got, name), getattr(want, name), failures)
+    if not torch.equal(got.is_top1, want.is_top1):
+        failures.append("temperature tensor is_top1 differs")
+    _check("temperature tensor dE", gh, dh, failures)
+    _check("temperature tensor dC", gw, dw[sl], failures)
+    _check("temperature tensor dbias", gb, db[sl], failures)
     return failures
 
 

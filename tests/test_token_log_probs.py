@@ -3,10 +3,10 @@
 The reference materializes ``model(...).logits``; values of both outputs and the gradients of every
 trainable parameter through both are compared, for families with and without a logit transform
 (softcap: Gemma 2; scale: Cohere multiplies, Granite divides), a MoE model, padding in the
-attention mask, ``logits_to_keep`` set and not, temperature != 1, a PEFT LoRA model, and the
-refusals. Tiny random-init models from tests/hf_models.py's configs. Also runs the
-examples built on it (examples/grpo_step.py, examples/dpo_loss.py) and the GPU benchmark's CPU smoke
-mode (benchmarks/log_probs.py).
+attention mask, ``logits_to_keep`` set and not, temperature != 1 (a float, per token, per
+sequence), a PEFT LoRA model, and the refusals. Tiny random-init models from tests/hf_models.py's
+configs. Also runs the examples built on it (examples/grpo_step.py, examples/dpo_loss.py) and the
+GPU benchmark's CPU smoke mode (benchmarks/log_probs.py).
 """
 
 from __future__ import annotations
@@ -85,6 +85,21 @@ def test_matches_reference(family):
         assert_same(ref, got)
 
 
+def test_per_token_temperatures():
+    """Mixed-temperature rollouts: a (B, T) tensor (temperature[:, t] for the token at t) and a
+    (B,) one per sequence, with and without logits_to_keep."""
+    model = make_model("gemma2")
+    ids, mask = batch(3)
+    temp = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) * 1.7 + 0.3
+    per_seq = torch.tensor([0.6, 1.4])
+    for given, divides in ((temp, temp[:, 1:, None]), (per_seq, per_seq[:, None, None])):
+        for k in (None, 5):
+            ref = values_and_grads(model, lambda: reference(model, ids, mask, k, divides))
+            got = values_and_grads(model, lambda: ct.token_log_probs(
+                model, ids, mask, logits_to_keep=k, temperature=given, return_entropy=True))
+            assert_same(ref, got)
+
+
 def test_positions_and_options():
     model = make_model("llama")
     ids, mask = batch(1)
@@ -153,6 +168,13 @@ def test_validation_messages():
         (dict(logits_to_keep=-1), r"logits_to_keep: expected .* got -1"),
         (dict(logits_to_keep=True), r"logits_to_keep: expected .* got True"),
         (dict(temperature=0.0), r"temperature: expected a number > 0.0, got 0.0"),
+        (dict(temperature=torch.ones(2, T - 1)), r"temperature: expected a float number, or a "
+         rf"float tensor of shape \(2,\) or \(2, {T}\) \(input_ids'\), got torch.float32 tensor "
+         rf"of shape \(2, {T - 1}\)"),
+        (dict(temperature=torch.ones(2, dtype=torch.int64)), r"temperature: expected a float .*"
+         r"got torch.int64 tensor of shape \(2,\)"),
+        (dict(temperature=torch.ones(2, requires_grad=True)),
+         r"temperature: expected a tensor that does not require grad .*got requires_grad=True"),
         (dict(return_entropy=1), r"return_entropy: expected a bool, got 1"),
         (dict(labels=ids), r"model_kwargs: expected no labels.*got \['labels'\]"),
     ]

@@ -160,7 +160,7 @@ def test_torch_op_opcheck():
     h, w, b, t = make_case(seed=6, n=9)
     cfg = torch_ce._Cfg(1.3, 4.0, 0.7, True, True, None, True)
     torch.library.opcheck(torch.ops.cutce.torch_lse_parts,
-                          (h.requires_grad_(), w.requires_grad_(), b, t, None, *cfg))
+                          (h.requires_grad_(), w.requires_grad_(), b, t, None, None, *cfg))
 
 
 # ---- Triton (float32, interpreter) ----
@@ -193,8 +193,8 @@ def test_triton_op_opcheck():
     h, w, b, t = make_case(seed=7, n=9)
     h, w, b = (x.float().requires_grad_() for x in (h, w, b))
     for need_stats in (True, False):
-        torch.library.opcheck(torch.ops.cutce.lse_parts, (h, w, b, t, None, 1.3, 4.0, 1 / 0.7, True,
-                                                          True, 0.0, None, [], False,
+        torch.library.opcheck(torch.ops.cutce.lse_parts, (h, w, b, t, None, None, 1.3, 4.0, 1 / 0.7,
+                                                          True, True, 0.0, None, [], False,
                                                           need_stats))
 
 

@@ -24,7 +24,7 @@ from .engine.options import Options
 from .engine.problem import Problem
 from .parallel import vocab as distributed
 from .validate import (autocast_dtype, check_flag, check_impl, check_target_range, fail,
-                       make_options, prepare)
+                       make_options, prepare, row_temperatures)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -267,9 +267,11 @@ def _class_weights(class_weight, t1, weight, vs, opts, dtype):
 @backends.torch_if_kernels_do_not_fit
 def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opts: Options,
                   vocab_group=None, vocab_start=None, reduce_hidden_grad=True, return_lse=False,
-                  fusable=False, class_weight=None, tname="targets") -> Call:
+                  fusable=False, class_weight=None, tname="targets", temperature=None) -> Call:
     """Validate, flatten and dispatch: the backend contract's parts for a public function.
-    ``tname``: the user's name of the targets argument, for error messages.
+    ``tname``: the user's name of the targets argument, for error messages. ``temperature``:
+    None or per-token temperatures (targets' shape, shifted like them), which divide each row's
+    logits on top of ``opts.temperature`` (see :func:`cutce.validate.row_temperatures`).
 
     With ``fusable`` (the caller reduces the loss to a scalar, see linear_cross_entropy) and a
     plan that fuses, parts is a ``_Fused`` holding the reduced loss instead.
@@ -277,15 +279,23 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     # Vocabulary parallelism (vocab_group, DTensor weight): vs locates this rank's slice (None if
     # not split). Collective when split, so every rank must make this call; it checks that every
     # rank passed the same options (opts, shift, return_lse, grad mode, ...).
+    # the fused strategy has no per-row temperature (log-probs never fuse)
+    fusable = fusable and temperature is None
+    temperature = distributed.replicated_local("temperature", temperature)
     hidden, weight, bias, targets, token_weights, vs = distributed.resolve_vocab_parallel(
         hidden, weight, bias, targets, token_weights, vocab_group, vocab_start, reduce_hidden_grad,
-        opts=opts, shift=shift, return_lse=return_lse, class_weight=class_weight, tname=tname)
+        opts=opts, shift=shift, return_lse=return_lse, class_weight=class_weight, tname=tname,
+        temperature=temperature)
     h2, weight, bias, t1, w1, out_shape, _ = prepare(
         hidden, weight, targets, bias, token_weights, shift, opts.ignore_index,
         vocab=None if vs is None else vs.vocab, check_targets=False, tname=tname)
     vocab = weight.shape[0] if vs is None else vs.vocab
     cdt = torch.float64 if h2.dtype == torch.float64 else torch.float32
     cw = None if class_weight is None else _class_weights(class_weight, t1, weight, vs, opts, cdt)
+    inv_temp, temp_check = None, None
+    if temperature is not None:
+        inv_temp, temp_check = row_temperatures(temperature, targets, hidden, t1, shift,
+                                                opts.ignore_index, cdt, tname)
     zsum_cw = cw.local if cw is not None and opts.need_zsum else None  # only smoothing reads it
     name = choose_backend(impl, h2)
     be = backends.load(name, "loss")
@@ -323,11 +333,13 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     if strategy is not None:  # a route's first call says that cutce runs, and how
         announce.planned(problem, name, strategy, vocab)
     if parts is None and vs is None:
-        parts = be.linear_lse_parts(h2, weight, bias, t1, opts, class_weight=zsum_cw, plan=plan)
+        parts = be.linear_lse_parts(h2, weight, bias, t1, opts, class_weight=zsum_cw,
+                                    inv_temp=inv_temp, plan=plan)
     elif parts is None:
         parts = distributed.vocab_parallel_parts(
             functools.partial(be.linear_lse_parts, plan=plan), h2, weight, bias, t1, opts, vs,
-            class_weight=zsum_cw)
-    if check is not None:
-        check()
+            class_weight=zsum_cw, inv_temp=inv_temp)
+    for pending in (check, temp_check):
+        if pending is not None:
+            pending()
     return Call(parts, t1, w1, out_shape, vocab, cw)

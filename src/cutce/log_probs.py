@@ -34,7 +34,7 @@ class TokenStats(NamedTuple):
 
 def linear_log_probs(
     hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None = None, *,
-    temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+    temperature: float | Tensor = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
     shift: bool = False, ignore_index: int = -100, return_entropy: bool = False,
     return_stats: bool = False,
     impl: str = "auto", vocab_group: ProcessGroup | None = None, vocab_start: int | None = None,
@@ -46,7 +46,13 @@ def linear_log_probs(
         hidden: (*, D) float16/bfloat16/float32 (float64 on the torch path) hidden states.
         weight: (V, D) classifier weight; bias: (V,) or None.
         tokens: (*) int64/int32 token ids in [0, V) or ``ignore_index``.
-        temperature: > 0, divides the logits after softcap (as samplers do).
+        temperature: > 0, divides the logits after softcap (as samplers do). Either a float, or
+            a float tensor T of tokens' shape (any float dtype, tokens' device, not requiring
+            grad): per-token temperatures, e.g. of rollouts sampled at mixed temperatures; with
+            ``shift`` it is shifted like tokens (``T[..., 1:]``: the temperature at position
+            t + 1 scores the token at t + 1). Values at ignored positions are not read; the
+            others must be finite and > 0 (checked on the device, raised after the kernels
+            are queued: no host sync). Not differentiated.
         softcap: None or > 0. logit_scale: > 0, multiplies the logits before softcap.
         shift: ``hidden[..., :-1, :]`` scores ``tokens[..., 1:]``. A 2-D input (T, D) is one
             sequence; a 3-D batch (B, T, D) is shifted per row. Packed sequences (several
@@ -77,7 +83,7 @@ def linear_log_probs(
 
             z = logit_scale * (hidden @ weight.T + bias)           # float32
             z = softcap * tanh(z / softcap) if softcap
-            z = z / temperature
+            z = z / temperature                      # tensor: z / T[..., None]
             logp = torch.log_softmax(z, -1).gather(-1, tokens[..., None])[..., 0]
             entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
 
@@ -98,9 +104,10 @@ def linear_log_probs(
         No N x V tensor is created in the forward or the backward.
     """
     dtype = autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else torch.float32
+    per_token = temperature if isinstance(temperature, torch.Tensor) else None
     opts = make_options(dtype, ignore_index=ignore_index,
                         reduction="none", softcap=softcap, logit_scale=logit_scale,
-                        temperature=temperature,
+                        temperature=1.0 if per_token is not None else temperature,
                         need_entropy=bool(return_entropy) or return_stats is True,
                         memory_budget=memory_budget, need_stats=return_stats is True)
     if not isinstance(return_entropy, bool):
@@ -108,7 +115,7 @@ def linear_log_probs(
     if not isinstance(return_stats, bool):
         fail("return_stats", "a bool", repr(return_stats))
     call = api.compute_parts(hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group,
-                             vocab_start, reduce_hidden_grad, tname="tokens")
+                             vocab_start, reduce_hidden_grad, tname="tokens", temperature=per_token)
     parts, t1, out_shape = call.parts, call.targets, call.out_shape
     lse, zt, zsum, pz = parts.lse, parts.zt, parts.zsum, parts.pz
     valid = t1 != ignore_index

@@ -136,14 +136,29 @@ def _check_tensors(hidden, weight, targets, bias, token_weights, shift, tname="t
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
         fail("bias", f"None or a tensor of shape ({weight.shape[0]},)",
              tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__)
-    if token_weights is not None:
-        if not isinstance(token_weights, torch.Tensor) or not token_weights.is_floating_point():
-            fail("token_weights", "None or a float tensor", getattr(token_weights, "dtype", type(token_weights)))
-        if token_weights.shape != targets.shape:
-            fail("token_weights", f"{tname}' shape {tuple(targets.shape)}", tuple(token_weights.shape))
-    for name, t in (("weight", weight), (tname, targets), ("bias", bias), ("token_weights", token_weights)):
+    for name, t in (("weight", weight), (tname, targets), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             fail(f"{name} device", f"hidden's device {hidden.device}", t.device)
+    if token_weights is not None:
+        _check_per_token("token_weights", token_weights, targets, hidden, tname)
+
+
+def _check_per_token(name, t, targets, hidden, tname):
+    """A per-token float tensor (token weights, temperatures): targets' shape, hidden's device."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        fail(name, "None or a float tensor", getattr(t, "dtype", type(t)))
+    if t.shape != targets.shape:
+        fail(name, f"{tname}' shape {tuple(targets.shape)}", tuple(t.shape))
+    if t.device != hidden.device:
+        fail(f"{name} device", f"hidden's device {hidden.device}", t.device)
+
+
+def _shifted_flat(t, shift):
+    """A per-token tensor as the flat targets see it: with shift the value at position t + 1
+    belongs to the token at t + 1, so it moves with the targets, then all is flattened."""
+    if t is None:
+        return None
+    return (t[..., 1:] if shift else t).reshape(-1)
 
 
 def _fail_targets(targets, vocab, ignore_index, tname="targets"):
@@ -152,10 +167,16 @@ def _fail_targets(targets, vocab, ignore_index, tname="targets"):
 
 
 def check_flag(bad, targets, vocab, ignore_index, defer=False, tname="targets"):
-    """Raise when the one-element 0/1 tensor ``bad`` is set; with ``defer`` and a CUDA flag,
-    return a function that raises instead, reading the flag (copied to pinned memory now) once
-    the caller has queued its kernels: no host sync that idles the GPU during the call's Python
-    (0.3-0.6 ms on the H200). Kernels treat such targets as ignored."""
+    """Raise when the one-element 0/1 tensor ``bad`` is set (targets out of range; see
+    :func:`defer_flag` for ``defer``). Kernels treat such targets as ignored."""
+    return defer_flag(bad, lambda: _fail_targets(targets, vocab, ignore_index, tname), defer)
+
+
+def defer_flag(bad, raise_bad, defer=False):
+    """Call ``raise_bad`` when the one-element 0/1 tensor ``bad`` is set; with ``defer`` and a
+    CUDA flag, return a function that does so instead, reading the flag (copied to pinned
+    memory now) once the caller has queued its kernels: no host sync that idles the GPU during
+    the call's Python (0.3-0.6 ms on the H200)."""
     if defer and bad.is_cuda:
         flag = torch.empty((), dtype=bad.dtype, pin_memory=True)
         flag.copy_(bad.reshape(()), non_blocking=True)
@@ -165,10 +186,10 @@ def check_flag(bad, targets, vocab, ignore_index, defer=False, tname="targets"):
         def check():
             done.synchronize()  # waits for the flag only, not for the kernels queued after it
             if flag.item():
-                _fail_targets(targets, vocab, ignore_index, tname)
+                raise_bad()
         return check
     if bool(bad.reshape(())):
-        _fail_targets(targets, vocab, ignore_index, tname)
+        raise_bad()
     return None
 
 
@@ -193,13 +214,41 @@ def prepare(hidden, weight, targets, bias, token_weights, shift, ignore_index, v
     ``tname``: the user's name of the targets argument, for error messages."""
     _check_tensors(hidden, weight, targets, bias, token_weights, shift, tname)
     hidden, weight, bias = _autocast(hidden, weight, bias)
+    w1 = _shifted_flat(token_weights, shift)
     if shift:
         hidden, targets = hidden[..., :-1, :], targets[..., 1:]
-        token_weights = None if token_weights is None else token_weights[..., 1:]
     check = None
     if check_targets:
         check = check_target_range(targets, weight.shape[0] if vocab is None else vocab,
                                    ignore_index, defer=True, tname=tname)
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    w1 = None if token_weights is None else token_weights.reshape(-1)
     return h2, weight, bias, targets.reshape(-1).long(), w1, targets.shape, check
+
+
+def row_temperatures(temperature, targets, hidden, t1, shift, ignore_index, dtype, tname="targets"):
+    """Per-token temperatures (a tensor of targets' shape, validated and shifted as token
+    weights are, :func:`prepare`) as the backends take them: (inv, check) with inv (N,) ``dtype``
+    = 1 / temperature at the flat targets ``t1``, 1 where t1 is ignore_index (whatever the
+    temperature there: ignored rows still enter the backward's products, where 1 / 0 would make
+    the weight's gradient NaN), and check the deferred test that the others are finite and > 0
+    (see :func:`check_flag`; None when none is pending). No host sync."""
+    _check_per_token("temperature", temperature, targets, hidden, tname)
+    if temperature.requires_grad:
+        fail("temperature", "a tensor that does not require grad (it is not differentiated)",
+             "requires_grad=True")
+    flat = _shifted_flat(temperature.detach(), shift)
+    valid = t1 != ignore_index
+    inv = 1.0 / flat.to(dtype)
+    # (a subnormal temperature is > 0 but its inverse overflows: the logits would be inf)
+    bad = valid & ~((flat > 0) & (flat < math.inf) & (inv < math.inf))
+    inv = torch.where(valid, inv, 1.0)
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), "cutce: temperature not finite and > 0 at a scored token")
+        return inv, None
+    if not flat.numel():
+        return inv, None
+
+    def first_bad():
+        fail("temperature", f"finite values > 0 with a finite inverse in {dtype} where "
+             f"{tname} != ignore_index", f"{flat[bad][0].item()}")
+    return inv, defer_flag(bad.any(), first_bad, defer=True)

@@ -25,6 +25,11 @@ class Options:
         y_ij = logit_scale * (hidden_i . weight_j + bias_j)        # float32 (float64 for float64)
         z_ij = softcap * tanh(y_ij / softcap) if softcap else y_ij
         z_ij = z_ij / temperature
+        z_ij = z_ij * inv_temp_i    # per-token temperatures only (linear_log_probs with a tensor)
+
+    Per-token temperatures are data, not options: they travel as an (N,) tensor of inverse
+    temperatures beside the targets (the backends' ``inv_temp``), so that this bundle stays a
+    hashable constant; ``temperature`` is then 1.
 
     Attributes:
         ignore_index: targets equal to it contribute nothing (no loss, not counted by "mean").
@@ -33,7 +38,8 @@ class Options:
         z_loss: coefficient of lse**2, >= 0.
         softcap: None or > 0.
         logit_scale: > 0, multiplies the logits before softcap.
-        temperature: > 0, divides the logits after softcap (linear_log_probs; 1 for the loss).
+        temperature: > 0, divides the logits after softcap (linear_log_probs with a float; 1 for
+            the loss and for per-token temperatures).
         filter_eps: None for exact gradients, else the probability under which a class that is
             no row's target is skipped by the backward when it is below it for every row
             (resolved from "auto" by the api).

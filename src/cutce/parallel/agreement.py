@@ -33,6 +33,7 @@ _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(Options) if f.name != 
 _CALLER_NAMES = {"need_stats": "return_stats"}
 FIELDS = tuple(_CALLER_NAMES.get(f, f) for f in _OPTION_FIELDS) + (
     "shift", "return_lse", "reduce_hidden_grad", "token_weights given", "class_weight given",
+    "temperature tensor given",
     "grad mode (torch.is_grad_enabled())", "hidden.requires_grad", "hidden dtype", "torch.autocast",
     "hidden size D", "tokens (hidden rows after shift)")
 _SHAPE_FIELDS = frozenset(FIELDS[-2:])
@@ -89,7 +90,8 @@ def _disabled(fn):
 # Host-side bookkeeping, run eagerly under torch.compile (which would trace struct's bytes and
 # the option floats symbolically); its all-gather is a graph break anyway (a host sync).
 @eager
-def call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weights, class_weight=None):
+def call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weights,
+               class_weight=None, temperature=None):
     """This rank's call as 2 * len(FIELDS) int64s (all None when ``opts`` is None)."""
     if opts is None:
         return [0] * (2 * len(FIELDS))
@@ -106,7 +108,7 @@ def call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weight
     grad = torch.is_grad_enabled()
     values = [getattr(opts, name) for name in _OPTION_FIELDS] + [
         bool(shift), bool(return_lse), reduce_hidden_grad, token_weights is not None,
-        class_weight is not None, grad,
+        class_weight is not None, temperature is not None, grad,
         grad and is_tensor and hidden.requires_grad, dtype, autocast, d, rows]
     return [c for name, v in zip(FIELDS, values) for c in _encode(name, v)]
 

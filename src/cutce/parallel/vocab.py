@@ -278,7 +278,7 @@ def sum_over_group(x: torch.Tensor, vs: VocabSlice) -> torch.Tensor:
 
 
 def vocab_parallel_parts(backend, hidden, weight, bias, targets, opts: Options, vs: VocabSlice,
-                         class_weight=None):
+                         class_weight=None, inv_temp=None):
     """The backend contract for the whole vocabulary, computed from this rank's slice.
 
     Args:
@@ -286,7 +286,8 @@ def vocab_parallel_parts(backend, hidden, weight, bias, targets, opts: Options, 
         hidden: (N, D), the same on every rank. weight: (stop - start, D); bias: (stop - start,)
             or None. targets: (N,) int64 global class ids (or ignore_index).
         opts: validated Options. vs: from :func:`vocab_slice`. class_weight: this rank's slice of
-            the class weights (stop - start,) or None (weights the zsum part).
+            the class weights (stop - start,) or None (weights the zsum part). inv_temp: None or
+            (N,) per-token inverse temperatures, the same on every rank (as hidden).
 
     Returns:
         (lse, zt, zsum, pz), each (N,), equal on every rank to the unsplit backend's result
@@ -299,7 +300,7 @@ def vocab_parallel_parts(backend, hidden, weight, bias, targets, opts: Options, 
     mine = (targets >= vs.start) & (targets < vs.stop)
     # -1 for targets another rank owns (and ignore_index): the backend then gives zt_r = 0.
     local = torch.where(mine, targets - vs.start, -1)
-    parts = backend(hidden, weight, bias, local, opts, class_weight=class_weight)
+    parts = backend(hidden, weight, bias, local, opts, class_weight=class_weight, inv_temp=inv_temp)
     if opts.need_stats:  # the local argmax as a global class id
         parts = parts._replace(amax=parts.amax + vs.start)
     return combine_parts(parts, vs.group, opts, replicated=_fingerprint(hidden))
@@ -324,9 +325,21 @@ def _layout(name, t):
     return t.device_mesh, (shard_dims[0] if shard_dims else None)
 
 
+def replicated_local(name, t):
+    """``t`` as a plain tensor: a DTensor input that every rank holds whole (Replicate) becomes
+    its local tensor; other placements raise. Anything else is returned as it is."""
+    DTensor = _dtensor_cls()
+    if DTensor is None or not isinstance(t, DTensor):
+        return t
+    if any(not p.is_replicate() for p in t.placements):
+        _fail(f"{name} placements", "Replicate (redistribute first, or pass the local tensor "
+              "with reduce_hidden_grad=False for sequence-parallel layouts)", tuple(t.placements))
+    return t.to_local()
+
+
 def resolve_vocab_parallel(hidden, weight, bias, targets, token_weights, vocab_group, vocab_start,
                            reduce_hidden_grad, opts=None, shift=False, return_lse=False,
-                           class_weight=None, tname="targets"):
+                           class_weight=None, tname="targets", temperature=None):
     """Validate the distributed keywords, unwrap DTensors, and locate this rank's slice.
 
     A weight that is a DTensor with Shard(0) on one mesh dimension is vocabulary-parallel over that
@@ -337,7 +350,8 @@ def resolve_vocab_parallel(hidden, weight, bias, targets, token_weights, vocab_g
     With ``vocab_group`` and plain tensors, the slice comes from :func:`vocab_slice` (collective).
 
     Either way the first collective of a split call is one fixed-size all-gather that carries a
-    fingerprint of the call (``opts``, ``shift``, ``return_lse``, ``reduce_hidden_grad``, grad
+    fingerprint of the call (``opts``, ``shift``, ``return_lse``, ``reduce_hidden_grad``, whether
+    per-token ``temperature`` is given (unwrapped by the caller, :func:`replicated_local`), grad
     mode, hidden's shape/dtype/requires_grad, autocast): ranks that disagree all raise the same
     ValueError naming the field, before any collective whose size depends on them.
 
@@ -378,19 +392,12 @@ def resolve_vocab_parallel(hidden, weight, bias, targets, token_weights, vocab_g
         if vs is None and any(not p.is_replicate() for p in bias.placements):
             _fail("bias placements", "Replicate unless the weight is a Shard(0) DTensor", tuple(bias.placements))
         bias = bias.to_local()
-    plain = []
-    for name, t in (("hidden", hidden), (tname, targets), ("token_weights", token_weights)):
-        if DTensor is not None and isinstance(t, DTensor):
-            if any(not p.is_replicate() for p in t.placements):
-                _fail(f"{name} placements", "Replicate (redistribute first, or pass the local tensor "
-                      "with reduce_hidden_grad=False for sequence-parallel layouts)", tuple(t.placements))
-            t = t.to_local()
-        plain.append(t)
-    hidden, targets, token_weights = plain
+    hidden, targets, token_weights = (replicated_local(name, t) for name, t in (
+        ("hidden", hidden), (tname, targets), ("token_weights", token_weights)))
     if vs is None and vocab_group is None:
         return hidden, weight, bias, targets, token_weights, None
     codes = agreement.call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weights,
-                                 class_weight)
+                                 class_weight, temperature)
     if vs is None:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             _fail("weight", "a 2-D tensor (this rank's vocabulary slice)",

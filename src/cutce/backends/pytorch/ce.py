@@ -56,8 +56,9 @@ def chunk_rows(n_tokens: int, vocab: int, dtype: torch.dtype, chunk_bytes: int |
     return common.chunk_rows(n_tokens, vocab, dtype, budget, _TEMPS_PER_CHUNK)
 
 
-def _logits(h, w, b, opts):
-    """(z, dcap) for one chunk: z as in Options; dcap = the softcap's derivative (None without)."""
+def _logits(h, w, b, opts, inv=None):
+    """(z, dcap) for one chunk: z as in Options, times the chunk's per-row inverse temperatures
+    ``inv`` (None: none); dcap = the softcap's derivative (None without)."""
     y = h @ w.T
     if b is not None:
         y += b
@@ -66,6 +67,8 @@ def _logits(h, w, b, opts):
     dcap = softcap_(y, opts.softcap)
     if opts.temperature != 1.0:
         y = y / opts.temperature
+    if inv is not None:
+        y *= inv[:, None]
     return y, dcap
 
 
@@ -95,7 +98,7 @@ def _zsum(z, cw):
     return z.sum(dim=1) if cw is None else z @ cw
 
 
-def _forward(hidden, weight, bias, targets, cw, opts: _Cfg):
+def _forward(hidden, weight, bias, targets, cw, inv_temp, opts: _Cfg):
     cdt = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], weight.shape[0]
     w = weight.to(cdt)
@@ -111,7 +114,8 @@ def _forward(hidden, weight, bias, targets, cw, opts: _Cfg):
     rows = chunk_rows(n, vocab, cdt, opts.chunk_bytes)
     for s in range(0, n, rows):
         e = min(s + rows, n)
-        z, _ = _logits(hidden[s:e].to(cdt), w, b, opts)
+        inv = None if inv_temp is None else inv_temp[s:e]
+        z, _ = _logits(hidden[s:e].to(cdt), w, b, opts, inv)
         idx, valid = _valid_targets(targets[s:e], vocab)
         zt[s:e] = torch.where(valid, z.gather(1, idx).squeeze(1), 0.0)
         if opts.need_zsum:
@@ -135,7 +139,7 @@ def _forward(hidden, weight, bias, targets, cw, opts: _Cfg):
     return lse, zt, zsum, pz, lse2, zmax, amax
 
 
-def _backward(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g_pz,
+def _backward(hidden, weight, bias, targets, cw, inv_temp, lse, pz, g_lse, g_zt, g_zsum, g_pz,
               need_h, need_w, need_b, opts: _Cfg):
     cdt = lse.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -151,7 +155,7 @@ def _backward(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g
     for s in range(0, n, rows):
         e = min(s + rows, n)
         h = hidden[s:e].to(cdt)
-        z, dcap = _logits(h, w, b, opts)
+        z, dcap = _logits(h, w, b, opts, None if inv_temp is None else inv_temp[s:e])
         p = torch.exp(z - lse[s:e, None])
         if g_pz is not None and opts.need_entropy:
             # d(sum_j p_j z_j)/dz_k = p_k * (1 + z_k - sum_j p_j z_j)
@@ -169,6 +173,8 @@ def _backward(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g
             dz *= dcap
         if scale != 1.0:
             dz *= scale
+        if inv_temp is not None:
+            dz *= inv_temp[s:e, None]
         if need_h:
             dh[s:e] = (dz @ w).to(hidden.dtype)
         if need_w:
@@ -188,15 +194,16 @@ def _backward(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g
 # dtype (the api already applied autocast's casting to the inputs).
 @torch.library.custom_op(
     "cutce::torch_lse_parts", mutates_args=(),
-    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? cw, {_CFG_SCHEMA})"
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? cw, "
+           f"Tensor? inv_temp, {_CFG_SCHEMA})"
            " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _parts_op(hidden, weight, bias, targets, cw, *cfg):
+def _parts_op(hidden, weight, bias, targets, cw, inv_temp, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
-        return _forward(hidden, weight, bias, targets, cw, _Cfg(*cfg))
+        return _forward(hidden, weight, bias, targets, cw, inv_temp, _Cfg(*cfg))
 
 
 @_parts_op.register_fake
-def _(hidden, weight, bias, targets, cw, *cfg):
+def _(hidden, weight, bias, targets, cw, inv_temp, *cfg):
     lse = hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype))
     k = lse.shape[0] if _Cfg(*cfg).need_stats else 0
     return (lse, torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse),
@@ -205,36 +212,38 @@ def _(hidden, weight, bias, targets, cw, *cfg):
 
 @torch.library.custom_op(
     "cutce::torch_lse_parts_backward", mutates_args=(),
-    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? cw, Tensor lse, Tensor pz, "
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? cw, "
+           "Tensor? inv_temp, Tensor lse, Tensor pz, "
            "Tensor? g_lse, Tensor? g_zt, Tensor? g_zsum, Tensor? g_pz, bool need_h, bool need_w, "
            f"bool need_b, {_CFG_SCHEMA}) -> (Tensor, Tensor, Tensor)")
-def _parts_backward_op(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g_pz,
-                       need_h, need_w, need_b, *cfg):
+def _parts_backward_op(hidden, weight, bias, targets, cw, inv_temp, lse, pz, g_lse, g_zt, g_zsum,
+                       g_pz, need_h, need_w, need_b, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
-        return _backward(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g_pz,
-                         need_h, need_w, need_b, _Cfg(*cfg))
+        return _backward(hidden, weight, bias, targets, cw, inv_temp, lse, pz, g_lse, g_zt,
+                         g_zsum, g_pz, need_h, need_w, need_b, _Cfg(*cfg))
 
 
 @_parts_backward_op.register_fake
-def _(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum, g_pz, need_h, need_w, need_b,
-      *cfg):
+def _(hidden, weight, bias, targets, cw, inv_temp, lse, pz, g_lse, g_zt, g_zsum, g_pz, need_h,
+      need_w, need_b, *cfg):
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else hidden.new_empty(0),
             torch.empty_like(bias) if need_b else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, cw, *cfg = inputs
-    ctx.save_for_backward(hidden, weight, bias, targets, cw, output[0], output[3])
+    hidden, weight, bias, targets, cw, inv_temp, *cfg = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, cw, inv_temp, output[0], output[3])
     ctx.mark_non_differentiable(*output[4:])  # the statistics (metrics)
     ctx.cfg = cfg
 
 
 def _parts_op_backward(ctx, g_lse, g_zt, g_zsum, g_pz, *_g_stats):
-    hidden, weight, bias, targets, cw, lse, pz = ctx.saved_tensors
+    hidden, weight, bias, targets, cw, inv_temp, lse, pz = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    dh, dw, db = _parts_backward_op(hidden, weight, bias, targets, cw, lse, pz, g_lse, g_zt, g_zsum,
-                                    g_pz, need_h, need_w, need_b and bias is not None, *ctx.cfg)
+    dh, dw, db = _parts_backward_op(hidden, weight, bias, targets, cw, inv_temp, lse, pz, g_lse,
+                                    g_zt, g_zsum, g_pz, need_h, need_w,
+                                    need_b and bias is not None, *ctx.cfg)
     return grads.by_name(_parts_op, hidden=dh if need_h else None, weight=dw if need_w else None,
                          bias=db if need_b and bias is not None else None)
 
@@ -363,7 +372,8 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
     return total, lse
 
 
-def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None, plan=None):
+def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None,
+                     inv_temp=None, plan=None):
     """The backend contract on the torch path.
 
     Args:
@@ -372,6 +382,8 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
         bias: (V,) or None.
         targets: (N,) int64; entries outside [0, V) give zt = 0.
         opts: validated :class:`Options`.
+        inv_temp: None, or (N,) float per-token inverse temperatures (not differentiated): row
+            i's logits z_i are multiplied by inv_temp[i] (after opts.temperature).
 
     Returns:
         (lse, zt, zsum, pz), each (N,) float32 (float64 for float64 inputs), differentiable with
@@ -389,5 +401,7 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
     cfg = _Cfg(float(opts.logit_scale), opts.softcap, float(opts.temperature), opts.need_zsum,
                opts.need_entropy, opts.chunk_bytes, opts.need_stats)
     cw = None if class_weight is None else class_weight.to(compute_dtype(hidden.dtype))
-    parts = _parts_op(hidden, weight, bias, targets, cw, *cfg)
+    if inv_temp is not None:
+        inv_temp = inv_temp.detach().to(compute_dtype(hidden.dtype))
+    parts = _parts_op(hidden, weight, bias, targets, cw, inv_temp, *cfg)
     return StatParts(*parts) if opts.need_stats else Parts(*parts[:4])

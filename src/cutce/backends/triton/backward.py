@@ -63,11 +63,13 @@ def dz_tile(z, t, rows, cls, rmask, cmask, t_ptr, lse_ptr, pz_ptr, glse_ptr, gzt
 def _dz_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, cls_ptr, t_ptr, lse_ptr, pz_ptr,
                glse_ptr, gzt_ptr, gzs_ptr, gpz_ptr, cw_ptr, dz_ptr, n0, n1, c0, c1, D, stride_h,
                stride_w, stride_dz, scale, softcap, inv_temp,
+               rit_ptr,
                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
                NEED_ENT: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-               FLATTEN: tl.constexpr, HAS_CW: tl.constexpr):
+               FLATTEN: tl.constexpr, HAS_CW: tl.constexpr,
+               ROW_TEMP: tl.constexpr):
     # Persistent: each program walks tiles pid, pid + programs, ...; row blocks vary fastest, so
     # the programs running together share the chunk's weight tiles in L2.
     n_row_blocks = tl.cdiv(n1 - n0, BLOCK_N)
@@ -88,9 +90,14 @@ def _dz_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, cls_ptr, t_ptr, lse_ptr, pz_
                          rows, cls, rmask, cmask, D, stride_h, stride_w, scale, softcap, inv_temp,
                          HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K,
                          USE_TMA)
+        if ROW_TEMP:  # per-token temperatures, as the forward: z and dz scale by the row's 1 / T
+            rit = tl.load(rit_ptr + rows, mask=rmask, other=1.0)[:, None]
+            z = z * rit
         dz = dz_tile(z, t, rows, cls, rmask, cmask, t_ptr, lse_ptr, pz_ptr, glse_ptr, gzt_ptr,
                      gzs_ptr, gpz_ptr, cw_ptr, scale, inv_temp, SOFTCAP, NEED_ZSUM, NEED_ENT,
                      HAS_CW)
+        if ROW_TEMP:
+            dz = dz * rit
         # Pointer stores: a bulk (TMA) store measured slower on the H200 (its 64 KB staging
         # buffer cost more than it saved: 4.54x vs 4.43x fwd+bwd at the Gemma shape).
         out = dz_ptr + (rows - n0).to(tl.int64)[:, None] * stride_dz + jj[None, :]
@@ -130,8 +137,9 @@ def _kept_classes(ub, targets, eps, dense_fraction):
 
 def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
              scale, softcap, inv_temp, need_zsum, need_entropy, filter_eps,
-             need_h, need_w, need_b, plan, class_weight=None):
+             need_h, need_w, need_b, plan, class_weight=None, row_inv_temp=None):
     """Gradients of (lse, zt, zsum, pz) w.r.t. hidden, weight, bias given their upstream grads.
+    ``row_inv_temp``: None or (N,) float32 per-row factors of the logits (after inv_temp).
 
     ``plan``: the call's :class:`~cutce.engine.planner.Plan`: its chunk (where the budget holds
     the preferred one), else its workspace bytes, within which the chunks are sized here for the
@@ -210,11 +218,13 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
                 cls if cls is not None else targets, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
                 class_weight if class_weight is not None else lse, dz, n0, n1, c0, c1, d, hidden.stride(0), weight.stride(0), dz.stride(0),
                 scale, softcap, inv_temp,
+                row_inv_temp if row_inv_temp is not None else lse,
                 HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum,
                 NEED_ENT=need_entropy, GATHER=cls is not None, BLOCK_N=cfg.block_n,
                 BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
                 PRECISION=configs.dot_precision(dt), EVEN_K=d % cfg.block_k == 0,
                 USE_TMA=tma, FLATTEN=flat, HAS_CW=class_weight is not None,
+                ROW_TEMP=row_inv_temp is not None,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             dz = dz.to(dt)
             w_chunk = weight[c0:c1] if cls is None else weight.index_select(0, cls[c0:c1])

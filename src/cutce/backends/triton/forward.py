@@ -23,13 +23,15 @@ from .common import _tanh, head_tile, tma_descriptor
 def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub_ptr, cw_ptr,
                     zk_ptr, zk_desc, zt_ptr, N, V, D, stride_h, stride_w, stride_zk, scale, softcap,
                     inv_temp,
+                    rit_ptr,
                     tiles_per_split, n_row_blocks, group_rows,
                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
                     NEED_ENT: tl.constexpr, BOUND: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
                     FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, HAS_CW: tl.constexpr,
-                    NEED_STATS: tl.constexpr, KEEP: tl.constexpr, KEEP_BULK: tl.constexpr):
+                    NEED_STATS: tl.constexpr, KEEP: tl.constexpr, KEEP_BULK: tl.constexpr,
+                    ROW_TEMP: tl.constexpr):
     # Programs go in groups of group_rows token blocks x all splits, token blocks fastest: the
     # programs running together read few hidden blocks (they stay in L2 while every weight
     # tile streams past them) and few weight tiles (each read once for the whole group).
@@ -50,6 +52,8 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub
     if BOUND:
         # A lower bound of each row's lse (its target logit; +inf for rows that take no part).
         floor = tl.load(floor_ptr + rows, mask=rmask, other=float("inf"))
+    if ROW_TEMP:  # per-token temperatures: each row's logits times its own 1 / T
+        rit = tl.load(rit_ptr + rows, mask=rmask, other=1.0)
     if KEEP:
         # The kept logits are stored relative to the row's target logit: the classes that carry
         # most of the softmax sit near it, and a 16-bit value near 0 keeps more of their digits.
@@ -71,6 +75,8 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub
                          cols, rmask, cmask, D, stride_h, stride_w, scale, softcap, inv_temp,
                          HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST, PRECISION, EVEN_K,
                          USE_TMA)
+        if ROW_TEMP:
+            z = z * rit[:, None]
         if KEEP:  # (the strategy "keep", see cutce.engine.planner: the backward reads them back)
             if KEEP_BULK:  # a bulk store clips the ragged edges itself, with no 64-bit addresses
                 zk_desc.store([rb * BLOCK_N, tile * BLOCK_V], (z - zt[:, None]).to(zk_desc.dtype))
@@ -123,7 +129,7 @@ def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub
 
 def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, need_entropy,
             bound=False, n_splits=None, class_weight=None, bound_all_rows=False, need_stats=False,
-            keep=None):
+            keep=None, row_inv_temp=None):
     """Launch the forward kernel.
 
     Args:
@@ -138,6 +144,7 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
             amax = the first argmax_j z_j (N,) int64 (same pass; zsum is not implied here).
         keep: None, or an (N, >= V) 16-bit or float32 buffer that receives z - zt (each row's
             logits less its target logit) in its first V columns.
+        row_inv_temp: None or (N,) float32: row i's logits are multiplied by it (after inv_temp).
 
     Returns:
         lse, zt, zsum, pz: (N,) float32; ub: (V,) float32 or an empty tensor; with need_stats,
@@ -165,7 +172,7 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
     # cost one compare-select-reduce per tile element): zt, and the row's lse is at least that
     # (the bound's floor; +inf keeps rows without a target out of it, -inf lets the running max
     # alone bound them).
-    zt_rows = target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp)
+    zt_rows = target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp, row_inv_temp)
     floor = None
     if bound:
         floor = torch.where((targets >= 0) & (targets < v), zt_rows,
@@ -184,6 +191,7 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
             keep if keep is not None else part, keep_desc, zt_rows,
             n, v, d, hidden.stride(0), weight.stride(0), 0 if keep is None else keep.stride(0),
             scale, softcap, inv_temp,
+            row_inv_temp if row_inv_temp is not None else part,
             tiles_per_split, n_row_blocks, group_rows,
             HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum,
             NEED_ENT=need_entropy, BOUND=bound, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
@@ -192,6 +200,7 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
             USE_TMA=tma, FLATTEN=tma and kc.flatten, EVEN_V=v % cfg.block_v == 0,
             HAS_CW=class_weight is not None, NEED_STATS=need_stats, KEEP=keep is not None,
             KEEP_BULK=keep_bulk,
+            ROW_TEMP=row_inv_temp is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     m, s, zs, a = part[:4].unbind(0)
     lse, pz = combine_splits(m, s, a)
@@ -221,8 +230,11 @@ def combine_splits(m, s, a=None):
 
 @triton.jit
 def _target_kernel(h_ptr, w_ptr, b_ptr, t_ptr, out_ptr, N, V, D, stride_h, stride_w,
-                   scale, softcap, inv_temp, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   scale, softcap, inv_temp,
+                   rit_ptr,
+                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ROW_TEMP: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     tgt = tl.load(t_ptr + rows, mask=rows < N, other=-1)
     valid = (rows < N) & (tgt >= 0) & (tgt < V)
@@ -239,12 +251,16 @@ def _target_kernel(h_ptr, w_ptr, b_ptr, t_ptr, out_ptr, N, V, D, stride_h, strid
     acc = acc * scale
     if SOFTCAP:
         acc = _tanh(acc / softcap) * softcap
-    tl.store(out_ptr + rows, tl.where(valid, acc * inv_temp, 0.0), mask=rows < N)
+    acc = acc * inv_temp
+    if ROW_TEMP:  # the tiles' order: scalar 1 / T first, then the row's
+        acc = acc * tl.load(rit_ptr + rows, mask=rows < N, other=1.0)
+    tl.store(out_ptr + rows, tl.where(valid, acc, 0.0), mask=rows < N)
 
 
-def target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp):
+def target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp, row_inv_temp=None):
     """z[i, targets[i]] as float32 (N,), 0 where the target is not a class in [0, V): the
-    float32 dot of the two rows, the same logit as the tiles' up to summation order."""
+    float32 dot of the two rows, the same logit as the tiles' up to summation order
+    (times row_inv_temp[i] when given)."""
     n, d = hidden.shape
     out = torch.empty(n, device=hidden.device, dtype=torch.float32)
     if n:
@@ -252,6 +268,8 @@ def target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp):
         _target_kernel[(triton.cdiv(n, block_n),)](
             hidden, weight, bias if bias is not None else hidden, targets, out, n,
             weight.shape[0], d, hidden.stride(0), weight.stride(0), scale, softcap, inv_temp,
+            row_inv_temp if row_inv_temp is not None else out,
             HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_N=block_n, BLOCK_K=block_k,
+            ROW_TEMP=row_inv_temp is not None,
             num_warps=warps)
     return out

@@ -25,9 +25,12 @@ from .backward import dz_tile
 
 @triton.jit
 def _kept_dz_kernel(zk_ptr, zt_ptr, t_ptr, lse_ptr, pz_ptr, glse_ptr, gzt_ptr, gzs_ptr, gpz_ptr,
-                    cw_ptr, N, V, stride_zk, scale, softcap, inv_temp, SOFTCAP: tl.constexpr,
+                    cw_ptr, N, V, stride_zk, scale, softcap, inv_temp,
+                    rit_ptr,
+                    SOFTCAP: tl.constexpr,
                     NEED_ZSUM: tl.constexpr, NEED_ENT: tl.constexpr, HAS_CW: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    ROW_TEMP: tl.constexpr):
     n_row_blocks = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     rows = (pid % n_row_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -39,10 +42,17 @@ def _kept_dz_kernel(zk_ptr, zt_ptr, t_ptr, lse_ptr, pz_ptr, glse_ptr, gzt_ptr, g
     zt = tl.load(zt_ptr + rows, mask=rmask, other=0.0)
     z = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) + zt[:, None]
     t = z
+    if ROW_TEMP:  # (the kept z already carries each row's 1 / T)
+        rit = tl.load(rit_ptr + rows, mask=rmask, other=1.0)[:, None]
     if SOFTCAP:  # z = softcap * tanh(y / softcap) / temperature
-        t = z / (softcap * inv_temp)
+        if ROW_TEMP:
+            t = z / (softcap * inv_temp * rit)
+        else:
+            t = z / (softcap * inv_temp)
     dz = dz_tile(z, t, rows, cols, rmask, cmask, t_ptr, lse_ptr, pz_ptr, glse_ptr, gzt_ptr,
                  gzs_ptr, gpz_ptr, cw_ptr, scale, inv_temp, SOFTCAP, NEED_ZSUM, NEED_ENT, HAS_CW)
+    if ROW_TEMP:
+        dz = dz * rit
     tl.store(ptr, dz.to(zk_ptr.dtype.element_ty), mask=mask)
 
 
@@ -58,8 +68,9 @@ def buffer(n, v, dtype, device):
 
 def backward(kept, hidden, weight, bias, targets, zt, lse, pz, g_lse, g_zt, g_zsum, g_pz, scale,
              softcap, inv_temp, need_zsum, need_entropy, need_h, need_w, need_b,
-             class_weight=None):
-    """(dh, dw, db) from the kept logits (consumed); None for a gradient not asked for."""
+             class_weight=None, row_inv_temp=None):
+    """(dh, dw, db) from the kept logits (consumed); None for a gradient not asked for.
+    ``row_inv_temp``: None or (N,) float32 per-row factors of the logits (after inv_temp)."""
     n = hidden.shape[0]
     v = weight.shape[0]
     if n > 0:
@@ -68,8 +79,12 @@ def backward(kept, hidden, weight, bias, targets, zt, lse, pz, g_lse, g_zt, g_zs
         _kept_dz_kernel[grid](
             kept, zt, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
             class_weight if class_weight is not None else lse, n, v, kept.stride(0), scale,
-            softcap, inv_temp, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum, NEED_ENT=need_entropy,
-            HAS_CW=class_weight is not None, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps)
+            softcap, inv_temp,
+            row_inv_temp if row_inv_temp is not None else lse,
+            SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum, NEED_ENT=need_entropy,
+            HAS_CW=class_weight is not None, BLOCK_N=block_n, BLOCK_V=block_v,
+            ROW_TEMP=row_inv_temp is not None,
+            num_warps=warps)
     dz = kept[:, :v].to(hidden.dtype)  # (a copy only in the interpreter's float32 workspace)
     dh = torch.mm(dz, weight) if need_h else None
     dw = torch.mm(dz.T, hidden) if need_w else None

@@ -30,7 +30,8 @@ from . import kept as _kept
 @torch.library.custom_op("cutce::lse_parts", mutates_args=())
 @fit.fits
 def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                 class_weight: Optional[Tensor], scale: float, softcap: float, inv_temp: float,
+                 class_weight: Optional[Tensor], row_inv_temp: Optional[Tensor],
+                 scale: float, softcap: float, inv_temp: float,
                  need_zsum: bool, need_entropy: bool, filter_eps: float,
                  memory_budget: Optional[float], plan: list[int], bound_all_rows: bool,
                  need_stats: bool = False, keep: bool = False
@@ -38,15 +39,16 @@ def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
     """Forward of the contract; filter_eps > 0 also returns the per-class bound ub (else empty),
     over every row with ``bound_all_rows`` (a returned lse), else over the rows with a target.
     ``plan`` (:meth:`cutce.engine.planner.Plan.encode`, empty when traced) and memory_budget
-    only travel to the backward. Then the statistics' lse2, zmax (float32) and amax (int64), (N,) with ``need_stats``, else
-    empty; not differentiable. Last, with ``keep`` (the strategy "keep": eager calls only, see
-    linear_lse_parts), the kept logits for the backward (:mod:`.kept`), else empty."""
+    only travel to the backward. Then the statistics' lse2, zmax (float32) and amax (int64),
+    (N,) with ``need_stats``, else empty; not differentiable. Last, with ``keep`` (the strategy "keep": eager calls only, see
+    linear_lse_parts), the kept logits for the backward (:mod:`.kept`), else empty.
+    row_inv_temp: None or (N,) float32, each row's logits times it (after inv_temp)."""
     kept = _kept.buffer(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device) \
         if keep else hidden.new_empty(0)
     out = _fw.forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum,
                       need_entropy, bound=filter_eps > 0, class_weight=class_weight,
                       bound_all_rows=bound_all_rows, need_stats=need_stats,
-                      keep=kept if keep else None)
+                      keep=kept if keep else None, row_inv_temp=row_inv_temp)
     if need_stats:
         return (*out, kept)
     f = hidden.new_empty(0, dtype=torch.float32)
@@ -54,8 +56,9 @@ def lse_parts_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
 
 
 @lse_parts_op.register_fake
-def _(hidden, weight, bias, targets, class_weight, scale, softcap, inv_temp, need_zsum,
-      need_entropy, filter_eps, memory_budget, plan, bound_all_rows, need_stats=False, keep=False):
+def _(hidden, weight, bias, targets, class_weight, row_inv_temp, scale, softcap, inv_temp,
+      need_zsum, need_entropy, filter_eps, memory_budget, plan, bound_all_rows, need_stats=False,
+      keep=False):
     bound = filter_eps > 0
     n, v = hidden.shape[0], weight.shape[0]
     f = hidden.new_empty(n, dtype=torch.float32)
@@ -68,7 +71,8 @@ def _(hidden, weight, bias, targets, class_weight, scale, softcap, inv_temp, nee
 @torch.library.custom_op("cutce::lse_parts_backward", mutates_args=())
 @fit.fits
 def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                          class_weight: Optional[Tensor], lse: Tensor, pz: Tensor, ub: Tensor,
+                          class_weight: Optional[Tensor], row_inv_temp: Optional[Tensor],
+                          lse: Tensor, pz: Tensor, ub: Tensor,
                           g_lse: Tensor, g_zt: Tensor, g_zsum: Tensor, g_pz: Tensor, scale: float,
                           softcap: float, inv_temp: float, need_zsum: bool, need_entropy: bool,
                           filter_eps: float, need_h: bool, need_w: bool, need_b: bool,
@@ -81,12 +85,13 @@ def lse_parts_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         memory_budget, recompute=True, filtered=filter_eps > 0)
     return _bw.backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz,
                         scale, softcap, inv_temp, need_zsum, need_entropy,
-                        filter_eps, need_h, need_w, need_b, p, class_weight=class_weight)
+                        filter_eps, need_h, need_w, need_b, p, class_weight=class_weight,
+                        row_inv_temp=row_inv_temp)
 
 
 @lse_parts_backward_op.register_fake
-def _(hidden, weight, bias, targets, class_weight, lse, pz, ub, g_lse, g_zt, g_zsum, g_pz, scale,
-      softcap, inv_temp, need_zsum, need_entropy, filter_eps, need_h, need_w, need_b,
+def _(hidden, weight, bias, targets, class_weight, row_inv_temp, lse, pz, ub, g_lse, g_zt, g_zsum,
+      g_pz, scale, softcap, inv_temp, need_zsum, need_entropy, filter_eps, need_h, need_w, need_b,
       memory_budget, plan):
     # distinct empties: a custom op's outputs may not alias each other
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
@@ -95,10 +100,10 @@ def _(hidden, weight, bias, targets, class_weight, lse, pz, ub, g_lse, g_zt, g_z
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, cw, scale, softcap, inv_temp, need_zsum, need_entropy, eps, \
-        budget, plan, *_ = inputs
+    hidden, weight, bias, targets, cw, rit, scale, softcap, inv_temp, need_zsum, need_entropy, \
+        eps, budget, plan, *_ = inputs
     lse, zt, _, pz, ub, *stats, kept = output
-    ctx.save_for_backward(hidden, weight, bias, targets, cw, lse, pz, ub)
+    ctx.save_for_backward(hidden, weight, bias, targets, cw, rit, lse, pz, ub)
     ctx.mark_non_differentiable(*stats, kept)  # the statistics (metrics), the kept logits
     ctx.scalars = (scale, softcap, inv_temp, need_zsum, need_entropy, eps)
     ctx.budget, ctx.plan = budget, plan
@@ -107,7 +112,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
-    hidden, weight, bias, targets, cw, lse, pz, ub = ctx.saved_tensors
+    hidden, weight, bias, targets, cw, rit, lse, pz, ub = ctx.saved_tensors
     scale, softcap, inv_temp, need_zsum, need_entropy, eps = ctx.scalars
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     z = torch.zeros_like(lse)
@@ -118,18 +123,19 @@ def _backward(ctx, g_lse, g_zt, g_zsum, g_pz, _g_ub, *_g_stats):
         (kept, zt), ctx.kept = ctx.kept, None
         dh, dw, db = _kept.backward(
             kept, hidden, weight, bias, targets, zt, lse, pz, *grads, scale, softcap, inv_temp,
-            need_zsum, need_entropy and g_pz is not None, need_h, need_w, need_b, cw)
+            need_zsum, need_entropy and g_pz is not None, need_h, need_w, need_b, cw,
+            row_inv_temp=rit)
         del kept
         return by_name(lse_parts_op, hidden=dh, weight=dw, bias=db)
     try:
         dh, dw, db = lse_parts_backward_op(
-            hidden, weight, bias, targets, cw, lse, pz, ub, *grads, scale, softcap, inv_temp,
+            hidden, weight, bias, targets, cw, rit, lse, pz, ub, *grads, scale, softcap, inv_temp,
             need_zsum, need_entropy and g_pz is not None, eps, need_h, need_w, need_b, ctx.budget,
             ctx.plan)
     except torch.OutOfMemoryError as err:
         raise out_of_memory(err, hidden, weight, need_h, need_w, ctx.budget, "triton") from None
     return by_name(lse_parts_op, hidden=dh if need_h else None,
-                         weight=dw if need_w else None, bias=db if need_b else None)
+                   weight=dw if need_w else None, bias=db if need_b else None)
 
 
 lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -194,7 +200,8 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
     return total, lse
 
 
-def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None, plan=None):
+def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None,
+                     inv_temp=None, plan=None):
     """The backend contract on the Triton path (same signature and result as
     :func:`cutce.backends.pytorch.ce.linear_lse_parts`; float32 outputs, and with
     ``opts.need_stats`` the three statistics after the four parts). ``plan``: the api's (None
@@ -210,6 +217,7 @@ def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=
     keep = wants_grad and plan is not None and plan.strategy == "keep" and not filt
     args = (hidden, weight, bias, targets.contiguous(),
             None if class_weight is None else class_weight.float().contiguous(),
+            None if inv_temp is None else inv_temp.detach().float().contiguous(),
             opts.logit_scale, opts.softcap or 0.0,
             1.0 / opts.temperature, opts.need_zsum, opts.need_entropy,
             opts.filter_eps if filt else 0.0, opts.memory_budget,

@@ -27,7 +27,8 @@ _REFUSED_KWARGS = ("labels", "shift_labels", "inputs_embeds", "num_items_in_batc
 
 def token_log_probs(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-    logits_to_keep: int | None = None, temperature: float = 1.0, return_entropy: bool = False,
+    logits_to_keep: int | None = None, temperature: float | torch.Tensor = 1.0,
+    return_entropy: bool = False,
     **model_kwargs: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of every next token of ``input_ids`` under ``model`` (and the entropy),
@@ -42,7 +43,12 @@ def token_log_probs(
         logits_to_keep: None or 0 (all T - 1 positions), or k in [1, T - 1]: only the last k
             positions, scoring ``input_ids[:, -k:]`` (e.g. the completion after a prompt). The
             decoder still runs on all T positions; the head only on k.
-        temperature: > 0, divides the model's logits (after its softcap / scale).
+        temperature: > 0, divides the model's logits (after its softcap / scale). A float, or
+            a float tensor (not requiring grad) for rollouts sampled at mixed temperatures:
+            (B,), one per sequence, or (B, T) like input_ids, where ``temperature[:, t]`` is
+            the one token t was sampled at (so position t - 1's logits are divided by it, as
+            ``input_ids[:, t]`` is scored there; column 0 is not read). Values must be finite
+            and > 0 (those at positions ``linear_log_probs`` ignores are not read).
         return_entropy: also return the entropy of each position's next-token distribution.
         **model_kwargs: passed to the model's forward (position_ids, use_cache, ...); not
             ``labels``, ``shift_labels``, ``inputs_embeds`` or ``num_items_in_batch``.
@@ -54,6 +60,7 @@ def token_log_probs(
 
             logits = model(input_ids=input_ids, attention_mask=attention_mask,
                            **model_kwargs).logits[:, :-1] / temperature
+            # a (B,) tensor: / temperature[:, None, None]; (B, T): / temperature[:, 1:, None]
             targets = input_ids[:, 1:]
             if logits_to_keep:
                 logits, targets = logits[:, -logits_to_keep:], targets[:, -logits_to_keep:]
@@ -90,11 +97,15 @@ def token_log_probs(
                                     f"shape {tuple(hidden.shape)}, expected {shape + (hidden.shape[-1],)} "
                                     "(one per input position)")
     tokens = input_ids
+    if isinstance(temperature, torch.Tensor) and temperature.dim() == 1:
+        temperature = temperature[:, None].expand(shape)  # per sequence: each of its tokens
     if logits_to_keep:
         # Position t's hidden state scores token t + 1: the last k scores need the last k + 1
         # states, of which linear_log_probs' shift drops the final one.
         call = dataclasses.replace(call, hidden=hidden[:, -(logits_to_keep + 1):])
         tokens = input_ids[:, -(logits_to_keep + 1):]
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature[:, -(logits_to_keep + 1):]
     return head_apply(call, _head_log_probs, tokens, call.softcap, call.scale, temperature,
                       return_entropy)
 
@@ -102,6 +113,8 @@ def token_log_probs(
 def _head_log_probs(hidden, weight, bias, tokens, softcap, scale, temperature, return_entropy):
     """hidden (B, T', D), weight (V, D), bias (V,) or None, tokens (B, T'): linear_log_probs with
     shift=True, i.e. (B, T' - 1) log-probs of tokens[:, 1:] (and entropies)."""
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(hidden.device)
     return linear_log_probs(hidden, weight, tokens.to(hidden.device), bias, temperature=temperature,
                             softcap=softcap, logit_scale=scale, shift=True,
                             return_entropy=return_entropy)
@@ -126,7 +139,16 @@ def _check_args(input_ids, attention_mask, logits_to_keep, temperature, return_e
              repr(logits_to_keep))
     if not isinstance(return_entropy, bool):
         fail("return_entropy", "a bool", repr(return_entropy))
-    check_options(reduction="none", temperature=temperature)
+    if isinstance(temperature, torch.Tensor):
+        if not temperature.is_floating_point() or temperature.shape not in (shape[:1], shape):
+            fail("temperature", f"a float number, or a float tensor of shape ({shape[0]},) or "
+                 f"{shape} (input_ids')", f"{temperature.dtype} tensor of shape "
+                 f"{tuple(temperature.shape)}")
+        if temperature.requires_grad:
+            fail("temperature", "a tensor that does not require grad (it is not differentiated)",
+                 "requires_grad=True")
+    else:
+        check_options(reduction="none", temperature=temperature)
     refused = sorted(set(model_kwargs) & set(_REFUSED_KWARGS))
     if refused:
         fail("model_kwargs", "no labels, shift_labels, inputs_embeds or num_items_in_batch (the "
