@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from . import api
+from .engine.truncation import make_truncation
+from .truncated_log_probs import truncated_log_probs
 from .validate import autocast_dtype, fail, make_options
 
 if TYPE_CHECKING:
@@ -36,7 +38,8 @@ def linear_log_probs(
     hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None = None, *,
     temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
     shift: bool = False, ignore_index: int = -100, return_entropy: bool = False,
-    return_stats: bool = False,
+    return_stats: bool = False, top_k: int | None = None, top_p: float | None = None,
+    min_p: float | None = None,
     impl: str = "auto", vocab_group: ProcessGroup | None = None, vocab_start: int | None = None,
     reduce_hidden_grad: bool = True, memory_budget: float | str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor] | TokenStats:
@@ -107,6 +110,10 @@ def linear_log_probs(
         fail("return_entropy", "a bool", repr(return_entropy))
     if not isinstance(return_stats, bool):
         fail("return_stats", "a bool", repr(return_stats))
+    trunc = make_truncation(top_k, top_p, min_p)
+    if trunc is not None:
+        return truncated_log_probs(hidden, weight, tokens, bias, shift, impl, vocab_group, opts,
+                                   trunc, return_entropy, return_stats)
     call = api.compute_parts(hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group,
                              vocab_start, reduce_hidden_grad, tname="tokens")
     (lse, zt, zsum, pz, *stats), t1, out_shape = call.parts, call.targets, call.out_shape
