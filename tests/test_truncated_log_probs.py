@@ -242,3 +242,31 @@ def test_vocab_parallel_is_refused():
     h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
     with pytest.raises(NotImplementedError, match="top_k/top_p/min_p: expected an unsplit"):
         cutce.linear_log_probs(h, w, t, top_k=2, vocab_group="a group")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_token_log_probs_passes_truncation(family):
+    """cutce.transformers.token_log_probs: the same kept set and values as the model's own
+    logits (softcap included for Gemma 2) truncated by the reference."""
+    pytest.importorskip("transformers")
+    from hf_models import T, VOCAB, make_model
+
+    from cutce import transformers as ct
+
+    model = make_model(family)
+    ids = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(0))
+    trunc = dict(top_k=40, top_p=0.9, min_p=0.01)
+    logp, ent = ct.token_log_probs(model, ids, temperature=0.8, return_entropy=True, **trunc)
+    with torch.no_grad():
+        z = model(input_ids=ids).logits[:, :-1].double().reshape(-1, VOCAB) / 0.8
+    keep = kept_set(z, **trunc)
+    lsm = z.masked_fill(~keep, -math.inf).log_softmax(-1)
+    want = lsm.gather(-1, ids[:, 1:].reshape(-1, 1))[:, 0].reshape(2, T - 1)
+    assert torch.equal(torch.isneginf(logp), torch.isneginf(want))
+    assert torch.isneginf(want).any() and torch.isfinite(want).any()
+    fin = torch.isfinite(want)
+    assert rel_err(logp[fin], want[fin]) < 1e-5
+    went = -(lsm.exp() * lsm.masked_fill(~keep, 0.0)).sum(-1).reshape(2, T - 1)
+    assert rel_err(ent, went) < 1e-5
+    with pytest.raises(ValueError, match="top_p: expected"):
+        ct.token_log_probs(model, ids, top_p=0.0)
