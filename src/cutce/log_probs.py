@@ -60,6 +60,12 @@ def linear_log_probs(
         return_stats: return a :class:`TokenStats` (log-probs, entropy and three per-token
             metrics, computed in the same pass over the vocabulary) instead, whatever
             ``return_entropy`` is.
+        top_k: None or an int >= 1. top_p: None or a float in (0, 1]. min_p: None or a float
+            in [0, 1]. A sampler's truncation (vLLM's SamplingParams values; top_k=-1 there is
+            None here; top_p=1.0 and min_p=0.0 are off): log-probs and entropy are then those
+            of the truncated, renormalised distribution (see Returns). Runs on the torch path,
+            also for CUDA tensors under impl="auto" (impl="triton" raises); not with
+            ``return_stats`` or a vocabulary split (both raise).
         impl: "auto" | "torch" | "triton" (as in :func:`cutce.linear_cross_entropy`).
         vocab_group, vocab_start, reduce_hidden_grad: vocabulary parallelism, as in
             :func:`cutce.linear_cross_entropy` (tokens are global ids).
@@ -97,6 +103,22 @@ def linear_log_probs(
         ties with an earlier class's is not a hit (one that ties with a later class's is);
         ties are exact on the torch path and, within float32 rounding of the logits, on the
         Triton path.
+
+        With ``top_k``/``top_p``/``min_p``, in the order of vLLM's v1 sampler (temperature,
+        min-p, top-k, top-p), each step on what the previous ones kept::
+
+            keep = z.softmax(-1) >= min_p * z.softmax(-1).amax(-1, keepdim=True)
+            keep &= z >= (k-th largest z among keep)                  # ties kept
+            q = z.masked_fill(~keep, -inf).softmax(-1)
+            keep &= q[z <= z_j].sum() > 1 - top_p for token j          # the largest always kept
+            logp = z.masked_fill(~keep, -inf).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+            entropy = -(q * q.log()).sum(-1) over keep                 # q renormalised on keep
+
+        A token outside the kept set gets logp = -inf (``torch.isinf(logp)`` finds them; mask
+        them before any arithmetic, e.g. ``torch.where``) and no gradient; the kept set is
+        piecewise constant in the logits, so the gradient is that of the log-softmax over it.
+        Tokens tied at a top-k or top-p boundary are all kept (vLLM's sort leaves their order
+        unspecified; this is the union of every order's kept set).
 
         No N x V tensor is created in the forward or the backward.
     """
