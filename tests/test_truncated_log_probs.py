@@ -270,3 +270,20 @@ def test_token_log_probs_passes_truncation(family):
     assert rel_err(ent, went) < 1e-5
     with pytest.raises(ValueError, match="top_p: expected"):
         ct.token_log_probs(model, ids, top_p=0.0)
+
+
+def test_example_runs():
+    """examples/truncated_log_probs.py: rollouts of a truncated sampler, scored by cutce."""
+    pytest.importorskip("transformers")
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "src"), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(root / "examples" / "truncated_log_probs.py")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.stdout.rstrip().endswith("OK"), proc.stdout
