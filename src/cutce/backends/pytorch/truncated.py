@@ -59,7 +59,6 @@ def _threshold(z, cfg: _Cfg):
     """Per row, the smallest kept logit (r,): min-p, then top-k, then top-p (vLLM's order)."""
     neg_inf = float("-inf")
     thr = z.new_full((z.shape[0],), neg_inf)
-    zk = z
     if cfg.min_p is not None:
         # In probabilities, as the sampler compares them (not z - zmax >= log(min_p), which
         # rounds differently at the boundary).
@@ -67,22 +66,24 @@ def _threshold(z, cfg: _Cfg):
         drop = p < p.amax(dim=1, keepdim=True) * cfg.min_p
         del p
         thr = z.masked_fill(drop, float("inf")).amin(dim=1)
-        zk = z.masked_fill(drop, neg_inf)
     if cfg.top_k is not None and cfg.top_k < z.shape[1]:
         # The k-th largest of what min-p left; -inf when fewer than k are left (then top-k
         # drops nothing more).
+        zk = z if cfg.min_p is None else z.masked_fill(drop, neg_inf)
         kth = torch.topk(zk, cfg.top_k, dim=1, sorted=False).values.amin(dim=1)
+        del zk
         thr = torch.maximum(thr, kth)
     if cfg.top_p is not None:
-        zk = torch.where(z >= thr[:, None], z, neg_inf)
-        srt = torch.sort(zk, dim=1).values
-        del zk
+        srt = torch.sort(torch.where(z >= thr[:, None], z, neg_inf), dim=1).values
         cum = torch.softmax(srt, dim=1).cumsum_(dim=1)
         # The first sorted position whose cumulative mass exceeds 1 - top_p; the largest is
         # always kept. Cumulative sums of non-negative numbers never decrease, so the count of
         # positions at or below the line is that position. A token tied with it has an equal
         # logit and passes z >= thr: ties are kept, whatever order a sort gives them.
-        line = 1.0 - torch.tensor(cfg.top_p, dtype=z.dtype, device=z.device)
+        # The line in the compute dtype, as the sampler forms it (1 - p in float32): a host
+        # scalar, no device copy.
+        one = torch.ones((), dtype=z.dtype)
+        line = float(one - torch.tensor(cfg.top_p, dtype=z.dtype))
         first = (cum <= line).sum(dim=1, keepdim=True).clamp_(max=z.shape[1] - 1)
         del cum
         thr = srt.gather(1, first).squeeze(1)
