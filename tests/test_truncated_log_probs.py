@@ -238,12 +238,6 @@ def test_bad_arguments(kw, match):
         cutce.linear_log_probs(h, w, t, **kw)
 
 
-def test_vocab_parallel_is_refused():
-    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
-    with pytest.raises(NotImplementedError, match="top_k/top_p/min_p: expected an unsplit"):
-        cutce.linear_log_probs(h, w, t, top_k=2, vocab_group="a group")
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_token_log_probs_passes_truncation(family):
     """cutce.transformers.token_log_probs: the same kept set and values as the model's own

@@ -65,7 +65,8 @@ def linear_log_probs(
             None here; top_p=1.0 and min_p=0.0 are off): log-probs and entropy are then those
             of the truncated, renormalised distribution (see Returns). Runs on the torch path,
             also for CUDA tensors under impl="auto" (impl="triton" raises); not with
-            ``return_stats`` or a vocabulary split (both raise).
+            ``return_stats`` (raises). Under a vocabulary split the ranks agree on each
+            token's kept set through collectives on thresholds (no logits move).
         impl: "auto" | "torch" | "triton" (as in :func:`cutce.linear_cross_entropy`).
         vocab_group, vocab_start, reduce_hidden_grad: vocabulary parallelism, as in
             :func:`cutce.linear_cross_entropy` (tokens are global ids).
@@ -134,8 +135,9 @@ def linear_log_probs(
         fail("return_stats", "a bool", repr(return_stats))
     trunc = make_truncation(top_k, top_p, min_p)
     if trunc is not None:
-        return truncated_log_probs(hidden, weight, tokens, bias, shift, impl, vocab_group, opts,
-                                   trunc, return_entropy, return_stats)
+        return truncated_log_probs(hidden, weight, tokens, bias, shift, impl, opts, trunc,
+                                   return_entropy, return_stats, vocab_group, vocab_start,
+                                   reduce_hidden_grad)
     call = api.compute_parts(hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group,
                              vocab_start, reduce_hidden_grad, tname="tokens")
     (lse, zt, zsum, pz, *stats), t1, out_shape = call.parts, call.targets, call.out_shape

@@ -13,14 +13,16 @@ import torch
 from .backends.pytorch import truncated
 from .engine.options import Options
 from .engine.truncation import Truncation
+from .parallel import truncated as split
 from .parallel import vocab as distributed
 from .validate import check_impl, fail, prepare
 
 _WHO = "top_k/top_p/min_p"
 
 
-def truncated_log_probs(hidden, weight, tokens, bias, shift, impl, vocab_group, opts: Options,
-                        trunc: Truncation, return_entropy: bool, return_stats: bool):
+def truncated_log_probs(hidden, weight, tokens, bias, shift, impl, opts: Options,
+                        trunc: Truncation, return_entropy: bool, return_stats: bool,
+                        vocab_group=None, vocab_start=None, reduce_hidden_grad=True):
     """logp, or (logp, entropy), of the truncated distribution (see linear_log_probs)."""
     if return_stats:
         fail("return_stats", f"False with {_WHO} (the metrics are the untruncated "
@@ -29,20 +31,18 @@ def truncated_log_probs(hidden, weight, tokens, bias, shift, impl, vocab_group, 
     if impl == "triton":
         fail("impl", f"'auto' or 'torch' for {_WHO} (the Triton kernels do not truncate yet)",
              repr(impl))
-    if vocab_group is not None:
-        raise NotImplementedError(f"{_WHO}: expected an unsplit classifier (vocab_group=None), "
-                                  "got a vocab_group (vocabulary-parallel truncation is not "
-                                  "implemented)")
+    # Collective when split (every rank must call), as for the untruncated call.
     hidden, weight, bias, tokens, _, vs = distributed.resolve_vocab_parallel(
-        hidden, weight, bias, tokens, None, None, None, True, opts=opts, shift=shift,
-        tname="tokens")
-    if vs is not None:
-        raise NotImplementedError(f"{_WHO}: expected an unsplit classifier, got a weight DTensor "
-                                  "sharded by vocabulary (vocabulary-parallel truncation is not "
-                                  "implemented)")
+        hidden, weight, bias, tokens, None, vocab_group, vocab_start, reduce_hidden_grad,
+        opts=opts, shift=shift, tname="tokens")
     h2, weight, bias, t1, _, out_shape, check = prepare(
-        hidden, weight, tokens, bias, None, shift, opts.ignore_index, tname="tokens")
-    lse, zt, pz, kept = truncated.truncated_parts(h2, weight, bias, t1, opts, trunc)
+        hidden, weight, tokens, bias, None, shift, opts.ignore_index,
+        vocab=None if vs is None else vs.vocab, tname="tokens")
+    if vs is None:
+        lse, zt, pz, kept = truncated.truncated_parts(h2, weight, bias, t1, opts, trunc)
+    else:
+        lse, zt, pz, kept = split.vocab_parallel_truncated_parts(h2, weight, bias, t1, opts, trunc,
+                                                                 vs)
     if check is not None:
         check()
     valid = t1 != opts.ignore_index

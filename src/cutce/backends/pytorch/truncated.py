@@ -50,9 +50,22 @@ _CFG_SCHEMA = ("float logit_scale, float? softcap, float temperature, int? top_k
                "float? min_p, bool need_entropy, int? chunk_bytes")
 
 
-def _rows(n, vocab, cdt, cfg: _Cfg):
+def make_cfg(opts: Options, trunc: Truncation, chunk_bytes=None) -> _Cfg:
+    """The op's configuration (also what the vocabulary-parallel thresholds read)."""
+    return _Cfg(float(opts.logit_scale), opts.softcap, float(opts.temperature), trunc.top_k,
+                trunc.top_p, trunc.min_p, opts.need_entropy,
+                opts.chunk_bytes if chunk_bytes is None else chunk_bytes)
+
+
+def chunk_rows(n, vocab, cdt, cfg: _Cfg) -> int:
+    """Tokens per chunk: six chunk x ``vocab`` temporaries within the chunk budget."""
     budget = DEFAULT_CHUNK_BYTES if cfg.chunk_bytes is None else cfg.chunk_bytes
     return common.chunk_rows(n, vocab, cdt, budget, _TEMPS_PER_CHUNK)
+
+
+def chunk_logits(h, w, b, cfg: _Cfg):
+    """z of one chunk in the compute dtype (h, w, b already in it)."""
+    return _logits(h, w, b, cfg)[0]
 
 
 def _threshold(z, cfg: _Cfg):
@@ -90,7 +103,7 @@ def _threshold(z, cfg: _Cfg):
     return thr
 
 
-def _forward(hidden, weight, bias, targets, cfg: _Cfg):
+def _forward(hidden, weight, bias, targets, thr_in, cfg: _Cfg):
     cdt = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], weight.shape[0]
     w = weight.to(cdt)
@@ -98,17 +111,18 @@ def _forward(hidden, weight, bias, targets, cfg: _Cfg):
     lse = hidden.new_empty(n, dtype=cdt)
     zt, pz, thr = torch.zeros_like(lse), torch.zeros_like(lse), torch.empty_like(lse)
     kept = hidden.new_zeros(n, dtype=torch.bool)
-    rows = _rows(n, vocab, cdt, cfg)
+    rows = chunk_rows(n, vocab, cdt, cfg)
     for s in range(0, n, rows):
         e = min(s + rows, n)
         z, _ = _logits(hidden[s:e].to(cdt), w, b, cfg)
-        t = _threshold(z, cfg)
+        t = _threshold(z, cfg) if thr_in is None else thr_in[s:e]
         thr[s:e] = t
         idx, valid = _valid_targets(targets[s:e], vocab)
         zt_rows = z.gather(1, idx).squeeze(1)
         zt[s:e] = torch.where(valid, zt_rows, 0.0)
         kept[s:e] = valid & (zt_rows >= t)
         # The row's largest logit is always kept: it shifts the exponentials of the kept set.
+        # (With thresholds from the whole vocabulary, a slice keeps its largest logit or none.)
         m = z.amax(dim=1, keepdim=True)
         q = torch.where(z >= t[:, None], z.sub_(m).exp_(), 0.0)
         del z
@@ -116,7 +130,8 @@ def _forward(hidden, weight, bias, targets, cfg: _Cfg):
         lse[s:e] = (m + tot.log()).squeeze(1)
         if cfg.need_entropy:
             q.div_(tot)  # q = softmax over the kept set; sum q z = sum q log q + lse
-            pz[s:e] = torch.xlogy(q, q).sum(dim=1) + lse[s:e]
+            # 0, not NaN, for a vocabulary slice that keeps nothing of a row (lse = -inf there)
+            pz[s:e] = torch.where(tot.squeeze(1) > 0, torch.xlogy(q, q).sum(dim=1) + lse[s:e], 0.0)
     return lse, zt, pz, thr, kept
 
 
@@ -132,7 +147,7 @@ def _backward(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, ne
     dh = torch.empty_like(hidden) if need_h else None
     dw = torch.zeros_like(w) if need_w else None
     db = lse.new_zeros(vocab) if need_b else None
-    rows = _rows(n, vocab, cdt, cfg)  # the forward's chunks: the same logits, bit for bit
+    rows = chunk_rows(n, vocab, cdt, cfg)  # the forward's chunks: the same logits, bit for bit
     scale = cfg.logit_scale / cfg.temperature
     for s in range(0, n, rows):
         e = min(s + rows, n)
@@ -169,15 +184,15 @@ def _backward(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, ne
 # products must stay in float32 (float64).
 @torch.library.custom_op(
     "cutce::torch_truncated_parts", mutates_args=(),
-    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, {_CFG_SCHEMA})"
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? thr, {_CFG_SCHEMA})"
            " -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _parts_op(hidden, weight, bias, targets, *cfg):
+def _parts_op(hidden, weight, bias, targets, thr, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
-        return _forward(hidden, weight, bias, targets, _Cfg(*cfg))
+        return _forward(hidden, weight, bias, targets, thr, _Cfg(*cfg))
 
 
 @_parts_op.register_fake
-def _(hidden, weight, bias, targets, *cfg):
+def _(hidden, weight, bias, targets, thr, *cfg):
     lse = hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype))
     return (lse, torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse),
             hidden.new_empty(hidden.shape[0], dtype=torch.bool))
@@ -204,7 +219,7 @@ def _(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, need_h, ne
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, *cfg = inputs
+    hidden, weight, bias, targets, _, *cfg = inputs
     lse, _, pz, thr, kept = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, pz, thr)
     ctx.mark_non_differentiable(thr, kept)
@@ -218,14 +233,14 @@ def _parts_backward(ctx, g_lse, g_zt, g_pz, _g_thr, _g_kept):
     dh, dw, db = _backward_op(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz,
                               need_h, need_w, need_b, *ctx.cfg)
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
-            None) + (None,) * len(ctx.cfg)
+            None, None) + (None,) * len(ctx.cfg)
 
 
 _parts_op.register_autograd(_parts_backward, setup_context=_setup_context)
 
 
 def truncated_parts(hidden, weight, bias, targets, opts: Options, trunc: Truncation,
-                    chunk_bytes=None):
+                    chunk_bytes=None, thr=None):
     """The truncated distribution's parts on the torch path.
 
     Args:
@@ -234,6 +249,9 @@ def truncated_parts(hidden, weight, bias, targets, opts: Options, trunc: Truncat
         opts: validated :class:`Options` (logit_scale, softcap, temperature, need_entropy).
         trunc: validated :class:`Truncation`.
         chunk_bytes: cap on one chunk's temporaries (default 256 MiB).
+        thr: None, or (N,) each row's threshold, found elsewhere (over the whole vocabulary
+            when ``weight`` is one slice of it): the kept set is then ``z >= thr`` and lse, pz
+            are this slice's (lse = -inf, pz = 0 where it keeps nothing).
 
     Returns:
         (lse, zt, pz, kept), each (N,): the first three float32 (float64 for float64 inputs)
@@ -243,8 +261,7 @@ def truncated_parts(hidden, weight, bias, targets, opts: Options, trunc: Truncat
             zt = z.gather(1, targets[:, None])[:, 0]; kept = K.gather(1, targets[:, None])[:, 0]
             pz = (torch.softmax(z.masked_fill(~K, -inf), -1) * z.masked_fill(~K, 0)).sum(-1)
     """
-    cfg = _Cfg(float(opts.logit_scale), opts.softcap, float(opts.temperature), trunc.top_k,
-               trunc.top_p, trunc.min_p, opts.need_entropy,
-               opts.chunk_bytes if chunk_bytes is None else chunk_bytes)
-    lse, zt, pz, _, kept = _parts_op(hidden, weight, bias, targets, *cfg)
+    cfg = make_cfg(opts, trunc, chunk_bytes)
+    lse, zt, pz, _, kept = _parts_op(hidden, weight, bias, targets,
+                                     None if thr is None else thr.detach(), *cfg)
     return lse, zt, pz, kept
