@@ -226,3 +226,10 @@ def test_custom_ops_opcheck(gen):
         torch.library.opcheck(torch.ops.cutce.lse_parts, (h, w, b, t, None, inv, 1.3, 4.0, 1.0,
                                                           True, True, 0.0, None, [], False,
                                                           True))
+
+
+def test_truncation_with_per_token_temperatures_raises(gen):
+    h, w, t, _, _ = _inputs(gen, torch.float32, lead=(5,))
+    with pytest.raises(ValueError, match="temperature: expected a float with top_k"):
+        cutce.linear_log_probs(h, w, t, temperature=torch.full((5,), 0.7, device=h.device),
+                               top_k=3, impl="torch")

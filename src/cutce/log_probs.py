@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from . import api
+from .engine.truncation import make_truncation
+from .truncated_log_probs import truncated_log_probs
 from .validate import autocast_dtype, fail, make_options
 
 if TYPE_CHECKING:
@@ -36,7 +38,8 @@ def linear_log_probs(
     hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None = None, *,
     temperature: float | Tensor = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
     shift: bool = False, ignore_index: int = -100, return_entropy: bool = False,
-    return_stats: bool = False,
+    return_stats: bool = False, top_k: int | None = None, top_p: float | None = None,
+    min_p: float | None = None,
     impl: str = "auto", vocab_group: ProcessGroup | None = None, vocab_start: int | None = None,
     reduce_hidden_grad: bool = True, memory_budget: float | str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor] | TokenStats:
@@ -63,6 +66,13 @@ def linear_log_probs(
         return_stats: return a :class:`TokenStats` (log-probs, entropy and three per-token
             metrics, computed in the same pass over the vocabulary) instead, whatever
             ``return_entropy`` is.
+        top_k: None or an int >= 1. top_p: None or a float in (0, 1]. min_p: None or a float
+            in [0, 1]. A sampler's truncation (vLLM's SamplingParams values; top_k=-1 there is
+            None here; top_p=1.0 and min_p=0.0 are off): log-probs and entropy are then those
+            of the truncated, renormalised distribution (see Returns). Runs on the torch path,
+            also for CUDA tensors under impl="auto" (impl="triton" raises); not with
+            ``return_stats`` (raises). Under a vocabulary split the ranks agree on each
+            token's kept set through collectives on thresholds (no logits move).
         impl: "auto" | "torch" | "triton" (as in :func:`cutce.linear_cross_entropy`).
         vocab_group, vocab_start, reduce_hidden_grad: vocabulary parallelism, as in
             :func:`cutce.linear_cross_entropy` (tokens are global ids).
@@ -101,6 +111,22 @@ def linear_log_probs(
         ties are exact on the torch path and, within float32 rounding of the logits, on the
         Triton path.
 
+        With ``top_k``/``top_p``/``min_p``, in the order of vLLM's v1 sampler (temperature,
+        min-p, top-k, top-p), each step on what the previous ones kept::
+
+            keep = z.softmax(-1) >= min_p * z.softmax(-1).amax(-1, keepdim=True)
+            keep &= z >= (k-th largest z among keep)                  # ties kept
+            q = z.masked_fill(~keep, -inf).softmax(-1)
+            keep &= q[z <= z_j].sum() > 1 - top_p for token j          # the largest always kept
+            logp = z.masked_fill(~keep, -inf).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+            entropy = -(q * q.log()).sum(-1) over keep                 # q renormalised on keep
+
+        A token outside the kept set gets logp = -inf (``torch.isinf(logp)`` finds them; mask
+        them before any arithmetic, e.g. ``torch.where``) and no gradient; the kept set is
+        piecewise constant in the logits, so the gradient is that of the log-softmax over it.
+        Tokens tied at a top-k or top-p boundary are all kept (vLLM's sort leaves their order
+        unspecified; this is the union of every order's kept set).
+
         No N x V tensor is created in the forward or the backward.
     """
     dtype = autocast_dtype(hidden) if isinstance(hidden, torch.Tensor) else torch.float32
@@ -114,6 +140,14 @@ def linear_log_probs(
         fail("return_entropy", "a bool", repr(return_entropy))
     if not isinstance(return_stats, bool):
         fail("return_stats", "a bool", repr(return_stats))
+    trunc = make_truncation(top_k, top_p, min_p)
+    if trunc is not None and per_token is not None:
+        fail("temperature", "a float with top_k/top_p/min_p (truncation at per-token "
+             "temperatures is not implemented)", "a tensor")
+    if trunc is not None:
+        return truncated_log_probs(hidden, weight, tokens, bias, shift, impl, opts, trunc,
+                                   return_entropy, return_stats, vocab_group, vocab_start,
+                                   reduce_hidden_grad)
     call = api.compute_parts(hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group,
                              vocab_start, reduce_hidden_grad, tname="tokens", temperature=per_token)
     parts, t1, out_shape = call.parts, call.targets, call.out_shape

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...log_probs import linear_log_probs
+from ...engine.truncation import make_truncation
 from ...validate import check_options, fail
 from .heads import UnsupportedModelError, head_apply, run_without_logits, transformers_model
 
@@ -29,6 +30,7 @@ def token_log_probs(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
     logits_to_keep: int | None = None, temperature: float | torch.Tensor = 1.0,
     return_entropy: bool = False,
+    top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     **model_kwargs: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of every next token of ``input_ids`` under ``model`` (and the entropy),
@@ -50,6 +52,9 @@ def token_log_probs(
             ``input_ids[:, t]`` is scored there; column 0 is not read). Values must be finite
             and > 0 (those at positions ``linear_log_probs`` ignores are not read).
         return_entropy: also return the entropy of each position's next-token distribution.
+        top_k, top_p, min_p: the sampler's truncation, as for :func:`cutce.linear_log_probs`:
+            log-probs and entropy of the truncated, renormalised distribution (after
+            ``temperature``), -inf for a token outside its kept set (see docs/rl.md).
         **model_kwargs: passed to the model's forward (position_ids, use_cache, ...); not
             ``labels``, ``shift_labels``, ``inputs_embeds`` or ``num_items_in_batch``.
 
@@ -81,6 +86,7 @@ def token_log_probs(
     """
     shape = _check_args(input_ids, attention_mask, logits_to_keep, temperature, return_entropy,
                         model_kwargs)
+    make_truncation(top_k, top_p, min_p)  # before the model runs
     base = transformers_model(model)
     from transformers import PreTrainedModel
 
@@ -107,17 +113,18 @@ def token_log_probs(
         if isinstance(temperature, torch.Tensor):
             temperature = temperature[:, -(logits_to_keep + 1):]
     return head_apply(call, _head_log_probs, tokens, call.softcap, call.scale, temperature,
-                      return_entropy)
+                      return_entropy, dict(top_k=top_k, top_p=top_p, min_p=min_p))
 
 
-def _head_log_probs(hidden, weight, bias, tokens, softcap, scale, temperature, return_entropy):
+def _head_log_probs(hidden, weight, bias, tokens, softcap, scale, temperature, return_entropy,
+                    truncation):
     """hidden (B, T', D), weight (V, D), bias (V,) or None, tokens (B, T'): linear_log_probs with
     shift=True, i.e. (B, T' - 1) log-probs of tokens[:, 1:] (and entropies)."""
     if isinstance(temperature, torch.Tensor):
         temperature = temperature.to(hidden.device)
     return linear_log_probs(hidden, weight, tokens.to(hidden.device), bias, temperature=temperature,
                             softcap=softcap, logit_scale=scale, shift=True,
-                            return_entropy=return_entropy)
+                            return_entropy=return_entropy, **truncation)
 
 
 def _check_args(input_ids, attention_mask, logits_to_keep, temperature, return_entropy, model_kwargs):

@@ -1,0 +1,267 @@
+"""Log-probs of a truncated sampler's distribution (min-p, top-k, top-p), chunked on the torch path.
+
+Per token i, with z the transformed logits (as in :mod:`cutce.backends.pytorch.ce`) and K_i the
+kept set of :mod:`cutce.engine.truncation` (``{j : z_ij >= thr_i}``)::
+
+    lse_i  = logsumexp_{j in K_i} z_ij
+    zt_i   = z_{i, t_i}                        (0 where t_i is not in [0, V))
+    pz_i   = sum_{j in K_i} q_ij z_ij          q = softmax over K_i (0 unless need_entropy)
+    thr_i  = min_{j in K_i} z_ij               not differentiable
+    kept_i = t_i in K_i                        bool, not differentiable
+
+K_i is piecewise constant in the logits, so the gradient is that of a log-softmax restricted to
+K_i: tokens outside it get none. The forward finds thr per row (a softmax for min-p, a
+``torch.topk`` for top-k, one sort of the row for top-p) and keeps it; the backward recomputes
+each chunk's logits with the same chunks (the same products, so the same bits) and masks them
+with ``z >= thr``, without sorting again. No tensor of N x V elements exists at any time.
+
+Both loops are ``torch.library`` custom ops with fake implementations, as in ce.py, so
+``torch.compile`` sees one opaque node per direction.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ...engine.options import Options
+from ...engine.truncation import Truncation
+from . import common
+from .ce import DEFAULT_CHUNK_BYTES, _logits, _valid_targets, compute_dtype
+
+# A top-p chunk holds z, the masked copy, the sorted values with their int64 indices (two
+# float32's worth) and the sorted softmax: six chunk x V temporaries.
+_TEMPS_PER_CHUNK = 6
+
+
+class _Cfg(NamedTuple):
+    logit_scale: float
+    softcap: float | None
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    need_entropy: bool
+    chunk_bytes: int | None
+
+
+_CFG_SCHEMA = ("float logit_scale, float? softcap, float temperature, int? top_k, float? top_p, "
+               "float? min_p, bool need_entropy, int? chunk_bytes")
+
+
+def make_cfg(opts: Options, trunc: Truncation, chunk_bytes=None) -> _Cfg:
+    """The op's configuration (also what the vocabulary-parallel thresholds read)."""
+    return _Cfg(float(opts.logit_scale), opts.softcap, float(opts.temperature), trunc.top_k,
+                trunc.top_p, trunc.min_p, opts.need_entropy,
+                opts.chunk_bytes if chunk_bytes is None else chunk_bytes)
+
+
+def chunk_rows(n, vocab, cdt, cfg: _Cfg) -> int:
+    """Tokens per chunk: six chunk x ``vocab`` temporaries within the chunk budget."""
+    budget = DEFAULT_CHUNK_BYTES if cfg.chunk_bytes is None else cfg.chunk_bytes
+    return common.chunk_rows(n, vocab, cdt, budget, _TEMPS_PER_CHUNK)
+
+
+def chunk_logits(h, w, b, cfg: _Cfg):
+    """z of one chunk in the compute dtype (h, w, b already in it)."""
+    return _logits(h, w, b, cfg)[0]
+
+
+def _threshold(z, cfg: _Cfg):
+    """Per row, the smallest kept logit (r,): min-p, then top-k, then top-p (vLLM's order)."""
+    neg_inf = float("-inf")
+    thr = z.new_full((z.shape[0],), neg_inf)
+    if cfg.min_p is not None:
+        # In probabilities, as the sampler compares them (not z - zmax >= log(min_p), which
+        # rounds differently at the boundary).
+        p = torch.softmax(z, dim=1)
+        drop = p < p.amax(dim=1, keepdim=True) * cfg.min_p
+        del p
+        thr = z.masked_fill(drop, float("inf")).amin(dim=1)
+    if cfg.top_k is not None and cfg.top_k < z.shape[1]:
+        # The k-th largest of what min-p left; -inf when fewer than k are left (then top-k
+        # drops nothing more).
+        zk = z if cfg.min_p is None else z.masked_fill(drop, neg_inf)
+        kth = torch.topk(zk, cfg.top_k, dim=1, sorted=False).values.amin(dim=1)
+        del zk
+        thr = torch.maximum(thr, kth)
+    if cfg.top_p is not None:
+        srt = torch.sort(torch.where(z >= thr[:, None], z, neg_inf), dim=1).values
+        cum = torch.softmax(srt, dim=1).cumsum_(dim=1)
+        # The first sorted position whose cumulative mass exceeds 1 - top_p; the largest is
+        # always kept. Cumulative sums of non-negative numbers never decrease, so the count of
+        # positions at or below the line is that position. A token tied with it has an equal
+        # logit and passes z >= thr: ties are kept, whatever order a sort gives them.
+        # The line in the compute dtype, as the sampler forms it (1 - p in float32): a host
+        # scalar, no device copy.
+        one = torch.ones((), dtype=z.dtype)
+        line = float(one - torch.tensor(cfg.top_p, dtype=z.dtype))
+        first = (cum <= line).sum(dim=1, keepdim=True).clamp_(max=z.shape[1] - 1)
+        del cum
+        thr = srt.gather(1, first).squeeze(1)
+    return thr
+
+
+def _forward(hidden, weight, bias, targets, thr_in, cfg: _Cfg):
+    cdt = compute_dtype(hidden.dtype)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    w = weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    lse = hidden.new_empty(n, dtype=cdt)
+    zt, pz, thr = torch.zeros_like(lse), torch.zeros_like(lse), torch.empty_like(lse)
+    kept = hidden.new_zeros(n, dtype=torch.bool)
+    rows = chunk_rows(n, vocab, cdt, cfg)
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        z, _ = _logits(hidden[s:e].to(cdt), w, b, cfg)
+        t = _threshold(z, cfg) if thr_in is None else thr_in[s:e]
+        thr[s:e] = t
+        idx, valid = _valid_targets(targets[s:e], vocab)
+        zt_rows = z.gather(1, idx).squeeze(1)
+        zt[s:e] = torch.where(valid, zt_rows, 0.0)
+        kept[s:e] = valid & (zt_rows >= t)
+        # The row's largest logit is always kept: it shifts the exponentials of the kept set.
+        # (With thresholds from the whole vocabulary, a slice keeps its largest logit or none.)
+        m = z.amax(dim=1, keepdim=True)
+        q = torch.where(z >= t[:, None], z.sub_(m).exp_(), 0.0)
+        del z
+        tot = q.sum(dim=1, keepdim=True)
+        lse[s:e] = (m + tot.log()).squeeze(1)
+        if cfg.need_entropy:
+            q.div_(tot)  # q = softmax over the kept set; sum q z = sum q log q + lse
+            # 0, not NaN, for a vocabulary slice that keeps nothing of a row (lse = -inf there)
+            pz[s:e] = torch.where(tot.squeeze(1) > 0, torch.xlogy(q, q).sum(dim=1) + lse[s:e], 0.0)
+    return lse, zt, pz, thr, kept
+
+
+def _backward(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, need_h, need_w,
+              need_b, cfg: _Cfg):
+    cdt = lse.dtype
+    n, vocab = hidden.shape[0], weight.shape[0]
+    w = weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    zeros = torch.zeros_like(lse)
+    g_lse = zeros if g_lse is None else g_lse
+    g_zt = zeros if g_zt is None else g_zt
+    dh = torch.empty_like(hidden) if need_h else None
+    dw = torch.zeros_like(w) if need_w else None
+    db = lse.new_zeros(vocab) if need_b else None
+    rows = chunk_rows(n, vocab, cdt, cfg)  # the forward's chunks: the same logits, bit for bit
+    scale = cfg.logit_scale / cfg.temperature
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        h = hidden[s:e].to(cdt)
+        z, dcap = _logits(h, w, b, cfg)
+        keep = z >= thr[s:e, None]
+        q = torch.where(keep, torch.exp(z - lse[s:e, None]), 0.0)
+        if g_pz is not None and cfg.need_entropy:
+            # d(sum_K q_j z_j)/dz_k = q_k (1 + z_k - sum_K q_j z_j) for k in K, 0 outside
+            z.sub_(pz[s:e, None]).add_(1.0).mul_(g_pz[s:e, None]).add_(g_lse[s:e, None])
+            dz = q.mul_(z)
+        else:
+            dz = q.mul_(g_lse[s:e, None])
+        del z, keep
+        idx, valid = _valid_targets(targets[s:e], vocab)
+        dz.scatter_add_(1, idx, torch.where(valid, g_zt[s:e], 0.0).unsqueeze(1))
+        if dcap is not None:
+            dz *= dcap
+        if scale != 1.0:
+            dz *= scale
+        if need_h:
+            dh[s:e] = (dz @ w).to(hidden.dtype)
+        if need_w:
+            dw.addmm_(dz.T, h)
+        if need_b:
+            db += dz.sum(dim=0)
+    dh = hidden.new_empty(0) if dh is None else dh
+    dw = hidden.new_empty(0) if dw is None else dw.to(weight.dtype)
+    db = hidden.new_empty(0) if db is None else db.to(bias.dtype)
+    return dh, dw, db
+
+
+# Autocast is off inside (as in ce.py): the api already cast the inputs, and the chunk
+# products must stay in float32 (float64).
+@torch.library.custom_op(
+    "cutce::torch_truncated_parts", mutates_args=(),
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? thr, {_CFG_SCHEMA})"
+           " -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _parts_op(hidden, weight, bias, targets, thr, *cfg):
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _forward(hidden, weight, bias, targets, thr, _Cfg(*cfg))
+
+
+@_parts_op.register_fake
+def _(hidden, weight, bias, targets, thr, *cfg):
+    lse = hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype))
+    return (lse, torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse),
+            hidden.new_empty(hidden.shape[0], dtype=torch.bool))
+
+
+@torch.library.custom_op(
+    "cutce::torch_truncated_parts_backward", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor pz, "
+           "Tensor thr, Tensor? g_lse, Tensor? g_zt, Tensor? g_pz, bool need_h, bool need_w, "
+           f"bool need_b, {_CFG_SCHEMA}) -> (Tensor, Tensor, Tensor)")
+def _backward_op(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, need_h, need_w,
+                 need_b, *cfg):
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _backward(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, need_h,
+                         need_w, need_b, _Cfg(*cfg))
+
+
+@_backward_op.register_fake
+def _(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, need_h, need_w, need_b,
+      *cfg):
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else hidden.new_empty(0),
+            torch.empty_like(bias) if need_b else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, _, *cfg = inputs
+    lse, _, pz, thr, kept = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, pz, thr)
+    ctx.mark_non_differentiable(thr, kept)
+    ctx.cfg = cfg
+
+
+def _parts_backward(ctx, g_lse, g_zt, g_pz, _g_thr, _g_kept):
+    hidden, weight, bias, targets, lse, pz, thr = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and bias is not None
+    dh, dw, db = _backward_op(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz,
+                              need_h, need_w, need_b, *ctx.cfg)
+    return (dh if need_h else None, dw if need_w else None, db if need_b else None,
+            None, None) + (None,) * len(ctx.cfg)
+
+
+_parts_op.register_autograd(_parts_backward, setup_context=_setup_context)
+
+
+def truncated_parts(hidden, weight, bias, targets, opts: Options, trunc: Truncation,
+                    chunk_bytes=None, thr=None):
+    """The truncated distribution's parts on the torch path.
+
+    Args:
+        hidden: (N, D) float tensor; weight: (V, D), same dtype and device; bias: (V,) or None.
+        targets: (N,) int64; entries outside [0, V) give zt = 0 and kept = False.
+        opts: validated :class:`Options` (logit_scale, softcap, temperature, need_entropy).
+        trunc: validated :class:`Truncation`.
+        chunk_bytes: cap on one chunk's temporaries (default 256 MiB).
+        thr: None, or (N,) each row's threshold, found elsewhere (over the whole vocabulary
+            when ``weight`` is one slice of it): the kept set is then ``z >= thr`` and lse, pz
+            are this slice's (lse = -inf, pz = 0 where it keeps nothing).
+
+    Returns:
+        (lse, zt, pz, kept), each (N,): the first three float32 (float64 for float64 inputs)
+        and differentiable w.r.t. hidden, weight and bias; kept bool. With K the kept set::
+
+            lse = torch.logsumexp(z.masked_fill(~K, -inf), -1)
+            zt = z.gather(1, targets[:, None])[:, 0]; kept = K.gather(1, targets[:, None])[:, 0]
+            pz = (torch.softmax(z.masked_fill(~K, -inf), -1) * z.masked_fill(~K, 0)).sum(-1)
+    """
+    cfg = make_cfg(opts, trunc, chunk_bytes)
+    lse, zt, pz, _, kept = _parts_op(hidden, weight, bias, targets,
+                                     None if thr is None else thr.detach(), *cfg)
+    return lse, zt, pz, kept
