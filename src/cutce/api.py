@@ -223,7 +223,7 @@ def linear_cross_entropy(
         class_weight=class_weight)
     if isinstance(call.parts, _Fused):
         return call.parts.total
-    out = loss.loss_from_parts(call.parts, call.targets, call.token_weights, opts, call.vocab,
+    out = loss.loss_from_parts(call.parts, call.valid, call.token_weights, opts, call.vocab,
                                call.class_weight)
     out = out.reshape(call.out_shape) if opts.reduction == "none" else out
     return (out, call.parts.lse.reshape(call.out_shape)) if return_lse else out
@@ -243,9 +243,10 @@ class Call(NamedTuple):
     out_shape: torch.Size
     vocab: int
     class_weight: loss.ClassWeights | None
+    valid: torch.Tensor  # (N,) bool: target != ignore_index, the one decision of what counts
 
 
-def _class_weights(class_weight, t1, weight, vs, opts, dtype):
+def _class_weights(class_weight, t1, valid, weight, vs, dtype):
     """Validate class_weight (this rank's slice under a vocabulary split) and derive its terms."""
     local_v = weight.shape[0]
     if not isinstance(class_weight, torch.Tensor) or not class_weight.is_floating_point():
@@ -259,8 +260,8 @@ def _class_weights(class_weight, t1, weight, vs, opts, dtype):
         fail("class_weight", "a tensor that does not require grad (it is not differentiated)",
              "requires_grad=True")
     if vs is None:
-        return loss.class_weight_terms(class_weight.detach().to(dtype), t1, opts.ignore_index)
-    return loss.class_weight_terms(class_weight.detach().to(dtype), t1, opts.ignore_index, vs.start,
+        return loss.class_weight_terms(class_weight.detach().to(dtype), t1, valid)
+    return loss.class_weight_terms(class_weight.detach().to(dtype), t1, valid, vs.start,
                                    lambda x: distributed.sum_over_group(x, vs))
 
 
@@ -290,8 +291,13 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
         hidden, weight, targets, bias, token_weights, shift, opts.ignore_index,
         vocab=None if vs is None else vs.vocab, check_targets=False, tname=tname)
     vocab = weight.shape[0] if vs is None else vs.vocab
+    # Which tokens count is decided here, once: the loss, the log-probs and the class weights
+    # read ``valid``; the backends get -1 (no target) where it is False, which their own rule
+    # (a class in [0, V)) reads the same way whatever ignore_index is.
+    valid = t1 != opts.ignore_index
+    tb = torch.where(valid, t1, -1)
     cdt = torch.float64 if h2.dtype == torch.float64 else torch.float32
-    cw = None if class_weight is None else _class_weights(class_weight, t1, weight, vs, opts, cdt)
+    cw = None if class_weight is None else _class_weights(class_weight, t1, valid, weight, vs, cdt)
     inv_temp, temp_check = None, None
     if temperature is not None:
         inv_temp, temp_check = row_temperatures(temperature, targets, hidden, t1, shift,
@@ -318,12 +324,12 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
         check = check_flag(bad, t1, vocab, opts.ignore_index, defer=True, tname=tname)
     else:
         check = check_target_range(t1, vocab, opts.ignore_index, defer=True, tname=tname)
-        coef = None if fused is None else loss.row_coefs(t1, w1, opts, cdt, cw, vocab)
+        coef = None if fused is None else loss.row_coefs(valid, w1, opts, cdt, cw, vocab)
     parts = None
     strategy = None if plan is None else plan.strategy  # None: traced, planned again at run time
     if fused is not None:
         try:
-            parts = _Fused(fused(h2, weight, bias, t1, coef, opts, class_weight=zsum_cw,
+            parts = _Fused(fused(h2, weight, bias, tb, coef, opts, class_weight=zsum_cw,
                                  plan=plan)[0])
         except torch.OutOfMemoryError as err:
             fallback_on_oom(err, problem, name)
@@ -333,13 +339,13 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     if strategy is not None:  # a route's first call says that cutce runs, and how
         announce.planned(problem, name, strategy, vocab)
     if parts is None and vs is None:
-        parts = be.linear_lse_parts(h2, weight, bias, t1, opts, class_weight=zsum_cw,
+        parts = be.linear_lse_parts(h2, weight, bias, tb, opts, class_weight=zsum_cw,
                                     inv_temp=inv_temp, plan=plan)
     elif parts is None:
         parts = distributed.vocab_parallel_parts(
-            functools.partial(be.linear_lse_parts, plan=plan), h2, weight, bias, t1, opts, vs,
+            functools.partial(be.linear_lse_parts, plan=plan), h2, weight, bias, tb, opts, vs,
             class_weight=zsum_cw, inv_temp=inv_temp)
     for pending in (check, temp_check):
         if pending is not None:
             pending()
-    return Call(parts, t1, w1, out_shape, vocab, cw)
+    return Call(parts, t1, w1, out_shape, vocab, cw, valid)

@@ -152,7 +152,7 @@ def linear_log_probs(
                              vocab_start, reduce_hidden_grad, tname="tokens", temperature=per_token)
     parts, t1, out_shape = call.parts, call.targets, call.out_shape
     lse, zt, zsum, pz = parts.lse, parts.zt, parts.zsum, parts.pz
-    valid = t1 != ignore_index
+    valid = call.valid
     logp = torch.where(valid, zt - lse, 0.0).reshape(out_shape)
     if not (return_entropy or return_stats):
         return logp

@@ -1,5 +1,5 @@
 """The reduced loss from the backend contract's parts (see :mod:`cutce.backends.pytorch.ce`): token and
-class weights, label smoothing, z-loss, ignore_index and the reduction, as ordinary
+class weights, label smoothing, z-loss, the valid tokens and the reduction, as ordinary
 differentiable O(N) torch code; and the same loss as per-row coefficients for the fused strategy
 (see :mod:`cutce.engine.planner`). Inputs are validated by :mod:`cutce.api` before they get here.
 """
@@ -22,13 +22,14 @@ class ClassWeights(NamedTuple):
     total: torch.Tensor
 
 
-def class_weight_terms(local, t1, ignore_index, start=0, group_sum=None) -> ClassWeights:
-    """The class weights' terms: ``local`` holds classes [start, start + len) (the whole vector
-    without a vocabulary split); under a split, ``group_sum`` sums the per-token and total
-    shares over the group (one all-reduce of N + 1 values)."""
+def class_weight_terms(local, t1, valid, start=0, group_sum=None) -> ClassWeights:
+    """The class weights' terms for targets ``t1`` where ``valid``: ``local`` holds classes
+    [start, start + len) (the whole vector without a vocabulary split); under a split,
+    ``group_sum`` sums the per-token and total shares over the group (one all-reduce of N + 1
+    values)."""
     local_v = local.numel()
     idx = t1 - start
-    mine = (idx >= 0) & (idx < local_v) & (t1 != ignore_index)
+    mine = (idx >= 0) & (idx < local_v) & valid
     of_target = torch.where(mine, local[idx.clamp(0, max(local_v - 1, 0))], 0.0)
     total = local.sum()
     if group_sum is not None:  # each rank holds its slice: sum the shares
@@ -37,22 +38,20 @@ def class_weight_terms(local, t1, ignore_index, start=0, group_sum=None) -> Clas
     return ClassWeights(local, of_target, total)
 
 
-def valid_weights(targets, token_weights, opts: Options, dtype):
-    """Each token's weight: its token weight (1 without), 0 where ignored."""
-    valid = targets != opts.ignore_index
+def valid_weights(valid, token_weights, dtype):
+    """Each token's weight: its token weight (1 without), 0 where not ``valid``."""
     return valid.to(dtype) if token_weights is None else torch.where(valid, token_weights.to(dtype), 0.0)
 
 
-def row_coefs(targets, token_weights, opts: Options, dtype, cw, vocab):
+def row_coefs(valid, token_weights, opts: Options, dtype, cw, vocab):
     """(4, N) coefficients of each row's lse, -zt, -zsum/V (zsum class-weighted with class
     weights) and lse^2 in the reduced loss (see _loss_from_parts): token and class weights,
     label smoothing, z-loss and "mean"'s 1/sum folded in. Tensors, not float arguments of the
     op, so that compile does not specialize on the option values."""
-    w = valid_weights(targets, token_weights, opts, dtype)
+    w = valid_weights(valid, token_weights, dtype)
     a = 1.0 if cw is None else cw.of_target
     if opts.reduction == "mean":
         denom = (w * a).sum() if cw is not None else w.sum()
-        valid = targets != opts.ignore_index
         # NaN on valid rows when their weights sum to 0 (see mean_denominator); ignored rows 0
         w = torch.where(valid, w / mean_denominator(denom, valid), 0.0)
     ls = opts.label_smoothing
@@ -81,7 +80,7 @@ def mean_denominator(denom, valid):
     return torch.where(denom == 0, torch.where(valid.any(), torch.nan, 1.0), denom)
 
 
-def loss_from_parts(parts, targets, token_weights, opts: Options, vocab, cw=None):
+def loss_from_parts(parts, valid, token_weights, opts: Options, vocab, cw=None):
     """Per token, with a = class_weight[target] and S = sum(class_weight) (a = 1, S = V without):
     (1 - ls) a (lse - zt) + ls (S lse - zsum) / V + z_loss lse^2, times the token weight w;
     "mean" divides by sum(w a) over valid tokens (F.cross_entropy's weight= semantics)."""
@@ -95,8 +94,7 @@ def loss_from_parts(parts, targets, token_weights, opts: Options, vocab, cw=None
             loss = loss + ls * (cw.total * lse - zsum) / vocab
     if opts.z_loss:
         loss = loss + opts.z_loss * lse.square()
-    valid = targets != opts.ignore_index
-    w = valid_weights(targets, token_weights, opts, loss.dtype)
+    w = valid_weights(valid, token_weights, loss.dtype)
     # where, not a product: an ignored row whose hidden state is NaN/inf must still give 0.
     loss = torch.where(valid, loss * w, 0.0)
     if opts.reduction == "none":

@@ -67,8 +67,8 @@ def _row_coefs_kernel(t_ptr, w_ptr, coef_ptr, bad_ptr, N, V, stride_t, stride_w,
 
 
 def row_coefs(targets, token_weights, vocab, ignore_index, z_loss, mean):
-    """(coef, bad): what ``cutce.engine.loss.row_coefs(targets, token_weights, opts, float32, None,
-    vocab)`` returns for label smoothing 0, and ``bad``, a (1,) int32 tensor that is 1 when a
+    """(coef, bad): what ``cutce.engine.loss.row_coefs(targets != ignore_index, token_weights,
+    opts, float32, None, vocab)`` returns for label smoothing 0, and ``bad``, a (1,) int32 tensor that is 1 when a
     target is outside [0, vocab) and not ignore_index, else 0.
 
     Args: targets (N,) int64; token_weights (N,) float or None; vocab: the global V; z_loss >= 0;
