@@ -52,6 +52,17 @@ logits materialized; `compile`: `torch.compile` of that. "peak / grads": the pea
 the size of the student's gradients, the least a backward allocates.
 """
 
+SPARSE = """\
+`linear_sparse_distillation_loss`: the student against a teacher stored as its top-K token ids
+and log-probs per position (offline distillation), without the student's logits. Tails: "drop"
+(the KL over the K ids as stored), "renormalize" (both renormalized over the K ids: no
+full-vocabulary pass), "bucket" (the teacher's leftover mass as one more class). Rows: `cutce`
+(Triton kernels), `torch`: the student's logits materialized, `log_softmax`, gathered at the ids,
+`F.kl_div`; `compile`: `torch.compile` of that; `cutce-ce`: `linear_cross_entropy` at the same
+shape, the yardstick (a full-vocabulary pass with gradients). Errors against cutce's torch path
+on float32 copies.
+"""
+
 HF_STEP = """\
 One training step of a Hugging Face causal LM, the original model against the same model patched
 with `cutce.transformers.patch`, eager and under `torch.compile`.
@@ -186,6 +197,28 @@ def distill_table(docs, card) -> list[str]:
     betas = lambda doc: ",".join(dict.fromkeys(f"{r['beta']:g}" for r in doc["rows"]))  # noqa: E731
     out += ["", source(docs), "",
             reproduce(f"python benchmarks/distill.py --betas {betas(doc)}" for _, doc in docs), ""]
+    return out
+
+
+def sparse_distill_table(docs, card) -> list[str]:
+    """One card's sparse-teacher distillation run(s)."""
+    rows = [r for _, doc in docs for r in doc["rows"]]
+    out = [f"### Sparse-teacher distillation on {card}", ""]
+    for n, d, v, k, dtype, temp, grads in dict.fromkeys(
+            (r["n"], r["d"], r["v"], r["k"], r["dtype"], r["temperature"], r["grads_mib"])
+            for r in rows):
+        out += [f"Student D={d}, V={v}{head_name(d, v)}, N={n} tokens, K={k} stored ids per "
+                f"token, {dtype}, temperature {temp:g}; the student's gradients alone take "
+                f"{grads:.0f} MiB.", ""]
+    cells = [[r["tail"], r["provider"], ms(r.get("ms")), mib(r.get("peak_mib")),
+              "" if not r.get("peak_mib") else f"{r['peak_mib'] / r['grads_mib']:.2f}x",
+              err(r.get("loss_err")), err(r.get("dE_err")), err(r.get("dC_err")),
+              r.get("note", "") if r.get("status") == "ok" else f"{r['status']}: {r.get('note', '')}"]
+             for r in rows]
+    header, cells = drop_empty(["tail", "provider", "fwd+bwd ms", "peak MiB", "peak / grads",
+                                "loss err", "dE err", "dC err", "note"], cells, keep=(0, 1))
+    out += table(header, cells, text=(0, 1, 8))
+    out += ["", source(docs), "", reproduce(["python benchmarks/sparse_distill.py"]), ""]
     return out
 
 

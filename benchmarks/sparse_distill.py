@@ -16,6 +16,8 @@ against cutce's torch path on float32 copies of the inputs (exact float32). Prov
   torch        eager: the student's N x V logits (bf16 product), log_softmax, gather at the
                ids, F.kl_div(log_target=True) in float32
   compile      torch.compile of the same function (off on CPU unless --compile-on-cpu)
+  cutce-ce     the yardstick: cutce.linear_cross_entropy at the same shape (the teacher's top-1
+               as targets; one row, no tail, no errors)
 
 A provider that fails (e.g. out of memory) gets a row saying why and the run goes on. Prints a
 Markdown table and writes sparse_distill_<device>.json under --out
@@ -90,7 +92,7 @@ def main(argv=None):
     ap.add_argument("--shape", default="16384,3584,152064,64", help="N,D,V,K")
     ap.add_argument("--tails", default="drop,renormalize,bucket")
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--providers", default="cutce,torch,compile")
+    ap.add_argument("--providers", default="cutce,torch,compile,cutce-ce")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the logic")
@@ -128,7 +130,7 @@ def main(argv=None):
                                                      temperature=args.temperature, impl="torch")
         ref = (loss.detach(), *torch.autograd.grad(loss, (a, c)))
         del a, c, loss
-        for name in names:
+        for name in (x for x in names if x != "cutce-ce"):
             row = dict(tail=tail, provider=name, ms=None, peak_mib=None, loss_err=None,
                        dE_err=None, dC_err=None, status="ok", note="")
             rows.append(row)
@@ -145,6 +147,19 @@ def main(argv=None):
             measure.free_memory(device)
             _print(row, grads_mib)
         del ref
+    if "cutce-ce" in names:
+        row = dict(tail="-", provider="cutce-ce", ms=None, peak_mib=None, loss_err=None,
+                   dE_err=None, dC_err=None, status="ok", note="")
+        rows.append(row)
+        t = ids[:, 0].contiguous()
+
+        def step():
+            a, c = h.detach().requires_grad_(), w.detach().requires_grad_()
+            return torch.autograd.grad(cutce.linear_cross_entropy(a, c, t), (a, c))
+
+        row["ms"] = measure.median_ms(step, device, args.warmup, args.reps)
+        row["peak_mib"] = measure.peak_extra_mb(step, device)
+        _print(row, grads_mib)
     setting = dict(n=n, d=d, v=v, k=k, dtype=str(dtype)[6:], temperature=args.temperature,
                    grads_mib=grads_mib, warmup=args.warmup, repeats=args.reps)
     path = report.write_json(os.path.join(args.out, f"sparse_distill_{device.type}.json"),
