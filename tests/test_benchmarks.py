@@ -205,8 +205,8 @@ def test_results_are_in_the_envelope():
     assert files
     for path in files:
         doc = json.loads(path.read_text())
-        assert doc["benchmark"] in ("loss", "log_probs", "distill", "multi_gpu", "hf_step", "trainers",
-                                    "fsdp", "repeats"), path
+        assert doc["benchmark"] in ("loss", "log_probs", "distill", "sparse_distill", "multi_gpu",
+                                    "hf_step", "trainers", "fsdp", "repeats"), path
         assert {"date", "device", "device_name", "torch", "triton", "cutce", "commit"} <= doc["meta"].keys()
         assert doc["rows"], path
 

@@ -54,7 +54,8 @@ import torch
 
 from . import chunks
 from .chunks import (MAX_DISTILL_CHUNK, MAX_FUSED_CHUNK, MIN_DISTILL_CHUNK,  # noqa: F401
-                     MIN_FUSED_CHUNK, RECOMPUTE_CHUNK)
+                     MIN_FUSED_CHUNK, RECOMPUTE_CHUNK, distill_extra_bytes, fused_extra_bytes,
+                     kept_bytes, kept_width, v_pad)
 from .problem import Problem, elt
 
 DEFAULT_MEMORY_BUDGET = {"triton": 2.0, "torch": 1.0}
@@ -206,29 +207,6 @@ def may_keep(p: Problem, backend: str) -> bool:
             and (p.need_h or p.need_w) and p.memory_budget != 0)
 
 
-def kept_width(v: int, dtype: torch.dtype) -> int:
-    """Columns of a kept-logits row: V padded to 16 bytes (cuBLAS operands)."""
-    pad = 16 // elt(dtype)
-    return -(-v // pad) * pad
-
-
-def kept_bytes(p: Problem) -> int:
-    """Bytes of the kept logits: N x V in the inputs' dtype, rows padded to 16 bytes."""
-    return p.n * kept_width(p.v, p.dtype) * elt(p.dtype)
-
-
-def fused_extra_bytes(p: Problem, chunk_n: int, backend: str) -> int:
-    """Extra bytes of the loss's fused strategy with this chunk (see the module docstring)."""
-    n, v, d, e = p.n, p.v, p.d, elt(p.dtype)
-    if backend == "torch":  # compute-dtype temporaries; dC summed in the compute dtype
-        cdt = 8 if p.dtype == torch.float64 else 4
-        w_copy = 0 if e == cdt else 2 * v * d * cdt  # float32 weight + its float32 gradient
-        return 2 * chunk_n * v * cdt + chunk_n * d * cdt + w_copy
-    acc16 = p.need_w and math.ceil(n / chunk_n) > 1 and p.dtype != torch.float32
-    x = 0 if acc16 and chunk_n <= d else chunk_n * v * e
-    return x + (v * d * 4 if acc16 else 0) + chunk_n * d * (4 + e)
-
-
 def _plan_loss(p: Problem, backend: str) -> Plan:
     n, v, d = p.n, p.v, p.d
     budget = budget_bytes(p, backend)
@@ -258,25 +236,6 @@ def _plan_loss(p: Problem, backend: str) -> Plan:
     acc16 = p.need_w and chunks > 1 and p.dtype != torch.float32
     return Plan("fused", chunk_n=c, dc_in_place=backend == "triton" and acc16 and c <= d,
                 dc_f32=acc16)
-
-
-def v_pad(v: int) -> int:
-    return -(-v // 8) * 8  # 16-byte aligned rows of the 16-bit exponentials (cuBLAS operands)
-
-
-def distill_extra_bytes(p: Problem, chunk: int, student_x: bool = False, block_v: int = 128) -> int:
-    """Extra bytes of the fused distillation (Triton) with this chunk: the teacher's 16-bit
-    exponentials X (or 0 in dC's bytes), dC's float32 accumulator, the tile-max table and the
-    JSD's two per-tile sums, dE's float32 chunk result, the splits' partials (~512 bytes a row)
-    and per-token values; with ``student_x`` the student's exponentials and their table too."""
-    n, v, ds = p.n, p.v, p.d
-    chunks = -(-n // chunk)
-    acc = v * ds * 4 if p.need_w and chunks > 1 and p.dtype != torch.float32 else 0
-    in_place = acc > 0 and chunk * v_pad(v) <= v * ds
-    row = v_pad(v) * elt(p.dtype)
-    x = (0 if in_place else chunk * row) + student_x * chunk * row
-    tables = (3 + student_x) * -(-v // block_v) * 4
-    return x + acc + chunk * (tables + ds * 4 * p.need_h + 512) + n * 16
 
 
 # The torch path's fused distillation holds about this many float32 chunk x V temporaries

@@ -143,14 +143,10 @@ def _backward(hidden, weight, bias, targets, cw, inv_temp, lse, pz, g_lse, g_zt,
               need_h, need_w, need_b, opts: _Cfg):
     cdt = lse.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
-    w = weight.to(cdt)
-    b = None if bias is None else bias.to(cdt)
+    w, b, dh, dw, db = common.backward_buffers(hidden, weight, bias, lse, need_h, need_w, need_b)
     zeros = torch.zeros_like(lse)
     g_lse = zeros if g_lse is None else g_lse
     g_zt = zeros if g_zt is None else g_zt
-    dh = torch.empty_like(hidden) if need_h else None
-    dw = torch.zeros_like(w) if need_w else None
-    db = lse.new_zeros(vocab) if need_b else None
     rows = chunk_rows(n, vocab, cdt, opts.chunk_bytes)
     for s in range(0, n, rows):
         e = min(s + rows, n)
@@ -175,17 +171,8 @@ def _backward(hidden, weight, bias, targets, cw, inv_temp, lse, pz, g_lse, g_zt,
             dz *= scale
         if inv_temp is not None:
             dz *= inv_temp[s:e, None]
-        if need_h:
-            dh[s:e] = (dz @ w).to(hidden.dtype)
-        if need_w:
-            dw.addmm_(dz.T, h)
-        if need_b:
-            db += dz.sum(dim=0)
-    # custom ops return distinct tensors, never None
-    dh = hidden.new_empty(0) if dh is None else dh
-    dw = hidden.new_empty(0) if dw is None else dw.to(weight.dtype)
-    db = hidden.new_empty(0) if db is None else db.to(bias.dtype)
-    return dh, dw, db
+        common.add_chunk_grads(dz, h, w, s, e, dh, dw, db)
+    return common.op_grads(hidden, weight, bias, dh, dw, db)
 
 
 # The chunk loops run inside opaque custom ops: torch.compile sees one node with a fake (shape)

@@ -19,6 +19,38 @@ def chunk_rows(n: int, vocab: int, cdt: torch.dtype, budget_bytes: int, temps: i
     return max(1, min(max(n, 1), budget_bytes // per_row))
 
 
+def backward_buffers(hidden, weight, bias, lse, need_h, need_w, need_b):
+    """(w, b, dh, dw, db) of a chunked backward: the weight and bias in the compute dtype
+    (lse's), dE in hidden's dtype, dC and db accumulators in the compute dtype (None where not
+    needed)."""
+    cdt = lse.dtype
+    w = weight.to(cdt)
+    return (w, None if bias is None else bias.to(cdt),
+            torch.empty_like(hidden) if need_h else None,
+            torch.zeros_like(w) if need_w else None,
+            lse.new_zeros(weight.shape[0]) if need_b else None)
+
+
+def add_chunk_grads(dz, h, w, s, e, dh, dw, db) -> None:
+    """The end of a chunk's backward, from its logit gradient dz (chunk x V, compute dtype):
+    dE rows s:e = dz @ W (rounded to dh's dtype), dC += dz^T h, db += dz's column sums, for
+    each of dh, dw, db that is not None."""
+    if dh is not None:
+        dh[s:e] = (dz @ w).to(dh.dtype)
+    if dw is not None:
+        dw.addmm_(dz.T, h)
+    if db is not None:
+        db += dz.sum(dim=0)
+
+
+def op_grads(hidden, weight, bias, dh, dw, db):
+    """(dh, dw, db) as a custom op returns them: in the inputs' dtypes, an empty tensor of its
+    own for a gradient not asked for (an op's outputs are never None and never alias)."""
+    return (hidden.new_empty(0) if dh is None else dh,
+            hidden.new_empty(0) if dw is None else dw.to(weight.dtype),
+            hidden.new_empty(0) if db is None else db.to(bias.dtype))
+
+
 def softcap_(y: torch.Tensor, softcap: float | None) -> torch.Tensor | None:
     """y <- softcap * tanh(y / softcap) in place; returns d(new y)/d(old y) = 1 - tanh^2
     (None without a softcap)."""
