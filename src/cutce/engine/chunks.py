@@ -42,8 +42,8 @@ RECOMPUTE_CHUNK = (4096, 32768)
 # The workspace a recompute backward may always use beyond the gradients, as a fraction of the
 # inputs' bytes (for a call that trains hidden and weight: of the gradients), loss and
 # distillation alike: the float32 dE half that does not fit in dE's rows and the logit-gradient
-# chunks (Qwen 7B -> 0.5B distillation: 14 MiB + 640 classes' 10 MiB = 8.9% of the student's
-# gradients at 9%; at 8% the chunk is 576 classes). Never below MIN_WORKSPACE_BYTES.
+# chunks. At the Qwen 7B -> 0.5B distillation (N=8192) that leaves 512-class chunks (14 MiB of
+# dE's half + 8 MiB); the distillation's own 9% gave 640. Never below MIN_WORKSPACE_BYTES.
 RECOMPUTE_WORKSPACE = 0.08
 MIN_WORKSPACE_BYTES = 16 * 2**20
 # A launch priced as bytes of traffic in the chunk cost model (~20 us)

@@ -176,11 +176,10 @@ def recompute_plan(p: Problem, backend: str) -> Plan:
     if backend == "torch" or p.n == 0 or p.distill:
         return RECOMPUTE
     spare = recompute_spare_bytes(p)
-    # never more than the whole backward could use: all logit gradients and a float32 dE
-    whole = p.n * (p.v * elt(p.dtype) + p.d * 4)
-    work = min(max(spare, chunks.workspace_floor(p.n, p.v, p.d, p.dtype)), whole)
+    work = max(spare, chunks.workspace_floor(p.n, p.v, p.d, p.dtype))
     dc_f32 = recompute_dc_f32(p)
-    if not p.filtered and spare >= recompute_chunk_bytes(p):
+    # (a filtered backward that visits most classes goes dense, and takes this chunk too)
+    if spare >= recompute_chunk_bytes(p):
         return Plan("recompute", chunk_n=min(p.n, RECOMPUTE_CHUNK[0]), chunk_v=RECOMPUTE_CHUNK[1],
                     workspace=work, dc_f32=dc_f32)
     return Plan("recompute", workspace=work, dc_f32=dc_f32)
@@ -336,8 +335,10 @@ def need_bytes(p: Problem, pl: Plan, backend: str) -> int:
         cdt = 8 if p.dtype == torch.float64 else 4
         return g + copies + min(p.chunk_bytes or 256 * 2**20, 3 * p.n * p.v * cdt)
     pl = recompute_plan(p, backend)
+    # never more than the whole backward could use (all logit gradients and a float32 dE); its
     # O(N) values (lse, parts, upstream gradients) are left to the safety margin
-    return g + pl.workspace + (p.v * p.d * 4 if pl.dc_f32 else 0)
+    work = min(pl.workspace, p.n * (p.v * elt(p.dtype) + p.d * 4))
+    return g + work + (p.v * p.d * 4 if pl.dc_f32 else 0)
 
 
 def auto_budget(p: Problem, free_bytes: int) -> float:
