@@ -177,8 +177,11 @@ def linear_distillation_loss(
         beta, temperature, student_softcap, teacher_softcap, ce_weight, targets, shift, impl)
     scale_s = check_real("student_logit_scale", student_logit_scale, lo=0.0, lo_open=True)
     scale_t = check_real("teacher_logit_scale", teacher_logit_scale, lo=0.0, lo_open=True)
-    opts = make_options(torch.float32, ignore_index=ignore_index, reduction=reduction,
-                        memory_budget=memory_budget)
+    opts = dataclasses.replace(
+        make_options(torch.float32, ignore_index=ignore_index, reduction=reduction,
+                     memory_budget=memory_budget),
+        temperature=temperature, softcap=cap_s or None, beta=beta,
+        teacher_softcap=cap_t or None, ce_weight=ce_weight)
     lead = student_hidden.shape[:-1]
     given = targets is not None
     if not given:
@@ -189,9 +192,7 @@ def linear_distillation_loss(
         "student_", vocab_parallel.resolve_split, (student_hidden, student_weight, student_bias),
         (teacher_hidden, teacher_weight, teacher_bias), targets, token_weights, vocab_group,
         vocab_start, reduce_hidden_grad, opts, shift, impl,
-        {"beta": beta, "temperature": temperature, "student_softcap": cap_s,
-         "teacher_softcap": cap_t, "ce_weight": ce_weight, "student_logit_scale": scale_s,
-         "teacher_logit_scale": scale_t, "targets given": given})
+        {"student_logit_scale": scale_s, "teacher_logit_scale": scale_t, "targets given": given})
     student_hidden, student_weight, student_bias = student
     teacher_hidden, teacher_weight, teacher_bias = teacher
     if vs is None:
@@ -212,25 +213,24 @@ def linear_distillation_loss(
     backend = backends.load(name, "distill")
     cdt = backend.compute_dtype(hs.dtype, ht.dtype)
     args = (hs, ws, bs, ht, wt, bt, t1)
-    scalars = (beta, temperature, cap_s, cap_t, ce_weight)
     valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
     coef = None if opts.reduction == "none" else _coefficients(t1, w1, valid, given,
                                                                   opts.reduction, cdt)
     fused, budget, plan = False, opts.memory_budget, None
     if vs is None and coef is not None:
-        fused, budget, plan = _fuses(name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight,
-                                     cap_s, opts.memory_budget)
+        fused, budget, plan = _fuses(name, backend, hs, ws, ht, wt, bt, w1, opts)
     if fused:
         try:
-            out = backend.distill_total(*args, coef, *scalars, memory_budget=budget, plan=plan)
+            out = backend.distill_total(*args, coef, dataclasses.replace(opts, memory_budget=budget),
+                                        plan=plan)
         except torch.OutOfMemoryError as err:
             api.fallback_on_oom(err, _problem(hs, ws, ht, wt, bt, w1, beta, opts.memory_budget), name)
             fused = False
     if not fused:  # per-token losses whose backward recomputes the logits (any upstream gradient)
         if vs is None:
-            rows = backend.distill_rows(*args, valid, *scalars)
+            rows = backend.distill_rows(*args, valid, opts)
         else:
-            rows = vocab_parallel.vocab_parallel_distill_rows(*args, valid, *scalars, vs)
+            rows = vocab_parallel.vocab_parallel_distill_rows(*args, valid, opts, vs)
         # where on valid, not on coef != 0: a token weight of 0 still gets its row's gradient
         if coef is None:
             out = rows if w1 is None else torch.where(valid, rows * w1, 0.0)
@@ -251,17 +251,17 @@ def _problem(hs, ws, ht, wt, bt, w1, beta, memory_budget):
         teacher_grad=grad and any(t is not None and t.requires_grad for t in (ht, wt, bt)))
 
 
-def _fuses(name, backend, hs, ws, ht, wt, bt, w1, beta, ce_weight, cap_s, memory_budget):
+def _fuses(name, backend, hs, ws, ht, wt, bt, w1, opts):
     """(whether a reduced call takes the fused strategy, the numeric budget it runs with, the
     plan): the planner's answer for the device's free memory (under torch.compile only its
     static part, and no plan: the op plans at run time)."""
-    problem = _problem(hs, ws, ht, wt, bt, w1, beta, memory_budget)
+    memory_budget = opts.memory_budget
+    problem = _problem(hs, ws, ht, wt, bt, w1, opts.beta, memory_budget)
     if torch.compiler.is_compiling():
         budget = None if memory_budget == "auto" else memory_budget
         fuses = planner.may_fuse(dataclasses.replace(problem, memory_budget=budget), name)
         return fuses, budget, None
-    plan, problem = api.settle(problem, name, hs.device,
-                               **backend.plan_hints(ce_weight, cap_s, hs.device))
+    plan, problem = api.settle(problem, name, hs.device, **backend.plan_hints(opts, hs.device))
     return plan.fused, problem.memory_budget, plan
 
 

@@ -69,17 +69,17 @@ class LossBackend(Protocol):
 class DistillBackend(Protocol):
     """The distillation's backend (``cutce.backends.pytorch.distill``,
     ``cutce.backends.triton.distill_ops``): both heads (student hs, ws, bs; teacher ht, wt, bt),
-    targets, then beta, temperature, the two softcaps and ce_weight."""
+    targets, and the call's :class:`~cutce.engine.options.Options`, whose distillation fields
+    (``Options.distill_scalars``) set the divergence."""
 
-    def distill_rows(self, hs, ws, bs, ht, wt, bt, targets, valid, beta, temperature, cap_s,
-                     cap_t, ce_weight) -> Tensor:
+    def distill_rows(self, hs, ws, bs, ht, wt, bt, targets, valid, opts: Options) -> Tensor:
         """Per-token losses (N,), 0 where not ``valid``, differentiable from any upstream
         gradient."""
 
-    def distill_total(self, hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, cap_s,
-                      cap_t, ce_weight, memory_budget=None, plan: Plan | None = None) -> Tensor:
+    def distill_total(self, hs, ws, bs, ht, wt, bt, targets, coef, opts: Options,
+                      plan: Plan | None = None) -> Tensor:
         """sum_i coef_i loss_i (0-dim), its gradients formed in the forward."""
 
     def compute_dtype(self, *dtypes) -> object: ...
 
-    def plan_hints(self, ce_weight: float, cap_s: float, device) -> dict: ...
+    def plan_hints(self, opts: Options, device) -> dict: ...

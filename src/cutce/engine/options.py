@@ -55,6 +55,10 @@ class Options:
             largest logit max_j z_ij and its first index argmax_j z_ij (a global class id under
             a vocabulary split), none of them differentiable; it also turns zsum on (the
             metrics' mean logit is zsum / V). See cutce.backends.pytorch.ce.
+        beta, teacher_softcap, ce_weight: the distillation's (cutce.linear_distillation_loss):
+            the divergence (0 forward KL, 1 reverse KL, else the JSD), the teacher head's
+            softcap (None or > 0; ``softcap`` is the student's), the CE term's weight. The
+            distillation's ``temperature`` divides both heads' logits for the divergence.
     """
 
     ignore_index: int = -100
@@ -70,8 +74,17 @@ class Options:
     memory_budget: float | str | None = None
     lse_out: bool = False
     need_stats: bool = False
+    beta: float = 0.0
+    teacher_softcap: float | None = None
+    ce_weight: float = 0.0
 
     @property
     def need_zsum(self) -> bool:
         """Whether sum_j z_ij is needed (label smoothing, or the per-token statistics' mean logit)."""
         return self.label_smoothing > 0.0 or self.need_stats
+
+    def distill_scalars(self) -> tuple[float, float, float, float, float]:
+        """(beta, temperature, student softcap, teacher softcap, ce_weight) as the distillation
+        kernels take them (a softcap of 0.0 is none)."""
+        return (float(self.beta), float(self.temperature), float(self.softcap or 0.0),
+                float(self.teacher_softcap or 0.0), float(self.ce_weight))

@@ -33,7 +33,7 @@ from .vocab import (VocabSlice, _SumGradAcrossGroup, _check_replicated, _dtensor
                     _dtensor_slice, _fail, _fingerprint, _gather, _layout, resolve_vocab_parallel)
 from ..backends.pytorch.common import Head, compute_dtype, softcap_
 from ..backends.pytorch.distill import chunk_rows
-from ..engine.options import IMPLS
+from ..engine.options import IMPLS, Options
 
 __all__ = ["resolve_split", "vocab_parallel_distill_rows"]
 
@@ -197,8 +197,7 @@ def _chunk_grads(ys, yt, stats, coef, mine, local, cfg, want_t):
 
 
 def vocab_parallel_distill_rows(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor,
-                                bt: Tensor | None, targets: Tensor, valid: Tensor, beta: float,
-                                temperature: float, cap_s: float, cap_t: float, ce_weight: float,
+                                bt: Tensor | None, targets: Tensor, valid: Tensor, opts: Options,
                                 vs: VocabSlice) -> Tensor:
     """Per-token distillation losses (N,) over the whole vocabulary from this rank's slices.
 
@@ -206,8 +205,8 @@ def vocab_parallel_distill_rows(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: T
         hs (N, Ds), ht (N, Dt): the same on every rank. ws (V_r, Ds), bs (V_r,) or None, wt
             (V_r, Dt), bt: this rank's rows [vs.start, vs.stop) of both heads. targets (N,)
             int64 global class ids (any value where ``valid`` is False); valid (N,) bool.
-        beta, temperature, cap_s, cap_t (0: no softcap), ce_weight: as
-            :func:`cutce.backends.pytorch.distill.distill_rows`. vs: the split.
+        opts: the call's Options (its distillation fields, as
+            :func:`cutce.backends.pytorch.distill.distill_rows` reads them). vs: the split.
 
     Returns:
         float32 (float64 for float64 heads), 0 where not valid, equal on every rank to the
@@ -218,7 +217,7 @@ def vocab_parallel_distill_rows(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: T
     if vs.reduce_hidden_grad:
         hs, ht = (_SumGradAcrossGroup.apply(h, vs.group) if h.requires_grad else h
                   for h in (hs, ht))
-    cfg = _Cfg(beta, temperature, cap_s, cap_t, ce_weight)
+    cfg = _Cfg(*opts.distill_scalars())
     with torch.autocast(hs.device.type, enabled=False):
         return _DistillRows.apply(hs, ws, bs, ht, wt, bt, targets, valid, cfg, vs)
 

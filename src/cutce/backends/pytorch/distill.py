@@ -251,17 +251,18 @@ def _rows_backward(ctx, g_rows):
 _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
 
 
-def plan_hints(ce_weight: float, cap_s: float, device) -> dict:
+def plan_hints(opts, device) -> dict:
     """Nothing: the torch path's fused chunk follows its temporaries' size."""
     return {}
 
 
-def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, softcap_s, softcap_t,
-                  ce_weight, memory_budget=None, plan=None) -> Tensor:
+def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, opts, plan=None) -> Tensor:
     """sum_i coef_i loss_i (0-dim, float32; float64 when both heads are float64), the fused
     strategy: gradients formed in the forward for the tensors that require grad, the backward
-    may run once (the planner takes :func:`distill_rows` otherwise). ``plan``: the api's, whose
-    chunk keeps the temporaries within ``memory_budget`` (None when traced: planned here).
+    may run once (the planner takes :func:`distill_rows` otherwise). ``opts``: the call's
+    :class:`~cutce.engine.options.Options` (its distillation fields and memory_budget);
+    ``plan``: the api's, whose chunk keeps the temporaries within the budget (None when traced:
+    planned here).
 
     Args:
         hs (N, Ds), ws (V, Ds), bs (V,) or None: the student head; ht (N, Dt), wt (V, Dt), bt:
@@ -270,10 +271,11 @@ def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, soft
     """
     need = [t is not None and t.requires_grad and torch.is_grad_enabled()
             for t in (hs, ws, bs, ht, wt, bt)]
+    beta, temperature, softcap_s, softcap_t, ce_weight = opts.distill_scalars()
     if plan is None:
         plan = planner.plan_in_op("torch", hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype,
-                                  need[0], need[1], memory_budget, reduced=True, dt=ht.shape[1],
-                                  teacher_dtype=ht.dtype, beta=beta)
+                                  need[0], need[1], opts.memory_budget, reduced=True,
+                                  dt=ht.shape[1], teacher_dtype=ht.dtype, beta=beta)
     # traced with a budget that holds no chunk's temporaries (eager calls take distill_rows
     # then): the default chunk, not one op per token
     chunk = plan.chunk_n if plan.fused else 0
@@ -281,11 +283,9 @@ def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, soft
                        softcap_s, softcap_t, ce_weight, chunk, *need)[0]
 
 
-def distill_rows(hs, ws, bs, ht, wt, bt, targets, valid, beta, temperature, softcap_s, softcap_t,
-                 ce_weight) -> Tensor:
+def distill_rows(hs, ws, bs, ht, wt, bt, targets, valid, opts) -> Tensor:
     """Per-token losses (N,) (0 where ``valid`` is False), differentiable from any upstream
     gradient; arguments as :func:`distill_total` with ``valid`` (N,) bool."""
     coef = valid.to(compute_dtype(hs.dtype, ht.dtype))
-    rows = _rows_op(hs, ws, bs, ht, wt, bt, targets, coef, beta, temperature, softcap_s,
-                    softcap_t, ce_weight)
+    rows = _rows_op(hs, ws, bs, ht, wt, bt, targets, coef, *opts.distill_scalars())
     return torch.where(valid, rows, 0.0)

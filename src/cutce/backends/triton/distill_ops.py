@@ -105,9 +105,10 @@ def _rows(hs, ws, bs, ht, wt, bt, targets, beta, temperature, cap_s, cap_t, ce_w
                     float(cap_s), float(cap_t), float(ce_weight))[0]
 
 
-def distill_rows(hs, ws, bs, ht, wt, bt, targets, valid, *scalars) -> Tensor:
+def distill_rows(hs, ws, bs, ht, wt, bt, targets, valid, opts) -> Tensor:
     """Per-token losses (N,) float32, 0 where ``valid`` is False (as torch_distill's)."""
-    return torch.where(valid, _rows(hs, ws, bs, ht, wt, bt, targets, *scalars), 0.0)
+    return torch.where(valid, _rows(hs, ws, bs, ht, wt, bt, targets, *opts.distill_scalars()),
+                       0.0)
 
 
 @torch.library.custom_op("cutce::distill_fused_triton", mutates_args=())
@@ -126,7 +127,7 @@ def _fused_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tens
     p = planner.decode(plan) or planner.plan_in_op(
         "triton", hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, need_h, need_w, memory_budget,
         reduced=True, dt=ht.shape[1], teacher_dtype=ht.dtype, beta=beta,
-        **plan_hints(ce_weight, cap_s, hs.device))
+        **_hints(ce_weight, cap_s, hs.device))
     mode = mode_of(beta)
     if p.fused:
         return _kf.fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature,
@@ -162,15 +163,18 @@ def _fused_setup(ctx, inputs, output):
 _fused_op.register_autograd(grads.fused_backward, setup_context=_fused_setup)
 
 
-def plan_hints(ce_weight: float, cap_s: float, device) -> dict:
+def plan_hints(opts, device) -> dict:
     """What this backend adds to the planner's distillation plan: whether a fused call may store
     the student's exponentials, and a chunk forced by a KernelConfig override (experiments)."""
+    return _hints(opts.ce_weight, opts.softcap or 0.0, device)
+
+
+def _hints(ce_weight: float, cap_s: float, device) -> dict:
     return dict(student_x=_kf.stores_student_x(ce_weight, cap_s, device),
                 chunk=configs.current(device).distill_chunk)
 
 
-def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, memory_budget=None,
-                  plan=None) -> Tensor:
+def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, opts, plan=None) -> Tensor:
     """sum_i coef_i loss_i (0-dim float32), coef 0 for ignored rows: the fused op, by the api's
     ``plan`` (None under torch.compile, where the api knew only that the call may fuse: the op
     plans at run time, and a budget that fits no chunk runs the recompute kernels inside it)."""
@@ -178,5 +182,6 @@ def distill_total(hs, ws, bs, ht, wt, bt, targets, coef, *scalars, memory_budget
     hs, ws, bs, ht, wt, bt = (None if t is None else t if t.stride(-1) == 1 else t.contiguous()
                               for t in (hs, ws, bs, ht, wt, bt))
     return _fused_op(hs, ws, bs, ht, wt, bt, targets.contiguous(), coef.detach().float(),
-                     *map(float, scalars), None if memory_budget is None else float(memory_budget),
+                     *opts.distill_scalars(),
+                     None if opts.memory_budget is None else float(opts.memory_budget),
                      [] if plan is None else plan.encode(), *need)[0]
