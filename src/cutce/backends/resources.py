@@ -11,7 +11,6 @@ import warnings
 import torch
 
 from ..engine import planner
-from ..engine.problem import Problem
 
 
 class KernelResourceError(RuntimeError):
@@ -49,7 +48,7 @@ def out_of_memory(err: Exception, hidden, weight, need_h: bool, need_w: bool, me
     minimum (recompute) strategy ran out of device memory: the planner's account of what it
     needs and what was free, instead of an allocator's message from deep inside a kernel
     launcher (kept at the end)."""
-    problem = Problem(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype, need_h,
-                      need_w, memory_budget=memory_budget)
-    msg = planner.out_of_memory_message(problem, backend, free_memory(hidden.device))
+    msg = planner.out_of_memory_in_op(backend, hidden.shape[0], weight.shape[0], hidden.shape[1],
+                                      hidden.dtype, need_h, need_w, memory_budget,
+                                      free_memory(hidden.device))
     return torch.OutOfMemoryError(f"{msg} ({str(err).splitlines()[0][:160]})")

@@ -357,6 +357,14 @@ def out_of_memory_message(p: Problem, backend: str, free_bytes: int | None) -> s
             f"pass fewer tokens per call or free memory")
 
 
+def out_of_memory_in_op(backend: str, n: int, v: int, d: int, dtype: torch.dtype, need_h: bool,
+                        need_w: bool, memory_budget, free_bytes: int | None) -> str:
+    """:func:`out_of_memory_message` for a backend op's call, described from its shapes (as
+    :func:`plan_in_op` describes it)."""
+    p = Problem(n, v, d, dtype, need_h, need_w, memory_budget=memory_budget)
+    return out_of_memory_message(p, backend, free_bytes)
+
+
 def settle(p: Problem, backend: str, free_bytes: int | None, **hints) -> tuple[Plan, float | None, str | None]:
     """(plan, the numeric memory_budget it runs with, why it fell back or None) for a call whose
     device has ``free_bytes`` available (None: unknown, e.g. CPU tensors or under torch.compile).
