@@ -196,7 +196,7 @@ def _per_token_temperature(group, sizes):
 def _comm_volume(group, sizes):
     """Forward communication: the layout (2 ints) and one all-gather of k x N floats (no weight,
     no logits)."""
-    import cutce.parallel.vocab as cd
+    import cutce.parallel.collectives as cd
     from cutce.parallel import agreement
 
     h, w, b, t, *_ = _inputs({})

@@ -14,7 +14,7 @@ logits / T, s = student logits at T = 1, after each head's softcap)::
 
 The derivatives are :mod:`cutce.backends.pytorch.distill`'s: they read only per-class values and
 the per-token totals above, so the backward recomputes each chunk's logits, forms this rank's
-dC/dbias and a partial dE that :class:`~cutce.parallel.vocab._SumGradAcrossGroup` sums. The
+dC/dbias and a partial dE that :class:`~cutce.parallel.collectives.SumGradAcrossGroup` sums. The
 all-gathers (not all-reduces) make every rank sum in the same order: the loss is bitwise the same
 on every rank. Never communicated: a weight, its gradient or any logits.
 """
@@ -29,8 +29,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import agreement
-from .vocab import (VocabSlice, _SumGradAcrossGroup, _check_replicated, _dtensor_cls,
-                    _dtensor_slice, _fail, _fingerprint, _gather, _layout, resolve_vocab_parallel)
+from .collectives import SumGradAcrossGroup, check_replicated, fingerprint, gather
+from .vocab import (VocabSlice, _dtensor_cls, _dtensor_slice, _fail, _layout,
+                    resolve_vocab_parallel)
 from ..backends.pytorch.common import Head, compute_dtype, softcap_
 from ..backends.pytorch.distill import chunk_rows
 from ..engine.options import IMPLS, Options
@@ -81,10 +82,10 @@ class _DistillRows(torch.autograd.Function):
             if ce:
                 part[k, s:e] = torch.logsumexp(ys, dim=1)
                 part[k + 1, s:e] = torch.where(mine[s:e], ys.gather(1, local[s:e])[:, 0], 0.0)
-        part[-2], part[-1] = _fingerprint(hs), _fingerprint(ht)
-        every = _gather(part, vs.group)  # (W, k, N)
+        part[-2], part[-1] = fingerprint(hs), fingerprint(ht)
+        every = gather(part, vs.group)  # (W, k, N)
         for probe in (-2, -1):
-            _check_replicated(every[:, probe])
+            check_replicated(every[:, probe])
         lse = torch.logsumexp(every[:, :2 * div], dim=0)  # (2, N) or (0, N)
         rows = torch.zeros(n, dtype=cdt, device=hs.device)
         stats = [lse]
@@ -157,7 +158,7 @@ def _pass2(stu, tea, lse, step, cfg, vs):
             log_m = _log_m(log_q, log_p, beta)
             part[0, s:e] = (log_p.exp() * (log_p - log_m)).sum(1)
             part[1, s:e] = (log_q.exp() * (log_q - log_m)).sum(1)
-    return _gather(part, vs.group).sum(dim=0)
+    return gather(part, vs.group).sum(dim=0)
 
 
 def _chunk_grads(ys, yt, stats, coef, mine, local, cfg, want_t):
@@ -215,7 +216,7 @@ def vocab_parallel_distill_rows(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: T
         and biases their slice's gradient.
     """
     if vs.reduce_hidden_grad:
-        hs, ht = (_SumGradAcrossGroup.apply(h, vs.group) if h.requires_grad else h
+        hs, ht = (SumGradAcrossGroup.apply(h, vs.group) if h.requires_grad else h
                   for h in (hs, ht))
     cfg = _Cfg(*opts.distill_scalars())
     with torch.autocast(hs.device.type, enabled=False):
@@ -283,7 +284,7 @@ def _agree(vs, span, device, fields):
     head = [vs.start, vs.stop - vs.start, *span]
     codes = [c for name, v in fields.items() for c in _code(name, v)]
     mine = torch.tensor([head + codes], dtype=torch.int64, device=device)
-    rows = _gather(mine, vs.group).view(dist.get_world_size(vs.group), -1).tolist()
+    rows = gather(mine, vs.group).view(dist.get_world_size(vs.group), -1).tolist()
     student, teacher = [tuple(r[:2]) for r in rows], [tuple(r[2:4]) for r in rows]
     if teacher != student or not all(r[4] for r in rows):
         where = "" if all(r[4] for r in rows) else " over another process group"

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .vocab import (VocabSlice, _AllGatherRows, _SumGradAcrossGroup, _check_replicated, _fail,
-                    _fingerprint, _gather)
+from .collectives import AllGatherRows, SumGradAcrossGroup, check_replicated, fingerprint, gather
+from .vocab import VocabSlice, _fail
 from . import agreement
 from ..backends.pytorch.gather import gather_logits
 
@@ -28,12 +28,12 @@ def vocab_parallel_gather(hidden: Tensor, weight: Tensor, bias: Tensor | None, i
     from this rank's rows (0 where ids is -1), equal on every rank; checks that the hidden
     states are the same on every rank. Differentiable as described in the module's docstring."""
     if vs.reduce_hidden_grad and hidden.requires_grad:
-        hidden = _SumGradAcrossGroup.apply(hidden, vs.group)
+        hidden = SumGradAcrossGroup.apply(hidden, vs.group)
     mine = (ids >= vs.start) & (ids < vs.stop)
     part = gather_logits(hidden, weight, bias, torch.where(mine, ids - vs.start, -1), scale)
-    rows = torch.cat([part.T, _fingerprint(hidden).to(part.dtype)[None]])
-    every = _AllGatherRows.apply(rows, vs.group)  # (W, K + 1, N)
-    _check_replicated(every[:, -1].detach())
+    rows = torch.cat([part.T, fingerprint(hidden).to(part.dtype)[None]])
+    every = AllGatherRows.apply(rows, vs.group)  # (W, K + 1, N)
+    check_replicated(every[:, -1].detach())
     return every[:, :-1].sum(dim=0).T
 
 
@@ -44,7 +44,7 @@ def agree(vs: VocabSlice, fields: dict, device) -> None:
     collective whose size depends on them."""
     codes = [c for name, v in fields.items() for c in agreement._encode(name, v)]
     mine = torch.tensor([codes], dtype=torch.int64, device=device)
-    rows = _gather(mine, vs.group).view(dist.get_world_size(vs.group), -1).tolist()
+    rows = gather(mine, vs.group).view(dist.get_world_size(vs.group), -1).tolist()
     for i, name in enumerate(fields):
         vals = [tuple(r[2 * i:2 * i + 2]) for r in rows]
         if any(v != vals[0] for v in vals):

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .vocab import VocabSlice, _AllGatherRows, _check_replicated, _fingerprint, _gather, _SumGradAcrossGroup
+from .collectives import AllGatherRows, SumGradAcrossGroup, check_replicated, fingerprint, gather
+from .vocab import VocabSlice
 from ..backends.pytorch import truncated
 from ..engine.options import Options
 from ..engine.truncation import Truncation
@@ -36,7 +37,7 @@ def _check_same(trunc: Truncation, group, device):
     mine = torch.tensor([-1.0 if v is None else float(v)
                          for v in (trunc.top_k, trunc.top_p, trunc.min_p)],
                         dtype=torch.float64, device=device)
-    every = _gather(mine, group).cpu()
+    every = gather(mine, group).cpu()
     if not bool((every == every[0]).all()):
         rows = [tuple(None if v < 0 else v for v in r.tolist()) for r in every]
         raise ValueError(f"top_k/top_p/min_p: expected the same settings on every rank of "
@@ -83,7 +84,7 @@ def _chunk_thresholds(z, cfg, vocab, group):
         top = torch.topk(zk, min(k, z.shape[1]), dim=1).values
         if top.shape[1] < k:  # a slice narrower than k
             top = torch.cat([top, top.new_full((top.shape[0], k - top.shape[1]), neg_inf)], 1)
-        every = _gather(top, group)  # (W, r, k)
+        every = gather(top, group)  # (W, r, k)
         kth = torch.topk(every.permute(1, 0, 2).reshape(top.shape[0], -1), k, dim=1).values[:, -1]
         thr = torch.maximum(thr, kth)
     if cfg.top_p is not None:
@@ -135,14 +136,14 @@ def vocab_parallel_truncated_parts(hidden, weight, bias, targets, opts: Options,
     cfg = truncated.make_cfg(opts, trunc)
     thr = thresholds(hidden, weight, bias, cfg, vs)
     if vs.reduce_hidden_grad and hidden.requires_grad:
-        hidden = _SumGradAcrossGroup.apply(hidden, vs.group)
+        hidden = SumGradAcrossGroup.apply(hidden, vs.group)
     mine = (targets >= vs.start) & (targets < vs.stop)
     local = torch.where(mine, targets - vs.start, -1)
     lse_r, zt_r, pz_r, kept_r = truncated.truncated_parts(hidden, weight, bias, local, opts, trunc,
                                                           thr=thr)
-    rows = [lse_r, zt_r, pz_r, kept_r.to(lse_r.dtype), _fingerprint(hidden).detach().to(lse_r.dtype)]
-    every = _AllGatherRows.apply(torch.stack(rows), vs.group)  # (W, 5, N)
-    _check_replicated(every[:, -1].detach())
+    rows = [lse_r, zt_r, pz_r, kept_r.to(lse_r.dtype), fingerprint(hidden).detach().to(lse_r.dtype)]
+    every = AllGatherRows.apply(torch.stack(rows), vs.group)  # (W, 5, N)
+    check_replicated(every[:, -1].detach())
     lse = torch.logsumexp(every[:, 0], dim=0)
     pz = (torch.exp(every[:, 0] - lse) * every[:, 2]).sum(dim=0)
     return lse, every[:, 1].sum(dim=0), pz, every[:, 3].detach().sum(dim=0) > 0

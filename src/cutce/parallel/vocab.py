@@ -22,7 +22,7 @@ With the per-token statistics (``opts.need_stats``, not differentiable; +4 rows)
 The api then forms the loss from these replicated parts exactly as on one device, so every option
 (label smoothing, z-loss, token weights, reductions, ignore_index) is unchanged. Backward: autograd
 sends each rank the gradient of its own lse_r/zt_r/..., the local backend turns it into dC and
-dbias of its slice and a partial dE, and :class:`_SumGradAcrossGroup` all-reduces dE (unless the
+dbias of its slice and a partial dE, and :class:`SumGradAcrossGroup` all-reduces dE (unless the
 caller asked to do that itself). Never communicated: the weight, its gradient, or any logits.
 
 Gradient convention: every rank computes the same (replicated) loss, and its backward is the
@@ -44,64 +44,18 @@ import torch
 import torch.distributed as dist
 
 from . import agreement
+from .collectives import AllGatherRows, SumGradAcrossGroup, check_replicated, fingerprint, gather
 from ..engine.contract import Parts, StatParts
 from ..engine.options import Options
 
 __all__ = ["VocabSlice", "combine_parts", "resolve_vocab_parallel", "vocab_parallel_parts", "vocab_slice"]
 
-# torch >= 2.13 renames all_gather_into_tensor to all_gather_single (same semantics).
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _fail(what, expected, got):
     # Same message shape as cutce.api: these helpers are the api's validation of the
     # distributed keywords, kept here so that api.py stays free of torch.distributed details.
     raise ValueError(f"{what}: expected {expected}, got {got}")
-
-
-def _gather(x: torch.Tensor, group) -> torch.Tensor:
-    """(k, N) from every rank -> (W, k, N) in group-rank order (not differentiable)."""
-    world = dist.get_world_size(group)
-    out = x.new_empty(world * x.numel())
-    # The flat (concatenated) output form is the one every backend (gloo, NCCL) accepts.
-    _all_gather_flat(out, x.contiguous().reshape(-1), group=group)
-    return out.view(world, *x.shape)
-
-
-class _AllGatherRows(torch.autograd.Function):
-    """Differentiable all-gather of replicated-loss inputs: (k, N) -> (W, k, N).
-
-    Backward returns this rank's block of the upstream gradient: the loss built from the gathered
-    tensor is the same on every rank, so the gradient of our own rows is already complete here
-    (summing it over ranks would multiply it by W)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.rank = dist.get_rank(group)
-        return _gather(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad[ctx.rank], None
-
-
-class _SumGradAcrossGroup(torch.autograd.Function):
-    """Identity forward; backward all-reduces (sums) the gradient over ``group``.
-
-    Applied to the hidden states before the local backend: each rank's backend yields the part
-    of dE that comes from its vocabulary slice, and dE is the sum of these parts."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # A copy: the incoming buffer may be shared with other consumers of the graph.
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
 
 
 def combine_parts(parts, group, opts: Options, replicated=None):
@@ -116,7 +70,7 @@ def combine_parts(parts, group, opts: Options, replicated=None):
         opts: selects which parts are communicated (zsum only with label smoothing, pz only with
             entropy); the others are returned as zeros, as a backend would.
         replicated: None or an (N,) fingerprint of inputs that must be the same on every rank
-            (see :func:`_fingerprint`); it rides along in the same all-gather and is checked.
+            (see :func:`fingerprint`); it rides along in the same all-gather and is checked.
 
     Returns:
         (lse, zt, zsum, pz), each (N,), identical on every rank; with ``opts.need_stats`` also
@@ -138,9 +92,9 @@ def combine_parts(parts, group, opts: Options, replicated=None):
                  (amax_r & (2**_IDX_BITS - 1)).to(lse_r.dtype)]
     if replicated is not None:
         rows.append(replicated.detach().to(lse_r.dtype))
-    every = _AllGatherRows.apply(torch.stack(rows), group)  # (W, k, N)
+    every = AllGatherRows.apply(torch.stack(rows), group)  # (W, k, N)
     if replicated is not None:
-        _check_replicated(every[:, -1].detach())
+        check_replicated(every[:, -1].detach())
     lses = every[:, 0]
     lse = torch.logsumexp(lses, dim=0)
     zt = every[:, 1].sum(dim=0)
@@ -165,31 +119,6 @@ def combine_parts(parts, group, opts: Options, replicated=None):
 # a global class id travels in the float all-gather as two halves of this many bits, each exact
 # in float32 (ids below 2**48)
 _IDX_BITS = 24
-
-
-def _fingerprint(hidden):
-    """(N,) float32 projection of the hidden states on a fixed vector: one GEMV, no N x D copy."""
-    probe = torch.cos(torch.arange(hidden.shape[1], device=hidden.device, dtype=torch.float32))
-    return (hidden.detach() @ probe.to(hidden.dtype)).float()
-
-
-def _check_replicated(prints):
-    """Raise on every rank alike if the ranks' fingerprints (W, N) disagree.
-
-    The silent failure this catches: tokens that differ per rank (a data-parallel batch, or an
-    FSDP2-sharded weight passed outside its module's forward, which is a DTensor sharded on dim 0
-    over the data-parallel mesh and so looks like a vocabulary split). The tolerance admits
-    replicas that differ in low bits (non-deterministic kernels upstream); NaN rows pass (they
-    may be ignored tokens)."""
-    ref = prints[0]
-    bad = (prints - ref).abs() > 1e-2 * (ref.abs() + ref.abs().mean())
-    if torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), "cutce: hidden states differ across the vocabulary group")
-    elif bool(bad.any()):
-        _fail("hidden", "the same hidden states on every rank of the vocabulary split (is the "
-              "weight an FSDP2-sharded parameter used outside its module's forward? pass "
-              "weight.full_tensor() or compute the loss inside forward)",
-              f"different ones on group ranks {bad.any(dim=1).nonzero().flatten().tolist()}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +150,7 @@ def _exchange(group, head, codes, device):
     """One all-gather of [*head, *codes] (fixed size on every rank); checks that the codes agree
     and returns every rank's head, in group-rank order."""
     mine = torch.tensor([list(head) + list(codes)], dtype=torch.int64, device=device)
-    rows = _gather(mine, group).view(dist.get_world_size(group), -1).tolist()
+    rows = gather(mine, group).view(dist.get_world_size(group), -1).tolist()
     agreement.check([row[len(head):] for row in rows])
     return [row[:len(head)] for row in rows]
 
@@ -296,14 +225,14 @@ def vocab_parallel_parts(backend, hidden, weight, bias, targets, opts: Options, 
         ranks; only this rank's share if ``vs.reduce_hidden_grad`` is False).
     """
     if vs.reduce_hidden_grad and hidden.requires_grad:
-        hidden = _SumGradAcrossGroup.apply(hidden, vs.group)
+        hidden = SumGradAcrossGroup.apply(hidden, vs.group)
     mine = (targets >= vs.start) & (targets < vs.stop)
     # -1 for targets another rank owns (and ignore_index): the backend then gives zt_r = 0.
     local = torch.where(mine, targets - vs.start, -1)
     parts = backend(hidden, weight, bias, local, opts, class_weight=class_weight, inv_temp=inv_temp)
     if opts.need_stats:  # the local argmax as a global class id
         parts = parts._replace(amax=parts.amax + vs.start)
-    return combine_parts(parts, vs.group, opts, replicated=_fingerprint(hidden))
+    return combine_parts(parts, vs.group, opts, replicated=fingerprint(hidden))
 
 
 def _dtensor_cls():
