@@ -45,7 +45,7 @@ for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICA
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import cutce.parallel.vocab as cd  # noqa: E402
+import cutce.parallel.collectives as cd  # noqa: E402
 from cutce import linear_cross_entropy  # noqa: E402
 from cutce.bench import report as results_file  # noqa: E402
 
