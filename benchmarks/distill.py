@@ -133,17 +133,6 @@ def providers(args, device, labels):
             "compile": compiled, "liger": liger, "liger-fljsd": liger_fljsd, "trl": trl}
 
 
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    den = b.norm().item()
-    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="8192,896,3584,151936", help="N,Ds,Dt,V")
@@ -210,7 +199,8 @@ def main(argv=None):
                 _print(row, grads_mib)
                 continue
             try:
-                _measure(fn, beta, hs, ws, ht, wt, ref, device, args, row)
+                measure.measure_head(fn, hs, ws, (ht, wt, beta), ref, device, args.warmup,
+                                     args.reps, row)
             except Exception as e:  # e.g. out of memory: report and go on
                 row.update(status="failed", note=f"{type(e).__name__}: {str(e)[:100]}")
             if device.type == "cuda":
@@ -220,27 +210,6 @@ def main(argv=None):
     _write_json(rows, device, dtype, (n, ds, dt, v), grads_mib, args)
     print(f"# {time.perf_counter() - t_start:.0f} s")
     return rows
-
-
-def _measure(fn, beta, hs, ws, ht, wt, ref, device, args, row):
-    def step():
-        a, c = hs.detach().requires_grad_(), ws.detach().requires_grad_()
-        loss = fn(a, c, ht, wt, beta)
-        return (loss.detach(), *torch.autograd.grad(loss, (a, c)))
-
-    out = step()  # the first call also compiles (compile, liger)
-    row["loss_err"], row["dE_err"], row["dC_err"] = (rel(x, r) for x, r in zip(out, ref))
-    del out
-    sync(device)
-    row["ms"] = measure.median_ms(step, device, args.warmup, args.reps)
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        sync(device)
-        row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def _print(row, grads_mib):

@@ -141,7 +141,8 @@ def main(argv=None):
                 _print(row, grads_mib)
                 continue
             try:
-                _measure(fn, tail, h, w, ids, lp, ref, device, args, row)
+                measure.measure_head(fn, h, w, (ids, lp, tail), ref, device, args.warmup,
+                                     args.reps, row)
             except Exception as e:  # e.g. out of memory: report and go on
                 row.update(status="failed", note=f"{type(e).__name__}: {str(e)[:100]}")
             measure.free_memory(device)
@@ -168,19 +169,6 @@ def main(argv=None):
     print(f"# wrote {path}")
     print(f"# {time.perf_counter() - t_start:.0f} s")
     return rows
-
-
-def _measure(fn, tail, h, w, ids, lp, ref, device, args, row):
-    def step():
-        a, c = h.detach().requires_grad_(), w.detach().requires_grad_()
-        loss = fn(a, c, ids, lp, tail)
-        return (loss.detach(), *torch.autograd.grad(loss, (a, c)))
-
-    out = step()  # the first call also compiles
-    row["loss_err"], row["dE_err"], row["dC_err"] = (measure.rel_err(x, r) for x, r in zip(out, ref))
-    del out
-    row["ms"] = measure.median_ms(step, device, args.warmup, args.reps)
-    row["peak_mib"] = measure.peak_extra_mb(step, device)
 
 
 def _print(row, grads_mib):

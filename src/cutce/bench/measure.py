@@ -94,6 +94,24 @@ def peak_extra_mb(call, device, setup=None) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def measure_head(fn, hidden, weight, rest, ref, device, warmup: int, repeats: int,
+                 row: dict) -> None:
+    """One provider's row of a head benchmark whose step is ``fn(hidden, weight, *rest)`` (a
+    scalar loss) and its backward into fresh dE and dC: fills ``row``'s loss_err, dE_err,
+    dC_err (against ``ref``, the same three), ms (median of ``repeats`` after ``warmup``) and
+    peak_mib (CUDA only). The first call also compiles."""
+    def step():
+        a, c = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss = fn(a, c, *rest)
+        return (loss.detach(), *torch.autograd.grad(loss, (a, c)))
+
+    out = step()
+    row["loss_err"], row["dE_err"], row["dC_err"] = (rel_err(x, r) for x, r in zip(out, ref))
+    del out
+    row["ms"] = median_ms(step, device, warmup, repeats)
+    row["peak_mib"] = peak_extra_mb(step, device)
+
+
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

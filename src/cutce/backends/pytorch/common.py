@@ -19,16 +19,19 @@ def chunk_rows(n: int, vocab: int, cdt: torch.dtype, budget_bytes: int, temps: i
     return max(1, min(max(n, 1), budget_bytes // per_row))
 
 
-def backward_buffers(hidden, weight, bias, lse, need_h, need_w, need_b):
-    """(w, b, dh, dw, db) of a chunked backward: the weight and bias in the compute dtype
-    (lse's), dE in hidden's dtype, dC and db accumulators in the compute dtype (None where not
-    needed)."""
+def backward_buffers(hidden, weight, bias, lse, g_lse, g_zt, need_h, need_w, need_b):
+    """(w, b, dh, dw, db, g_lse, g_zt) of a chunked backward: the weight and bias in the
+    compute dtype (lse's), dE in hidden's dtype, dC and db accumulators in the compute dtype
+    (None where not needed), and the upstream gradients of lse and zt with zeros for the ones
+    autograd did not pass."""
     cdt = lse.dtype
     w = weight.to(cdt)
+    zeros = torch.zeros_like(lse) if g_lse is None or g_zt is None else None
     return (w, None if bias is None else bias.to(cdt),
             torch.empty_like(hidden) if need_h else None,
             torch.zeros_like(w) if need_w else None,
-            lse.new_zeros(weight.shape[0]) if need_b else None)
+            lse.new_zeros(weight.shape[0]) if need_b else None,
+            zeros if g_lse is None else g_lse, zeros if g_zt is None else g_zt)
 
 
 def add_chunk_grads(dz, h, w, s, e, dh, dw, db) -> None:

@@ -139,10 +139,8 @@ def _backward(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, ne
               need_b, cfg: _Cfg):
     cdt = lse.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
-    w, b, dh, dw, db = common.backward_buffers(hidden, weight, bias, lse, need_h, need_w, need_b)
-    zeros = torch.zeros_like(lse)
-    g_lse = zeros if g_lse is None else g_lse
-    g_zt = zeros if g_zt is None else g_zt
+    w, b, dh, dw, db, g_lse, g_zt = common.backward_buffers(hidden, weight, bias, lse, g_lse, g_zt,
+                                                            need_h, need_w, need_b)
     rows = chunk_rows(n, vocab, cdt, cfg)  # the forward's chunks: the same logits, bit for bit
     scale = cfg.logit_scale / cfg.temperature
     for s in range(0, n, rows):
