@@ -141,6 +141,7 @@ def _entropy_parts(group, sizes):
     gradients under arbitrary upstream gradients equal the unsplit backend's."""
     import cutce.parallel.vocab as cd
     from cutce.engine.options import Options
+    from cutce.parallel.split import vocab_slice
     from cutce.backends.pytorch.ce import linear_lse_parts
 
     failures = []
@@ -154,7 +155,7 @@ def _entropy_parts(group, sizes):
     full = linear_lse_parts(hf, wf, bf, t1, opts)
     sum((p * u).sum() for p, u in zip(full, ups)).backward()
     hs, ws, bs = _leaf(h2), _leaf(w[sl]), _leaf(b[sl])
-    vs = cd.vocab_slice(group, sizes[rank], None, h.device)
+    vs = vocab_slice(group, sizes[rank], None, h.device)
     split = cd.vocab_parallel_parts(linear_lse_parts, hs, ws, bs, t1, opts, vs)
     sum((p * u).sum() for p, u in zip(split, ups)).backward()
     for name, got, want in zip(("lse", "zt", "zsum", "pz"), split, full):
@@ -197,7 +198,7 @@ def _comm_volume(group, sizes):
     """Forward communication: the layout (2 ints) and one all-gather of k x N floats (no weight,
     no logits)."""
     import cutce.parallel.collectives as cd
-    from cutce.parallel import agreement
+    from cutce.parallel import agreement, split
 
     h, w, b, t, *_ = _inputs({})
     rank = dist.get_rank(group)
@@ -210,7 +211,7 @@ def _comm_volume(group, sizes):
         cd._all_gather_flat = real
     # The layout's (start, size) and the call's fingerprint (a (kind, value) pair per field),
     # then (lse, zt, zsum, hidden fingerprint) per token.
-    want = [2 + 2 * len(agreement.FIELDS), 4 * B * T]
+    want = [split.LAYOUT_INTS + 2 * len(agreement.FIELDS), 4 * B * T]
     return [] if seen == want else [f"all-gathered elements per call {seen}, expected {want}"]
 
 

@@ -22,6 +22,7 @@ from .engine import loss, planner
 from .engine.contract import Parts, StatParts
 from .engine.options import Options
 from .engine.problem import Problem
+from .parallel import split
 from .parallel import vocab as distributed
 from .validate import (autocast_dtype, check_flag, check_impl, check_target_range, fail,
                        make_options, prepare, row_temperatures)
@@ -282,11 +283,11 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     # rank passed the same options (opts, shift, return_lse, grad mode, ...).
     # the fused strategy has no per-row temperature (log-probs never fuse)
     fusable = fusable and temperature is None
-    temperature = distributed.replicated_local("temperature", temperature)
-    hidden, weight, bias, targets, token_weights, vs = distributed.resolve_vocab_parallel(
+    temperature = split.replicated_local("temperature", temperature)
+    hidden, weight, bias, targets, token_weights, vs, _ = split.resolve(
         hidden, weight, bias, targets, token_weights, vocab_group, vocab_start, reduce_hidden_grad,
         opts=opts, shift=shift, return_lse=return_lse, class_weight=class_weight, tname=tname,
-        temperature=temperature)
+        temperature=temperature, facts={"impl": impl})
     h2, weight, bias, t1, w1, out_shape, _ = prepare(
         hidden, weight, targets, bias, token_weights, shift, opts.ignore_index,
         vocab=None if vs is None else vs.vocab, check_targets=False, tname=tname)

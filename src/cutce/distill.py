@@ -19,16 +19,17 @@ from .engine import planner
 from .engine.loss import mean_denominator
 from .engine.problem import Problem
 from .parallel import distill as vocab_parallel
+from .parallel import split
 from .validate import check_ce_weight, check_impl, check_real, fail, make_options
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 
-def _prefixed(prefix, fn, *args):
+def _prefixed(prefix, fn, *args, **kwargs):
     """Run an api helper; its errors name "hidden"/"weight"/"bias": say which head's."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except ValueError as e:
         msg = str(e)
         if msg.startswith(("hidden", "weight", "bias")):
@@ -187,14 +188,22 @@ def linear_distillation_loss(
     if not given:
         # Every token counts: targets that are all class 0 pass the helpers' checks unchanged.
         targets = torch.zeros(lead, dtype=torch.long, device=student_hidden.device)
-    # A vocabulary split (vocab_group or Shard(0) DTensors) is located here; collective if split.
-    student, teacher, targets, token_weights, vs = _prefixed(
-        "student_", vocab_parallel.resolve_split, (student_hidden, student_weight, student_bias),
-        (teacher_hidden, teacher_weight, teacher_bias), targets, token_weights, vocab_group,
-        vocab_start, reduce_hidden_grad, opts, shift, impl,
-        {"student_logit_scale": scale_s, "teacher_logit_scale": scale_t, "targets given": given})
-    student_hidden, student_weight, student_bias = student
-    teacher_hidden, teacher_weight, teacher_bias = teacher
+    # A vocabulary split (vocab_group or Shard(0) DTensors) is located here, for both heads at
+    # once; collective if split. The teacher's facts join the call's one fingerprint.
+    ht = teacher_hidden
+    facts = {"impl": impl, "targets given": given, "student_logit_scale": scale_s,
+             "teacher_logit_scale": scale_t,
+             "teacher_hidden size Dt": ht.shape[-1] if ht.dim() else -1,
+             "teacher_hidden dtype": str(ht.dtype).removeprefix("torch."),
+             "teacher_hidden.requires_grad": torch.is_grad_enabled() and ht.requires_grad}
+    (student_hidden, student_weight, student_bias, targets, token_weights, vs,
+     (teacher_hidden, teacher_weight, teacher_bias)) = _prefixed(
+        "student_", split.resolve, student_hidden, student_weight, student_bias, targets,
+        token_weights, vocab_group, vocab_start, reduce_hidden_grad, opts=opts, shift=shift,
+        teacher=(teacher_hidden, teacher_weight, teacher_bias), facts=facts)
+    if vs is not None and impl == "triton":  # every rank agreed on impl: all raise alike
+        fail("impl", "'torch' or 'auto' with a vocabulary split (the vocabulary-parallel "
+             "distillation runs on the torch path)", repr(impl))
     if vs is None:
         _check_vocab(student_hidden, student_weight, teacher_hidden, teacher_weight)
     # One targets check for both heads (none for the zeros above), read after the kernels are

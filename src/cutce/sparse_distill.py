@@ -15,6 +15,7 @@ about one cross-entropy. The CE term on ``targets`` joins the same call when T =
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
 
@@ -24,9 +25,8 @@ from torch import Tensor
 from . import api
 from .backends.pytorch.gather import gather_logits
 from .engine.loss import mean_denominator
-from .engine.options import IMPLS
 from .parallel import sparse as sparse_parallel
-from .parallel import vocab as vocab_parallel
+from .parallel import split
 from .validate import check_ce_weight, check_impl, check_real, fail, make_options
 
 if TYPE_CHECKING:
@@ -138,16 +138,14 @@ def linear_sparse_distillation_loss(
     opts = make_options(torch.float32, ignore_index=ignore_index, reduction=reduction,
                         softcap=softcap, logit_scale=logit_scale, temperature=temperature,
                         memory_budget=memory_budget)
+    opts = dataclasses.replace(opts, ce_weight=ce_weight)
     given = targets is not None
     if not given:  # zeros pass the helpers' checks; nothing is ignored by them
         targets = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
-    hidden, weight, bias, targets, token_weights, vs = vocab_parallel.resolve_vocab_parallel(
+    hidden, weight, bias, targets, token_weights, vs, _ = split.resolve(
         hidden, weight, bias, targets, token_weights, vocab_group, vocab_start, reduce_hidden_grad,
-        opts=opts, shift=shift)
-    if vs is not None:  # before any collective whose size depends on them
-        sparse_parallel.agree(vs, {"tail": TAILS.index(tail), "ce_weight": ce_weight,
-                                   "targets given": given, "teacher_ids K": ids.shape[-1],
-                                   "impl": IMPLS.index(impl)}, weight.device)
+        opts=opts, shift=shift, facts={"tail": tail, "targets given": given,
+                                       "teacher_ids K": ids.shape[-1], "impl": impl})
     h2, weight, bias, t1, w1, out_shape, check = api.prepare(
         hidden, weight, targets, bias, token_weights, shift, ignore_index,
         None if vs is None else vs.vocab, given)

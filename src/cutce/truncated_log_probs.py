@@ -13,8 +13,8 @@ import torch
 from .backends.pytorch import truncated
 from .engine.options import Options
 from .engine.truncation import Truncation
-from .parallel import truncated as split
-from .parallel import vocab as distributed
+from .parallel import split
+from .parallel import truncated as vocab_parallel
 from .validate import check_impl, fail, prepare
 
 _WHO = "top_k/top_p/min_p"
@@ -32,16 +32,17 @@ def truncated_log_probs(hidden, weight, tokens, bias, shift, impl, opts: Options
         fail("impl", f"'auto' or 'torch' for {_WHO} (the Triton kernels do not truncate yet)",
              repr(impl))
     # Collective when split (every rank must call), as for the untruncated call.
-    hidden, weight, bias, tokens, _, vs = distributed.resolve_vocab_parallel(
+    hidden, weight, bias, tokens, _, vs, _ = split.resolve(
         hidden, weight, bias, tokens, None, vocab_group, vocab_start, reduce_hidden_grad,
-        opts=opts, shift=shift, tname="tokens")
+        opts=opts, shift=shift, tname="tokens", facts={"impl": impl})
     h2, weight, bias, t1, _, out_shape, check = prepare(
         hidden, weight, tokens, bias, None, shift, opts.ignore_index,
         vocab=None if vs is None else vs.vocab, tname="tokens")
     if vs is None:
         lse, zt, pz, kept = truncated.truncated_parts(h2, weight, bias, t1, opts, trunc)
     else:
-        lse, zt, pz, kept = split.vocab_parallel_truncated_parts(h2, weight, bias, t1, opts, trunc,
+        lse, zt, pz, kept = vocab_parallel.vocab_parallel_truncated_parts(
+            h2, weight, bias, t1, opts, trunc,
                                                                  vs)
     if check is not None:
         check()

@@ -15,7 +15,7 @@ import struct
 
 import torch
 
-from ..engine.options import REDUCTIONS, Options
+from ..engine.options import IMPLS, REDUCTIONS, Options
 
 # The call's fingerprint: what must be the same on every rank of the split, because it decides
 # the size or the number of the collectives that follow (label smoothing and entropy add rows to
@@ -25,8 +25,15 @@ from ..engine.options import REDUCTIONS, Options
 # the call's other keywords and the hidden states' layout. The list is fixed, so the exchange
 # that carries it has the same size on every rank whatever the options: it cannot mismatch.
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
+# A function's own facts beyond Options and the call's common keywords: None where they do not
+# apply, so that a distillation on one rank and a loss on another disagree on the teacher's
+# fields instead of meeting in collectives of different sizes.
+FACTS = ("impl", "targets given", "student_logit_scale", "teacher_logit_scale",
+         "teacher_hidden size Dt", "teacher_hidden dtype", "teacher_hidden.requires_grad",
+         "tail", "teacher_ids K")
 _CHOICES = {"reduction": REDUCTIONS, "hidden dtype": _DTYPES, "torch.autocast": _DTYPES,
-            "memory_budget": ("auto",)}
+            "memory_budget": ("auto",), "impl": IMPLS, "teacher_hidden dtype": _DTYPES,
+            "tail": ("drop", "renormalize", "bucket")}
 # lse_out is return_lse as the backends see it: compared as return_lse, so that a disagreement
 # names the caller's argument, not an internal field; need_stats is named return_stats likewise.
 _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(Options) if f.name != "lse_out")
@@ -35,8 +42,8 @@ FIELDS = tuple(_CALLER_NAMES.get(f, f) for f in _OPTION_FIELDS) + (
     "shift", "return_lse", "reduce_hidden_grad", "token_weights given", "class_weight given",
     "temperature tensor given",
     "grad mode (torch.is_grad_enabled())", "hidden.requires_grad", "hidden dtype", "torch.autocast",
-    "hidden size D", "tokens (hidden rows after shift)")
-_SHAPE_FIELDS = frozenset(FIELDS[-2:])
+    "hidden size D", "tokens (hidden rows after shift)") + FACTS
+_SHAPE_FIELDS = frozenset(("hidden size D", "tokens (hidden rows after shift)"))
 _NONE, _BOOL, _INT, _FLOAT, _STR = range(5)
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -91,10 +98,15 @@ def _disabled(fn):
 # the option floats symbolically); its all-gather is a graph break anyway (a host sync).
 @eager
 def call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weights,
-               class_weight=None, temperature=None):
-    """This rank's call as 2 * len(FIELDS) int64s (all None when ``opts`` is None)."""
+               class_weight=None, temperature=None, facts=None):
+    """This rank's call as 2 * len(FIELDS) int64s (all None when ``opts`` is None). ``facts``:
+    the function's own values by :data:`FACTS` name (the others None)."""
     if opts is None:
         return [0] * (2 * len(FIELDS))
+    facts = facts or {}
+    unknown = set(facts) - set(FACTS)
+    if unknown:  # a new fact must be named in FACTS, so that every rank's list has its place
+        raise TypeError(f"cutce: cannot fingerprint {sorted(unknown)}: not in agreement.FACTS")
     is_tensor = isinstance(hidden, torch.Tensor)
     dtype = str(hidden.dtype).removeprefix("torch.") if is_tensor else None
     device = hidden.device.type if is_tensor else None
@@ -109,7 +121,8 @@ def call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weight
     values = [getattr(opts, name) for name in _OPTION_FIELDS] + [
         bool(shift), bool(return_lse), reduce_hidden_grad, token_weights is not None,
         class_weight is not None, temperature is not None, grad,
-        grad and is_tensor and hidden.requires_grad, dtype, autocast, d, rows]
+        grad and is_tensor and hidden.requires_grad, dtype, autocast, d, rows] + [
+        facts.get(name) for name in FACTS]
     return [c for name, v in zip(FIELDS, values) for c in _encode(name, v)]
 
 

@@ -25,18 +25,15 @@ import collections
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from . import agreement
 from .collectives import SumGradAcrossGroup, check_replicated, fingerprint, gather
-from .vocab import (VocabSlice, _dtensor_cls, _dtensor_slice, _fail, _layout,
-                    resolve_vocab_parallel)
+from .split import VocabSlice
 from ..backends.pytorch.common import Head, compute_dtype, softcap_
 from ..backends.pytorch.distill import chunk_rows
-from ..engine.options import IMPLS, Options
+from ..engine.options import Options
 
-__all__ = ["resolve_split", "vocab_parallel_distill_rows"]
+__all__ = ["vocab_parallel_distill_rows"]
 
 
 _Cfg = collections.namedtuple("_Cfg", "beta temperature cap_s cap_t ce_weight")
@@ -221,111 +218,3 @@ def vocab_parallel_distill_rows(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: T
     cfg = _Cfg(*opts.distill_scalars())
     with torch.autocast(hs.device.type, enabled=False):
         return _DistillRows.apply(hs, ws, bs, ht, wt, bt, targets, valid, cfg, vs)
-
-
-# Choices of the string-valued fields below, encoded by their index so that a disagreement can be
-# shown by name (agreement's own table covers the loss's fields only).
-_CHOICES = {"impl": IMPLS, "teacher_hidden dtype": ("float16", "bfloat16", "float32", "float64")}
-
-
-def _code(name, value):
-    if name in _CHOICES:
-        value = _CHOICES[name].index(value) if value in _CHOICES[name] else -1
-    return agreement._encode(name, value)
-
-
-def _decode(name, kind, payload):
-    value = agreement._decode(name, kind, payload)
-    if name in _CHOICES:
-        return _CHOICES[name][value] if 0 <= value < len(_CHOICES[name]) else "<other>"
-    return value
-
-
-def _unwrap_teacher(ht, wt, bt, vs):
-    """The teacher's plain tensors and its rows as (start, size, same group as the student's):
-    a Shard(0) DTensor knows them; plain tensors are taken to hold the student's rows."""
-    DTensor = _dtensor_cls()
-    span = None
-    if DTensor is not None and isinstance(wt, DTensor):
-        mesh, dim = _layout("teacher_weight", wt)
-        if isinstance(bt, DTensor) and tuple(bt.placements) != tuple(wt.placements):
-            _fail("teacher_bias placements", f"the teacher_weight's {tuple(wt.placements)}",
-                  tuple(bt.placements))
-        if dim is not None:
-            if vs is None:
-                _fail("teacher_weight placements", "no Shard(0) unless student_weight is split by "
-                      "vocabulary too (both heads split alike)", tuple(wt.placements))
-            group = mesh.get_group(dim)
-            tvs = _dtensor_slice(wt, dim, group, vs.reduce_hidden_grad)
-            same = dist.get_process_group_ranks(group) == dist.get_process_group_ranks(vs.group)
-            span = (tvs.start, tvs.stop - tvs.start, int(same))
-        wt = wt.to_local()
-    if DTensor is not None and isinstance(bt, DTensor):
-        _layout("teacher_bias", bt)
-        if span is None and any(not p.is_replicate() for p in bt.placements):
-            _fail("teacher_bias placements", "Replicate unless teacher_weight is a Shard(0) "
-                  "DTensor", tuple(bt.placements))
-        bt = bt.to_local()
-    if DTensor is not None and isinstance(ht, DTensor):
-        if any(not p.is_replicate() for p in ht.placements):
-            _fail("teacher_hidden placements", "Replicate", tuple(ht.placements))
-        ht = ht.to_local()
-    if vs is not None and span is None:
-        rows = wt.shape[0] if isinstance(wt, torch.Tensor) and wt.dim() == 2 else -1
-        span = (vs.start, rows, 1)
-    return ht, wt, bt, span
-
-
-@agreement.eager
-def _agree(vs, span, device, fields):
-    """One fixed-size all-gather of both heads' rows and the distillation's own options: a
-    teacher split unlike the student's, or ranks that disagree, raise alike on every rank
-    before any collective whose size depends on them (the loss's fields were checked already)."""
-    head = [vs.start, vs.stop - vs.start, *span]
-    codes = [c for name, v in fields.items() for c in _code(name, v)]
-    mine = torch.tensor([head + codes], dtype=torch.int64, device=device)
-    rows = gather(mine, vs.group).view(dist.get_world_size(vs.group), -1).tolist()
-    student, teacher = [tuple(r[:2]) for r in rows], [tuple(r[2:4]) for r in rows]
-    if teacher != student or not all(r[4] for r in rows):
-        where = "" if all(r[4] for r in rows) else " over another process group"
-        _fail("teacher_weight", f"the student_weight's vocabulary split ((start, rows) per group "
-              f"rank: {student})", f"{teacher}{where}")
-    for i, name in enumerate(fields):
-        vals = [tuple(r[5 + 2 * i:7 + 2 * i]) for r in rows]
-        if any(v != vals[0] for v in vals):
-            _fail(name, "the same value on every rank of the vocabulary split",
-                  f"{[_decode(name, *v) for v in vals]} (per group rank)")
-
-
-def resolve_split(student, teacher, targets, token_weights, vocab_group, vocab_start,
-                  reduce_hidden_grad: bool, opts, shift: bool, impl: str, options: dict):
-    """:func:`~cutce.parallel.vocab.resolve_vocab_parallel` for a distillation's two heads.
-
-    Args:
-        student, teacher: (hidden, weight, bias) of each head, as the caller passed them.
-        options: the distillation's own scalars by argument name (beta, temperature, ...), which
-            every rank must pass alike; opts, shift: the loss's (fingerprinted by the resolve).
-
-    Returns:
-        (student, teacher, targets, token_weights, vs): plain tensors and the student's
-        :class:`~cutce.parallel.vocab.VocabSlice` (None when not split). A split call checks, in
-        one collective, that the teacher's rows are the student's on every rank (a Shard(0)
-        DTensor of the same layout, or plain tensors of the same size) and that the ranks agree;
-        it raises on ``impl="triton"`` (the vocabulary-parallel distillation is the torch path's).
-    """
-    hs, ws, bs = student
-    hs, ws, bs, targets, token_weights, vs = resolve_vocab_parallel(
-        hs, ws, bs, targets, token_weights, vocab_group, vocab_start, reduce_hidden_grad,
-        opts=opts, shift=shift)
-    ht, wt, bt, span = _unwrap_teacher(*teacher, vs)
-    if vs is not None:
-        grad = torch.is_grad_enabled() and isinstance(ht, torch.Tensor) and ht.requires_grad
-        fields = {**options, "impl": impl,
-                  "teacher_hidden size Dt": ht.shape[-1] if isinstance(ht, torch.Tensor) else -1,
-                  "teacher_hidden dtype": str(getattr(ht, "dtype", "")).removeprefix("torch."),
-                  "teacher_hidden.requires_grad": grad}
-        _agree(vs, span, ws.device, fields)
-        if impl == "triton":
-            _fail("impl", "'torch' or 'auto' with a vocabulary split (the vocabulary-parallel "
-                  "distillation runs on the torch path)", repr(impl))
-    return (hs, ws, bs), (ht, wt, bt), targets, token_weights, vs

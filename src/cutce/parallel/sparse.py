@@ -11,15 +11,13 @@ states' gradient (each rank's share from the ids it owns) is summed over the gro
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .collectives import AllGatherRows, SumGradAcrossGroup, check_replicated, fingerprint, gather
-from .vocab import VocabSlice, _fail
-from . import agreement
+from .collectives import AllGatherRows, SumGradAcrossGroup, check_replicated, fingerprint
+from .split import VocabSlice
 from ..backends.pytorch.gather import gather_logits
 
-__all__ = ["agree", "vocab_parallel_gather"]
+__all__ = ["vocab_parallel_gather"]
 
 
 def vocab_parallel_gather(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor,
@@ -35,18 +33,3 @@ def vocab_parallel_gather(hidden: Tensor, weight: Tensor, bias: Tensor | None, i
     every = AllGatherRows.apply(rows, vs.group)  # (W, K + 1, N)
     check_replicated(every[:, -1].detach())
     return every[:, :-1].sum(dim=0).T
-
-
-@agreement.eager
-def agree(vs: VocabSlice, fields: dict, device) -> None:
-    """One fixed-size all-gather of the call's own options (ints, floats, bools or None, by
-    name): ranks that disagree raise the same ValueError, naming the first field, before any
-    collective whose size depends on them."""
-    codes = [c for name, v in fields.items() for c in agreement._encode(name, v)]
-    mine = torch.tensor([codes], dtype=torch.int64, device=device)
-    rows = gather(mine, vs.group).view(dist.get_world_size(vs.group), -1).tolist()
-    for i, name in enumerate(fields):
-        vals = [tuple(r[2 * i:2 * i + 2]) for r in rows]
-        if any(v != vals[0] for v in vals):
-            _fail(name, "the same value on every rank of the vocabulary split",
-                  f"{[agreement._decode(name, *v) for v in vals]} (per group rank)")

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import AllGatherRows, SumGradAcrossGroup, check_replicated, fingerprint, gather
-from .vocab import VocabSlice
+from .split import VocabSlice
 from ..backends.pytorch import truncated
 from ..engine.options import Options
 from ..engine.truncation import Truncation

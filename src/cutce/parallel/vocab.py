@@ -29,34 +29,21 @@ Gradient convention: every rank computes the same (replicated) loss, and its bac
 gradient of that one loss, not of the sum over ranks; so the collectives' backward passes the
 upstream gradient through unscaled (it is the same on every rank).
 
-Before all this, the first collective of each call (:func:`_exchange`, the same size on every
-rank) carries the layout and a fingerprint of the call's options, so ranks that disagree raise
-the same ValueError instead of meeting in collectives of different sizes (a gloo abort, an NCCL
-hang).
+Before all this, :func:`cutce.parallel.split.resolve` has located this rank's slice in one
+collective that also checks that every rank made the same call.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-
 import torch
 import torch.distributed as dist
 
-from . import agreement
-from .collectives import AllGatherRows, SumGradAcrossGroup, check_replicated, fingerprint, gather
+from .collectives import AllGatherRows, SumGradAcrossGroup, check_replicated, fingerprint
+from .split import VocabSlice
 from ..engine.contract import Parts, StatParts
 from ..engine.options import Options
 
-__all__ = ["VocabSlice", "combine_parts", "resolve_vocab_parallel", "vocab_parallel_parts", "vocab_slice"]
-
-
-
-def _fail(what, expected, got):
-    # Same message shape as cutce.api: these helpers are the api's validation of the
-    # distributed keywords, kept here so that api.py stays free of torch.distributed details.
-    raise ValueError(f"{what}: expected {expected}, got {got}")
-
+__all__ = ["combine_parts", "sum_over_group", "vocab_parallel_parts"]
 
 def combine_parts(parts, group, opts: Options, replicated=None):
     """Combine per-slice backend parts into whole-vocabulary parts, differentiably.
@@ -121,83 +108,6 @@ def combine_parts(parts, group, opts: Options, replicated=None):
 _IDX_BITS = 24
 
 
-@dataclasses.dataclass(frozen=True)
-class VocabSlice:
-    """This rank's place in a vocabulary-parallel layout.
-
-    Attributes:
-        group: the ProcessGroup. start, stop: this rank's classes are [start, stop).
-        vocab: the whole vocabulary size V. reduce_hidden_grad: whether backward sums dE.
-    """
-
-    group: object
-    start: int
-    stop: int
-    vocab: int
-    reduce_hidden_grad: bool = True
-
-
-def _check_sizes(sizes):
-    # Every rank sees all sizes, so a bad layout raises on all ranks alike (no rank left waiting
-    # in a collective).
-    if min(sizes) < 1:
-        _fail("weight", "at least one vocabulary row on every rank of the vocabulary split",
-              f"local sizes {sizes}")
-
-
-@agreement.eager
-def _exchange(group, head, codes, device):
-    """One all-gather of [*head, *codes] (fixed size on every rank); checks that the codes agree
-    and returns every rank's head, in group-rank order."""
-    mine = torch.tensor([list(head) + list(codes)], dtype=torch.int64, device=device)
-    rows = gather(mine, group).view(dist.get_world_size(group), -1).tolist()
-    agreement.check([row[len(head):] for row in rows])
-    return [row[:len(head)] for row in rows]
-
-
-def vocab_slice(group, local_vocab: int, vocab_start, device, reduce_hidden_grad=True,
-                codes=None) -> VocabSlice:
-    """This rank's [start, stop) and the global V, from one all-gather of (start, size) pairs
-    and the call's fingerprint (``codes``, from :func:`cutce.parallel.agreement.call_codes`; None: all fields None).
-
-    Done on every call (2 + 2 * len(agreement.FIELDS) int64 per rank, plus a host sync): a cache keyed by
-    anything a rank knows alone (its slice size) is unsound, since a rank whose key hits would
-    skip the collective that a rank whose key misses waits in. Every rank checks the gathered
-    layout and fingerprints, so a bad one raises on every rank alike.
-    """
-    codes = agreement.call_codes(None, False, False, True, None, None) if codes is None else codes
-    pairs = _exchange(group, (-1 if vocab_start is None else vocab_start, local_vocab), codes, device)
-    sizes = [n for _, n in pairs]
-    _check_sizes(sizes)
-    if vocab_start is None:
-        starts = [sum(sizes[:r]) for r in range(len(sizes))]
-    else:
-        starts = [s for s, _ in pairs]
-        spans = sorted(zip(starts, sizes))
-        edges = [0] + [s + n for s, n in spans[:-1]]
-        if -1 in starts or [s for s, _ in spans] != edges:
-            _fail("vocab_start", "slices that tile [0, V) without gaps or overlaps "
-                  "(the keyword on every rank)", f"(start, size) per rank {pairs}")
-    rank = dist.get_rank(group)
-    return VocabSlice(group, starts[rank], starts[rank] + sizes[rank], sum(sizes), reduce_hidden_grad)
-
-
-def _dtensor_slice(weight, mesh_dim, group, reduce_hidden_grad) -> VocabSlice:
-    """The slice of a Shard(0) DTensor from its metadata: no communication."""
-    from torch.distributed.tensor import Shard
-
-    vocab, world = weight.shape[0], weight.device_mesh.size(mesh_dim)
-    # DTensor splits like torch.chunk (uneven: ceil(V / W) rows, fewer on the last ranks).
-    split = getattr(Shard, "local_shard_size_and_offset", None) or Shard(0)._local_shard_size_and_offset
-    spans = [split(vocab, world, r) for r in range(world)]
-    _check_sizes([n for n, _ in spans])
-    n, start = spans[weight.device_mesh.get_local_rank(mesh_dim)]
-    if n != weight.to_local().shape[0]:
-        raise RuntimeError(f"cutce: DTensor local shard has {weight.to_local().shape[0]} rows, "
-                           f"expected {n} from its placements")
-    return VocabSlice(group, start, start + n, vocab, reduce_hidden_grad)
-
-
 def sum_over_group(x: torch.Tensor, vs: VocabSlice) -> torch.Tensor:
     """x summed over the ranks of the split (not differentiable: for constants such as class
     weights' per-token values and total, each rank holding its slice's share)."""
@@ -214,7 +124,7 @@ def vocab_parallel_parts(backend, hidden, weight, bias, targets, opts: Options, 
         backend: a local backend (``torch_impl.linear_lse_parts`` or the Triton op).
         hidden: (N, D), the same on every rank. weight: (stop - start, D); bias: (stop - start,)
             or None. targets: (N,) int64 global class ids (or ignore_index).
-        opts: validated Options. vs: from :func:`vocab_slice`. class_weight: this rank's slice of
+        opts: validated Options. vs: from :func:`cutce.parallel.split.resolve`. class_weight: this rank's slice of
             the class weights (stop - start,) or None (weights the zsum part). inv_temp: None or
             (N,) per-token inverse temperatures, the same on every rank (as hidden).
 
@@ -233,106 +143,3 @@ def vocab_parallel_parts(backend, hidden, weight, bias, targets, opts: Options, 
     if opts.need_stats:  # the local argmax as a global class id
         parts = parts._replace(amax=parts.amax + vs.start)
     return combine_parts(parts, vs.group, opts, replicated=fingerprint(hidden))
-
-
-def _dtensor_cls():
-    # No DTensor can exist before its module is imported: checking sys.modules keeps the
-    # plain single-device call from importing torch.distributed.tensor (slow to import).
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else module.DTensor
-
-
-def _layout(name, t):
-    """(mesh, mesh dim holding Shard(0) or None) of a DTensor; raises on other layouts."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    shard_dims = [i for i, p in enumerate(t.placements) if type(p) is Shard and p.dim == 0]
-    others = [p for i, p in enumerate(t.placements) if i not in shard_dims and not isinstance(p, Replicate)]
-    if others or len(shard_dims) > 1:
-        _fail(f"{name} placements", "Replicate, or Shard(0) on one mesh dimension and Replicate "
-              "on the others", tuple(t.placements))
-    return t.device_mesh, (shard_dims[0] if shard_dims else None)
-
-
-def replicated_local(name, t):
-    """``t`` as a plain tensor: a DTensor input that every rank holds whole (Replicate) becomes
-    its local tensor; other placements raise. Anything else is returned as it is."""
-    DTensor = _dtensor_cls()
-    if DTensor is None or not isinstance(t, DTensor):
-        return t
-    if any(not p.is_replicate() for p in t.placements):
-        _fail(f"{name} placements", "Replicate (redistribute first, or pass the local tensor "
-              "with reduce_hidden_grad=False for sequence-parallel layouts)", tuple(t.placements))
-    return t.to_local()
-
-
-def resolve_vocab_parallel(hidden, weight, bias, targets, token_weights, vocab_group, vocab_start,
-                           reduce_hidden_grad, opts=None, shift=False, return_lse=False,
-                           class_weight=None, tname="targets", temperature=None):
-    """Validate the distributed keywords, unwrap DTensors, and locate this rank's slice.
-
-    A weight that is a DTensor with Shard(0) on one mesh dimension is vocabulary-parallel over that
-    dimension's group (its local shard is this rank's slice; uneven shards are fine; the offsets
-    come from its metadata); a replicated DTensor is used as its local (full) tensor. Hidden
-    states, targets and token weights may be replicated DTensors. Bias follows the weight (a
-    DTensor with the weight's placements, or a plain tensor holding this rank's slice).
-    With ``vocab_group`` and plain tensors, the slice comes from :func:`vocab_slice` (collective).
-
-    Either way the first collective of a split call is one fixed-size all-gather that carries a
-    fingerprint of the call (``opts``, ``shift``, ``return_lse``, ``reduce_hidden_grad``, whether
-    per-token ``temperature`` is given (unwrapped by the caller, :func:`replicated_local`), grad
-    mode, hidden's shape/dtype/requires_grad, autocast): ranks that disagree all raise the same
-    ValueError naming the field, before any collective whose size depends on them.
-
-    Returns:
-        (hidden, weight, bias, targets, token_weights, vs): plain tensors, and a
-        :class:`VocabSlice` (None when the call is not vocabulary-parallel).
-    """
-    if not isinstance(reduce_hidden_grad, bool):
-        _fail("reduce_hidden_grad", "a bool", repr(reduce_hidden_grad))
-    if vocab_group is not None and not isinstance(vocab_group, dist.ProcessGroup):
-        _fail("vocab_group", "None or a torch.distributed.ProcessGroup", type(vocab_group).__name__)
-    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)
-                                    or vocab_start < 0):
-        _fail("vocab_start", "None or an int >= 0", repr(vocab_start))
-    if vocab_start is not None and vocab_group is None:
-        _fail("vocab_start", "None unless vocab_group is given", repr(vocab_start))
-    DTensor = _dtensor_cls()
-    vs = None
-    if DTensor is not None and isinstance(weight, DTensor):
-        mesh, dim = _layout("weight", weight)
-        if isinstance(bias, DTensor) and tuple(bias.placements) != tuple(weight.placements):
-            _fail("bias placements", f"the weight's {tuple(weight.placements)}", tuple(bias.placements))
-        if dim is not None:
-            group = mesh.get_group(dim)
-            if vocab_group is not None and (dist.get_process_group_ranks(vocab_group)
-                                            != dist.get_process_group_ranks(group)):
-                _fail("vocab_group", "None or the group of the weight's Shard(0) mesh dimension "
-                      f"(ranks {dist.get_process_group_ranks(group)})",
-                      f"ranks {dist.get_process_group_ranks(vocab_group)}")
-            if vocab_start is not None:
-                _fail("vocab_start", "None with a Shard(0) DTensor weight (it knows its offsets)",
-                      repr(vocab_start))
-            vs = _dtensor_slice(weight, dim, group, reduce_hidden_grad)
-        weight = weight.to_local()
-        device = weight.device
-    if DTensor is not None and isinstance(bias, DTensor):
-        _layout("bias", bias)
-        if vs is None and any(not p.is_replicate() for p in bias.placements):
-            _fail("bias placements", "Replicate unless the weight is a Shard(0) DTensor", tuple(bias.placements))
-        bias = bias.to_local()
-    hidden, targets, token_weights = (replicated_local(name, t) for name, t in (
-        ("hidden", hidden), (tname, targets), ("token_weights", token_weights)))
-    if vs is None and vocab_group is None:
-        return hidden, weight, bias, targets, token_weights, None
-    codes = agreement.call_codes(opts, shift, return_lse, reduce_hidden_grad, hidden, token_weights,
-                                 class_weight, temperature)
-    if vs is None:
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            _fail("weight", "a 2-D tensor (this rank's vocabulary slice)",
-                  tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__)
-        vs = vocab_slice(vocab_group, weight.shape[0], vocab_start, weight.device, reduce_hidden_grad,
-                         codes)
-    else:  # the DTensor knows the layout; the exchange only checks the fingerprints
-        _exchange(vs.group, (), codes, device)
-    return hidden, weight, bias, targets, token_weights, vs
