@@ -68,17 +68,18 @@ def settle(problem, name, device, **hints):
     return plan, problem
 
 
-def _fused_loss(be, name, problem, opts, plan):
-    """The backend's fused function when the plan fuses this call, else None. Under
-    torch.compile only static facts decide (never N, so that compile does not specialize on it)
-    and the op plans again at run time, possibly running the recompute kernels inside; in eager
-    code a call the plan would not fuse keeps the recompute strategy's own backward (gradients
-    allocated in the backward, not held from the forward on)."""
-    if not planner.may_fuse(problem, name):
-        return None
-    if plan is not None and not plan.fused:
-        return None
-    return be.fused_loss
+def plan_call(problem, name, device, hints=None):
+    """(plan, problem with a numeric budget, whether the call takes the fused strategy): the one
+    planning step of every function. ``hints``: None or a callable giving the backend's
+    planner hints (read in eager code only). Under torch.compile only static facts decide
+    (never N, so that compile does not specialize on it) and the op plans again at run time,
+    possibly running the recompute kernels inside; in eager code a call the plan would not fuse
+    keeps the recompute strategy's own backward (gradients allocated in the backward, not held
+    from the forward on)."""
+    eager = not torch.compiler.is_compiling()
+    plan, problem = settle(problem, name, device, **(hints() if hints and eager else {}))
+    fuses = planner.may_fuse(problem, name) and (plan is None or plan.fused)
+    return plan, problem, fuses
 
 
 def fallback_on_oom(err, problem, name):
@@ -306,15 +307,11 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     zsum_cw = cw.local if cw is not None and opts.need_zsum else None  # only smoothing reads it
     name = choose_backend(impl, h2)
     be = backends.load(name, "loss")
-    need_h, need_w = (t.requires_grad and torch.is_grad_enabled() for t in (h2, weight))
-    problem = Problem(h2.shape[0], weight.shape[0], h2.shape[1], h2.dtype, need_h, need_w,
-                      reduced=fusable and vs is None, memory_budget=opts.memory_budget,
-                      chunk_bytes=opts.chunk_bytes, smoothing=opts.label_smoothing > 0,
-                      filtered=opts.filter_eps is not None)
-    plan, problem = settle(problem, name, h2.device)
+    problem = Problem.of(h2, weight, opts, reduced=fusable and vs is None)
+    plan, problem, fuses = plan_call(problem, name, h2.device)
     if problem.memory_budget != opts.memory_budget:  # "auto" resolved, or the fallback
         opts = dataclasses.replace(opts, memory_budget=problem.memory_budget)
-    fused = _fused_loss(be, name, problem, opts, plan)
+    fused = be.fused_loss if fuses else None
     if (fused is not None and name == "triton" and cw is None and not opts.label_smoothing
             and not torch.compiler.is_compiling()):
         # eager Triton training call: one launch for the targets check's flag and the row

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from . import api, backends
-from .engine import planner
-from .engine.loss import mean_denominator
+from .engine.loss import token_coefs
 from .engine.problem import Problem
 from .parallel import distill as vocab_parallel
 from .parallel import split
@@ -223,17 +222,21 @@ def linear_distillation_loss(
     cdt = backend.compute_dtype(hs.dtype, ht.dtype)
     args = (hs, ws, bs, ht, wt, bt, t1)
     valid = t1 != ignore_index if given else torch.ones_like(t1, dtype=torch.bool)
-    coef = None if opts.reduction == "none" else _coefficients(t1, w1, valid, given,
-                                                                  opts.reduction, cdt)
-    fused, budget, plan = False, opts.memory_budget, None
+    coef = None if opts.reduction == "none" else token_coefs(valid, w1, opts.reduction, cdt)
+    fused, plan = False, None
     if vs is None and coef is not None:
-        fused, budget, plan = _fuses(name, backend, hs, ws, ht, wt, bt, w1, opts)
+        # a reduced call whose token weights are constants may form its gradients in the forward
+        problem = Problem.of(hs, ws, opts, reduced=not (w1 is not None and w1.requires_grad),
+                             teacher=(ht, wt, bt))
+        plan, settled, fused = api.plan_call(problem, name, hs.device,
+                                             lambda: backend.plan_hints(opts, hs.device))
     if fused:
         try:
-            out = backend.distill_total(*args, coef, dataclasses.replace(opts, memory_budget=budget),
-                                        plan=plan)
+            out = backend.distill_total(
+                *args, coef, dataclasses.replace(opts, memory_budget=settled.memory_budget),
+                plan=plan)
         except torch.OutOfMemoryError as err:
-            api.fallback_on_oom(err, _problem(hs, ws, ht, wt, bt, w1, beta, opts.memory_budget), name)
+            api.fallback_on_oom(err, problem, name)
             fused = False
     if not fused:  # per-token losses whose backward recomputes the logits (any upstream gradient)
         if vs is None:
@@ -251,45 +254,9 @@ def linear_distillation_loss(
     return out
 
 
-def _problem(hs, ws, ht, wt, bt, w1, beta, memory_budget):
-    grad = torch.is_grad_enabled()
-    return Problem(
-        hs.shape[0], ws.shape[0], hs.shape[1], hs.dtype, hs.requires_grad and grad,
-        ws.requires_grad and grad, reduced=not (w1 is not None and w1.requires_grad),
-        memory_budget=memory_budget, dt=ht.shape[1], teacher_dtype=ht.dtype, beta=beta,
-        teacher_grad=grad and any(t is not None and t.requires_grad for t in (ht, wt, bt)))
-
-
-def _fuses(name, backend, hs, ws, ht, wt, bt, w1, opts):
-    """(whether a reduced call takes the fused strategy, the numeric budget it runs with, the
-    plan): the planner's answer for the device's free memory (under torch.compile only its
-    static part, and no plan: the op plans at run time)."""
-    memory_budget = opts.memory_budget
-    problem = _problem(hs, ws, ht, wt, bt, w1, opts.beta, memory_budget)
-    if torch.compiler.is_compiling():
-        budget = None if memory_budget == "auto" else memory_budget
-        fuses = planner.may_fuse(dataclasses.replace(problem, memory_budget=budget), name)
-        return fuses, budget, None
-    plan, problem = api.settle(problem, name, hs.device, **backend.plan_hints(opts, hs.device))
-    return plan.fused, problem.memory_budget, plan
-
-
 def _scaled(h, b, scale):
     """A logit scale s folded into the head's inputs: s (h W^T + b) = (s h) W^T + s b."""
     if scale == 1.0:
         return h, b
     cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
     return (h.to(cdt) * scale).to(h.dtype), None if b is None else (b.to(cdt) * scale).to(b.dtype)
-
-
-def _coefficients(t1, w1, valid, given, reduction, cdt):
-    """Each row's weight in the total: w_i on valid rows, 0 on ignored ones, divided by "mean"'s
-    denominator (the loss's rule: 0 with zero gradients when nothing is valid, NaN when the
-    valid rows' weights sum to 0). Differentiable in the token weights."""
-    if w1 is None and not given:  # every token counts: the weights are known on the host
-        w = 1.0 / max(t1.numel(), 1) if reduction == "mean" else 1.0
-        return torch.full(t1.shape, w, dtype=cdt, device=t1.device)
-    coef = valid.to(cdt) if w1 is None else torch.where(valid, w1.to(cdt), 0.0)
-    if reduction == "mean":
-        coef = coef / mean_denominator(coef.sum(), valid)
-    return coef

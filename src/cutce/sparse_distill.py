@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import api
 from .backends.pytorch.gather import gather_logits
-from .engine.loss import mean_denominator
+from .engine.loss import token_coefs
 from .parallel import sparse as sparse_parallel
 from .parallel import split
 from .validate import check_ce_weight, check_impl, check_real, fail, make_options
@@ -206,7 +206,7 @@ def linear_sparse_distillation_loss(
 
     merged = temperature == 1.0  # one pass serves D's lse and the CE's
     if opts.reduction != "none" and tail != "bucket":
-        coef = _coefficients(valid, w1, opts.reduction, cdt)
+        coef = token_coefs(valid, w1, opts.reduction, cdt)
         total = (coef * torch.where(valid, _masked_rest(d_rest, z_ce, ce_weight), 0.0)).sum()
         a_t = coef * (1.0 - ce_weight) * mass if full_lse else None
         a_1 = coef * ce_weight if ce_weight > 0.0 else None
@@ -236,7 +236,7 @@ def linear_sparse_distillation_loss(
             out = rows if w1 is None else torch.where(valid, rows * w1.to(cdt), 0.0)
             out = out.reshape(out_shape)
         else:
-            out = (rows * _coefficients(valid, w1, opts.reduction, cdt)).sum()
+            out = (rows * token_coefs(valid, w1, opts.reduction, cdt)).sum()
     for pending in (check, check_ids):
         if pending is not None:
             pending()
@@ -276,15 +276,6 @@ def _masked_rest(d_rest, z_ce, ce_weight):
     """The reduced loss's per-token terms beyond the passes' lse: (1 - c) D_rest - c z[target]."""
     out = 0.0 if d_rest is None else (1.0 - ce_weight) * d_rest
     return out - ce_weight * z_ce if ce_weight > 0.0 else out
-
-
-def _coefficients(valid, w1, reduction, cdt):
-    """Each token's weight in the total: w_i where it counts, 0 elsewhere, divided by "mean"'s
-    denominator (0 with zero gradients when nothing counts, NaN when their weights sum to 0)."""
-    coef = valid.to(cdt) if w1 is None else torch.where(valid, w1.to(cdt), 0.0)
-    if reduction == "mean":
-        coef = coef / mean_denominator(coef.sum(), valid)
-    return coef
 
 
 def _check_teacher(hidden, ids, lp, shift):

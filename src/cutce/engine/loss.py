@@ -43,17 +43,26 @@ def valid_weights(valid, token_weights, dtype):
     return valid.to(dtype) if token_weights is None else torch.where(valid, token_weights.to(dtype), 0.0)
 
 
+def token_coefs(valid, token_weights, reduction, dtype, of_target=None):
+    """Each row's weight in a reduced total, the one rule of every function: w_i (1 without
+    token weights) where ``valid``, 0 elsewhere; "mean" divides by sum_valid w_i a_i (a: each
+    target's class weight, ``of_target``; 1 without), see :func:`mean_denominator`.
+    Differentiable in the token weights."""
+    w = valid_weights(valid, token_weights, dtype)
+    if reduction != "mean":
+        return w
+    denom = w.sum() if of_target is None else (w * of_target).sum()
+    # NaN on valid rows when their weights sum to 0; ignored rows stay 0 whatever the divisor
+    return torch.where(valid, w / mean_denominator(denom, valid), 0.0)
+
+
 def row_coefs(valid, token_weights, opts: Options, dtype, cw, vocab):
     """(4, N) coefficients of each row's lse, -zt, -zsum/V (zsum class-weighted with class
     weights) and lse^2 in the reduced loss (see _loss_from_parts): token and class weights,
     label smoothing, z-loss and "mean"'s 1/sum folded in. Tensors, not float arguments of the
     op, so that compile does not specialize on the option values."""
-    w = valid_weights(valid, token_weights, dtype)
     a = 1.0 if cw is None else cw.of_target
-    if opts.reduction == "mean":
-        denom = (w * a).sum() if cw is not None else w.sum()
-        # NaN on valid rows when their weights sum to 0 (see mean_denominator); ignored rows 0
-        w = torch.where(valid, w / mean_denominator(denom, valid), 0.0)
+    w = token_coefs(valid, token_weights, opts.reduction, dtype, None if cw is None else a)
     ls = opts.label_smoothing
     s = 1.0 if cw is None else cw.total / vocab
     if cw is None and ls == 0:

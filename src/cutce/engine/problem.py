@@ -54,6 +54,25 @@ class Problem:
     beta: float = 0.0
     filtered: bool = False
 
+    @classmethod
+    def of(cls, hidden, weight, opts, *, reduced: bool, teacher=None) -> Problem:
+        """The problem of a validated, flattened call, built the same way by every function:
+        hidden (N, D) and weight (V, D) after autocast, ``opts`` its
+        :class:`~cutce.engine.options.Options`, ``teacher`` a distillation's (hidden (N, Dt),
+        weight (V, Dt), bias or None). The gradients are those autograd asks for in the current
+        grad mode."""
+        grad = torch.is_grad_enabled()
+        facts = {}
+        if teacher is not None:
+            facts = dict(dt=teacher[0].shape[1], teacher_dtype=teacher[0].dtype, beta=opts.beta,
+                         teacher_grad=grad and any(t is not None and t.requires_grad
+                                                   for t in teacher))
+        return cls(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype,
+                   grad and hidden.requires_grad, grad and weight.requires_grad, reduced=reduced,
+                   memory_budget=opts.memory_budget, chunk_bytes=opts.chunk_bytes,
+                   smoothing=opts.label_smoothing > 0, filtered=opts.filter_eps is not None,
+                   **facts)
+
     @property
     def distill(self) -> bool:
         return self.dt > 0
