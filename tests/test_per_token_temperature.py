@@ -73,7 +73,8 @@ def _check(gen, impl, dtype, tol, softcap=None, scale=1.0, shift=False, bias=Tru
     ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
     h64, w64, b64 = ref_leaves + [None] * (3 - len(ref_leaves))
     want = _reference(h64, w64, t, b64, temp.to(dtype), **opts)
-    g1, g2 = (torch.randn(want[0].shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    g1, g2 = (torch.randn(want[0].shape, generator=gen, dtype=torch.float64).to(want[0].device)
+              for _ in range(2))
     got_g = torch.autograd.grad((out[0].double() * g1 + out[1].double() * g2).sum(), leaves)
     want_g = torch.autograd.grad((want[0] * g1 + want[1] * g2).sum(), ref_leaves)
     names = ("logp", "entropy", "dE", "dC", "dbias")
@@ -118,6 +119,12 @@ def test_triton_kernels(gen, monkeypatch, poisoned, dtype, budget, case):
     real = kept.backward
     monkeypatch.setattr(kept, "backward", lambda *a, **k: calls.append(1) or real(*a, **k))
     tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    if budget == BIG and dtype == torch.float16:
+        # the kept logits are rounded to float16 before the backward's softmax, and 1 / T up to
+        # 3.3 scales that rounding: test_kept_logits's bound for the keep strategy at tiny shapes
+        # (on an H100 these cases reach 7e-3; at real shapes the benchmark's errors are within
+        # PyTorch's own, see benchmarks/results/log_probs_cuda_h100*.json)
+        tol = 3e-2
     _check(gen, "triton", dtype, tol, memory_budget=budget, **case)
     assert len(calls) == (budget == BIG)
 
