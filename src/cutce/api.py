@@ -76,8 +76,11 @@ def plan_call(problem, name, device, hints=None):
     possibly running the recompute kernels inside; in eager code a call the plan would not fuse
     keeps the recompute strategy's own backward (gradients allocated in the backward, not held
     from the forward on)."""
+    # "is not None", not the callable's truth: dynamo before torch 2.13 cannot branch on a
+    # function made inside the traced frame (a "data-dependent branching" error)
     eager = not torch.compiler.is_compiling()
-    plan, problem = settle(problem, name, device, **(hints() if hints and eager else {}))
+    plan, problem = settle(problem, name, device,
+                           **(hints() if eager and hints is not None else {}))
     fuses = planner.may_fuse(problem, name) and (plan is None or plan.fused)
     return plan, problem, fuses
 
