@@ -68,6 +68,9 @@ DISAGREE = {
     "chunk_bytes": _kw_case("chunk_bytes", 1024, None),
     "temperature": _kw_case("temperature", 0.5, 1.0, fn=linear_log_probs),
     "need_entropy": _kw_case("need_entropy", True, False, key="return_entropy", fn=linear_log_probs),
+    # rank 0 takes the truncated path, rank 1 the untruncated one: the same first exchange
+    "top_p": _kw_case("top_p", 0.9, None, fn=linear_log_probs),
+    "min_p": _kw_case("min_p", 0.1, 0.2, fn=linear_log_probs),
     "token_weights": ("token_weights given", True, False,
                       lambda r, g: _split_call(r, g, token_weights=_on0(r, _TW, None))),
     "temperature tensor": ("temperature tensor given", True, False,

@@ -59,9 +59,13 @@ def _cases(rank):
         except Exception as e:  # report, so that every rank still finishes its collectives
             failures.append(f"{name}: {str(e)[:300]}")
     h, w, t = torch.randn(4, 6), torch.randn(V, 6)[start:stop], torch.zeros(4, dtype=torch.long)
+    # The truncation is part of Options, so the call's agreement exchange names what differs.
     expect_value_error("settings differ", lambda: cutce.linear_log_probs(
         h, w, t, top_k=3 + rank, vocab_group=dist.group.WORLD),
-        "top_k/top_p/min_p: expected the same settings on every rank", failures)
+        "vocab_group ranks disagree on top_k: rank 0 has 3, rank 1 has 4, rank 2 has 5", failures)
+    expect_value_error("top_p differs", lambda: cutce.linear_log_probs(
+        h, w, t, top_p=0.5 if rank else 0.9, vocab_group=dist.group.WORLD),
+        "vocab_group ranks disagree on top_p: rank 0 has 0.9, ranks 1, 2 have 0.5", failures)
     return failures
 
 

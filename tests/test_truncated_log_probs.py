@@ -178,17 +178,16 @@ def test_off_settings_are_the_untruncated_path(gen):
 def test_chunks_agree(gen):
     """Token chunks of a few rows (the backward masks with the forward's thresholds)."""
     from cutce.backends.pytorch import truncated
-    from cutce.engine.truncation import make_truncation
     from cutce.validate import make_options
 
     h, w, b, t, _ = make_case(gen, 40, 6, 33, torch.float64)
-    opts = make_options(torch.float64, reduction="none", temperature=0.8, need_entropy=True)
-    trunc = make_truncation(4, 0.9, 0.01)
+    opts = make_options(torch.float64, reduction="none", temperature=0.8, need_entropy=True,
+                        top_k=4, top_p=0.9, min_p=0.01)
     outs = []
     for chunk in (None, 33 * 8 * 6 * 3):  # one chunk, then 3 rows a chunk
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         lse, zt, pz, kept = truncated.truncated_parts(hh.reshape(-1, 6), ww, b, t.reshape(-1),
-                                                      opts, trunc, chunk_bytes=chunk)
+                                                      opts, chunk_bytes=chunk)
         (lse.sum() + (pz * 0.3).sum() - zt.sum()).backward()
         outs.append([lse, pz, kept, hh.grad, ww.grad])
     for a, r in zip(*outs):

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from . import api
-from .engine.truncation import make_truncation
 from .truncated_log_probs import truncated_log_probs
 from .validate import autocast_dtype, fail, make_options
 
@@ -135,17 +134,17 @@ def linear_log_probs(
                         reduction="none", softcap=softcap, logit_scale=logit_scale,
                         temperature=1.0 if per_token is not None else temperature,
                         need_entropy=bool(return_entropy) or return_stats is True,
-                        memory_budget=memory_budget, need_stats=return_stats is True)
+                        memory_budget=memory_budget, need_stats=return_stats is True,
+                        top_k=top_k, top_p=top_p, min_p=min_p)
     if not isinstance(return_entropy, bool):
         fail("return_entropy", "a bool", repr(return_entropy))
     if not isinstance(return_stats, bool):
         fail("return_stats", "a bool", repr(return_stats))
-    trunc = make_truncation(top_k, top_p, min_p)
-    if trunc is not None and per_token is not None:
+    if opts.truncates and per_token is not None:
         fail("temperature", "a float with top_k/top_p/min_p (truncation at per-token "
              "temperatures is not implemented)", "a tensor")
-    if trunc is not None:
-        return truncated_log_probs(hidden, weight, tokens, bias, shift, impl, opts, trunc,
+    if opts.truncates:
+        return truncated_log_probs(hidden, weight, tokens, bias, shift, impl, opts,
                                    return_entropy, return_stats, vocab_group, vocab_start,
                                    reduce_hidden_grad)
     call = api.compute_parts(hidden, weight, tokens, bias, None, shift, impl, opts, vocab_group,

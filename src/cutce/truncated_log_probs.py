@@ -12,7 +12,6 @@ import torch
 
 from .backends.pytorch import truncated
 from .engine.options import Options
-from .engine.truncation import Truncation
 from .parallel import split
 from .parallel import truncated as vocab_parallel
 from .validate import check_impl, fail, prepare
@@ -21,9 +20,10 @@ _WHO = "top_k/top_p/min_p"
 
 
 def truncated_log_probs(hidden, weight, tokens, bias, shift, impl, opts: Options,
-                        trunc: Truncation, return_entropy: bool, return_stats: bool,
-                        vocab_group=None, vocab_start=None, reduce_hidden_grad=True):
-    """logp, or (logp, entropy), of the truncated distribution (see linear_log_probs)."""
+                        return_entropy: bool, return_stats: bool, vocab_group=None,
+                        vocab_start=None, reduce_hidden_grad=True):
+    """logp, or (logp, entropy), of the distribution ``opts.top_k``/``top_p``/``min_p`` truncate
+    (see linear_log_probs)."""
     if return_stats:
         fail("return_stats", f"False with {_WHO} (the metrics are the untruncated "
              "distribution's; call without truncation for them)", "True")
@@ -31,7 +31,9 @@ def truncated_log_probs(hidden, weight, tokens, bias, shift, impl, opts: Options
     if impl == "triton":
         fail("impl", f"'auto' or 'torch' for {_WHO} (the Triton kernels do not truncate yet)",
              repr(impl))
-    # Collective when split (every rank must call), as for the untruncated call.
+    # Collective when split (every rank must call), as for the untruncated call: its
+    # fingerprint holds opts, so ranks whose truncation differs raise here, before any
+    # collective whose size depends on it.
     hidden, weight, bias, tokens, _, vs, _ = split.resolve(
         hidden, weight, bias, tokens, None, vocab_group, vocab_start, reduce_hidden_grad,
         opts=opts, shift=shift, tname="tokens", facts={"impl": impl})
@@ -39,11 +41,10 @@ def truncated_log_probs(hidden, weight, tokens, bias, shift, impl, opts: Options
         hidden, weight, tokens, bias, None, shift, opts.ignore_index,
         vocab=None if vs is None else vs.vocab, tname="tokens")
     if vs is None:
-        lse, zt, pz, kept = truncated.truncated_parts(h2, weight, bias, t1, opts, trunc)
+        lse, zt, pz, kept = truncated.truncated_parts(h2, weight, bias, t1, opts)
     else:
-        lse, zt, pz, kept = vocab_parallel.vocab_parallel_truncated_parts(
-            h2, weight, bias, t1, opts, trunc,
-                                                                 vs)
+        lse, zt, pz, kept = vocab_parallel.vocab_parallel_truncated_parts(h2, weight, bias, t1,
+                                                                          opts, vs)
     if check is not None:
         check()
     valid = t1 != opts.ignore_index

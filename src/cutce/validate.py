@@ -56,10 +56,29 @@ def _memory_budget(budget):
     return check_real("memory_budget", budget, lo=0.0)
 
 
+def _truncation(top_k, top_p, min_p):
+    """A sampler's settings with the values that keep every token as None.
+
+    top_p = 1.0 and min_p = 0.0 keep every token (vLLM's defaults), so they count as off: a
+    call with only those runs the untruncated path, bit for bit.
+    """
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        fail("top_k", "None or a positive int (vLLM's -1 or 0, no top-k, is None here)",
+             repr(top_k))
+    if top_p is not None:
+        top_p = check_real("top_p", top_p, lo=0.0, lo_open=True, hi=1.0)
+        top_p = None if top_p == 1.0 else top_p
+    if min_p is not None:
+        min_p = check_real("min_p", min_p, lo=0.0, hi=1.0)
+        min_p = None if min_p == 0.0 else min_p
+    return top_k, top_p, min_p
+
+
 def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                  softcap=None, logit_scale=1.0, temperature=1.0, filter_eps=None,
                  need_entropy=False, chunk_bytes=None,
-                 memory_budget=None, lse_out=False, need_stats=False) -> Options:
+                 memory_budget=None, lse_out=False, need_stats=False,
+                 top_k=None, top_p=None, min_p=None) -> Options:
     """Validate scalar options and bundle them (``dtype`` resolves ``filter_eps="auto"``)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         fail("ignore_index", "an int", repr(ignore_index))
@@ -70,6 +89,7 @@ def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                     or chunk_bytes < 1):
         fail("chunk_bytes", "None or a positive int", repr(chunk_bytes))
+    top_k, top_p, min_p = _truncation(top_k, top_p, min_p)
     return Options(
         ignore_index=ignore_index,
         reduction=reduction,
@@ -84,6 +104,9 @@ def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=
         memory_budget=_memory_budget(memory_budget),
         lse_out=bool(lse_out),
         need_stats=bool(need_stats),
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
     )
 
 

@@ -59,6 +59,22 @@ class Options:
             the divergence (0 forward KL, 1 reverse KL, else the JSD), the teacher head's
             softcap (None or > 0; ``softcap`` is the student's), the CE term's weight. The
             distillation's ``temperature`` divides both heads' logits for the divergence.
+        top_k, top_p, min_p: a sampler's truncation (cutce.linear_log_probs), None where that
+            step is off: top_k an int >= 1 (a k at or above V keeps everything), top_p in
+            (0, 1), min_p in (0, 1] (the api turns top_p = 1.0 and min_p = 0.0, which keep every
+            token, into None, so that such a call runs the untruncated path bit for bit). The
+            kept set of a row of z, in the order vLLM's v1 sampler applies them (temperature
+            first, then min-p, then top-k, then top-p)::
+
+                min-p:  keep j where softmax(z)_j >= min_p * max_i softmax(z)_i
+                top-k:  keep j where z_j >= the k-th largest of the logits min-p kept (ties kept)
+                top-p:  over the softmax of what is left, sorted ascending, drop the tokens whose
+                        cumulative probability (their own included) is <= 1 - top_p; the
+                        largest is always kept, and a token tied with a kept one is kept
+
+            Each step keeps every logit at or above some value, so the kept set of a row is
+            ``{j : z_j >= threshold}`` for one threshold per row (see
+            cutce.backends.pytorch.truncated).
     """
 
     ignore_index: int = -100
@@ -77,6 +93,14 @@ class Options:
     beta: float = 0.0
     teacher_softcap: float | None = None
     ce_weight: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+
+    @property
+    def truncates(self) -> bool:
+        """Whether a sampler's truncation is on (the log-probs then run the truncated path)."""
+        return self.top_k is not None or self.top_p is not None or self.min_p is not None
 
     @property
     def need_zsum(self) -> bool:

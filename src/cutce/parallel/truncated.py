@@ -1,8 +1,8 @@
 """A truncated sampler's log-probs (min-p, top-k, top-p) with the classifier split by vocabulary.
 
-The kept set of a row is ``{j : z_j >= thr}`` (see :mod:`cutce.engine.truncation`), so the ranks
-only need to agree on one threshold per token; then each rank runs the single-device op on its
-slice with that threshold and the slices' parts combine as the untruncated ones do
+The kept set of a row is ``{j : z_j >= thr}`` (see :class:`cutce.engine.options.Options`), so
+the ranks only need to agree on one threshold per token; then each rank runs the single-device op
+on its slice with that threshold and the slices' parts combine as the untruncated ones do
 (:func:`cutce.parallel.vocab.combine_parts`): lse = logsumexp_r lse_r, pz = sum_r e^(lse_r - lse)
 pz_r, zt and "kept" from the owner of the target. The thresholds, per chunk of tokens, without
 any logits leaving a rank:
@@ -28,20 +28,6 @@ from .collectives import AllGatherRows, SumGradAcrossGroup, check_replicated, fi
 from .split import VocabSlice
 from ..backends.pytorch import truncated
 from ..engine.options import Options
-from ..engine.truncation import Truncation
-
-
-def _check_same(trunc: Truncation, group, device):
-    """Raise the same ValueError on every rank when the ranks' settings differ (before the
-    collectives whose sizes depend on them)."""
-    mine = torch.tensor([-1.0 if v is None else float(v)
-                         for v in (trunc.top_k, trunc.top_p, trunc.min_p)],
-                        dtype=torch.float64, device=device)
-    every = gather(mine, group).cpu()
-    if not bool((every == every[0]).all()):
-        rows = [tuple(None if v < 0 else v for v in r.tolist()) for r in every]
-        raise ValueError(f"top_k/top_p/min_p: expected the same settings on every rank of "
-                         f"vocab_group, got (top_k, top_p, min_p) per rank {rows}")
 
 
 def _codes(x):
@@ -126,21 +112,21 @@ def thresholds(hidden, weight, bias, cfg, vs: VocabSlice):
     return out
 
 
-def vocab_parallel_truncated_parts(hidden, weight, bias, targets, opts: Options,
-                                   trunc: Truncation, vs: VocabSlice):
+def vocab_parallel_truncated_parts(hidden, weight, bias, targets, opts: Options, vs: VocabSlice):
     """(lse, zt, pz, kept) of the whole vocabulary's truncated distribution, equal on every
     rank (see :func:`cutce.backends.pytorch.truncated.truncated_parts`). Backward gives weight
     and bias their slice's gradient and hidden the full one (this rank's share without
-    ``vs.reduce_hidden_grad``)."""
-    _check_same(trunc, vs.group, hidden.device)
-    cfg = truncated.make_cfg(opts, trunc)
+    ``vs.reduce_hidden_grad``).
+
+    The ranks' top_k, top_p and min_p, which size the collectives below, were checked equal by
+    the call's agreement exchange (they are ``Options`` fields, so its fingerprint holds them)."""
+    cfg = truncated.make_cfg(opts)
     thr = thresholds(hidden, weight, bias, cfg, vs)
     if vs.reduce_hidden_grad and hidden.requires_grad:
         hidden = SumGradAcrossGroup.apply(hidden, vs.group)
     mine = (targets >= vs.start) & (targets < vs.stop)
     local = torch.where(mine, targets - vs.start, -1)
-    lse_r, zt_r, pz_r, kept_r = truncated.truncated_parts(hidden, weight, bias, local, opts, trunc,
-                                                          thr=thr)
+    lse_r, zt_r, pz_r, kept_r = truncated.truncated_parts(hidden, weight, bias, local, opts, thr=thr)
     rows = [lse_r, zt_r, pz_r, kept_r.to(lse_r.dtype), fingerprint(hidden).detach().to(lse_r.dtype)]
     every = AllGatherRows.apply(torch.stack(rows), vs.group)  # (W, 5, N)
     check_replicated(every[:, -1].detach())

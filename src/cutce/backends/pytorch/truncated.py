@@ -1,7 +1,8 @@
 """Log-probs of a truncated sampler's distribution (min-p, top-k, top-p), chunked on the torch path.
 
 Per token i, with z the transformed logits (as in :mod:`cutce.backends.pytorch.ce`) and K_i the
-kept set of :mod:`cutce.engine.truncation` (``{j : z_ij >= thr_i}``)::
+kept set of the options' ``top_k``/``top_p``/``min_p`` (``{j : z_ij >= thr_i}``, see
+:class:`cutce.engine.options.Options`)::
 
     lse_i  = logsumexp_{j in K_i} z_ij
     zt_i   = z_{i, t_i}                        (0 where t_i is not in [0, V))
@@ -26,7 +27,6 @@ from typing import NamedTuple
 import torch
 
 from ...engine.options import Options
-from ...engine.truncation import Truncation
 from . import common
 from .ce import DEFAULT_CHUNK_BYTES, _logits, _valid_targets, compute_dtype
 
@@ -50,10 +50,10 @@ _CFG_SCHEMA = ("float logit_scale, float? softcap, float temperature, int? top_k
                "float? min_p, bool need_entropy, int? chunk_bytes")
 
 
-def make_cfg(opts: Options, trunc: Truncation, chunk_bytes=None) -> _Cfg:
+def make_cfg(opts: Options, chunk_bytes=None) -> _Cfg:
     """The op's configuration (also what the vocabulary-parallel thresholds read)."""
-    return _Cfg(float(opts.logit_scale), opts.softcap, float(opts.temperature), trunc.top_k,
-                trunc.top_p, trunc.min_p, opts.need_entropy,
+    return _Cfg(float(opts.logit_scale), opts.softcap, float(opts.temperature), opts.top_k,
+                opts.top_p, opts.min_p, opts.need_entropy,
                 opts.chunk_bytes if chunk_bytes is None else chunk_bytes)
 
 
@@ -225,15 +225,14 @@ def _parts_backward(ctx, g_lse, g_zt, g_pz, _g_thr, _g_kept):
 _parts_op.register_autograd(_parts_backward, setup_context=_setup_context)
 
 
-def truncated_parts(hidden, weight, bias, targets, opts: Options, trunc: Truncation,
-                    chunk_bytes=None, thr=None):
+def truncated_parts(hidden, weight, bias, targets, opts: Options, chunk_bytes=None, thr=None):
     """The truncated distribution's parts on the torch path.
 
     Args:
         hidden: (N, D) float tensor; weight: (V, D), same dtype and device; bias: (V,) or None.
         targets: (N,) int64; entries outside [0, V) give zt = 0 and kept = False.
-        opts: validated :class:`Options` (logit_scale, softcap, temperature, need_entropy).
-        trunc: validated :class:`Truncation`.
+        opts: validated :class:`Options` (logit_scale, softcap, temperature, need_entropy and
+            the truncation: top_k, top_p, min_p).
         chunk_bytes: cap on one chunk's temporaries (default 256 MiB).
         thr: None, or (N,) each row's threshold, found elsewhere (over the whole vocabulary
             when ``weight`` is one slice of it): the kept set is then ``z >= thr`` and lse, pz
@@ -247,7 +246,7 @@ def truncated_parts(hidden, weight, bias, targets, opts: Options, trunc: Truncat
             zt = z.gather(1, targets[:, None])[:, 0]; kept = K.gather(1, targets[:, None])[:, 0]
             pz = (torch.softmax(z.masked_fill(~K, -inf), -1) * z.masked_fill(~K, 0)).sum(-1)
     """
-    cfg = make_cfg(opts, trunc, chunk_bytes)
+    cfg = make_cfg(opts, chunk_bytes)
     lse, zt, pz, _, kept = _parts_op(hidden, weight, bias, targets,
                                      None if thr is None else thr.detach(), *cfg)
     return lse, zt, pz, kept

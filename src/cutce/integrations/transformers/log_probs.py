@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ...log_probs import linear_log_probs
-from ...engine.truncation import make_truncation
 from ...validate import check_options, fail
 from .heads import UnsupportedModelError, head_apply, run_without_logits, transformers_model
 
@@ -86,7 +85,7 @@ def token_log_probs(
     """
     shape = _check_args(input_ids, attention_mask, logits_to_keep, temperature, return_entropy,
                         model_kwargs)
-    make_truncation(top_k, top_p, min_p)  # before the model runs
+    check_options(top_k=top_k, top_p=top_p, min_p=min_p)  # before the model runs
     base = transformers_model(model)
     from transformers import PreTrainedModel
 
