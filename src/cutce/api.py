@@ -70,17 +70,13 @@ def settle(problem, name, device, **hints):
 
 def plan_call(problem, name, device, hints=None):
     """(plan, problem with a numeric budget, whether the call takes the fused strategy): the one
-    planning step of every function. ``hints``: None or a callable giving the backend's
-    planner hints (read in eager code only). Under torch.compile only static facts decide
-    (never N, so that compile does not specialize on it) and the op plans again at run time,
-    possibly running the recompute kernels inside; in eager code a call the plan would not fuse
-    keeps the recompute strategy's own backward (gradients allocated in the backward, not held
-    from the forward on)."""
-    # "is not None", not the callable's truth: dynamo before torch 2.13 cannot branch on a
-    # function made inside the traced frame (a "data-dependent branching" error)
-    eager = not torch.compiler.is_compiling()
-    plan, problem = settle(problem, name, device,
-                           **(hints() if eager and hints is not None else {}))
+    planning step of every function. ``hints``: the backend's planner hints (a dict), read in
+    eager code only; under torch.compile only static facts decide (never N, so that compile
+    does not specialize on it) and the op plans again at run time, possibly running the
+    recompute kernels inside. In eager code a call the plan would not fuse keeps the recompute
+    strategy's own backward (gradients allocated in the backward, not held from the forward
+    on)."""
+    plan, problem = settle(problem, name, device, **(hints or {}))
     fuses = planner.may_fuse(problem, name) and (plan is None or plan.fused)
     return plan, problem, fuses
 

@@ -228,8 +228,9 @@ def linear_distillation_loss(
         # a reduced call whose token weights are constants may form its gradients in the forward
         problem = Problem.of(hs, ws, opts, reduced=not (w1 is not None and w1.requires_grad),
                              teacher=(ht, wt, bt))
-        plan, settled, fused = api.plan_call(problem, name, hs.device,
-                                             lambda: backend.plan_hints(opts, hs.device))
+        # the hints read the device's configuration: eager code only (none in a traced graph)
+        hints = None if torch.compiler.is_compiling() else backend.plan_hints(opts, hs.device)
+        plan, settled, fused = api.plan_call(problem, name, hs.device, hints)
     if fused:
         try:
             out = backend.distill_total(
