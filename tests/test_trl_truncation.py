@@ -84,7 +84,7 @@ def build(truncation, make, *models, **kwargs):
         ctrl.unpatch()
 
 
-# --- which settings, which models ----------------------------------------------------------------
+# --- which settings, which models ---------------------------------------------------------------
 
 SETTINGS = {  # args changes -> the truncation read from them
     "trl_defaults": (dict(), None),
@@ -135,7 +135,8 @@ def test_args_before_trainer_init_and_trainers_that_do_not_sample():
 
 def test_peft_policy():
     peft = pytest.importorskip("peft")
-    policy = peft.get_peft_model(make_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj"])
+    policy = peft.get_peft_model(make_model("llama"), lora)
     build("sampler", Sampling, sampler_args(top_k=7), policy)
     assert truncation_of(policy.get_base_model()) == Truncation(top_k=7)
     with pytest.raises(ValueError, match="a PEFT adapter disabled"):  # TRL's reference with PEFT
@@ -164,10 +165,10 @@ def test_refusals():
         ctrl.add_fused_lm_head(model, outputs=("log_probs", "is_top1"), top_p=0.9)
 
 
-# --- the values ------------------------------------------------------------------------------------
+# --- the values ---------------------------------------------------------------------------------
 
 
-def batch(model, temperature):
+def batch(model):
     """Labels mixing tokens every sampler keeps (the argmax), tokens a tight truncation drops
     (random ones) and a prompt (-100)."""
     g = torch.Generator().manual_seed(0)
@@ -201,7 +202,7 @@ def reference(model, ids, labels, temperature, trunc):
 def test_values_and_gradients_against_materialized_logits(settings):
     temperature = 0.7
     model = make_model("llama").double()
-    ids, labels = batch(model, temperature)
+    ids, labels = batch(model)
     build("sampler", Sampling, sampler_args(temperature=temperature, **settings), model)
     trunc = truncation_of(model)
     assert trunc == Truncation(**settings)
@@ -232,10 +233,10 @@ def test_values_and_gradients_against_materialized_logits(settings):
     torch.testing.assert_close(out.entropy[kept], ent[kept], rtol=1e-12, atol=1e-12)
 
 
-def test_join_is_finite_under_autocast_and_fp32_head():
+def test_bf16_model_with_fp32_head():
     """A bf16 model with cast_lm_head_to_fp32 (GRPO's option): float32 values, all finite."""
     model = make_model("llama").to(torch.bfloat16)
-    ids, labels = batch(model, 1.0)
+    ids, labels = batch(model)
     ctrl.add_fused_lm_head(model, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy"),
                            top_k=-1, top_p=0.7)
     out = model(input_ids=ids, labels=labels, fused_lm_head=True)

@@ -56,13 +56,13 @@ import sys
 import warnings
 
 
-from ..validate import check_impl, check_options
+from ..validate import check_impl, check_options, fail
 from .transformers.heads import UnsupportedModelError, transformers_model
 from .transformers.patch_state import ROUTE as TRANSFORMERS_ROUTE
 from .transformers.patch_state import patch_options, wanted
 from .trl_forward import MARK, fused_options
 from .trl_forward import bind as bind_forward
-from .trl_sampler import check_request, policy_truncation, settings
+from .trl_sampler import check_request, from_settings, policy_truncation
 
 __all__ = ["patch", "unpatch", "is_patched", "add_fused_lm_head", "UnsupportedTRLError",
            "UnsupportedModelError", "SUPPORTED"]
@@ -132,8 +132,8 @@ def patch(*, impl: str = "auto", memory_budget: float | str | None = None,
     check_options(reduction="none", memory_budget=memory_budget)
     truncation = check_request(truncation)
     if truncation is not None and impl == "triton":
-        raise ValueError("impl: expected 'auto' or 'torch' with a truncation (the truncated "
-                         "log-probs run on the torch path), got 'triton'")
+        fail("impl", "'auto' or 'torch' with a truncation (the truncated log-probs run on the "
+             "torch path)", repr(impl))
     utils = _trl_utils()
     current = getattr(utils, _NAME, None)
     if _STATE is not None or (getattr(current, MARK, False) and current is not _hook):
@@ -189,7 +189,8 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             off): ``log_probs`` and ``entropy`` of the truncated, renormalised distribution, a
             token outside its kept set joining it (see :func:`patch`'s ``truncation``).
     """
-    trunc = settings(dict(top_k=top_k, top_p=top_p, min_p=min_p), "cutce.trl.add_fused_lm_head")
+    trunc = from_settings(dict(top_k=top_k, top_p=top_p, min_p=min_p),
+                          "cutce.trl.add_fused_lm_head")
     bind_forward(_bound().output_class, model, temperature, cast_lm_head_to_fp32, outputs, impl,
                  memory_budget, "cutce.trl.add_fused_lm_head", trunc)
 

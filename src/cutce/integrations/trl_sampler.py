@@ -69,10 +69,10 @@ def check_request(truncation):
         got = sorted(truncation) if isinstance(truncation, Mapping) else repr(truncation)
         raise ValueError(f"truncation: expected None, {SAMPLER!r} or a mapping with keys among "
                          f"{KEYS}, got {got}")
-    return settings(dict(truncation), "truncation")
+    return from_settings(dict(truncation), "truncation")
 
 
-def settings(values: dict, where: str) -> Truncation | None:
+def from_settings(values: dict, where: str) -> Truncation | None:
     """The Truncation of vLLM-style settings (missing keys and off values: off); ``where`` names
     their source in the error."""
     values = {k: values.get(k) for k in KEYS}
@@ -111,7 +111,7 @@ def policy_truncation(request, model, frame) -> Truncation | None:
     extra = getattr(args, "generation_kwargs", None)
     if isinstance(extra, Mapping):
         values.update({k: extra[k] for k in KEYS if k in extra})
-    trunc = settings(values, f"{type(args).__name__}'s sampler settings")
+    trunc = from_settings(values, f"{type(args).__name__}'s sampler settings")
     if (trunc is not None and trunc.top_p is not None and trunc.min_p is not None
             and not getattr(args, "use_vllm", True)):
         raise ValueError(
