@@ -162,6 +162,35 @@ def test_dropped_tokens_get_no_gradient():
     assert torch.isfinite(h.grad).all() and h.grad[0].abs().sum() == 0
 
 
+def test_sampled_log_probs_join_dropped_tokens(gen):
+    """The variant for loss code that takes no -inf (cutce.trl): a dropped token joins its kept
+    set; kept tokens get linear_log_probs' values. Against float64 materialized logits."""
+    from cutce.truncated_log_probs import sampled_log_probs
+
+    h, w, b, t, _ = make_case(gen, 40, 6, 33, torch.float64, exact=False)
+    h, t = h.reshape(-1, 6), t.reshape(-1)
+    opts = dict(temperature=0.8, softcap=3.0)
+    leaves = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+    logp, ent = sampled_log_probs(*leaves[:2], t, leaves[2], top_k=3, top_p=0.9,
+                                  return_entropy=True, **opts)
+    plain = cutce.linear_log_probs(h, w, t, b, return_entropy=True, top_k=3, top_p=0.9, **opts)
+    ref = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+    z = transformed(*ref, **opts)
+    valid = t != -100
+    keep = kept_set(z, 3, 0.9) | torch.nn.functional.one_hot(t.clamp(min=0), z.shape[1]).bool()
+    lsm = z.masked_fill(~keep, -math.inf).log_softmax(-1)
+    rlogp = torch.where(valid, lsm.gather(1, t.clamp(min=0)[:, None])[:, 0], 0.0)
+    rent = torch.where(valid, -(lsm.exp() * lsm.masked_fill(~keep, 0.0)).sum(-1), 0.0)
+    dropped = torch.isneginf(plain[0])
+    assert dropped.any() and (valid & ~dropped).any() and torch.isfinite(logp).all()
+    assert torch.equal(logp[~dropped], plain[0][~dropped])
+    assert torch.equal(ent[~dropped], plain[1][~dropped])
+    assert rel_err(logp, rlogp) < 1e-12 and rel_err(ent, rent) < 1e-12
+    got = torch.autograd.grad(logp.sum() + 0.3 * ent.sum(), leaves)
+    want = torch.autograd.grad(rlogp.sum() + 0.3 * rent.sum(), ref)
+    assert all(rel_err(a, r) < 1e-10 for a, r in zip(got, want))
+
+
 def test_off_settings_are_the_untruncated_path(gen):
     h = torch.randn(9, 8, generator=gen)
     w = torch.randn(30, 8, generator=gen)

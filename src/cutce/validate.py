@@ -56,7 +56,7 @@ def _memory_budget(budget):
     return check_real("memory_budget", budget, lo=0.0)
 
 
-def _truncation(top_k, top_p, min_p):
+def truncation_settings(top_k, top_p, min_p):
     """A sampler's settings with the values that keep every token as None.
 
     top_p = 1.0 and min_p = 0.0 keep every token (vLLM's defaults), so they count as off: a
@@ -89,7 +89,7 @@ def make_options(dtype, *, ignore_index=-100, reduction="mean", label_smoothing=
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                     or chunk_bytes < 1):
         fail("chunk_bytes", "None or a positive int", repr(chunk_bytes))
-    top_k, top_p, min_p = _truncation(top_k, top_p, min_p)
+    top_k, top_p, min_p = truncation_settings(top_k, top_p, min_p)
     return Options(
         ignore_index=ignore_index,
         reduction=reduction,

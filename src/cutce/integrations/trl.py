@@ -40,7 +40,9 @@ effect, else TRL's own. TRL's own hook is bound again when neither route needs c
 The fused forward
 -----------------
 What a call with ``fused_lm_head=True`` runs, on FSDP2 and tensor-parallel heads too, and what it
-refuses rather than compute something else: :mod:`cutce.integrations.trl_forward`. A TRL whose
+refuses rather than compute something else: :mod:`cutce.integrations.trl_forward`. With
+``patch(truncation=...)`` the policy of a sampling trainer (GRPO, RLOO) is scored under the
+sampler's top-k/top-p/min-p: :mod:`cutce.integrations.trl_sampler`. A TRL whose
 hook does not have the signature and output class read here raises :class:`UnsupportedTRLError`.
 TRL is imported lazily: ``import cutce`` does not import it.
 """
@@ -54,12 +56,13 @@ import sys
 import warnings
 
 
-from ..validate import check_impl, check_options
+from ..validate import check_impl, check_options, fail
 from .transformers.heads import UnsupportedModelError, transformers_model
 from .transformers.patch_state import ROUTE as TRANSFORMERS_ROUTE
 from .transformers.patch_state import patch_options, wanted
 from .trl_forward import MARK, fused_options
 from .trl_forward import bind as bind_forward
+from .trl_sampler import check_request, from_settings, policy_truncation
 
 __all__ = ["patch", "unpatch", "is_patched", "add_fused_lm_head", "UnsupportedTRLError",
            "UnsupportedModelError", "SUPPORTED"]
@@ -84,6 +87,7 @@ class _State:
 
     impl: str
     memory_budget: object
+    truncation: object = None  # None, "sampler" or a Truncation (trl_sampler.check_request)
 
 
 @dataclasses.dataclass
@@ -98,13 +102,25 @@ _STATE: _State | None = None
 _BOUND: _Bound | None = None
 
 
-def patch(*, impl: str = "auto", memory_budget: float | str | None = None) -> None:
+def patch(*, impl: str = "auto", memory_budget: float | str | None = None,
+          truncation: str | dict | None = None) -> None:
     """Make TRL's trainers compute their LM-head outputs with cutce. Call it before building the
     trainer.
 
     Args:
         impl, memory_budget: passed to :func:`cutce.linear_log_probs` on every fused call (a
             model patched by ``cutce.transformers.patch`` with its own keeps those).
+        truncation: None (default): every model is scored with the full softmax, as TRL's own
+            head does. ``"sampler"``: the policy of a trainer that samples its completions
+            (GRPO, RLOO) is scored under the trainer's ``top_k``/``top_p``/``min_p`` (its
+            ``generation_kwargs`` override them): the log-probs and entropy of the truncated,
+            renormalised distribution, as with :func:`cutce.linear_log_probs`, except that a
+            sampled token the learner's kept set drops joins it instead of getting ``-inf``
+            (TRL's losses do not mask infinities). Its reference model and other trainers'
+            models keep the full softmax. A dict with keys among ``top_k``, ``top_p``,
+            ``min_p``: those settings for the same models instead of the trainer's. vLLM's
+            "off" values (``top_k`` 0 or -1, ``top_p`` 1.0, ``min_p`` 0.0) are off. Torch
+            path only (``impl="triton"`` raises). See :mod:`cutce.integrations.trl_sampler`.
 
     Raises:
         UnsupportedTRLError: TRL is not installed, or its ``add_fused_lm_head`` /
@@ -114,12 +130,16 @@ def patch(*, impl: str = "auto", memory_budget: float | str | None = None) -> No
     global _STATE
     check_impl(impl)
     check_options(reduction="none", memory_budget=memory_budget)
+    truncation = check_request(truncation)
+    if truncation is not None and impl == "triton":
+        fail("impl", "'auto' or 'torch' with a truncation (the truncated log-probs run on the "
+             "torch path)", repr(impl))
     utils = _trl_utils()
     current = getattr(utils, _NAME, None)
     if _STATE is not None or (getattr(current, MARK, False) and current is not _hook):
         raise ValueError("TRL is already patched by cutce (cutce.trl.unpatch() first)")
     bind_hook(utils)
-    _STATE = _State(impl, memory_budget)
+    _STATE = _State(impl, memory_budget, truncation)
 
 
 def unpatch() -> None:
@@ -146,7 +166,8 @@ def is_patched() -> bool:
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                       outputs: tuple[str, ...] = ("log_probs",), *, impl: str = "auto",
-                      memory_budget: float | str | None = None) -> None:
+                      memory_budget: float | str | None = None, top_k: int | None = None,
+                      top_p: float | None = None, min_p: float | None = None) -> None:
     """cutce's version of TRL's ``add_fused_lm_head``: rebind ``model.forward`` so that
     ``model(..., labels=labels, fused_lm_head=True)`` returns TRL's ``FusedCausalLMOutput``
     computed by :func:`cutce.linear_log_probs`; calls without the flag run the original forward.
@@ -164,9 +185,14 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         cast_lm_head_to_fp32: compute the head in float32, outside autocast.
         outputs: among "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1".
         impl, memory_budget: passed to :func:`cutce.linear_log_probs`.
+        top_k, top_p, min_p: a sampler's truncation (vLLM's values; 0 or -1, 1.0 and 0.0 are
+            off): ``log_probs`` and ``entropy`` of the truncated, renormalised distribution, a
+            token outside its kept set joining it (see :func:`patch`'s ``truncation``).
     """
+    trunc = from_settings(dict(top_k=top_k, top_p=top_p, min_p=min_p),
+                          "cutce.trl.add_fused_lm_head")
     bind_forward(_bound().output_class, model, temperature, cast_lm_head_to_fp32, outputs, impl,
-                 memory_budget, "cutce.trl.add_fused_lm_head")
+                 memory_budget, "cutce.trl.add_fused_lm_head", trunc)
 
 
 # --- the hook bound in TRL's modules ------------------------------------------------------------
@@ -177,7 +203,10 @@ def _hook(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_prob
     route = _route(model)
     if route is None:
         return bound.original(model, temperature, cast_lm_head_to_fp32, outputs)
-    bind_forward(bound.output_class, model, temperature, cast_lm_head_to_fp32, outputs, *route)
+    request = _STATE.truncation if _STATE is not None else None
+    trunc = policy_truncation(request, model, sys._getframe(1))
+    bind_forward(bound.output_class, model, temperature, cast_lm_head_to_fp32, outputs, *route,
+                 trunc)
 
 
 _hook.__name__ = _hook.__qualname__ = _NAME

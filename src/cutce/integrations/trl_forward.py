@@ -13,7 +13,9 @@ parameters then go to ``linear_log_probs`` (``return_stats=True`` when a metric 
 the labels shifted by one (or ``shift_labels`` as given) and the hook's temperature, for the
 labelled positions only (label != -100, as TRL's own head on the GPU); the outputs are 0 at the
 others. No (batch, seq, vocab) tensor is created, forward or backward. A hooked model's first
-fused call logs one INFO line on the ``"cutce"`` logger (:mod:`cutce.announce`).
+fused call logs one INFO line on the ``"cutce"`` logger (:mod:`cutce.announce`). A forward bound
+with a sampler's truncation (:mod:`cutce.integrations.trl_sampler`) computes its log-probs and
+entropy with :func:`cutce.truncated_log_probs.sampled_log_probs` instead.
 
 Distributed heads
 -----------------
@@ -64,6 +66,7 @@ import torch
 
 from .. import announce
 from ..log_probs import linear_log_probs
+from ..truncated_log_probs import sampled_log_probs
 from ..validate import check_impl, check_options, fail
 from .transformers.heads import (UnsupportedModelError, head_apply, output_head, run_without_logits,
                                  transformers_model)
@@ -91,12 +94,14 @@ class _Hook:
     impl: str
     memory_budget: object
     route: str  # which cutce entry point hooked the model, for the first call's log line
+    trunc: object = None  # the sampler's Truncation, or None: the full softmax
 
 
-def bind(output_class, model, temperature, fp32, outputs, impl, memory_budget, route):
+def bind(output_class, model, temperature, fp32, outputs, impl, memory_budget, route,
+         trunc=None):
     """Rebind ``model.forward`` to the fused forward (add_fused_lm_head's work, its arguments
     validated here); ``output_class`` is TRL's FusedCausalLMOutput, ``route`` names the cutce
-    entry point in the first call's log line."""
+    entry point in the first call's log line, ``trunc`` is the sampler's truncation or None."""
     check_options(reduction="none", temperature=temperature, memory_budget=memory_budget)
     check_impl(impl)
     if not isinstance(fp32, bool):
@@ -106,6 +111,14 @@ def bind(output_class, model, temperature, fp32, outputs, impl, memory_budget, r
     unknown = sorted(set(outputs) - set(OUTPUTS))
     if unknown:
         fail("outputs", f"names among {OUTPUTS} (what TRL's FusedCausalLMOutput holds)", unknown)
+    if trunc is not None:
+        metrics = sorted(set(outputs) & set(_METRICS))
+        if metrics:
+            fail("outputs", "log_probs and entropy with a sampler's truncation (the metrics "
+                 "describe the full softmax)", metrics)
+        if impl == "triton":
+            fail("impl", "'auto' or 'torch' with a sampler's truncation (the truncated log-probs "
+                 "run on the torch path)", repr(impl))
     from transformers import PreTrainedModel
 
     base = transformers_model(model)
@@ -114,7 +127,7 @@ def bind(output_class, model, temperature, fp32, outputs, impl, memory_budget, r
                                     f"model wrapping one), got {type(base).__name__}")
     output_head(base)  # a head cutce can use, checked now rather than at the first step
     hook = _Hook(float(temperature), fp32, frozenset(outputs) | {"log_probs"}, impl, memory_budget,
-                 route)
+                 route, trunc)
     call_original = _original_forward(model)
 
     @functools.wraps(type(model).forward)  # the original signature: generate() validates against it
@@ -214,7 +227,11 @@ def _head(hidden, weight, bias, targets, shift, softcap, scale, hook):
     kw = dict(temperature=hook.temperature, softcap=softcap, logit_scale=scale,
               ignore_index=_IGNORE, impl=hook.impl, memory_budget=hook.memory_budget)
     with ctx:
-        if hook.outputs & set(_METRICS):
+        if hook.trunc is not None:
+            got = sampled_log_probs(hidden, weight, targets, bias, **hook.trunc._asdict(),
+                                    return_entropy="entropy" in hook.outputs, **kw)
+            out = (*(got if isinstance(got, tuple) else (got, None)), None, None, None)
+        elif hook.outputs & set(_METRICS):
             s = linear_log_probs(hidden, weight, targets, bias, return_stats=True, **kw)
             out = (s.log_probs, s.entropy, s.log_sum_sq_probs, s.mean_logits, s.is_top1)
         elif "entropy" in hook.outputs:
