@@ -159,8 +159,15 @@ def run_all():
                                  True, True, bias)
     rows.row_coefs(t, torch.rand(n), 1000, -100, 0.01, True)
     x = torch.empty(4096)
-    fused._cast_scale_kernel[(1,)](x, x.to(torch.bfloat16), x, 4096, HAS_G=True, BLOCK=4096,
-                                   num_warps=8)
+    fused._cast_scale_kernel[(1,)](
+        src_ptr=x,
+        dst_ptr=x.to(torch.bfloat16),
+        g_ptr=x,
+        n=4096,
+        HAS_G=True,
+        BLOCK=4096,
+        num_warps=8,
+    )
     # distillation: recompute kernels (every mode) and the fused strategy (forward KL, JSD)
     hs, ws, bs, t = _inputs(300, 96, 1000, torch.bfloat16, gen, True)
     ht, wt, bt, _ = _inputs(300, 256, 1000, torch.bfloat16, gen)

@@ -60,16 +60,50 @@ def dz_tile(z, t, rows, cls, rmask, cmask, t_ptr, lse_ptr, pz_ptr, glse_ptr, gzt
 
 
 @triton.jit
-def _dz_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, cls_ptr, t_ptr, lse_ptr, pz_ptr,
-               glse_ptr, gzt_ptr, gzs_ptr, gpz_ptr, cw_ptr, dz_ptr, n0, n1, c0, c1, D, stride_h,
-               stride_w, stride_dz, scale, softcap, inv_temp,
-               rit_ptr,
-               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
-               NEED_ENT: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-               FLATTEN: tl.constexpr, HAS_CW: tl.constexpr,
-               ROW_TEMP: tl.constexpr):
+def _dz_kernel(
+    h_ptr,  # (N, D) hidden states
+    w_ptr,  # (V, D) classifier weight
+    h_desc,  # hidden's (BLOCK_N, BLOCK_K) tile descriptor (USE_TMA)
+    w_desc,  # weight's (BLOCK_V, BLOCK_K) tile descriptor (USE_TMA)
+    b_ptr,  # (V,) bias (HAS_BIAS)
+    cls_ptr,  # (kept classes,) ascending class indices (GATHER)
+    t_ptr,  # (N,) int64 targets
+    lse_ptr,  # (N,) float32
+    pz_ptr,  # (N,) float32 sum_j p_j z_j (NEED_ENT)
+    glse_ptr,  # (N,) float32 upstream gradients of lse, zt, zsum, pz
+    gzt_ptr,
+    gzs_ptr,
+    gpz_ptr,
+    cw_ptr,  # (V,) class weights (HAS_CW)
+    dz_ptr,  # (n1 - n0, >= c1 - c0) the chunk's logit gradient
+    rit_ptr,  # (N,) float32 per-row 1 / T (ROW_TEMP)
+    n0,  # the chunk's rows n0:n1 and classes (or kept-class slots) c0:c1
+    n1,
+    c0,
+    c1,
+    D,
+    stride_h,
+    stride_w,
+    stride_dz,
+    scale,
+    softcap,  # 0: off
+    inv_temp,  # 1 / temperature
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    NEED_ZSUM: tl.constexpr,
+    NEED_ENT: tl.constexpr,
+    GATHER: tl.constexpr,  # the filtered backward: classes from cls_ptr
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # float32 dots: the interpreter computes bf16 wrongly
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    HAS_CW: tl.constexpr,
+    ROW_TEMP: tl.constexpr,
+):
     # Persistent: each program walks tiles pid, pid + programs, ...; row blocks vary fastest, so
     # the programs running together share the chunk's weight tiles in L2.
     n_row_blocks = tl.cdiv(n1 - n0, BLOCK_N)
@@ -214,18 +248,51 @@ def backward(hidden, weight, bias, targets, lse, pz, ub, g_lse, g_zt, g_zsum, g_
             c1 = c0 + width
             tiles = triton.cdiv(n1 - n0, cfg.block_n) * triton.cdiv(width, cfg.block_v)
             _dz_kernel[(configs.persistent_programs(tiles, dev, kc.dz_programs_per_sm),)](
-                hidden, weight, h_desc, w_desc, bias if bias is not None else hidden,
-                cls if cls is not None else targets, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
-                class_weight if class_weight is not None else lse, dz, n0, n1, c0, c1, d, hidden.stride(0), weight.stride(0), dz.stride(0),
-                scale, softcap, inv_temp,
-                row_inv_temp if row_inv_temp is not None else lse,
-                HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum,
-                NEED_ENT=need_entropy, GATHER=cls is not None, BLOCK_N=cfg.block_n,
-                BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
-                PRECISION=configs.dot_precision(dt), EVEN_K=d % cfg.block_k == 0,
-                USE_TMA=tma, FLATTEN=flat, HAS_CW=class_weight is not None,
+                h_ptr=hidden,
+                w_ptr=weight,
+                h_desc=h_desc,
+                w_desc=w_desc,
+                b_ptr=bias if bias is not None else hidden,  # (a placeholder: its flag is off)
+                cls_ptr=cls if cls is not None else targets,
+                t_ptr=targets,
+                lse_ptr=lse,
+                pz_ptr=pz,
+                glse_ptr=g_lse,
+                gzt_ptr=g_zt,
+                gzs_ptr=g_zsum,
+                gpz_ptr=g_pz,
+                cw_ptr=class_weight if class_weight is not None else lse,
+                dz_ptr=dz,
+                rit_ptr=row_inv_temp if row_inv_temp is not None else lse,
+                n0=n0,
+                n1=n1,
+                c0=c0,
+                c1=c1,
+                D=d,
+                stride_h=hidden.stride(0),
+                stride_w=weight.stride(0),
+                stride_dz=dz.stride(0),
+                scale=scale,
+                softcap=softcap,
+                inv_temp=inv_temp,
+                HAS_BIAS=bias is not None,
+                SOFTCAP=softcap > 0,
+                NEED_ZSUM=need_zsum,
+                NEED_ENT=need_entropy,
+                GATHER=cls is not None,
+                BLOCK_N=cfg.block_n,
+                BLOCK_V=cfg.block_v,
+                BLOCK_K=cfg.block_k,
+                UPCAST=configs.interpreting(),
+                PRECISION=configs.dot_precision(dt),
+                EVEN_K=d % cfg.block_k == 0,
+                USE_TMA=tma,
+                FLATTEN=flat,
+                HAS_CW=class_weight is not None,
                 ROW_TEMP=row_inv_temp is not None,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
             dz = dz.to(dt)
             w_chunk = weight[c0:c1] if cls is None else weight.index_select(0, cls[c0:c1])
             h_chunk = hidden[n0:n1]

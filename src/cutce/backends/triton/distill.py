@@ -73,15 +73,52 @@ def _log_mix(log_p, log_q, log_beta, log_1mbeta):
 
 
 @triton.jit
-def _fwd_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_desc, ht_desc,
-                wt_desc, t_ptr, lse_ptr, part_ptr, N, V, Ds, Dt, stride_hs, stride_ws,
-                stride_ht, stride_wt,
-                cap_s, cap_t, inv_temp, temperature, log_beta, log_1mbeta, tiles_per_split,
-                n_row_blocks, MODE: tl.constexpr, PASS: tl.constexpr, NEED_CE: tl.constexpr,
-                HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, CAP_S: tl.constexpr,
-                CAP_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr, USE_TMA: tl.constexpr):
+def _fwd_kernel(
+    hs_ptr,  # (N, Ds) student hidden states
+    ws_ptr,  # (V, Ds) student weight
+    bs_ptr,  # (V,) student bias (HAS_BS)
+    ht_ptr,  # (N, Dt) teacher hidden states
+    wt_ptr,  # (V, Dt) teacher weight
+    bt_ptr,  # (V,) teacher bias (HAS_BT)
+    hs_desc,  # the four operands' (BLOCK_N | BLOCK_V, BLOCK_K) tile descriptors (USE_TMA)
+    ws_desc,
+    ht_desc,
+    wt_desc,
+    t_ptr,  # (N,) int64 targets (NEED_CE)
+    lse_ptr,  # (>= 2, N) float32 lse_s, lse_t (read in pass 2)
+    part_ptr,  # (8 | 2, splits, N) float32 out: per split acc_a, acc_b (| store_online's)
+    N,
+    V,
+    Ds,
+    Dt,
+    stride_hs,
+    stride_ws,
+    stride_ht,
+    stride_wt,
+    tiles_per_split,  # vocabulary tiles per split
+    n_row_blocks,
+    cap_s,  # softcaps, 0: off
+    cap_t,
+    inv_temp,  # 1 / temperature
+    temperature,
+    log_beta,  # the JSD's log beta and log(1 - beta)
+    log_1mbeta,
+    MODE: tl.constexpr,  # FWD_KL, REV_KL or JSD
+    PASS: tl.constexpr,  # 2: the JSD's sums, once both lse are known
+    NEED_CE: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr,
+    CAP_S: tl.constexpr,
+    CAP_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # float32 dots: the interpreter computes bf16 wrongly
+    PRECISION: tl.constexpr,
+    EVEN_KS: tl.constexpr,
+    EVEN_KT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
     pid = tl.program_id(0)
     rb = pid % n_row_blocks  # token blocks fastest: concurrent programs share weight tiles
     split = pid // n_row_blocks
@@ -139,16 +176,58 @@ def _fwd_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_desc
 
 
 @triton.jit
-def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_desc, ht_desc,
-               wt_desc, t_ptr, st_ptr, g_ptr, dzs_ptr, dzt_ptr, N, V, Ds, Dt, c0, c1, stride_hs,
-               stride_ws, stride_ht, stride_wt,
-               stride_dz, cap_s, cap_t, inv_temp, temperature, beta, log_beta, log_1mbeta,
-               ce_weight, n_row_blocks, MODE: tl.constexpr, NEED_CE: tl.constexpr,
-               NEED_T: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
-               CAP_S: tl.constexpr, CAP_T: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr,
-               USE_TMA: tl.constexpr):
+def _dz_kernel(
+    hs_ptr,  # (N, Ds) student hidden states
+    ws_ptr,  # (V, Ds) student weight
+    bs_ptr,  # (V,) student bias (HAS_BS)
+    ht_ptr,  # (N, Dt) teacher hidden states
+    wt_ptr,  # (V, Dt) teacher weight
+    bt_ptr,  # (V,) teacher bias (HAS_BT)
+    hs_desc,  # the four operands' (BLOCK_N | BLOCK_V, BLOCK_K) tile descriptors (USE_TMA)
+    ws_desc,
+    ht_desc,
+    wt_desc,
+    t_ptr,  # (N,) int64 targets (NEED_CE)
+    st_ptr,  # (5, N) float32 the forward's lse_s, lse_t, k_p, k_q, lse_1
+    g_ptr,  # (N,) float32 upstream gradients of the rows' losses
+    dzs_ptr,  # (N, >= c1 - c0) out: the student's logit gradient
+    dzt_ptr,  # (N, >= c1 - c0) out: the teacher's (NEED_T)
+    N,
+    V,
+    Ds,
+    Dt,
+    c0,  # the chunk's classes c0:c1
+    c1,
+    stride_hs,
+    stride_ws,
+    stride_ht,
+    stride_wt,
+    stride_dz,  # (dzs's and dzt's)
+    n_row_blocks,
+    cap_s,  # softcaps, 0: off
+    cap_t,
+    inv_temp,  # 1 / temperature
+    temperature,
+    beta,  # the JSD's mixture weight
+    log_beta,  # log beta and log(1 - beta)
+    log_1mbeta,
+    ce_weight,
+    MODE: tl.constexpr,  # FWD_KL, REV_KL or JSD
+    NEED_CE: tl.constexpr,
+    NEED_T: tl.constexpr,  # the teacher's gradient too
+    HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr,
+    CAP_S: tl.constexpr,
+    CAP_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # float32 dots: the interpreter computes bf16 wrongly
+    PRECISION: tl.constexpr,
+    EVEN_KS: tl.constexpr,
+    EVEN_KT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
     cb = pid // n_row_blocks
@@ -214,18 +293,55 @@ def descriptors(t, tma, hs, ws, ht, wt):
             for i, x in enumerate((hs, ws, ht, wt))]
 
 
-def _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t):
-    """(tile, the kernels' flags, the four descriptors): bulk (TMA) loads where the heads allow
+def _common(hs, ws, bs, ht, wt, bt, targets, beta, temperature, cap_s, cap_t):
+    """(tile, the keyword arguments both kernels take): bulk (TMA) loads where the heads allow
     them and KernelConfig.distill_recompute_tma allows them (Hopper; on by default)."""
     kc = configs.current(hs.device)
     t = kc.tile("distill", hs.dtype)
     tma = kc.distill_recompute_tma and configs.use_tma(kc, hs, ws, ht, wt)
-    return t, dict(HAS_BS=bs is not None, HAS_BT=bt is not None, CAP_S=cap_s > 0,
-                   CAP_T=cap_t > 0, BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
-                   UPCAST=configs.interpreting(), PRECISION=configs.dot_precision(hs.dtype),
-                   EVEN_KS=hs.shape[1] % t.block_k == 0, EVEN_KT=ht.shape[1] % t.block_k == 0,
-                   USE_TMA=tma, num_warps=t.num_warps,
-                   num_stages=t.num_stages), descriptors(t, tma, hs, ws, ht, wt)
+    hs_desc, ws_desc, ht_desc, wt_desc = descriptors(t, tma, hs, ws, ht, wt)
+    return t, dict(
+        hs_ptr=hs,
+        ws_ptr=ws,
+        bs_ptr=bs if bs is not None else hs,  # (a placeholder: its flag is off)
+        ht_ptr=ht,
+        wt_ptr=wt,
+        bt_ptr=bt if bt is not None else ht,
+        hs_desc=hs_desc,
+        ws_desc=ws_desc,
+        ht_desc=ht_desc,
+        wt_desc=wt_desc,
+        t_ptr=targets,
+        N=hs.shape[0],
+        V=ws.shape[0],
+        Ds=hs.shape[1],
+        Dt=ht.shape[1],
+        stride_hs=hs.stride(0),
+        stride_ws=ws.stride(0),
+        stride_ht=ht.stride(0),
+        stride_wt=wt.stride(0),
+        n_row_blocks=triton.cdiv(hs.shape[0], t.block_n),
+        cap_s=cap_s,
+        cap_t=cap_t,
+        inv_temp=1.0 / temperature,
+        temperature=temperature,
+        log_beta=math.log(beta) if 0.0 < beta < 1.0 else 0.0,
+        log_1mbeta=math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0,
+        HAS_BS=bs is not None,
+        HAS_BT=bt is not None,
+        CAP_S=cap_s > 0,
+        CAP_T=cap_t > 0,
+        BLOCK_N=t.block_n,
+        BLOCK_V=t.block_v,
+        BLOCK_K=t.block_k,
+        UPCAST=configs.interpreting(),
+        PRECISION=configs.dot_precision(hs.dtype),
+        EVEN_KS=hs.shape[1] % t.block_k == 0,
+        EVEN_KT=ht.shape[1] % t.block_k == 0,
+        USE_TMA=tma,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
+    )
 
 
 def _splits(n_row_blocks, n_tiles, device):
@@ -249,27 +365,27 @@ def forward(hs, ws, bs, ht, wt, bt, targets, mode, beta, temperature, cap_s, cap
     D (N,) and the student's target logit at T = 1 (N,), where k_p = KL(p||q) (forward KL),
     k_q = KL(q||p) (reverse KL), or KL(p||m), KL(q||m) (JSD); lse_1 = student's lse at T = 1."""
     n, v = hs.shape[0], ws.shape[0]
-    t, kw, descs = _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t)
+    t, kernel_args = _common(hs, ws, bs, ht, wt, bt, targets, beta, temperature, cap_s, cap_t)
     f32 = dict(device=hs.device, dtype=torch.float32)
     stats = torch.zeros((5, n), **f32)
     zt1 = torch.zeros(n, **f32)
     if n == 0:
         return stats, torch.zeros(0, **f32), zt1
-    n_row_blocks = triton.cdiv(n, t.block_n)
+    n_row_blocks = kernel_args["n_row_blocks"]
     n_tiles = triton.cdiv(v, t.block_v)
     n_splits = _splits(n_row_blocks, n_tiles, hs.device)
     per = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, per)
-    log_b = math.log(beta) if 0.0 < beta < 1.0 else 0.0
-    log_1mb = math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0
-    args = (hs, ws, bs if bs is not None else hs, ht, wt, bt if bt is not None else ht, *descs,
-            targets)
-    scal = (n, v, hs.shape[1], ht.shape[1], hs.stride(0), ws.stride(0), ht.stride(0),
-            wt.stride(0), cap_s, cap_t, 1.0 / temperature, temperature, log_b, log_1mb, per,
-            n_row_blocks)
     part = torch.empty((8, n_splits, n), **f32)
-    _fwd_kernel[(n_row_blocks * n_splits,)](*args, stats, part, *scal, MODE=mode, PASS=1,
-                                            NEED_CE=need_ce, **kw)
+    _fwd_kernel[(n_row_blocks * n_splits,)](
+        **kernel_args,
+        lse_ptr=stats,
+        part_ptr=part,
+        tiles_per_split=per,
+        MODE=mode,
+        PASS=1,
+        NEED_CE=need_ce,
+    )
     acc_a, acc_b, m_s, s_s, m_t, s_t, m_1, s_1 = part.unbind(0)
     lse_s, gap_q = _combine(m_s, s_s, acc_a if mode == REV_KL else None)
     lse_t, gap_p = _combine(m_t, s_t, acc_a if mode == FWD_KL else None)
@@ -283,8 +399,15 @@ def forward(hs, ws, bs, ht, wt, bt, targets, mode, beta, temperature, cap_s, cap
         stats[3] = d = gap_q - lse_s + lse_t
     else:
         part2 = torch.empty((2, n_splits, n), **f32)
-        _fwd_kernel[(n_row_blocks * n_splits,)](*args, stats, part2, *scal, MODE=mode, PASS=2,
-                                                NEED_CE=False, **kw)
+        _fwd_kernel[(n_row_blocks * n_splits,)](
+            **kernel_args,
+            lse_ptr=stats,
+            part_ptr=part2,
+            tiles_per_split=per,
+            MODE=mode,
+            PASS=2,
+            NEED_CE=False,
+        )
         stats[2], stats[3] = part2.sum(1)
         d = beta * stats[2] + (1.0 - beta) * stats[3]
     return stats, d, zt1
@@ -296,7 +419,7 @@ def backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode, beta, tempera
     empty tensor for the others), given the forward's stats."""
     n, v = hs.shape[0], ws.shape[0]
     dt = hs.dtype
-    t, kw, descs = _common(hs, ws, bs, ht, wt, bt, cap_s, cap_t)
+    t, kernel_args = _common(hs, ws, bs, ht, wt, bt, targets, beta, temperature, cap_s, cap_t)
     need_t = any(need[3:])
     f32 = dict(device=hs.device, dtype=torch.float32)
 
@@ -322,18 +445,25 @@ def backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode, beta, tempera
             configs.current(hs.device).distill_min_chunk_v)
         dzs = torch.empty((n, cv), device=hs.device, dtype=ws_dtype)
         dzt = torch.empty((n, cv), device=hs.device, dtype=ws_dtype) if need_t else dzs
-        log_b = math.log(beta) if 0.0 < beta < 1.0 else 0.0
-        log_1mb = math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0
-        n_row_blocks = triton.cdiv(n, t.block_n)
+        n_row_blocks = kernel_args["n_row_blocks"]
         for c0 in range(0, v, cv):
             c1 = min(c0 + cv, v)
             grid = (n_row_blocks * triton.cdiv(c1 - c0, t.block_v),)
-            _dz_kernel[grid](hs, ws, bs if bs is not None else hs, ht, wt,
-                             bt if bt is not None else ht, *descs, targets, stats, g_rows, dzs, dzt,
-                             n, v, hs.shape[1], ht.shape[1], c0, c1, hs.stride(0), ws.stride(0),
-                             ht.stride(0), wt.stride(0), dzs.stride(0), cap_s, cap_t,
-                             1.0 / temperature, temperature, beta, log_b, log_1mb, ce_weight,
-                             n_row_blocks, MODE=mode, NEED_CE=ce_weight > 0, NEED_T=need_t, **kw)
+            _dz_kernel[grid](
+                **kernel_args,
+                st_ptr=stats,
+                g_ptr=g_rows,
+                dzs_ptr=dzs,
+                dzt_ptr=dzt,
+                c0=c0,
+                c1=c1,
+                stride_dz=dzs.stride(0),
+                beta=beta,
+                ce_weight=ce_weight,
+                MODE=mode,
+                NEED_CE=ce_weight > 0,
+                NEED_T=need_t,
+            )
             for (dh, dw, db), h, w, dz, on in ((grads[:3], hs, ws, dzs, need[:3]),
                                                (grads[3:], ht, wt, dzt, need[3:])):
                 if not any(on):

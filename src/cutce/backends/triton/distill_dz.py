@@ -19,14 +19,48 @@ from .common import head_tile, log_fast
 
 
 @triton.jit
-def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, tbl_ptr, st_ptr,
-               sum_ptr, n0, n1, V, Ds, stride_hs, stride_ws, stride_x, stride_tbl, cap_s, inv_temp,
-               temperature, beta, ce_weight, n_row_blocks,
-               MODE: tl.constexpr, PASS: tl.constexpr, NEED_CE: tl.constexpr,
-               HAS_BS: tl.constexpr, CAP_S: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, USE_TMA: tl.constexpr,
-               FLATTEN: tl.constexpr, TILE_STORE: tl.constexpr, FAST_LOG: tl.constexpr):
+def _dz_kernel(
+    hs_ptr,  # (N, Ds) student hidden states
+    ws_ptr,  # (V, Ds) student weight
+    bs_ptr,  # (V,) student bias (HAS_BS)
+    hs_desc,  # hs's (BLOCK_N, BLOCK_K) tile descriptor (USE_TMA)
+    ws_desc,  # ws's (BLOCK_V, BLOCK_K) tile descriptor (USE_TMA)
+    t_ptr,  # (N,) int64 targets (NEED_CE)
+    x_ptr,  # (n1 - n0, >= V) the teacher's X; overwritten by dz in pass 2
+    x_desc,  # x's (BLOCK_N, BLOCK_V) tile descriptor (TILE_STORE)
+    tbl_ptr,  # (n1 - n0, tiles) float32 X's tile maxima
+    st_ptr,  # (5, n1 - n0) float32 per row: lse_s, lse_t, lse_1, weight c, KL(q||m)
+    sum_ptr,  # (2, n1 - n0, tiles) float32 out of pass 1: sum p d, sum q d
+    n0,  # the chunk's rows n0:n1
+    n1,
+    V,
+    Ds,
+    stride_hs,
+    stride_ws,
+    stride_x,
+    stride_tbl,
+    n_row_blocks,
+    cap_s,  # the student's softcap, 0: off
+    inv_temp,  # 1 / temperature
+    temperature,
+    beta,  # the JSD's mixture weight
+    ce_weight,
+    MODE: tl.constexpr,  # FWD_KL or JSD (distill.py)
+    PASS: tl.constexpr,  # 1: the JSD's row sums, 2: dz
+    NEED_CE: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    CAP_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # float32 dots: the interpreter computes bf16 wrongly
+    PRECISION: tl.constexpr,
+    EVEN_KS: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    TILE_STORE: tl.constexpr,
+    FAST_LOG: tl.constexpr,
+):
     # One tile per step; a persistent launch (fewer programs than tiles, DZ_PROGRAMS_PER_SM)
     # walks several, its software pipeline running on across them (the student's K is short).
     n_work = n_row_blocks * tl.cdiv(V, BLOCK_V)
@@ -99,9 +133,25 @@ def _dz_kernel(hs_ptr, ws_ptr, bs_ptr, hs_desc, ws_desc, t_ptr, x_ptr, x_desc, t
 
 
 @triton.jit
-def _dz_ew_kernel(x_ptr, xs_ptr, tbl_ptr, tbls_ptr, st_ptr, sum_ptr, R, V, stride_x, stride_tbl,
-                  inv_temp, beta, MODE: tl.constexpr, PASS: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, FAST_LOG: tl.constexpr):
+def _dz_ew_kernel(
+    x_ptr,  # (R, >= V) the teacher's X; overwritten by dz in pass 2
+    xs_ptr,  # (R, >= V) the student's Xs
+    tbl_ptr,  # (R, tiles) float32 X's tile maxima
+    tbls_ptr,  # (R, tiles) float32 Xs's tile maxima
+    st_ptr,  # (5, R) float32 per row: lse_s, lse_t, lse_1, weight c, KL(q||m)
+    sum_ptr,  # (2, R, tiles) float32 out of pass 1: sum p d, sum q d
+    R,
+    V,
+    stride_x,  # (x's and xs's)
+    stride_tbl,  # (tbl's and tbls's)
+    inv_temp,  # 1 / temperature
+    beta,  # the JSD's mixture weight
+    MODE: tl.constexpr,  # FWD_KL or JSD (distill.py)
+    PASS: tl.constexpr,  # 1: the JSD's row sums, 2: dz
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    FAST_LOG: tl.constexpr,
+):
     vt = tl.program_id(1)  # BLOCK_V is the statistics kernel's: one table column per program
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
@@ -148,6 +198,22 @@ def dz_pass(x, xs, tbl, tbls, st, out, v, block_v, inv_temp, beta, mode, pass_):
     r = x.shape[0]
     block_r, warps = configs.current(x.device).dz_ew_tile
     _dz_ew_kernel[(triton.cdiv(r, block_r), triton.cdiv(v, block_v))](
-        x, xs, tbl, tbls, st, out, r, v, x.stride(0), tbl.stride(0), inv_temp, beta, MODE=mode,
-        PASS=pass_, BLOCK_R=block_r, BLOCK_V=block_v, FAST_LOG=not configs.interpreting(),
-        num_warps=warps)
+        x_ptr=x,
+        xs_ptr=xs,
+        tbl_ptr=tbl,
+        tbls_ptr=tbls,
+        st_ptr=st,
+        sum_ptr=out,
+        R=r,
+        V=v,
+        stride_x=x.stride(0),
+        stride_tbl=tbl.stride(0),
+        inv_temp=inv_temp,
+        beta=beta,
+        MODE=mode,
+        PASS=pass_,
+        BLOCK_R=block_r,
+        BLOCK_V=block_v,
+        FAST_LOG=not configs.interpreting(),
+        num_warps=warps,
+    )

@@ -72,15 +72,58 @@ def _x_online(m, s, z):
 
 
 @triton.jit
-def _stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_desc, ws_desc, ht_desc,
-                  wt_desc, t_ptr, x_ptr, x_desc, tbl_ptr, xs_ptr, xs_desc, tbls_ptr, part_ptr,
-                  n0, n1, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, stride_x,
-                  stride_tbl, cap_s, cap_t, inv_temp, temperature, tiles_per_split, n_row_blocks,
-                  NEED_CE: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
-                  CAP_S: tl.constexpr, CAP_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                  PRECISION: tl.constexpr, EVEN_KS: tl.constexpr, EVEN_KT: tl.constexpr,
-                  USE_TMA: tl.constexpr, TILE_STORE: tl.constexpr, STORE_S: tl.constexpr):
+def _stats_kernel(
+    hs_ptr,  # (N, Ds) student hidden states
+    ws_ptr,  # (V, Ds) student weight
+    bs_ptr,  # (V,) student bias (HAS_BS)
+    ht_ptr,  # (N, Dt) teacher hidden states
+    wt_ptr,  # (V, Dt) teacher weight
+    bt_ptr,  # (V,) teacher bias (HAS_BT)
+    hs_desc,  # the four operands' (BLOCK_N | BLOCK_V, BLOCK_K) tile descriptors (USE_TMA)
+    ws_desc,
+    ht_desc,
+    wt_desc,
+    t_ptr,  # (N,) int64 targets (NEED_CE)
+    x_ptr,  # (n1 - n0, >= V) out: the teacher's X
+    x_desc,  # x's (BLOCK_N, BLOCK_V) tile descriptor (TILE_STORE)
+    tbl_ptr,  # (n1 - n0, tiles) float32 out: X's tile maxima
+    xs_ptr,  # (n1 - n0, >= V) out: the student's Xs (STORE_S)
+    xs_desc,  # xs's (BLOCK_N, BLOCK_V) tile descriptor (TILE_STORE and STORE_S)
+    tbls_ptr,  # (n1 - n0, tiles) float32 out: Xs's tile maxima (STORE_S)
+    part_ptr,  # (8, splits, n1 - n0) float32 out: per split gap, zt1, then store_online's
+    n0,  # the chunk's rows n0:n1
+    n1,
+    V,
+    Ds,
+    Dt,
+    stride_hs,
+    stride_ws,
+    stride_ht,
+    stride_wt,
+    stride_x,  # (x's and xs's)
+    stride_tbl,  # (tbl's and tbls's)
+    tiles_per_split,  # vocabulary tiles per split
+    n_row_blocks,
+    cap_s,  # softcaps, 0: off
+    cap_t,
+    inv_temp,  # 1 / temperature
+    temperature,
+    NEED_CE: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr,
+    CAP_S: tl.constexpr,
+    CAP_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # float32 dots: the interpreter computes bf16 wrongly
+    PRECISION: tl.constexpr,
+    EVEN_KS: tl.constexpr,
+    EVEN_KT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    TILE_STORE: tl.constexpr,
+    STORE_S: tl.constexpr,  # also the student's Xs (KernelConfig.distill_student_x)
+):
     pid = tl.program_id(0)
     rb = pid % n_row_blocks  # token blocks fastest: concurrent programs share weight tiles
     split = pid // n_row_blocks
@@ -146,10 +189,19 @@ def stores_student_x(ce_weight: float, cap_s: float, device=None) -> bool:
 
 def _flags(kc, t, hs, ws, ht, wt, bs, bt, cap_s, cap_t):
     tma = configs.use_tma(kc, hs, ws, ht, wt)
-    return tma, dict(HAS_BS=bs is not None, CAP_S=cap_s > 0, BLOCK_N=t.block_n,
-                     BLOCK_V=t.block_v, BLOCK_K=t.block_k, UPCAST=configs.interpreting(),
-                     PRECISION=configs.dot_precision(hs.dtype), EVEN_KS=hs.shape[1] % t.block_k == 0,
-                     USE_TMA=tma, num_warps=t.num_warps, num_stages=t.num_stages)
+    return tma, dict(
+        HAS_BS=bs is not None,
+        CAP_S=cap_s > 0,
+        BLOCK_N=t.block_n,
+        BLOCK_V=t.block_v,
+        BLOCK_K=t.block_k,
+        UPCAST=configs.interpreting(),
+        PRECISION=configs.dot_precision(hs.dtype),
+        EVEN_KS=hs.shape[1] % t.block_k == 0,
+        USE_TMA=tma,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
+    )
 
 
 def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, cap_s, cap_t,
@@ -214,23 +266,60 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
         part = torch.empty((8, n_splits, rc), **f32)
         x_desc, xs_desc = (tma_descriptor(b[:, :v], t.block_n, t.block_v) if store else b
                            for b in (x, xs))
+        # the arguments both kernels take: the student's head, the chunk's X and its table
+        chunk_args = dict(
+            hs_ptr=hs,
+            ws_ptr=ws,
+            bs_ptr=bs_,
+            hs_desc=descs[0],
+            ws_desc=descs[1],
+            t_ptr=targets,
+            x_ptr=x,
+            x_desc=x_desc,
+            tbl_ptr=tbl,
+            n0=n0,
+            n1=n1,
+            V=v,
+            Ds=ds,
+            stride_hs=hs.stride(0),
+            stride_ws=ws.stride(0),
+            stride_x=x.stride(0),
+            stride_tbl=tbl.stride(0),
+            n_row_blocks=n_row_blocks,
+            cap_s=cap_s,
+            inv_temp=1.0 / temperature,
+            temperature=temperature,
+            TILE_STORE=store,
+            **kw,
+        )
         _stats_kernel[(n_row_blocks * n_splits,)](
-            hs, ws, bs_, ht, wt, bt_, *descs, targets, x, x_desc, tbl, xs, xs_desc, tbls, part,
-            n0, n1, v, ds,
-            ht.shape[1],
-            hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0), x.stride(0), tbl.stride(0),
-            cap_s, cap_t, 1.0 / temperature, temperature, per, n_row_blocks, NEED_CE=need_ce,
-            HAS_BT=bt is not None, CAP_T=cap_t > 0, EVEN_KT=ht.shape[1] % t.block_k == 0,
-            TILE_STORE=store, STORE_S=student_x, **kw)
+            **chunk_args,
+            ht_ptr=ht,
+            wt_ptr=wt,
+            bt_ptr=bt_,
+            ht_desc=descs[2],
+            wt_desc=descs[3],
+            xs_ptr=xs,
+            xs_desc=xs_desc,
+            tbls_ptr=tbls,
+            part_ptr=part,
+            Dt=ht.shape[1],
+            stride_ht=ht.stride(0),
+            stride_wt=wt.stride(0),
+            tiles_per_split=per,
+            cap_t=cap_t,
+            NEED_CE=need_ce,
+            HAS_BT=bt is not None,
+            CAP_T=cap_t > 0,
+            EVEN_KT=ht.shape[1] % t.block_k == 0,
+            STORE_S=student_x,
+        )
         gap, zt1, m_s, s_s, m_t, s_t, m_1, s_1 = part.unbind(0)
         st = torch.zeros((5, rc), **f32)  # lse_s, lse_t, lse_1, coef, KL(q||m): the dz kernel's
         st[0] = _combine(m_s, s_s)[0]
         st[1], mean_gap = _combine(m_t, s_t, gap)
         kl_pq = mean_gap - st[1] + st[0]
         st[3] = coef[n0:n1]
-        dz_args = (hs, ws, bs_, descs[0], descs[1], targets, x, x_desc, tbl, st)
-        dz_scal = (n0, n1, v, ds, hs.stride(0), ws.stride(0), x.stride(0), tbl.stride(0), cap_s,
-                   1.0 / temperature, temperature, beta, ce_weight, n_row_blocks)
         # one program per tile unless distill_dz_programs_per_sm asks for a persistent launch
         grid = (configs.persistent_programs(n_row_blocks * n_tiles, dev,
                                             kc.distill_dz_programs_per_sm),)
@@ -242,10 +331,18 @@ def fused_total(hs, ws, bs, ht, wt, bt, targets, coef, mode, beta, temperature, 
                 distill_dz.dz_pass(x, xs, tbl, tbls, st, out, v, t.block_v, 1.0 / temperature,
                                    beta, mode, pass_)
             else:
-                distill_dz._dz_kernel[grid](*dz_args, out, *dz_scal, MODE=mode, PASS=pass_,
-                                            NEED_CE=need_ce and pass_ == 2, FLATTEN=flat,
-                                            TILE_STORE=store,
-                                            FAST_LOG=not configs.interpreting(), **kw)
+                distill_dz._dz_kernel[grid](
+                    **chunk_args,
+                    st_ptr=st,
+                    sum_ptr=out,
+                    beta=beta,
+                    ce_weight=ce_weight,
+                    MODE=mode,
+                    PASS=pass_,
+                    NEED_CE=need_ce and pass_ == 2,
+                    FLATTEN=flat,
+                    FAST_LOG=not configs.interpreting(),
+                )
         if mode == FWD_KL:
             d = kl_pq
         else:

@@ -20,18 +20,52 @@ from .common import _tanh, head_tile, tma_descriptor
 
 
 @triton.jit
-def _forward_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, floor_ptr, part_ptr, ub_ptr, cw_ptr,
-                    zk_ptr, zk_desc, zt_ptr, N, V, D, stride_h, stride_w, stride_zk, scale, softcap,
-                    inv_temp,
-                    rit_ptr,
-                    tiles_per_split, n_row_blocks, group_rows,
-                    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
-                    NEED_ENT: tl.constexpr, BOUND: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                    PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                    FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, HAS_CW: tl.constexpr,
-                    NEED_STATS: tl.constexpr, KEEP: tl.constexpr, KEEP_BULK: tl.constexpr,
-                    ROW_TEMP: tl.constexpr):
+def _forward_kernel(
+    h_ptr,  # (N, D) hidden states
+    w_ptr,  # (V, D) classifier weight
+    h_desc,  # hidden's (BLOCK_N, BLOCK_K) tile descriptor (USE_TMA)
+    w_desc,  # weight's (BLOCK_V, BLOCK_K) tile descriptor (USE_TMA)
+    b_ptr,  # (V,) bias (HAS_BIAS)
+    floor_ptr,  # (N,) a lower bound of each row's lse (BOUND)
+    part_ptr,  # (4 | 6, splits, N) float32: per split m, s, zsum, a (| s2, argmax bits)
+    ub_ptr,  # (V,) float32 class bounds, merged by atomic max (BOUND)
+    cw_ptr,  # (V,) class weights (HAS_CW)
+    zk_ptr,  # (N, >= V) kept logits less the row's target logit (KEEP)
+    zk_desc,  # zk's (BLOCK_N, BLOCK_V) tile descriptor (KEEP_BULK)
+    zt_ptr,  # (N,) float32 target logits
+    rit_ptr,  # (N,) float32 per-row 1 / T (ROW_TEMP)
+    N,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    stride_zk,
+    tiles_per_split,  # vocabulary tiles per split
+    n_row_blocks,
+    group_rows,  # token blocks per launch group
+    scale,
+    softcap,  # 0: off
+    inv_temp,  # 1 / temperature
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    NEED_ZSUM: tl.constexpr,
+    NEED_ENT: tl.constexpr,  # sum_j p_j z_j
+    BOUND: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # float32 dots: the interpreter computes bf16 wrongly
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    EVEN_V: tl.constexpr,
+    HAS_CW: tl.constexpr,
+    NEED_STATS: tl.constexpr,
+    KEEP: tl.constexpr,
+    KEEP_BULK: tl.constexpr,
+    ROW_TEMP: tl.constexpr,
+):
     # Programs go in groups of group_rows token blocks x all splits, token blocks fastest: the
     # programs running together read few hidden blocks (they stay in L2 while every weight
     # tile streams past them) and few weight tiles (each read once for the whole group).
@@ -185,23 +219,53 @@ def forward(hidden, weight, bias, targets, scale, softcap, inv_temp, need_zsum, 
         keep_bulk = tma and keep is not None and keep.dtype == hidden.dtype
         keep_desc = tma_descriptor(keep[:, :v], cfg.block_n, cfg.block_v) if keep_bulk else part
         _forward_kernel[(n_row_blocks * n_splits,)](
-            hidden, weight, h_desc, w_desc, bias if bias is not None else hidden,
-            floor if bound else hidden, part, ub,
-            class_weight if class_weight is not None else hidden,
-            keep if keep is not None else part, keep_desc, zt_rows,
-            n, v, d, hidden.stride(0), weight.stride(0), 0 if keep is None else keep.stride(0),
-            scale, softcap, inv_temp,
-            row_inv_temp if row_inv_temp is not None else part,
-            tiles_per_split, n_row_blocks, group_rows,
-            HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum,
-            NEED_ENT=need_entropy, BOUND=bound, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
-            BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
-            PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
-            USE_TMA=tma, FLATTEN=tma and kc.flatten, EVEN_V=v % cfg.block_v == 0,
-            HAS_CW=class_weight is not None, NEED_STATS=need_stats, KEEP=keep is not None,
+            h_ptr=hidden,
+            w_ptr=weight,
+            h_desc=h_desc,
+            w_desc=w_desc,
+            b_ptr=bias if bias is not None else hidden,  # (a placeholder: its flag is off)
+            floor_ptr=floor if bound else hidden,
+            part_ptr=part,
+            ub_ptr=ub,
+            cw_ptr=class_weight if class_weight is not None else hidden,
+            zk_ptr=keep if keep is not None else part,
+            zk_desc=keep_desc,
+            zt_ptr=zt_rows,
+            rit_ptr=row_inv_temp if row_inv_temp is not None else part,
+            N=n,
+            V=v,
+            D=d,
+            stride_h=hidden.stride(0),
+            stride_w=weight.stride(0),
+            stride_zk=0 if keep is None else keep.stride(0),
+            tiles_per_split=tiles_per_split,
+            n_row_blocks=n_row_blocks,
+            group_rows=group_rows,
+            scale=scale,
+            softcap=softcap,
+            inv_temp=inv_temp,
+            HAS_BIAS=bias is not None,
+            SOFTCAP=softcap > 0,
+            NEED_ZSUM=need_zsum,
+            NEED_ENT=need_entropy,
+            BOUND=bound,
+            BLOCK_N=cfg.block_n,
+            BLOCK_V=cfg.block_v,
+            BLOCK_K=cfg.block_k,
+            UPCAST=configs.interpreting(),
+            PRECISION=configs.dot_precision(hidden.dtype),
+            EVEN_K=d % cfg.block_k == 0,
+            USE_TMA=tma,
+            FLATTEN=tma and kc.flatten,
+            EVEN_V=v % cfg.block_v == 0,
+            HAS_CW=class_weight is not None,
+            NEED_STATS=need_stats,
+            KEEP=keep is not None,
             KEEP_BULK=keep_bulk,
             ROW_TEMP=row_inv_temp is not None,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
     m, s, zs, a = part[:4].unbind(0)
     lse, pz = combine_splits(m, s, a)
     if not need_stats:
@@ -229,12 +293,27 @@ def combine_splits(m, s, a=None):
 
 
 @triton.jit
-def _target_kernel(h_ptr, w_ptr, b_ptr, t_ptr, out_ptr, N, V, D, stride_h, stride_w,
-                   scale, softcap, inv_temp,
-                   rit_ptr,
-                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   ROW_TEMP: tl.constexpr):
+def _target_kernel(
+    h_ptr,  # (N, D) hidden states
+    w_ptr,  # (V, D) classifier weight
+    b_ptr,  # (V,) bias (HAS_BIAS)
+    t_ptr,  # (N,) int64 targets
+    out_ptr,  # (N,) float32 target logits
+    rit_ptr,  # (N,) float32 per-row 1 / T (ROW_TEMP)
+    N,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    scale,
+    softcap,  # 0: off
+    inv_temp,  # 1 / temperature
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROW_TEMP: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     tgt = tl.load(t_ptr + rows, mask=rows < N, other=-1)
     valid = (rows < N) & (tgt >= 0) & (tgt < V)
@@ -266,10 +345,25 @@ def target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp, row_i
     if n:
         block_n, block_k, warps = configs.current(hidden.device).target_tile
         _target_kernel[(triton.cdiv(n, block_n),)](
-            hidden, weight, bias if bias is not None else hidden, targets, out, n,
-            weight.shape[0], d, hidden.stride(0), weight.stride(0), scale, softcap, inv_temp,
-            row_inv_temp if row_inv_temp is not None else out,
-            HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_N=block_n, BLOCK_K=block_k,
+            h_ptr=hidden,
+            w_ptr=weight,
+            b_ptr=bias if bias is not None else hidden,  # (a placeholder: its flag is off)
+            t_ptr=targets,
+            out_ptr=out,
+            rit_ptr=row_inv_temp if row_inv_temp is not None else out,
+            N=n,
+            V=weight.shape[0],
+            D=d,
+            stride_h=hidden.stride(0),
+            stride_w=weight.stride(0),
+            scale=scale,
+            softcap=softcap,
+            inv_temp=inv_temp,
+            HAS_BIAS=bias is not None,
+            SOFTCAP=softcap > 0,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
             ROW_TEMP=row_inv_temp is not None,
-            num_warps=warps)
+            num_warps=warps,
+        )
     return out

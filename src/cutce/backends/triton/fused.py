@@ -48,14 +48,45 @@ EPI_ROWS, EPI_COLS = 32, 128
 
 
 @triton.jit
-def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_ptr, x_ptr, x_desc,
-                         part_ptr, n0, n1, V, D, stride_h, stride_w, stride_x, stride_k, scale,
-                         softcap, tiles_per_split, n_row_blocks, far_gap,
-                         HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-                         FLATTEN: tl.constexpr, EVEN_V: tl.constexpr, REFILL: tl.constexpr,
-                         TILE_STORE: tl.constexpr):
+def _fused_logits_kernel(
+    h_ptr,  # (N, D) hidden states
+    w_ptr,  # (V, D) classifier weight
+    h_desc,  # hidden's (BLOCK_N, BLOCK_K) tile descriptor (USE_TMA)
+    w_desc,  # weight's (BLOCK_V, BLOCK_K) tile descriptor (USE_TMA)
+    b_ptr,  # (V,) bias (HAS_BIAS)
+    t_ptr,  # (N,) int64 targets
+    c_ptr,  # (n1 - n0,) float32 the rows' references c (the target logits)
+    k_ptr,  # (4, N) float32 the rows' coefficients k0..k3
+    x_ptr,  # (n1 - n0, >= V) out: X
+    x_desc,  # x's (BLOCK_N, BLOCK_V) tile descriptor (TILE_STORE)
+    part_ptr,  # (3, splits, n1 - n0) float32: per split max, sum exp(z - c), target logit
+    n0,  # the chunk's rows n0:n1
+    n1,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    stride_x,
+    stride_k,
+    tiles_per_split,  # vocabulary tiles per split
+    n_row_blocks,
+    scale,
+    softcap,  # 0: off
+    far_gap,  # FAR_GAP: a row whose max z - c exceeds it is refilled
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # float32 dots: the interpreter computes bf16 wrongly
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    EVEN_V: tl.constexpr,
+    REFILL: tl.constexpr,  # the second launch: the far rows again, c = their max
+    TILE_STORE: tl.constexpr,
+):
     # Row blocks vary fastest: the programs running together read the same weight tiles.
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
@@ -131,10 +162,35 @@ def _fused_logits_kernel(h_ptr, w_ptr, h_desc, w_desc, b_ptr, t_ptr, c_ptr, k_pt
 
 
 @triton.jit
-def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, lse_ptr,
-                           s_ptr, row_ptr, n0, n1, N, V, D, n_splits, stride_k, stride_h,
-                           stride_x, stride_hs, scale, softcap, far_gap, SOFTCAP: tl.constexpr,
-                           NEED_HS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _chunk_epilogue_kernel(
+    part_ptr,  # (3, n_splits, n1 - n0) float32: the logit kernel's per-split values
+    c_ptr,  # (n1 - n0,) float32 the rows' references c
+    k_ptr,  # (4, N) float32 the rows' coefficients k0..k3
+    t_ptr,  # (N,) int64 targets
+    h_ptr,  # (N, D) hidden states
+    x_ptr,  # (n1 - n0, >= V) X: its target entries rewritten
+    hs_ptr,  # (n1 - n0, D) out: s * E (NEED_HS)
+    lse_ptr,  # (N,) float32 out
+    s_ptr,  # (n1 - n0,) float32 out: the rows' scales s
+    row_ptr,  # (N,) float32 out: each row's term of the total
+    n0,  # the chunk's rows n0:n1
+    n1,
+    N,
+    V,
+    D,
+    n_splits,
+    stride_k,
+    stride_h,
+    stride_x,
+    stride_hs,
+    scale,
+    softcap,  # 0: off
+    far_gap,  # FAR_GAP: a row whose max z - c exceeds it is refilled
+    SOFTCAP: tl.constexpr,
+    NEED_HS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Everything a chunk needs between its logit launches and its GEMMs, in one launch (it was
     ~45 small torch kernels per chunk): lse from the splits, the tiles' target logit, s, X's
     target entry, s * E for the dC product and each row's term of the total."""
@@ -191,7 +247,14 @@ def _chunk_epilogue_kernel(part_ptr, c_ptr, k_ptr, t_ptr, h_ptr, x_ptr, hs_ptr, 
 
 
 @triton.jit
-def _cast_scale_kernel(src_ptr, dst_ptr, g_ptr, n, HAS_G: tl.constexpr, BLOCK: tl.constexpr):
+def _cast_scale_kernel(
+    src_ptr,  # (n,)
+    dst_ptr,  # (n,) out, may be src
+    g_ptr,  # () the factor (HAS_G)
+    n,
+    HAS_G: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # dst = (src * g) in dst's dtype, float32 arithmetic (in place when src is dst)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -206,8 +269,17 @@ def _cast_scale_kernel(src_ptr, dst_ptr, g_ptr, n, HAS_G: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def _row_scale_kernel(src_ptr, s_ptr, dst_ptr, R, C, stride_src, stride_dst,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _row_scale_kernel(
+    src_ptr,  # (R, C) float32
+    s_ptr,  # (R,) float32
+    dst_ptr,  # (R, C) out
+    R,
+    C,
+    stride_src,
+    stride_dst,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     # dst[r, c] = src[r, c] * s[r] in float32, rounded once to dst's dtype
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -228,8 +300,17 @@ def row_scale(dst, src, s):
     if r and c:
         br, bc, warps = configs.current(src.device).row_scale_tile
         _row_scale_kernel[(triton.cdiv(r, br), triton.cdiv(c, bc))](
-            src, s, dst, r, c, src.stride(0), dst.stride(0), BLOCK_R=br, BLOCK_C=bc,
-            num_warps=warps)
+            src_ptr=src,
+            s_ptr=s,
+            dst_ptr=dst,
+            R=r,
+            C=c,
+            stride_src=src.stride(0),
+            stride_dst=dst.stride(0),
+            BLOCK_R=br,
+            BLOCK_C=bc,
+            num_warps=warps,
+        )
     return dst
 
 
@@ -242,8 +323,15 @@ def copy_cast_(dst, src):
     if not (dst.is_cuda and dst.is_contiguous() and src.is_contiguous()) or dst.numel() != src.numel():
         return dst.copy_(src)
     n = dst.numel()
-    _cast_scale_kernel[(triton.cdiv(n, _CAST_BLOCK),)](src, dst, src, n, HAS_G=False,
-                                                      BLOCK=_CAST_BLOCK, num_warps=8)
+    _cast_scale_kernel[(triton.cdiv(n, _CAST_BLOCK),)](
+        src_ptr=src,
+        dst_ptr=dst,
+        g_ptr=src,  # (unread: HAS_G is off)
+        n=n,
+        HAS_G=False,
+        BLOCK=_CAST_BLOCK,
+        num_warps=8,
+    )
     return dst
 
 
@@ -258,30 +346,16 @@ def scale_(t, g):
         return t.mul_(g)
     n = t.numel()
     if n:
-        _cast_scale_kernel[(triton.cdiv(n, _CAST_BLOCK),)](t, t, g, n, HAS_G=True,
-                                                          BLOCK=_CAST_BLOCK, num_warps=8)
+        _cast_scale_kernel[(triton.cdiv(n, _CAST_BLOCK),)](
+            src_ptr=t,
+            dst_ptr=t,
+            g_ptr=g,
+            n=n,
+            HAS_G=True,
+            BLOCK=_CAST_BLOCK,
+            num_warps=8,
+        )
     return t
-
-
-def _launch(kc, hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg,
-            n_splits, tiles_per_split, refill, far_gap):
-    v, d = weight.shape
-    n_row_blocks = triton.cdiv(n1 - n0, cfg.block_n)
-    tma = configs.use_tma(kc, hidden, weight, x)
-    h_desc = tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden
-    w_desc = tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight
-    store = tma and not refill and kc.loss_tile_store
-    x_desc = tma_descriptor(x[:, :v], cfg.block_n, cfg.block_v) if store else x
-    _fused_logits_kernel[(n_row_blocks * n_splits,)](
-        hidden, weight, h_desc, w_desc, bias if bias is not None else hidden, targets, c, k, x,
-        x_desc, part,
-        n0, n1, v, d, hidden.stride(0), weight.stride(0), x.stride(0), k.stride(0), scale,
-        softcap, tiles_per_split, n_row_blocks, far_gap,
-        HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, BLOCK_N=cfg.block_n,
-        BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, UPCAST=configs.interpreting(),
-        PRECISION=configs.dot_precision(hidden.dtype), EVEN_K=d % cfg.block_k == 0,
-        USE_TMA=tma, FLATTEN=tma and kc.flatten, EVEN_V=v % cfg.block_v == 0,
-        REFILL=refill, TILE_STORE=store, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _v_pad(v):
@@ -342,16 +416,60 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
         n1 = min(n0 + chunk_n, n)
         rows = n1 - n0
         x = x_all[:rows]
-        n_splits = configs.vocab_splits(triton.cdiv(rows, cfg.block_n), n_tiles, dev,
-                                        triton.cdiv(rows, cfg.block_n))
+        n_row_blocks = triton.cdiv(rows, cfg.block_n)
+        n_splits = configs.vocab_splits(n_row_blocks, n_tiles, dev, n_row_blocks)
         tps = triton.cdiv(n_tiles, n_splits)
         n_splits = triton.cdiv(n_tiles, tps)
         part = torch.empty((3, n_splits, rows), **f32)
         c = zt[n0:n1]
-        # logits and X with c = the target logit; the far rows again with c = their max; then
-        # lse, s, X's target entry and s * E
-        _launch(kc, hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg,
-                n_splits, tps, False, FAR_GAP)
+        tma = configs.use_tma(kc, hidden, weight, x)
+        store = tma and kc.loss_tile_store  # (not in the refill launch: it writes far rows only)
+        # the two logit launches' arguments: X with c = the target logit, then the far rows
+        # again with c = their max (REFILL); then the epilogue's lse, s, X's target entry, s * E
+        logit_args = dict(
+            h_ptr=hidden,
+            w_ptr=weight,
+            h_desc=tma_descriptor(hidden, cfg.block_n, cfg.block_k) if tma else hidden,
+            w_desc=tma_descriptor(weight, cfg.block_v, cfg.block_k) if tma else weight,
+            b_ptr=bias if bias is not None else hidden,  # (a placeholder: its flag is off)
+            t_ptr=targets,
+            c_ptr=c,
+            k_ptr=k,
+            x_ptr=x,
+            part_ptr=part,
+            n0=n0,
+            n1=n1,
+            V=v,
+            D=d,
+            stride_h=hidden.stride(0),
+            stride_w=weight.stride(0),
+            stride_x=x.stride(0),
+            stride_k=k.stride(0),
+            tiles_per_split=tps,
+            n_row_blocks=n_row_blocks,
+            scale=scale,
+            softcap=softcap,
+            far_gap=FAR_GAP,
+            HAS_BIAS=bias is not None,
+            SOFTCAP=softcap > 0,
+            BLOCK_N=cfg.block_n,
+            BLOCK_V=cfg.block_v,
+            BLOCK_K=cfg.block_k,
+            UPCAST=configs.interpreting(),
+            PRECISION=configs.dot_precision(hidden.dtype),
+            EVEN_K=d % cfg.block_k == 0,
+            USE_TMA=tma,
+            FLATTEN=tma and kc.flatten,
+            EVEN_V=v % cfg.block_v == 0,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        _fused_logits_kernel[(n_row_blocks * n_splits,)](
+            **logit_args,
+            x_desc=tma_descriptor(x[:, :v], cfg.block_n, cfg.block_v) if store else x,
+            REFILL=False,
+            TILE_STORE=store,
+        )
         if n0 == 0:
             # allocated once the first logit kernel is queued: their host time overlaps it
             lse = torch.empty(n, **f32)
@@ -363,15 +481,44 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
                       if need_w else None)
             if kc.poison and hs_all is not None:
                 hs_all.fill_(float("nan"))
-        _launch(kc, hidden, weight, bias, targets, c, k, x, part, n0, n1, scale, softcap, cfg,
-                n_splits, tps, True, FAR_GAP)
+        _fused_logits_kernel[(n_row_blocks * n_splits,)](
+            **logit_args,
+            x_desc=x,
+            REFILL=True,
+            TILE_STORE=False,
+        )
         s = s_all[:rows]
         hs = hs_all[:rows] if need_w else s
         _chunk_epilogue_kernel[(triton.cdiv(rows, EPI_ROWS),)](
-            part, c, k, targets, hidden, x, hs, lse, s, row_terms, n0, n1, n, v, d,
-            n_splits, k.stride(0), hidden.stride(0), x.stride(0), hs.stride(0), scale, softcap,
-            FAR_GAP, SOFTCAP=softcap > 0, NEED_HS=need_w, BLOCK_R=EPI_ROWS, BLOCK_D=EPI_COLS,
-            num_warps=4)
+            part_ptr=part,
+            c_ptr=c,
+            k_ptr=k,
+            t_ptr=targets,
+            h_ptr=hidden,
+            x_ptr=x,
+            hs_ptr=hs,
+            lse_ptr=lse,
+            s_ptr=s,
+            row_ptr=row_terms,
+            n0=n0,
+            n1=n1,
+            N=n,
+            V=v,
+            D=d,
+            n_splits=n_splits,
+            stride_k=k.stride(0),
+            stride_h=hidden.stride(0),
+            stride_x=x.stride(0),
+            stride_hs=hs.stride(0),
+            scale=scale,
+            softcap=softcap,
+            far_gap=FAR_GAP,
+            SOFTCAP=softcap > 0,
+            NEED_HS=need_w,
+            BLOCK_R=EPI_ROWS,
+            BLOCK_D=EPI_COLS,
+            num_warps=4,
+        )
         xv = x[:, :v]
         if need_h:
             # scaled in float32 and rounded once, in one pass into dE's rows

@@ -24,13 +24,32 @@ from .backward import dz_tile
 
 
 @triton.jit
-def _kept_dz_kernel(zk_ptr, zt_ptr, t_ptr, lse_ptr, pz_ptr, glse_ptr, gzt_ptr, gzs_ptr, gpz_ptr,
-                    cw_ptr, N, V, stride_zk, scale, softcap, inv_temp,
-                    rit_ptr,
-                    SOFTCAP: tl.constexpr,
-                    NEED_ZSUM: tl.constexpr, NEED_ENT: tl.constexpr, HAS_CW: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                    ROW_TEMP: tl.constexpr):
+def _kept_dz_kernel(
+    zk_ptr,  # (N, >= V) kept logits less the target logit; overwritten by dz
+    zt_ptr,  # (N,) float32 target logits
+    t_ptr,  # (N,) int64 targets
+    lse_ptr,  # (N,) float32
+    pz_ptr,  # (N,) float32 sum_j p_j z_j (NEED_ENT)
+    glse_ptr,  # (N,) float32 upstream gradients of lse, zt, zsum, pz
+    gzt_ptr,
+    gzs_ptr,
+    gpz_ptr,
+    cw_ptr,  # (V,) class weights (HAS_CW)
+    rit_ptr,  # (N,) float32 per-row 1 / T (ROW_TEMP)
+    N,
+    V,
+    stride_zk,
+    scale,
+    softcap,  # 0: off
+    inv_temp,  # 1 / temperature
+    SOFTCAP: tl.constexpr,
+    NEED_ZSUM: tl.constexpr,
+    NEED_ENT: tl.constexpr,
+    HAS_CW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    ROW_TEMP: tl.constexpr,
+):
     n_row_blocks = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     rows = (pid % n_row_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,14 +96,32 @@ def backward(kept, hidden, weight, bias, targets, zt, lse, pz, g_lse, g_zt, g_zs
         block_n, block_v, warps = configs.current(hidden.device).kept_tile
         grid = (triton.cdiv(n, block_n) * triton.cdiv(v, block_v),)
         _kept_dz_kernel[grid](
-            kept, zt, targets, lse, pz, g_lse, g_zt, g_zsum, g_pz,
-            class_weight if class_weight is not None else lse, n, v, kept.stride(0), scale,
-            softcap, inv_temp,
-            row_inv_temp if row_inv_temp is not None else lse,
-            SOFTCAP=softcap > 0, NEED_ZSUM=need_zsum, NEED_ENT=need_entropy,
-            HAS_CW=class_weight is not None, BLOCK_N=block_n, BLOCK_V=block_v,
+            zk_ptr=kept,
+            zt_ptr=zt,
+            t_ptr=targets,
+            lse_ptr=lse,
+            pz_ptr=pz,
+            glse_ptr=g_lse,
+            gzt_ptr=g_zt,
+            gzs_ptr=g_zsum,
+            gpz_ptr=g_pz,
+            cw_ptr=class_weight if class_weight is not None else lse,
+            rit_ptr=row_inv_temp if row_inv_temp is not None else lse,
+            N=n,
+            V=v,
+            stride_zk=kept.stride(0),
+            scale=scale,
+            softcap=softcap,
+            inv_temp=inv_temp,
+            SOFTCAP=softcap > 0,
+            NEED_ZSUM=need_zsum,
+            NEED_ENT=need_entropy,
+            HAS_CW=class_weight is not None,
+            BLOCK_N=block_n,
+            BLOCK_V=block_v,
             ROW_TEMP=row_inv_temp is not None,
-            num_warps=warps)
+            num_warps=warps,
+        )
     dz = kept[:, :v].to(hidden.dtype)  # (a copy only in the interpreter's float32 workspace)
     dh = torch.mm(dz, weight) if need_h else None
     dw = torch.mm(dz.T, hidden) if need_w else None

@@ -18,9 +18,23 @@ from . import configs
 
 
 @triton.jit
-def _row_coefs_kernel(t_ptr, w_ptr, coef_ptr, bad_ptr, N, V, stride_t, stride_w, stride_c,
-                      ignore_index, z_loss, HAS_W: tl.constexpr, MEAN: tl.constexpr,
-                      Z_LOSS: tl.constexpr, BLOCK: tl.constexpr):
+def _row_coefs_kernel(
+    t_ptr,  # (N,) int64 targets
+    w_ptr,  # (N,) token weights (HAS_W)
+    coef_ptr,  # (4, N) float32 out: coefficients of lse, -zt, -zsum/V, lse^2
+    bad_ptr,  # (1,) int32 out: 1 if a target is outside [0, V) and not ignore_index
+    N,
+    V,
+    stride_t,
+    stride_w,
+    stride_c,
+    ignore_index,
+    z_loss,
+    HAS_W: tl.constexpr,
+    MEAN: tl.constexpr,  # reduction "mean" (else "sum")
+    Z_LOSS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # One program: "mean" needs the sum over all rows before any coefficient is written, and a
     # single program sums in a fixed order (bitwise reproducible; no atomics).
     offs0 = tl.arange(0, BLOCK)
@@ -83,7 +97,21 @@ def row_coefs(targets, token_weights, vocab, ignore_index, z_loss, mean):
     if n:
         w = token_weights if token_weights is not None else targets
         _row_coefs_kernel[(1,)](
-            targets, w, coef, bad, n, vocab, targets.stride(0), w.stride(0), coef.stride(0),
-            ignore_index, float(z_loss), HAS_W=token_weights is not None, MEAN=bool(mean),
-            Z_LOSS=z_loss != 0, BLOCK=configs.current(targets.device).rows_block, num_warps=4)
+            t_ptr=targets,
+            w_ptr=w,
+            coef_ptr=coef,
+            bad_ptr=bad,
+            N=n,
+            V=vocab,
+            stride_t=targets.stride(0),
+            stride_w=w.stride(0),
+            stride_c=coef.stride(0),
+            ignore_index=ignore_index,
+            z_loss=float(z_loss),
+            HAS_W=token_weights is not None,
+            MEAN=bool(mean),
+            Z_LOSS=z_loss != 0,
+            BLOCK=configs.current(targets.device).rows_block,
+            num_warps=4,
+        )
     return coef, bad
