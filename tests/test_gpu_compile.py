@@ -48,10 +48,10 @@ def test_every_kernel_compiles_for_the_gpu(tmp_path, arch):
     assert names == {("forward", "_forward_kernel"), ("forward", "_target_kernel"),
                      ("backward", "_dz_kernel"), ("kept", "_kept_dz_kernel"),
                      ("fused", "_fused_logits_kernel"),
-                     ("fused", "_chunk_epilogue_kernel"), ("fused", "_cast_scale_kernel"),
-                     ("fused", "_row_scale_kernel"),
+                     ("fused", "_chunk_epilogue_kernel"), ("elementwise", "_cast_scale_kernel"),
+                     ("elementwise", "_row_scale_kernel"),
                      ("rows", "_row_coefs_kernel"), ("distill", "_fwd_kernel"),
-                     ("distill", "_dz_kernel"), ("distill_fused", "_stats_kernel"),
+                     ("distill_backward", "_dz_kernel"), ("distill_fused", "_stats_kernel"),
                      ("distill_dz", "_dz_kernel"), ("distill_dz", "_dz_ew_kernel")}, names
     # the preset's recorded need, which decides it for parts no one compiled for, holds here
     facts = TARGETS[arch][0]

@@ -125,8 +125,8 @@ def _inputs(n, d, v, dtype, gen, bias=False):
 
 
 def run_all():
-    from cutce.backends.triton import (backward, configs, distill, distill_fused, forward, fused,
-                                       kept, rows)
+    from cutce.backends.triton import (backward, configs, distill, distill_backward,
+                                       distill_fused, elementwise, forward, fused, kept, rows)
     from cutce.engine import planner
     from cutce.engine.problem import Problem
     gen = torch.Generator().manual_seed(0)
@@ -159,7 +159,7 @@ def run_all():
                                  True, True, bias)
     rows.row_coefs(t, torch.rand(n), 1000, -100, 0.01, True)
     x = torch.empty(4096)
-    fused._cast_scale_kernel[(1,)](
+    elementwise._cast_scale_kernel[(1,)](
         src_ptr=x,
         dst_ptr=x.to(torch.bfloat16),
         g_ptr=x,
@@ -176,9 +176,9 @@ def run_all():
             with configs.override(distill_recompute_tma=bulk):
                 stats, *_ = distill.forward(hs, ws, bs, ht, wt, bt, t, mode, beta, 2.0, 0.0,
                                             0.0, True)
-                distill.backward(hs, ws, bs, ht, wt, bt, t, stats, torch.ones(300, **f32), mode,
-                                 beta, 2.0, 0.0, 0.0, 0.1,
-                                 (True, True, True, False, False, False))
+                distill_backward.backward(hs, ws, bs, ht, wt, bt, t, stats,
+                                          torch.ones(300, **f32), mode, beta, 2.0, 0.0, 0.0, 0.1,
+                                          (True, True, True, False, False, False))
         # with the student's Xs stored too (no CE term: ce_weight 0), bulk and pointer stores
         for store, xs in ((False, False), (True, False), (False, True), (True, True)) \
                 if mode != distill.REV_KL else ():

@@ -43,7 +43,7 @@ from .common import head_tile, tma_descriptor
 from .distill import (FWD_KL, _combine, _online, _splits, descriptors, init_online,
                       store_online)
 from ...engine.planner import v_pad
-from .fused import copy_cast_
+from .elementwise import copy_cast_
 
 
 @triton.jit

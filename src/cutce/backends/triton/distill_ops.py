@@ -21,9 +21,10 @@ from .. import grads
 from ..grads import by_name
 from . import configs
 from . import distill as _k
+from . import distill_backward as _kb
 from . import distill_fused as _kf
 from . import fit
-from .fused import scale_ as _scale_
+from .elementwise import scale_ as _scale_
 
 def mode_of(beta: float) -> int:
     return _k.FWD_KL if beta == 0.0 else _k.REV_KL if beta == 1.0 else _k.JSD
@@ -57,7 +58,7 @@ def _backward_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: T
                  nhs: bool, nws: bool, nbs: bool, nht: bool, nwt: bool,
                  nbt: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     need = (nhs, nws, nbs, nht, nwt, nbt)
-    grads = _k.backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode_of(beta), beta,
+    grads = _kb.backward(hs, ws, bs, ht, wt, bt, targets, stats, g_rows, mode_of(beta), beta,
                         temperature, cap_s, cap_t, ce_weight, need)
     like = (hs, ws, bs, ht, wt, bt)
     return tuple(g.to(t.dtype) if on else g for g, t, on in zip(grads, like, need))
@@ -140,7 +141,7 @@ def _fused_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tens
         rows = rows + ce_weight * (stats[4] - zt1)
     g = torch.where(coef != 0, coef, 0.0).float().contiguous()
     need = (need_h, need_w, need_b and bs is not None, False, False, False)
-    grads = _k.backward(hs, ws, bs, ht, wt, bt, targets, stats, g, mode, beta, temperature,
+    grads = _kb.backward(hs, ws, bs, ht, wt, bt, targets, stats, g, mode, beta, temperature,
                         cap_s, cap_t, ce_weight, need)
     total = torch.where(coef != 0, rows * coef, 0.0).sum()
     return (total, rows, *[gr.to(t.dtype) if on else hs.new_empty(0)

@@ -22,7 +22,7 @@ from ..grads import by_name
 from ..resources import out_of_memory, warn_memory_fallback
 from . import backward as _bw
 from . import forward as _fw
-from . import fit
+from . import elementwise, fit
 from . import fused as _fused
 from . import kept as _kept
 
@@ -180,7 +180,7 @@ def _(hidden, weight, bias, targets, coef, scale, softcap, memory_budget, plan, 
 
 def _fused_setup_context(ctx, inputs, output):
     grads.fused_setup_context(ctx, inputs, output)
-    ctx.scale_ = _fused.scale_
+    ctx.scale_ = elementwise.scale_
 
 
 fused_loss_op.register_autograd(grads.fused_backward, setup_context=_fused_setup_context)
