@@ -113,14 +113,14 @@ def vocab_slice(group, local_vocab: int, vocab_start, device, reduce_hidden_grad
     codes = agreement.call_codes(None, False, False, True, None, None) if codes is None else codes
     layout = (-1 if vocab_start is None else vocab_start, local_vocab, _NO_TEACHER, -1, 1)
     rows = _exchange(group, layout, codes, device)
-    return _slice_of(group, rows, vocab_start, reduce_hidden_grad)
+    return _slice_of(group, rows, vocab_start, reduce_hidden_grad)[0]
 
 
 def _slice_of(group, rows, vocab_start, reduce_hidden_grad):
-    starts, sizes = _starts([r[:2] for r in rows], vocab_start), [r[1] for r in rows]
-    rank = dist.get_rank(group)
-    return VocabSlice(group, starts[rank], starts[rank] + sizes[rank], sum(sizes),
-                      reduce_hidden_grad)
+    """(this rank's VocabSlice, every rank's (start, rows)) from the gathered layouts."""
+    spans = list(zip(_starts([r[:2] for r in rows], vocab_start), [r[1] for r in rows]))
+    start, n = spans[dist.get_rank(group)]
+    return VocabSlice(group, start, start + n, sum(n for _, n in spans), reduce_hidden_grad), spans
 
 
 def dtensor_cls():
@@ -172,23 +172,25 @@ def replicated_local(name, t):
     return t.to_local()
 
 
-def _unwrap_head(prefix, weight, bias):
-    """(weight, bias, (mesh, Shard(0) mesh dim) or None) as plain tensors."""
+def _unwrap_head(prefix, weight, bias, reduce_hidden_grad=True):
+    """(weight, bias, the slice of a Shard(0) DTensor weight or None), as plain tensors."""
     DTensor = dtensor_cls()
-    layout = None
+    vs = None
     if DTensor is not None and isinstance(weight, DTensor):
-        layout = _placements(f"{prefix}weight", weight)
+        mesh, dim = _placements(f"{prefix}weight", weight)
         if isinstance(bias, DTensor) and tuple(bias.placements) != tuple(weight.placements):
             fail(f"{prefix}bias placements", f"the {prefix}weight's {tuple(weight.placements)}",
                  tuple(bias.placements))
-    split = layout is not None and layout[1] is not None
+        if dim is not None:
+            vs = _dtensor_slice(weight, dim, mesh.get_group(dim), reduce_hidden_grad)
+        weight = weight.to_local()
     if DTensor is not None and isinstance(bias, DTensor):
         _placements(f"{prefix}bias", bias)
-        if not split and any(not p.is_replicate() for p in bias.placements):
+        if vs is None and any(not p.is_replicate() for p in bias.placements):
             fail(f"{prefix}bias placements", f"Replicate unless {prefix}weight is a Shard(0) "
                  "DTensor", tuple(bias.placements))
         bias = bias.to_local()
-    return weight, bias, layout if split else None
+    return weight, bias, vs
 
 
 def _check_keywords(vocab_group, vocab_start, reduce_hidden_grad):
@@ -230,20 +232,14 @@ def resolve(hidden, weight, bias, targets, token_weights, vocab_group, vocab_sta
     values by :data:`cutce.parallel.agreement.FACTS` name).
     """
     _check_keywords(vocab_group, vocab_start, reduce_hidden_grad)
-    weight, bias, layout = _unwrap_head("", weight, bias)
-    vs = None
-    if layout is not None:
-        mesh, dim = layout
-        group = mesh.get_group(dim)
-        if vocab_group is not None and _ranks(vocab_group) != _ranks(group):
+    weight, bias, vs = _unwrap_head("", weight, bias, reduce_hidden_grad)
+    if vs is not None:
+        if vocab_group is not None and _ranks(vocab_group) != _ranks(vs.group):
             fail("vocab_group", "None or the group of the weight's Shard(0) mesh dimension "
-                 f"(ranks {_ranks(group)})", f"ranks {_ranks(vocab_group)}")
+                 f"(ranks {_ranks(vs.group)})", f"ranks {_ranks(vocab_group)}")
         if vocab_start is not None:
             fail("vocab_start", "None with a Shard(0) DTensor weight (it knows its offsets)",
                  repr(vocab_start))
-        vs = _dtensor_slice(weight, dim, group, reduce_hidden_grad)
-    if dtensor_cls() is not None and isinstance(weight, dtensor_cls()):
-        weight = weight.to_local()
     hidden, targets, token_weights = (replicated_local(name, t) for name, t in (
         ("hidden", hidden), (tname, targets), ("token_weights", token_weights)))
     t_layout = (_NO_TEACHER, -1, 1)
@@ -259,8 +255,7 @@ def resolve(hidden, weight, bias, targets, token_weights, vocab_group, vocab_sta
                  tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__)
         mine = (-1 if vocab_start is None else vocab_start, weight.shape[0], *t_layout)
         rows = _exchange(vocab_group, mine, codes, weight.device)
-        vs = _slice_of(vocab_group, rows, vocab_start, reduce_hidden_grad)
-        student = [(s, r[1]) for s, r in zip(_starts([r[:2] for r in rows], vocab_start), rows)]
+        vs, student = _slice_of(vocab_group, rows, vocab_start, reduce_hidden_grad)
     else:  # the DTensor knows the layout; the exchange checks the fingerprints and the teacher
         rows = _exchange(vs.group, (vs.start, vs.stop - vs.start, *t_layout), codes, weight.device)
         student = [tuple(r[:2]) for r in rows]
@@ -272,19 +267,16 @@ def resolve(hidden, weight, bias, targets, token_weights, vocab_group, vocab_sta
 def _unwrap_teacher(ht, wt, bt, vs, vocab_group):
     """The teacher's plain tensors and its layout ints (start, rows, same group as the
     student's): a Shard(0) DTensor knows them; plain tensors hold the student's rows."""
-    wt, bt, layout = _unwrap_head("teacher_", wt, bt)
+    placements = getattr(wt, "placements", None)  # a DTensor's, for the message below
+    wt, bt, tvs = _unwrap_head("teacher_", wt, bt)
     span = None
-    if layout is not None:
+    if tvs is not None:
         if vs is None and vocab_group is None:
             fail("teacher_weight placements", "no Shard(0) unless student_weight is split by "
-                 "vocabulary too (both heads split alike)", tuple(wt.placements))
-        mesh, dim = layout
-        group = mesh.get_group(dim)
-        tvs = _dtensor_slice(wt, dim, group, True)
+                 "vocabulary too (both heads split alike)", tuple(placements))
         student_group = vs.group if vs is not None else vocab_group
-        span = (tvs.start, tvs.stop - tvs.start, int(_ranks(group) == _ranks(student_group)))
-    if dtensor_cls() is not None and isinstance(wt, dtensor_cls()):
-        wt = wt.to_local()
+        span = (tvs.start, tvs.stop - tvs.start,
+                int(_ranks(tvs.group) == _ranks(student_group)))
     ht = replicated_local("teacher_hidden", ht)
     if span is None:
         span = (_STUDENT_ROWS, wt.shape[0] if isinstance(wt, torch.Tensor) and wt.dim() == 2
