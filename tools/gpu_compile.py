@@ -155,8 +155,11 @@ def run_all():
         coef = torch.ones(4, n, **f32)
         for store in (False, True) if dtype != torch.float16 else ():  # (not fused: see plan)
             with configs.override(loss_tile_store=store):
+                # the soft targets of the sparse distillation with the tile stores
+                ids = torch.randperm(1000, generator=gen)[:5].repeat(n, 1) if store else None
+                a = None if ids is None else torch.full((n, 5), 0.1, **f32)
                 fused.fused_loss(h, w, b, t, coef, 1.0, softcap, 128, dtype != torch.float32,
-                                 True, True, bias)
+                                 True, True, bias, ids, a)
     rows.row_coefs(t, torch.rand(n), 1000, -100, 0.01, True)
     x = torch.empty(4096)
     elementwise._cast_scale_kernel[(1,)](

@@ -222,7 +222,7 @@ def linear_cross_entropy(
         hidden, weight, targets, bias, token_weights, shift, impl, opts, vocab_group,
         vocab_start, reduce_hidden_grad, return_lse=return_lse, fusable=fusable,
         class_weight=class_weight)
-    if isinstance(call.parts, _Fused):
+    if isinstance(call.parts, Fused):
         return call.parts.total
     out = loss.loss_from_parts(call.parts, call.valid, call.token_weights, opts, call.vocab,
                                call.class_weight)
@@ -230,21 +230,22 @@ def linear_cross_entropy(
     return (out, call.parts.lse.reshape(call.out_shape)) if return_lse else out
 
 
-class _Fused(NamedTuple):
+class Fused(NamedTuple):
     total: torch.Tensor  # the reduced loss, from the fused strategy
 
 
 class Call(NamedTuple):
-    """What :func:`compute_parts` returns: the parts (or ``_Fused``), flat targets and token
+    """What :func:`compute_parts` returns: the parts (or ``Fused``), flat targets and token
     weights, the output shape, the global V and the class weights (None without)."""
 
-    parts: Parts | StatParts | _Fused
+    parts: Parts | StatParts | Fused
     targets: torch.Tensor
     token_weights: torch.Tensor | None
     out_shape: torch.Size
     vocab: int
     class_weight: loss.ClassWeights | None
     valid: torch.Tensor  # (N,) bool: target != ignore_index, the one decision of what counts
+    soft_applied: bool = False  # the fused total holds the soft targets' term (compute_parts)
 
 
 def _class_weights(class_weight, t1, valid, weight, vs, dtype):
@@ -269,14 +270,22 @@ def _class_weights(class_weight, t1, valid, weight, vs, dtype):
 @backends.torch_if_kernels_do_not_fit
 def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opts: Options,
                   vocab_group=None, vocab_start=None, reduce_hidden_grad=True, return_lse=False,
-                  fusable=False, class_weight=None, tname="targets", temperature=None) -> Call:
+                  fusable=False, class_weight=None, tname="targets", temperature=None,
+                  soft=None) -> Call:
     """Validate, flatten and dispatch: the backend contract's parts for a public function.
     ``tname``: the user's name of the targets argument, for error messages. ``temperature``:
     None or per-token temperatures (targets' shape, shifted like them), which divide each row's
     logits on top of ``opts.temperature`` (see :func:`cutce.validate.row_temperatures`).
 
     With ``fusable`` (the caller reduces the loss to a scalar, see linear_cross_entropy) and a
-    plan that fuses, parts is a ``_Fused`` holding the reduced loss instead.
+    plan that fuses, parts is a ``Fused`` holding the reduced loss instead.
+
+    ``soft``: None, or (ids, a) for a fusable call with flat targets: (N, K) int64 class ids
+    (distinct per row, -1 for none; unsplit) and float coefficients, not differentiated. The
+    targets then only anchor the fused pass (any class near the row's top): a ``Fused`` total
+    is sum_i w_i lse_i - sum_ij a_ij z_{i, ids_ij}, and ``soft_applied`` says that its backend
+    formed the second sum's gradient in place (the fused strategy, unsplit, not traced on
+    the Triton path); otherwise the caller adds that sum itself to sum_i w_i lse_i.
     """
     # Vocabulary parallelism (vocab_group, DTensor weight): vs locates this rank's slice (None if
     # not split). Collective when split, so every rank must make this call; it checks that every
@@ -324,10 +333,16 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
         coef = None if fused is None else loss.row_coefs(valid, w1, opts, cdt, cw, vocab)
     parts = None
     strategy = None if plan is None else plan.strategy  # None: traced, planned again at run time
+    soft_kw = {}
+    if soft is not None and fused is not None:
+        coef = torch.stack([coef[0], torch.zeros_like(coef[1]), coef[2], coef[3]])
+        # a traced Triton call plans in the op, whose unfused fallback has no soft targets
+        if vs is None and (name == "torch" or plan is not None):
+            soft_kw = {"soft": soft}
     if fused is not None:
         try:
-            parts = _Fused(fused(h2, weight, bias, tb, coef, opts, class_weight=zsum_cw,
-                                 plan=plan)[0])
+            parts = Fused(fused(h2, weight, bias, tb, coef, opts, class_weight=zsum_cw,
+                                 plan=plan, **soft_kw)[0])
         except torch.OutOfMemoryError as err:
             fallback_on_oom(err, problem, name)
             opts = dataclasses.replace(opts, memory_budget=0.0)
@@ -345,4 +360,5 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     for pending in (check, temp_check):
         if pending is not None:
             pending()
-    return Call(parts, t1, w1, out_shape, vocab, cw, valid)
+    return Call(parts, t1, w1, out_shape, vocab, cw, valid,
+                isinstance(parts, Fused) and bool(soft_kw))

@@ -254,7 +254,7 @@ _FUSED_SCHEMA = ("float logit_scale, float? softcap, bool need_zsum, float? memo
                  " int? chunk_bytes, int[] plan, bool need_h, bool need_w, bool need_b")
 
 
-def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
+def _fused(hidden, weight, bias, targets, coef, cw, soft_ids, soft_coef, cfg: _FusedCfg):
     cdt = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], weight.shape[0]
     w = weight.to(cdt)
@@ -279,6 +279,11 @@ def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
         idx, valid = _valid_targets(targets[s:e], vocab)
         zt = torch.where(valid, z.gather(1, idx).squeeze(1), 0.0)
         zmean = _zsum(z, cw) / vocab if cfg.need_zsum else None
+        if soft_ids is not None:  # - sum_j a_ij z_ij, and -a_ij in dz below
+            si = soft_ids[s:e]
+            sidx, sok = si.clamp(0, vocab - 1), (si >= 0) & (si < vocab)
+            sa = torch.where(sok, soft_coef[s:e].to(cdt), 0.0)
+            total -= (sa * z.gather(1, sidx)).sum()
         # z becomes p in place: one chunk x V temporary (two with softcap)
         m = z.amax(dim=1, keepdim=True)
         p = z.sub_(m).exp_()
@@ -293,6 +298,8 @@ def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
         # d loss_i / d z_ij = (k0 + 2 k3 lse_i) p_ij - k1 [j = t_i] - k2 / V
         dz = p.mul_((k[0] + 2.0 * k[3] * l_rows)[:, None])
         dz.scatter_add_(1, idx, torch.where(valid, -k[1], 0.0).unsqueeze(1))
+        if soft_ids is not None:
+            dz.scatter_add_(1, sidx, -sa)
         if zmean is not None:
             dz -= k[2, :, None] / vocab if cw is None else k[2, :, None] * (cw / vocab)
         if dcap is not None:
@@ -313,14 +320,16 @@ def _fused(hidden, weight, bias, targets, coef, cw, cfg: _FusedCfg):
 @torch.library.custom_op(
     "cutce::torch_fused_loss", mutates_args=(),
     schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor coef, Tensor? cw, "
-           f"{_FUSED_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _fused_op(hidden, weight, bias, targets, coef, cw, *cfg):
+           f"Tensor? soft_ids, Tensor? soft_coef, {_FUSED_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, "
+           "Tensor)")
+def _fused_op(hidden, weight, bias, targets, coef, cw, soft_ids, soft_coef, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
-        return _fused(hidden, weight, bias, targets, coef, cw, _FusedCfg(*cfg))
+        return _fused(hidden, weight, bias, targets, coef, cw, soft_ids, soft_coef,
+                      _FusedCfg(*cfg))
 
 
 @_fused_op.register_fake
-def _(hidden, weight, bias, targets, coef, cw, *cfg):
+def _(hidden, weight, bias, targets, coef, cw, soft_ids, soft_coef, *cfg):
     c = _FusedCfg(*cfg)
     cdt = compute_dtype(hidden.dtype)
     return (hidden.new_empty((), dtype=cdt), hidden.new_empty(hidden.shape[0], dtype=cdt),
@@ -332,7 +341,8 @@ def _(hidden, weight, bias, targets, coef, cw, *cfg):
 _fused_op.register_autograd(grads.fused_backward, setup_context=grads.fused_setup_context)
 
 
-def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None, plan=None):
+def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None, plan=None,
+               soft=None):
     """A training call on the torch path: the loss's total and its gradients in one pass.
 
     Args:
@@ -342,18 +352,22 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
         (0 for ignored rows; token weights, class weights, label
         smoothing, z-loss and "mean"'s 1/denominator folded in by the api). The chunk of tokens
         comes from ``plan`` (the api's :class:`~cutce.engine.planner.Plan`; None when traced).
+        soft: None or (ids, a), (N, K) int64 class ids (distinct per row; outside [0, V): none)
+        and float coefficients, not differentiated: soft targets.
 
     Returns:
-        (total, lse): total = sum_i k0 lse_i - k1 zt_i - k2 mean_j z_ij + k3 lse_i^2 (0-dim,
-        float32/float64), differentiable w.r.t. hidden, weight and bias (its backward scales the
-        gradients formed here); lse (N,) not differentiable.
+        (total, lse): total = sum_i k0 lse_i - k1 zt_i - k2 mean_j z_ij + k3 lse_i^2
+        - sum_ij a_ij z_{i, ids_ij} (0-dim, float32/float64), differentiable w.r.t. hidden,
+        weight and bias (its backward scales the gradients formed here); lse (N,) not
+        differentiable.
     """
     need = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias)]
     cfg = _FusedCfg(float(opts.logit_scale), opts.softcap, opts.need_zsum,
                     opts.memory_budget, opts.chunk_bytes, [] if plan is None else plan.encode(),
                     *need)
     cw = None if class_weight is None else class_weight.to(compute_dtype(hidden.dtype))
-    total, lse, *_ = _fused_op(hidden, weight, bias, targets, coef.detach(), cw, *cfg)
+    ids, a = (None, None) if soft is None else (soft[0], soft[1].detach())
+    total, lse, *_ = _fused_op(hidden, weight, bias, targets, coef.detach(), cw, ids, a, *cfg)
     return total, lse
 
 

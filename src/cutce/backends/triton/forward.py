@@ -297,14 +297,15 @@ def _target_kernel(
     h_ptr,  # (N, D) hidden states
     w_ptr,  # (V, D) classifier weight
     b_ptr,  # (V,) bias (HAS_BIAS)
-    t_ptr,  # (N,) int64 targets
-    out_ptr,  # (N,) float32 target logits
+    t_ptr,  # (N,) or (N, K) int64 targets
+    out_ptr,  # (N,) or (N, K) float32 target logits
     rit_ptr,  # (N,) float32 per-row 1 / T (ROW_TEMP)
     N,
     V,
     D,
     stride_h,
     stride_w,
+    n_cols,  # K: targets and out (N, K), contiguous (1 for (N,))
     scale,
     softcap,  # 0: off
     inv_temp,  # 1 / temperature
@@ -314,8 +315,10 @@ def _target_kernel(
     BLOCK_K: tl.constexpr,
     ROW_TEMP: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tgt = tl.load(t_ptr + rows, mask=rows < N, other=-1)
+    # The columns vary fastest: the programs running together read the same hidden rows.
+    col = tl.program_id(0) % n_cols
+    rows = (tl.program_id(0) // n_cols) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tgt = tl.load(t_ptr + rows.to(tl.int64) * n_cols + col, mask=rows < N, other=-1)
     valid = (rows < N) & (tgt >= 0) & (tgt < V)
     idx = tl.where(valid, tgt, 0).to(tl.int64)
     acc = tl.zeros((BLOCK_N,), tl.float32)
@@ -333,18 +336,19 @@ def _target_kernel(
     acc = acc * inv_temp
     if ROW_TEMP:  # the tiles' order: scalar 1 / T first, then the row's
         acc = acc * tl.load(rit_ptr + rows, mask=rows < N, other=1.0)
-    tl.store(out_ptr + rows, tl.where(valid, acc, 0.0), mask=rows < N)
+    tl.store(out_ptr + rows.to(tl.int64) * n_cols + col, tl.where(valid, acc, 0.0), mask=rows < N)
 
 
 def target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp, row_inv_temp=None):
     """z[i, targets[i]] as float32 (N,), 0 where the target is not a class in [0, V): the
     float32 dot of the two rows, the same logit as the tiles' up to summation order
-    (times row_inv_temp[i] when given)."""
+    (times row_inv_temp[i] when given). targets (N, K) contiguous: the (N, K) logits."""
     n, d = hidden.shape
-    out = torch.empty(n, device=hidden.device, dtype=torch.float32)
-    if n:
+    k = targets.shape[1] if targets.dim() == 2 else 1
+    out = torch.empty(targets.shape, device=hidden.device, dtype=torch.float32)
+    if n and k:
         block_n, block_k, warps = configs.current(hidden.device).target_tile
-        _target_kernel[(triton.cdiv(n, block_n),)](
+        _target_kernel[(triton.cdiv(n, block_n) * k,)](
             h_ptr=hidden,
             w_ptr=weight,
             b_ptr=bias if bias is not None else hidden,  # (a placeholder: its flag is off)
@@ -356,6 +360,7 @@ def target_logits(hidden, weight, bias, targets, scale, softcap, inv_temp, row_i
             D=d,
             stride_h=hidden.stride(0),
             stride_w=weight.stride(0),
+            n_cols=k,
             scale=scale,
             softcap=softcap,
             inv_temp=inv_temp,

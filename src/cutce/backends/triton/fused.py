@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, fused_soft
 from .backward import _accumulate_f32, _mm_f32
 from .common import head_tile, tma_descriptor
 from .elementwise import copy_cast_, row_scale
@@ -260,7 +260,7 @@ def _x_buffer(dw, rows, v, dtype, in_place, device):
 
 
 def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_in_place,
-               need_h, need_w, need_b):
+               need_h, need_w, need_b, soft_ids=None, soft_coef=None):
     """The fused strategy on the Triton path (label smoothing 0; see cutce.engine.planner).
 
     Args: hidden (N, D), weight (V, D), bias (V,) or None: 16-bit or float32, unit inner stride;
@@ -269,11 +269,13 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     the total (all 0 for ignored rows; a row counts when k0 or k3 is nonzero; rows whose
     target is outside [0, V) count as ignored); scale, softcap (0 = off); chunk_n tokens per
     chunk; dc_in_place: X may live in dC's bytes (more than one chunk, 16-bit, chunk_n *
-    ceil8(V) <= V * D). N > 0: the plan never fuses an empty call.
+    ceil8(V) <= V * D). N > 0: the plan never fuses an empty call. soft_ids (N, K) int64
+    (distinct per row; outside [0, V): none) and soft_coef (N, K) float32, contiguous, or None:
+    soft targets (:mod:`cutce.backends.triton.fused_soft`).
 
-    Returns: (total, lse, dh, dw, db): total = sum_i k0 lse_i - k1 zt_i + k3 lse_i^2 (0-dim
-    float32), lse (N,) float32, and d total / d (hidden, weight, bias) in the inputs' dtypes
-    (empty when not needed).
+    Returns: (total, lse, dh, dw, db): total = sum_i k0 lse_i - k1 zt_i + k3 lse_i^2 - sum_ij
+    soft_coef_ij z_{i, soft_ids_ij} (0-dim float32), lse (N,) float32, and d total / d (hidden,
+    weight, bias) in the inputs' dtypes (empty when not needed).
     """
     n, d = hidden.shape
     assert n > 0, "cutce.engine.planner never fuses an empty call"
@@ -300,6 +302,8 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     k = coef
     # c_i: the gather kernel's target logit, known before the tiles (any value near lse works)
     zt = target_logits(hidden, weight, bias, targets, scale, softcap, 1.0)
+    soft = soft_ids is not None
+    z_soft = target_logits(hidden, weight, bias, soft_ids, scale, softcap, 1.0) if soft else None
     n_tiles = triton.cdiv(v, cfg.block_v)
     for n0 in range(0, n, chunk_n):
         n1 = min(n0 + chunk_n, n)
@@ -408,6 +412,9 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
             BLOCK_D=EPI_COLS,
             num_warps=4,
         )
+        if soft:
+            fused_soft.rewrite_entries(x, soft_ids, soft_coef, z_soft, targets, k, lse, s, n0, n1,
+                                       v, scale, softcap)
         xv = x[:, :v]
         if need_h:
             # scaled in float32 and rounded once, in one pass into dE's rows
@@ -424,5 +431,7 @@ def fused_loss(hidden, weight, bias, targets, coef, scale, softcap, chunk_n, dc_
     if acc is not None and acc is not dw:
         copy_cast_(dw, acc)  # X (in dC's bytes) is dead now
     total = row_terms.sum()
+    if soft:  # a and z are 0 where an id is none
+        total = total - (soft_coef * z_soft).sum()
     db = db32.to(bias.dtype) if need_b else hidden.new_empty(0)
     return total, lse, dh, dw, db

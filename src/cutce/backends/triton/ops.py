@@ -145,19 +145,23 @@ lse_parts_op.register_autograd(_backward, setup_context=_setup_context)
 @fit.fits
 def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                   coef: Tensor, scale: float, softcap: float, memory_budget: Optional[float],
-                  plan: list[int], need_h: bool, need_w: bool,
-                  need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  plan: list[int], need_h: bool, need_w: bool, need_b: bool,
+                  soft_ids: Optional[Tensor] = None,
+                  soft_coef: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A training call's (total, lse, dh, dw, db), gradients formed in the forward, by ``plan``
     (the api's; when the call was traced, planned here at run time, so that torch.compile never
     specializes on the number of tokens): the fused strategy (cutce.backends.triton.fused), or,
     when the budget holds no fused chunk, the recompute kernels right away with the known
-    upstream gradients."""
+    upstream gradients. Soft targets (soft_ids, soft_coef) need the fused plan: the api passes
+    them with one only."""
     n, d = hidden.shape
     p = planner.decode(plan) or planner.plan_in_op(
         "triton", n, weight.shape[0], d, hidden.dtype, need_h, need_w, memory_budget, reduced=True)
     if p.fused:
         return _fused.fused_loss(hidden, weight, bias, targets, coef, scale, softcap,
-                                 p.chunk_n, p.dc_in_place, need_h, need_w, need_b)
+                                 p.chunk_n, p.dc_in_place, need_h, need_w, need_b, soft_ids,
+                                 soft_coef)
+    assert soft_ids is None, "cutce: soft targets reach the op with a fused plan only"
     lse, zt, _, pz, ub = _fw.forward(hidden, weight, bias, targets, scale, softcap, 1.0, False, False)
     valid = (targets >= 0) & (targets < weight.shape[0])
     k = torch.where(valid, coef, 0.0)
@@ -171,7 +175,7 @@ def fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
 
 @fused_loss_op.register_fake
 def _(hidden, weight, bias, targets, coef, scale, softcap, memory_budget, plan, need_h, need_w,
-      need_b):
+      need_b, soft_ids=None, soft_coef=None):
     f = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
     return (f.new_empty(()), f, torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else hidden.new_empty(0),
@@ -186,7 +190,8 @@ def _fused_setup_context(ctx, inputs, output):
 fused_loss_op.register_autograd(grads.fused_backward, setup_context=_fused_setup_context)
 
 
-def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None, plan=None):
+def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=None, plan=None,
+               soft=None):
     """A training call on the Triton path (same contract as :func:`cutce.backends.pytorch.ce.fused_loss`;
     label smoothing 0, bfloat16 or float32)."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
@@ -196,8 +201,16 @@ def fused_loss(hidden, weight, bias, targets, coef, opts: Options, class_weight=
     total, lse, *_ = fused_loss_op(hidden, weight, bias, targets.contiguous(),
                                    coef.detach().float().contiguous(), opts.logit_scale,
                                    opts.softcap or 0.0, opts.memory_budget,
-                                   [] if plan is None else plan.encode(), *need)
+                                   [] if plan is None else plan.encode(), *need,
+                                   *_soft_args(soft))
     return total, lse
+
+
+def _soft_args(soft):
+    if soft is None:
+        return None, None
+    ids, a = soft
+    return ids.contiguous(), a.detach().float().contiguous()
 
 
 def linear_lse_parts(hidden, weight, bias, targets, opts: Options, class_weight=None,
