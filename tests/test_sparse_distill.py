@@ -157,6 +157,34 @@ def test_triton_matches_reference(gen, case):
         assert rel_err(a, r) <= 1.5 * torch_err + 2e-6, (i, rel_err(a, r), torch_err)
 
 
+@requires_triton
+@pytest.mark.parametrize("ce_weight", [0.0, 0.4])
+def test_triton_soft_targets_in_the_fused_pass(gen, monkeypatch, ce_weight):
+    """The reduced "drop" loss runs as one fused pass with the K ids as soft targets (their
+    entries rewritten in X): taken here, and exact, also where a token's target is one of its
+    own ids (the CE's weight then joins that id's) and with a softcap."""
+    from cutce.backends.triton import fused_soft
+
+    calls = []
+    rewrite = fused_soft.rewrite_entries
+    monkeypatch.setattr(fused_soft, "rewrite_entries",
+                        lambda *a, **k: calls.append(1) or rewrite(*a, **k))
+    h, w, b, ids, lp, t = make(gen, 41, 6, dtype=torch.float32)
+    own = torch.arange(t.numel(), device=t.device) % 2 == 0
+    first = ids.gather(1, (ids == IGNORE).to(torch.uint8).argmin(1, keepdim=True))[:, 0]
+    t = torch.where(own & (first != IGNORE) & (t != IGNORE), first, t)
+    opts = dict(ce_weight=ce_weight, softcap=6.0, reduction="sum", memory_budget=8.0)
+    tensors = (h, w, b, ids, lp, t)
+    t64 = [as_f64(x) for x in tensors]
+    ref = run_reference(t64, None, opts)
+    want = values(ref, t64[:3], torch.ones((), dtype=F64))
+    base = values(run("torch", tensors, None, opts), [h, w, b], torch.ones(()))
+    got = values(run("triton", tensors, None, opts), [h, w, b], torch.ones(()))
+    assert calls, "the fused pass with soft targets was not taken"
+    for i, (a, c, r) in enumerate(zip(got, base, want)):
+        assert rel_err(a, r) <= 1.5 * rel_err(c, r) + 2e-6, (i, rel_err(a, r), rel_err(c, r))
+
+
 # ---- edge cases -------------------------------------------------------------------------------
 
 def test_nothing_counts_gives_zero_and_zero_gradients(gen):

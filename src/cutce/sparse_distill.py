@@ -27,7 +27,8 @@ from .backends.pytorch.gather import gather_logits
 from .engine.loss import token_coefs
 from .parallel import sparse as sparse_parallel
 from .parallel import split
-from .validate import check_ce_weight, check_impl, check_real, fail, make_options
+from .validate import (autocast_dtype, check_ce_weight, check_impl, check_real, fail,
+                       make_options)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -159,6 +160,13 @@ def linear_sparse_distillation_loss(
     # raise: no out-of-bounds index reaches the device
     cand = (ids != ignore_index) & (ids >= 0) & (ids < vocab)
     valid = cand.any(dim=1) & (t1 != ignore_index)
+    if _folds(tail, ce_weight, vs, opts, lp, w1):
+        out = _drop_total(h2, weight, bias, ids, lp.to(cdt), cand, valid, t1, w1, opts, vocab,
+                          impl, memory_budget)
+        for pending in (check, check_ids):
+            if pending is not None:
+                pending()
+        return out
 
     # the student's logits at the K ids (and at the target, for the CE term), after softcap
     cols = torch.where(cand, ids, -1)
@@ -241,6 +249,69 @@ def linear_sparse_distillation_loss(
         if pending is not None:
             pending()
     return out
+
+
+def _folds(tail, ce_weight, vs, opts, lp, w1):
+    """Whether the call takes :func:`_drop_total`: a reduced "drop" divergence on one device,
+    eager, with no gradient wanted for the teacher's log-probs or the token weights (the fused
+    pass does not differentiate its coefficients)."""
+    grads = torch.is_grad_enabled() and (lp.requires_grad or (w1 is not None and w1.requires_grad))
+    return (tail == "drop" and ce_weight < 1.0 and vs is None and opts.reduction != "none"
+            and not grads and not torch.compiler.is_compiling())
+
+
+def _drop_total(h2, weight, bias, ids, lp, cand, valid, t1, w1, opts, vocab, impl, budget):
+    """The reduced "drop" loss as one cross-entropy pass with the K ids as soft targets:
+
+        sum_i c_i [(1 - ce) (sum_j p_ij log p_ij + P_i lse_i - sum_j p_ij s_ij) + ce CE_i]
+
+    (c_i: the row's weight in the reduction) is the pass's sum_i k0_i lse_i - sum_ij a_ij s_ij
+    with k0 = c (1 - ce) P and a = c (1 - ce) p, plus a term of the teacher alone. The fused
+    strategy forms the soft targets' gradient inside its own products
+    (:mod:`cutce.backends.triton.fused_soft`), so the K logits need no gather of their own. At
+    T = 1 the CE joins the same pass as one more soft target."""
+    cdt, t = lp.dtype, opts.temperature
+    live = cand & (lp != -math.inf)
+    lp = torch.where(live, lp, 0.0)
+    p = torch.where(live, lp.exp(), 0.0)
+    coef = token_coefs(valid, w1, opts.reduction, cdt)
+    c_div = torch.where(valid, coef * (1.0 - opts.ce_weight), 0.0)
+    total = (c_div * (p * lp).sum(dim=1)).sum()
+    soft_ids, a, k0 = torch.where(cand, ids, -1), c_div[:, None] * p, c_div * p.sum(dim=1)
+    ce_kw = dict(bias=bias, ignore_index=opts.ignore_index, impl=impl, memory_budget=budget)
+    if opts.ce_weight > 0.0:
+        c_ce = torch.where(valid, coef * opts.ce_weight, 0.0)
+        if t == 1.0:  # the target as one more soft target, or more weight on its own id
+            in_range = valid & (t1 >= 0) & (t1 < vocab)
+            hit = (soft_ids == t1[:, None]) & in_range[:, None]
+            extra = in_range & ~hit.any(dim=1)
+            soft_ids = torch.cat([soft_ids, torch.where(extra, t1, -1)[:, None]], dim=1)
+            a = torch.cat([a + hit * c_ce[:, None], torch.where(extra, c_ce, 0.0)[:, None]], dim=1)
+            k0 = k0 + c_ce
+        else:
+            t_ce = torch.where(valid, t1, opts.ignore_index)
+            total = total + api.linear_cross_entropy(h2, weight, t_ce, token_weights=c_ce,
+                                                     reduction="sum", softcap=opts.softcap,
+                                                     logit_scale=opts.logit_scale, **ce_kw)
+    # the pass's target only anchors its exponentials: any id near the row's top, the first
+    col = cand.to(torch.uint8).argmax(dim=1, keepdim=True)
+    anchor = torch.where(valid, ids.gather(1, col)[:, 0], opts.ignore_index)
+    softcap = None if opts.softcap is None else opts.softcap / t
+    pass_opts = make_options(autocast_dtype(h2), ignore_index=opts.ignore_index, reduction="sum",
+                             softcap=softcap, logit_scale=opts.logit_scale / t,
+                             memory_budget=budget)
+    call = api.compute_parts(h2, weight, anchor, bias, k0, False, impl, pass_opts, fusable=True,
+                             soft=(soft_ids, a))
+    if isinstance(call.parts, api.Fused):
+        total = total + call.parts.total
+    else:
+        total = total + (k0 * torch.where(valid, call.parts.lse, 0.0)).sum()
+    if not call.soft_applied:  # the soft targets' term, by autograd through the K logits
+        z = gather_logits(h2, weight, bias, soft_ids, pass_opts.logit_scale)
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        total = total - (a * z).sum()
+    return total
 
 
 def _rest(p, lp, s, mass, cand, valid, tail):
