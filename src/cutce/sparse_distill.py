@@ -6,11 +6,14 @@ logits / T and lse = logsumexp(s) over the whole vocabulary, the forward KL over
 
     D = sum_j p_j log p_j - sum_j p_j s_j + P lse
 
-Its only full-vocabulary term, P lse, is a weighted cross-entropy: ``linear_cross_entropy`` with
-token weights P and any one of the K ids as the target gives P (lse - s_t), through the loss's
-own paths (the fused three-GEMM strategy, both backends, vocabulary parallelism); the rest needs
-the student's K logits only (:mod:`cutce.backends.pytorch.gather`, O(N K D)). So a call costs
-about one cross-entropy. The CE term on ``targets`` joins the same call when T = 1.
+Its only full-vocabulary term, P lse, is a weighted cross-entropy, and - sum_j p_j s_j is that
+pass's target term with the K ids as K weighted targets. A reduced "drop" loss on one device is
+exactly one fused cross-entropy pass with soft targets (:func:`cutce.api.compute_parts`'s
+``soft``): the ids cost O(N K) beside it. Otherwise the pass runs as ``linear_cross_entropy``
+(any one of the K ids as its target gives P (lse - s_t); both backends, vocabulary parallelism)
+and the rest comes from the student's K logits (:mod:`cutce.backends.pytorch.gather`,
+O(N K D)). So a call costs about one cross-entropy. The CE term on ``targets`` joins the same
+pass when T = 1.
 """
 
 from __future__ import annotations
@@ -122,11 +125,13 @@ def linear_sparse_distillation_loss(
             loss = w * loss where valid else 0
             "mean": loss.sum() / w[valid].sum();  "sum": loss.sum();  "none": loss
 
-        No N x V tensor exists: the full-vocabulary part is :func:`cutce.linear_cross_entropy`
-        (token weights P, target any of the K ids, logit scale and softcap divided by T); the
-        K logits are gathered in token chunks, and the backward adds the weight's gradient in
-        with ``index_add_`` (bitwise reproducible on CPU; on CUDA its float atomics vary the
-        last bits from run to run unless ``torch.use_deterministic_algorithms(True)``).
+        No N x V tensor exists: the full-vocabulary part is a cross-entropy pass (token
+        weights P, logit scale and softcap divided by T). A reduced "drop" on one device,
+        eager, with no gradient for teacher_logprobs or token_weights, takes the K ids as the
+        fused pass's soft targets. Otherwise the K logits are gathered in token chunks, and
+        the backward adds the weight's gradient in with ``index_add_`` (bitwise reproducible
+        on CPU; on CUDA its float atomics vary the last bits from run to run unless
+        ``torch.use_deterministic_algorithms(True)``).
     """
     ids, lp = _check_teacher(hidden, teacher_ids, teacher_logprobs, shift)
     temperature = check_real("temperature", temperature, lo=0.0, lo_open=True)
