@@ -6,6 +6,7 @@
 #   bash benchmarks/device.sh loss           # cutce bench at gemma2-2b and llama3-8b, every peer
 #   bash benchmarks/device.sh long           # cutce bench at gemma3-64k (65536 tokens, V=262144)
 #   bash benchmarks/device.sh log-probs      # log-probs + entropy vs TRL, token_log_probs end to end
+#   bash benchmarks/device.sh truncated      # top-k/top-p/min-p log-probs vs untruncated cutce, eager, compile
 #   bash benchmarks/device.sh distill        # distillation vs TRL, Liger, eager, compile (beta 0, 0.5)
 #   bash benchmarks/device.sh hf-step        # HF training step: original vs patched, eager vs compiled
 #   bash benchmarks/device.sh multi-gpu      # vocabulary-parallel on every GPU of the host
@@ -43,6 +44,8 @@ case "${1:-}" in
       --repeats 3 --warmup 1 --out "$OUT" --no-plot 2>&1 | tee "$OUT/long.log" ;;
   log-probs)
     python benchmarks/log_probs.py --out "$OUT" 2>&1 | tee "$OUT/log-probs.log" ;;
+  truncated)
+    python benchmarks/truncated.py --out "$OUT" 2>&1 | tee "$OUT/truncated.log" ;;
   distill)
     # one run per beta keeps each inside its time budget
     for b in 0 0.5; do
@@ -55,5 +58,5 @@ case "${1:-}" in
   trainers)
     python benchmarks/trainers.py --out "$OUT" 2>&1 | tee "$OUT/trainers.log" ;;
   *)
-    echo "usage: $0 tests|tests-distill|loss|long|log-probs|distill|hf-step|multi-gpu|trainers"; exit 2 ;;
+    echo "usage: $0 tests|tests-distill|loss|long|log-probs|truncated|distill|hf-step|multi-gpu|trainers"; exit 2 ;;
 esac

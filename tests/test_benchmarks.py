@@ -43,6 +43,20 @@ def test_multi_gpu_cpu_smoke(tmp_path):
     assert "Reproduce: `python benchmarks/multi_gpu.py --gpus 1`" in page
 
 
+def test_truncated_cpu_smoke(tmp_path):
+    """benchmarks/truncated.py: every cutce row, eager and compiled, errors against float64."""
+    proc = run("truncated.py", "--cpu-smoke", "--out", str(tmp_path))
+    doc = report.read_json(tmp_path / "truncated_cpu.json")
+    assert doc["benchmark"] == "truncated" and doc["meta"]["device"] == "cpu"
+    rows = {r["provider"]: r for r in doc["rows"]}
+    assert rows["cutce"]["fwd_bwd_ratio"] == 1.0 and len(rows) == 9, list(rows)
+    for name in ("cutce top_k=64", "cutce top_p=0.9", "cutce min_p=0.05", "cutce top_k=64+top_p=0.9"):
+        r = rows[name]
+        assert r["fwd_bwd_ratio"] > 0 and r["note"] == "", r
+        assert r["logp_err"] < 1e-5 and r["dE_err"] < 1e-2 and r["dC_err"] < 1e-2, r
+    assert "| cutce top_p=0.9 |" in proc.stdout
+
+
 def test_hf_step_cpu_smoke(tmp_path):
     pytest.importorskip("transformers")
     run("hf_step.py", "--cpu-smoke", "--out", str(tmp_path))

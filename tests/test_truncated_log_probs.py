@@ -213,7 +213,7 @@ def test_chunks_agree(gen):
     opts = make_options(torch.float64, reduction="none", temperature=0.8, need_entropy=True,
                         top_k=4, top_p=0.9, min_p=0.01)
     outs = []
-    for chunk in (None, 33 * 8 * 6 * 3):  # one chunk, then 3 rows a chunk
+    for chunk in (None, 33 * 8 * truncated._TEMPS_TOP_P * 3):  # one chunk, then 3 rows a chunk
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         lse, zt, pz, kept = truncated.truncated_parts(hh.reshape(-1, 6), ww, b, t.reshape(-1),
                                                       opts, chunk_bytes=chunk)

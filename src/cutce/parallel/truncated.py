@@ -95,19 +95,23 @@ def _chunk_thresholds(z, cfg, vocab, group):
     return thr
 
 
-def thresholds(hidden, weight, bias, cfg, vs: VocabSlice):
+def chunk_rows(hidden, cfg, vs: VocabSlice) -> int:
+    """Tokens per chunk, from the whole vocabulary: every rank takes the same chunks (their
+    collectives pair up), and the slice's op takes them too (the same products as here)."""
+    return truncated.chunk_rows(hidden.shape[0], vs.vocab, truncated.compute_dtype(hidden.dtype),
+                                cfg, hidden.device)
+
+
+def thresholds(hidden, weight, bias, cfg, vs: VocabSlice, rows: int):
     """(N,) thresholds over the whole vocabulary, the same on every rank (no gradient)."""
-    cdt = truncated.compute_dtype(hidden.dtype)
     n = hidden.shape[0]
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        w = weight.to(cdt)
-        b = None if bias is None else bias.to(cdt)
-        out = hidden.new_empty(n, dtype=cdt)
-        # Every rank takes the same chunks (from the global V): their collectives pair up.
-        rows = truncated.chunk_rows(n, vs.vocab, cdt, cfg)
+        hd = truncated.head(hidden.detach(), weight.detach(),
+                            None if bias is None else bias.detach())
+        out = hidden.new_empty(n, dtype=truncated.compute_dtype(hidden.dtype))
         for s in range(0, n, rows):
             e = min(s + rows, n)
-            z = truncated.chunk_logits(hidden[s:e].detach().to(cdt), w, b, cfg)
+            z, _ = truncated.chunk_logits(hd, s, e, cfg)
             out[s:e] = _chunk_thresholds(z, cfg, vs.vocab, vs.group)
     return out
 
@@ -121,12 +125,14 @@ def vocab_parallel_truncated_parts(hidden, weight, bias, targets, opts: Options,
     The ranks' top_k, top_p and min_p, which size the collectives below, were checked equal by
     the call's agreement exchange (they are ``Options`` fields, so its fingerprint holds them)."""
     cfg = truncated.make_cfg(opts)
-    thr = thresholds(hidden, weight, bias, cfg, vs)
+    rows = chunk_rows(hidden, cfg, vs)
+    thr = thresholds(hidden, weight, bias, cfg, vs, rows)
     if vs.reduce_hidden_grad and hidden.requires_grad:
         hidden = SumGradAcrossGroup.apply(hidden, vs.group)
     mine = (targets >= vs.start) & (targets < vs.stop)
     local = torch.where(mine, targets - vs.start, -1)
-    lse_r, zt_r, pz_r, kept_r = truncated.truncated_parts(hidden, weight, bias, local, opts, thr=thr)
+    lse_r, zt_r, pz_r, kept_r = truncated.truncated_parts(hidden, weight, bias, local, opts,
+                                                          thr=thr, rows=rows)
     rows = [lse_r, zt_r, pz_r, kept_r.to(lse_r.dtype), fingerprint(hidden).detach().to(lse_r.dtype)]
     every = AllGatherRows.apply(torch.stack(rows), vs.group)  # (W, 5, N)
     check_replicated(every[:, -1].detach())

@@ -62,11 +62,17 @@ def _logits(h, w, b, opts, inv=None):
     y = h @ w.T
     if b is not None:
         y += b
+    return transform_(y, opts, inv)
+
+
+def transform_(y, opts, inv=None):
+    """(z, dcap) from the chunk's products y (bias added; y is overwritten): _logits past its
+    matmul, for a caller that multiplies the chunk itself."""
     if opts.logit_scale != 1.0:
         y *= opts.logit_scale
     dcap = softcap_(y, opts.softcap)
     if opts.temperature != 1.0:
-        y = y / opts.temperature
+        y.div_(opts.temperature)  # in place: one chunk x V temporary less
     if inv is not None:
         y *= inv[:, None]
     return y, dcap

@@ -64,33 +64,51 @@ def softcap_(y: torch.Tensor, softcap: float | None) -> torch.Tensor | None:
     return t.square_().neg_().add_(1.0)
 
 
-class Head:
-    """One head's matmuls in float32 (float64) results without a float32 copy on CUDA."""
+def mixed_ok(t: torch.Tensor) -> bool:
+    """Whether CUDA multiplies ``t``'s dtype into float32 results directly (16-bit operands)."""
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
 
-    def __init__(self, hidden, weight, bias, cdt):
+
+def mm_f32(a, b):
+    """a @ b of two 16-bit operands with float32 accumulation and result. CPU has no such
+    kernel: there (the tests of the CUDA path's rounding) the operands are upcast, which gives
+    the same values up to summation order, as products of 16-bit numbers are exact in float32."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+class Head:
+    """One head's matmuls in float32 (float64) results without a float32 copy on CUDA.
+
+    ``mixed`` (default: :func:`mixed_ok`) multiplies the 16-bit operands as they are, rounding a
+    float32 logit gradient to their dtype first (as the Triton backward does); True on the CPU
+    emulates it (see :func:`mm_f32`)."""
+
+    def __init__(self, hidden, weight, bias, cdt, mixed=None):
         self.hidden, self.cdt = hidden, cdt
-        # CUDA multiplies 16-bit operands into float32 outputs directly; elsewhere (CPU, or
-        # float32/64 inputs) the weight is converted once.
-        self.mixed = hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
+        self.mixed = mixed_ok(hidden) if mixed is None else mixed
         self.weight = weight if self.mixed else weight.to(cdt)
         self.bias = None if bias is None else bias.to(cdt)
 
     def logits(self, s, e):
         h = self.hidden[s:e]
         if self.mixed:
-            y = torch.mm(h, self.weight.T, out_dtype=torch.float32)
+            y = mm_f32(h, self.weight.T)
         else:
             y = h.to(self.cdt) @ self.weight.T
         return y if self.bias is None else y.add_(self.bias)
 
     def grad_hidden(self, dy):
         if self.mixed:
-            return torch.mm(dy.to(self.weight.dtype), self.weight, out_dtype=torch.float32)
+            return mm_f32(dy.to(self.weight.dtype), self.weight)
         return dy @ self.weight
 
     def add_grad_weight(self, acc, dy, s, e):
         h = self.hidden[s:e]
-        if self.mixed:
+        if not self.mixed:
+            acc.addmm_(dy.T, h.to(self.cdt))
+        elif acc.is_cuda:
             torch.addmm(acc, dy.T.to(h.dtype), h, out_dtype=torch.float32, out=acc)
         else:
-            acc.addmm_(dy.T, h.to(self.cdt))
+            acc.addmm_(dy.T.to(h.dtype).float(), h.float())

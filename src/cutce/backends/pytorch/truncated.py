@@ -16,6 +16,15 @@ K_i: tokens outside it get none. The forward finds thr per row (a softmax for mi
 each chunk's logits with the same chunks (the same products, so the same bits) and masks them
 with ``z >= thr``, without sorting again. No tensor of N x V elements exists at any time.
 
+On CUDA, 16-bit inputs are multiplied as they are into float32 logits (``Head``: no float32
+copy of the weight, and a 16-bit GEMM instead of a float32 one, ~15x slower on an H100). The
+backward rounds the float32 logit gradient to the inputs' dtype for its two GEMMs, as the Triton
+backward of the untruncated call does: torch multiplies no float32 by 16-bit operand, so the
+alternative is a float32 copy of the weight and float32 GEMMs. It collects several chunks'
+16-bit gradients before them, so that dC's float32 accumulator is read and written once per
+group rather than per chunk. Elsewhere (CPU, float32/64 inputs) everything is in the compute
+dtype.
+
 Both loops are ``torch.library`` custom ops with fake implementations, as in ce.py, so
 ``torch.compile`` sees one opaque node per direction.
 """
@@ -28,11 +37,18 @@ import torch
 
 from ...engine.options import Options
 from . import common
-from .ce import DEFAULT_CHUNK_BYTES, _logits, _valid_targets, compute_dtype
+from .ce import DEFAULT_CHUNK_BYTES, _valid_targets, compute_dtype, transform_
 
-# A top-p chunk holds z, the masked copy, the sorted values with their int64 indices (two
-# float32's worth) and the sorted softmax: six chunk x V temporaries.
-_TEMPS_PER_CHUNK = 6
+# A chunk's temporaries when Options.chunk_bytes is None. CUDA's 16-bit GEMMs reach their speed
+# only from a few hundred rows (each chunk reads the whole weight): 1 GiB is 441 rows of top-k
+# at V=152064 (220 of top-p), about what the untruncated Triton call spends beyond its float32 dC.
+CHUNK_BYTES = {"cpu": DEFAULT_CHUNK_BYTES, "cuda": 2**30}
+# chunk x V float32 temporaries at once: top-p's forward holds z, the sorted values with their
+# int64 indices (two float32's worth) and about as much again inside the sort; the other
+# forwards z, a masked copy or softmax, a few bool masks and the entropy's product.
+_TEMPS_TOP_P, _TEMPS = 7, 4
+# The backward's: z, q and the keep mask (the rest of the budget holds the 16-bit group).
+_BACKWARD_TEMPS = 3
 
 
 class _Cfg(NamedTuple):
@@ -44,28 +60,53 @@ class _Cfg(NamedTuple):
     min_p: float | None
     need_entropy: bool
     chunk_bytes: int | None
+    rows: int | None  # tokens per chunk, fixed (None: from the budget)
 
 
 _CFG_SCHEMA = ("float logit_scale, float? softcap, float temperature, int? top_k, float? top_p, "
-               "float? min_p, bool need_entropy, int? chunk_bytes")
+               "float? min_p, bool need_entropy, int? chunk_bytes, int? rows")
 
 
-def make_cfg(opts: Options, chunk_bytes=None) -> _Cfg:
+def make_cfg(opts: Options, chunk_bytes=None, rows=None) -> _Cfg:
     """The op's configuration (also what the vocabulary-parallel thresholds read)."""
     return _Cfg(float(opts.logit_scale), opts.softcap, float(opts.temperature), opts.top_k,
                 opts.top_p, opts.min_p, opts.need_entropy,
-                opts.chunk_bytes if chunk_bytes is None else chunk_bytes)
+                opts.chunk_bytes if chunk_bytes is None else chunk_bytes, rows)
 
 
-def chunk_rows(n, vocab, cdt, cfg: _Cfg) -> int:
-    """Tokens per chunk: six chunk x ``vocab`` temporaries within the chunk budget."""
-    budget = DEFAULT_CHUNK_BYTES if cfg.chunk_bytes is None else cfg.chunk_bytes
-    return common.chunk_rows(n, vocab, cdt, budget, _TEMPS_PER_CHUNK)
+def _budget(cfg: _Cfg, device) -> int:
+    if cfg.chunk_bytes is not None:
+        return cfg.chunk_bytes
+    return CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
 
 
-def chunk_logits(h, w, b, cfg: _Cfg):
-    """z of one chunk in the compute dtype (h, w, b already in it)."""
-    return _logits(h, w, b, cfg)[0]
+def chunk_rows(n, vocab, cdt, cfg: _Cfg, device) -> int:
+    """Tokens per chunk: the forward's chunk x ``vocab`` temporaries within the chunk budget
+    (``cfg.rows`` where given: a vocabulary slice takes the whole vocabulary's chunks)."""
+    if cfg.rows is not None:
+        return max(1, min(max(n, 1), cfg.rows))
+    temps = _TEMPS_TOP_P if cfg.top_p is not None else _TEMPS
+    return common.chunk_rows(n, vocab, cdt, _budget(cfg, device), temps)
+
+
+def _group_rows(n, vocab, rows, cfg: _Cfg, device) -> int:
+    """Tokens whose 16-bit logit gradients the mixed backward collects before its GEMMs: a
+    multiple of ``rows`` (the forward's chunks, kept) in what the budget leaves beside the
+    backward's own chunk temporaries."""
+    spare = _budget(cfg, device) - rows * max(vocab, 1) * 4 * _BACKWARD_TEMPS
+    k = max(1, spare // (max(vocab, 1) * 2 * rows))
+    return min(max(n, 1), k * rows) // rows * rows if n > rows else rows
+
+
+def head(hidden, weight, bias):
+    """The chunks' matmuls (see common.Head): 16-bit operands as they are on CUDA."""
+    return common.Head(hidden, weight, bias, compute_dtype(hidden.dtype))
+
+
+def chunk_logits(hd: common.Head, s, e, cfg: _Cfg):
+    """(z, dcap) of rows s:e in the compute dtype; the one place the chunks' logits come from,
+    so that a recompute with the same chunks gives the same bits."""
+    return transform_(hd.logits(s, e), cfg)
 
 
 def _threshold(z, cfg: _Cfg):
@@ -87,7 +128,10 @@ def _threshold(z, cfg: _Cfg):
         del zk
         thr = torch.maximum(thr, kth)
     if cfg.top_p is not None:
-        srt = torch.sort(torch.where(z >= thr[:, None], z, neg_inf), dim=1).values
+        # Sorting z and then dropping the smallest (those below thr lead the ascending row) gives
+        # the masked row's sort without a masked copy. NaN goes to -inf, as a masked copy had it.
+        srt = torch.sort(z, dim=1).values
+        srt.masked_fill_((srt >= thr[:, None]).logical_not_(), neg_inf)
         cum = torch.softmax(srt, dim=1).cumsum_(dim=1)
         # The first sorted position whose cumulative mass exceeds 1 - top_p; the largest is
         # always kept. Cumulative sums of non-negative numbers never decrease, so the count of
@@ -106,15 +150,14 @@ def _threshold(z, cfg: _Cfg):
 def _forward(hidden, weight, bias, targets, thr_in, cfg: _Cfg):
     cdt = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], weight.shape[0]
-    w = weight.to(cdt)
-    b = None if bias is None else bias.to(cdt)
+    hd = head(hidden, weight, bias)
     lse = hidden.new_empty(n, dtype=cdt)
     zt, pz, thr = torch.zeros_like(lse), torch.zeros_like(lse), torch.empty_like(lse)
     kept = hidden.new_zeros(n, dtype=torch.bool)
-    rows = chunk_rows(n, vocab, cdt, cfg)
+    rows = chunk_rows(n, vocab, cdt, cfg, hidden.device)
     for s in range(0, n, rows):
         e = min(s + rows, n)
-        z, _ = _logits(hidden[s:e].to(cdt), w, b, cfg)
+        z, _ = chunk_logits(hd, s, e, cfg)
         t = _threshold(z, cfg) if thr_in is None else thr_in[s:e]
         thr[s:e] = t
         idx, valid = _valid_targets(targets[s:e], vocab)
@@ -139,39 +182,64 @@ def _backward(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, ne
               need_b, cfg: _Cfg):
     cdt = lse.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
-    w, b, dh, dw, db, g_lse, g_zt = common.backward_buffers(hidden, weight, bias, lse, g_lse, g_zt,
-                                                            need_h, need_w, need_b)
-    rows = chunk_rows(n, vocab, cdt, cfg)  # the forward's chunks: the same logits, bit for bit
-    scale = cfg.logit_scale / cfg.temperature
-    for s in range(0, n, rows):
-        e = min(s + rows, n)
-        h = hidden[s:e].to(cdt)
-        z, dcap = _logits(h, w, b, cfg)
-        keep = z >= thr[s:e, None]
-        q = torch.where(keep, torch.exp(z - lse[s:e, None]), 0.0)
-        if g_pz is not None and cfg.need_entropy:
-            # d(sum_K q_j z_j)/dz_k = q_k (1 + z_k - sum_K q_j z_j) for k in K, 0 outside
-            z.sub_(pz[s:e, None]).add_(1.0).mul_(g_pz[s:e, None]).add_(g_lse[s:e, None])
-            dz = q.mul_(z)
-        else:
-            dz = q.mul_(g_lse[s:e, None])
-        del z, keep
-        idx, valid = _valid_targets(targets[s:e], vocab)
-        dz.scatter_add_(1, idx, torch.where(valid, g_zt[s:e], 0.0).unsqueeze(1))
-        if dcap is not None:
-            dz *= dcap
-        if scale != 1.0:
-            dz *= scale
-        common.add_chunk_grads(dz, h, w, s, e, dh, dw, db)
+    hd = head(hidden, weight, bias)
+    dh = torch.empty_like(hidden) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+    db = lse.new_zeros(vocab) if need_b else None
+    zeros = torch.zeros_like(lse)
+    g_lse, g_zt = zeros if g_lse is None else g_lse, zeros if g_zt is None else g_zt
+    rows = chunk_rows(n, vocab, cdt, cfg, hidden.device)  # the forward's: the same logits' bits
+    group = _group_rows(n, vocab, rows, cfg, hidden.device) if hd.mixed else rows
+    buf = hidden.new_empty(min(group, n), vocab) if hd.mixed and (need_h or need_w) else None
+    for g0 in range(0, n, group):
+        g1 = min(g0 + group, n)
+        for s in range(g0, g1, rows):
+            e = min(s + rows, g1)
+            dz = _chunk_grad(hd, s, e, targets, lse, pz, thr, g_lse, g_zt, g_pz, cfg)
+            if db is not None:
+                db += dz.sum(dim=0)
+            if buf is not None:
+                buf[s - g0:e - g0] = dz  # rounded to the inputs' dtype
+                dz = None
+        dzg = dz if buf is None else buf[:g1 - g0]
+        if dh is not None:
+            dh[g0:g1] = hd.grad_hidden(dzg).to(dh.dtype)
+        if dw is not None:
+            hd.add_grad_weight(dw, dzg, g0, g1)
+        del dz, dzg
     return common.op_grads(hidden, weight, bias, dh, dw, db)
+
+
+def _chunk_grad(hd, s, e, targets, lse, pz, thr, g_lse, g_zt, g_pz, cfg: _Cfg):
+    """dz of rows s:e (chunk x V, compute dtype): the gradient of the parts w.r.t. the
+    products h W^T + b."""
+    z, dcap = chunk_logits(hd, s, e, cfg)
+    keep = z >= thr[s:e, None]
+    q = torch.sub(z, lse[s:e, None]).exp_().masked_fill_(keep.logical_not_(), 0.0)
+    del keep
+    if g_pz is not None and cfg.need_entropy:
+        # d(sum_K q_j z_j)/dz_k = q_k (1 + z_k - sum_K q_j z_j) for k in K, 0 outside
+        z.sub_(pz[s:e, None]).add_(1.0).mul_(g_pz[s:e, None]).add_(g_lse[s:e, None])
+        dz = q.mul_(z)
+    else:
+        dz = q.mul_(g_lse[s:e, None])
+    del z
+    idx, valid = _valid_targets(targets[s:e], hd.weight.shape[0])
+    dz.scatter_add_(1, idx, torch.where(valid, g_zt[s:e], 0.0).unsqueeze(1))
+    if dcap is not None:
+        dz *= dcap
+    scale = cfg.logit_scale / cfg.temperature
+    if scale != 1.0:
+        dz *= scale
+    return dz
 
 
 # Autocast is off inside (as in ce.py): the api already cast the inputs, and the chunk
 # products must stay in float32 (float64).
 @torch.library.custom_op(
     "cutce::torch_truncated_parts", mutates_args=(),
-    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? thr, {_CFG_SCHEMA})"
-           " -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? thr, "
+           f"{_CFG_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _parts_op(hidden, weight, bias, targets, thr, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
         return _forward(hidden, weight, bias, targets, thr, _Cfg(*cfg))
@@ -225,7 +293,8 @@ def _parts_backward(ctx, g_lse, g_zt, g_pz, _g_thr, _g_kept):
 _parts_op.register_autograd(_parts_backward, setup_context=_setup_context)
 
 
-def truncated_parts(hidden, weight, bias, targets, opts: Options, chunk_bytes=None, thr=None):
+def truncated_parts(hidden, weight, bias, targets, opts: Options, chunk_bytes=None, thr=None,
+                    rows=None):
     """The truncated distribution's parts on the torch path.
 
     Args:
@@ -233,10 +302,11 @@ def truncated_parts(hidden, weight, bias, targets, opts: Options, chunk_bytes=No
         targets: (N,) int64; entries outside [0, V) give zt = 0 and kept = False.
         opts: validated :class:`Options` (logit_scale, softcap, temperature, need_entropy and
             the truncation: top_k, top_p, min_p).
-        chunk_bytes: cap on one chunk's temporaries (default 256 MiB).
+        chunk_bytes: cap on one chunk's temporaries (default: CHUNK_BYTES of the device).
         thr: None, or (N,) each row's threshold, found elsewhere (over the whole vocabulary
             when ``weight`` is one slice of it): the kept set is then ``z >= thr`` and lse, pz
             are this slice's (lse = -inf, pz = 0 where it keeps nothing).
+        rows: None, or the tokens per chunk (those ``thr`` was found with: the same products).
 
     Returns:
         (lse, zt, pz, kept), each (N,): the first three float32 (float64 for float64 inputs)
@@ -246,7 +316,7 @@ def truncated_parts(hidden, weight, bias, targets, opts: Options, chunk_bytes=No
             zt = z.gather(1, targets[:, None])[:, 0]; kept = K.gather(1, targets[:, None])[:, 0]
             pz = (torch.softmax(z.masked_fill(~K, -inf), -1) * z.masked_fill(~K, 0)).sum(-1)
     """
-    cfg = make_cfg(opts, chunk_bytes)
+    cfg = make_cfg(opts, chunk_bytes, rows)
     lse, zt, pz, _, kept = _parts_op(hidden, weight, bias, targets,
                                      None if thr is None else thr.detach(), *cfg)
     return lse, zt, pz, kept
