@@ -342,7 +342,7 @@ def compute_parts(hidden, weight, targets, bias, token_weights, shift, impl, opt
     if fused is not None:
         try:
             parts = Fused(fused(h2, weight, bias, tb, coef, opts, class_weight=zsum_cw,
-                                 plan=plan, **soft_kw)[0])
+                                plan=plan, **soft_kw)[0])
         except torch.OutOfMemoryError as err:
             fallback_on_oom(err, problem, name)
             opts = dataclasses.replace(opts, memory_budget=0.0)
