@@ -277,6 +277,10 @@ def _drop_total(h2, weight, bias, ids, lp, cand, valid, t1, w1, opts, vocab, imp
     T = 1 the CE joins the same pass as one more soft target."""
     cdt, t = lp.dtype, opts.temperature
     live = cand & (lp != -math.inf)
+    # the pass's target only anchors its exponentials (its reference logit): the teacher's most
+    # likely id, which the student's logits put near their top, so that few rows need a refill
+    col = torch.where(cand, torch.where(live, lp, -1e30), -math.inf).argmax(dim=1, keepdim=True)
+    anchor = torch.where(valid, ids.gather(1, col)[:, 0], opts.ignore_index)
     lp = torch.where(live, lp, 0.0)
     p = torch.where(live, lp.exp(), 0.0)
     coef = token_coefs(valid, w1, opts.reduction, cdt)
@@ -298,9 +302,6 @@ def _drop_total(h2, weight, bias, ids, lp, cand, valid, t1, w1, opts, vocab, imp
             total = total + api.linear_cross_entropy(h2, weight, t_ce, token_weights=c_ce,
                                                      reduction="sum", softcap=opts.softcap,
                                                      logit_scale=opts.logit_scale, **ce_kw)
-    # the pass's target only anchors its exponentials: any id near the row's top, the first
-    col = cand.to(torch.uint8).argmax(dim=1, keepdim=True)
-    anchor = torch.where(valid, ids.gather(1, col)[:, 0], opts.ignore_index)
     softcap = None if opts.softcap is None else opts.softcap / t
     pass_opts = make_options(autocast_dtype(h2), ignore_index=opts.ignore_index, reduction="sum",
                              softcap=softcap, logit_scale=opts.logit_scale / t,
