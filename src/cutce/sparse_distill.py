@@ -165,8 +165,14 @@ def linear_sparse_distillation_loss(
     # raise: no out-of-bounds index reaches the device
     cand = (ids != ignore_index) & (ids >= 0) & (ids < vocab)
     valid = cand.any(dim=1) & (t1 != ignore_index)
-    if _folds(tail, ce_weight, vs, opts, lp, w1):
-        out = _drop_total(h2, weight, bias, ids, lp.to(cdt), cand, valid, t1, w1, opts, vocab,
+    folds = _folds(tail, ce_weight, vs, opts, lp, w1)
+    # the teacher: a -inf log-prob is p = 0 (kept out of products, whose gradients it would NaN)
+    lp = lp.to(cdt)
+    live = cand & (lp != -math.inf)
+    lp = torch.where(live, lp, 0.0)
+    p = torch.where(live, lp.exp(), 0.0)
+    if folds:
+        out = _drop_total(h2, weight, bias, ids, lp, p, live, cand, valid, t1, w1, opts, vocab,
                           impl, memory_budget)
         for pending in (check, check_ids):
             if pending is not None:
@@ -187,11 +193,6 @@ def linear_sparse_distillation_loss(
     s = z[:, :k] / temperature
     z_ce = z[:, k] if ce_weight > 0.0 else None
 
-    # the teacher: a -inf log-prob is p = 0 (kept out of products, whose gradients it would NaN)
-    lp = lp.to(cdt)
-    live = cand & (lp != -math.inf)
-    lp = torch.where(live, lp, 0.0)
-    p = torch.where(live, lp.exp(), 0.0)
     mass = p.sum(dim=1)
     div = ce_weight < 1.0
     full_lse = div and tail != "renormalize"  # D holds P lse over the whole vocabulary
@@ -265,7 +266,8 @@ def _folds(tail, ce_weight, vs, opts, lp, w1):
             and not grads and not torch.compiler.is_compiling())
 
 
-def _drop_total(h2, weight, bias, ids, lp, cand, valid, t1, w1, opts, vocab, impl, budget):
+def _drop_total(h2, weight, bias, ids, lp, p, live, cand, valid, t1, w1, opts, vocab, impl,
+                budget):
     """The reduced "drop" loss as one cross-entropy pass with the K ids as soft targets:
 
         sum_i c_i [(1 - ce) (sum_j p_ij log p_ij + P_i lse_i - sum_j p_ij s_ij) + ce CE_i]
@@ -276,13 +278,10 @@ def _drop_total(h2, weight, bias, ids, lp, cand, valid, t1, w1, opts, vocab, imp
     (:mod:`cutce.backends.triton.fused_soft`), so the K logits need no gather of their own. At
     T = 1 the CE joins the same pass as one more soft target."""
     cdt, t = lp.dtype, opts.temperature
-    live = cand & (lp != -math.inf)
     # the pass's target only anchors its exponentials (its reference logit): the teacher's most
     # likely id, which the student's logits put near their top, so that few rows need a refill
     col = torch.where(cand, torch.where(live, lp, -1e30), -math.inf).argmax(dim=1, keepdim=True)
     anchor = torch.where(valid, ids.gather(1, col)[:, 0], opts.ignore_index)
-    lp = torch.where(live, lp, 0.0)
-    p = torch.where(live, lp.exp(), 0.0)
     coef = token_coefs(valid, w1, opts.reduction, cdt)
     c_div = torch.where(valid, coef * (1.0 - opts.ce_weight), 0.0)
     total = (c_div * (p * lp).sum(dim=1)).sum()
