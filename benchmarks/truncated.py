@@ -38,6 +38,7 @@ import cutce
 from cutce.bench import measure
 from cutce.bench import report as results
 from cutce.bench.data import Shape, make_inputs
+from page_format import ratio
 
 START = time.perf_counter()
 TRUNCATIONS = {"top_k=64": dict(top_k=64), "top_p=0.9": dict(top_p=0.9),
@@ -165,10 +166,6 @@ def run(args, device, rows):
 
 def fmt(x, spec):
     return "" if x is None else format(x, spec)
-
-
-def ratio(x):
-    return "" if x is None else f"{x:.2f}x"
 
 
 def print_report(rows, header):
