@@ -11,10 +11,20 @@ kept set of the options' ``top_k``/``top_p``/``min_p`` (``{j : z_ij >= thr_i}``,
     kept_i = t_i in K_i                        bool, not differentiable
 
 K_i is piecewise constant in the logits, so the gradient is that of a log-softmax restricted to
-K_i: tokens outside it get none. The forward finds thr per row (a softmax for min-p, a
-``torch.topk`` for top-k, one sort of the row for top-p) and keeps it; the backward recomputes
-each chunk's logits with the same chunks (the same products, so the same bits) and masks them
-with ``z >= thr``, without sorting again. No tensor of N x V elements exists at any time.
+K_i: tokens outside it get none. The forward finds thr per row (:mod:`.thresholds`: a softmax
+for min-p, a ``torch.topk`` for top-k, top-p from the largest logits) and keeps it. Two
+backwards:
+
+- sparse (:mod:`.kept_ids`, top-k up to its ``SPARSE_TOP_K``): K_i is top-k's ids at or above
+  thr, which the forward keeps with their logits, plus any logits tied with thr that top-k left
+  out, which it counts. dz is then nonzero at k + 1 ids a row (the target last): dE is a
+  weighted gather of weight rows, dC one GEMM of dz scattered into a chunk, and no logits are
+  recomputed. A group of chunks with such uncounted ties (their ids are not known) takes the
+  other backward;
+- recompute: each chunk's logits again with the same chunks (the same products, so the same
+  bits), masked with ``z >= thr``, without sorting again.
+
+No tensor of N x V elements exists at any time.
 
 On CUDA, 16-bit inputs are multiplied as they are into float32 logits (``Head``: no float32
 copy of the weight, and a 16-bit GEMM instead of a float32 one, ~15x slower on an H100). The
@@ -36,7 +46,7 @@ from typing import NamedTuple
 import torch
 
 from ...engine.options import Options
-from . import common
+from . import common, kept_ids, thresholds
 from .ce import DEFAULT_CHUNK_BYTES, _valid_targets, compute_dtype, transform_
 
 # A chunk's temporaries when Options.chunk_bytes is None. CUDA's 16-bit GEMMs reach their speed
@@ -109,44 +119,6 @@ def chunk_logits(hd: common.Head, s, e, cfg: _Cfg):
     return transform_(hd.logits(s, e), cfg)
 
 
-def _threshold(z, cfg: _Cfg):
-    """Per row, the smallest kept logit (r,): min-p, then top-k, then top-p (vLLM's order)."""
-    neg_inf = float("-inf")
-    thr = z.new_full((z.shape[0],), neg_inf)
-    if cfg.min_p is not None:
-        # In probabilities, as the sampler compares them (not z - zmax >= log(min_p), which
-        # rounds differently at the boundary).
-        p = torch.softmax(z, dim=1)
-        drop = p < p.amax(dim=1, keepdim=True) * cfg.min_p
-        del p
-        thr = z.masked_fill(drop, float("inf")).amin(dim=1)
-    if cfg.top_k is not None and cfg.top_k < z.shape[1]:
-        # The k-th largest of what min-p left; -inf when fewer than k are left (then top-k
-        # drops nothing more).
-        zk = z if cfg.min_p is None else z.masked_fill(drop, neg_inf)
-        kth = torch.topk(zk, cfg.top_k, dim=1, sorted=False).values.amin(dim=1)
-        del zk
-        thr = torch.maximum(thr, kth)
-    if cfg.top_p is not None:
-        # Sorting z and then dropping the smallest (those below thr lead the ascending row) gives
-        # the masked row's sort without a masked copy. NaN goes to -inf, as a masked copy had it.
-        srt = torch.sort(z, dim=1).values
-        srt.masked_fill_((srt >= thr[:, None]).logical_not_(), neg_inf)
-        cum = torch.softmax(srt, dim=1).cumsum_(dim=1)
-        # The first sorted position whose cumulative mass exceeds 1 - top_p; the largest is
-        # always kept. Cumulative sums of non-negative numbers never decrease, so the count of
-        # positions at or below the line is that position. A token tied with it has an equal
-        # logit and passes z >= thr: ties are kept, whatever order a sort gives them.
-        # The line in the compute dtype, as the sampler forms it (1 - p in float32): a host
-        # scalar, no device copy.
-        one = torch.ones((), dtype=z.dtype)
-        line = float(one - torch.tensor(cfg.top_p, dtype=z.dtype))
-        first = (cum <= line).sum(dim=1, keepdim=True).clamp_(max=z.shape[1] - 1)
-        del cum
-        thr = srt.gather(1, first).squeeze(1)
-    return thr
-
-
 def _forward(hidden, weight, bias, targets, thr_in, cfg: _Cfg):
     cdt = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -154,16 +126,31 @@ def _forward(hidden, weight, bias, targets, thr_in, cfg: _Cfg):
     lse = hidden.new_empty(n, dtype=cdt)
     zt, pz, thr = torch.zeros_like(lse), torch.zeros_like(lse), torch.empty_like(lse)
     kept = hidden.new_zeros(n, dtype=torch.bool)
+    k = cfg.top_k if kept_ids.sparse(cfg, vocab, thr_in is not None) else 0
+    ids = hidden.new_empty(n if k else 0, k, dtype=torch.int64)
+    vals = hidden.new_empty(n if k else 0, k, dtype=cdt)
+    extra = hidden.new_zeros(n if k else 0, dtype=torch.int64)
     rows = chunk_rows(n, vocab, cdt, cfg, hidden.device)
     for s in range(0, n, rows):
         e = min(s + rows, n)
         z, _ = chunk_logits(hd, s, e, cfg)
-        t = _threshold(z, cfg) if thr_in is None else thr_in[s:e]
+        if thr_in is None:
+            t, v, i = thresholds.find(z, cfg)
+        else:
+            t, v, i = thr_in[s:e], None, None
         thr[s:e] = t
         idx, valid = _valid_targets(targets[s:e], vocab)
         zt_rows = z.gather(1, idx).squeeze(1)
         zt[s:e] = torch.where(valid, zt_rows, 0.0)
         kept[s:e] = valid & (zt_rows >= t)
+        if k:
+            # The kept set is top-k's ids at or above thr and the logits tied with thr that
+            # top-k left out: counted here, each of them worth exp(thr).
+            ids[s:e], vals[s:e] = i, v
+            extra[s:e] = (z >= t[:, None]).sum(dim=1) - (v >= t[:, None]).sum(dim=1)
+            del z
+            lse[s:e], pz[s:e] = kept_ids.stats(v, t, extra[s:e], cfg.need_entropy)
+            continue
         # The row's largest logit is always kept: it shifts the exponentials of the kept set.
         # (With thresholds from the whole vocabulary, a slice keeps its largest logit or none.)
         m = z.amax(dim=1, keepdim=True)
@@ -175,11 +162,13 @@ def _forward(hidden, weight, bias, targets, thr_in, cfg: _Cfg):
             q.div_(tot)  # q = softmax over the kept set; sum q z = sum q log q + lse
             # 0, not NaN, for a vocabulary slice that keeps nothing of a row (lse = -inf there)
             pz[s:e] = torch.where(tot.squeeze(1) > 0, torch.xlogy(q, q).sum(dim=1) + lse[s:e], 0.0)
-    return lse, zt, pz, thr, kept
+    return lse, zt, pz, thr, kept, ids, vals, extra
 
 
-def _backward(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, need_h, need_w,
-              need_b, cfg: _Cfg):
+def _backward(hidden, weight, bias, targets, saved, grads, need_h, need_w, need_b, cfg: _Cfg):
+    """(dh, dw, db) from the forward's ``saved`` (lse, zt, pz, thr, ids, vals, extra) and the
+    upstream ``grads`` (g_lse, g_zt, g_pz)."""
+    lse, ids, extra = saved[0], saved[4], saved[6]
     cdt = lse.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
     hd = head(hidden, weight, bias)
@@ -187,22 +176,28 @@ def _backward(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, ne
     dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
     db = lse.new_zeros(vocab) if need_b else None
     zeros = torch.zeros_like(lse)
-    g_lse, g_zt = zeros if g_lse is None else g_lse, zeros if g_zt is None else g_zt
+    grads = tuple(zeros if g is None else g for g in grads[:2]) + (grads[2],)
     rows = chunk_rows(n, vocab, cdt, cfg, hidden.device)  # the forward's: the same logits' bits
     group = _group_rows(n, vocab, rows, cfg, hidden.device) if hd.mixed else rows
     buf = hidden.new_empty(min(group, n), vocab) if hd.mixed and (need_h or need_w) else None
+    dense = kept_ids.dense_groups(extra, n, group) if ids.numel() else None
     for g0 in range(0, n, group):
         g1 = min(g0 + group, n)
+        sparse_group = dense is not None and not dense[g0 // group]
         for s in range(g0, g1, rows):
             e = min(s + rows, g1)
-            dz = _chunk_grad(hd, s, e, targets, lse, pz, thr, g_lse, g_zt, g_pz, cfg)
+            if sparse_group:
+                dz = kept_ids.chunk_grads(hd, s, e, targets, saved, grads, dh, db, buf,
+                                         None if buf is None else s - g0, need_w, cfg)
+                continue
+            dz = _chunk_grad(hd, s, e, targets, saved, grads, cfg)
             if db is not None:
                 db += dz.sum(dim=0)
             if buf is not None:
                 buf[s - g0:e - g0] = dz  # rounded to the inputs' dtype
                 dz = None
         dzg = dz if buf is None else buf[:g1 - g0]
-        if dh is not None:
+        if dh is not None and not sparse_group:
             dh[g0:g1] = hd.grad_hidden(dzg).to(dh.dtype)
         if dw is not None:
             hd.add_grad_weight(dw, dzg, g0, g1)
@@ -210,9 +205,11 @@ def _backward(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, ne
     return common.op_grads(hidden, weight, bias, dh, dw, db)
 
 
-def _chunk_grad(hd, s, e, targets, lse, pz, thr, g_lse, g_zt, g_pz, cfg: _Cfg):
+def _chunk_grad(hd, s, e, targets, saved, grads, cfg: _Cfg):
     """dz of rows s:e (chunk x V, compute dtype): the gradient of the parts w.r.t. the
     products h W^T + b."""
+    lse, _, pz, thr = saved[:4]
+    g_lse, g_zt, g_pz = grads
     z, dcap = chunk_logits(hd, s, e, cfg)
     keep = z >= thr[s:e, None]
     q = torch.sub(z, lse[s:e, None]).exp_().masked_fill_(keep.logical_not_(), 0.0)
@@ -235,11 +232,13 @@ def _chunk_grad(hd, s, e, targets, lse, pz, thr, g_lse, g_zt, g_pz, cfg: _Cfg):
 
 
 # Autocast is off inside (as in ce.py): the api already cast the inputs, and the chunk
-# products must stay in float32 (float64).
+# products must stay in float32 (float64). Besides the parts, the forward returns thr, kept and,
+# on the sparse route (kept_ids.sparse), top-k's ids and logits and the ties they miss per row
+# (empty otherwise), for the backward.
 @torch.library.custom_op(
     "cutce::torch_truncated_parts", mutates_args=(),
     schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? thr, "
-           f"{_CFG_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+           f"{_CFG_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _parts_op(hidden, weight, bias, targets, thr, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
         return _forward(hidden, weight, bias, targets, thr, _Cfg(*cfg))
@@ -247,26 +246,33 @@ def _parts_op(hidden, weight, bias, targets, thr, *cfg):
 
 @_parts_op.register_fake
 def _(hidden, weight, bias, targets, thr, *cfg):
-    lse = hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype))
+    cfg = _Cfg(*cfg)
+    n, cdt = hidden.shape[0], compute_dtype(hidden.dtype)
+    lse = hidden.new_empty(n, dtype=cdt)
+    k = cfg.top_k if kept_ids.sparse(cfg, weight.shape[0], thr is not None) else 0
     return (lse, torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse),
-            hidden.new_empty(hidden.shape[0], dtype=torch.bool))
+            hidden.new_empty(n, dtype=torch.bool), hidden.new_empty(n if k else 0, k,
+                                                                   dtype=torch.int64),
+            hidden.new_empty(n if k else 0, k, dtype=cdt),
+            hidden.new_empty(n if k else 0, dtype=torch.int64))
 
 
 @torch.library.custom_op(
     "cutce::torch_truncated_parts_backward", mutates_args=(),
-    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor pz, "
-           "Tensor thr, Tensor? g_lse, Tensor? g_zt, Tensor? g_pz, bool need_h, bool need_w, "
-           f"bool need_b, {_CFG_SCHEMA}) -> (Tensor, Tensor, Tensor)")
-def _backward_op(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, need_h, need_w,
-                 need_b, *cfg):
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor zt, "
+           "Tensor pz, Tensor thr, Tensor ids, Tensor vals, Tensor extra, Tensor? g_lse, "
+           "Tensor? g_zt, Tensor? g_pz, bool need_h, bool need_w, bool need_b, "
+           f"{_CFG_SCHEMA}) -> (Tensor, Tensor, Tensor)")
+def _backward_op(hidden, weight, bias, targets, lse, zt, pz, thr, ids, vals, extra, g_lse, g_zt,
+                 g_pz, need_h, need_w, need_b, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
-        return _backward(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, need_h,
-                         need_w, need_b, _Cfg(*cfg))
+        return _backward(hidden, weight, bias, targets, (lse, zt, pz, thr, ids, vals, extra),
+                         (g_lse, g_zt, g_pz), need_h, need_w, need_b, _Cfg(*cfg))
 
 
 @_backward_op.register_fake
-def _(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, need_h, need_w, need_b,
-      *cfg):
+def _(hidden, weight, bias, targets, lse, zt, pz, thr, ids, vals, extra, g_lse, g_zt, g_pz,
+      need_h, need_w, need_b, *cfg):
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else hidden.new_empty(0),
             torch.empty_like(bias) if need_b else hidden.new_empty(0))
@@ -274,18 +280,17 @@ def _(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz, need_h, ne
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, _, *cfg = inputs
-    lse, _, pz, thr, kept = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, pz, thr)
-    ctx.mark_non_differentiable(thr, kept)
+    lse, zt, pz, thr, kept, ids, vals, extra = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, zt, pz, thr, ids, vals, extra)
+    ctx.mark_non_differentiable(thr, kept, ids, vals, extra)
     ctx.cfg = cfg
 
 
-def _parts_backward(ctx, g_lse, g_zt, g_pz, _g_thr, _g_kept):
-    hidden, weight, bias, targets, lse, pz, thr = ctx.saved_tensors
+def _parts_backward(ctx, g_lse, g_zt, g_pz, *_):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    need_b = need_b and bias is not None
-    dh, dw, db = _backward_op(hidden, weight, bias, targets, lse, pz, thr, g_lse, g_zt, g_pz,
-                              need_h, need_w, need_b, *ctx.cfg)
+    need_b = need_b and ctx.saved_tensors[2] is not None
+    dh, dw, db = _backward_op(*ctx.saved_tensors, g_lse, g_zt, g_pz, need_h, need_w, need_b,
+                              *ctx.cfg)
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
             None, None) + (None,) * len(ctx.cfg)
 
@@ -317,6 +322,6 @@ def truncated_parts(hidden, weight, bias, targets, opts: Options, chunk_bytes=No
             pz = (torch.softmax(z.masked_fill(~K, -inf), -1) * z.masked_fill(~K, 0)).sum(-1)
     """
     cfg = make_cfg(opts, chunk_bytes, rows)
-    lse, zt, pz, _, kept = _parts_op(hidden, weight, bias, targets,
-                                     None if thr is None else thr.detach(), *cfg)
+    lse, zt, pz, _, kept, *_ = _parts_op(hidden, weight, bias, targets,
+                                         None if thr is None else thr.detach(), *cfg)
     return lse, zt, pz, kept

@@ -1,0 +1,129 @@
+"""The truncated log-probs' two shortcuts against the plain chunked path and float64 truth:
+top-k's sparse backward (the kept ids stored, no recomputed logits; groups whose rows keep ties
+past the k ids recompute) and top-p's candidates (the largest logits in place of a sort; rows
+whose nucleus reaches past them sort)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cutce
+from cutce.backends.pytorch import kept_ids, thresholds, truncated
+from cutce.truncated_log_probs import sampled_log_probs
+from reference import rel_err
+from truncated_cases import make_case, reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def _grads(h, w, b, t, opts, up, sampled=False):
+    leaves = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+    if sampled:
+        logp, ent = sampled_log_probs(*leaves[:2], t, leaves[2],
+                                            return_entropy=True, impl="torch", **opts)
+    else:
+        logp, ent = cutce.linear_log_probs(*leaves[:2], t, leaves[2], return_entropy=True,
+                                           impl="torch", **opts)
+    fin = torch.where(torch.isinf(logp), 0.0, logp)
+    return [logp, ent, *torch.autograd.grad((fin * up[0]).sum() + (ent * up[1]).sum(), leaves)]
+
+
+def _unshift(h, t, opts):
+    """The rows make_case checked, flat, with the shift done here (sampled_log_probs has none)."""
+    if opts.pop("shift"):
+        h, t = h[..., :-1, :], t[..., 1:]
+    return h.reshape(-1, h.shape[-1]).contiguous(), t.reshape(-1)
+
+
+def _spy(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["log_probs", "sampled"])
+@pytest.mark.parametrize("draw", range(6))
+def test_sparse_backward_equals_the_recompute(gen, monkeypatch, draw, sampled):
+    """Grid logits with exact ties (rows whose ties at the k-th logit overflow the k ids) and
+    random transforms: the same values and gradients as with the kept ids not stored, in
+    float64 and within tolerance of the float64 truth in float32."""
+    n, d, v = 45, 7, 61
+    h, w, b, t, opts = make_case(gen, n, d, v, torch.float64, exact=draw % 2 == 0)
+    h, t = _unshift(h, t, opts)
+    opts["top_k"] = (1, 2, 5)[draw % 3]
+    up = torch.randn(h.shape[0], generator=gen), torch.randn(h.shape[0], generator=gen)
+    up = tuple(u.double() for u in up)
+    # a few rows a chunk: some chunks keep ties past their ids, others do not
+    monkeypatch.setitem(truncated.CHUNK_BYTES, "cpu", 5 * v * 8 * truncated._TEMPS_TOP_P)
+    groups = _spy(monkeypatch, kept_ids, "dense_groups")
+    got = _grads(h, w, b, t, opts, up, sampled)
+    assert len(groups) == 1 and not all(groups[0])
+    monkeypatch.setattr(kept_ids, "SPARSE_TOP_K", 0)
+    want = _grads(h, w, b, t, opts, up, sampled)
+    assert len(groups) == 1
+    assert torch.equal(torch.isneginf(got[0]), torch.isneginf(want[0]))
+    fin = torch.isfinite(want[0])
+    assert rel_err(got[0][fin], want[0][fin]) < 1e-12
+    for a, r in zip(got[1:], want[1:]):
+        assert rel_err(a, r) < 1e-12
+    if not sampled:
+        f32 = _grads(h.float(), w.float(), b.float(), t, opts, tuple(u.float() for u in up))
+        ref = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+        rl, re = reference(ref[0], ref[1], t, ref[2], **opts)
+        rfin = torch.where(torch.isinf(rl), 0.0, rl)
+        truth = torch.autograd.grad((rfin * up[0]).sum() + (re * up[1]).sum(), ref)
+        assert torch.equal(torch.isneginf(f32[0]), torch.isneginf(rl))
+        for a, r in zip(f32[2:], truth):
+            assert rel_err(a, r) < 2e-5
+
+
+def test_ties_past_the_ids_recompute(monkeypatch):
+    """k = 2 on a row whose second largest logit appears three times: its group recomputes,
+    and the gradient reaches all three."""
+    z = torch.tensor([[3.0, 2.0, 2.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]],
+                     dtype=torch.float64)
+    h = torch.eye(2, dtype=torch.float64)
+    w = z.T.contiguous().requires_grad_()
+    groups = _spy(monkeypatch, kept_ids, "dense_groups")
+    logp = cutce.linear_log_probs(h, w, torch.tensor([1, 4]), top_k=2, impl="torch")
+    logp.sum().backward()
+    assert groups == [[True]]
+    g = w.grad[:, 0]  # d logp_0 / dz_0j = [j == 1] - q_j over the kept {0, 1, 2, 4}
+    assert (g[[0, 1, 2, 4]] != 0).all() and (g[[3, 5]] == 0).all()
+
+
+@pytest.mark.parametrize("draw", range(6))
+def test_top_p_candidates_and_the_sort_agree(gen, monkeypatch, draw):
+    """With two candidates most rows' nucleus reaches past them and takes the sort; with all
+    of a row as candidates none does: the same kept sets and values as the float64 truth."""
+    n, d, v = 40, 6, 53
+    h, w, b, t, opts = make_case(gen, n, d, v, torch.float64, exact=draw % 2 == 0)
+    h, t = _unshift(h, t, opts)
+    opts["top_k"], opts["top_p"] = None, (0.5, 0.8, 0.95)[draw % 3]
+    up = torch.randn(h.shape[0], generator=gen, dtype=torch.float64), torch.randn(
+        h.shape[0], generator=gen, dtype=torch.float64)
+    sorts = _spy(monkeypatch, thresholds, "_top_p_sorted")
+    monkeypatch.setattr(thresholds, "TOP_P_CANDIDATES", 2)
+    few = _grads(h, w, b, t, opts, up)
+    assert len(sorts) == 1 and 0 < sorts[0].numel() <= h.shape[0]
+    monkeypatch.setattr(thresholds, "TOP_P_CANDIDATES", 10**6)
+    whole = _grads(h, w, b, t, opts, up)
+    assert len(sorts) == 1
+    ref = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+    rl, re = reference(ref[0], ref[1], t, ref[2], **opts)
+    rfin = torch.where(torch.isinf(rl), 0.0, rl)
+    truth = [rl, re, *torch.autograd.grad((rfin * up[0]).sum() + (re * up[1]).sum(), ref)]
+    for got in (few, whole):
+        assert torch.equal(torch.isneginf(got[0]), torch.isneginf(rl))
+        fin = torch.isfinite(rl)
+        assert rel_err(got[0][fin], rl[fin]) < 1e-10
+        for a, r in zip(got[1:], truth[1:]):
+            assert rel_err(a, r) < 1e-10
