@@ -7,6 +7,8 @@
 #   bash benchmarks/device.sh long           # cutce bench at gemma3-64k (65536 tokens, V=262144)
 #   bash benchmarks/device.sh log-probs      # log-probs + entropy vs TRL, token_log_probs end to end
 #   bash benchmarks/device.sh truncated      # top-k/top-p/min-p log-probs vs untruncated cutce, eager, compile
+#   bash benchmarks/device.sh tests-rl       # GPU tests of truncated log-probs and sparse distillation
+#   bash benchmarks/device.sh sparse-distill # sparse-teacher distillation vs cutce's CE, eager, compile
 #   bash benchmarks/device.sh distill        # distillation vs TRL, Liger, eager, compile (beta 0, 0.5)
 #   bash benchmarks/device.sh hf-step        # HF training step: original vs patched, eager vs compiled
 #   bash benchmarks/device.sh multi-gpu      # vocabulary-parallel on every GPU of the host
@@ -44,6 +46,12 @@ case "${1:-}" in
       --repeats 3 --warmup 1 --out "$OUT" --no-plot 2>&1 | tee "$OUT/long.log" ;;
   log-probs)
     python benchmarks/log_probs.py --out "$OUT" 2>&1 | tee "$OUT/log-probs.log" ;;
+  tests-rl)
+    "${PYTEST[@]}" tests/test_truncated_log_probs.py tests/test_truncated_mixed.py \
+      tests/test_truncated_routes.py tests/test_sparse_distill.py \
+      2>&1 | tee "$OUT/gpu-tests-rl.log" | tail -20 ;;
+  sparse-distill)
+    python benchmarks/sparse_distill.py --out "$OUT" 2>&1 | tee "$OUT/sparse-distill.log" ;;
   truncated)
     python benchmarks/truncated.py --out "$OUT" 2>&1 | tee "$OUT/truncated.log" ;;
   distill)
@@ -58,5 +66,5 @@ case "${1:-}" in
   trainers)
     python benchmarks/trainers.py --out "$OUT" 2>&1 | tee "$OUT/trainers.log" ;;
   *)
-    echo "usage: $0 tests|tests-distill|loss|long|log-probs|truncated|distill|hf-step|multi-gpu|trainers"; exit 2 ;;
+    echo "usage: $0 tests|tests-distill|tests-rl|loss|long|log-probs|truncated|sparse-distill|distill|hf-step|multi-gpu|trainers"; exit 2 ;;
 esac
