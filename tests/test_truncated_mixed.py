@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import cutce
-from cutce.backends.pytorch import common, truncated
+from cutce.backends.pytorch import common, thresholds, truncated
 from reference import rel_err
-from truncated_cases import kept_set, reference, transformed
+from truncated_cases import boundary_margin, grid, kept_set, reference, transformed
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -96,3 +96,37 @@ def test_group_rows_are_whole_chunks():
         assert group % rows == 0 and rows <= group <= max(n, rows), (n, v, rows, group)
         if group > rows:
             assert rows * v * 4 * truncated._BACKWARD_TEMPS + group * v * 2 <= budget
+
+
+CUDA_CASES = [dict(top_k=5), dict(top_k=64), dict(top_p=0.9), dict(top_p=0.5, min_p=0.01),
+              dict(min_p=0.05), dict(top_k=64, top_p=0.8, softcap=4.0)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("case", range(len(CUDA_CASES)))
+def test_cuda_within_the_16_bit_path(gen, monkeypatch, case):
+    """The real CUDA path (16-bit GEMMs with float32 results, top-k's gather of weight rows, top-p
+    past its candidates), in several chunks and groups. Grid inputs: the logits are exact in
+    float32, so top-k's ties are the truth's; top-p and min-p draw again near a boundary."""
+    opts = CUDA_CASES[case]
+    trunc = {k: opts[k] for k in ("top_k", "top_p", "min_p") if k in opts}
+    n, d, v = 200, 32, 400
+    for _ in range(20):
+        h, w, b = grid(gen, n, d), grid(gen, v, d), grid(gen, v)
+        z = transformed(h, w, b, opts.get("logit_scale", 1.0), opts.get("softcap"), 0.9)
+        if boundary_margin(z, **trunc) > 1e-5:
+            break
+    h, w, b = (x.bfloat16().cuda() for x in (h, w, b))
+    t = torch.randint(v, (n,), generator=gen).cuda()
+    up = torch.randn(n, generator=gen).cuda(), torch.randn(n, generator=gen).cuda()
+    monkeypatch.setitem(truncated.CHUNK_BYTES, "cuda", 24 * v * 4 * truncated._TEMPS_TOP_P)
+    monkeypatch.setattr(thresholds, "TOP_P_CANDIDATES", 48)
+    got = _cutce((h, w, b), t, opts, up)
+    truth, lowp = _truth_and_lowp((h, w, b), t, opts, up)
+    assert torch.equal(torch.isneginf(got[0]), torch.isneginf(truth[0]))
+    fin = torch.isfinite(truth[0])
+    assert rel_err(got[0][fin], truth[0][fin]) < 1e-5
+    for name, m, low, r in zip(("dh", "dw", "db"), got[2:], lowp, truth[2:]):
+        assert m.dtype == torch.bfloat16, name
+        err, bound = rel_err(m, r), 1.5 * rel_err(low, r)
+        assert err <= bound, f"{name}: expected an error <= {bound:.3g}, got {err:.3g}"
