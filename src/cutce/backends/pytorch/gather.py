@@ -2,10 +2,12 @@
 
 The stored-teacher distillation (:mod:`cutce.sparse_distill`) needs each token's logits at its K
 candidate ids only. Gathering ``weight[idx]`` for all tokens at once would be an (N, K, D)
-tensor, K times the hidden states; here it exists for a chunk of tokens at a time, and the
-backward scatters the weight's gradient into a (V, D) accumulator with ``index_add_`` instead of
-keeping anything of the gathered rows. Cost: O(N K D) reads and multiply-adds each way, on any
-device, no N x V tensor.
+tensor, K times the hidden states; the forward holds it for a chunk of tokens at a time. The
+backward holds nothing of the sort: with g the logits' gradient, dE_i = sum_j g_ij W[idx_ij] is
+an ``embedding_bag`` (a weighted sum of weight rows per token) and dC is that op's own backward
+with dE's upstream set to the hidden states (ids sorted, each id's rows summed: no atomics and
+no (N, K, D) product). Cost: O(N K D) reads and multiply-adds each way, on any device, no N x V
+tensor.
 """
 
 from __future__ import annotations
@@ -44,6 +46,35 @@ def _bmm(a: Tensor, b: Tensor, cdt: torch.dtype) -> Tensor:
     return torch.bmm(a.to(cdt), b.to(cdt))
 
 
+@torch.library.custom_op("cutce::gathered_grads", mutates_args=())
+def _gathered_grads(hidden: Tensor, weight: Tensor, idx: Tensor, g: Tensor, need_h: bool,
+                    need_w: bool) -> tuple[Tensor, Tensor]:
+    """(dh, dw) of logits gathered at idx (N, K) whose gradient is g (N, K, compute dtype):
+    dh = sum_j g_ij W[idx_ij] (N, D) and dw[v] = sum_{ij : idx_ij = v} g_ij h_i (V, D), in the
+    weight's dtype where CUDA takes it as it is (16-bit: g rounded to it, float32 sums inside),
+    else in g's; empty where not needed."""
+    w = weight if _mixed(weight) else weight.to(g.dtype)
+    n, k = idx.shape
+    flat, psw = idx.reshape(-1), g.to(w.dtype).reshape(-1)
+    offsets = torch.arange(0, n * k, k, device=idx.device)
+    # the ops behind F.embedding_bag(mode="sum") and its autograd formula for the weight
+    dh, bags, sizes, maxes = torch.ops.aten._embedding_bag(w, flat, offsets, False, 0, False,
+                                                            psw, False, -1)
+    if not need_w:
+        return (dh if need_h else w.new_empty(0)), w.new_empty(0)
+    dw = torch.ops.aten._embedding_bag_backward(hidden.to(w.dtype), flat, offsets, bags, sizes,
+                                                maxes, w.shape[0], False, 0, False, psw, -1)
+    return (dh if need_h else w.new_empty(0)), dw
+
+
+@_gathered_grads.register_fake
+def _(hidden, weight, idx, g, need_h, need_w):
+    dt = weight.dtype if _mixed(weight) else g.dtype
+    n, d = hidden.shape
+    return (hidden.new_empty((n, d) if need_h else (0,), dtype=dt),
+            weight.new_empty(weight.shape if need_w else (0,), dtype=dt))
+
+
 class _GatherLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, idx, scale):
@@ -71,24 +102,13 @@ class _GatherLogits(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         cdt = compute_dtype(hidden.dtype)
         g = torch.where(live, grad.to(cdt) * ctx.scale, 0.0)
-        n, k = safe.shape
-        dh = torch.empty(n, hidden.shape[1], dtype=cdt, device=hidden.device) if need_h else None
-        # the weight's gradient summed in the compute dtype (a 16-bit one takes one rounding)
-        dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
-        step = _step(n, k, hidden.shape[1], cdt, hidden.device)
-        for s in range(0, n, step):
-            e = min(s + step, n)
-            if need_h:
-                dh[s:e] = _bmm(g[s:e, None, :], _rows(weight, safe[s:e], cdt), cdt)[:, 0]
-            if need_w:
-                prod = g[s:e, :, None] * hidden[s:e, None, :].to(cdt)  # (c, K, D)
-                dw.index_add_(0, safe[s:e].reshape(-1), prod.view(-1, hidden.shape[1]))
+        dh, dw = _gathered_grads(hidden, weight, safe, g, need_h, need_w)
         db = None
         if need_b and bias is not None:
             db = torch.zeros(bias.shape, dtype=cdt, device=bias.device)
             db = db.index_add_(0, safe.reshape(-1), g.reshape(-1)).to(bias.dtype)
-        return (None if dh is None else dh.to(hidden.dtype),
-                None if dw is None else dw.to(weight.dtype), db, None, None)
+        return (dh.to(hidden.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None,
+                db, None, None)
 
 
 def gather_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Tensor,
@@ -102,9 +122,10 @@ def gather_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Tens
 
     Returns:
         (N, K) float32 (float64 for float64 inputs): ``scale * (hidden[i] . weight[idx[i, j]]
-        + bias[idx[i, j]])``, 0 where idx is -1. The backward adds into the weight's gradient
-        with ``index_add_`` (on CUDA a float atomic add, whose order and so last bits vary from
-        run to run unless ``torch.use_deterministic_algorithms(True)``).
+        + bias[idx[i, j]])``, 0 where idx is -1. The weight's gradient comes from
+        ``embedding_bag``'s backward (mode "sum", deterministic); the bias's from ``index_add_``
+        (on CUDA a float atomic add, whose order and so last bits vary from run to run unless
+        ``torch.use_deterministic_algorithms(True)``).
     """
     with torch.autocast(hidden.device.type, enabled=False):
         return _GatherLogits.apply(hidden, weight, bias, idx, float(scale))
