@@ -127,3 +127,16 @@ def test_top_p_candidates_and_the_sort_agree(gen, monkeypatch, draw):
         assert rel_err(got[0][fin], rl[fin]) < 1e-10
         for a, r in zip(got[1:], truth[1:]):
             assert rel_err(a, r) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sparse_gradients_in_the_inputs_dtypes(gen, dtype):
+    """Every row sparse: the gradients come back in the inputs' dtypes, finite and not 0."""
+    h = torch.randn(9, 5, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(31, 5, generator=gen).to(dtype).requires_grad_()
+    b = torch.randn(31, generator=gen).to(dtype).requires_grad_()
+    t = torch.randint(31, (9,), generator=gen)
+    logp, ent = cutce.linear_log_probs(h, w, t, b, top_k=4, return_entropy=True, impl="torch")
+    (torch.where(torch.isinf(logp), 0.0, logp).sum() + ent.sum()).backward()
+    for x in (h, w, b):
+        assert x.grad.dtype == dtype and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -104,18 +104,6 @@ class Head:
             return mm_f32(dy.to(self.weight.dtype), self.weight)
         return dy @ self.weight
 
-    def gather_grad_hidden(self, idx, coef):
-        """``grad_hidden`` of a dy nonzero only at ``idx`` (r, c), with values ``coef`` (r, c):
-        sum_j coef[:, j] W[idx[:, j]], rounding coef to the weight's dtype first when mixed
-        (r, D; the weight's dtype on CUDA when mixed, float32 (float64) otherwise)."""
-        if not self.mixed:
-            w, c = self.weight, coef
-        elif self.weight.is_cuda:  # the CUDA kernel accumulates 16-bit rows in float32
-            w, c = self.weight, coef.to(self.weight.dtype)
-        else:
-            w, c = self.weight.float(), coef.to(self.weight.dtype).float()
-        return torch.nn.functional.embedding_bag(idx, w, per_sample_weights=c, mode="sum")
-
     def add_grad_weight(self, acc, dy, s, e):
         h = self.hidden[s:e]
         if not self.mixed:

@@ -47,7 +47,7 @@ def _bmm(a: Tensor, b: Tensor, cdt: torch.dtype) -> Tensor:
 
 
 @torch.library.custom_op("cutce::gathered_grads", mutates_args=())
-def _gathered_grads(hidden: Tensor, weight: Tensor, idx: Tensor, g: Tensor, need_h: bool,
+def gathered_grads(hidden: Tensor, weight: Tensor, idx: Tensor, g: Tensor, need_h: bool,
                     need_w: bool) -> tuple[Tensor, Tensor]:
     """(dh, dw) of logits gathered at idx (N, K) whose gradient is g (N, K, compute dtype):
     dh = sum_j g_ij W[idx_ij] (N, D) and dw[v] = sum_{ij : idx_ij = v} g_ij h_i (V, D), in the
@@ -67,7 +67,7 @@ def _gathered_grads(hidden: Tensor, weight: Tensor, idx: Tensor, g: Tensor, need
     return (dh if need_h else w.new_empty(0)), dw
 
 
-@_gathered_grads.register_fake
+@gathered_grads.register_fake
 def _(hidden, weight, idx, g, need_h, need_w):
     dt = weight.dtype if _mixed(weight) else g.dtype
     n, d = hidden.shape
@@ -102,7 +102,7 @@ class _GatherLogits(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         cdt = compute_dtype(hidden.dtype)
         g = torch.where(live, grad.to(cdt) * ctx.scale, 0.0)
-        dh, dw = _gathered_grads(hidden, weight, safe, g, need_h, need_w)
+        dh, dw = gathered_grads(hidden, weight, safe, g, need_h, need_w)
         db = None
         if need_b and bias is not None:
             db = torch.zeros(bias.shape, dtype=cdt, device=bias.device)

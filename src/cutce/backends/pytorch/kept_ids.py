@@ -4,8 +4,9 @@ With top-k on, the kept set is top-k's ids whose logit is at or above the row's 
 the logits tied with the threshold that ``torch.topk`` left out (it returns k of them). The
 forward keeps the ids with their logits and counts those ties; lse and pz are then sums over k
 entries and the ties. The backward's dz is nonzero at k + 1 ids a row (the target last), so no
-logits are recomputed, but a tie left out has no id: a group of chunks holding one recomputes
-(see :mod:`cutce.backends.pytorch.truncated`).
+logits are recomputed: dE is a weighted sum of k + 1 weight rows per token and dC the matching
+scatter, for all tokens at once. A tie left out has no id: a group of chunks holding one
+recomputes (see :mod:`cutce.backends.pytorch.truncated`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import torch
 
 from .ce import _valid_targets
+from .gather import gathered_grads
 
-# The largest top-k whose ids the forward keeps for the backward. There dE is a gather of k + 1
-# weight rows a token in place of a GEMM over the whole vocabulary. An estimate, not yet a
-# measurement: at the Qwen2.5-7B head (D = 3584, V = 152064), 16k tokens and k = 256, the gather
-# reads ~30 GB (~10 ms on an H100) where dE's GEMM computes 18 TFLOP (~25 ms).
+# The largest top-k whose ids the forward keeps for the backward. There dE and dC are a gather
+# and a scatter of k + 1 weight rows a token in place of two GEMMs over the whole vocabulary. An
+# estimate, not yet a measurement: at the Qwen2.5-7B head (D = 3584, V = 152064), 16k tokens and
+# k = 256, each reads ~30 GB (~10 ms on an H100) where each GEMM computes 18 TFLOP (~25 ms).
 SPARSE_TOP_K = 256
 
 
@@ -44,30 +46,27 @@ def stats(v, t, extra, need_entropy):
 
 
 def dense_groups(extra, n, group):
-    """Per group of rows, whether one of its rows keeps logits tied with its threshold that
-    top-k's ids miss: that group recomputes its logits. One device-to-host copy per call."""
+    """Per group of ``group`` rows, whether one of its rows keeps logits tied with its threshold
+    that top-k's ids miss: that group recomputes its logits. One device-to-host copy per call."""
     pad = -n % group
     over = torch.nn.functional.pad(extra, (0, pad)).view(-1, group).gt(0).any(dim=1)
     return over.tolist()
 
 
-def chunk_grads(hd, s, e, targets, saved, grads, dh, db, buf, b0, need_w, cfg):
-    """A chunk's gradients where its logit gradient dz is nonzero only at the kept top-k ids
-    and the targets: dE rows by a weighted gather of the weight's rows, db by an index add, and
-    dz itself (for dC's GEMM) scattered into ``buf`` rows b0: (or returned, compute dtype)."""
-    idx, coef = _dz(s, e, targets, saved, grads, hd.weight.shape[0], cfg)
-    if db is not None:
-        db.index_add_(0, idx.flatten(), coef.flatten())
-    if dh is not None:
-        dh[s:e] = hd.gather_grad_hidden(idx, coef).to(dh.dtype)
-    if not need_w:
-        return None
-    if buf is not None:
-        # each id once per row but the target's spare column, whose coefficient is then 0: the
-        # sum of 16-bit values rounds once
-        buf[b0:b0 + e - s].zero_().scatter_add_(1, idx, coef.to(buf.dtype))
-        return None
-    return coef.new_zeros(e - s, hd.weight.shape[0]).scatter_add_(1, idx, coef)
+def grads(hidden, weight, targets, saved, grads, dense, group, need_h, need_w, need_b, cfg):
+    """(dh, dw, db) of every row outside the ``dense`` groups of ``group`` rows (0 in those),
+    from dz at top-k's ids and the targets: one :func:`.gather.gathered_grads` for all rows
+    (dE an embedding_bag of weight rows, dC its weight backward), db an index add. dh and dw in
+    the weight's dtype on CUDA with 16-bit weights, else in the compute dtype; None where not
+    needed."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    idx, coef = _dz(0, n, targets, saved, grads, vocab, cfg)
+    if any(dense):
+        live = torch.tensor(dense, device=coef.device).logical_not_()
+        coef.mul_(live.repeat_interleave(group)[:n, None])
+    dh, dw = gathered_grads(hidden, weight, idx, coef, need_h, need_w)
+    db = coef.new_zeros(vocab).index_add_(0, idx.flatten(), coef.flatten()) if need_b else None
+    return (dh if need_h else None), (dw if need_w else None), db
 
 
 def _dz(s, e, targets, saved, grads, vocab, cfg):

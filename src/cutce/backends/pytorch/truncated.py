@@ -17,8 +17,8 @@ backwards:
 
 - sparse (:mod:`.kept_ids`, top-k up to its ``SPARSE_TOP_K``): K_i is top-k's ids at or above
   thr, which the forward keeps with their logits, plus any logits tied with thr that top-k left
-  out, which it counts. dz is then nonzero at k + 1 ids a row (the target last): dE is a
-  weighted gather of weight rows, dC one GEMM of dz scattered into a chunk, and no logits are
+  out, which it counts. dz is then nonzero at k + 1 ids a row (the target last): dE and dC are
+  a weighted gather and scatter of weight rows for all tokens at once, and no logits are
   recomputed. A group of chunks with such uncounted ties (their ids are not known) takes the
   other backward;
 - recompute: each chunk's logits again with the same chunks (the same products, so the same
@@ -172,24 +172,30 @@ def _backward(hidden, weight, bias, targets, saved, grads, need_h, need_w, need_
     cdt = lse.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
     hd = head(hidden, weight, bias)
-    dh = torch.empty_like(hidden) if need_h else None
-    dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
-    db = lse.new_zeros(vocab) if need_b else None
     zeros = torch.zeros_like(lse)
     grads = tuple(zeros if g is None else g for g in grads[:2]) + (grads[2],)
     rows = chunk_rows(n, vocab, cdt, cfg, hidden.device)  # the forward's: the same logits' bits
     group = _group_rows(n, vocab, rows, cfg, hidden.device) if hd.mixed else rows
+    dense = [True] * -(-n // group)
+    if ids.numel():
+        dense = kept_ids.dense_groups(extra, n, group)
+        dh, dw, db = kept_ids.grads(hidden, weight, targets, saved, grads, dense, group, need_h,
+                                    need_w, need_b, cfg)
+        dh = None if dh is None else dh.to(hidden.dtype)
+        if not any(dense):
+            return common.op_grads(hidden, weight, bias, dh, dw, db)
+        dw = None if dw is None else dw.to(cdt)
+    else:
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        db = lse.new_zeros(vocab) if need_b else None
     buf = hidden.new_empty(min(group, n), vocab) if hd.mixed and (need_h or need_w) else None
-    dense = kept_ids.dense_groups(extra, n, group) if ids.numel() else None
     for g0 in range(0, n, group):
+        if not dense[g0 // group]:
+            continue
         g1 = min(g0 + group, n)
-        sparse_group = dense is not None and not dense[g0 // group]
         for s in range(g0, g1, rows):
             e = min(s + rows, g1)
-            if sparse_group:
-                dz = kept_ids.chunk_grads(hd, s, e, targets, saved, grads, dh, db, buf,
-                                         None if buf is None else s - g0, need_w, cfg)
-                continue
             dz = _chunk_grad(hd, s, e, targets, saved, grads, cfg)
             if db is not None:
                 db += dz.sum(dim=0)
@@ -197,7 +203,7 @@ def _backward(hidden, weight, bias, targets, saved, grads, need_h, need_w, need_
                 buf[s - g0:e - g0] = dz  # rounded to the inputs' dtype
                 dz = None
         dzg = dz if buf is None else buf[:g1 - g0]
-        if dh is not None and not sparse_group:
+        if dh is not None:
             dh[g0:g1] = hd.grad_hidden(dzg).to(dh.dtype)
         if dw is not None:
             hd.add_grad_weight(dw, dzg, g0, g1)
