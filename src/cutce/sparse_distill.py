@@ -129,9 +129,9 @@ def linear_sparse_distillation_loss(
         weights P, logit scale and softcap divided by T). A reduced "drop" on one device,
         eager, with no gradient for teacher_logprobs or token_weights, takes the K ids as the
         fused pass's soft targets. Otherwise the K logits are gathered in token chunks, and
-        the backward adds the weight's gradient in with ``index_add_`` (bitwise reproducible
-        on CPU; on CUDA its float atomics vary the last bits from run to run unless
-        ``torch.use_deterministic_algorithms(True)``).
+        their backward is an ``embedding_bag`` of weight rows and its weight backward
+        (deterministic; a bias's gradient takes ``index_add_``, whose CUDA atomics vary the
+        last bits from run to run unless ``torch.use_deterministic_algorithms(True)``).
     """
     ids, lp = _check_teacher(hidden, teacher_ids, teacher_logprobs, shift)
     temperature = check_real("temperature", temperature, lo=0.0, lo_open=True)
