@@ -48,11 +48,12 @@ def _bmm(a: Tensor, b: Tensor, cdt: torch.dtype) -> Tensor:
 
 @torch.library.custom_op("cutce::gathered_grads", mutates_args=())
 def gathered_grads(hidden: Tensor, weight: Tensor, idx: Tensor, g: Tensor, need_h: bool,
-                    need_w: bool) -> tuple[Tensor, Tensor]:
-    """(dh, dw) of logits gathered at idx (N, K) whose gradient is g (N, K, compute dtype):
-    dh = sum_j g_ij W[idx_ij] (N, D) and dw[v] = sum_{ij : idx_ij = v} g_ij h_i (V, D), in the
-    weight's dtype where CUDA takes it as it is (16-bit: g rounded to it, float32 sums inside),
-    else in g's; empty where not needed."""
+                   need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dh, dw, db) of logits gathered at idx (N, K) whose gradient is g (N, K, compute dtype):
+    dh = sum_j g_ij W[idx_ij] (N, D), dw[v] = sum_{ij : idx_ij = v} g_ij h_i (V, D) and
+    db[v] = sum_{ij : idx_ij = v} g_ij (V,). dh and dw in the weight's dtype where CUDA takes it
+    as it is (16-bit: g rounded to it, float32 sums inside), else in g's; db in g's. Empty
+    where not needed. Sorted sums, no atomics: the same bits from run to run."""
     w = weight if _mixed(weight) else weight.to(g.dtype)
     n, k = idx.shape
     flat, psw = idx.reshape(-1), g.to(w.dtype).reshape(-1)
@@ -60,19 +61,23 @@ def gathered_grads(hidden: Tensor, weight: Tensor, idx: Tensor, g: Tensor, need_
     # the ops behind F.embedding_bag(mode="sum") and its autograd formula for the weight
     dh, bags, sizes, maxes = torch.ops.aten._embedding_bag(w, flat, offsets, False, 0, False,
                                                             psw, False, -1)
-    if not need_w:
-        return (dh if need_h else w.new_empty(0)), w.new_empty(0)
-    dw = torch.ops.aten._embedding_bag_backward(hidden.to(w.dtype), flat, offsets, bags, sizes,
-                                                maxes, w.shape[0], False, 0, False, psw, -1)
-    return (dh if need_h else w.new_empty(0)), dw
+
+    def scatter(rows, weights):  # sum_{ij : idx_ij = v} weights_ij rows_i
+        return torch.ops.aten._embedding_bag_backward(rows, flat, offsets, bags, sizes, maxes,
+                                                      w.shape[0], False, 0, False, weights, -1)
+
+    dw = scatter(hidden.to(w.dtype), psw) if need_w else w.new_empty(0)
+    db = scatter(g.new_ones(n, 1), g.reshape(-1))[:, 0] if need_b else g.new_empty(0)
+    return (dh if need_h else w.new_empty(0)), dw, db
 
 
 @gathered_grads.register_fake
-def _(hidden, weight, idx, g, need_h, need_w):
+def _(hidden, weight, idx, g, need_h, need_w, need_b):
     dt = weight.dtype if _mixed(weight) else g.dtype
     n, d = hidden.shape
     return (hidden.new_empty((n, d) if need_h else (0,), dtype=dt),
-            weight.new_empty(weight.shape if need_w else (0,), dtype=dt))
+            weight.new_empty(weight.shape if need_w else (0,), dtype=dt),
+            g.new_empty((weight.shape[0],) if need_b else (0,)))
 
 
 class _GatherLogits(torch.autograd.Function):
@@ -102,13 +107,10 @@ class _GatherLogits(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         cdt = compute_dtype(hidden.dtype)
         g = torch.where(live, grad.to(cdt) * ctx.scale, 0.0)
-        dh, dw = gathered_grads(hidden, weight, safe, g, need_h, need_w)
-        db = None
-        if need_b and bias is not None:
-            db = torch.zeros(bias.shape, dtype=cdt, device=bias.device)
-            db = db.index_add_(0, safe.reshape(-1), g.reshape(-1)).to(bias.dtype)
+        need_b = need_b and bias is not None
+        dh, dw, db = gathered_grads(hidden, weight, safe, g, need_h, need_w, need_b)
         return (dh.to(hidden.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None,
-                db, None, None)
+                db.to(bias.dtype) if need_b else None, None, None)
 
 
 def gather_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Tensor,
@@ -122,10 +124,8 @@ def gather_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Tens
 
     Returns:
         (N, K) float32 (float64 for float64 inputs): ``scale * (hidden[i] . weight[idx[i, j]]
-        + bias[idx[i, j]])``, 0 where idx is -1. The weight's gradient comes from
-        ``embedding_bag``'s backward (mode "sum", deterministic); the bias's from ``index_add_``
-        (on CUDA a float atomic add, whose order and so last bits vary from run to run unless
-        ``torch.use_deterministic_algorithms(True)``).
+        + bias[idx[i, j]])``, 0 where idx is -1. The backward is deterministic (sorted sums,
+        no atomics; see :func:`gathered_grads`).
     """
     with torch.autocast(hidden.device.type, enabled=False):
         return _GatherLogits.apply(hidden, weight, bias, idx, float(scale))

@@ -56,17 +56,15 @@ def dense_groups(extra, n, group):
 def grads(hidden, weight, targets, saved, grads, dense, group, need_h, need_w, need_b, cfg):
     """(dh, dw, db) of every row outside the ``dense`` groups of ``group`` rows (0 in those),
     from dz at top-k's ids and the targets: one :func:`.gather.gathered_grads` for all rows
-    (dE an embedding_bag of weight rows, dC its weight backward), db an index add. dh and dw in
-    the weight's dtype on CUDA with 16-bit weights, else in the compute dtype; None where not
-    needed."""
+    (dE an embedding_bag of weight rows, dC and db its backward). dh and dw in the weight's
+    dtype on CUDA with 16-bit weights, else in the compute dtype; None where not needed."""
     n, vocab = hidden.shape[0], weight.shape[0]
     idx, coef = _dz(0, n, targets, saved, grads, vocab, cfg)
     if any(dense):
         live = torch.tensor(dense, device=coef.device).logical_not_()
         coef.mul_(live.repeat_interleave(group)[:n, None])
-    dh, dw = gathered_grads(hidden, weight, idx, coef, need_h, need_w)
-    db = coef.new_zeros(vocab).index_add_(0, idx.flatten(), coef.flatten()) if need_b else None
-    return (dh if need_h else None), (dw if need_w else None), db
+    dh, dw, db = gathered_grads(hidden, weight, idx, coef, need_h, need_w, need_b)
+    return (dh if need_h else None), (dw if need_w else None), (db if need_b else None)
 
 
 def _dz(s, e, targets, saved, grads, vocab, cfg):
