@@ -129,9 +129,8 @@ def linear_sparse_distillation_loss(
         weights P, logit scale and softcap divided by T). A reduced "drop" on one device,
         eager, with no gradient for teacher_logprobs or token_weights, takes the K ids as the
         fused pass's soft targets. Otherwise the K logits are gathered in token chunks, and
-        their backward is an ``embedding_bag`` of weight rows and its weight backward
-        (deterministic; a bias's gradient takes ``index_add_``, whose CUDA atomics vary the
-        last bits from run to run unless ``torch.use_deterministic_algorithms(True)``).
+        their backward is an ``embedding_bag`` of weight rows and its backward (sorted sums,
+        no atomics: bitwise reproducible).
     """
     ids, lp = _check_teacher(hidden, teacher_ids, teacher_logprobs, shift)
     temperature = check_real("temperature", temperature, lo=0.0, lo_open=True)
