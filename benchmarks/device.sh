@@ -48,7 +48,7 @@ case "${1:-}" in
     python benchmarks/log_probs.py --out "$OUT" 2>&1 | tee "$OUT/log-probs.log" ;;
   tests-rl)
     "${PYTEST[@]}" tests/test_truncated_log_probs.py tests/test_truncated_mixed.py \
-      tests/test_truncated_routes.py tests/test_sparse_distill.py \
+      tests/test_truncated_routes.py tests/test_sparse_distill.py tests/test_gather.py \
       2>&1 | tee "$OUT/gpu-tests-rl.log" | tail -20 ;;
   sparse-distill)
     python benchmarks/sparse_distill.py --out "$OUT" 2>&1 | tee "$OUT/sparse-distill.log" ;;
