@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cutce
-from cutce.backends.pytorch import common, thresholds, truncated
+from cutce.backends.pytorch import common, kept_sets, thresholds, truncated
 from reference import rel_err
 from truncated_cases import boundary_margin, grid, kept_set, reference, transformed
 
@@ -103,11 +103,13 @@ CUDA_CASES = [dict(top_k=5), dict(top_k=64), dict(top_p=0.9), dict(top_p=0.5, mi
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("listed", [True, False], ids=["lists", "recompute"])
 @pytest.mark.parametrize("case", range(len(CUDA_CASES)))
-def test_cuda_within_the_16_bit_path(gen, monkeypatch, case):
-    """The real CUDA path (16-bit GEMMs with float32 results, top-k's gather of weight rows, top-p
-    past its candidates), in several chunks and groups. Grid inputs: the logits are exact in
-    float32, so top-k's ties are the truth's; top-p and min-p draw again near a boundary."""
+def test_cuda_within_the_16_bit_path(gen, monkeypatch, case, listed):
+    """The real CUDA path (16-bit GEMMs with float32 results, the backward from the lists of
+    kept ids or the recompute, top-p past its candidates), in several chunks and groups. Grid
+    inputs: the logits are exact in float32, so top-k's ties are the truth's; top-p and min-p
+    draw again near a boundary."""
     opts = CUDA_CASES[case]
     trunc = {k: opts[k] for k in ("top_k", "top_p", "min_p") if k in opts}
     n, d, v = 200, 32, 400
@@ -121,6 +123,8 @@ def test_cuda_within_the_16_bit_path(gen, monkeypatch, case):
     up = torch.randn(n, generator=gen).cuda(), torch.randn(n, generator=gen).cuda()
     monkeypatch.setitem(truncated.CHUNK_BYTES, "cuda", 24 * v * 4 * truncated._TEMPS_TOP_P)
     monkeypatch.setattr(thresholds, "TOP_P_CANDIDATES", 48)
+    if not listed:
+        monkeypatch.setattr(kept_sets, "IDS_PER_TOKEN", 0)
     got = _cutce((h, w, b), t, opts, up)
     truth, lowp = _truth_and_lowp((h, w, b), t, opts, up)
     assert torch.equal(torch.isneginf(got[0]), torch.isneginf(truth[0]))

@@ -1,6 +1,6 @@
-"""The truncated log-probs' two shortcuts against the plain chunked path and float64 truth:
-top-k's sparse backward (the kept ids stored, no recomputed logits; groups whose rows keep ties
-past the k ids recompute) and top-p's candidates (the largest logits in place of a sort; rows
+"""The truncated log-probs' two shortcuts against the plain chunked path and float64 truth: the
+backward from the forward's lists of kept ids (no recomputed logits; a call whose lists outgrow
+their budget recomputes) and top-p's candidates (the largest logits in place of a sort; rows
 whose nucleus reaches past them sort)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cutce
-from cutce.backends.pytorch import kept_ids, thresholds, truncated
+from cutce.backends.pytorch import kept_sets, thresholds, truncated
 from cutce.truncated_log_probs import sampled_log_probs
 from reference import rel_err
 from truncated_cases import make_case, reference
@@ -50,25 +50,24 @@ def _spy(monkeypatch, module, name):
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["log_probs", "sampled"])
-@pytest.mark.parametrize("draw", range(6))
-def test_sparse_backward_equals_the_recompute(gen, monkeypatch, draw, sampled):
-    """Grid logits with exact ties (rows whose ties at the k-th logit overflow the k ids) and
-    random transforms: the same values and gradients as with the kept ids not stored, in
-    float64 and within tolerance of the float64 truth in float32."""
+@pytest.mark.parametrize("draw", range(8))
+def test_listed_backward_equals_the_recompute(gen, monkeypatch, draw, sampled):
+    """Random truncations and transforms on grid logits with exact ties (at top-k's k-th logit
+    too) or Gaussian ones, in chunks of a few rows: the same values and gradients from the
+    lists as from the recompute, in float64, and within tolerance of the float64 truth in
+    float32."""
     n, d, v = 45, 7, 61
     h, w, b, t, opts = make_case(gen, n, d, v, torch.float64, exact=draw % 2 == 0)
     h, t = _unshift(h, t, opts)
-    opts["top_k"] = (1, 2, 5)[draw % 3]
     up = torch.randn(h.shape[0], generator=gen), torch.randn(h.shape[0], generator=gen)
     up = tuple(u.double() for u in up)
-    # a few rows a chunk: some chunks keep ties past their ids, others do not
     monkeypatch.setitem(truncated.CHUNK_BYTES, "cpu", 5 * v * 8 * truncated._TEMPS_TOP_P)
-    groups = _spy(monkeypatch, kept_ids, "dense_groups")
+    listed = _spy(monkeypatch, kept_sets, "grads")
     got = _grads(h, w, b, t, opts, up, sampled)
-    assert len(groups) == 1 and not all(groups[0])
-    monkeypatch.setattr(kept_ids, "SPARSE_TOP_K", 0)
+    assert len(listed) == 1
+    monkeypatch.setattr(kept_sets, "IDS_PER_TOKEN", 0)  # nothing fits: the recompute
     want = _grads(h, w, b, t, opts, up, sampled)
-    assert len(groups) == 1
+    assert len(listed) == 1
     assert torch.equal(torch.isneginf(got[0]), torch.isneginf(want[0]))
     fin = torch.isfinite(want[0])
     assert rel_err(got[0][fin], want[0][fin]) < 1e-12
@@ -85,17 +84,48 @@ def test_sparse_backward_equals_the_recompute(gen, monkeypatch, draw, sampled):
             assert rel_err(a, r) < 2e-5
 
 
-def test_ties_past_the_ids_recompute(monkeypatch):
-    """k = 2 on a row whose second largest logit appears three times: its group recomputes,
-    and the gradient reaches all three."""
+def test_lists_that_outgrow_their_budget_mid_call(gen, monkeypatch):
+    """A budget that the first chunks fit and a later one breaks: the recompute, the same bits
+    as with no lists at all."""
+    h, w, b, t, _ = make_case(gen, 40, 6, 50, torch.float64)
+    h, t = h.reshape(-1, 6)[:40], t.reshape(-1)[:40]
+    up = (torch.randn(40, generator=gen, dtype=torch.float64),) * 2
+    opts = dict(top_p=0.9)
+    monkeypatch.setitem(truncated.CHUNK_BYTES, "cpu", 4 * 50 * 8 * truncated._TEMPS_TOP_P)
+    counts = []
+    real = kept_sets.Lists.add
+
+    def add(self, s, keep, z):
+        counts.append(int(keep.sum()))
+        real(self, s, keep, z)
+
+    monkeypatch.setattr(kept_sets.Lists, "add", add)
+    _grads(h, w, b, t, opts, up)
+    # a budget between the first chunk's ids and the whole call's
+    per_token = (counts[0] + sum(counts)) // 2 // 40 + 1
+    monkeypatch.setattr(kept_sets, "IDS_PER_TOKEN", 0)
+    want = _grads(h, w, b, t, opts, up)  # the recompute from the start
+    counts = counts[:len(counts) // 2]
+    assert counts[0] < per_token * 40 < sum(counts)
+    monkeypatch.setattr(kept_sets, "IDS_PER_TOKEN", per_token)
+    listed = _spy(monkeypatch, kept_sets, "grads")
+    got = _grads(h, w, b, t, opts, up)
+    assert not listed
+    for a, r in zip(got, want):
+        assert torch.equal(a, r)
+
+
+def test_ties_at_the_kth_logit_are_listed(monkeypatch):
+    """k = 2 on a row whose second largest logit appears three times: all three are listed and
+    take a gradient."""
     z = torch.tensor([[3.0, 2.0, 2.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]],
                      dtype=torch.float64)
     h = torch.eye(2, dtype=torch.float64)
     w = z.T.contiguous().requires_grad_()
-    groups = _spy(monkeypatch, kept_ids, "dense_groups")
+    listed = _spy(monkeypatch, kept_sets, "grads")
     logp = cutce.linear_log_probs(h, w, torch.tensor([1, 4]), top_k=2, impl="torch")
     logp.sum().backward()
-    assert groups == [[True]]
+    assert len(listed) == 1
     g = w.grad[:, 0]  # d logp_0 / dz_0j = [j == 1] - q_j over the kept {0, 1, 2, 4}
     assert (g[[0, 1, 2, 4]] != 0).all() and (g[[3, 5]] == 0).all()
 
@@ -130,8 +160,8 @@ def test_top_p_candidates_and_the_sort_agree(gen, monkeypatch, draw):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_sparse_gradients_in_the_inputs_dtypes(gen, dtype):
-    """Every row sparse: the gradients come back in the inputs' dtypes, finite and not 0."""
+def test_listed_gradients_in_the_inputs_dtypes(gen, dtype):
+    """From the lists: the gradients come back in the inputs' dtypes, finite and not 0."""
     h = torch.randn(9, 5, generator=gen).to(dtype).requires_grad_()
     w = torch.randn(31, 5, generator=gen).to(dtype).requires_grad_()
     b = torch.randn(31, generator=gen).to(dtype).requires_grad_()

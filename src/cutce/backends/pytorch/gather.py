@@ -47,17 +47,20 @@ def _bmm(a: Tensor, b: Tensor, cdt: torch.dtype) -> Tensor:
 
 
 @torch.library.custom_op("cutce::gathered_grads", mutates_args=())
-def gathered_grads(hidden: Tensor, weight: Tensor, idx: Tensor, g: Tensor, need_h: bool,
-                   need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dh, dw, db) of logits gathered at idx (N, K) whose gradient is g (N, K, compute dtype):
-    dh = sum_j g_ij W[idx_ij] (N, D), dw[v] = sum_{ij : idx_ij = v} g_ij h_i (V, D) and
-    db[v] = sum_{ij : idx_ij = v} g_ij (V,). dh and dw in the weight's dtype where CUDA takes it
-    as it is (16-bit: g rounded to it, float32 sums inside), else in g's; db in g's. Empty
-    where not needed. Sorted sums, no atomics: the same bits from run to run."""
+def gathered_grads(hidden: Tensor, weight: Tensor, idx: Tensor, g: Tensor,
+                   offsets: Tensor | None, need_h: bool, need_w: bool,
+                   need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dh, dw, db) of logits gathered at idx whose gradient is g (compute dtype): token i's ids
+    are row i of idx (N, K), or with ``offsets`` (N,) the flat idx (M,) from offsets[i] to the
+    next token's start. dh_i = sum_j g_ij W[idx_ij] (N, D), dw[v] = sum_{ij : idx_ij = v} g_ij h_i
+    (V, D), db[v] = sum_{ij : idx_ij = v} g_ij (V,). dh and dw in the weight's dtype where CUDA
+    takes it as it is (16-bit: g rounded to it, float32 sums inside), else in g's; db in g's.
+    Empty where not needed. Sorted sums, no atomics: the same bits from run to run."""
     w = weight if _mixed(weight) else weight.to(g.dtype)
-    n, k = idx.shape
+    n = hidden.shape[0]
     flat, psw = idx.reshape(-1), g.to(w.dtype).reshape(-1)
-    offsets = torch.arange(0, n * k, k, device=idx.device)
+    if offsets is None:
+        offsets = torch.arange(0, flat.numel(), max(idx.shape[-1], 1), device=idx.device)
     # the ops behind F.embedding_bag(mode="sum") and its autograd formula for the weight
     dh, bags, sizes, maxes = torch.ops.aten._embedding_bag(w, flat, offsets, False, 0, False,
                                                             psw, False, -1)
@@ -72,7 +75,7 @@ def gathered_grads(hidden: Tensor, weight: Tensor, idx: Tensor, g: Tensor, need_
 
 
 @gathered_grads.register_fake
-def _(hidden, weight, idx, g, need_h, need_w, need_b):
+def _(hidden, weight, idx, g, offsets, need_h, need_w, need_b):
     dt = weight.dtype if _mixed(weight) else g.dtype
     n, d = hidden.shape
     return (hidden.new_empty((n, d) if need_h else (0,), dtype=dt),
@@ -108,7 +111,7 @@ class _GatherLogits(torch.autograd.Function):
         cdt = compute_dtype(hidden.dtype)
         g = torch.where(live, grad.to(cdt) * ctx.scale, 0.0)
         need_b = need_b and bias is not None
-        dh, dw, db = gathered_grads(hidden, weight, safe, g, need_h, need_w, need_b)
+        dh, dw, db = gathered_grads(hidden, weight, safe, g, None, need_h, need_w, need_b)
         return (dh.to(hidden.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None,
                 db.to(bias.dtype) if need_b else None, None, None)
 

@@ -15,14 +15,13 @@ K_i: tokens outside it get none. The forward finds thr per row (:mod:`.threshold
 for min-p, a ``torch.topk`` for top-k, top-p from the largest logits) and keeps it. Two
 backwards:
 
-- sparse (:mod:`.kept_ids`, top-k up to its ``SPARSE_TOP_K``): K_i is top-k's ids at or above
-  thr, which the forward keeps with their logits, plus any logits tied with thr that top-k left
-  out, which it counts. dz is then nonzero at k + 1 ids a row (the target last): dE and dC are
-  a weighted gather and scatter of weight rows for all tokens at once, and no logits are
-  recomputed. A group of chunks with such uncounted ties (their ids are not known) takes the
-  other backward;
-- recompute: each chunk's logits again with the same chunks (the same products, so the same
-  bits), masked with ``z >= thr``, without sorting again.
+- from lists (:mod:`.kept_sets`): the forward lists each row's kept ids with their logits
+  while they fit a budget of ids per token; dz is then nonzero at those ids and the target,
+  and dE, dC are a weighted gather and scatter of weight rows for all tokens at once, with no
+  logits recomputed;
+- recompute (a call whose lists outgrew the budget): each chunk's logits again with the same
+  chunks (the same products, so the same bits), masked with ``z >= thr``, without sorting
+  again.
 
 No tensor of N x V elements exists at any time.
 
@@ -46,7 +45,7 @@ from typing import NamedTuple
 import torch
 
 from ...engine.options import Options
-from . import common, kept_ids, thresholds
+from . import common, kept_sets, thresholds
 from .ce import DEFAULT_CHUNK_BYTES, _valid_targets, compute_dtype, transform_
 
 # A chunk's temporaries when Options.chunk_bytes is None. CUDA's 16-bit GEMMs reach their speed
@@ -126,73 +125,61 @@ def _forward(hidden, weight, bias, targets, thr_in, cfg: _Cfg):
     lse = hidden.new_empty(n, dtype=cdt)
     zt, pz, thr = torch.zeros_like(lse), torch.zeros_like(lse), torch.empty_like(lse)
     kept = hidden.new_zeros(n, dtype=torch.bool)
-    k = cfg.top_k if kept_ids.sparse(cfg, vocab, thr_in is not None) else 0
-    ids = hidden.new_empty(n if k else 0, k, dtype=torch.int64)
-    vals = hidden.new_empty(n if k else 0, k, dtype=cdt)
-    extra = hidden.new_zeros(n if k else 0, dtype=torch.int64)
+    lists = kept_sets.Lists(n, vocab, cdt, hidden.device)
     rows = chunk_rows(n, vocab, cdt, cfg, hidden.device)
     for s in range(0, n, rows):
         e = min(s + rows, n)
         z, _ = chunk_logits(hd, s, e, cfg)
-        if thr_in is None:
-            t, v, i = thresholds.find(z, cfg)
-        else:
-            t, v, i = thr_in[s:e], None, None
+        t, v = (thr_in[s:e], None) if thr_in is not None else thresholds.find(z, cfg)[:2]
         thr[s:e] = t
         idx, valid = _valid_targets(targets[s:e], vocab)
         zt_rows = z.gather(1, idx).squeeze(1)
         zt[s:e] = torch.where(valid, zt_rows, 0.0)
         kept[s:e] = valid & (zt_rows >= t)
-        if k:
-            # The kept set is top-k's ids at or above thr and the logits tied with thr that
-            # top-k left out: counted here, each of them worth exp(thr).
-            ids[s:e], vals[s:e] = i, v
-            extra[s:e] = (z >= t[:, None]).sum(dim=1) - (v >= t[:, None]).sum(dim=1)
-            del z
-            lse[s:e], pz[s:e] = kept_ids.stats(v, t, extra[s:e], cfg.need_entropy)
+        keep = z >= t[:, None]
+        lists.add(s, keep, z)
+        if v is not None:
+            # Top-k's k candidates hold the kept set but for the logits tied with thr that
+            # top-k left out, each worth exp(thr): no pass over the chunk's exponentials.
+            extra = keep.sum(dim=1) - (v >= t[:, None]).sum(dim=1)
+            lse[s:e], pz[s:e] = kept_sets.top_k_stats(v, t, extra, cfg.need_entropy)
             continue
         # The row's largest logit is always kept: it shifts the exponentials of the kept set.
         # (With thresholds from the whole vocabulary, a slice keeps its largest logit or none.)
         m = z.amax(dim=1, keepdim=True)
-        q = torch.where(z >= t[:, None], z.sub_(m).exp_(), 0.0)
-        del z
+        q = torch.where(keep, z.sub_(m).exp_(), 0.0)
+        del z, keep
         tot = q.sum(dim=1, keepdim=True)
         lse[s:e] = (m + tot.log()).squeeze(1)
         if cfg.need_entropy:
             q.div_(tot)  # q = softmax over the kept set; sum q z = sum q log q + lse
             # 0, not NaN, for a vocabulary slice that keeps nothing of a row (lse = -inf there)
             pz[s:e] = torch.where(tot.squeeze(1) > 0, torch.xlogy(q, q).sum(dim=1) + lse[s:e], 0.0)
-    return lse, zt, pz, thr, kept, ids, vals, extra
+    return (lse, zt, pz, thr, kept) + lists.outputs()
 
 
 def _backward(hidden, weight, bias, targets, saved, grads, need_h, need_w, need_b, cfg: _Cfg):
-    """(dh, dw, db) from the forward's ``saved`` (lse, zt, pz, thr, ids, vals, extra) and the
-    upstream ``grads`` (g_lse, g_zt, g_pz)."""
-    lse, ids, extra = saved[0], saved[4], saved[6]
+    """(dh, dw, db) from the forward's ``saved`` (lse, zt, pz, thr, counts, cols, vals: the
+    kept sets' lists, empty where the forward dropped them) and the upstream ``grads`` (g_lse,
+    g_zt, g_pz)."""
+    lse = saved[0]
     cdt = lse.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
-    hd = head(hidden, weight, bias)
     zeros = torch.zeros_like(lse)
     grads = tuple(zeros if g is None else g for g in grads[:2]) + (grads[2],)
+    if saved[5].numel():
+        dh, dw, db = kept_sets.grads(hidden, weight, targets, saved, grads, need_h, need_w,
+                                     need_b, cfg)
+        return common.op_grads(hidden, weight, bias, None if dh is None else dh.to(hidden.dtype),
+                               dw, db)
+    hd = head(hidden, weight, bias)
+    dh = torch.empty_like(hidden) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+    db = lse.new_zeros(vocab) if need_b else None
     rows = chunk_rows(n, vocab, cdt, cfg, hidden.device)  # the forward's: the same logits' bits
     group = _group_rows(n, vocab, rows, cfg, hidden.device) if hd.mixed else rows
-    dense = [True] * -(-n // group)
-    if ids.numel():
-        dense = kept_ids.dense_groups(extra, n, group)
-        dh, dw, db = kept_ids.grads(hidden, weight, targets, saved, grads, dense, group, need_h,
-                                    need_w, need_b, cfg)
-        dh = None if dh is None else dh.to(hidden.dtype)
-        if not any(dense):
-            return common.op_grads(hidden, weight, bias, dh, dw, db)
-        dw = None if dw is None else dw.to(cdt)
-    else:
-        dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
-        db = lse.new_zeros(vocab) if need_b else None
     buf = hidden.new_empty(min(group, n), vocab) if hd.mixed and (need_h or need_w) else None
     for g0 in range(0, n, group):
-        if not dense[g0 // group]:
-            continue
         g1 = min(g0 + group, n)
         for s in range(g0, g1, rows):
             e = min(s + rows, g1)
@@ -238,9 +225,8 @@ def _chunk_grad(hd, s, e, targets, saved, grads, cfg: _Cfg):
 
 
 # Autocast is off inside (as in ce.py): the api already cast the inputs, and the chunk
-# products must stay in float32 (float64). Besides the parts, the forward returns thr, kept and,
-# on the sparse route (kept_ids.sparse), top-k's ids and logits and the ties they miss per row
-# (empty otherwise), for the backward.
+# products must stay in float32 (float64). Besides the parts, the forward returns thr, kept and
+# the kept sets' lists (kept_sets.Lists.outputs: cols and vals empty where they were dropped).
 @torch.library.custom_op(
     "cutce::torch_truncated_parts", mutates_args=(),
     schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? thr, "
@@ -252,32 +238,29 @@ def _parts_op(hidden, weight, bias, targets, thr, *cfg):
 
 @_parts_op.register_fake
 def _(hidden, weight, bias, targets, thr, *cfg):
-    cfg = _Cfg(*cfg)
     n, cdt = hidden.shape[0], compute_dtype(hidden.dtype)
     lse = hidden.new_empty(n, dtype=cdt)
-    k = cfg.top_k if kept_ids.sparse(cfg, weight.shape[0], thr is not None) else 0
+    size = torch.library.get_ctx().new_dynamic_size()  # the lists' buffers, or 0 if dropped
     return (lse, torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse),
-            hidden.new_empty(n, dtype=torch.bool), hidden.new_empty(n if k else 0, k,
-                                                                   dtype=torch.int64),
-            hidden.new_empty(n if k else 0, k, dtype=cdt),
-            hidden.new_empty(n if k else 0, dtype=torch.int64))
+            hidden.new_empty(n, dtype=torch.bool), hidden.new_empty(n, dtype=torch.int64),
+            hidden.new_empty(size, dtype=torch.int64), hidden.new_empty(size, dtype=cdt))
 
 
 @torch.library.custom_op(
     "cutce::torch_truncated_parts_backward", mutates_args=(),
     schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor zt, "
-           "Tensor pz, Tensor thr, Tensor ids, Tensor vals, Tensor extra, Tensor? g_lse, "
+           "Tensor pz, Tensor thr, Tensor counts, Tensor cols, Tensor vals, Tensor? g_lse, "
            "Tensor? g_zt, Tensor? g_pz, bool need_h, bool need_w, bool need_b, "
            f"{_CFG_SCHEMA}) -> (Tensor, Tensor, Tensor)")
-def _backward_op(hidden, weight, bias, targets, lse, zt, pz, thr, ids, vals, extra, g_lse, g_zt,
+def _backward_op(hidden, weight, bias, targets, lse, zt, pz, thr, counts, cols, vals, g_lse, g_zt,
                  g_pz, need_h, need_w, need_b, *cfg):
     with torch.autocast(hidden.device.type, enabled=False):
-        return _backward(hidden, weight, bias, targets, (lse, zt, pz, thr, ids, vals, extra),
+        return _backward(hidden, weight, bias, targets, (lse, zt, pz, thr, counts, cols, vals),
                          (g_lse, g_zt, g_pz), need_h, need_w, need_b, _Cfg(*cfg))
 
 
 @_backward_op.register_fake
-def _(hidden, weight, bias, targets, lse, zt, pz, thr, ids, vals, extra, g_lse, g_zt, g_pz,
+def _(hidden, weight, bias, targets, lse, zt, pz, thr, counts, cols, vals, g_lse, g_zt, g_pz,
       need_h, need_w, need_b, *cfg):
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else hidden.new_empty(0),
@@ -286,9 +269,9 @@ def _(hidden, weight, bias, targets, lse, zt, pz, thr, ids, vals, extra, g_lse, 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, _, *cfg = inputs
-    lse, zt, pz, thr, kept, ids, vals, extra = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, zt, pz, thr, ids, vals, extra)
-    ctx.mark_non_differentiable(thr, kept, ids, vals, extra)
+    lse, zt, pz, thr, kept, counts, cols, vals = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, zt, pz, thr, counts, cols, vals)
+    ctx.mark_non_differentiable(thr, kept, counts, cols, vals)
     ctx.cfg = cfg
 
 
