@@ -5,8 +5,8 @@ are kept, whatever order a sort gives them). vLLM's order: min-p on the probabil
 top-k among what min-p left, then top-p on the softmax of what top-k left (see
 :class:`cutce.engine.options.Options`).
 
-Top-p needs the row sorted only down to where its nucleus ends. The candidates are top-k's
-ids when top-k is on, else the row's :data:`TOP_P_CANDIDATES` largest logits; a row whose
+Top-p needs the row sorted only down to where its nucleus ends. The candidates are top-k's k
+logits when top-k is on, else the row's :data:`TOP_P_CANDIDATES` largest logits; a row whose
 nucleus reaches past them (a flat distribution) is sorted whole, as the sampler does.
 """
 
@@ -24,12 +24,11 @@ TOP_P_CANDIDATES = 1024
 
 class Kept(NamedTuple):
     """A chunk's kept sets: ``thr`` (r,) the smallest kept logit per row; with top-k, ``vals``
-    and ``ids`` (r, k): the k largest logits left by min-p (``-inf`` where it dropped one) and
-    their ids. Logits tied with the k-th beyond these k are kept too: ``z >= thr`` decides."""
+    (r, k): the k largest logits left by min-p (``-inf`` where it dropped one). Logits tied with
+    the k-th beyond these k are kept too: ``z >= thr`` decides."""
 
     thr: torch.Tensor
     vals: torch.Tensor | None
-    ids: torch.Tensor | None
 
 
 def find(z, cfg) -> Kept:
@@ -45,17 +44,17 @@ def find(z, cfg) -> Kept:
         drop = p < p.amax(dim=1, keepdim=True) * cfg.min_p
         del p
         thr = z.masked_fill(drop, float("inf")).amin(dim=1)
-    vals = ids = None
+    vals = None
     if cfg.top_k is not None and cfg.top_k < z.shape[1]:
         # The k-th largest of what min-p left; -inf when fewer than k are left (then top-k
         # drops nothing more). Sorted for top-p, which walks them from the largest.
         zk = z if drop is None else z.masked_fill(drop, neg_inf)
-        vals, ids = torch.topk(zk, cfg.top_k, dim=1, sorted=cfg.top_p is not None)
+        vals = torch.topk(zk, cfg.top_k, dim=1, sorted=cfg.top_p is not None).values
         del zk
         thr = torch.maximum(thr, vals.amin(dim=1))
     if cfg.top_p is not None:
         thr = _top_p(z, thr, vals, cfg.top_p)
-    return Kept(thr, vals, ids)
+    return Kept(thr, vals)
 
 
 def line(top_p: float, dtype) -> float:

@@ -130,7 +130,7 @@ def _forward(hidden, weight, bias, targets, thr_in, cfg: _Cfg):
     for s in range(0, n, rows):
         e = min(s + rows, n)
         z, _ = chunk_logits(hd, s, e, cfg)
-        t, v = (thr_in[s:e], None) if thr_in is not None else thresholds.find(z, cfg)[:2]
+        t, v = (thr_in[s:e], None) if thr_in is not None else thresholds.find(z, cfg)
         thr[s:e] = t
         idx, valid = _valid_targets(targets[s:e], vocab)
         zt_rows = z.gather(1, idx).squeeze(1)
