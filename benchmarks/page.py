@@ -34,6 +34,7 @@ from page_format import card  # noqa: E402
 KEYS = {
     "loss": lambda m, r: (r["shape"], r["n"], r["data"], r["dtype"]),
     "log_probs": lambda m, r: (r["n"], r["d"], r["v"]) if r["section"] == "head" else ("end to end",),
+    "truncated": lambda m, r: (r["provider"], r["n"], r["d"], r["v"]),
     "distill": lambda m, r: (r["beta"], r["n"], r["ds"], r["dt"], r["v"]),
     "sparse_distill": lambda m, r: (r["tail"], r["provider"], r["n"], r["d"], r["v"], r["k"]),
     "trainers": lambda m, r: (r["trainer"], r["model"]),
@@ -123,6 +124,8 @@ def render(results_dir, out_md, img_dir) -> str:
         ("Long context", long, lambda: [single.LONG] + single.loss_tables(long, img_dir, img_rel)),
         ("Log-probs and entropy (RL)", found["log_probs"],
          lambda: _per_card(single.LOG_PROBS, found["log_probs"], single.log_probs_table)),
+        ("Truncated log-probs (top-k, top-p, min-p)", found["truncated"],
+         lambda: _per_card(single.TRUNCATED, found["truncated"], single.truncated_table)),
         ("Distillation", found["distill"],
          lambda: _per_card(single.DISTILL, found["distill"], single.distill_table)),
         ("Sparse-teacher distillation", found["sparse_distill"],

@@ -43,6 +43,18 @@ entropy. End to end: one training step of a small random-init Qwen2-like model,
 (peak memory includes the parameters' gradients).
 """
 
+TRUNCATED = """\
+`linear_log_probs(..., return_entropy=True)` with a sampler's truncation: log-probs and entropy
+of the top-k / top-p / min-p truncated, renormalised distribution, as RL learners score tokens
+sampled that way. Forward+backward of `(logp * g1 + entropy * g2).sum()` (a dropped token's
+`-inf` counts 0); ratios to cutce's untruncated call at the same shape (the first row); errors
+against float64 log-probs from materialized logits of the same truncation. "kept ids": the mean
+size of a token's kept set on this data (cutce's backward works from lists of the kept ids up to
+256 a token on average, and recomputes the logits past that). Rows: `cutce <truncation>`;
+`torch-eager`: the kept set and a masked `log_softmax` of float32 logits; `torch-compile`:
+`torch.compile` of it.
+"""
+
 DISTILL = """\
 `linear_distillation_loss`: a student head against a frozen teacher's, without either's logits.
 beta 0 is the forward KL, 0.5 the Jensen-Shannon divergence. Rows: `cutce` (Triton kernels),
@@ -171,6 +183,28 @@ def log_probs_table(docs, card) -> list[str]:
                       for r in e2e], text=(0, 5))
     out += ["", source(docs), "",
             reproduce(f"python benchmarks/log_probs.py{_flags(doc['meta'])}" for _, doc in docs), ""]
+    return out
+
+
+def truncated_table(docs, card) -> list[str]:
+    """One card's truncated log-probs run(s) in one table."""
+    rows = [r for _, doc in docs for r in doc["rows"]]
+    out = [f"### Truncated log-probs on {card}", ""]
+    for n, d, v, dtype, temp in dict.fromkeys(
+            (r["n"], r["d"], r["v"], r["dtype"], r["temperature"]) for r in rows):
+        out += [f"Head N={n} tokens, D={d}, V={v}{head_name(d, v)}, {dtype}, temperature {temp:g}.",
+                ""]
+    cells = [[r["provider"], "" if r.get("kept_mean") is None else f"{r['kept_mean']:.1f}",
+              ms(r.get("fwd_ms")), ratio(r.get("fwd_ratio")), ms(r.get("fwd_bwd_ms")),
+              ratio(r.get("fwd_bwd_ratio")), mib(r.get("peak_mib")), err(r.get("logp_err")),
+              err(r.get("entropy_err")), err(r.get("dE_err")), err(r.get("dC_err")),
+              brief(r.get("note") or "")] for r in rows]
+    header, cells = drop_empty(["provider", "kept ids", "fwd ms", "fwd ratio", "fwd+bwd ms",
+                                "fwd+bwd ratio", "peak MiB", "logp err", "entropy err", "dE err",
+                                "dC err", "note"], cells, keep=(0,))
+    out += table(header, cells, text=(0, -1) if header[-1] == "note" else (0,))
+    out += ["", source(docs), "",
+            reproduce(f"python benchmarks/truncated.py{_flags(doc['meta'])}" for _, doc in docs), ""]
     return out
 
 

@@ -19,7 +19,9 @@ with <trunc> one of top_k=64, top_p=0.9, min_p=0.05, top_k=64+top_p=0.9. For eac
 forward+backward time (median of --reps, after --warmup), their ratio to the yardstick's,
 peak memory above the inputs (gradients included; CUDA only) and the relative error (norm of
 the difference / norm) of logp, entropy, dE, dC against float64 materialized logits of the
-same truncation, token chunk by token chunk. A provider that fails (e.g. out of memory) gets a
+same truncation, token chunk by token chunk; for a truncated row, the mean size of a token's
+kept set there ("kept ids": cutce's backward works from lists of them up to 256 a token on
+average, and recomputes the logits past that). A provider that fails (e.g. out of memory) gets a
 row saying why and the run goes on. Prints a Markdown table and writes truncated_<device>.json
 under --out ({"benchmark": "truncated", "meta", "rows"}).
 """
@@ -45,7 +47,8 @@ TRUNCATIONS = {"top_k=64": dict(top_k=64), "top_p=0.9": dict(top_p=0.9),
                "min_p=0.05": dict(min_p=0.05), "top_k=64+top_p=0.9": dict(top_k=64, top_p=0.9)}
 DEFAULT_PROVIDERS = ("cutce", "torch-eager top_k=64", "torch-eager top_p=0.9",
                      "torch-compile top_k=64", "torch-compile top_p=0.9")
-FIELDS = ["provider", "truncation", "n", "d", "v", "dtype", "temperature", "fwd_ms", "fwd_ratio",
+FIELDS = ["provider", "truncation", "kept_mean", "n", "d", "v", "dtype", "temperature", "fwd_ms",
+          "fwd_ratio",
           "fwd_bwd_ms", "fwd_bwd_ratio", "peak_mib", "logp_err", "entropy_err", "dE_err",
           "dC_err", "note"]
 
@@ -68,24 +71,29 @@ def kept(z, top_k=None, top_p=None, min_p=None):
     return keep
 
 
-def eager(h, w, t, temperature, trunc, dtype=torch.float32):
+def eager(h, w, t, temperature, trunc, dtype=torch.float32, sizes=None):
+    """(logp, entropy) from materialized logits; appends each token's kept-set size to
+    ``sizes`` where given."""
     z = (h @ w.T).to(dtype) / temperature
     keep = kept(z, **trunc)
+    if sizes is not None:
+        sizes.append(keep.sum(-1))
     lsm = z.masked_fill(~keep, -math.inf).log_softmax(-1)
     logp = lsm.gather(-1, t[:, None])[:, 0]
     return logp, -(lsm.exp() * lsm.masked_fill(~keep, 0.0)).sum(-1)
 
 
 def reference(h, w, t, temperature, trunc, g1, g2, chunk):
-    """float64 logp, entropy, dE, dC from materialized logits, token chunk by token chunk."""
+    """(float64 logp, entropy, dE, dC from materialized logits, token chunk by token chunk;
+    the mean kept-set size per token)."""
     wf = w.double().requires_grad_()
-    outs = []
+    outs, sizes = [], []
     for s in range(0, h.shape[0], chunk):
         hc = h[s:s + chunk].double().requires_grad_()
-        logp, ent = eager(hc, wf, t[s:s + chunk], temperature, trunc, torch.float64)
+        logp, ent = eager(hc, wf, t[s:s + chunk], temperature, trunc, torch.float64, sizes)
         loss(logp, ent, g1[s:s + chunk], g2[s:s + chunk]).backward()
         outs.append((logp.detach(), ent.detach(), hc.grad))
-    return [torch.cat(x) for x in zip(*outs)] + [wf.grad]
+    return [torch.cat(x) for x in zip(*outs)] + [wf.grad], float(torch.cat(sizes).double().mean())
 
 
 def loss(logp, ent, g1, g2):
@@ -143,8 +151,10 @@ def run(args, device, rows):
                 tr = TRUNCATIONS.get(trunc, {})
                 refs[trunc] = reference(h, w, t, T, tr, g1, g2, args.ref_chunk)
                 measure.free_memory(device)
+            if trunc:
+                row["kept_mean"] = refs[trunc][1]
             out = fwd_bwd(fn)  # the first call also compiles
-            errs = [rel(x, r) for x, r in zip(out, refs[trunc])]
+            errs = [rel(x, r) for x, r in zip(out, refs[trunc][0])]
             del out
             with torch.no_grad():
                 row["fwd_ms"] = measure.median_ms(lambda: fn(h, w), device, args.warmup, args.reps)
@@ -170,11 +180,12 @@ def fmt(x, spec):
 
 def print_report(rows, header):
     print(header)
-    print("| provider | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | peak MiB | logp err | "
-          "entropy err | dE err | dC err | note |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| provider | kept ids | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | peak MiB | "
+          "logp err | entropy err | dE err | dC err | note |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['provider']} | {fmt(r.get('fwd_ms'), '.1f')} | "
+        print(f"| {r['provider']} | {fmt(r.get('kept_mean'), '.1f')} | "
+              f"{fmt(r.get('fwd_ms'), '.1f')} | "
               f"{ratio(r.get('fwd_ratio'))} | {fmt(r.get('fwd_bwd_ms'), '.1f')} | "
               f"{ratio(r.get('fwd_bwd_ratio'))} | "
               f"{fmt(r.get('peak_mib'), '.0f')} | "

@@ -55,6 +55,15 @@ def test_truncated_cpu_smoke(tmp_path):
         assert r["fwd_bwd_ratio"] > 0 and r["note"] == "", r
         assert r["logp_err"] < 1e-5 and r["dE_err"] < 1e-2 and r["dC_err"] < 1e-2, r
     assert "| cutce top_p=0.9 |" in proc.stdout
+    assert rows["cutce"]["kept_mean"] is None and 1 <= rows["cutce top_k=64"]["kept_mean"] <= 64
+    # the page's section from that file
+    out = tmp_path / "benchmarks.md"
+    run("page.py", "--results", str(tmp_path), "--out", str(out))
+    page = out.read_text()
+    assert "## Truncated log-probs (top-k, top-p, min-p)" in page
+    assert "### Truncated log-probs on " in page and "Head N=96 tokens, D=32, V=700, bf16" in page
+    assert "| cutce |  | " in page and "| cutce top_k=64 | 64.0 | " in page
+    assert "Reproduce: `python benchmarks/truncated.py --cpu-smoke`" in page
 
 
 def test_hf_step_cpu_smoke(tmp_path):
@@ -219,8 +228,8 @@ def test_results_are_in_the_envelope():
     assert files
     for path in files:
         doc = json.loads(path.read_text())
-        assert doc["benchmark"] in ("loss", "log_probs", "distill", "sparse_distill", "multi_gpu",
-                                    "hf_step", "trainers", "fsdp", "repeats"), path
+        assert doc["benchmark"] in ("loss", "log_probs", "truncated", "distill", "sparse_distill",
+                                    "multi_gpu", "hf_step", "trainers", "fsdp", "repeats"), path
         assert {"date", "device", "device_name", "torch", "triton", "cutce", "commit"} <= doc["meta"].keys()
         assert doc["rows"], path
 
