@@ -170,3 +170,20 @@ def test_listed_gradients_in_the_inputs_dtypes(gen, dtype):
     (torch.where(torch.isinf(logp), 0.0, logp).sum() + ent.sum()).backward()
     for x in (h, w, b):
         assert x.grad.dtype == dtype and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_list_stats_match_the_dense_sums(gen):
+    """lse and pz from the listed logits against the masked chunk's, a row keeping nothing
+    (a vocabulary slice) included: lse -inf, pz 0."""
+    z = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    keep = torch.rand(6, 40, generator=gen) < 0.3
+    keep[2] = False
+    rows, cols = keep.nonzero(as_tuple=True)
+    lse, pz = kept_sets.list_stats(keep.sum(1), z[rows, cols], True)
+    masked = z.masked_fill(~keep, float("-inf"))
+    want = torch.logsumexp(masked, 1)
+    q = torch.softmax(masked, 1).nan_to_num()
+    assert torch.equal(torch.isneginf(lse), ~keep.any(1))
+    live = keep.any(1)
+    assert torch.allclose(lse[live], want[live], rtol=1e-14, atol=0)
+    assert torch.allclose(pz, (q * z.masked_fill(~keep, 0.0)).sum(1), rtol=1e-13, atol=1e-13)

@@ -3,8 +3,8 @@
 A sampler's kept set is usually small: top-k keeps k ids (and the ties at the k-th logit),
 top-p a nucleus of a few tokens on most rows, min-p the tokens within a factor of the most
 likely. The forward lists each row's kept ids with their logits (``z >= thr``: ties included),
-row after row, while the lists fit :data:`IDS_PER_TOKEN` ids per token on average. The
-backward's dz is then nonzero at those ids and the target only, so dE and dC are a weighted
+row after row, while the lists fit :data:`IDS_PER_TOKEN` ids per token on average, and takes
+the kept set's sums (lse, the entropy's) from them rather than from the chunk. The backward's dz is then nonzero at those ids and the target only, so dE and dC are a weighted
 gather and scatter of weight rows (:func:`.gather.gathered_grads`) for all tokens at once: no
 GEMM over the vocabulary and no recomputed logits. A call whose lists outgrow the budget
 (flat distributions under top-p or min-p, top-k beyond it) drops them, and its backward
@@ -39,19 +39,22 @@ class Lists:
         self.total, self.full = 0, False
 
     def add(self, s, keep, z):
-        """List rows s: of a chunk: ``keep`` (r, V) bool, ``z`` (r, V) their logits. Gives up
-        (``full``) once the lists would outgrow their buffers. One device-to-host copy."""
+        """List rows s: of a chunk: ``keep`` (r, V) bool, ``z`` (r, V) their logits. Returns the
+        chunk's (counts, vals), or None once the lists would outgrow their buffers (then they
+        stay ``full``). One device-to-host copy."""
         if self.full:
-            return
+            return None
         rows, cols = keep.nonzero(as_tuple=True)  # row-major: each row's ids together
         m = rows.numel()
         if self.total + m > self.cols.numel():
             self.full = True
-            return
-        self.cols[self.total:self.total + m] = cols
-        self.vals[self.total:self.total + m] = z[rows, cols]
-        self.counts[s:s + keep.shape[0]] = keep.sum(dim=1)
+            return None
+        r, a = keep.shape[0], self.total
+        self.cols[a:a + m] = cols
+        self.vals[a:a + m] = z[rows, cols]
+        self.counts[s:s + r] = torch.bincount(rows, minlength=r)
         self.total += m
+        return self.counts[s:s + r], self.vals[a:a + m]
 
     def outputs(self):
         """(counts, cols, vals) for the op's outputs; cols and vals empty where the lists gave
@@ -59,6 +62,28 @@ class Lists:
         if self.full:  # new tensors: views would hold on to the buffers
             return self.counts, self.cols.new_empty(0), self.vals.new_empty(0)
         return self.counts, self.cols, self.vals
+
+
+def list_stats(counts, vals, need_entropy):
+    """(lse, pz) (r,) of a chunk's rows from their listed logits (``counts`` (r,) a row, ``vals``
+    row after row): the sums over the kept set without a pass over the chunk. A row with none
+    listed (a vocabulary slice that keeps nothing of it) gets lse = -inf, pz = 0."""
+    r = counts.numel()
+    width = int(counts.max()) if r else 0
+    starts = torch.cumsum(counts, 0) - counts
+    row = torch.repeat_interleave(torch.arange(r, device=counts.device), counts,
+                                  output_size=vals.numel())
+    pos = torch.arange(vals.numel(), device=counts.device) - starts[row]
+    z = vals.new_full((r, max(width, 1)), float("-inf"))
+    z[row, pos] = vals
+    m = torch.where(counts > 0, z.amax(dim=1), 0.0)
+    e = torch.exp(z - m[:, None])
+    tot = e.sum(dim=1)
+    lse = m + tot.log()
+    if not need_entropy:
+        return lse, torch.zeros_like(lse)
+    q = e.div_(tot[:, None])
+    return lse, torch.where(counts > 0, torch.xlogy(q, q).sum(dim=1) + lse, 0.0)
 
 
 def top_k_stats(v, t, extra, need_entropy):

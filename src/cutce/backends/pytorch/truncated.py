@@ -137,7 +137,11 @@ def _forward(hidden, weight, bias, targets, thr_in, cfg: _Cfg):
         zt[s:e] = torch.where(valid, zt_rows, 0.0)
         kept[s:e] = valid & (zt_rows >= t)
         keep = z >= t[:, None]
-        lists.add(s, keep, z)
+        listed = lists.add(s, keep, z)
+        if listed is not None:
+            del z, keep
+            lse[s:e], pz[s:e] = kept_sets.list_stats(*listed, cfg.need_entropy)
+            continue
         if v is not None:
             # Top-k's k candidates hold the kept set but for the logits tied with thr that
             # top-k left out, each worth exp(thr): no pass over the chunk's exponentials.
