@@ -166,12 +166,12 @@ def _backward(hidden, weight, bias, targets, saved, grads, need_h, need_w, need_
     """(dh, dw, db) from the forward's ``saved`` (lse, zt, pz, thr, counts, cols, vals: the
     kept sets' lists, empty where the forward dropped them) and the upstream ``grads`` (g_lse,
     g_zt, g_pz)."""
-    lse = saved[0]
+    lse, listed = saved[0], saved[5].numel() > 0
     cdt = lse.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
     zeros = torch.zeros_like(lse)
     grads = tuple(zeros if g is None else g for g in grads[:2]) + (grads[2],)
-    if saved[5].numel():
+    if listed:
         dh, dw, db = kept_sets.grads(hidden, weight, targets, saved, grads, need_h, need_w,
                                      need_b, cfg)
         return common.op_grads(hidden, weight, bias, None if dh is None else dh.to(hidden.dtype),
