@@ -124,7 +124,7 @@ def providers(t, temperature, backend):
     return table
 
 
-def run(args, device, rows):
+def run(args, device, rows, save=lambda: None):
     n, d, v = (int(x) for x in args.shape.split(","))
     T = args.temperature
     h, w, t = make_inputs(Shape("bench", n, d, v), "zipf", torch.bfloat16, device, seed=0)
@@ -172,6 +172,7 @@ def run(args, device, rows):
             row["note"] = f"failed: {type(e).__name__}: {str(e)[:160]}"
             print(f"  {name}: {row['note']}", flush=True)
         measure.free_memory(device)
+        save()
 
 
 def fmt(x, spec):
@@ -226,11 +227,15 @@ def main(argv=None):
     env = f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}; {meta['date']}"
     print(f"# {env}", flush=True)
     rows = []
-    run(args, device, rows)
+    path = pathlib.Path(args.out) / f"truncated_{device.type}.json"
+
+    def save():  # after every row: a run cut short by a time limit keeps what it measured
+        results.write_json(path, "truncated", meta, [{k: r.get(k) for k in FIELDS} for r in rows])
+
+    run(args, device, rows, save)
     print_report(rows, f"\n## truncated log-probs + entropy, head N,D,V={args.shape} bf16, "
                  f"T={args.temperature}; {env}; errors vs float64 from materialized logits\n")
-    path = pathlib.Path(args.out) / f"truncated_{device.type}.json"
-    results.write_json(path, "truncated", meta, [{k: r.get(k) for k in FIELDS} for r in rows])
+    save()
     print(f"\nwrote {path} ({time.perf_counter() - START:.0f} s in all)")
     return rows
 
