@@ -122,7 +122,7 @@ def test_cuda_within_the_16_bit_path(gen, monkeypatch, case, listed):
     t = torch.randint(v, (n,), generator=gen).cuda()
     up = torch.randn(n, generator=gen).cuda(), torch.randn(n, generator=gen).cuda()
     monkeypatch.setitem(truncated.CHUNK_BYTES, "cuda", 24 * v * 4 * truncated._TEMPS_TOP_P)
-    monkeypatch.setattr(thresholds, "TOP_P_CANDIDATES", 48)
+    monkeypatch.setattr(thresholds, "TOP_P_CANDIDATES", (16, 48))
     if not listed:
         monkeypatch.setattr(kept_sets, "IDS_PER_TOKEN", 0)
     got = _cutce((h, w, b), t, opts, up)

@@ -132,31 +132,32 @@ def test_ties_at_the_kth_logit_are_listed(monkeypatch):
 
 @pytest.mark.parametrize("draw", range(6))
 def test_top_p_candidates_and_the_sort_agree(gen, monkeypatch, draw):
-    """With two candidates most rows' nucleus reaches past them and takes the sort; with all
-    of a row as candidates none does: the same kept sets and values as the float64 truth."""
+    """Candidates in tiers: two (most rows' nucleus reaches past them and takes the sort), two
+    then six (fewer sorted), the whole row (none sorted), none (all sorted): the same kept sets
+    and values as the float64 truth."""
     n, d, v = 40, 6, 53
     h, w, b, t, opts = make_case(gen, n, d, v, torch.float64, exact=draw % 2 == 0)
     h, t = _unshift(h, t, opts)
     opts["top_k"], opts["top_p"] = None, (0.5, 0.8, 0.95)[draw % 3]
     up = torch.randn(h.shape[0], generator=gen, dtype=torch.float64), torch.randn(
         h.shape[0], generator=gen, dtype=torch.float64)
-    sorts = _spy(monkeypatch, thresholds, "_top_p_sorted")
-    monkeypatch.setattr(thresholds, "TOP_P_CANDIDATES", 2)
-    few = _grads(h, w, b, t, opts, up)
-    assert len(sorts) == 1 and 0 < sorts[0].numel() <= h.shape[0]
-    monkeypatch.setattr(thresholds, "TOP_P_CANDIDATES", 10**6)
-    whole = _grads(h, w, b, t, opts, up)
-    assert len(sorts) == 1
     ref = [x.detach().clone().requires_grad_() for x in (h, w, b)]
     rl, re = reference(ref[0], ref[1], t, ref[2], **opts)
     rfin = torch.where(torch.isinf(rl), 0.0, rl)
     truth = [rl, re, *torch.autograd.grad((rfin * up[0]).sum() + (re * up[1]).sum(), ref)]
-    for got in (few, whole):
+    sorted_rows = []
+    for tiers in [(2,), (2, 6), (10**6,), ()]:
+        sorts = _spy(monkeypatch, thresholds, "_top_p_sorted")
+        monkeypatch.setattr(thresholds, "TOP_P_CANDIDATES", tiers)
+        got = _grads(h, w, b, t, opts, up)
+        sorted_rows.append(sum(x.numel() for x in sorts))
         assert torch.equal(torch.isneginf(got[0]), torch.isneginf(rl))
         fin = torch.isfinite(rl)
         assert rel_err(got[0][fin], rl[fin]) < 1e-10
         for a, r in zip(got[1:], truth[1:]):
             assert rel_err(a, r) < 1e-10
+    assert sorted_rows[3] == h.shape[0] and sorted_rows[2] == 0
+    assert 0 < sorted_rows[0] and sorted_rows[1] <= sorted_rows[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -6,8 +6,9 @@ top-k among what min-p left, then top-p on the softmax of what top-k left (see
 :class:`cutce.engine.options.Options`).
 
 Top-p needs the row sorted only down to where its nucleus ends. The candidates are top-k's k
-logits when top-k is on, else the row's :data:`TOP_P_CANDIDATES` largest logits; a row whose
-nucleus reaches past them (a flat distribution) is sorted whole, as the sampler does.
+logits when top-k is on, else the row's largest logits, as many as each tier of
+:data:`TOP_P_CANDIDATES` in turn; a row whose nucleus reaches past them all (a flat
+distribution) is sorted whole, as the sampler does.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import NamedTuple
 
 import torch
 
-# Candidates of top-p without top-k. Selecting 1024 of 152k logits costs a few passes over the
-# row where a sort costs a radix sort of values with int64 indices; most rows' nucleus at
-# top_p <= 0.95 is far smaller, and the others fall back to the sort.
-TOP_P_CANDIDATES = 1024
+# Candidates of top-p without top-k, tried in turn: a row whose nucleus reaches past the first
+# takes the second, then a sort. Selecting 1024 of 152k logits costs a few passes over the row
+# where a sort costs a radix sort of values with int64 indices; most rows' nucleus at
+# top_p <= 0.95 is far smaller, and flat rows (high temperatures) get a second chance at 8192.
+TOP_P_CANDIDATES = (1024, 8192)
 
 
 class Kept(NamedTuple):
@@ -73,13 +75,18 @@ def tails(vals, live, rest, tot):
     return p.flip(1).cumsum_(dim=1).flip(1).add_(rest[:, None])
 
 
-def _top_p(z, thr, vals, top_p):
-    """thr of top-p over ``{z >= thr}`` (the set min-p and top-k left)."""
+def _top_p(z, thr, vals, top_p, tiers=None):
+    """thr of top-p over ``{z >= thr}`` (the set min-p and top-k left), from top-k's sorted
+    candidates ``vals`` or, without them, from each tier of :data:`TOP_P_CANDIDATES` in turn."""
+    if vals is None:
+        tiers = TOP_P_CANDIDATES if tiers is None else tiers
+        if not tiers:
+            return _top_p_sorted(z, thr, top_p)
+        vals = torch.topk(z, min(tiers[0], z.shape[1]), dim=1, sorted=True).values
+    else:
+        tiers = ()
     live_all = z >= thr[:, None]
     count = live_all.sum(dim=1)
-    from_top_k = vals is not None
-    if not from_top_k:
-        vals = torch.topk(z, min(TOP_P_CANDIDATES, z.shape[1]), dim=1, sorted=True).values
     live = vals >= thr[:, None]
     n_live = live.sum(dim=1)
     m = vals[:, 0]
@@ -91,14 +98,14 @@ def _top_p(z, thr, vals, top_p):
     kept = (tails(vals, live, rest, tot) > line(top_p, z.dtype)) & live
     r = kept.sum(dim=1, keepdim=True).clamp_(min=1)  # the largest is always kept
     out = vals.gather(1, r - 1).squeeze(1)
-    if from_top_k:
-        return out  # past the k candidates only their ties with the k-th are left
+    if not tiers:
+        return out  # top-k's: past its k candidates only their ties with the k-th are left
     # Resolved unless every live candidate is kept and the set goes on below them with
     # smaller logits (ties with the last candidate are kept by z >= thr anyway).
     open_rows = (r.squeeze(1) == n_live) & (count > n_live) & (out > thr)
     rows = open_rows.nonzero().squeeze(1)
     if rows.numel():
-        out[rows] = _top_p_sorted(z[rows], thr[rows], top_p)
+        out[rows] = _top_p(z[rows], thr[rows], None, top_p, tiers[1:])
     return out
 
 
