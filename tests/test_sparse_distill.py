@@ -58,7 +58,7 @@ def test_torch_float64_matches_reference(gen, seed, monkeypatch):
     teacher log-probs, for an upstream gradient of random values."""
     opts, extra = draw(seed)
     if extra["chunked"]:  # a few tokens per gathered chunk: the chunk loops
-        monkeypatch.setitem(gather.GATHER_BYTES, DEV, 2 * extra["k"] * D * 8 * 5)
+        monkeypatch.setitem(gather.GATHER_BYTES, DEV, extra["k"] * D * 8 * 5)
     lead = (3, 13) if opts["shift"] else 37
     tensors = make(gen, lead, extra["k"], bias=extra["bias"], lp_grad=extra["lp_grad"])
     tw = None if extra["tw"] == "no-w" else weights(gen, tensors[-1].shape, F64,

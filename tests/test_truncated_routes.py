@@ -180,7 +180,7 @@ def test_list_stats_match_the_dense_sums(gen):
     keep = torch.rand(6, 40, generator=gen) < 0.3
     keep[2] = False
     rows, cols = keep.nonzero(as_tuple=True)
-    lse, pz = kept_sets.list_stats(keep.sum(1), z[rows, cols], True)
+    lse, pz = kept_sets.list_stats(keep.sum(1), rows, z[rows, cols], True)
     masked = z.masked_fill(~keep, float("-inf"))
     want = torch.logsumexp(masked, 1)
     q = torch.softmax(masked, 1).nan_to_num()

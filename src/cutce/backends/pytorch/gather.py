@@ -17,13 +17,13 @@ from torch import Tensor
 
 from .common import compute_dtype
 
-# Bytes of one chunk's gathered rows in the compute dtype (a chunk x K x D tensor, plus as much
-# again for the backward's products). Larger chunks only save Python overhead.
+# Bytes of one chunk's gathered rows in the compute dtype (a chunk x K x D tensor; only the
+# forward gathers, the backward is gathered_grads). Larger chunks only save Python overhead.
 GATHER_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 
 
 def _step(n: int, k: int, d: int, cdt: torch.dtype, device: torch.device) -> int:
-    per_row = 2 * max(k * d, 1) * torch.finfo(cdt).bits // 8
+    per_row = max(k * d, 1) * torch.finfo(cdt).bits // 8
     return max(1, min(max(n, 1), GATHER_BYTES.get(device.type, GATHER_BYTES["cpu"]) // per_row))
 
 

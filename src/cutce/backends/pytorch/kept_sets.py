@@ -40,7 +40,7 @@ class Lists:
 
     def add(self, s, keep, z):
         """List rows s: of a chunk: ``keep`` (r, V) bool, ``z`` (r, V) their logits. Returns the
-        chunk's (counts, vals), or None once the lists would outgrow their buffers (then they
+        chunk's (counts, rows, vals) (each listed logit's row in the chunk), or None once the lists would outgrow their buffers (then they
         stay ``full``). One device-to-host copy."""
         if self.full:
             return None
@@ -54,7 +54,7 @@ class Lists:
         self.vals[a:a + m] = z[rows, cols]
         self.counts[s:s + r] = torch.bincount(rows, minlength=r)
         self.total += m
-        return self.counts[s:s + r], self.vals[a:a + m]
+        return self.counts[s:s + r], rows, self.vals[a:a + m]
 
     def outputs(self):
         """(counts, cols, vals) for the op's outputs; cols and vals empty where the lists gave
@@ -64,15 +64,14 @@ class Lists:
         return self.counts, self.cols, self.vals
 
 
-def list_stats(counts, vals, need_entropy):
+def list_stats(counts, row, vals, need_entropy):
     """(lse, pz) (r,) of a chunk's rows from their listed logits (``counts`` (r,) a row, ``vals``
-    row after row): the sums over the kept set without a pass over the chunk. A row with none
-    listed (a vocabulary slice that keeps nothing of it) gets lse = -inf, pz = 0."""
+    row after row, ``row`` each one's row): the sums over the kept set without a pass over the
+    chunk. A row with none listed (a vocabulary slice that keeps nothing of it) gets lse = -inf,
+    pz = 0."""
     r = counts.numel()
     width = int(counts.max()) if r else 0
     starts = torch.cumsum(counts, 0) - counts
-    row = torch.repeat_interleave(torch.arange(r, device=counts.device), counts,
-                                  output_size=vals.numel())
     pos = torch.arange(vals.numel(), device=counts.device) - starts[row]
     z = vals.new_full((r, max(width, 1)), float("-inf"))
     z[row, pos] = vals
